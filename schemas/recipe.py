@@ -1,0 +1,370 @@
+"""The merge recipe: mergekit's YAML vocabulary plus weightsmith's extensions.
+
+A recipe is validated here once, by the API, the CLI and the worker alike. Parameter values
+follow mergekit: a scalar, a per-layer gradient list, or a list of ``{filter, value}``
+entries where the first entry whose filter is a substring of the tensor name wins
+(``*`` or no filter matches everything). Precedence, highest first: the model's own
+``parameters``, the top level ``parameters``, the method's default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from schemas.methods import METHODS, MethodSpec, ParameterSpec, ParamScope
+from schemas.references import ModelReference
+
+Scalar = float | int | bool | str
+DType = Literal["float32", "float16", "bfloat16"]
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32"}
+
+
+class FilterValue(BaseModel):
+    """One entry of a ``{filter, value}`` list: applies when ``filter`` is in the tensor name."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | list[Scalar]
+
+
+ParameterSetting = Scalar | list[Scalar] | FilterValue | list[FilterValue]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelReference
+    parameters: dict[str, ParameterSetting] | None = None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """'5GB' → 5·10⁹, '500MiB' → 500·2²⁰, 1000 → 1000."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 5GB, 500MB or a number of bytes")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a size; use e.g. 5GB, 500MB, 2GiB or bytes")
+        unit = (m.group(2) or "").lower().rstrip("b")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1024:
+        raise ValueError(f"shard size must be at least 1024 bytes, got {n}")
+    return n
+
+
+def _dtype(value: Any) -> Any:
+    if isinstance(value, str):
+        return _DTYPE_ALIASES.get(value.lower(), value.lower())
+    return value
+
+
+class OutputOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str | None, Field(description="name of the merged model (model card title)")] = (
+        None
+    )
+    dtype: DType | None = None
+    shard_size: Annotated[int, Field(description="bytes per shard; accepts '5GB', '500MB'")] = (
+        5 * 10**9
+    )
+
+    _norm_dtype = field_validator("dtype", mode="before")(_dtype)
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+class MergeRecipe(BaseModel):
+    """What to merge and how. See docs/recipes.md for every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: ModelReference | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    parameters: dict[str, ParameterSetting] | None = None
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    tokenizer_source: Literal["base"] | ModelReference | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    allow_pickle: bool = False
+    output: OutputOptions = Field(default_factory=OutputOptions)
+
+    _norm_dtypes = field_validator("dtype", "out_dtype", mode="before")(_dtype)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "slices" in data:
+                raise ValueError(
+                    "slices: layer slicing is not supported; list whole models under 'models'"
+                )
+            method = data.get("merge_method")
+            if isinstance(method, str) and method not in METHODS:
+                raise ValueError(
+                    f"merge_method: unknown method {method!r}; valid: {', '.join(METHODS)}"
+                )
+        return data
+
+    @property
+    def method(self) -> MethodSpec:
+        return METHODS[self.merge_method]
+
+    @property
+    def fine_tuned(self) -> list[ModelEntry]:
+        """The non-base inputs, in recipe order (an entry equal to base_model is the base)."""
+        if self.base_model is None or not self.method.needs_base:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
+
+    @property
+    def base_entry(self) -> ModelEntry | None:
+        if self.base_model is None:
+            return None
+        for m in self.models:
+            if m.model == self.base_model:
+                return m
+        return ModelEntry(model=self.base_model)
+
+    @property
+    def output_dtype(self) -> DType | None:
+        return self.output.dtype or self.out_dtype or self.dtype
+
+    @model_validator(mode="after")
+    def _check_against_method(self) -> MergeRecipe:
+        spec = self.method
+        if spec.needs_base and self.base_model is None:
+            raise ValueError(
+                f"base_model: method {spec.name!r} needs a base model (the task vectors are "
+                "differences from it)"
+            )
+        n = len(self.fine_tuned)
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = (
+                f"exactly {spec.min_models}" if spec.max_models == spec.min_models
+                else f"at least {spec.min_models}" if spec.max_models is None
+                else f"{spec.min_models} to {spec.max_models}"
+            )
+            raise ValueError(
+                f"models: {spec.name!r} needs {want} model(s) besides the base, got {n}"
+            )
+        if (self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype):
+            raise ValueError(
+                f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
+                "set one of them"
+            )
+        self._check_parameters("parameters", self.parameters, top_level=True)
+        for i, entry in enumerate(self.models):
+            self._check_parameters(f"models[{i}].parameters", entry.parameters, top_level=False)
+        if self.merge_method == "slerp" and not self._has_setting("t"):
+            raise ValueError("parameters.t: slerp needs the interpolation factor t in [0, 1]")
+        self._check_della()
+        return self
+
+    def _has_setting(self, name: str) -> bool:
+        return bool(self.parameters and name in self.parameters) or any(
+            m.parameters and name in m.parameters for m in self.models
+        )
+
+    def _check_parameters(
+        self, where: str, params: dict[str, ParameterSetting] | None, *, top_level: bool
+    ) -> None:
+        if not params:
+            return
+        spec = self.method
+        for name, setting in params.items():
+            p = spec.parameter(name)
+            if p is None:
+                valid = ", ".join(spec.parameter_names) or "none"
+                raise ValueError(
+                    f"{where}.{name}: unknown parameter for {spec.name!r}; valid: {valid}"
+                )
+            if p.scope is ParamScope.SHARED and not top_level:
+                raise ValueError(
+                    f"{where}.{name}: {name!r} applies to the whole merge; set it under the "
+                    "top-level 'parameters'"
+                )
+            if not p.per_tensor and not isinstance(setting, Scalar):
+                raise ValueError(
+                    f"{where}.{name}: must be a single value for the whole model "
+                    "(no gradient or filter list)"
+                )
+            for value in _scalars(setting):
+                try:
+                    p.check(value)
+                except ValueError as e:
+                    raise ValueError(f"{where}.{name}: {e}") from None
+            if isinstance(setting, list) and not setting:
+                raise ValueError(f"{where}.{name}: an empty list sets nothing")
+            if (isinstance(setting, list) and setting and all(isinstance(v, Scalar)
+                                                               for v in setting)
+                    and p.kind is not float):
+                raise ValueError(f"{where}.{name}: a gradient list needs numeric values")
+
+    def _check_della(self) -> None:
+        if self.merge_method not in ("della", "della_linear"):
+            return
+        # Checked on scalar settings here; gradient values are checked per tensor by the engine.
+        spec = self.method
+        for i, entry in enumerate(self.fine_tuned):
+            d = _scalar_setting(entry.parameters, self.parameters, "density", spec)
+            e = _scalar_setting(entry.parameters, self.parameters, "epsilon", spec)
+            if d is None or e is None or d >= 1:
+                continue
+            if not (d - e > 0 and d + e <= 1):
+                raise ValueError(
+                    f"models[{i}]: della needs 0 < density − epsilon and density + epsilon ≤ 1; "
+                    f"got density {d:g}, epsilon {e:g}"
+                )
+
+
+def _scalars(setting: ParameterSetting) -> list[Scalar]:
+    if isinstance(setting, FilterValue):
+        return _scalars(setting.value)
+    if isinstance(setting, list):
+        out: list[Scalar] = []
+        for s in setting:
+            out.extend(_scalars(s))
+        return out
+    return [setting]
+
+
+def _scalar_setting(
+    own: dict[str, ParameterSetting] | None,
+    top: dict[str, ParameterSetting] | None,
+    name: str,
+    spec: MethodSpec,
+) -> float | None:
+    for scope in (own, top):
+        if scope and name in scope:
+            v = scope[name]
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    p = spec.parameter(name)
+    return None if p is None else p.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter resolution (mergekit's rules), shared by the engine and the docs' examples.
+
+
+def layer_position(layer: int | None, num_layers: int) -> float:
+    """mergekit's gradient position t: i/(n−1) for layer i of n, 1 when n == 1, 0 outside."""
+    if layer is None:
+        return 0.0
+    if num_layers <= 1:
+        return 1.0
+    return layer / (num_layers - 1)
+
+
+def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Scalar | None:
+    """Value of one setting for a tensor; None when no filter entry matches."""
+    if isinstance(setting, FilterValue):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(s, FilterValue) for s in setting):
+            for cond in setting:
+                assert isinstance(cond, FilterValue)
+                if cond.filter in (None, "*") or cond.filter in tensor_name:
+                    return evaluate_setting(cond.value, tensor_name, t)
+            return None
+        values = [s for s in setting if not isinstance(s, FilterValue)]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        a, b = values[i0], values[i1]
+        if isinstance(a, bool | str) or isinstance(b, bool | str):
+            return values[i0]
+        return (1 - frac) * float(a) + frac * float(b)
+    return setting
+
+
+def resolve_parameter(
+    p: ParameterSpec,
+    scopes: list[dict[str, ParameterSetting] | None],
+    tensor_name: str,
+    t: float,
+) -> Any:
+    for scope in scopes:
+        if scope and p.name in scope:
+            v = evaluate_setting(scope[p.name], tensor_name, t)
+            if v is not None:
+                return p.check(v)
+    return p.default
+
+
+class RecipeError(ValueError):
+    """A recipe that failed validation; ``str()`` lists each problem as 'field: what is valid'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part.startswith(("function-", "union[", "literal[")) or
+                                         part in ("str", "int", "float", "bool", "list[",
+                                                  "FilterValue", "ModelReference")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    seen: dict[str, str] = {}
+    for e in err.errors():
+        where = _format_location(tuple(e["loc"]))
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if where and msg.startswith(where + ":"):
+            text = msg
+        elif where:
+            text = f"{where}: {msg}"
+        else:
+            text = msg
+        seen.setdefault(where or msg, text)
+    return list(seen.values())
+
+
+def parse_recipe(data: dict[str, Any] | str) -> MergeRecipe:
+    """Validate a recipe given as a mapping or YAML/JSON text. Raises RecipeError."""
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise RecipeError([f"recipe is not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(["recipe must be a mapping with at least 'merge_method' and 'models'"])
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e)) from None

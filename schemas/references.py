@@ -1,0 +1,126 @@
+"""Model references: where a checkpoint comes from, parsed without any I/O.
+
+Forms accepted (the same string works in a recipe, on the CLI and in the API):
+
+- ``org/name`` or ``org/name@revision`` — a Hugging Face Hub repository (``hf://`` prefix optional)
+- ``/abs/path``, ``./rel/path``, ``../rel``, ``~/path`` or ``file:///abs/path`` — a local directory
+  or ``.safetensors`` file
+- ``s3://bucket/prefix`` — a checkpoint folder in S3-compatible storage (service only)
+- ``artifact://name`` or ``artifact://name@version`` — an earlier weightsmith artifact (service only)
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254}$")
+_ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class ReferenceKind(StrEnum):
+    HUB = "hub"
+    LOCAL = "local"
+    S3 = "s3"
+    ARTIFACT = "artifact"
+
+
+class ReferenceError_(ValueError):
+    """A model reference string that matches none of the accepted forms."""
+
+
+def _fail(raw: str, why: str) -> ReferenceError_:
+    return ReferenceError_(
+        f"invalid model reference {raw!r}: {why}. Valid forms: 'org/name[@revision]' "
+        "(Hugging Face Hub, 'hf://' optional), a local path starting with '/', './', '../' or "
+        "'~', 's3://bucket/prefix', 'artifact://name[@version]'"
+    )
+
+
+class ModelReference(BaseModel):
+    """A parsed model reference. ``str(ref)`` gives back its canonical string."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: ReferenceKind
+    # hub: repo id; local: path as written; s3: "bucket/prefix"; artifact: name
+    location: str
+    # hub: branch, tag or commit; artifact: version number as a string or "latest"
+    revision: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return parse_reference(data).model_dump()
+        return data
+
+    @property
+    def is_pinned(self) -> bool:
+        """True when the reference cannot move: a hub commit sha or an artifact version."""
+        if self.kind is ReferenceKind.HUB:
+            return self.revision is not None and bool(COMMIT_SHA.match(self.revision))
+        if self.kind is ReferenceKind.ARTIFACT:
+            return self.revision is not None and self.revision.isdigit()
+        return True
+
+    def with_revision(self, revision: str) -> ModelReference:
+        return ModelReference(kind=self.kind, location=self.location, revision=revision)
+
+    def __str__(self) -> str:
+        if self.kind is ReferenceKind.HUB:
+            return self.location + (f"@{self.revision}" if self.revision else "")
+        if self.kind is ReferenceKind.S3:
+            return f"s3://{self.location}"
+        if self.kind is ReferenceKind.ARTIFACT:
+            return f"artifact://{self.location}" + (f"@{self.revision}" if self.revision else "")
+        return self.location
+
+
+def parse_reference(raw: str) -> ModelReference:
+    """Classify a reference string by its syntax alone (no file system or network access)."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise _fail(str(raw), "it is empty")
+    s = raw.strip()
+    if s.startswith("file://"):
+        path = s[len("file://") :]
+        if not path.startswith("/"):
+            raise _fail(raw, "a file:// reference needs an absolute path")
+        return ModelReference(kind=ReferenceKind.LOCAL, location=path)
+    if s.startswith(("/", "./", "../", "~")) or s in (".", ".."):
+        return ModelReference(kind=ReferenceKind.LOCAL, location=s)
+    if s.startswith("s3://"):
+        rest = s[len("s3://") :].strip("/")
+        bucket, _, prefix = rest.partition("/")
+        if not _S3_BUCKET.match(bucket):
+            raise _fail(raw, f"{bucket!r} is not a valid bucket name")
+        return ModelReference(kind=ReferenceKind.S3, location=f"{bucket}/{prefix}".rstrip("/"))
+    if s.startswith("artifact://"):
+        rest = s[len("artifact://") :]
+        name, at, version = rest.partition("@")
+        if not _ARTIFACT_NAME.match(name):
+            raise _fail(
+                raw, "an artifact name uses lowercase letters, digits, '.', '_' and '-'"
+            )
+        if at and not (version.isdigit() and int(version) > 0) and version != "latest":
+            raise _fail(raw, f"artifact version {version!r} is not a positive integer or 'latest'")
+        return ModelReference(kind=ReferenceKind.ARTIFACT, location=name, revision=version or None)
+    if "://" in s and not s.startswith("hf://"):
+        scheme = s.split("://", 1)[0]
+        raise _fail(raw, f"unknown scheme {scheme!r}")
+    if s.startswith("hf://"):
+        s = s[len("hf://") :]
+    if "+" in s:
+        raise _fail(raw, "LoRA references ('model+adapter') are not supported")
+    repo, at, revision = s.partition("@")
+    if not _HUB_REPO.match(repo):
+        raise _fail(raw, "a hub repository id is 'org/name'")
+    if at and not _REVISION.match(revision):
+        raise _fail(raw, f"revision {revision!r} is not a valid branch, tag or commit")
+    return ModelReference(kind=ReferenceKind.HUB, location=repo, revision=revision or None)
