@@ -81,14 +81,22 @@ def _weight(doc: str = "weight of this model's contribution") -> ParameterSpec:
 
 def _density(default: float = 1.0) -> ParameterSpec:
     return ParameterSpec(
-        "density", float, default, ParamScope.MODEL, "fraction of entries kept", minimum=0.0,
+        "density",
+        float,
+        default,
+        ParamScope.MODEL,
+        "fraction of entries kept",
+        minimum=0.0,
         maximum=1.0,
     )
 
 
 _LAMBDA = ParameterSpec("lambda", float, 1.0, ParamScope.SHARED, "scale of the merged delta")
 _INT8_MASK = ParameterSpec(
-    "int8_mask", bool, False, ParamScope.SHARED,
+    "int8_mask",
+    bool,
+    False,
+    ParamScope.SHARED,
     "accepted for mergekit compatibility; masks are always compact here",
 )
 
@@ -101,127 +109,253 @@ def _normalize(default: bool) -> ParameterSpec:
 
 def _rescale(default: bool) -> ParameterSpec:
     return ParameterSpec(
-        "rescale", bool, default, ParamScope.SHARED,
+        "rescale",
+        bool,
+        default,
+        ParamScope.SHARED,
         "rescale the kept entries to the task vector's L1 norm",
     )
 
 
 _GAMMA = ParameterSpec(
-    "gamma", float, 0.01, ParamScope.MODEL, "fraction of largest-magnitude entries dropped",
-    minimum=0.0, maximum=1.0,
+    "gamma",
+    float,
+    0.01,
+    ParamScope.MODEL,
+    "fraction of largest-magnitude entries dropped",
+    minimum=0.0,
+    maximum=1.0,
 )
 _EPSILON = ParameterSpec(
-    "epsilon", float, 0.15, ParamScope.MODEL, "spread of DELLA's keep probabilities",
-    minimum=0.0, maximum=1.0,
+    "epsilon",
+    float,
+    0.15,
+    ParamScope.MODEL,
+    "spread of DELLA's keep probabilities",
+    minimum=0.0,
+    maximum=1.0,
 )
 _RESCALE_MODE = ParameterSpec(
-    "rescale_mode", str, "l1", ParamScope.SHARED,
+    "rescale_mode",
+    str,
+    "l1",
+    ParamScope.SHARED,
     "l1: match the L1 norm (mergekit); inverse_p: divide by density (DARE paper)",
-    choices=("l1", "inverse_p"), per_tensor=False,
+    choices=("l1", "inverse_p"),
+    per_tensor=False,
 )
 
 
 def _task_vector_family(
-    name: str, title: str, reference: str, *, normalize: bool, rescale: bool | None,
-    extra: tuple[ParameterSpec, ...] = (), density_default: float = 1.0,
+    name: str,
+    title: str,
+    reference: str,
+    *,
+    normalize: bool,
+    rescale: bool | None,
+    extra: tuple[ParameterSpec, ...] = (),
+    density_default: float = 1.0,
 ) -> MethodSpec:
-    params: list[ParameterSpec] = [_weight(), _density(density_default), _LAMBDA,
-                                   _normalize(normalize), _INT8_MASK]
+    params: list[ParameterSpec] = [
+        _weight(),
+        _density(density_default),
+        _LAMBDA,
+        _normalize(normalize),
+        _INT8_MASK,
+    ]
     if rescale is not None:
         params.append(_rescale(rescale))
     params.extend(extra)
-    return MethodSpec(name, title, reference, needs_base=True, min_models=1, max_models=None,
-                      parameters=tuple(params))
+    return MethodSpec(
+        name,
+        title,
+        reference,
+        needs_base=True,
+        min_models=1,
+        max_models=None,
+        parameters=tuple(params),
+    )
 
 
 _TIES_SCOPE = ParameterSpec(
-    "scope", str, "tensor", ParamScope.SHARED,
+    "scope",
+    str,
+    "tensor",
+    ParamScope.SHARED,
     "tensor: top-k per tensor (mergekit); global: top-k over the whole model (TIES paper)",
-    choices=("tensor", "global"), per_tensor=False,
+    choices=("tensor", "global"),
+    per_tensor=False,
 )
 _BREADCRUMBS_SCOPE = ParameterSpec(
-    "scope", str, "tensor", ParamScope.SHARED,
+    "scope",
+    str,
+    "tensor",
+    ParamScope.SHARED,
     "tensor: rank the flattened tensor (mergekit); row: rank each row (official code)",
-    choices=("tensor", "row"), per_tensor=False,
+    choices=("tensor", "row"),
+    per_tensor=False,
 )
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
         MethodSpec(
-            "linear", "Linear (model soup)", "https://arxiv.org/abs/2203.05482",
-            needs_base=False, min_models=1, max_models=None,
+            "linear",
+            "Linear (model soup)",
+            "https://arxiv.org/abs/2203.05482",
+            needs_base=False,
+            min_models=1,
+            max_models=None,
             parameters=(_weight(), _normalize(True)),
         ),
         _task_vector_family(
-            "task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
-            normalize=False, rescale=None,
+            "task_arithmetic",
+            "Task Arithmetic",
+            "https://arxiv.org/abs/2212.04089",
+            normalize=False,
+            rescale=None,
         ),
         MethodSpec(
-            "ties", "TIES", "https://arxiv.org/abs/2306.01708", needs_base=True,
-            min_models=1, max_models=None,
-            parameters=(_weight(), _density(), _LAMBDA, _normalize(True), _INT8_MASK,
-                        _rescale(False), _TIES_SCOPE),
+            "ties",
+            "TIES",
+            "https://arxiv.org/abs/2306.01708",
+            needs_base=True,
+            min_models=1,
+            max_models=None,
+            parameters=(
+                _weight(),
+                _density(),
+                _LAMBDA,
+                _normalize(True),
+                _INT8_MASK,
+                _rescale(False),
+                _TIES_SCOPE,
+            ),
             global_passes=lambda shared: shared.get("scope") == "global",
         ),
         _task_vector_family(
-            "dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
-            normalize=False, rescale=True, extra=(_RESCALE_MODE,),
+            "dare_linear",
+            "Linear DARE",
+            "https://arxiv.org/abs/2311.03099",
+            normalize=False,
+            rescale=True,
+            extra=(_RESCALE_MODE,),
         ),
         _task_vector_family(
-            "dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
-            normalize=False, rescale=True, extra=(_RESCALE_MODE,),
+            "dare_ties",
+            "DARE TIES",
+            "https://arxiv.org/abs/2311.03099",
+            normalize=False,
+            rescale=True,
+            extra=(_RESCALE_MODE,),
         ),
         _task_vector_family(
-            "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
-            normalize=False, rescale=None, extra=(_GAMMA, _BREADCRUMBS_SCOPE),
-        ),
-        _task_vector_family(
-            "breadcrumbs_ties", "Model Breadcrumbs with TIES",
+            "breadcrumbs",
+            "Model Breadcrumbs",
             "https://arxiv.org/abs/2312.06795",
-            normalize=False, rescale=None, extra=(_GAMMA, _BREADCRUMBS_SCOPE),
+            normalize=False,
+            rescale=None,
+            extra=(_GAMMA, _BREADCRUMBS_SCOPE),
         ),
         _task_vector_family(
-            "della", "DELLA", "https://arxiv.org/abs/2406.11617",
-            normalize=True, rescale=True, extra=(_EPSILON,),
+            "breadcrumbs_ties",
+            "Model Breadcrumbs with TIES",
+            "https://arxiv.org/abs/2312.06795",
+            normalize=False,
+            rescale=None,
+            extra=(_GAMMA, _BREADCRUMBS_SCOPE),
         ),
         _task_vector_family(
-            "della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
-            normalize=False, rescale=True, extra=(_EPSILON,),
+            "della",
+            "DELLA",
+            "https://arxiv.org/abs/2406.11617",
+            normalize=True,
+            rescale=True,
+            extra=(_EPSILON,),
+        ),
+        _task_vector_family(
+            "della_linear",
+            "Linear DELLA",
+            "https://arxiv.org/abs/2406.11617",
+            normalize=False,
+            rescale=True,
+            extra=(_EPSILON,),
         ),
         MethodSpec(
-            "pcb", "PCB (Parameter Competition Balancing)",
-            "https://arxiv.org/abs/2410.02396", needs_base=True, min_models=1, max_models=None,
+            "pcb",
+            "PCB (Parameter Competition Balancing)",
+            "https://arxiv.org/abs/2410.02396",
+            needs_base=True,
+            min_models=1,
+            max_models=None,
             parameters=(
                 _weight("λi: scale of this model's balanced task vector"),
-                ParameterSpec("density", float, 0.1, ParamScope.SHARED,
-                              "r: fraction of entries kept per model", minimum=0.0,
-                              maximum=1.0, per_tensor=False),
-                ParameterSpec("clip_ratio", float, 0.0001, ParamScope.SHARED,
-                              "c: fraction clipped at each end of |τ|", minimum=0.0,
-                              maximum=0.5, per_tensor=False),
-                ParameterSpec("scope", str, "global", ParamScope.SHARED,
-                              "global: statistics over the whole model (reference); "
-                              "tensor: per tensor", choices=("global", "tensor"),
-                              per_tensor=False),
+                ParameterSpec(
+                    "density",
+                    float,
+                    0.1,
+                    ParamScope.SHARED,
+                    "r: fraction of entries kept per model",
+                    minimum=0.0,
+                    maximum=1.0,
+                    per_tensor=False,
+                ),
+                ParameterSpec(
+                    "clip_ratio",
+                    float,
+                    0.0001,
+                    ParamScope.SHARED,
+                    "c: fraction clipped at each end of |τ|",
+                    minimum=0.0,
+                    maximum=0.5,
+                    per_tensor=False,
+                ),
+                ParameterSpec(
+                    "scope",
+                    str,
+                    "global",
+                    ParamScope.SHARED,
+                    "global: statistics over the whole model (reference); tensor: per tensor",
+                    choices=("global", "tensor"),
+                    per_tensor=False,
+                ),
             ),
             global_passes=lambda shared: shared.get("scope") == "global",
         ),
         MethodSpec(
-            "model_stock", "Model Stock", "https://arxiv.org/abs/2403.19522",
-            needs_base=True, min_models=2, max_models=None,
+            "model_stock",
+            "Model Stock",
+            "https://arxiv.org/abs/2403.19522",
+            needs_base=True,
+            min_models=2,
+            max_models=None,
             parameters=(
-                ParameterSpec("filter_wise", bool, False, ParamScope.SHARED,
-                              "compute the interpolation ratio per row"),
+                ParameterSpec(
+                    "filter_wise",
+                    bool,
+                    False,
+                    ParamScope.SHARED,
+                    "compute the interpolation ratio per row",
+                ),
             ),
         ),
         MethodSpec(
-            "slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp", needs_base=True,
-            min_models=1, max_models=1,
+            "slerp",
+            "SLERP",
+            "https://en.wikipedia.org/wiki/Slerp",
+            needs_base=True,
+            min_models=1,
+            max_models=1,
             parameters=(
-                ParameterSpec("t", float, None, ParamScope.SHARED,
-                              "interpolation factor: 0 gives the base, 1 the other model",
-                              minimum=0.0, maximum=1.0),
+                ParameterSpec(
+                    "t",
+                    float,
+                    None,
+                    ParamScope.SHARED,
+                    "interpolation factor: 0 gives the base, 1 the other model",
+                    minimum=0.0,
+                    maximum=1.0,
+                ),
             ),
         ),
     )

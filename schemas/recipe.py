@@ -27,8 +27,13 @@ from schemas.references import ModelReference
 
 Scalar = float | int | bool | str
 DType = Literal["float32", "float16", "bfloat16"]
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-                  "float": "float32"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 class FilterValue(BaseModel):
@@ -49,8 +54,18 @@ class ModelEntry(BaseModel):
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -78,9 +93,9 @@ def _dtype(value: Any) -> Any:
 
 class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Annotated[str | None, Field(description="name of the merged model (model card title)")] = (
-        None
-    )
+    name: Annotated[
+        str | None, Field(description="name of the merged model (model card title)")
+    ] = None
     dtype: DType | None = None
     shard_size: Annotated[int, Field(description="bytes per shard; accepts '5GB', '500MB'")] = (
         5 * 10**9
@@ -162,14 +177,16 @@ class MergeRecipe(BaseModel):
         n = len(self.fine_tuned)
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
             want = (
-                f"exactly {spec.min_models}" if spec.max_models == spec.min_models
-                else f"at least {spec.min_models}" if spec.max_models is None
+                f"exactly {spec.min_models}"
+                if spec.max_models == spec.min_models
+                else f"at least {spec.min_models}"
+                if spec.max_models is None
                 else f"{spec.min_models} to {spec.max_models}"
             )
             raise ValueError(
                 f"models: {spec.name!r} needs {want} model(s) besides the base, got {n}"
             )
-        if (self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype):
+        if self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype:
             raise ValueError(
                 f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
                 "set one of them"
@@ -217,9 +234,12 @@ class MergeRecipe(BaseModel):
                     raise ValueError(f"{where}.{name}: {e}") from None
             if isinstance(setting, list) and not setting:
                 raise ValueError(f"{where}.{name}: an empty list sets nothing")
-            if (isinstance(setting, list) and setting and all(isinstance(v, Scalar)
-                                                               for v in setting)
-                    and p.kind is not float):
+            if (
+                isinstance(setting, list)
+                and setting
+                and all(isinstance(v, Scalar) for v in setting)
+                and p.kind is not float
+            ):
                 raise ValueError(f"{where}.{name}: a gradient list needs numeric values")
 
     def _check_della(self) -> None:
@@ -329,9 +349,10 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and (part.startswith(("function-", "union[", "literal[")) or
-                                         part in ("str", "int", "float", "bool", "list[",
-                                                  "FilterValue", "ModelReference")):
+        elif isinstance(part, str) and (
+            part.startswith(("function-", "union[", "literal["))
+            or part in ("str", "int", "float", "bool", "list[", "FilterValue", "ModelReference")
+        ):
             continue
         else:
             out += ("." if out else "") + str(part)

@@ -15,7 +15,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254}$")
@@ -58,8 +58,13 @@ class ModelReference(BaseModel):
     @classmethod
     def _from_string(cls, data: Any) -> Any:
         if isinstance(data, str):
-            return parse_reference(data).model_dump()
+            ref = parse_reference(data)
+            return {"kind": ref.kind, "location": ref.location, "revision": ref.revision}
         return data
+
+    @model_serializer
+    def _to_string(self) -> str:
+        return str(self)
 
     @property
     def is_pinned(self) -> bool:
@@ -105,9 +110,7 @@ def parse_reference(raw: str) -> ModelReference:
         rest = s[len("artifact://") :]
         name, at, version = rest.partition("@")
         if not _ARTIFACT_NAME.match(name):
-            raise _fail(
-                raw, "an artifact name uses lowercase letters, digits, '.', '_' and '-'"
-            )
+            raise _fail(raw, "an artifact name uses lowercase letters, digits, '.', '_' and '-'")
         if at and not (version.isdigit() and int(version) > 0) and version != "latest":
             raise _fail(raw, f"artifact version {version!r} is not a positive integer or 'latest'")
         return ModelReference(kind=ReferenceKind.ARTIFACT, location=name, revision=version or None)

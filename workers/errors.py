@@ -44,8 +44,14 @@ class WeightsmithError(Exception):
         return f"{self.where}: {self.message}" if self.where else self.message
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"message": self.message, "field": self.field, "model": self.model,
-                "tensor": self.tensor, "file": self.file, "detail": str(self)}
+        return {
+            "message": self.message,
+            "field": self.field,
+            "model": self.model,
+            "tensor": self.tensor,
+            "file": self.file,
+            "detail": str(self),
+        }
 
 
 class InputError(WeightsmithError):

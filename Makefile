@@ -1,0 +1,39 @@
+# Developer entry points. `make test` is what CI runs (.ci/run).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install test lint typecheck unit example bench-merge clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: a looser requirement pulls a multi-GB CUDA build on CPU machines
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[engine,dev]'
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy
+
+unit:
+	$(BIN)/pytest -q
+
+# The README's test command: lint, types and the whole test suite.
+test: install lint typecheck unit
+
+# The README's first command: build two tiny fine-tunes and merge them end to end, offline.
+example: install
+	$(BIN)/python -m examples.run_example
+
+bench-merge: install
+	$(BIN)/python bench/merge_bench.py
+
+clean:
+	rm -rf .example .pytest_cache .mypy_cache .ruff_cache

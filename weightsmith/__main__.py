@@ -1,0 +1,5 @@
+import sys
+
+from weightsmith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""The output directory of a merge: config, tokenizer, model card and manifest.
+
+The shards and index are written by the engine; this module adds the rest into the same
+staging directory. The manifest comes last: it lists every other file with its size and
+sha256, so its presence marks a complete artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import weightsmith
+from schemas.recipe import MergeRecipe
+from workers.errors import InputError
+from workers.sources import ResolvedModel
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.txt",
+)
+MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _has_lm_head(staging: Path) -> bool:
+    index = json.loads((staging / INDEX).read_text())
+    return any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in index["weight_map"])
+
+
+def write_config(source: Path, staging: Path, out_dtype: str | None) -> None:
+    """config.json of the base with its dtype and tie_word_embeddings made true to the output."""
+    src_dir = source if source.is_dir() else source.parent
+    cfg_path = src_dir / "config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if out_dtype:
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+        for k in keys:
+            cfg[k] = out_dtype
+    head = _has_lm_head(staging)
+    if (
+        head
+        or "tie_word_embeddings" in cfg
+        or any("embed" in n for n in json.loads((staging / INDEX).read_text())["weight_map"])
+    ):
+        # transformers ties lm_head to the embeddings unless told otherwise: say which
+        cfg["tie_word_embeddings"] = not head
+    (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = src_dir / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, staging / gen.name)
+
+
+def copy_tokenizer(source: Path | None, staging: Path) -> list[str]:
+    if source is None:
+        return []
+    src_dir = source if source.is_dir() else source.parent
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src_dir / name
+        if f.is_file():
+            shutil.copyfile(f, staging / name)
+            copied.append(name)
+    return copied
+
+
+def _parent_ref(r: ResolvedModel) -> str:
+    return str(r.pinned)
+
+
+def model_card(recipe: MergeRecipe, parents: list[ResolvedModel], title: str) -> str:
+    """README.md with Hub model-card front matter for a merge."""
+    hub_parents = [str(p.pinned.location) for p in parents if p.pinned.kind.value == "hub"]
+    front: dict[str, Any] = {
+        "base_model": hub_parents or [_parent_ref(p) for p in parents],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "weightsmith", recipe.merge_method],
+    }
+    spec = recipe.method
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"This model was merged with weightsmith {weightsmith.__version__} using "
+        f"**{spec.title}** ({spec.reference}).",
+        "",
+        "## Parents",
+        "",
+    ]
+    for p in parents:
+        rev = f" at revision `{p.revision}`" if p.revision else ""
+        lines.append(f"- `{p.reference}` → `{_parent_ref(p)}`{rev}")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _file_entries(staging: Path, known: dict[str, tuple[int, str]]) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(staging.iterdir()):
+        if f.name == MANIFEST or not f.is_file():
+            continue
+        size, digest = known.get(f.name) or (f.stat().st_size, sha256_file(f))
+        out.append({"path": f.name, "size": size, "sha256": digest})
+    return out
+
+
+def finalize_output(
+    staging: Path,
+    *,
+    recipe: MergeRecipe,
+    seed: int,
+    base: ResolvedModel | None,
+    models: list[ResolvedModel],
+    config_source: Path,
+    tokenizer_source: Path | None,
+    written: Iterable[Path],
+    writer_digests: dict[str, tuple[int, str]],
+    out_dtype: str | None,
+    notes: list[str],
+    timings: dict[str, float],
+    started: float,
+    publish_started: float,
+) -> dict[str, Any]:
+    """Write config, tokenizer, model card and (last) the manifest; return the manifest."""
+    del written  # the writer's digests cover exactly the files it wrote
+    write_config(config_source, staging, out_dtype)
+    tokenizer_files = copy_tokenizer(tokenizer_source, staging)
+    if tokenizer_source is not None and not tokenizer_files and recipe.tokenizer_source:
+        raise InputError(
+            f"no tokenizer files found in {str(tokenizer_source)!r}", field="tokenizer_source"
+        )
+    parents = ([base] if base else []) + models
+    title = recipe.output.name or f"{recipe.merge_method} merge"
+    (staging / "README.md").write_text(model_card(recipe, parents, title))
+    timings = dict(timings)
+    timings["publish_s"] = time.perf_counter() - publish_started
+    timings["total_s"] = time.perf_counter() - started
+    manifest: dict[str, Any] = {
+        "format": "weightsmith.manifest/1",
+        "kind": "merge",
+        "name": title,
+        "method": recipe.merge_method,
+        "seed": seed,
+        "code_version": weightsmith.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parents": [
+            {
+                "role": "base" if p is base else "model",
+                "reference": str(p.reference),
+                "pinned": str(p.pinned),
+                "revision": p.revision,
+            }
+            for p in parents
+        ],
+        "recipe": recipe.model_dump(mode="json", exclude_none=True),
+        "tokenizer_files": tokenizer_files,
+        "notes": notes,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "files": _file_entries(staging, writer_digests),
+    }
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(staging / MANIFEST)
+    return manifest

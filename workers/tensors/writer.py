@@ -1,0 +1,301 @@
+"""Streaming, sharded safetensors output.
+
+The output plan (every tensor's name, dtype and shape) is known before the merge computes
+anything, so each shard's header can be written as soon as the shard is started and each
+tensor's bytes appended the moment it is computed. Nothing is buffered or copied after the
+fact, which keeps the writer's memory at zero beyond the tensor being written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from workers.tensors.safetensors_format import METADATA_KEY, dtype_code, encode_header
+
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One planned output tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # Accept torch.Size or lists; compare and serialise as a plain tuple of ints.
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split specs, in order, into shards of at most max_shard_bytes each.
+
+    Greedy: a new shard starts when the next tensor would overflow the current, non-empty
+    one. A tensor larger than the limit gets a shard of its own (tensors are never split).
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+class ShardedWriter:
+    """Streams tensors into shards model-0000i-of-0000N.safetensors. Because the full output
+    plan (names, dtypes, shapes) is known before any tensor is computed, each shard's header
+    is written up front and tensor bytes are appended as they arrive: no tensor is ever held
+    twice and no data is copied after the fact.
+
+    Files are written in place under ``out_dir`` (existing files of the same names are
+    overwritten); ``close`` adds ``model.safetensors.index.json``, ``abort`` deletes them all.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        specs: Sequence[TensorSpec],
+        *,
+        max_shard_bytes: int = 5 * 10**9,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self._specs = list(specs)
+        if not self._specs:
+            raise ValueError("nothing to write: the output plan has no tensors")
+        self._position: dict[str, int] = {}
+        for i, spec in enumerate(self._specs):
+            if spec.name in self._position:
+                raise ValueError(f"tensor {spec.name!r} appears twice in the output plan")
+            if spec.name == METADATA_KEY:
+                raise ValueError(f"{METADATA_KEY!r} is reserved and cannot be a tensor name")
+            dtype_code(spec.dtype)  # ValueError naming the supported dtypes
+            self._position[spec.name] = i
+        meta = dict(metadata or {})
+        bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"metadata values must be strings; not so for {_names(bad)}")
+        meta["format"] = "pt"
+
+        shards = plan_shards(self._specs, max_shard_bytes)
+        n = len(shards)
+        self._paths = [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._headers: list[bytes] = []
+        self._shard_sizes: list[int] = []
+        self._shard_of: list[int] = []
+        for i, shard in enumerate(shards):
+            header = encode_header([(s.name, s.dtype, s.shape) for s in shard], meta)
+            self._headers.append(header)
+            self._shard_sizes.append(len(header) + sum(s.nbytes for s in shard))
+            self._shard_of.extend([i] * len(shard))
+
+        self._next = 0
+        self._bytes_written = 0
+        self._current = -1
+        self._fh: BinaryIO | None = None
+        self._sha = hashlib.sha256()
+        self._digests: dict[str, tuple[int, str]] = {}
+        self._created: list[Path] = []
+        self._state = "open"
+        self._result: list[Path] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def bytes_written(self) -> int:
+        """Tensor data bytes written so far (headers not counted), for progress."""
+        return self._bytes_written
+
+    @property
+    def total_bytes(self) -> int:
+        """Tensor data bytes of the whole plan: bytes_written reaches it when done."""
+        return sum(s.nbytes for s in self._specs)
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """The shard files the plan will produce, in order."""
+        return list(self._paths)
+
+    @property
+    def digests(self) -> dict[str, tuple[int, str]]:
+        """File name -> (size, sha256 hex) of every finished file, hashed as it was written,
+        so that a manifest needs no second pass over the output."""
+        return dict(self._digests)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; it must match its spec's name, dtype and shape."""
+        self._check_open()
+        if self._next >= len(self._specs):
+            raise ValueError(
+                f"unexpected tensor {name!r}: all {len(self._specs)} planned tensors were "
+                "already written"
+            )
+        spec = self._specs[self._next]
+        if name != spec.name:
+            pos = self._position.get(name)
+            why = (
+                "it is not in the output plan"
+                if pos is None
+                else "it was already written"
+                if pos < self._next
+                else f"it is number {pos + 1} in the plan"
+            )
+            raise ValueError(
+                f"tensors must be written in plan order: expected {spec.name!r} "
+                f"(number {self._next + 1}) next, got {name!r} ({why})"
+            )
+        if tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor {name!r}: dtype {tensor.dtype} differs from the planned {spec.dtype}"
+            )
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name!r}: shape {tuple(tensor.shape)} differs from the planned "
+                f"{spec.shape}"
+            )
+        data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        shard = self._shard_of[self._next]
+        if shard != self._current:
+            self._finish_shard()
+            self._start_shard(shard)
+        assert self._fh is not None
+        if spec.nbytes:
+            raw = data.reshape(-1).view(torch.uint8).numpy().data
+            self._fh.write(raw)
+            self._sha.update(raw)
+        self._next += 1
+        self._bytes_written += spec.nbytes
+
+    def close(self) -> list[Path]:
+        """Finish: check all tensors were written, fsync, write the index; return all files.
+
+        The index is written even for a single shard so that every output has one layout.
+        """
+        if self._state == "closed":
+            return list(self._result)
+        self._check_open()
+        if self._next < len(self._specs):
+            missing = [s.name for s in self._specs[self._next :]]
+            raise ValueError(f"{len(missing)} planned tensors were not written: {_names(missing)}")
+        self._finish_shard()
+        weight_map = {
+            spec.name: self._paths[shard].name
+            for spec, shard in zip(self._specs, self._shard_of, strict=True)
+        }
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        index_path = self.out_dir / INDEX_NAME
+        self._created.append(index_path)
+        text = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+        with index_path.open("wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        self._digests[index_path.name] = (len(text), hashlib.sha256(text).hexdigest())
+        _fsync_dir(self.out_dir)
+        self._state = "closed"
+        self._result = [*self._paths, index_path]
+        return list(self._result)
+
+    def abort(self) -> None:
+        """Close and delete every file this writer created (the output is unusable)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+        for path in self._created:
+            path.unlink(missing_ok=True)
+        self._created = []
+        self._result = []
+        self._digests = {}
+        self._state = "aborted"
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close on success; abort (delete partial output) if the block raised."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"the writer for {self.out_dir} is {self._state}")
+
+    def _start_shard(self, shard: int) -> None:
+        path = self._paths[shard]
+        self._created.append(path)
+        self._fh = path.open("wb")
+        self._fh.write(self._headers[shard])
+        self._sha = hashlib.sha256(self._headers[shard])
+        self._current = shard
+
+    def _finish_shard(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            fh.flush()
+            size = fh.tell()
+            os.fsync(fh.fileno())
+        finally:
+            fh.close()
+        expected = self._shard_sizes[self._current]
+        if size != expected:
+            raise RuntimeError(
+                f"{self._paths[self._current]}: wrote {size} bytes but the header promises "
+                f"{expected}"
+            )
+        self._digests[self._paths[self._current].name] = (size, self._sha.hexdigest())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the new directory entries durable; not possible on every platform.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
