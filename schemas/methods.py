@@ -154,15 +154,12 @@ def _task_vector_family(
     normalize: bool,
     rescale: bool | None,
     extra: tuple[ParameterSpec, ...] = (),
-    density_default: float = 1.0,
+    sparsifies: bool = True,
 ) -> MethodSpec:
-    params: list[ParameterSpec] = [
-        _weight(),
-        _density(density_default),
-        _LAMBDA,
-        _normalize(normalize),
-        _INT8_MASK,
-    ]
+    params: list[ParameterSpec] = [_weight()]
+    if sparsifies:
+        params.append(_density())
+    params += [_LAMBDA, _normalize(normalize), _INT8_MASK]
     if rescale is not None:
         params.append(_rescale(rescale))
     params.extend(extra)
@@ -214,6 +211,7 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2212.04089",
             normalize=False,
             rescale=None,
+            sparsifies=False,
         ),
         MethodSpec(
             "ties",
@@ -360,3 +358,40 @@ METHODS: dict[str, MethodSpec] = {
         ),
     )
 }
+
+
+def methods_markdown() -> str:
+    """The per-method parameter tables of docs/recipes.md, generated from this table."""
+    out: list[str] = []
+    for m in METHODS.values():
+        if m.max_models is None:
+            count = f"{m.min_models} or more"
+        elif m.max_models == m.min_models:
+            count = f"exactly {m.min_models}"
+        else:
+            count = f"{m.min_models} to {m.max_models}"
+        out += [
+            f"### `{m.name}` — {m.title}",
+            "",
+            f"{m.reference} · base model: {'required' if m.needs_base else 'not used'} · "
+            f"fine-tuned models: {count}",
+            "",
+            "| parameter | where | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for p in m.parameters:
+            if p.default is None:
+                default = "required"
+            elif isinstance(p.default, bool):
+                default = str(p.default).lower()
+            elif isinstance(p.default, str):
+                default = f"`{p.default}`"
+            else:
+                default = f"{p.default:g}"
+            where = "each model" if p.scope is ParamScope.MODEL else "top level"
+            if not p.per_tensor:
+                where += ", one value"
+            choices = f" (`{'`, `'.join(p.choices)}`)" if p.choices else ""
+            out.append(f"| `{p.name}` | {where} | {default} | {p.doc}{choices} |")
+        out.append("")
+    return "\n".join(out)

@@ -197,7 +197,22 @@ class MergeRecipe(BaseModel):
         if self.merge_method == "slerp" and not self._has_setting("t"):
             raise ValueError("parameters.t: slerp needs the interpolation factor t in [0, 1]")
         self._check_della()
+        self._check_global_scope()
         return self
+
+    def _check_global_scope(self) -> None:
+        """A whole-model threshold needs one density per model, not one per tensor."""
+        if not (self.parameters and self.parameters.get("scope") == "global"):
+            return
+        scopes = [("parameters", self.parameters)] + [
+            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
+        ]
+        for where, params in scopes:
+            if params and "density" in params and not isinstance(params["density"], Scalar):
+                raise ValueError(
+                    f"{where}.density: with scope: global the density is one value per model "
+                    "(no gradient or filter list)"
+                )
 
     def _has_setting(self, name: str) -> bool:
         return bool(self.parameters and name in self.parameters) or any(

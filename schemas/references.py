@@ -6,7 +6,7 @@ Forms accepted (the same string works in a recipe, on the CLI and in the API):
 - ``/abs/path``, ``./rel/path``, ``../rel``, ``~/path`` or ``file:///abs/path`` — a local directory
   or ``.safetensors`` file
 - ``s3://bucket/prefix`` — a checkpoint folder in S3-compatible storage (service only)
-- ``artifact://name`` or ``artifact://name@version`` — an earlier weightsmith artifact (service only)
+- ``artifact://name[@version]`` — an earlier weightsmith artifact (service only)
 """
 
 from __future__ import annotations

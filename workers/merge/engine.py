@@ -215,14 +215,18 @@ def _open_inputs(
                     "base", entry.parameters if entry else None, r, _open_reader(r, recipe), None
                 )
             )
-        fine = recipe.fine_tuned
-        for i, entry in enumerate(fine):
-            role = f"models[{recipe.models.index(entry)}]"
+        fine = {id(e) for e in recipe.fine_tuned}
+        index = 0
+        for pos, entry in enumerate(recipe.models):
+            if id(entry) not in fine:
+                continue
             r = _resolve(entry.model, settings, base_dir, resolved)
-            out.append(_Input(role, entry.parameters, r, _open_reader(r, recipe), i))
+            reader = _open_reader(r, recipe)
+            out.append(_Input(f"models[{pos}]", entry.parameters, r, reader, index))
+            index += 1
     except BaseException:
-        for i in out:
-            i.reader.close()
+        for inp in out:
+            inp.reader.close()
         raise
     return out
 
