@@ -262,7 +262,10 @@ class MergeRecipe(BaseModel):
             return
         # Checked on scalar settings here; gradient values are checked per tensor by the engine.
         spec = self.method
-        for i, entry in enumerate(self.fine_tuned):
+        fine = {id(e) for e in self.fine_tuned}
+        for i, entry in enumerate(self.models):
+            if id(entry) not in fine:  # the base listed among the models: not checked
+                continue
             d = _scalar_setting(entry.parameters, self.parameters, "density", spec)
             e = _scalar_setting(entry.parameters, self.parameters, "epsilon", spec)
             if d is None or e is None or d >= 1:

@@ -10,6 +10,7 @@ Peak memory is the inputs of one tensor (plus float32 working copies), never the
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -111,6 +112,8 @@ def run_merge(
     is_cancelled = cancelled or (lambda: False)
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    # parent directories this run creates (innermost first): removed again if it fails
+    new_parents = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
     shutil.rmtree(staging, ignore_errors=True)
     inputs: list[_Input] = []
     try:
@@ -166,10 +169,23 @@ def run_merge(
         )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for d in new_parents:
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     finally:
         for i in inputs:
             i.reader.close()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf. aminmax propagates NaN and is ~15× faster than isfinite().all()."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _check_device(device: str) -> torch.device:
@@ -470,11 +486,12 @@ class _Context:
         if self.cancelled():
             raise CancelledError("the merge was cancelled")
 
-    def _load(self, inp: _Input, name: str) -> torch.Tensor:
+    def _load(self, inp: _Input, name: str, check: bool = True) -> torch.Tensor:
         t = inp.reader.read(name)
         if t.is_floating_point():
             t32 = t.to(self.device, torch.float32)
-            if not bool(torch.isfinite(t32).all()):
+            del t
+            if check and not all_finite(t32):
                 bad = int((~torch.isfinite(t32)).sum())
                 raise InputError(
                     f"contains {bad} NaN or infinite value(s); refusing to merge "
@@ -489,10 +506,19 @@ class _Context:
         p = self.plan[name]
         base_t = self._load(self.base, name) if self.base is not None else None
         holders = [m for m in self.models if m.index in p.holders]
+        checked: set[int] = set()
+
+        def load(j: int) -> torch.Tensor:
+            # NaN/Inf are checked on the first read of each input only
+            t = self._load(holders[j], name, check=j not in checked)
+            checked.add(j)
+            return t
+
         return TensorInputs(
             name=name,
             base=base_t,
-            models=[self._load(m, name) for m in holders],
+            count=len(holders),
+            load=load,
             model_indices=[m.index for m in holders if m.index is not None],
             params=[self.model_params(m, name) for m in holders],
             shared=self.shared_params(name),
@@ -537,10 +563,10 @@ class _Context:
                 out = src.reader.read(name)
             else:
                 x = self.inputs_for(name, stats)
-                if x.base is None and not x.models:
+                if x.base is None and x.count == 0:
                     raise InputError("no input has this tensor", tensor=name)
                 out = self.fn(x)
-                if not bool(torch.isfinite(out).all()):
+                if not all_finite(out):
                     raise InputError(
                         "the merge produced NaN or infinite values (check weights, lambda and "
                         "normalize)",

@@ -8,7 +8,7 @@ the compute device; the engine casts the result to the output dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,28 +16,41 @@ import torch
 
 from workers.errors import InputError
 from workers.merge.randomness import uniform
-from workers.merge.selection import rank_range_mask
+from workers.merge.selection import kth_smallest, rank_range_mask
 
 
 @dataclass
 class TensorInputs:
-    """Everything a method sees for one tensor."""
+    """Everything a method sees for one tensor.
+
+    The fine-tuned tensors are loaded on demand (``theta(j)``, ``tau(j)`` return a fresh
+    float32 copy each call, read from the page cache) so that a method holds only the
+    tensors it is working on: peak memory is a few tensors, not one per input model.
+    """
 
     name: str
     base: torch.Tensor | None
-    models: list[torch.Tensor]  # fine-tuned models that have this tensor
+    count: int  # number of fine-tuned models that have this tensor
+    load: Callable[[int], torch.Tensor]  # j -> θj as float32 on the compute device
     model_indices: list[int]  # their 0-based positions among the recipe's fine-tuned models
     params: list[dict[str, Any]]  # per-model parameters, resolved for this tensor
     shared: dict[str, Any]  # shared parameters, resolved for this tensor
     seed: int
-    # whole-model statistics from the extra streaming passes (global scopes), per model index
+    # whole-model statistics from the extra streaming passes (global scopes)
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings for the manifest
 
-    @property
-    def task_vectors(self) -> list[torch.Tensor]:
+    def theta(self, j: int) -> torch.Tensor:
+        return self.load(j)
+
+    def tau(self, j: int) -> torch.Tensor:
+        """τj = θj − θ0, computed in place on a fresh copy of θj."""
         assert self.base is not None
-        return [m - self.base for m in self.models]
+        return self.load(j).sub_(self.base)
+
+    def taus(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for j in range(self.count):
+            yield j, self.tau(j)
 
 
 MergeFunction = Callable[[TensorInputs], torch.Tensor]
@@ -48,11 +61,11 @@ MergeFunction = Callable[[TensorInputs], torch.Tensor]
 
 def linear(x: TensorInputs) -> torch.Tensor:
     """Model soup: Σ wi·θi / Σ wi (normalize) or Σ wi·θi (Wortsman et al. 2022)."""
-    out = torch.zeros_like(x.models[0])
-    total = 0.0
-    for theta, p in zip(x.models, x.params, strict=True):
-        out.add_(theta, alpha=p["weight"])
-        total += p["weight"]
+    out = x.theta(0).mul_(x.params[0]["weight"])
+    total = x.params[0]["weight"]
+    for j in range(1, x.count):
+        out.add_(x.theta(j), alpha=x.params[j]["weight"])
+        total += x.params[j]["weight"]
     if x.shared["normalize"]:
         if abs(total) < 1e-8:
             raise InputError(
@@ -76,8 +89,7 @@ def magnitude_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
     k = max(1, int(density * n))
-    # ranks of −|τ| in a stable ascending sort = ranks of |τ| descending, lower index first
-    return rank_range_mask(-tau.abs(), 0, k)
+    return rank_range_mask(tau.abs(), 0, k, descending=True, nonnegative=True)
 
 
 def breadcrumbs_mask(
@@ -99,7 +111,7 @@ def breadcrumbs_mask(
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    return rank_range_mask(tau.abs(), bottom, bottom + keep)
+    return rank_range_mask(tau.abs(), bottom, bottom + keep, nonnegative=True)
 
 
 def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -122,12 +134,16 @@ def _l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> tor
     return kept * (before / after)
 
 
-def _random_keep(x: TensorInputs, j: int, p: torch.Tensor | float) -> torch.Tensor:
-    u = uniform(x.seed, x.model_indices[j], x.name, x.models[j].shape).to(x.models[j].device)
-    return u < p
+def _random_keep(
+    x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
+) -> torch.Tensor:
+    """Bernoulli(p) keep mask from the seeded per-(model, tensor) draws."""
+    return uniform(x.seed, x.model_indices[j], x.name, tau.shape).to(tau.device) < p
 
 
 def _sparsify(method: str, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.Tensor:
+    if method == "task_arithmetic":
+        return tau
     p = x.params[j]
     density = p["density"]
     if method in ("ties",):
@@ -147,7 +163,7 @@ def _sparsify(method: str, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.
     if method in ("dare_linear", "dare_ties"):
         if density >= 1:
             return tau
-        kept = tau * _random_keep(x, j, density)
+        kept = tau * _random_keep(x, j, tau, density)
         if not x.shared["rescale"]:
             return kept
         if x.shared["rescale_mode"] == "inverse_p":
@@ -167,7 +183,7 @@ def _sparsify(method: str, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.
                 tensor=x.name,
                 field="parameters.epsilon",
             )
-        kept = tau * _random_keep(x, j, della_keep_probability(tau, density, eps))
+        kept = tau * _random_keep(x, j, tau, della_keep_probability(tau, density, eps))
         return _l1_rescale(tau, kept) if x.shared["rescale"] else kept
     return tau
 
@@ -179,31 +195,37 @@ def task_vector_family(method: str, *, consensus: bool) -> MergeFunction:
         Sign consensus (TIES): s = sign(Σ wi·τi') with 0 counted as +, mi = [sign(wi·τi') = s].
         """
         assert x.base is not None
-        if not x.models:
+        if x.count == 0:
             return x.base.clone()
-        mixed = torch.zeros_like(x.base)
         divisor: torch.Tensor | float
         if consensus:
             deltas = [
-                _sparsify(method, x, j, tau).mul_(x.params[j]["weight"])
-                for j, tau in enumerate(x.task_vectors)
+                _sparsify(method, x, j, tau).mul_(x.params[j]["weight"]) for j, tau in x.taus()
             ]
-            elected = torch.where(sum(deltas, torch.zeros_like(x.base)) >= 0, 1.0, -1.0)
+            total = deltas[0].clone()
+            for d in deltas[1:]:
+                total += d
+            elected = torch.where(total >= 0, 1.0, -1.0)
+            del total
+            mixed = torch.zeros_like(x.base)
             divisor = torch.zeros_like(x.base)
-            for d, p in zip(deltas, x.params, strict=True):
+            for j in range(len(deltas)):
+                d = deltas[j]
                 agree = torch.sign(d) == elected
-                mixed += d * agree
-                divisor += agree * p["weight"]
+                mixed += d.mul_(agree)
+                divisor += agree * x.params[j]["weight"]
+                deltas[j] = d = torch.empty(0)  # free as we go
             divisor[divisor == 0] = 1.0
         else:
-            total = 0.0
-            for j, tau in enumerate(x.task_vectors):
+            mixed = torch.zeros_like(x.base)
+            weights = 0.0
+            for j, tau in x.taus():
                 mixed.add_(_sparsify(method, x, j, tau), alpha=x.params[j]["weight"])
-                total += x.params[j]["weight"]
-            divisor = total if abs(total) >= 1e-8 else 1.0
+                weights += x.params[j]["weight"]
+            divisor = weights if abs(weights) >= 1e-8 else 1.0
         if x.shared["normalize"]:
             mixed /= divisor
-        return x.base + x.shared["lambda"] * mixed
+        return mixed.mul_(x.shared["lambda"]).add_(x.base)
 
     merge.__name__ = method
     return merge
@@ -219,13 +241,13 @@ def model_stock(x: TensorInputs) -> torch.Tensor:
     row with filter_wise); t is clamped to [0, 1] (a clamp is reported in the manifest).
     """
     assert x.base is not None
-    k = len(x.models)
+    k = x.count
     if k < 2:  # fewer than two models have this tensor: nothing to estimate from
-        return x.base.clone() if k == 0 else x.models[0].clone()
+        return x.base.clone() if k == 0 else x.theta(0)
     filter_wise = x.shared["filter_wise"] and x.base.dim() >= 2
     shape = x.base.shape
     base = x.base.reshape(-1, shape[-1]) if filter_wise else x.base.reshape(1, -1)
-    taus = [(m.reshape(base.shape) - base) for m in x.models]
+    taus = [tau.reshape(base.shape) for _, tau in x.taus()]
     norms = [t.norm(dim=1) for t in taus]
     cos_sum = torch.zeros(base.shape[0], device=base.device)
     pairs = 0
@@ -247,8 +269,12 @@ def model_stock(x: TensorInputs) -> torch.Tensor:
             f"(min {float(t.min()):.4g}, max {float(t.max()):.4g})"
         )
     t = t.clamp(0, 1).unsqueeze(1)
-    mean = sum(m.reshape(base.shape) for m in x.models) / k
-    return (t * mean + (1 - t) * base).reshape(shape)
+    # t·mean(θi) + (1 − t)·θ0 = θ0 + t·mean(τi)
+    mean_tau = taus[0]
+    for tau in taus[1:]:
+        mean_tau += tau
+    mean_tau /= k
+    return (base + t * mean_tau).reshape(shape)
 
 
 # --- slerp ----------------------------------------------------------------------------------
@@ -257,81 +283,49 @@ def model_stock(x: TensorInputs) -> torch.Tensor:
 def slerp(x: TensorInputs) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors; lerp when |cos Ω| > 0.9995."""
     assert x.base is not None
-    if not x.models:
+    if x.count == 0:
         return x.base.clone()
     t = float(x.shared["t"])
-    v0, v1 = x.base.reshape(-1), x.models[0].reshape(-1)
+    other = x.theta(0)
+    v0, v1 = x.base.reshape(-1), other.reshape(-1)
     n0, n1 = v0.norm(), v1.norm()
     a = v0 / n0 if n0 > 1e-8 else v0
     b = v1 / n1 if n1 > 1e-8 else v1
     dot = float((a * b).sum().clamp(-1, 1))
     if abs(dot) > 0.9995:
-        return torch.lerp(x.base, x.models[0], t)
+        return torch.lerp(x.base, other, t)
     omega = math.acos(dot)
     s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * x.base + (math.sin(t * omega) / s) * x.models[0]
+    return (math.sin((1 - t) * omega) / s) * x.base + (math.sin(t * omega) / s) * other
 
 
-# --- PCB ------------------------------------------------------------------------------------
+# --- PCB ---------------------------------------------------------------------------------
+# Parameter Competition Balancing (Du et al. 2024), after ``PCB_merge`` in
+# duguodong7/pcb-merging. Per tensor the models are visited one at a time: first to sum the
+# task vectors (the inter-model term needs Σj τj), then each again to balance and combine.
 
 
-def _row_normalize(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+def _normalize(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
 
 
-def pcb_balance(taus: list[torch.Tensor], lo: list[float], hi: list[float]) -> list[torch.Tensor]:
-    """PCB steps 1–4 for one tensor: B_i = intra_i ⊙ inter_i, and the clipped Tc_i.
-
-    intra_i = exp(n·norm(A_i)²) computed as exp(n·(norm(A_i)² − 1)) (the constant factor
-    cancels in the final ratio), A_i = clamp(|τ_i|, lo_i, hi_i); inter_i = tanh(τ_i ⊙ Σj τ_j).
-    """
-    n = len(taus)
-    total = sum(taus, torch.zeros_like(taus[0]))
-    out = []
-    for tau, lo_i, hi_i in zip(taus, lo, hi, strict=True):
-        a = tau.abs().clamp(lo_i, hi_i)
-        intra = torch.exp(n * (_row_normalize(a, lo_i, hi_i) ** 2 - 1))
-        out.append(intra * torch.tanh(tau * total))
-    return out
-
-
-def pcb_combine(
-    x: TensorInputs,
-    taus: list[torch.Tensor],
-    balance: list[torch.Tensor],
-    lo: list[float],
-    hi: list[float],
-    threshold: list[float],
-    top: list[float],
+def pcb_balance(
+    tau: torch.Tensor, total: torch.Tensor, n: int, lo: float, hi: float
 ) -> torch.Tensor:
-    """PCB steps 5–6: drop B below the (1 − r) quantile, S = normalize(clamp(B, t, max)),
-    merged = Σ λi·Tc_i·S_i / max(Σ S_i, 1e-12) (duguodong7/pcb-merging, ``PCB_merge``)."""
-    assert x.base is not None
-    num = torch.zeros_like(x.base)
-    den = torch.zeros_like(x.base)
-    for j, (tau, b) in enumerate(zip(taus, balance, strict=True)):
-        b = torch.where(b < threshold[j], torch.zeros_like(b), b)
-        s = _row_normalize(b.clamp(threshold[j], top[j]), threshold[j], top[j])
-        tc = torch.sign(tau) * tau.abs().clamp(lo[j], hi[j])
-        num += x.params[j]["weight"] * tc * s
-        den += s
-    return x.base + num / den.clamp(min=1e-12)
+    """B_i = intra_i ⊙ inter_i for one model (steps 1–4).
+
+    intra_i = exp(n·norm(A_i)²), computed as exp(n·(norm(A_i)² − 1)) (the constant factor
+    cancels in the final ratio), A_i = clamp(|τ_i|, lo_i, hi_i); inter_i = tanh(τ_i ⊙ Σj τj).
+    """
+    a = tau.abs().clamp_(lo, hi)
+    intra = _normalize(a, lo, hi).square_().sub_(1).mul_(n).exp_()
+    return intra.mul_(torch.tanh(tau * total))
 
 
-def pcb_tensor_stats(
-    taus: list[torch.Tensor], density: float, clip: float
-) -> tuple[list[float], list[float]]:
-    """lo_i, hi_i of |τ_i| for ``scope: tensor`` (the same ranks as the global statistics)."""
-    from workers.merge.selection import kth_smallest
-
-    lo, hi = [], []
-    for tau in taus:
-        d = tau.numel()
-        r_lo, r_hi = pcb_clip_ranks(d, clip)
-        a, b = kth_smallest(tau.abs(), [r_lo, r_hi])
-        lo.append(a)
-        hi.append(b)
-    return lo, hi
+def pcb_score(balance: torch.Tensor, threshold: float, top: float) -> torch.Tensor:
+    """S_i (step 5): normalize(clamp(B, t, max)); entries at or below the (1 − r) quantile t
+    get 0 (the reference code clamps and normalizes; nothing is zeroed before)."""
+    return _normalize(balance.clamp_(threshold, top), threshold, top)
 
 
 def pcb_clip_ranks(d: int, clip: float) -> tuple[int, int]:
@@ -344,27 +338,41 @@ def pcb_quantile_rank(d: int, density: float) -> int:
     return min(d, int(d * (1 - density)) + 1)
 
 
-def pcb(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    if not x.models:
-        return x.base.clone()
-    taus = x.task_vectors
-    if x.shared["scope"] == "global":
-        idx = x.model_indices
-        lo = [x.stats["pcb_lo"][i] for i in idx]
-        hi = [x.stats["pcb_hi"][i] for i in idx]
-        balance = pcb_balance(taus, lo, hi)
-        thr = [x.stats["pcb_threshold"][i] for i in idx]
-        top = [x.stats["pcb_max"][i] for i in idx]
-        return pcb_combine(x, taus, balance, lo, hi, thr, top)
-    from workers.merge.selection import kth_smallest
+def pcb_total(x: TensorInputs) -> torch.Tensor:
+    total = x.tau(0)
+    for j in range(1, x.count):
+        total += x.tau(j)
+    return total
 
-    lo, hi = pcb_tensor_stats(taus, x.shared["density"], x.shared["clip_ratio"])
-    balance = pcb_balance(taus, lo, hi)
+
+def pcb(x: TensorInputs) -> torch.Tensor:
+    """out = θ0 + Σi λi·Tc_i·S_i / max(Σi S_i, 1e-12), Tc_i = sign(τi)·clamp(|τi|, lo_i, hi_i)."""
+    assert x.base is not None
+    if x.count == 0:
+        return x.base.clone()
+    total = pcb_total(x)
+    num = torch.zeros_like(x.base)
+    den = torch.zeros_like(x.base)
     d = x.base.numel()
-    thr = [kth_smallest(b, [pcb_quantile_rank(d, x.shared["density"])])[0] for b in balance]
-    top = [float(b.max()) for b in balance]
-    return pcb_combine(x, taus, balance, lo, hi, thr, top)
+    for j, tau in x.taus():
+        if x.shared["scope"] == "global":
+            i = x.model_indices[j]
+            lo, hi = x.stats["pcb_lo"][i], x.stats["pcb_hi"][i]
+            balance = pcb_balance(tau, total, x.count, lo, hi)
+            threshold, top = x.stats["pcb_threshold"][i], x.stats["pcb_max"][i]
+        else:
+            lo, hi = kth_smallest(
+                tau.abs(), list(pcb_clip_ranks(d, x.shared["clip_ratio"])), nonnegative=True
+            )
+            balance = pcb_balance(tau, total, x.count, lo, hi)
+            (threshold,) = kth_smallest(balance, [pcb_quantile_rank(d, x.shared["density"])])
+            top = float(balance.max())
+        score = pcb_score(balance, threshold, top)
+        del balance
+        clipped = torch.sign(tau).mul_(tau.abs().clamp_(lo, hi))
+        num += clipped.mul_(score).mul_(x.params[j]["weight"])
+        den += score
+    return num.div_(den.clamp_(min=1e-12)).add_(x.base)
 
 
 METHOD_FUNCTIONS: dict[str, MergeFunction] = {

@@ -19,14 +19,14 @@ _BUCKETS = 1 << 16
 _SMALL = 1 << 18  # below this many elements, sorting beats the histograms
 
 
-def order_keys(x: torch.Tensor) -> torch.Tensor:
+def order_keys(x: torch.Tensor, *, nonnegative: bool = False) -> torch.Tensor:
     """Monotone int32 keys of float32 values: a < b ⇔ key(a) < key(b) (−0.0 sorts before +0.0).
 
     Non-negative floats already compare like their bit patterns; negative ones have every bit
     but the sign flipped so that larger magnitudes give smaller keys.
     """
     bits = x.detach().reshape(-1).to(torch.float32).contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits if nonnegative else torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def key_to_value(key: int) -> float:
@@ -38,25 +38,43 @@ def _high(keys: torch.Tensor) -> torch.Tensor:
     return (keys >> 16) + (_BUCKETS // 2)  # in [0, 65536)
 
 
+@dataclass(frozen=True)
+class Selected:
+    """A selected order statistic: its value, and how many entries are below / equal to it."""
+
+    value: float
+    less: int
+    equal: int
+
+
 @dataclass
 class RadixSelect:
     """Streaming exact k-th smallest values (1-based ranks) over many chunks of float32 data.
 
     Usage: ``observe_high(chunk)`` for every chunk, ``end_high()``; then ``observe_low(chunk)``
-    for every chunk again and ``end_low()``; then read ``values``. Several ranks are selected
-    at once over the same data.
+    for every chunk again and ``end_low()``; then read ``selected`` (or ``values``). Several
+    ranks are selected at once over the same data.
     """
 
     ranks: list[int]
+    nonnegative: bool = False
     count: int = 0
     _high: torch.Tensor = field(default_factory=lambda: torch.zeros(_BUCKETS, dtype=torch.int64))
     _buckets: list[int] = field(default_factory=list)
     _residual: list[int] = field(default_factory=list)
+    _before: list[int] = field(default_factory=list)
     _low: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: list[float] = field(default_factory=list)
+    selected: list[Selected] = field(default_factory=list)
+
+    @property
+    def values(self) -> list[float]:
+        return [s.value for s in self.selected]
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        return order_keys(x, nonnegative=self.nonnegative)
 
     def observe_high(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
-        keys = order_keys(x) if keys is None else keys
+        keys = self.keys(x) if keys is None else keys
         self.count += keys.numel()
         self._high += torch.bincount(_high(keys), minlength=_BUCKETS).cpu()
 
@@ -70,11 +88,12 @@ class RadixSelect:
             before = int(cum[b - 1].item()) if b > 0 else 0
             self._buckets.append(b)
             self._residual.append(k - before)
+            self._before.append(before)
         for b in set(self._buckets):
             self._low[b] = torch.zeros(_BUCKETS, dtype=torch.int64)
 
     def observe_low(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
-        keys = order_keys(x) if keys is None else keys
+        keys = self.keys(x) if keys is None else keys
         high = _high(keys)
         for b, hist in self._low.items():
             members = keys[high == b] & 0xFFFF
@@ -82,35 +101,56 @@ class RadixSelect:
                 hist += torch.bincount(members, minlength=_BUCKETS).cpu()
 
     def end_low(self) -> None:
-        self.values = []
-        for b, r in zip(self._buckets, self._residual, strict=True):
-            cum = torch.cumsum(self._low[b], 0)
+        self.selected = []
+        for b, r, before in zip(self._buckets, self._residual, self._before, strict=True):
+            hist = self._low[b]
+            cum = torch.cumsum(hist, 0)
             low = int(torch.searchsorted(cum, torch.tensor(r, dtype=torch.int64)).item())
+            less = before + (int(cum[low - 1].item()) if low > 0 else 0)
             key = ((b - _BUCKETS // 2) << 16) | low
-            self.values.append(key_to_value(key))
+            self.selected.append(Selected(key_to_value(key), less, int(hist[low].item())))
 
 
-def kth_smallest(x: torch.Tensor, ranks: list[int]) -> list[float]:
-    """Exact k-th smallest values (1-based) of a tensor, by two radix histogram passes."""
+def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[Selected]:
+    """Exact k-th smallest values (1-based ranks) of a tensor with their less/equal counts."""
     flat = x.reshape(-1)
     if flat.numel() <= _SMALL:
         values = torch.sort(flat.to(torch.float32)).values
-        return [float(values[k - 1]) for k in ranks]
-    keys = order_keys(x)
-    sel = RadixSelect(ranks=list(ranks))
-    sel.observe_high(x, keys)
+        out = []
+        for k in ranks:
+            v = values[k - 1]
+            less = int(torch.searchsorted(values, v, right=False).item())
+            upto = int(torch.searchsorted(values, v, right=True).item())
+            out.append(Selected(float(v), less, upto - less))
+        return out
+    sel = RadixSelect(ranks=list(ranks), nonnegative=nonnegative)
+    keys = sel.keys(flat)
+    sel.observe_high(flat, keys)
     sel.end_high()
-    sel.observe_low(x, keys)
+    sel.observe_low(flat, keys)
     sel.end_low()
-    return sel.values
+    picked = []
+    for s in sel.selected:
+        if s.value == 0.0 and not nonnegative:  # −0.0 and +0.0 have two keys but one value
+            s = Selected(0.0, int((flat < 0).sum()), int((flat == 0).sum()))
+        picked.append(s)
+    return picked
 
 
-def rank_range_mask(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Mask of the entries whose rank in a stable ascending sort of ``x`` is in [lo, hi).
+def kth_smallest(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[float]:
+    """Exact k-th smallest values (1-based) of a tensor, by two radix histogram passes."""
+    return [s.value for s in select(x, ranks, nonnegative=nonnegative)]
+
+
+def rank_range_mask(
+    x: torch.Tensor, lo: int, hi: int, *, descending: bool = False, nonnegative: bool = False
+) -> torch.Tensor:
+    """Mask of the entries whose rank in a stable sort of ``x`` is in [lo, hi).
 
     Equal values are ranked by position (lower flat index first), as ``torch.sort(...,
-    stable=True)`` would, but without sorting: the two boundary values are found by radix
-    select and only the entries equal to a boundary value need their position counted.
+    stable=True)`` would, in either direction, but without sorting: the boundary values come
+    from radix select with the number of entries below and equal to them, and only the
+    entries equal to a boundary value need their positions.
     """
     flat = x.reshape(-1)
     n = flat.numel()
@@ -120,19 +160,29 @@ def rank_range_mask(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     if lo == 0 and hi == n:
         return torch.ones_like(flat, dtype=torch.bool).reshape(x.shape)
     if n <= _SMALL:  # a stable sort is faster than two 65,536-bucket histograms here
-        order = torch.sort(flat, stable=True).indices
+        order = torch.sort(flat, stable=True, descending=descending).indices
         small = torch.zeros_like(flat, dtype=torch.bool)
         small[order[lo:hi]] = True
         return small.reshape(x.shape)
-    a, b = kth_smallest(flat, [lo + 1, hi])  # values at ranks lo and hi-1
-    mask = (flat > a) & (flat < b)
-    for v in {a, b}:
-        eq = flat == v
-        n_eq = int(eq.sum().item())
-        start = int((flat < v).sum().item())
-        if start >= lo and start + n_eq <= hi:  # the whole group of equal values is inside
-            mask |= eq
+    # the same entries as ascending ranks [a_lo, a_hi)
+    a_lo, a_hi = (n - hi, n - lo) if descending else (lo, hi)
+    first, last = select(flat, [a_lo + 1, a_hi], nonnegative=nonnegative)
+    if first.value < last.value:
+        mask = (flat > first.value) & (flat < last.value)
+    else:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+    groups = [first] if first.value == last.value else [first, last]
+    for g in groups:
+        # the group of entries equal to g.value occupies ranks [start, start + equal) in the
+        # requested order, by position within the group
+        start = n - g.less - g.equal if descending else g.less
+        p0, p1 = max(0, lo - start), min(g.equal, hi - start)
+        if p0 >= p1:
             continue
-        rank = start + torch.cumsum(eq, 0) - 1
-        mask |= eq & (rank >= lo) & (rank < hi)
+        eq = flat == g.value
+        if p0 == 0 and p1 == g.equal:
+            mask |= eq
+        else:
+            idx = torch.nonzero(eq).squeeze(1)
+            mask[idx[p0:p1]] = True
     return mask.reshape(x.shape)

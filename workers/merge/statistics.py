@@ -8,11 +8,12 @@ model whatever the model size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from workers.merge.methods import pcb_balance, pcb_clip_ranks, pcb_quantile_rank
+from workers.merge.methods import pcb_balance, pcb_clip_ranks, pcb_quantile_rank, pcb_total
 from workers.merge.selection import RadixSelect
 
 if TYPE_CHECKING:
@@ -41,13 +42,13 @@ def _select(
     """Exact ranked values per model of ``values(inputs) -> {model index: tensor}``."""
     sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
     for x in ctx.float_tensors(f"{phase} (1/2)"):
-        for i, v in values(x).items():
+        for i, v in values(x):
             if i in sel:
                 sel[i].observe_high(v)
     for s in sel.values():
         s.end_high()
     for x in ctx.float_tensors(f"{phase} (2/2)"):
-        for i, v in values(x).items():
+        for i, v in values(x):
             if i in sel:
                 sel[i].observe_low(v)
     for s in sel.values():
@@ -55,8 +56,9 @@ def _select(
     return {i: s.values for i, s in sel.items()}
 
 
-def _magnitudes(x: Any) -> dict[int, torch.Tensor]:
-    return {i: tau.abs() for i, tau in zip(x.model_indices, x.task_vectors, strict=True)}
+def _magnitudes(x: Any) -> Iterator[tuple[int, torch.Tensor]]:
+    for j, tau in x.taus():
+        yield x.model_indices[j], tau.abs_()
 
 
 class TiesGlobal:
@@ -112,13 +114,14 @@ class PcbGlobal:
         hi = {i: v[1] for i, v in bounds.items()}
         top: dict[int, float] = {i: -math.inf for i in bounds}
 
-        def balance(x: Any) -> dict[int, torch.Tensor]:
-            idx = x.model_indices
-            b = pcb_balance(x.task_vectors, [lo[i] for i in idx], [hi[i] for i in idx])
-            for i, bi in zip(idx, b, strict=True):
-                if bi.numel():
-                    top[i] = max(top[i], float(bi.max()))
-            return dict(zip(idx, b, strict=True))
+        def balance(x: Any) -> Iterator[tuple[int, torch.Tensor]]:
+            total = pcb_total(x)
+            for j, tau in x.taus():
+                i = x.model_indices[j]
+                b = pcb_balance(tau, total, x.count, lo[i], hi[i])
+                if b.numel():
+                    top[i] = max(top[i], float(b.max()))
+                yield i, b
 
         q_ranks = {i: [pcb_quantile_rank(n, density)] for i, n in sizes.items() if n > 0}
         quant = _select(ctx, q_ranks, balance, "statistics: balance quantile")
