@@ -1,0 +1,1097 @@
+#!/usr/bin/env python3
+"""Merge benchmark: weightsmith vs mergekit 0.1.5 vs an I/O floor, on synthetic Llama checkpoints.
+
+Run it with the project's virtualenv (it needs torch and safetensors to build the models):
+
+    . .venv/bin/activate
+    python bench/merge_bench.py                     # ~1 GB fp16 base + 3 fine-tunes
+    python bench/merge_bench.py --size-gb 0.05      # quick
+    python bench/merge_bench.py --methods ties --skip-mergekit
+
+What it does, in order:
+
+1. builds (or reuses) a base model and three fine-tunes (base + N(0, 0.01*std) deltas) with a
+   Llama layout, written with ``safetensors.torch.save_file``, sharded at ~2 GB, cached under
+   ``bench/.data/models/``;
+2. creates ``bench/.venv-mergekit`` (torch==2.13.0 first, then mergekit==0.1.5) unless it exists
+   or ``--skip-mergekit`` is given;
+3. reads every input file once (warm-up), so that every contender below sees warm page caches;
+4. runs the I/O floor: a child that reads every input tensor of every model, one tensor at a time,
+   with plain file reads into one buffer, and writes the base's tensors back out once, fsynced;
+5. for each method runs ``weightsmith merge RECIPE --out DIR`` and ``mergekit-yaml RECIPE DIR``
+   and measures each child's wall time, input throughput and peak RSS (``os.wait4``);
+6. compares our output tensors with mergekit's (max |diff|, one tensor at a time);
+7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``.
+
+Every measured wall time includes an ``os.sync()`` right after the child exits (the page cache is
+flushed before each child starts), so each figure is "until the output is on disk", the same
+thing the I/O floor measures with its fsync.
+
+The main process imports only the standard library and does the heavy work (model generation,
+tensor comparison) in child processes: on Linux a child's ``ru_maxrss`` also counts the RSS of
+the process it was forked from, so a lean parent keeps the RSS figures honest. The baseline that
+remains (what spawning ``/bin/true`` from here reports) is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = BENCH_DIR / ".data"
+DEFAULT_MERGEKIT_VENV = BENCH_DIR / ".venv-mergekit"
+THIS = Path(__file__).resolve()
+
+TORCH_PIN = "torch==2.13.0"
+MERGEKIT_PIN = "mergekit==0.1.5"
+
+GB = 1_000_000_000
+MIB = 1024 * 1024
+SHARD_BYTES = 2 * GB  # input shards, like HF's "2GB"
+MERGEKIT_OUT_SHARD = "1B"  # parameters per output shard: 2 GB of fp16, like the inputs
+N_FINETUNES = 3
+GEN_VERSION = 1  # bump when the generator changes, so cached models are rebuilt
+
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# Recipes: per-model parameters, shared parameters. "mergekit": whether mergekit 0.1.5 has it.
+RECIPES: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"model": {"weight": 0.3}, "shared": {}, "mergekit": True},
+    "ties": {"model": {"density": 0.5, "weight": 1.0}, "shared": {}, "mergekit": True},
+    "breadcrumbs": {
+        "model": {"density": 0.9, "gamma": 0.01, "weight": 0.3},
+        "shared": {},
+        "mergekit": True,
+    },
+    # weightsmith's pcb takes density as a shared (top-level) parameter
+    "pcb": {"model": {"weight": 1.0}, "shared": {"density": 0.1}, "mergekit": False},
+}
+DEFAULT_METHODS = "task_arithmetic,ties,breadcrumbs,pcb"
+
+# Targets from the issue, printed as information (never asserted).
+SPEED_TARGETS = {"ties": 1.5, "breadcrumbs": 1.5, "task_arithmetic": 1.0}  # x mergekit's speed
+FLOOR_TARGETS = {"task_arithmetic": 1.5}  # ours / I/O floor
+RSS_BUDGET_MIB = 1024  # + a few (we allow 4) of the largest input tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic Llama layout
+# --------------------------------------------------------------------------------------------
+
+# (hidden, intermediate, heads, kv_heads, vocab): Llama-like widths, smallest first.
+TIERS = [
+    (256, 688, 4, 2, 4096),
+    (512, 1408, 8, 4, 8192),
+    (1024, 2816, 16, 4, 16384),
+    (2048, 5632, 32, 4, 32000),
+    (4096, 11008, 32, 8, 32000),
+    (8192, 28672, 64, 8, 32000),
+]
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    layers: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def choose_shape(size_gb: float) -> Shape:
+    """The widest tier whose embeddings + lm_head take at most 35% of the size; then enough
+    layers to get closest to the size."""
+    target = size_gb * GB
+    chosen = TIERS[0]
+    for tier in TIERS:
+        hidden, _inter, _h, _kv, vocab = tier
+        if 2 * vocab * hidden * 2 <= 0.35 * target:
+            chosen = tier
+    hidden, inter, heads, kv, vocab = chosen
+    probe = Shape(hidden, inter, heads, kv, vocab, 1)
+    per_layer = sum(_numel(s) for n, s, _ in tensor_specs(probe) if ".layers.0." in n) * 2
+    fixed = sum(_numel(s) for n, s, _ in tensor_specs(probe) if ".layers." not in n) * 2
+    layers = max(1, round((target - fixed) / per_layer))
+    return Shape(hidden, inter, heads, kv, vocab, layers)
+
+
+def tensor_specs(shape: Shape) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) in HF save order; kind is "linear", "embed" or "norm"."""
+    h, i, kvd = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    specs: list[tuple[str, tuple[int, ...], str]] = [
+        ("model.embed_tokens.weight", (shape.vocab, h), "embed")
+    ]
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (h, h), "linear"),
+            (p + "self_attn.k_proj.weight", (kvd, h), "linear"),
+            (p + "self_attn.v_proj.weight", (kvd, h), "linear"),
+            (p + "self_attn.o_proj.weight", (h, h), "linear"),
+            (p + "mlp.gate_proj.weight", (i, h), "linear"),
+            (p + "mlp.up_proj.weight", (i, h), "linear"),
+            (p + "mlp.down_proj.weight", (h, i), "linear"),
+            (p + "input_layernorm.weight", (h,), "norm"),
+            (p + "post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (shape.vocab, h), "embed")]
+    return specs
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    return math.prod(dims)
+
+
+def llama_config(shape: Shape) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "use_cache": True,
+    }
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...], str]], shard_bytes: int) -> list[list[int]]:
+    """Greedy HF-style sharding: indices of specs per shard (fp16 sizes)."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for idx, (_name, dims, _kind) in enumerate(specs):
+        nbytes = _numel(dims) * 2
+        if shards[-1] and used + nbytes > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(idx)
+        used += nbytes
+    return shards
+
+
+# --------------------------------------------------------------------------------------------
+# Child: model generation (imports torch; runs in its own process)
+# --------------------------------------------------------------------------------------------
+
+STD = {"linear": 0.02, "embed": 0.02, "norm": 0.05}  # base: N(0, std); norms: 1 + N(0, std)
+DELTA_REL = 0.01  # fine-tune delta: N(0, DELTA_REL * rms(base tensor))
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+def child_generate(spec_path: str) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_grad_enabled(False)
+    spec = json.loads(Path(spec_path).read_text())
+    shape = Shape(**spec["shape"])
+    out = Path(spec["out"])
+    index = spec["index"]  # 0 = base, k = fine-tune k
+    seed = spec["seed"]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def base_tensor(name: str, dims: tuple[int, ...], kind: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_seed(seed, "base", name))
+        t = torch.randn(dims, generator=g, dtype=torch.float32).mul_(STD[kind])
+        if kind == "norm":
+            t.add_(1.0)
+        return t.to(torch.float16)
+
+    specs = tensor_specs(shape)
+    shards = plan_shards(specs, spec["shard_bytes"])
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s, idxs in enumerate(shards):
+        fname = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors: dict[str, torch.Tensor] = {}
+        for idx in idxs:
+            name, dims, kind = specs[idx]
+            t = base_tensor(name, dims, kind)
+            if index > 0:
+                rms = STD[kind] if kind != "norm" else 1.0
+                g = torch.Generator().manual_seed(_seed(seed, "ft", index, name))
+                noise = torch.randn(dims, generator=g, dtype=torch.float32)
+                t = noise.mul_(DELTA_REL * rms).add_(t.float()).to(torch.float16)
+                del noise
+            tensors[name] = t
+            weight_map[name] = fname
+            total += t.numel() * 2
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+    (tmp / "config.json").write_text(json.dumps(llama_config(shape), indent=2) + "\n")
+    (tmp / ".synth.json").write_text(json.dumps(spec["key"], sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Child: I/O floor (standard library only)
+# --------------------------------------------------------------------------------------------
+
+
+def read_st_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, header
+
+
+def st_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def child_io_floor(out_dir: str, base: str, *others: str) -> int:
+    """Read every tensor of every model once, tensor by tensor (others first, then the base),
+    into one reusable buffer, and write the base's tensors out as safetensors files; fsync."""
+    t0 = time.perf_counter()
+    # name -> (fd, absolute offset, length) for each non-base model
+    fds: list[int] = []
+    locs: list[dict[str, tuple[int, int, int]]] = []
+    max_len = 0
+    for model in others:
+        loc: dict[str, tuple[int, int, int]] = {}
+        for path in st_files(Path(model)):
+            start, header = read_st_header(path)
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                a, b = info["data_offsets"]
+                loc[name] = (fd, start + a, b - a)
+                max_len = max(max_len, b - a)
+        locs.append(loc)
+    base_files = st_files(Path(base))
+    for path in base_files:
+        _s, header = read_st_header(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                max_len = max(max_len, b - a)
+    buf = bytearray(max_len)
+    view = memoryview(buf)
+
+    def pread_into(fd: int, offset: int, length: int) -> None:
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:length]], offset + got)
+            if n <= 0:
+                raise OSError(f"short read at {offset + got}")
+            got += n
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    read_bytes = written = 0
+    for path in base_files:
+        start, header = read_st_header(path)
+        entries = sorted(
+            (
+                (info["data_offsets"], name)
+                for name, info in header.items()
+                if name != "__metadata__"
+            ),
+        )
+        in_fd = os.open(path, os.O_RDONLY)
+        out_fd = os.open(out / path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            head = os.pread(in_fd, start, 0)
+            os.write(out_fd, head)
+            written += len(head)
+            for (a, b), name in entries:
+                for loc in locs:
+                    fd, off, length = loc[name]
+                    pread_into(fd, off, length)
+                    read_bytes += length
+                pread_into(in_fd, start + a, b - a)
+                read_bytes += b - a
+                done = 0
+                while done < b - a:
+                    done += os.write(out_fd, view[done : b - a])
+                written += b - a
+            os.fsync(out_fd)
+        finally:
+            os.close(in_fd)
+            os.close(out_fd)
+    for fd in fds:
+        os.close(fd)
+    dfd = os.open(out, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    stats = {
+        "read_bytes": read_bytes,
+        "written_bytes": written,
+        "buffer_bytes": max_len,
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(stats))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Child: output comparison (imports torch; one tensor at a time)
+# --------------------------------------------------------------------------------------------
+
+
+def child_compare(dir_a: str, dir_b: str, base_dir: str) -> int:
+    """Ours (a) vs mergekit (b), one tensor at a time: max |a - b|, and the relative L2 error
+    of the merged task vector, ||a - b|| / ||b - base|| over all tensors."""
+    import torch
+    from safetensors import safe_open
+
+    torch.set_grad_enabled(False)
+
+    def tensor_map(d: str) -> dict[str, Path]:
+        m: dict[str, Path] = {}
+        for path in st_files(Path(d)):
+            _s, header = read_st_header(path)
+            for name in header:
+                if name != "__metadata__":
+                    m[name] = path
+        return m
+
+    def load(path: Path, name: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    ma, mb, mbase = tensor_map(dir_a), tensor_map(dir_b), tensor_map(base_dir)
+    common = sorted(set(ma) & set(mb))
+    result: dict[str, Any] = {
+        "n_tensors": len(common),
+        "only_in_ours": sorted(set(ma) - set(mb)),
+        "only_in_mergekit": sorted(set(mb) - set(ma)),
+        "shape_mismatch": [],
+        "dtype_mismatch": [],
+        "max_abs_diff": 0.0,
+        "max_abs_diff_tensor": None,
+        "n_elements": 0,
+        "n_different": 0,
+        "rel_l2_task_vector": None,
+    }
+    worst = -1.0
+    sq_diff = sq_tv = 0.0
+    for name in common:
+        ta, tb = load(ma[name], name), load(mb[name], name)
+        if ta.dtype != tb.dtype:
+            result["dtype_mismatch"].append(f"{name}: {ta.dtype} vs {tb.dtype}")
+        if ta.shape != tb.shape:
+            result["shape_mismatch"].append(f"{name}: {tuple(ta.shape)} vs {tuple(tb.shape)}")
+            continue
+        diff = ta.float().sub_(tb.float())
+        m = float(diff.abs().max()) if diff.numel() else 0.0
+        if math.isnan(m):
+            m = math.inf
+        sq_diff += float(diff.double().square().sum())
+        result["n_elements"] += diff.numel()
+        result["n_different"] += int((diff != 0).sum())
+        del diff, ta
+        if name in mbase:
+            tv = tb.float().sub_(load(mbase[name], name).float())
+            sq_tv += float(tv.double().square().sum())
+            del tv
+        if m > worst:
+            worst = m
+            result["max_abs_diff"] = m
+            result["max_abs_diff_tensor"] = name
+        del tb
+    if sq_tv > 0:
+        result["rel_l2_task_vector"] = math.sqrt(sq_diff / sq_tv)
+    print(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Running and measuring children
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    rc: int | None
+    wall_s: float  # child wall + post-run sync
+    child_wall_s: float
+    sync_s: float
+    maxrss_mib: float
+    sampled: dict[str, float]  # peaks of /proc/*/status fields over the child's process tree
+    stdout: str
+    stderr_tail: str
+    timed_out: bool = False
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS / RssAnon / RssFile of a process and its descendants (summed) every 20 ms.
+
+    ru_maxrss counts file-backed pages too (e.g. mmap'd safetensors inputs, which the kernel can
+    drop at will); RssAnon is the memory a process really owns. Sampling can miss short peaks.
+    """
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peaks_kib = dict.fromkeys(self.FIELDS, 0)
+        self._stop_event = threading.Event()
+
+    def _tree(self) -> list[int]:
+        pids, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+        return pids
+
+    def sample(self) -> None:
+        totals = dict.fromkeys(self.FIELDS, 0)
+        for pid in self._tree():
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in totals:
+                        totals[key] += int(rest.split()[0])
+        for key, value in totals.items():
+            self.peaks_kib[key] = max(self.peaks_kib[key], value)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def peaks_mib(self) -> dict[str, float]:
+        return {k: v / 1024.0 for k, v in self.peaks_kib.items()}
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CHILD_ENV)
+    return env
+
+
+def tail(text: str, lines: int = 25, chars: int = 4000) -> str:
+    return "\n".join(text.splitlines()[-lines:])[-chars:]
+
+
+def run_measured(
+    cmd: list[str], log_dir: Path, label: str, timeout: float, flush: bool = True
+) -> RunResult:
+    """Run cmd as a child; wall time (plus a post-exit sync), peak RSS via os.wait4."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = log_dir / f"{label}.out", log_dir / f"{label}.err"
+    if flush:
+        os.sync()
+    timed_out = threading.Event()
+    with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out_f,
+            stderr=err_f,
+            env=child_env(),
+            start_new_session=True,
+        )
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        try:
+            _pid, status, rusage = os.wait4(proc.pid, 0)
+        except BaseException:  # e.g. Ctrl-C: the child is in its own session, take it down
+            kill()
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            raise
+        finally:
+            timer.cancel()
+            sampler.stop()
+        child_wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    t1 = time.perf_counter()
+    if flush:
+        os.sync()
+    sync_s = time.perf_counter() - t1 if flush else 0.0
+    stdout = out_path.read_text(errors="replace")
+    stderr = err_path.read_text(errors="replace")
+    rc = proc.returncode
+    return RunResult(
+        ok=rc == 0 and not timed_out.is_set(),
+        rc=rc,
+        wall_s=child_wall + sync_s,
+        child_wall_s=child_wall,
+        sync_s=sync_s,
+        maxrss_mib=rusage.ru_maxrss / 1024.0,  # Linux: KiB
+        sampled=sampler.peaks_mib(),
+        stdout=stdout,
+        stderr_tail=tail(stderr) if stderr.strip() else tail(stdout),
+        timed_out=timed_out.is_set(),
+    )
+
+
+def run_plain(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def warn_block(title: str, body: str) -> None:
+    say(f"!! {title}")
+    for line in body.splitlines():
+        say(f"   | {line}")
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: models, mergekit virtualenv, weightsmith CLI
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_models(data_dir: Path, size_gb: float, seed: int) -> tuple[Shape, list[Path]]:
+    shape = choose_shape(size_gb)
+    root = data_dir / "models" / f"llama-{size_gb:g}gb-seed{seed}"
+    dirs = [root / "base"] + [root / f"ft{k}" for k in range(1, N_FINETUNES + 1)]
+    for index, d in enumerate(dirs):
+        key = {
+            "version": GEN_VERSION,
+            "shape": asdict(shape),
+            "seed": seed,
+            "index": index,
+            "delta_rel": DELTA_REL,
+            "shard_bytes": SHARD_BYTES,
+        }
+        marker = d / ".synth.json"
+        if marker.exists() and json.loads(marker.read_text()) == key and st_files(d):
+            say(f"   reusing {d}")
+            continue
+        say(f"   generating {d} ...")
+        root.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "shape": asdict(shape),
+            "out": str(d),
+            "index": index,
+            "seed": seed,
+            "shard_bytes": SHARD_BYTES,
+            "key": key,
+        }
+        spec_path = root / f".spec-{d.name}.json"
+        spec_path.write_text(json.dumps(spec))
+        t0 = time.perf_counter()
+        proc = run_plain([sys.executable, str(THIS), "_gen", str(spec_path)])
+        spec_path.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            warn_block(f"generating {d} failed (rc={proc.returncode})", tail(proc.stderr))
+            raise SystemExit(2)
+        say(f"   ... {dir_bytes(d) / MIB:.0f} MiB in {time.perf_counter() - t0:.1f} s")
+    return shape, dirs
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in st_files(d))
+
+
+def ensure_mergekit(venv: Path) -> Path | None:
+    """mergekit-yaml from a dedicated venv (created when missing); None when it can't be had."""
+    exe = venv / "bin" / "mergekit-yaml"
+    marker = venv / ".bench-installed"
+    if exe.exists() and marker.exists():
+        return exe
+    py = venv / "bin" / "python"
+    steps: list[list[str]] = []
+    if not py.exists():
+        steps.append([sys.executable, "-m", "venv", str(venv)])
+    # torch first, pinned: a looser requirement (mergekit's) would pull a multi-GB CUDA build.
+    steps.append([str(py), "-m", "pip", "install", "--quiet", TORCH_PIN])
+    steps.append([str(py), "-m", "pip", "install", "--quiet", MERGEKIT_PIN])
+    say(f"   creating {venv} ({TORCH_PIN}, then {MERGEKIT_PIN}) ...")
+    t0 = time.perf_counter()
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            warn_block(f"{' '.join(cmd)} failed", tail(proc.stderr or proc.stdout))
+            return None
+    if not exe.exists():
+        warn_block("mergekit-yaml missing after install", str(exe))
+        return None
+    marker.write_text(f"{TORCH_PIN}\n{MERGEKIT_PIN}\n")
+    say(f"   ... done in {time.perf_counter() - t0:.0f} s")
+    return exe
+
+
+def probe_weightsmith(exe: Path) -> tuple[bool, str]:
+    """(usable, note)."""
+    if not exe.exists():
+        return False, f"{exe} does not exist"
+    try:
+        proc = run_plain([str(exe), "merge", "--help"], timeout=120)
+    except subprocess.TimeoutExpired:
+        return True, "`weightsmith merge --help` timed out; trying the runs anyway"
+    if proc.returncode == 0:
+        return True, ""
+    err = proc.stderr + proc.stdout
+    if "No module named 'weightsmith" in err:  # the console script is there, the CLI isn't yet
+        return False, f"`{exe} merge --help` cannot import the CLI yet:\n{tail(err, 6)}"
+    return True, f"`weightsmith merge --help` exited {proc.returncode}; trying the runs anyway"
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid YAML double-quoted scalar
+
+
+def write_recipe(path: Path, method: str, base: Path, finetunes: list[Path]) -> None:
+    r = RECIPES[method]
+    lines = [f"merge_method: {method}", f"base_model: {_yaml_scalar(base.resolve())}", "models:"]
+    for ft in finetunes:
+        lines.append(f"  - model: {_yaml_scalar(ft.resolve())}")
+        if r["model"]:
+            lines.append("    parameters:")
+            lines += [f"      {k}: {_yaml_scalar(v)}" for k, v in r["model"].items()]
+    if r["shared"]:
+        lines.append("parameters:")
+        lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in r["shared"].items()]
+    lines += ["dtype: float16", "out_dtype: float16", ""]
+    path.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    method: str
+    tool: str
+    ok: bool
+    wall_s: float | None = None
+    child_wall_s: float | None = None
+    sync_s: float | None = None
+    input_mib_s: float | None = None
+    peak_rss_mib: float | None = None  # ru_maxrss
+    peak_anon_mib: float | None = None  # sampled RssAnon over the process tree
+    peak_file_mib: float | None = None  # sampled RssFile (mmap'd files, shared libraries)
+    vs_mergekit: float | None = None  # mergekit wall / this wall (ours only)
+    vs_floor: float | None = None  # this wall / floor wall
+    max_abs_diff: float | None = None  # ours vs mergekit
+    note: str = ""
+    compare: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[Row]) -> None:
+    head = [
+        "method",
+        "tool",
+        "wall s",
+        "in MiB/s",
+        "peak RSS MiB",
+        "anon MiB",
+        "x mergekit",
+        "x floor",
+        "max|diff| vs mk",
+        "status",
+    ]
+    body = []
+    for r in rows:
+        diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.3g}"
+        if r.compare and r.compare.get("rel_l2_task_vector") is not None:
+            diff += f" ({100 * r.compare['rel_l2_task_vector']:.2g}%)"
+        body.append(
+            [
+                r.method,
+                r.tool,
+                fmt(r.wall_s, ".2f"),
+                fmt(r.input_mib_s, ".0f"),
+                fmt(r.peak_rss_mib, ".0f"),
+                fmt(r.peak_anon_mib, ".0f"),
+                fmt(r.vs_mergekit, ".2f"),
+                fmt(r.vs_floor, ".2f"),
+                diff,
+                "ok" if r.ok else ("FAILED " + r.note).strip(),
+            ]
+        )
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+    say(line)
+    say("-" * len(line))
+    for b in body:
+        say("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
+
+
+def baseline_rss_mib() -> float:
+    """ru_maxrss that a trivial child spawned from this process reports (inherited floor)."""
+    true = shutil.which("true") or "/bin/true"
+    proc = subprocess.Popen([true])
+    _pid, _status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return ru.ru_maxrss / 1024.0
+
+
+def warm_up(dirs: list[Path]) -> tuple[int, float]:
+    """Read every input file once so that all contenders see warm page caches."""
+    t0 = time.perf_counter()
+    total = 0
+    buf = bytearray(MIB)  # small: children inherit this process's peak RSS in ru_maxrss
+    for d in dirs:
+        for p in st_files(d):
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    total += n
+    return total, time.perf_counter() - t0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark `weightsmith merge` against mergekit 0.1.5 and an I/O floor.",
+    )
+    ap.add_argument("--size-gb", type=float, default=1.0, help="model size (fp16), default 1.0")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
+    ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
+    ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="default bench/.data")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic model seed (default 0)")
+    ap.add_argument(
+        "--weightsmith",
+        type=Path,
+        default=Path(sys.prefix) / "bin" / "weightsmith",
+        help="our CLI (default <sys.prefix>/bin/weightsmith)",
+    )
+    ap.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per child, seconds")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in RECIPES]
+    if unknown or not methods:
+        ap.error(f"unknown method(s) {unknown}; known: {', '.join(RECIPES)}")
+    if args.size_gb <= 0:
+        ap.error("--size-gb must be positive")
+    args.methods = methods
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = data_dir / "runs"
+    log_dir = run_dir / "logs"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+
+    say(
+        f"== weightsmith merge bench: {args.size_gb:g} GB fp16 Llama, "
+        f"base + {N_FINETUNES} fine-tunes"
+    )
+    say("-- models")
+    shape, dirs = ensure_models(data_dir, args.size_gb, args.seed)
+    base, finetunes = dirs[0], dirs[1:]
+    input_bytes = sum(dir_bytes(d) for d in dirs)
+    specs = tensor_specs(shape)
+    largest_mib = max(_numel(s) for _n, s, _k in specs) * 2 / MIB
+    n_params = sum(_numel(s) for _n, s, _k in specs)
+    say(
+        f"   shape: hidden {shape.hidden}, intermediate {shape.intermediate}, "
+        f"layers {shape.layers}, heads {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}; "
+        f"{n_params / 1e6:.0f} M params, "
+        f"{len(specs)} tensors, largest {largest_mib:.1f} MiB"
+    )
+    say(f"   inputs: {input_bytes / MIB:.0f} MiB in {len(dirs)} models")
+
+    ours_exe: Path = args.weightsmith
+    ours_ok, ours_note = probe_weightsmith(ours_exe)
+    say("-- tools")
+    if ours_ok:
+        say(f"   weightsmith: {ours_exe}" + (f" ({ours_note})" if ours_note else ""))
+    else:
+        warn_block("weightsmith CLI not available: skipping our rows", ours_note)
+    mk_exe: Path | None = None
+    if not args.skip_mergekit:
+        mk_exe = ensure_mergekit(args.mergekit_venv.resolve())
+        say(f"   mergekit: {mk_exe}" if mk_exe else "   mergekit: unavailable, skipping its rows")
+
+    recipes = {}
+    for method in args.methods:
+        recipes[method] = run_dir / f"{method}.yaml"
+        write_recipe(recipes[method], method, base, finetunes)
+
+    say("-- warm-up: reading every input once (all runs below see inputs in the page cache)")
+    nbytes, secs = warm_up(dirs)
+    say(f"   {nbytes / MIB:.0f} MiB in {secs:.1f} s")
+    rss0 = baseline_rss_mib()
+
+    rows: list[Row] = []
+
+    def measured(method: str, tool: str, cmd: list[str]) -> tuple[Row, RunResult]:
+        say(f"-- {method} / {tool}: {' '.join(cmd)}")
+        res = run_measured(cmd, log_dir, f"{method}-{tool}", args.timeout)
+        row = Row(method=method, tool=tool, ok=res.ok)
+        if res.ok:
+            row.wall_s, row.child_wall_s, row.sync_s = res.wall_s, res.child_wall_s, res.sync_s
+            row.input_mib_s = input_bytes / MIB / res.wall_s
+            row.peak_rss_mib = res.maxrss_mib
+            row.peak_anon_mib = res.sampled["RssAnon"]
+            row.peak_file_mib = res.sampled["RssFile"]
+            say(
+                f"   {res.wall_s:.2f} s (child {res.child_wall_s:.2f} + sync {res.sync_s:.2f}), "
+                f"peak RSS {res.maxrss_mib:.0f} MiB (sampled: anon {res.sampled['RssAnon']:.0f}, "
+                f"file {res.sampled['RssFile']:.0f} MiB)"
+            )
+        else:
+            row.note = "timeout" if res.timed_out else f"rc={res.rc}"
+            warn_block(f"{method}/{tool} failed ({row.note}); stderr tail:", res.stderr_tail)
+        rows.append(row)
+        return row, res
+
+    floor_row: Row | None = None
+    if not args.skip_floor:
+        out = run_dir / "out-io-floor"
+        floor_cmd = [sys.executable, str(THIS), "_floor", str(out), *map(str, dirs)]
+        floor_row, res = measured("io-floor", "floor", floor_cmd)
+        if res.ok:
+            with contextlib.suppress(ValueError, IndexError):
+                stats = json.loads(res.stdout.strip().splitlines()[-1])
+                say(
+                    f"   read {stats['read_bytes'] / MIB:.0f} MiB, wrote "
+                    f"{stats['written_bytes'] / MIB:.0f} MiB, buffer "
+                    f"{stats['buffer_bytes'] / MIB:.1f} MiB"
+                )
+        shutil.rmtree(out, ignore_errors=True)
+        if not floor_row.ok:
+            floor_row = None
+
+    ours_failed = False
+    for method in args.methods:
+        recipe = recipes[method]
+        ours_row = mk_row = None
+        out_ours, out_mk = run_dir / f"out-{method}-weightsmith", run_dir / f"out-{method}-mergekit"
+        if ours_ok:
+            cmd = [str(ours_exe), "merge", str(recipe), "--out", str(out_ours)]
+            ours_row, _ = measured(method, "weightsmith", cmd)
+            ours_failed |= not ours_row.ok
+        if mk_exe is not None and RECIPES[method]["mergekit"]:
+            cmd = [
+                str(mk_exe),
+                str(recipe),
+                str(out_mk),
+                "--no-cuda",
+                "--allow-crimes",
+                "--no-copy-tokenizer",
+                "--no-write-model-card",
+                "--out-shard-size",
+                MERGEKIT_OUT_SHARD,
+                "--quiet",
+            ]
+            mk_row, _ = measured(method, "mergekit", cmd)
+        elif mk_exe is not None:
+            say(f"-- {method} / mergekit: not in mergekit 0.1.5, no figure")
+        for r in (ours_row, mk_row):
+            if r is not None and r.ok and floor_row is not None and floor_row.wall_s:
+                r.vs_floor = r.wall_s / floor_row.wall_s
+        if ours_row and mk_row and ours_row.ok and mk_row.ok:
+            assert ours_row.wall_s and mk_row.wall_s
+            ours_row.vs_mergekit = mk_row.wall_s / ours_row.wall_s
+            say(f"-- {method}: comparing outputs (one tensor at a time)")
+            proc = run_plain(
+                [sys.executable, str(THIS), "_compare", str(out_ours), str(out_mk), str(base)]
+            )
+            if proc.returncode == 0:
+                cmp = json.loads(proc.stdout.strip().splitlines()[-1])
+                ours_row.compare = cmp
+                ours_row.max_abs_diff = cmp["max_abs_diff"]
+                say(
+                    f"   {cmp['n_tensors']} tensors, max|diff| {cmp['max_abs_diff']:.3g} "
+                    f"({cmp['max_abs_diff_tensor']}), "
+                    f"rel. L2 error of the task vector {fmt(cmp['rel_l2_task_vector'], '.3g')}, "
+                    f"{cmp['n_different']}/{cmp['n_elements']} elements differ"
+                )
+                for k in ("only_in_ours", "only_in_mergekit", "shape_mismatch", "dtype_mismatch"):
+                    if cmp[k]:
+                        say(f"   !! {k}: {cmp[k][:5]}{' ...' if len(cmp[k]) > 5 else ''}")
+            else:
+                warn_block("comparison failed", tail(proc.stderr))
+        if not args.keep_outputs:
+            shutil.rmtree(out_ours, ignore_errors=True)
+            shutil.rmtree(out_mk, ignore_errors=True)
+
+    rss_budget = RSS_BUDGET_MIB + 4 * largest_mib
+    say()
+    say(
+        f"== results: {args.size_gb:g} GB model, {input_bytes / MIB:.0f} MiB of inputs "
+        f"({len(dirs)} models), {os.cpu_count()} CPUs"
+    )
+    print_table(rows)
+    say()
+    say("notes:")
+    say("  - inputs are in the page cache for every run (warm-up read first); wall = child wall")
+    say("    + os.sync() right after it (outputs on disk); in MiB/s = all input bytes / wall")
+    say(
+        "  - x mergekit = mergekit wall / ours (>1: we are faster); x floor = wall / I/O floor wall"
+    )
+    say("  - max|diff| vs mk: max |ours - mergekit| over all tensors; (%) = relative L2 error of")
+    say("    the merged task vector, ||ours - mk|| / ||mk - base||. ties/breadcrumbs keep the")
+    say("    top-k |delta|; fp16 deltas tie a lot at the cut-off, so which tied entries survive")
+    say("    depends on sort order (mergekit vs itself on permuted elements: 7-12%): judge those")
+    say("    by the % figure; task_arithmetic should be at fp16 rounding (~1-2%)")
+    say(
+        f"  - peak RSS = ru_maxrss of the child (os.wait4); spawning /bin/true from here "
+        f"reports {rss0:.0f} MiB, included in every figure"
+    )
+    say("  - anon MiB = peak RssAnon of the child's process tree, sampled every 20 ms: memory")
+    say("    it owns, without the page-cache pages of mmap'd inputs that ru_maxrss also counts")
+    say("targets (information, not asserted):")
+    by = {(r.method, r.tool): r for r in rows}
+    ours_rows = [r for r in rows if r.tool == "weightsmith"]
+    if not ours_rows:
+        say("  - (no weightsmith rows)")
+    for r in ours_rows:
+        if r.peak_rss_mib is not None and r.ok:
+            mark = "met" if r.peak_rss_mib <= rss_budget else "MISSED"
+            say(
+                f"  - {r.method}: peak RSS {r.peak_rss_mib:.0f} MiB <= {rss_budget:.0f} MiB "
+                f"(1 GiB + 4 x largest tensor {largest_mib:.0f} MiB): {mark}"
+            )
+    for method, target in SPEED_TARGETS.items():
+        r = by.get((method, "weightsmith"))
+        if r is not None and r.vs_mergekit is not None:
+            mark = "met" if r.vs_mergekit >= target else "MISSED"
+            say(f"  - {method}: {r.vs_mergekit:.2f}x mergekit's speed, target >= {target}x: {mark}")
+    for method, target in FLOOR_TARGETS.items():
+        r = by.get((method, "weightsmith"))
+        if r is not None and r.vs_floor is not None:
+            mark = "met" if r.vs_floor <= target else "MISSED"
+            say(f"  - {method}: {r.vs_floor:.2f}x the I/O floor, target <= {target}x: {mark}")
+    say("  - RSS independent of model size: compare peak RSS across --size-gb runs")
+
+    result_path = data_dir / "results-merge.json"
+    doc = {
+        "size_gb": args.size_gb,
+        "shape": asdict(shape),
+        "n_params": n_params,
+        "n_tensors": len(specs),
+        "largest_tensor_mib": largest_mib,
+        "input_bytes": input_bytes,
+        "n_models": len(dirs),
+        "methods": args.methods,
+        "recipes": {m: RECIPES[m] for m in args.methods},
+        "baseline_child_rss_mib": rss0,
+        "rss_budget_mib": rss_budget,
+        "targets": {
+            "speed_vs_mergekit": SPEED_TARGETS,
+            "wall_vs_floor": FLOOR_TARGETS,
+            "rss_budget_mib": rss_budget,
+        },
+        "host": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "weightsmith": str(ours_exe) if ours_ok else None,
+        "mergekit": str(mk_exe) if mk_exe else None,
+        "rows": [asdict(r) for r in rows],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result_path.write_text(json.dumps(doc, indent=2) + "\n")
+    say(f"\nwrote {result_path}")
+    if ours_failed:
+        say("some weightsmith runs FAILED")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_gen":
+        sys.exit(child_generate(sys.argv[2]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_floor":
+        sys.exit(child_io_floor(*sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_compare":
+        sys.exit(child_compare(sys.argv[2], sys.argv[3], sys.argv[4]))
+    sys.exit(main(sys.argv[1:]))
