@@ -28,11 +28,13 @@ def _load_output(out: Path) -> dict[str, torch.Tensor]:
 def test_hub_references_are_pinned_to_a_commit_and_recorded(hub, llama_family, tmp_path):
     base_sha = hub.add_repo("acme/tiny-base", llama_family["base"])
     ft_sha = hub.add_repo("acme/tiny-ft", llama_family["ft1"])
-    recipe = parse_recipe({
-        "merge_method": "task_arithmetic",
-        "base_model": "acme/tiny-base",
-        "models": [{"model": "hf://acme/tiny-ft@main", "parameters": {"weight": 0.5}}],
-    })
+    recipe = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "acme/tiny-base",
+            "models": [{"model": "hf://acme/tiny-ft@main", "parameters": {"weight": 0.5}}],
+        }
+    )
     settings = SourceSettings(hub_endpoint=hub.url, cache_dir=hub.cache_dir)
     result = run_merge(recipe, tmp_path / "out", sources=settings)
 
@@ -44,11 +46,13 @@ def test_hub_references_are_pinned_to_a_commit_and_recorded(hub, llama_family, t
     assert "base_model_relation: merge" in card and base_sha in card
 
     # the same numbers as merging the local copies (computed by the independent reference)
-    expected = reference_merge({
-        "merge_method": "task_arithmetic",
-        "base_model": str(llama_family["base"]),
-        "models": [{"model": str(llama_family["ft1"]), "parameters": {"weight": 0.5}}],
-    })
+    expected = reference_merge(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(llama_family["base"]),
+            "models": [{"model": str(llama_family["ft1"]), "parameters": {"weight": 0.5}}],
+        }
+    )
     out = _load_output(tmp_path / "out")
     for name, ref in expected.items():
         torch.testing.assert_close(out[name], ref, rtol=1e-5, atol=1e-6)
@@ -63,10 +67,12 @@ def test_a_moved_branch_gives_the_new_commit_but_an_old_sha_the_old_files(
     settings = SourceSettings(hub_endpoint=hub.url, cache_dir=hub.cache_dir)
     for rev, expect_sha, ft in (("main", new, "ft2"), (old, old, "ft1")):
         out = tmp_path / f"out-{rev[:6]}"
-        recipe = parse_recipe({
-            "merge_method": "linear",
-            "models": [{"model": f"acme/moving@{rev}"}],
-        })
+        recipe = parse_recipe(
+            {
+                "merge_method": "linear",
+                "models": [{"model": f"acme/moving@{rev}"}],
+            }
+        )
         result = run_merge(recipe, out, sources=settings)
         assert result.manifest["parents"][0]["revision"] == expect_sha
         merged = _load_output(out)
@@ -86,7 +92,10 @@ def test_cli_merges_a_hub_model_and_fails_cleanly_on_an_unknown_repo(hub, llama_
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache_dir)}
     run = subprocess.run(
         [sys.executable, "-m", "weightsmith", "merge", str(recipe), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -95,7 +104,10 @@ def test_cli_merges_a_hub_model_and_fails_cleanly_on_an_unknown_repo(hub, llama_
     recipe.write_text(recipe.read_text().replace("acme/cli-base", "acme/does-not-exist"))
     run = subprocess.run(
         [sys.executable, "-m", "weightsmith", "merge", str(recipe), "--out", str(tmp_path / "p")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()

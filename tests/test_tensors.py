@@ -790,6 +790,7 @@ def test_writer_abort_deletes_everything(tmp_path: Path) -> None:
     w = ShardedWriter(out, specs_of(tensors), max_shard_bytes=40)
     for name in ["t0", "t1", "t2"]:
         w.write(name, tensors[name])
+    w.flush()  # writes happen on a background thread
     assert len(list(out.iterdir())) == 3
     w.abort()
     assert list(out.iterdir()) == []

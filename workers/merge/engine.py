@@ -28,6 +28,7 @@ from schemas.recipe import MergeRecipe, layer_position, resolve_parameter
 from schemas.references import ModelReference
 from workers.errors import CancelledError, InputError, WeightsmithError
 from workers.merge.methods import METHOD_FUNCTIONS, TensorInputs
+from workers.merge.readahead import ReadAhead
 from workers.merge.statistics import GLOBAL_STATISTICS
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 from workers.tensors.reader import CheckpointReader
@@ -135,9 +136,10 @@ def run_merge(
         staging.mkdir(parents=True)
         writer = ShardedWriter(staging, specs, max_shard_bytes=recipe.output.shard_size)
         try:
-            for spec in specs:
-                ctx.check_cancel()
-                writer.write(spec.name, ctx.merge_tensor(spec.name, stats).to(spec.dtype))
+            with ctx.reading([s.name for s in specs]):
+                for spec in specs:
+                    ctx.check_cancel()
+                    writer.write(spec.name, ctx.merge_tensor(spec.name, stats).to(spec.dtype))
             shards = writer.close()
         except BaseException:
             writer.abort()
@@ -454,6 +456,12 @@ class _Context:
         self.bytes_total = sum(self._input_bytes(n) for n in plan) + per_pass * passes
         self.tensors_done = 0
         self.bytes_done = 0
+        self.readahead: ReadAhead | None = None
+
+    def reading(self, names: list[str]) -> ReadAhead:
+        """Start reading ahead for a pass over ``names`` (use as a context manager)."""
+        self.readahead = ReadAhead(self.read_order(names), self._read_input)
+        return self.readahead
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -486,21 +494,44 @@ class _Context:
         if self.cancelled():
             raise CancelledError("the merge was cancelled")
 
-    def _load(self, inp: _Input, name: str, check: bool = True) -> torch.Tensor:
-        t = inp.reader.read(name)
-        if t.is_floating_point():
-            t32 = t.to(self.device, torch.float32)
-            del t
-            if check and not all_finite(t32):
-                bad = int((~torch.isfinite(t32)).sum())
-                raise InputError(
-                    f"contains {bad} NaN or infinite value(s); refusing to merge "
-                    "a damaged checkpoint",
-                    model=inp.label,
-                    tensor=name,
-                )
-            return t32
+    def read_order(self, names: Iterator[str] | list[str]) -> list[tuple[int, str]]:
+        """The order a pass reads inputs in: per tensor the base, then each holder."""
+        order: list[tuple[int, str]] = []
+        for name in names:
+            p = self.plan[name]
+            if self.base is not None:
+                order.append((-1, name))
+            if p.is_float:
+                order += [(i, name) for i in p.holders]
+            elif self.base is None and p.holders:
+                order.append((p.holders[0], name))
+        return order
+
+    def _read_input(self, key: tuple[int, str]) -> torch.Tensor:
+        i, name = key
+        inp = self.base if i < 0 else self.models[i]
+        assert inp is not None
+        return inp.reader.read(name)
+
+    def _read(self, inp: _Input, name: str) -> torch.Tensor:
+        key = (-1 if inp.index is None else inp.index, name)
+        return self.readahead.get(key) if self.readahead else self._read_input(key)
+
+    def _load_raw(self, inp: _Input, name: str, check: bool = True) -> torch.Tensor:
+        """The stored tensor on the compute device, checked for NaN/Inf when asked."""
+        t = self._read(inp, name).to(self.device)
+        if check and t.is_floating_point() and not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(
+                f"contains {bad} NaN or infinite value(s); refusing to merge a damaged checkpoint",
+                model=inp.label,
+                tensor=name,
+            )
         return t
+
+    def _load(self, inp: _Input, name: str, check: bool = True) -> torch.Tensor:
+        t = self._load_raw(inp, name, check)
+        return t.to(torch.float32) if t.is_floating_point() else t
 
     def inputs_for(self, name: str, stats: dict[str, Any]) -> TensorInputs:
         p = self.plan[name]
@@ -508,9 +539,9 @@ class _Context:
         holders = [m for m in self.models if m.index in p.holders]
         checked: set[int] = set()
 
-        def load(j: int) -> torch.Tensor:
+        def load_raw(j: int) -> torch.Tensor:
             # NaN/Inf are checked on the first read of each input only
-            t = self._load(holders[j], name, check=j not in checked)
+            t = self._load_raw(holders[j], name, check=j not in checked)
             checked.add(j)
             return t
 
@@ -518,7 +549,7 @@ class _Context:
             name=name,
             base=base_t,
             count=len(holders),
-            load=load,
+            load_raw=load_raw,
             model_indices=[m.index for m in holders if m.index is not None],
             params=[self.model_params(m, name) for m in holders],
             shared=self.shared_params(name),
@@ -529,11 +560,13 @@ class _Context:
 
     def float_tensors(self, phase: str) -> Iterator[TensorInputs]:
         """Every float tensor's inputs, for a statistics pass."""
-        for name, p in self.plan.items():
-            self.check_cancel()
-            if p.is_float:
+        floats = [n for n, p in self.plan.items() if p.is_float]
+        with self.reading(floats):
+            for name in floats:
+                self.check_cancel()
                 yield self.inputs_for(name, {})
-            self._advance(phase, name)
+                self._advance(phase, name)
+        self.readahead = None
 
     def _advance(self, phase: str, name: str) -> None:
         self.tensors_done += 1
@@ -560,7 +593,7 @@ class _Context:
                     if self.base is not None
                     else next(m for m in self.models if name in m.reader)
                 )
-                out = src.reader.read(name)
+                out = self._read(src, name)
             else:
                 x = self.inputs_for(name, stats)
                 if x.base is None and x.count == 0:

@@ -31,7 +31,7 @@ class TensorInputs:
     name: str
     base: torch.Tensor | None
     count: int  # number of fine-tuned models that have this tensor
-    load: Callable[[int], torch.Tensor]  # j -> θj as float32 on the compute device
+    load_raw: Callable[[int], torch.Tensor]  # j -> θj as stored (e.g. bf16), on the device
     model_indices: list[int]  # their 0-based positions among the recipe's fine-tuned models
     params: list[dict[str, Any]]  # per-model parameters, resolved for this tensor
     shared: dict[str, Any]  # shared parameters, resolved for this tensor
@@ -40,13 +40,17 @@ class TensorInputs:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings for the manifest
 
+    def raw(self, j: int) -> torch.Tensor:
+        """θj in its stored dtype: element-wise methods accumulate it into float32 directly."""
+        return self.load_raw(j)
+
     def theta(self, j: int) -> torch.Tensor:
-        return self.load(j)
+        return self.load_raw(j).to(torch.float32)
 
     def tau(self, j: int) -> torch.Tensor:
-        """τj = θj − θ0, computed in place on a fresh copy of θj."""
+        """τj = θj − θ0 in float32, on a fresh copy of θj."""
         assert self.base is not None
-        return self.load(j).sub_(self.base)
+        return self.theta(j).sub_(self.base)
 
     def taus(self) -> Iterator[tuple[int, torch.Tensor]]:
         for j in range(self.count):
@@ -64,7 +68,7 @@ def linear(x: TensorInputs) -> torch.Tensor:
     out = x.theta(0).mul_(x.params[0]["weight"])
     total = x.params[0]["weight"]
     for j in range(1, x.count):
-        out.add_(x.theta(j), alpha=x.params[j]["weight"])
+        out.add_(x.raw(j), alpha=x.params[j]["weight"])  # promoted to float32 on the fly
         total += x.params[j]["weight"]
     if x.shared["normalize"]:
         if abs(total) < 1e-8:
@@ -75,6 +79,27 @@ def linear(x: TensorInputs) -> torch.Tensor:
                 field="parameters.weight",
             )
         out.div_(total)
+    return out
+
+
+# --- task arithmetic ------------------------------------------------------------------------
+
+
+def task_arithmetic(x: TensorInputs) -> torch.Tensor:
+    """θ0 + λ·Σ wi·τi, with wi/Σw when normalize (Ilharco et al. 2023).
+
+    Evaluated as (1 − λ·Σ wi)·θ0 + λ·Σ wi·θi: the same float32 arithmetic up to rounding,
+    but each θi is accumulated straight from its stored dtype, with no τi materialised.
+    """
+    assert x.base is not None
+    weights = [p["weight"] for p in x.params]
+    total = sum(weights)
+    if x.shared["normalize"] and abs(total) >= 1e-8:
+        weights = [w / total for w in weights]
+    lam = x.shared["lambda"]
+    out = x.base * (1 - lam * sum(weights))
+    for j, w in enumerate(weights):
+        out.add_(x.raw(j), alpha=lam * w)
     return out
 
 
@@ -125,13 +150,13 @@ def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) ->
     return ((density - epsilon) + 2 * epsilon * rn).reshape(tau.shape)
 
 
-def _l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale the kept entries so their L1 norm matches the full task vector's (mergekit)."""
-    before = tau.abs().sum()
+def _l1_rescale(before: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale the kept entries (in place) so their L1 norm matches ``before``, the full task
+    vector's (mergekit's rescale)."""
     after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def _random_keep(
@@ -142,36 +167,33 @@ def _random_keep(
 
 
 def _sparsify(method: str, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.Tensor:
-    if method == "task_arithmetic":
-        return tau
+    """τj' = sparsify(τj), computed in place on τj (a fresh copy the caller owns)."""
     p = x.params[j]
     density = p["density"]
-    if method in ("ties",):
+    if method == "ties":
+        l1 = tau.abs().sum() if x.shared["rescale"] else None
         if x.shared.get("scope") == "global":
             # TIES paper: one magnitude threshold over the whole model; entries at the
             # threshold are all kept (as the official code's |τ| >= k-th value)
             threshold = x.stats["ties_threshold"][x.model_indices[j]]
-            mask = (
-                tau.abs() >= threshold
-                if threshold is not None
-                else torch.ones_like(tau, dtype=torch.bool)
-            )
-        else:
-            mask = magnitude_topk(tau, density)
-        kept = tau * mask
-        return _l1_rescale(tau, kept) if x.shared["rescale"] else kept
+            if threshold is not None:
+                tau.mul_(tau.abs() >= threshold)
+        elif density < 1:
+            tau.mul_(magnitude_topk(tau, density))
+        return tau if l1 is None else _l1_rescale(l1, tau)
     if method in ("dare_linear", "dare_ties"):
         if density >= 1:
             return tau
-        kept = tau * _random_keep(x, j, tau, density)
+        l1 = tau.abs().sum()
+        tau.mul_(_random_keep(x, j, tau, density))
         if not x.shared["rescale"]:
-            return kept
+            return tau
         if x.shared["rescale_mode"] == "inverse_p":
-            return kept / density if density > 0 else kept
-        return _l1_rescale(tau, kept)
+            return tau.div_(density) if density > 0 else tau
+        return _l1_rescale(l1, tau)
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         per_row = x.shared.get("scope") == "row"
-        return tau * breadcrumbs_mask(tau, density, p["gamma"], per_row=per_row)
+        return tau.mul_(breadcrumbs_mask(tau, density, p["gamma"], per_row=per_row))
     if method in ("della", "della_linear"):
         if density >= 1:
             return tau
@@ -183,9 +205,38 @@ def _sparsify(method: str, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.
                 tensor=x.name,
                 field="parameters.epsilon",
             )
-        kept = tau * _random_keep(x, j, tau, della_keep_probability(tau, density, eps))
-        return _l1_rescale(tau, kept) if x.shared["rescale"] else kept
+        l1 = tau.abs().sum()
+        tau.mul_(_random_keep(x, j, tau, della_keep_probability(tau, density, eps)))
+        return _l1_rescale(l1, tau) if x.shared["rescale"] else tau
     return tau
+
+
+_BLOCK = 1 << 20  # elements per block of the consensus step: the block's working set stays in cache
+
+
+def sign_consensus(
+    deltas: list[torch.Tensor], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES elect + disjoint merge: s = sign(Σ Di) (0 counts as +), mi = [sign(Di) = s];
+    returns (Σ mi·Di, Σ mi·wi). Works block by block; the Di are consumed (zeroed)."""
+    shape = deltas[0].shape
+    flat = [d.reshape(-1) for d in deltas]
+    n = flat[0].numel()
+    mixed = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
+    divisor = torch.empty_like(mixed)
+    for start in range(0, n, _BLOCK):
+        blk = [d[start : start + _BLOCK] for d in flat]
+        total = blk[0].clone()
+        for d in blk[1:]:
+            total += d
+        positive = total >= 0
+        m = mixed[start : start + _BLOCK].zero_()
+        div = divisor[start : start + _BLOCK].zero_()
+        for d, w in zip(blk, weights, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)  # a zero never agrees
+            m += d.mul_(agree)
+            div += agree * w
+    return mixed.reshape(shape), divisor.reshape(shape)
 
 
 def task_vector_family(method: str, *, consensus: bool) -> MergeFunction:
@@ -198,31 +249,17 @@ def task_vector_family(method: str, *, consensus: bool) -> MergeFunction:
         if x.count == 0:
             return x.base.clone()
         divisor: torch.Tensor | float
+        weights = [p["weight"] for p in x.params]
         if consensus:
-            deltas = [
-                _sparsify(method, x, j, tau).mul_(x.params[j]["weight"]) for j, tau in x.taus()
-            ]
-            total = deltas[0].clone()
-            for d in deltas[1:]:
-                total += d
-            elected = torch.where(total >= 0, 1.0, -1.0)
-            del total
-            mixed = torch.zeros_like(x.base)
-            divisor = torch.zeros_like(x.base)
-            for j in range(len(deltas)):
-                d = deltas[j]
-                agree = torch.sign(d) == elected
-                mixed += d.mul_(agree)
-                divisor += agree * x.params[j]["weight"]
-                deltas[j] = d = torch.empty(0)  # free as we go
+            deltas = [_sparsify(method, x, j, tau).mul_(weights[j]) for j, tau in x.taus()]
+            mixed, divisor = sign_consensus(deltas, weights)
+            del deltas
             divisor[divisor == 0] = 1.0
         else:
             mixed = torch.zeros_like(x.base)
-            weights = 0.0
             for j, tau in x.taus():
-                mixed.add_(_sparsify(method, x, j, tau), alpha=x.params[j]["weight"])
-                weights += x.params[j]["weight"]
-            divisor = weights if abs(weights) >= 1e-8 else 1.0
+                mixed.add_(_sparsify(method, x, j, tau), alpha=weights[j])
+            divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
         if x.shared["normalize"]:
             mixed /= divisor
         return mixed.mul_(x.shared["lambda"]).add_(x.base)
@@ -377,7 +414,7 @@ def pcb(x: TensorInputs) -> torch.Tensor:
 
 METHOD_FUNCTIONS: dict[str, MergeFunction] = {
     "linear": linear,
-    "task_arithmetic": task_vector_family("task_arithmetic", consensus=False),
+    "task_arithmetic": task_arithmetic,
     "ties": task_vector_family("ties", consensus=True),
     "dare_linear": task_vector_family("dare_linear", consensus=False),
     "dare_ties": task_vector_family("dare_ties", consensus=True),

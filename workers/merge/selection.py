@@ -11,6 +11,7 @@ The same two steps on one tensor are several times faster than a sort or torch.k
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +35,27 @@ def key_to_value(key: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
 
 
-def _high(keys: torch.Tensor) -> torch.Tensor:
-    return (keys >> 16) + (_BUCKETS // 2)  # in [0, 65536)
+_HALF = _BUCKETS // 2
+
+
+def _halves(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 16-bit halves of int32 keys as int16 views: no arithmetic, no copy."""
+    if sys.byteorder == "little":
+        pairs = keys.view(torch.int16)
+        return pairs[1::2], pairs[0::2]
+    return (keys >> 16).to(torch.int16), (keys & 0xFFFF).to(torch.int16)
+
+
+def _high_histogram(keys: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """Counts per bucket b = (key >> 16) + 32768, as 65,536 int64 counters."""
+    high, _ = _halves(keys)
+    hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+    if nonnegative:  # high half in [0, 32767]: count it as it is
+        counts = torch.bincount(high).cpu()
+        hist[_HALF : _HALF + counts.numel()] += counts
+    else:
+        hist += torch.bincount(high.to(torch.int32) + _HALF, minlength=_BUCKETS).cpu()
+    return hist
 
 
 @dataclass(frozen=True)
@@ -76,7 +96,7 @@ class RadixSelect:
     def observe_high(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
         self.count += keys.numel()
-        self._high += torch.bincount(_high(keys), minlength=_BUCKETS).cpu()
+        self._high += _high_histogram(keys, self.nonnegative)
 
     def end_high(self) -> None:
         for k in self.ranks:
@@ -94,9 +114,9 @@ class RadixSelect:
 
     def observe_low(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
-        high = _high(keys)
+        high, low = _halves(keys)
         for b, hist in self._low.items():
-            members = keys[high == b] & 0xFFFF
+            members = low[high == b - _HALF].to(torch.int32) & 0xFFFF
             if members.numel():
                 hist += torch.bincount(members, minlength=_BUCKETS).cpu()
 
@@ -107,7 +127,7 @@ class RadixSelect:
             cum = torch.cumsum(hist, 0)
             low = int(torch.searchsorted(cum, torch.tensor(r, dtype=torch.int64)).item())
             less = before + (int(cum[low - 1].item()) if low > 0 else 0)
-            key = ((b - _BUCKETS // 2) << 16) | low
+            key = ((b - _HALF) << 16) | low
             self.selected.append(Selected(key_to_value(key), less, int(hist[low].item())))
 
 
@@ -167,11 +187,17 @@ def rank_range_mask(
     # the same entries as ascending ranks [a_lo, a_hi)
     a_lo, a_hi = (n - hi, n - lo) if descending else (lo, hi)
     first, last = select(flat, [a_lo + 1, a_hi], nonnegative=nonnegative)
-    if first.value < last.value:
-        mask = (flat > first.value) & (flat < last.value)
-    else:
-        mask = torch.zeros_like(flat, dtype=torch.bool)
     groups = [first] if first.value == last.value else [first, last]
+    if first.value == last.value:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+    elif a_hi == n:  # everything above `first` is in range, the maximum's group included
+        mask = flat > first.value
+        groups = [first]
+    elif a_lo == 0:  # likewise everything below `last`
+        mask = flat < last.value
+        groups = [last]
+    else:
+        mask = (flat > first.value) & (flat < last.value)
     for g in groups:
         # the group of entries equal to g.value occupies ranks [start, start + equal) in the
         # requested order, by position within the group

@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,11 @@ class ShardedWriter:
         self._state = "open"
         self._result: list[Path] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # File writes and hashing run on a background thread (both release the GIL), so they
+        # overlap with computing the next tensor; the queue holds at most two tensors.
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def bytes_written(self) -> int:
@@ -184,17 +191,49 @@ class ShardedWriter:
                 f"{spec.shape}"
             )
         data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        shard = self._shard_of[self._next]
-        if shard != self._current:
-            self._finish_shard()
-            self._start_shard(shard)
-        assert self._fh is not None
-        if spec.nbytes:
-            raw = data.reshape(-1).view(torch.uint8).numpy().data
-            self._fh.write(raw)
-            self._sha.update(raw)
+        self._raise_background_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((self._shard_of[self._next], data))
         self._next += 1
         self._bytes_written += spec.nbytes
+
+    def _drain(self) -> None:
+        """Background thread: append queued tensors to their shards, hashing as it goes."""
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                self._queue.task_done()
+                continue  # keep draining so that put() never blocks forever
+            shard, data = item
+            try:
+                if shard != self._current:
+                    self._finish_shard()
+                    self._start_shard(shard)
+                assert self._fh is not None
+                if data.numel():
+                    raw = data.reshape(-1).view(torch.uint8).numpy().data
+                    self._fh.write(raw)
+                    self._sha.update(raw)
+            except BaseException as e:
+                self._error = e
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every tensor handed to write() is in its file (not yet fsynced)."""
+        self._queue.join()
+        self._raise_background_error()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> list[Path]:
         """Finish: check all tensors were written, fsync, write the index; return all files.
@@ -207,6 +246,8 @@ class ShardedWriter:
         if self._next < len(self._specs):
             missing = [s.name for s in self._specs[self._next :]]
             raise ValueError(f"{len(missing)} planned tensors were not written: {_names(missing)}")
+        self._stop_thread()
+        self._raise_background_error()
         self._finish_shard()
         weight_map = {
             spec.name: self._paths[shard].name
@@ -231,6 +272,7 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Close and delete every file this writer created (the output is unusable)."""
+        self._stop_thread()
         fh, self._fh = self._fh, None
         if fh is not None:
             with contextlib.suppress(OSError):
