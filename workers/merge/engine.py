@@ -32,6 +32,7 @@ from workers.merge.readahead import ReadAhead
 from workers.merge.statistics import GLOBAL_STATISTICS
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 from workers.tensors.reader import CheckpointReader
+from workers.tensors.safetensors_format import DTYPES
 from workers.tensors.writer import ShardedWriter, TensorSpec
 
 if set(METHOD_FUNCTIONS) != set(METHODS):  # the schema table and the engine must agree
@@ -39,7 +40,6 @@ if set(METHOD_FUNCTIONS) != set(METHODS):  # the schema table and the engine mus
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -280,24 +280,11 @@ class _Planned:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype_code in _FLOAT_CODES
+        return DTYPES[self.dtype_code].is_floating_point
 
 
 def _torch_dtype(code: str) -> torch.dtype:
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-    }[code]
+    return DTYPES[code]
 
 
 def _output_dtype(p: _Planned, out_dtype: torch.dtype | None) -> torch.dtype:

@@ -21,18 +21,8 @@ import weightsmith
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
 from workers.sources import ResolvedModel
+from workers.sources.selection import TOKENIZER_FILES, TOKENIZER_PATTERNS
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.txt",
-)
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 
@@ -79,12 +69,13 @@ def copy_tokenizer(source: Path | None, staging: Path) -> list[str]:
     if source is None:
         return []
     src_dir = source if source.is_dir() else source.parent
+    files = [src_dir / n for n in TOKENIZER_FILES]
+    files += [f for pattern in TOKENIZER_PATTERNS for f in src_dir.glob(pattern)]
     copied = []
-    for name in TOKENIZER_FILES:
-        f = src_dir / name
+    for f in sorted(files):
         if f.is_file():
-            shutil.copyfile(f, staging / name)
-            copied.append(name)
+            shutil.copyfile(f, staging / f.name)
+            copied.append(f.name)
     return copied
 
 
