@@ -1,0 +1,589 @@
+"""Immutable, versioned artifacts in an object store.
+
+Layout under a store (every name below is a key prefix)::
+
+    {tenant}/{name}/versions/v{N}.claim   marker: version N is taken (never deleted)
+    {tenant}/{name}/v{N}/<files>          the output directory's files, as in its manifest
+    {tenant}/{name}/v{N}/manifest.json    written LAST: version N exists once this exists
+    {tenant}/{name}/recipes/{hash}.json   index: recipe hash -> first version built from it
+    {tenant}/{name}/jobs/{job_id}.json    index: job id -> version (idempotent re-publish)
+
+Why this shape:
+
+- A version number is allocated by creating its claim marker with a conditional create
+  (``put_bytes(if_absent=True)``, ``If-None-Match: *`` on S3). Of concurrent publishers
+  exactly one gets N; the others move on to N+1. Claims are never deleted, so a number is
+  never handed out twice, even after a failed or crashed publish.
+- Files go straight under ``v{N}/`` (no copy from a staging prefix: S3 has no rename, and a
+  copy would double the traffic of multi-GB shards). Readers only ever look at versions
+  whose ``manifest.json`` exists, and the manifest is uploaded after every file has been
+  stored and verified, so a partial version is invisible. A failed publish deletes what it
+  wrote; a crashed one leaves invisible leftovers that :func:`sweep_incomplete` removes.
+- Each file is uploaded with the sha256 from the output directory's manifest, which the
+  store checks (locally, or by the S3 server); :func:`download_artifact` checks them again.
+- The published manifest is the output directory's manifest plus an ``"artifact"`` block
+  (tenant, name, version, reference, job id, recipe hash, time), so one object describes the
+  version completely. Its file entries are unchanged.
+
+Re-submitting the same recipe with the same pinned inputs: the service computes
+:func:`compute_recipe_hash` from the pinned recipe at submission time, calls
+:func:`find_by_recipe_hash`, and returns the existing version instead of running the job;
+it passes the same hash to :func:`publish_artifact` otherwise. Without one, the hash is
+derived from the manifest by :func:`manifest_recipe_hash` (recipe, pinned parents, seed).
+
+Nothing here imports torch: the API may use the read-side functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from infra.storage.base import (
+    IntegrityError,
+    InvalidKey,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    check_key,
+)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")  # as artifact:// names in schemas
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)/$")
+_CLAIM = re.compile(r"^v([1-9][0-9]*)\.claim$")
+_MANIFEST_KEY = re.compile(r"^v([1-9][0-9]*)/manifest\.json$")
+MAX_CLAIM_ATTEMPTS = 1000
+
+
+class ArtifactError(Exception):
+    """Publishing or reading an artifact failed; the message says which and what to do."""
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class ArtifactNotFound(ArtifactError, LookupError):
+    """No such artifact, or no complete version of it with that number."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A file does not match the sha256 or size its manifest records (``file`` names it)."""
+
+
+class ManifestError(ArtifactError):
+    """An output directory's or a stored manifest is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ArtifactVersion:
+    """One complete (published) version of an artifact."""
+
+    tenant: str
+    name: str
+    version: int
+    published_at: datetime | None = None
+
+    @property
+    def prefix(self) -> str:
+        return version_prefix(self.tenant, self.name, self.version)
+
+    @property
+    def manifest_key(self) -> str:
+        return self.prefix + MANIFEST
+
+    @property
+    def reference(self) -> str:
+        """The pinned model reference of this version, as recipes write it."""
+        return f"artifact://{self.name}@{self.version}"
+
+
+# -- names and keys ------------------------------------------------------------------------
+
+
+def check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ArtifactError(
+            f"invalid {what} {value!r}: use 1-100 lowercase letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def artifact_prefix(tenant: str, name: str) -> str:
+    return f"{check_name(tenant, 'tenant')}/{check_name(name, 'artifact name')}/"
+
+
+def version_prefix(tenant: str, name: str, version: int) -> str:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"invalid artifact version {version!r}: a positive integer")
+    return f"{artifact_prefix(tenant, name)}v{version}/"
+
+
+def _claim_key(tenant: str, name: str, version: int) -> str:
+    return f"{artifact_prefix(tenant, name)}versions/v{version}.claim"
+
+
+def _recipe_key(tenant: str, name: str, digest: str) -> str:
+    return f"{artifact_prefix(tenant, name)}recipes/{digest}.json"
+
+
+def _job_key(tenant: str, name: str, job_id: str) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise ArtifactError(f"invalid job id {job_id!r}: letters, digits, '.', '_', '-'")
+    return f"{artifact_prefix(tenant, name)}jobs/{job_id}.json"
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- recipe hash ---------------------------------------------------------------------------
+
+
+def compute_recipe_hash(
+    *, kind: str, recipe: Mapping[str, Any], parents: Sequence[str], seed: int | None
+) -> str:
+    """sha256 of what determines an artifact's bytes: the job kind, the recipe (as JSON),
+    the pinned parent references (base first, then the models in recipe order) and the seed.
+
+    Canonical JSON (sorted keys, no spaces) makes it independent of key order. A recipe
+    without a seed gets a random one at run time, so it never matches an earlier run: that
+    is intended, such a job is not reproducible.
+    """
+    payload = {"kind": kind, "recipe": recipe, "parents": list(parents), "seed": seed}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_recipe_hash(manifest: Mapping[str, Any]) -> str:
+    """:func:`compute_recipe_hash` of the job that wrote ``manifest`` (an output directory's)."""
+    parents = [str(p.get("pinned")) for p in manifest.get("parents", [])]
+    return compute_recipe_hash(
+        kind=str(manifest.get("kind", "merge")),
+        recipe=manifest.get("recipe", {}),
+        parents=parents,
+        seed=manifest.get("seed"),
+    )
+
+
+# -- reading the output directory ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+def _load_local_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ManifestError(
+            f"{str(out_dir)!r} has no {MANIFEST}: only a complete output directory can be "
+            "published (the merge writes the manifest last)",
+            file=MANIFEST,
+        ) from e
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read {str(path)!r}: {e}", file=MANIFEST) from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{str(path)!r} is not a JSON object", file=MANIFEST)
+    return manifest
+
+
+def _file_entries(manifest: Mapping[str, Any], where: str) -> list[_FileEntry]:
+    """The manifest's file list, checked: safe relative paths, no duplicates, hex digests."""
+    raw = manifest.get("files")
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError(f"{where}: 'files' must be a non-empty list", file=MANIFEST)
+    entries: list[_FileEntry] = []
+    seen: set[str] = set()
+    for item in raw:
+        try:
+            entry = _FileEntry(str(item["path"]), int(item["size"]), str(item["sha256"]).lower())
+            check_key(entry.path)
+        except (KeyError, TypeError, ValueError, InvalidKey) as e:
+            raise ManifestError(f"{where}: bad file entry {item!r}: {e}", file=MANIFEST) from e
+        if entry.path == MANIFEST or entry.path in seen or not _HASH.match(entry.sha256):
+            raise ManifestError(
+                f"{where}: file entry {item!r} is the manifest itself, a duplicate, or has no "
+                "hex sha256",
+                file=entry.path,
+            )
+        seen.add(entry.path)
+        entries.append(entry)
+    return entries
+
+
+def _check_local_files(out_dir: Path, entries: Iterable[_FileEntry]) -> None:
+    """Fail before taking a version number if a listed file is missing or has another size."""
+    for e in entries:
+        path = out_dir / e.path
+        if not path.is_file():
+            raise ArtifactError(
+                f"{str(out_dir)!r}: file {e.path!r} is listed in {MANIFEST} but missing",
+                file=e.path,
+            )
+        size = path.stat().st_size
+        if size != e.size:
+            raise ArtifactIntegrityError(
+                f"{str(out_dir)!r}: file {e.path!r} has {size} bytes, the manifest says "
+                f"{e.size}: the output directory changed after it was written; rerun the job",
+                file=e.path,
+            )
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+def publish_artifact(
+    store: ObjectStore,
+    tenant: str,
+    name: str,
+    out_dir: Path,
+    *,
+    job_id: str,
+    recipe_hash: str | None = None,
+) -> ArtifactVersion:
+    """Publish the output directory ``out_dir`` as the next version of ``tenant/name``.
+
+    Idempotent per job: if ``job_id`` already published a complete version of this
+    artifact (a redelivered job), that version is returned and nothing is uploaded. On
+    failure nothing becomes visible and the version number stays used.
+    """
+    out_dir = Path(out_dir)
+    artifact_prefix(tenant, name)
+    done = _published_by_job(store, tenant, name, job_id)
+    if done is not None:
+        return done
+    manifest = _load_local_manifest(out_dir)
+    entries = _file_entries(manifest, f"{str(out_dir)!r}/{MANIFEST}")
+    _check_local_files(out_dir, entries)
+    digest = _check_hash(recipe_hash) if recipe_hash else manifest_recipe_hash(manifest)
+    version = allocate_version(store, tenant, name, job_id=job_id)
+    prefix = version_prefix(tenant, name, version)
+    try:
+        _upload_files(store, prefix, out_dir, entries)
+        published = dict(manifest)
+        published["artifact"] = {
+            "tenant": tenant,
+            "name": name,
+            "version": version,
+            "reference": f"artifact://{name}@{version}",
+            "job_id": job_id,
+            "recipe_hash": digest,
+            "published_at": _now(),
+        }
+        store.put_bytes(prefix + MANIFEST, _dumps(published), if_absent=True)
+    except BaseException:
+        _discard(store, prefix)
+        raise
+    _write_index(store, _job_key(tenant, name, job_id), version)
+    _write_index(store, _recipe_key(tenant, name, digest), version)
+    info = store.stat(prefix + MANIFEST)
+    return ArtifactVersion(tenant, name, version, info.last_modified if info else None)
+
+
+def _check_hash(value: str) -> str:
+    v = value.strip().lower()
+    if not _HASH.match(v):
+        raise ArtifactError(f"recipe hash {value!r} is not a hex sha256 (64 hex characters)")
+    return v
+
+
+def allocate_version(store: ObjectStore, tenant: str, name: str, *, job_id: str) -> int:
+    """Take the next unused version number by creating its claim marker atomically.
+
+    Starts above every number ever claimed or present and moves up on each conflict; a
+    conflict means another publisher took that number, so it is skipped, never shared.
+    """
+    body = _dumps(
+        {"job_id": job_id, "claimed_at": _now(), "host": socket.gethostname(), "pid": os.getpid()}
+    )
+    candidate = _highest_number(store, tenant, name) + 1
+    for _ in range(MAX_CLAIM_ATTEMPTS):
+        try:
+            store.put_bytes(_claim_key(tenant, name, candidate), body, if_absent=True)
+            return candidate
+        except ObjectExists:
+            candidate = max(candidate + 1, _highest_number(store, tenant, name) + 1)
+    raise ArtifactError(
+        f"could not claim a version of {tenant}/{name} after {MAX_CLAIM_ATTEMPTS} attempts "
+        "(too many concurrent publishers?); try again"
+    )
+
+
+def _highest_number(store: ObjectStore, tenant: str, name: str) -> int:
+    """The largest version number claimed or present (0 if none)."""
+    base = artifact_prefix(tenant, name)
+    numbers = [0]
+    for info in store.list(base + "versions/"):
+        m = _CLAIM.match(info.key[len(base + "versions/") :])
+        if m:
+            numbers.append(int(m.group(1)))
+    for sub in store.list_prefixes(base):
+        m = _VERSION_DIR.match(sub[len(base) :])
+        if m:
+            numbers.append(int(m.group(1)))
+    return max(numbers)
+
+
+def _upload_files(
+    store: ObjectStore, prefix: str, out_dir: Path, entries: Sequence[_FileEntry]
+) -> None:
+    for e in entries:
+        try:
+            info = store.put_file(prefix + e.path, out_dir / e.path, sha256=e.sha256)
+        except IntegrityError as err:
+            raise ArtifactIntegrityError(
+                f"file {e.path!r} of {str(out_dir)!r} does not match its manifest entry: {err}",
+                file=e.path,
+            ) from err
+        if info.size != e.size:
+            raise ArtifactIntegrityError(
+                f"file {e.path!r} of {str(out_dir)!r} was stored with {info.size} bytes, the "
+                f"manifest says {e.size}: it changed while uploading; rerun the job",
+                file=e.path,
+            )
+
+
+def _discard(store: ObjectStore, prefix: str) -> None:
+    """Best effort: remove a failed version's files (its claim stays, the number is used)."""
+    with suppress(Exception):  # the original error matters more; sweep_incomplete retries
+        store.delete_prefix(prefix)
+
+
+def _write_index(store: ObjectStore, key: str, version: int) -> None:
+    """Record ``version`` under ``key`` unless an earlier version already is (first wins).
+
+    The version is already visible when this runs, so a failure here must not fail the
+    publish: the indexes only save lookups that can also be done by scanning manifests.
+    """
+    with suppress(StorageError):  # includes ObjectExists
+        store.put_bytes(key, _dumps({"version": version}), if_absent=True)
+
+
+def _read_index(store: ObjectStore, key: str) -> int | None:
+    try:
+        value = json.loads(store.get_bytes(key)).get("version")
+    except (ObjectNotFound, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _published_by_job(
+    store: ObjectStore, tenant: str, name: str, job_id: str
+) -> ArtifactVersion | None:
+    version = _read_index(store, _job_key(tenant, name, job_id))
+    if version is None:
+        return None
+    return _complete(store, tenant, name, version)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def _complete(store: ObjectStore, tenant: str, name: str, version: int) -> ArtifactVersion | None:
+    info = store.stat(version_prefix(tenant, name, version) + MANIFEST)
+    if info is None:
+        return None
+    return ArtifactVersion(tenant, name, version, info.last_modified)
+
+
+def list_versions(store: ObjectStore, tenant: str, name: str) -> list[ArtifactVersion]:
+    """The complete versions of ``tenant/name``, oldest first (numbers may have gaps)."""
+    base = artifact_prefix(tenant, name)
+    found: list[ArtifactVersion] = []
+    for info in store.list(base + "v"):
+        m = _MANIFEST_KEY.match(info.key[len(base) :])
+        if m:
+            found.append(ArtifactVersion(tenant, name, int(m.group(1)), info.last_modified))
+    return sorted(found, key=lambda v: v.version)
+
+
+def list_artifacts(store: ObjectStore, tenant: str) -> list[ArtifactVersion]:
+    """The latest complete version of each artifact of ``tenant``, by name."""
+    base = f"{check_name(tenant, 'tenant')}/"
+    latest: list[ArtifactVersion] = []
+    for sub in store.list_prefixes(base):
+        name = sub[len(base) :].rstrip("/")
+        if not _NAME.match(name):
+            continue
+        versions = list_versions(store, tenant, name)
+        if versions:
+            latest.append(versions[-1])
+    return latest
+
+
+def resolve_artifact(
+    store: ObjectStore, tenant: str, name: str, version: int | str = LATEST
+) -> ArtifactVersion:
+    """Pin ``version`` (a number, its string, or "latest") to a complete version."""
+    if version == LATEST:
+        versions = list_versions(store, tenant, name)
+        if not versions:
+            raise ArtifactNotFound(f"artifact {name!r} has no published version yet")
+        return versions[-1]
+    number = _version_number(version)
+    found = _complete(store, tenant, name, number)
+    if found is None:
+        have = [v.version for v in list_versions(store, tenant, name)]
+        known = f"published versions: {', '.join(map(str, have))}" if have else "none published"
+        raise ArtifactNotFound(f"artifact {name!r} has no version {number} ({known})")
+    return found
+
+
+def _version_number(version: int | str) -> int:
+    if isinstance(version, int) and not isinstance(version, bool) and version > 0:
+        return version
+    if isinstance(version, str) and version.isdigit() and int(version) > 0:
+        return int(version)
+    raise ArtifactError(f"invalid artifact version {version!r}: a positive integer or 'latest'")
+
+
+def read_manifest(
+    store: ObjectStore, tenant: str, name: str, version: int | str = LATEST
+) -> dict[str, Any]:
+    """The published manifest of a complete version (with its ``"artifact"`` block)."""
+    pinned = resolve_artifact(store, tenant, name, version)
+    try:
+        manifest = json.loads(store.get_bytes(pinned.manifest_key))
+    except ObjectNotFound as e:
+        raise ArtifactNotFound(f"artifact {name!r} version {pinned.version} vanished") from e
+    except ValueError as e:
+        raise ManifestError(
+            f"artifact {name!r} version {pinned.version}: {MANIFEST} is not valid JSON: {e}",
+            file=MANIFEST,
+        ) from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"artifact {name!r} v{pinned.version}: manifest is not an object")
+    return manifest
+
+
+def find_by_recipe_hash(
+    store: ObjectStore, tenant: str, name: str, digest: str
+) -> ArtifactVersion | None:
+    """The first complete version built from recipe hash ``digest``, or None.
+
+    Looks up the index written at publish time; if it is missing (a publisher crashed
+    between its manifest and the index), scans the manifests, newest first.
+    """
+    digest = _check_hash(digest)
+    indexed = _read_index(store, _recipe_key(tenant, name, digest))
+    if indexed is not None:
+        found = _complete(store, tenant, name, indexed)
+        if found is not None:
+            return found
+    for v in reversed(list_versions(store, tenant, name)):
+        artifact = read_manifest(store, tenant, name, v.version).get("artifact", {})
+        if isinstance(artifact, dict) and artifact.get("recipe_hash") == digest:
+            return v
+    return None
+
+
+def download_artifact(
+    store: ObjectStore, tenant: str, name: str, version: int | str, dest_dir: Path
+) -> Path:
+    """Download a complete version into ``dest_dir`` (absent or empty), checking every file.
+
+    Files land in a hidden staging folder next to ``dest_dir``, which is renamed into place
+    once all of them match their manifest's sha256 and size, so a failed download leaves
+    nothing. Returns ``dest_dir``.
+    """
+    dest_dir = Path(dest_dir)
+    if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
+        raise ArtifactError(f"download target {str(dest_dir)!r} exists and is not empty")
+    pinned = resolve_artifact(store, tenant, name, version)
+    manifest = read_manifest(store, tenant, name, pinned.version)
+    label = f"artifact {name!r} version {pinned.version}"
+    entries = _file_entries(manifest, f"{label} {MANIFEST}")
+    staging = dest_dir.parent / f".{dest_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        for e in entries:
+            _download_one(store, pinned, e, staging, label)
+        (staging / MANIFEST).write_bytes(store.get_bytes(pinned.manifest_key))
+        if dest_dir.exists():
+            dest_dir.rmdir()
+        staging.rename(dest_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest_dir
+
+
+def _download_one(
+    store: ObjectStore, pinned: ArtifactVersion, e: _FileEntry, staging: Path, label: str
+) -> None:
+    target = staging / e.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = store.download_file(pinned.prefix + e.path, target, sha256=e.sha256)
+    except IntegrityError as err:
+        raise ArtifactIntegrityError(
+            f"{label}: file {e.path!r} is corrupt in the object store (its sha256 differs "
+            f"from the manifest's {e.sha256}); republish the artifact or restore the object",
+            file=e.path,
+        ) from err
+    except ObjectNotFound as err:
+        raise ArtifactIntegrityError(
+            f"{label}: file {e.path!r} listed in the manifest is missing from the object store",
+            file=e.path,
+        ) from err
+    if info.size != e.size:  # same sha256 but another size cannot happen; belt and braces
+        raise ArtifactIntegrityError(f"{label}: file {e.path!r} has the wrong size", file=e.path)
+
+
+# -- maintenance ---------------------------------------------------------------------------
+
+
+def sweep_incomplete(
+    store: ObjectStore, tenant: str, name: str, *, older_than_s: float = 24 * 3600
+) -> list[int]:
+    """Delete the leftovers of versions that were claimed long ago but never completed.
+
+    Only claims older than ``older_than_s`` are considered, so a publish still running is
+    not disturbed. Claims themselves stay: their numbers remain used. Returns the versions
+    whose leftovers were removed.
+    """
+    base = artifact_prefix(tenant, name)
+    complete = {v.version for v in list_versions(store, tenant, name)}
+    cutoff = time.time() - older_than_s
+    swept: list[int] = []
+    for info in list(store.list(base + "versions/")):
+        m = _CLAIM.match(info.key[len(base + "versions/") :])
+        if not m or int(m.group(1)) in complete:
+            continue
+        if info.last_modified is not None and info.last_modified.timestamp() > cutoff:
+            continue
+        number = int(m.group(1))
+        try:
+            if store.delete_prefix(version_prefix(tenant, name, number)):
+                swept.append(number)
+        except StorageError:
+            continue
+    return swept

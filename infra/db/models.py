@@ -1,0 +1,171 @@
+"""Tables of the job store: tenants, their API keys, and jobs.
+
+The schema is created and changed only by the Alembic migrations in ``migrations/versions``
+(a test checks that these models and the migrations agree). Timestamps are stored in UTC and
+always come back timezone-aware, on SQLite too.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from schemas.jobs import ArtifactRef, JobError, JobKind, JobProgress, JobState, JobView
+
+# Stable constraint names: Alembic's batch mode (SQLite) recreates tables and must find them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# A job being submitted: its Idempotency-Key is taken but its references are not pinned yet.
+# Never shown by the API (schemas.jobs.JobState has no such state).
+PENDING = "pending"
+DB_JOB_STATES = (PENDING, *(s.value for s in JobState))
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite keeps no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the job store; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiKey(Base):
+    """An API key, ``wsk_<prefix>_<secret>``: the prefix is public, only the secret's sha256
+    is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"state IN {DB_JOB_STATES!r}", name="state"),
+        CheckConstraint(f"kind IN {tuple(k.value for k in JobKind)!r}", name="kind"),
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        # Listing newest first per tenant, optionally by state; kind is filtered on the fly.
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tenant_state_created", "tenant_id", "state", "created_at", "id"),
+        # Finding jobs whose worker was lost (running, heartbeat old).
+        Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    recipe_hash: Mapped[str] = mapped_column(String(64))
+    artifact_name: Mapped[str] = mapped_column(String(100))
+    callback_url: Mapped[str | None] = mapped_column(Text, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str] = mapped_column(String(64))
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    phase: Mapped[str | None] = mapped_column(String(64), default=None)
+    tensors_done: Mapped[int] = mapped_column(Integer, default=0)
+    tensors_total: Mapped[int | None] = mapped_column(Integer, default=None)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    artifact_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    artifact_uri: Mapped[str | None] = mapped_column(Text, default=None)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    def to_view(self) -> JobView:
+        """The API's view of this job. Not for a pending job (it has no public state)."""
+        artifact = None
+        if self.artifact_version is not None and self.artifact_uri is not None:
+            artifact = ArtifactRef(
+                name=self.artifact_name, version=self.artifact_version, uri=self.artifact_uri
+            )
+        return JobView(
+            id=self.id,
+            kind=JobKind(self.kind),
+            state=JobState(self.state),
+            artifact_name=self.artifact_name,
+            recipe=self.recipe,
+            progress=JobProgress(
+                phase=self.phase,
+                tensors_done=self.tensors_done,
+                tensors_total=self.tensors_total,
+                bytes_done=self.bytes_done,
+                bytes_total=self.bytes_total,
+            ),
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            attempts=self.attempts,
+            max_attempts=self.max_attempts,
+            cancel_requested=self.cancel_requested,
+            error=JobError.model_validate(self.error) if self.error is not None else None,
+            artifact=artifact,
+            callback_url=self.callback_url,
+        )

@@ -1,0 +1,187 @@
+"""Settings of the weightsmith service and workers: one place, read from the environment.
+
+Every variable starts with ``WEIGHTSMITH_``; the two Hugging Face ones also fall back to the
+names ``huggingface_hub`` uses. Durations are in seconds. With no variable set, everything
+runs on one machine with no server: a SQLite job store, an in-process worker and a local
+artifact directory (the "embedded default"); production sets the URLs.
+
+``WEIGHTSMITH_DATA_DIR``
+    Folder for the embedded defaults (SQLite database, artifacts, bootstrap key file).
+    Default ``~/.local/share/weightsmith``.
+``WEIGHTSMITH_DATABASE_URL``
+    Job store, a SQLAlchemy URL: ``postgresql://user:pass@host/db`` (driven by psycopg 3) or
+    ``sqlite:///path``. Default ``sqlite:///<data dir>/weightsmith.db``.
+``WEIGHTSMITH_BROKER_URL``
+    Celery broker, e.g. ``redis://host:6379/0``. Unset: jobs run in an in-process worker.
+``WEIGHTSMITH_OBJECT_STORE_URL``
+    Where artifacts are published: ``s3://bucket/prefix`` or ``file:///path``.
+    Default ``file://<data dir>/artifacts``.
+``WEIGHTSMITH_HF_ENDPOINT`` (or ``HF_ENDPOINT``)
+    Hugging Face Hub endpoint. Default: the client's own (``https://huggingface.co``).
+``WEIGHTSMITH_HF_TOKEN`` (or ``HF_TOKEN``)
+    Hub access token for gated or private repositories. Kept secret: never shown in
+    ``repr``, ``str`` or logs.
+``WEIGHTSMITH_ALLOW_LOCAL_PATHS``
+    Whether recipes sent to the service may name local paths on the worker. Default false
+    (a client must not read the server's disk); the CLI always allows them.
+``WEIGHTSMITH_ALLOW_PICKLE``
+    Whether a recipe's ``allow_pickle: true`` is honoured at all. Default false.
+``WEIGHTSMITH_MAX_ATTEMPTS``
+    Times a job may be started before it is failed (a worker killed by running out of memory
+    is redelivered; this stops the loop). Default 3.
+``WEIGHTSMITH_JOB_HARD_TIME_LIMIT``
+    Seconds after which a running job is killed. Default 21600 (6 hours).
+``WEIGHTSMITH_VISIBILITY_TIMEOUT``
+    Seconds the broker waits for an acknowledgement before redelivering a task; must exceed
+    the hard time limit, or a long job would run twice. Default: hard limit + 10 % (at
+    least 10 minutes more).
+``WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL``
+    Seconds between a running job's heartbeats (progress updates count). Default 30.
+``WEIGHTSMITH_WORKER_LOST_AFTER``
+    Seconds without a heartbeat after which a running job's worker is taken as lost, so a
+    redelivered message may start the job again. Default 300; at least twice the interval.
+``WEIGHTSMITH_BOOTSTRAP_TENANT``
+    Tenant that owns the bootstrap API key. Default ``default``.
+``WEIGHTSMITH_BOOTSTRAP_API_KEY``
+    An API key (``wsk_<prefix>_<secret>``, e.g. from a secret store) registered for the
+    bootstrap tenant at service start unless its prefix is already known (a revoked key
+    stays revoked). Kept secret.
+``WEIGHTSMITH_BOOTSTRAP_KEY_FILE``
+    When no bootstrap key is given and the database holds no API key at all, the service
+    creates one at start and writes it to this file (mode 0600), so the first user can log
+    in; only its prefix is logged. Default ``<data dir>/bootstrap-api-key``; an empty value
+    turns this off (then create keys with the CLI).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "WEIGHTSMITH_"
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^@/\s]*@")
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "weightsmith"
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host`` → ``scheme://user:***@host``; other URLs unchanged."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", url)
+
+
+def _data_dir(data: dict[str, Any]) -> Path:
+    # Defaults derived from the data dir see it validated (it is declared first).
+    return Path(data.get("data_dir") or default_data_dir())
+
+
+def _visibility_default(data: dict[str, Any]) -> int:
+    hard = int(data.get("job_hard_time_limit", 0))
+    return hard + max(600, hard // 10)
+
+
+class Settings(BaseSettings):
+    """Validated settings; build with ``Settings()`` (reads the environment) or get_settings()."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+        validate_by_name=True,
+        # A validation error must not echo the input: it holds the token and database URL.
+        hide_input_in_errors=True,
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str = Field(default_factory=lambda d: f"sqlite:///{_data_dir(d)}/weightsmith.db")
+    broker_url: str | None = None
+    object_store_url: str = Field(default_factory=lambda d: f"file://{_data_dir(d)}/artifacts")
+    hf_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("WEIGHTSMITH_HF_ENDPOINT", "HF_ENDPOINT")
+    )
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("WEIGHTSMITH_HF_TOKEN", "HF_TOKEN")
+    )
+    allow_local_paths: bool = False
+    allow_pickle: bool = False
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    job_hard_time_limit: int = Field(default=6 * 3600, ge=1)
+    visibility_timeout: int = Field(default_factory=_visibility_default, ge=1)
+    worker_heartbeat_interval: int = Field(default=30, ge=1)
+    worker_lost_after: int = Field(default=300, ge=1)
+    bootstrap_tenant: str = Field(default="default", min_length=1, max_length=100)
+    bootstrap_api_key: SecretStr | None = None
+    bootstrap_key_file: Path | None = Field(
+        default_factory=lambda d: _data_dir(d) / "bootstrap-api-key"
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand_data_dir(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("bootstrap_key_file", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return Path(v).expanduser() if v.strip() else None
+        return v
+
+    @field_validator("broker_url", "hf_endpoint", "hf_token", "bootstrap_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.visibility_timeout <= self.job_hard_time_limit:
+            raise ValueError(
+                f"WEIGHTSMITH_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must be longer than "
+                f"WEIGHTSMITH_JOB_HARD_TIME_LIMIT ({self.job_hard_time_limit}s): the broker would "
+                "redeliver a job that is still running"
+            )
+        if self.worker_lost_after < 2 * self.worker_heartbeat_interval:
+            raise ValueError(
+                f"WEIGHTSMITH_WORKER_LOST_AFTER ({self.worker_lost_after}s) must be at least twice "
+                f"WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL ({self.worker_heartbeat_interval}s), or a "
+                "live worker's job could be started again"
+            )
+        return self
+
+    @property
+    def embedded_worker(self) -> bool:
+        """True when no broker is configured: jobs run in a worker inside the service."""
+        return self.broker_url is None
+
+    def __repr_args__(self) -> Any:
+        # Secrets are SecretStr already; URLs may carry a password in their user info.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
+
+
+def env_var_names() -> list[str]:
+    """Every environment variable this module reads, sorted (e.g. to check compose.yaml)."""
+    names: set[str] = set()
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias)
+        else:
+            names.add(ENV_PREFIX + field_name.upper())
+    return sorted(names)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests build ``Settings(...)`` directly instead."""
+    return Settings()

@@ -1,0 +1,217 @@
+"""Jobs: what a client submits, what it reads back, and how errors are reported.
+
+The REST API, the job store and the worker all speak these models; nothing here does I/O.
+
+- ``JobCreate`` — the body of ``POST /v1/jobs``: ``{"kind", "recipe", "artifact_name",
+  "callback_url"?}``. A ``merge`` recipe is validated against :class:`schemas.recipe.MergeRecipe`
+  here, so a bad recipe is refused with the location of each problem (``recipe.models[0].model``).
+- ``JobView`` — one job as the API returns it: state, progress, timestamps, attempts, the
+  error (what was wrong and where) or the published artifact, and the recipe with every
+  reference pinned (hub commit sha, artifact version).
+- ``JobList`` — one page of jobs, newest first, with an opaque ``next_cursor``.
+- ``ProblemDetail`` — an ``application/problem+json`` error body (RFC 9457) with an
+  ``errors`` list for per-field problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from schemas.recipe import MergeRecipe
+from schemas.references import _ARTIFACT_NAME  # the one rule for artifact names
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class JobKind(StrEnum):
+    MERGE = "merge"
+    EDIT = "edit"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobCreate(BaseModel):
+    """Body of ``POST /v1/jobs``. Moving references in ``recipe`` are pinned by the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: JobKind
+    recipe: dict[str, Any] = Field(
+        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object"
+    )
+    artifact_name: str = Field(
+        description="name the result is published under; each successful job adds a version",
+        examples=["llama-ties"],
+    )
+    callback_url: AnyHttpUrl | None = Field(
+        default=None, description="called (Standard Webhooks) when the job reaches a final state"
+    )
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_matches_kind(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Validating here (errors nested under 'recipe.…') keeps one source of truth for the
+        # recipe; the mapping itself is kept as sent, so its hash identifies the request.
+        # Edit recipes are checked against their schema once it exists in schemas/.
+        if info.data.get("kind") is JobKind.MERGE:
+            MergeRecipe.model_validate(recipe)
+        return recipe
+
+    @field_validator("artifact_name")
+    @classmethod
+    def _artifact_name(cls, name: str) -> str:
+        if "@" in name:
+            raise ValueError("an artifact name has no version; the service assigns versions")
+        if not _ARTIFACT_NAME.match(name):
+            raise ValueError(
+                "an artifact name is 1 to 100 lowercase letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+
+class JobProgress(BaseModel):
+    phase: str | None = Field(
+        default=None, description="what the worker is doing: resolving, downloading, merging, …"
+    )
+    tensors_done: int = Field(default=0, ge=0)
+    tensors_total: int | None = Field(default=None, ge=0)
+    bytes_done: int = Field(default=0, ge=0)
+    bytes_total: int | None = Field(default=None, ge=0)
+
+
+class JobError(BaseModel):
+    """Why a job failed, and where: the same fields as the engine's ``WeightsmithError``."""
+
+    message: str
+    field: str | None = None
+    model: str | None = None
+    tensor: str | None = None
+    file: str | None = None
+    detail: str | None = Field(default=None, description="the message with its location")
+
+
+class ArtifactRef(BaseModel):
+    """A published, immutable artifact version (``artifact://name@version``)."""
+
+    name: str
+    version: int = Field(ge=1)
+    uri: str = Field(description="where the artifact's files are, e.g. s3://bucket/name/3/")
+
+
+class JobView(BaseModel):
+    """One job as the API returns it."""
+
+    id: str
+    kind: JobKind
+    state: JobState
+    artifact_name: str
+    recipe: dict[str, Any] = Field(description="the recipe with every reference pinned")
+    progress: JobProgress = Field(default_factory=JobProgress)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = Field(default=0, ge=0, description="times a worker has started the job")
+    max_attempts: int = Field(ge=1)
+    cancel_requested: bool = False
+    error: JobError | None = None
+    artifact: ArtifactRef | None = None
+    callback_url: str | None = None
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for the next."""
+
+    items: list[JobView]
+    next_cursor: str | None = None
+
+
+class ProblemItem(BaseModel):
+    """One problem in a request (RFC 9457 §3 example): what is wrong, and where."""
+
+    detail: str
+    pointer: str | None = Field(
+        default=None, description="JSON Pointer (RFC 6901) into the request body, e.g. /recipe"
+    )
+
+
+class ProblemDetail(BaseModel):
+    """An ``application/problem+json`` body (RFC 9457). Extension members are allowed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[ProblemItem] = Field(default_factory=list)
+
+    @classmethod
+    def from_validation_error(
+        cls,
+        err: ValidationError,
+        *,
+        status: int = 422,
+        title: str = "Invalid request",
+        instance: str | None = None,
+    ) -> ProblemDetail:
+        """One ``errors`` entry per pydantic error, located by a JSON Pointer into the body."""
+        return cls.from_errors(err.errors(), status=status, title=title, instance=instance)
+
+    @classmethod
+    def from_errors(
+        cls,
+        errors: Sequence[Mapping[str, Any]],
+        *,
+        status: int = 422,
+        title: str = "Invalid request",
+        instance: str | None = None,
+        loc_root: str | None = None,
+    ) -> ProblemDetail:
+        """Like from_validation_error, for error dicts such as FastAPI's
+        ``RequestValidationError.errors()``; ``loc_root`` (e.g. ``"body"``) is dropped from
+        the start of each location."""
+        items = []
+        for e in errors:
+            loc = tuple(e.get("loc", ()))
+            if loc_root is not None and loc[:1] == (loc_root,):
+                loc = loc[1:]
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            items.append(ProblemItem(detail=msg, pointer=_json_pointer(loc)))
+        shown = [f"{item.pointer or '/'}: {item.detail}" for item in items[:3]]
+        detail = "; ".join(shown) + ("; …" if len(items) > 3 else "")
+        return cls(title=title, status=status, detail=detail, instance=instance, errors=items)
+
+
+def _json_pointer(loc: tuple[Any, ...]) -> str:
+    # RFC 6901 escaping; pydantic adds union/function tags to locations, which are not keys.
+    parts = [
+        str(p).replace("~", "~0").replace("/", "~1")
+        for p in loc
+        if not (isinstance(p, str) and p.startswith(("function-", "union[", "literal[")))
+    ]
+    return "/" + "/".join(parts) if parts else ""
