@@ -7,6 +7,7 @@ Run it with the project's virtualenv (it needs torch and safetensors to build th
     python bench/merge_bench.py                     # ~1 GB fp16 base + 3 fine-tunes
     python bench/merge_bench.py --size-gb 0.05      # quick
     python bench/merge_bench.py --methods ties --skip-mergekit
+    python bench/merge_bench.py --size-gb 0.05 --compat     # only the compatibility check
 
 What it does, in order:
 
@@ -21,7 +22,16 @@ What it does, in order:
 5. for each method runs ``weightsmith merge RECIPE --out DIR`` and ``mergekit-yaml RECIPE DIR``
    and measures each child's wall time, input throughput and peak RSS (``os.wait4``);
 6. compares our output tensors with mergekit's (max |diff|, one tensor at a time);
-7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``.
+7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``;
+8. unless ``--skip-compat``: the compatibility check, on the small (0.05 GB) family: each method
+   both tools have and that draws nothing at random (linear, task_arithmetic, ties, breadcrumbs,
+   breadcrumbs_ties, slerp, model_stock) run by both with ``dtype``/``out_dtype`` float32, and
+   compared position by position, over all positions and away from "tie positions" (where a
+   model's |τ| equals its top-k / rank boundary, so that the tools' different ordering of
+   equal magnitudes decides what is kept). Away from them the results must agree to float32
+   rounding; at them each tool's value must be the merge for some keep/drop choice of the tied
+   entries (re-computed in float64). Own table; in the JSON under "compat". ``--compat`` runs
+   only this check (results in ``bench/.data/results-compat.json``; exit 1 on a mismatch).
 
 Every measured wall time includes an ``os.sync()`` right after the child exits (the page cache is
 flushed before each child starts), so each figure is "until the output is on disk", the same
@@ -90,6 +100,80 @@ RECIPES: dict[str, dict[str, Any]] = {
     "pcb": {"model": {"weight": 1.0}, "shared": {"density": 0.1}, "mergekit": False},
 }
 DEFAULT_METHODS = "task_arithmetic,ties,breadcrumbs,pcb"
+
+# Compatibility check (--compat; by default also after a normal run, on COMPAT_SIZE_GB models):
+# both tools compute in float32 and write float32, so the only differences left are float32
+# rounding and the order in which tied |τ| are ranked. Inputs are indices into
+# [base, ft1, ft2, ...]; "base" is the recipe's base_model (None: no base_model; the change
+# is then measured from the generated base). Per-model parameters differ between the models,
+# so that a parameter applied to the wrong model would show. "selection": how the method picks
+# entries by |τ| ("topk": TIES' k largest; "ranks": Breadcrumbs' ascending ranks), for the
+# tie exclusion; "consensus" (sign election) and "normalize" (the method's default in both
+# tools) for the float64 re-computation at tie positions.
+COMPAT_SIZE_GB = 0.05
+COMPAT_ULP_TOL = 4.0  # |ours - mk| in float32 ulps of the largest operand at that position
+COMPAT_RECIPES: dict[str, dict[str, Any]] = {
+    "linear": {
+        "base": None,
+        "models": [(1, {"weight": 0.5}), (2, {"weight": 0.3}), (3, {"weight": 0.2})],
+        "shared": {},
+        "selection": None,
+    },
+    "task_arithmetic": {
+        "base": 0,
+        "models": [(1, {"weight": 0.5}), (2, {"weight": 0.3}), (3, {"weight": 0.2})],
+        "shared": {"lambda": 0.8},
+        "selection": None,
+    },
+    "ties": {
+        "base": 0,
+        "models": [
+            (1, {"density": 0.5, "weight": 1.0}),
+            (2, {"density": 0.3, "weight": 0.7}),
+            (3, {"density": 0.7, "weight": 0.4}),
+        ],
+        "shared": {},
+        "selection": "topk",
+        "consensus": True,
+        "normalize": True,
+    },
+    "breadcrumbs": {
+        "base": 0,
+        "models": [
+            (1, {"density": 0.9, "gamma": 0.01, "weight": 0.3}),
+            (2, {"density": 0.8, "gamma": 0.05, "weight": 0.5}),
+            (3, {"density": 0.6, "gamma": 0.02, "weight": 0.2}),
+        ],
+        "shared": {},
+        "selection": "ranks",
+        "consensus": False,
+        "normalize": False,
+    },
+    "breadcrumbs_ties": {
+        "base": 0,
+        "models": [
+            (1, {"density": 0.9, "gamma": 0.01, "weight": 0.3}),
+            (2, {"density": 0.8, "gamma": 0.05, "weight": 0.5}),
+            (3, {"density": 0.6, "gamma": 0.02, "weight": 0.2}),
+        ],
+        "shared": {},
+        "selection": "ranks",
+        "consensus": True,
+        "normalize": False,
+    },
+    # base and ft1 are nearly collinear (cos ~ 0.99995 > 0.9995): both tools take the lerp branch
+    "slerp": {"base": 0, "models": [(0, {}), (1, {})], "shared": {"t": 0.3}, "selection": None},
+    # Around the generated base the synthetic task vectors are independent noise (mean cosine
+    # ~0, t < 0 for half the tensors: we clamp t to [0, 1], mergekit doesn't). Around ft1 they
+    # share -noise1 (cosines ~0.5-0.7, t ~0.84), which tests the formula itself.
+    "model_stock": {
+        "base": 1,
+        "models": [(0, {}), (2, {}), (3, {})],
+        "shared": {},
+        "selection": None,
+    },
+}
+DEFAULT_COMPAT_METHODS = ",".join(COMPAT_RECIPES)
 
 # Targets from the issue, printed as information (never asserted).
 SPEED_TARGETS = {"ties": 1.5, "breadcrumbs": 1.5, "task_arithmetic": 1.0}  # x mergekit's speed
@@ -454,6 +538,308 @@ def child_compare(dir_a: str, dir_b: str, base_dir: str) -> int:
     return 0
 
 
+def child_compat_compare(spec_path: str) -> int:
+    """Compatibility check of one method: ours vs mergekit, both float32, one tensor at a time.
+
+    Per position p: diff = ours - mk and change = mk - base (float64, exact on float32 values);
+    ulps = |diff| / ulp of the largest float32 operand at p (base, the inputs, mk's result):
+    what float32 rounding of a few operations can explain is a few ulps. rel = |diff| /
+    rms(change of that tensor) (per position, the ratio |diff| / |change| is unbounded where
+    the change cancels). "Tie positions": p where some model's |τi| (float32, as both tools
+    compute it) equals one of that model's selection boundaries for the tensor (TIES: the
+    k-th largest |τi|; Breadcrumbs: the ascending ranks bottom and bottom + keep - 1). Away
+    from them both tools keep exactly the same entries of every model (and so, with sign
+    consensus, elect the same sign), whatever order they give equal magnitudes; figures are
+    given over all positions and over the others.
+    """
+    import torch
+    from safetensors import safe_open
+
+    torch.set_grad_enabled(False)
+    spec = json.loads(Path(spec_path).read_text())
+    selection: str | None = spec["selection"]
+    params: list[dict[str, Any]] = spec["params"]
+    tol = float(spec["ulp_tol"])
+
+    def tensor_map(d: str) -> dict[str, Path]:
+        m: dict[str, Path] = {}
+        for path in st_files(Path(d)):
+            _s, header = read_st_header(path)
+            for name in header:
+                if name != "__metadata__":
+                    m[name] = path
+        return m
+
+    def load(path: Path, name: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def boundaries(mag: torch.Tensor, p: dict[str, Any]) -> list[float]:
+        """Values of |τ| at the selection boundary ranks (docs/merge-methods.md)."""
+        n, density = mag.numel(), float(p.get("density", 1.0))
+        if selection is None or density >= 1 or n == 0:
+            return []
+        if selection == "topk":
+            if density <= 0:
+                return []
+            k = max(1, int(density * n))  # k-th largest = (n - k + 1)-th smallest
+            return [float(torch.kthvalue(mag, n - k + 1).values)]
+        keep = int(density * n)
+        top = int(float(p.get("gamma", 0.01)) * n)
+        bottom = max(0, n - keep - top)
+        if keep <= 0:
+            return []
+        lo = float(torch.kthvalue(mag, bottom + 1).values)  # ascending rank bottom (0-based)
+        hi = float(torch.kthvalue(mag, bottom + keep).values)  # rank bottom + keep - 1
+        return [lo, hi]
+
+    def rule(mag: torch.Tensor, p: dict[str, Any], bounds: list[float]):
+        """(kept, tie) masks of one model's entries: kept whatever the tie order, or tied."""
+        density = float(p.get("density", 1.0))
+        if selection is None or density >= 1:
+            return torch.ones_like(mag, dtype=torch.bool), torch.zeros_like(mag, dtype=torch.bool)
+        if not bounds:  # nothing is kept
+            return torch.zeros_like(mag, dtype=torch.bool), torch.zeros_like(mag, dtype=torch.bool)
+        if selection == "topk":
+            (v,) = bounds
+            return mag > v, mag == v
+        lo, hi = bounds
+        return (mag > lo) & (mag < hi), (mag == lo) | (mag == hi)
+
+    weights = [float(p.get("weight", 1.0)) for p in params]
+    lam, normalize, consensus = float(spec["lambda"]), bool(spec["normalize"]), spec["consensus"]
+
+    def tie_candidates(
+        base: torch.Tensor, thetas: list[torch.Tensor], kts
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged value for every keep/drop choice of the tied entries (float64, at the
+        given positions), [2**models, positions], Di = wi·τi in float32 as both tools: with
+        the elected sign, and with it flipped where Σ Di is 0 up to float32 rounding (e.g.
+        0.3·3u + 0.5·11u − 0.2·32u: 0 exactly, so the tools' rounding picks the sign)."""
+        b = base.double()
+        taus = [(th - base).mul_(w) for th, w in zip(thetas, weights, strict=True)]
+        elected, flipped = [], []
+        for c in range(2 ** len(taus)):
+            ds = [
+                torch.where(kept | (tie & bool(c >> j & 1)), d, torch.zeros_like(d)).double()
+                for j, (d, (kept, tie)) in enumerate(zip(taus, kts, strict=True))
+            ]
+            signs = [None]
+            if consensus:
+                total = sum(ds)
+                positive = total >= 0
+                near_zero = total.abs() <= 8 * 2.0**-24 * sum(d.abs() for d in ds)
+                signs = [positive, positive ^ near_zero]
+            for k, positive in enumerate(signs):
+                if positive is not None:
+                    agree = [torch.where(positive, d > 0, d < 0) for d in ds]
+                    mixed = sum(d * a for d, a in zip(ds, agree, strict=True))
+                    div = sum(a.double() * w for a, w in zip(agree, weights, strict=True))
+                    div = torch.where(div == 0, torch.ones_like(div), div)
+                else:
+                    mixed = sum(ds)
+                    div = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+                if normalize:
+                    mixed = mixed / div
+                (elected if k == 0 else flipped).append(b + lam * mixed)
+        cand = torch.stack(elected)
+        return cand, (torch.stack(flipped) if flipped else cand)
+
+    def ulp_of(x: torch.Tensor) -> torch.Tensor:
+        """float32 ulp of |x| (x float32), as float64; 2**-149 at 0 and subnormals."""
+        _m, e = torch.frexp(x)  # |x| = m * 2**e, 0.5 <= m < 1
+        return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e.clamp(min=-125) - 24)
+
+    def new_acc() -> dict[str, Any]:
+        return {
+            "n_positions": 0,
+            "n_different": 0,
+            "max_abs_diff": 0.0,
+            "max_ulp": 0.0,
+            "max_rel_change": 0.0,
+            "rel_l2_change": None,
+            "worst_tensor": None,
+            "n_over_tol": 0,
+            "_sq_diff": 0.0,
+            "_sq_change": 0.0,
+        }
+
+    def add(acc: dict[str, Any], name: str, adiff, ulps, change, rms: float) -> dict[str, Any]:
+        n = adiff.numel()
+        acc["n_positions"] += n
+        if n == 0:
+            return {"max_abs_diff": 0.0, "max_ulp": 0.0, "max_rel_change": 0.0}
+        mx, mu = float(adiff.max()), float(ulps.max())
+        rel = mx / rms if rms > 0 else (math.inf if mx > 0 else 0.0)
+        acc["n_different"] += int((adiff != 0).sum())
+        acc["n_over_tol"] += int((ulps > tol).sum())
+        acc["_sq_diff"] += float(adiff.square().sum())
+        acc["_sq_change"] += float(change.square().sum())
+        if mu > acc["max_ulp"]:
+            acc["worst_tensor"] = name
+        acc["max_abs_diff"] = max(acc["max_abs_diff"], mx)
+        acc["max_ulp"] = max(acc["max_ulp"], mu)
+        acc["max_rel_change"] = max(acc["max_rel_change"], rel)
+        return {"max_abs_diff": mx, "max_ulp": mu, "max_rel_change": rel}
+
+    maps = {
+        "ours": tensor_map(spec["ours"]),
+        "mk": tensor_map(spec["mergekit"]),
+        "base": tensor_map(spec["base"]),
+    }
+    model_maps = [tensor_map(d) for d in spec["models"]]
+    mo, mm = maps["ours"], maps["mk"]
+    common = sorted(set(mo) & set(mm))
+    out: dict[str, Any] = {
+        "n_tensors": len(common),
+        "n_excluded": 0,
+        "n_excluded_different": 0,
+        "only_in_ours": sorted(set(mo) - set(mm)),
+        "only_in_mergekit": sorted(set(mm) - set(mo)),
+        "shape_mismatch": [],
+        "dtype_mismatch": [],
+        "no_base": [],
+        "tie_unexplained": {"ours": 0, "mergekit": 0},
+        # explained only with the sign election flipped where Σ Di cancels (rounding decides)
+        "tie_sign_cancel": {"ours": 0, "mergekit": 0},
+        "tensors": [],
+        "samples": [],
+        "tie_samples": [],
+    }
+    acc_all, acc_kept = new_acc(), new_acc()
+    samples: list[dict[str, Any]] = []
+    for name in common:
+        ours, mk = load(mo[name], name), load(mm[name], name)
+        for label, t in (("ours", ours), ("mergekit", mk)):
+            if t.dtype != torch.float32:
+                out["dtype_mismatch"].append(f"{name}: {label} wrote {t.dtype}, not float32")
+        if ours.shape != mk.shape:
+            out["shape_mismatch"].append(f"{name}: {tuple(ours.shape)} vs {tuple(mk.shape)}")
+            continue
+        if name not in maps["base"]:
+            out["no_base"].append(name)
+            continue
+        ours, mk = ours.float().reshape(-1), mk.float().reshape(-1)
+        base = load(maps["base"][name], name).float().reshape(-1)
+        thetas = [load(m[name], name).float().reshape(-1) for m in model_maps if name in m]
+        # largest operand: the ulp of what the tools add up
+        scale = torch.maximum(base.abs(), mk.abs())
+        for th in thetas:
+            torch.maximum(scale, th.abs(), out=scale)
+        ulp = ulp_of(scale)
+        del scale
+        excluded = torch.zeros(base.numel(), dtype=torch.bool)
+        bounds: list[list[float]] = []
+        mags: list[torch.Tensor] = []
+        if selection is not None:
+            for th, p in zip(thetas, params, strict=True):
+                mag = (th - base).abs()  # float32, as both tools compute τ
+                bounds.append(boundaries(mag, p))
+                for v in bounds[-1]:
+                    excluded |= mag == v
+                mags.append(mag)
+        diff = ours.double().sub_(mk.double())
+        adiff = diff.abs()
+        change = mk.double().sub_(base.double())
+        rms = math.sqrt(float(change.square().mean())) if change.numel() else 0.0
+        ulps = adiff / ulp
+        kept = ~excluded
+        n_excl = int(excluded.sum())
+        out["n_excluded"] += n_excl
+        out["n_excluded_different"] += int((adiff[excluded] != 0).sum())
+        unexplained = {"ours": 0, "mergekit": 0}
+        if n_excl:
+            # each tool's value at a tie position must be the merge for some keep/drop choice
+            # of the tied entries: then the difference there is the tie order, nothing else
+            idx = excluded.nonzero().squeeze(1)
+            kts = [rule(m[idx], p, bd) for m, p, bd in zip(mags, params, bounds, strict=True)]
+            cand, cand_flip = tie_candidates(base[idx], [th[idx] for th in thetas], kts)
+            tol_abs = tol * ulp[idx]
+            for label, t in (("ours", ours), ("mergekit", mk)):
+                v = t[idx].double()
+                by_order = ((cand - v).abs() <= tol_abs).any(0)
+                by_sign = ~by_order & ((cand_flip - v).abs() <= tol_abs).any(0)
+                bad = ~(by_order | by_sign)
+                unexplained[label] = int(bad.sum())
+                out["tie_unexplained"][label] += unexplained[label]
+                out["tie_sign_cancel"][label] += int(by_sign.sum())
+                for i in idx[bad][:3].tolist():
+                    out["tie_samples"].append(
+                        {
+                            "tool": label,
+                            "tensor": name,
+                            "flat_index": i,
+                            "value": float(t[i]),
+                            "other": float((mk if label == "ours" else ours)[i]),
+                            "base": float(base[i]),
+                            "tau": [float(th[i]) - float(base[i]) for th in thetas],
+                            "boundaries": bounds,
+                        }
+                    )
+            del cand, cand_flip, kts, idx, tol_abs
+        fig_all = add(acc_all, name, adiff, ulps, change, rms)
+        fig_kept = add(acc_kept, name, adiff[kept], ulps[kept], change[kept], rms)
+        out["tensors"].append(
+            {
+                "name": name,
+                "n": base.numel(),
+                "excluded": n_excl,
+                "tie_unexplained": unexplained,
+                "rms_change": rms,
+                "all": fig_all,
+                "non_tie": fig_kept,
+                "boundaries": bounds,
+            }
+        )
+        # the worst positions away from ties, with what each model contributes there
+        if fig_kept["max_ulp"] > tol:
+            masked = torch.where(kept, ulps, torch.zeros_like(ulps))
+            top = torch.topk(masked, min(5, masked.numel())).indices.tolist()
+            for i in top:
+                if float(masked[i]) <= tol:
+                    break
+                taus = [float(th[i]) - float(base[i]) for th in thetas]
+                samples.append(
+                    {
+                        "tensor": name,
+                        "flat_index": i,
+                        "ulps": float(ulps[i]),
+                        "ours": float(ours[i]),
+                        "mergekit": float(mk[i]),
+                        "base": float(base[i]),
+                        "inputs": [float(th[i]) for th in thetas],
+                        "tau": taus,
+                        "boundaries": bounds,
+                        "kept_by_rule": [
+                            _kept_by_rule(selection, float(mags[j][i]), bounds[j])
+                            for j in range(len(mags))
+                        ],
+                    }
+                )
+            samples = sorted(samples, key=lambda d: -d["ulps"])[:10]
+        del ours, mk, base, thetas, diff, adiff, change, ulps, excluded, kept, ulp, mags
+    for acc in (acc_all, acc_kept):
+        sq_d, sq_c = acc.pop("_sq_diff"), acc.pop("_sq_change")
+        acc["rel_l2_change"] = math.sqrt(sq_d / sq_c) if sq_c > 0 else None
+    out["all"], out["non_tie"], out["samples"] = acc_all, acc_kept, samples
+    out["tie_samples"] = out["tie_samples"][:10]
+    print(json.dumps(out))
+    return 0
+
+
+def _kept_by_rule(selection: str | None, mag: float, bounds: list[float]) -> str:
+    """Whether an entry with |τ| = mag is kept by the selection, given its boundary values."""
+    if selection is None or not bounds:
+        return "kept"
+    if selection == "topk":
+        (v,) = bounds
+        return "kept" if mag > v else ("dropped" if mag < v else "tie")
+    lo, hi = bounds
+    if lo < mag < hi:
+        return "kept"
+    return "tie" if mag in (lo, hi) else "dropped"
+
+
 # --------------------------------------------------------------------------------------------
 # Running and measuring children
 # --------------------------------------------------------------------------------------------
@@ -692,6 +1078,21 @@ def ensure_mergekit(venv: Path) -> Path | None:
     return exe
 
 
+def mergekit_cmd(exe: Path, recipe: Path, out: Path) -> list[str]:
+    return [
+        str(exe),
+        str(recipe),
+        str(out),
+        "--no-cuda",
+        "--allow-crimes",
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "--out-shard-size",
+        MERGEKIT_OUT_SHARD,
+        "--quiet",
+    ]
+
+
 def probe_weightsmith(exe: Path) -> tuple[bool, str]:
     """(usable, note)."""
     if not exe.exists():
@@ -733,6 +1134,25 @@ def write_recipe(path: Path, method: str, base: Path, finetunes: list[Path]) -> 
         lines.append("parameters:")
         lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in r["shared"].items()]
     lines += ["dtype: float16", "out_dtype: float16", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_compat_recipe(path: Path, method: str, dirs: list[Path]) -> None:
+    """The COMPAT_RECIPES entry for ``method`` over dirs = [base, ft1, ...], all in float32."""
+    r = COMPAT_RECIPES[method]
+    lines = [f"merge_method: {method}"]
+    if r["base"] is not None:
+        lines.append(f"base_model: {_yaml_scalar(dirs[r['base']].resolve())}")
+    lines.append("models:")
+    for idx, params in r["models"]:
+        lines.append(f"  - model: {_yaml_scalar(dirs[idx].resolve())}")
+        if params:
+            lines.append("    parameters:")
+            lines += [f"      {k}: {_yaml_scalar(v)}" for k, v in params.items()]
+    if r["shared"]:
+        lines.append("parameters:")
+        lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in r["shared"].items()]
+    lines += ["dtype: float32", "out_dtype: float32", ""]
     path.write_text("\n".join(lines))
 
 
@@ -806,6 +1226,194 @@ def print_table(rows: list[Row]) -> None:
         say("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
 
 
+def run_compat(
+    data_dir: Path,
+    size_gb: float,
+    seed: int,
+    methods: list[str],
+    ours_exe: Path,
+    mk_exe: Path,
+    timeout: float,
+    keep_outputs: bool,
+) -> dict[str, Any]:
+    """Each method in float32 by both tools, compared position by position (see
+    child_compat_compare); works in <data_dir>/compat, never in runs/."""
+    say()
+    say(f"== compatibility: weightsmith vs mergekit, both in float32, {size_gb:g} GB models")
+    say("-- models")
+    shape, dirs = ensure_models(data_dir, size_gb, seed)
+    work = data_dir / "compat"
+    shutil.rmtree(work, ignore_errors=True)
+    log_dir = work / "logs"
+    log_dir.mkdir(parents=True)
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        r = COMPAT_RECIPES[method]
+        recipe = work / f"{method}.yaml"
+        write_compat_recipe(recipe, method, dirs)
+        out_ours, out_mk = work / f"out-{method}-weightsmith", work / f"out-{method}-mergekit"
+        entry: dict[str, Any] = {"ok": False, "verdict": "FAILED", "note": ""}
+        results[method] = entry
+        say(f"-- {method}: weightsmith and mergekit, dtype/out_dtype float32")
+        runs = {
+            "weightsmith": [str(ours_exe), "merge", str(recipe), "--out", str(out_ours), "--quiet"],
+            "mergekit": mergekit_cmd(mk_exe, recipe, out_mk),
+        }
+        failed = []
+        for tool, cmd in runs.items():
+            res = run_measured(cmd, log_dir, f"{method}-{tool}", timeout, flush=False)
+            entry[f"{tool}_wall_s"] = res.child_wall_s
+            if not res.ok:
+                failed.append(tool)
+                note = "timeout" if res.timed_out else f"rc={res.rc}"
+                warn_block(f"{method}/{tool} (float32) failed ({note}); tail:", res.stderr_tail)
+        if failed:
+            entry["note"] = f"{', '.join(failed)} failed"
+        else:
+            base = dirs[r["base"]] if r["base"] is not None else dirs[0]
+            spec = {
+                "ours": str(out_ours),
+                "mergekit": str(out_mk),
+                "base": str(base),
+                "models": [str(dirs[i]) for i, _p in r["models"]],
+                "params": [p for _i, p in r["models"]],
+                "selection": r["selection"],
+                "consensus": r.get("consensus", False),
+                "normalize": r["shared"].get("normalize", r.get("normalize", False)),
+                "lambda": r["shared"].get("lambda", 1.0),
+                "ulp_tol": COMPAT_ULP_TOL,
+            }
+            spec_path = work / f"{method}.compare.json"
+            spec_path.write_text(json.dumps(spec))
+            proc = run_plain([sys.executable, str(THIS), "_compat", str(spec_path)])
+            if proc.returncode == 0:
+                cmp = json.loads(proc.stdout.strip().splitlines()[-1])
+                entry.update(cmp)
+                entry["ok"] = True
+                problems = [
+                    k
+                    for k in (
+                        "only_in_ours",
+                        "only_in_mergekit",
+                        "shape_mismatch",
+                        "dtype_mismatch",
+                        "no_base",
+                    )
+                    if cmp[k]
+                ]
+                within = cmp["non_tie"]["max_ulp"] <= COMPAT_ULP_TOL
+                ties_ok = cmp["tie_unexplained"]["ours"] == 0
+                entry["verdict"] = "match" if within and ties_ok and not problems else "DIFFER"
+                if problems:
+                    entry["note"] = "; ".join(f"{k}: {cmp[k][:3]}" for k in problems)
+                a, k = cmp["all"], cmp["non_tie"]
+                say(
+                    f"   {cmp['n_tensors']} tensors; all positions: max|diff| "
+                    f"{a['max_abs_diff']:.3g} ({a['max_ulp']:.3g} ulp); "
+                    f"{cmp['n_excluded']} tie positions excluded; others: max|diff| "
+                    f"{k['max_abs_diff']:.3g} (max {k['max_ulp']:.3g} ulp, first in "
+                    f"{k['worst_tensor']}); tie positions not explained by a tie order: ours "
+                    f"{cmp['tie_unexplained']['ours']}, mergekit "
+                    f"{cmp['tie_unexplained']['mergekit']}: {entry['verdict']}"
+                )
+            else:
+                entry["note"] = "comparison failed"
+                warn_block(f"{method}: comparison failed", tail(proc.stderr))
+        if not keep_outputs:
+            shutil.rmtree(out_ours, ignore_errors=True)
+            shutil.rmtree(out_mk, ignore_errors=True)
+    say()
+    say(
+        f"== compatibility results: {size_gb:g} GB model ({shape.layers} layers, hidden "
+        f"{shape.hidden}), weightsmith vs mergekit 0.1.5, both computing and writing float32"
+    )
+    print_compat_table(results)
+    say("notes:")
+    say("  - tie pos.: positions where some model's |tau| (float32) equals its selection boundary")
+    say("    (TIES: k-th largest |tau|; breadcrumbs: ascending ranks bottom, bottom+keep-1); the")
+    say("    tools rank equal magnitudes differently there. 'differ' = how many of them differ;")
+    say("    'unexpl.' (ours/mk) = how many of them match no keep/drop choice of the tied entries")
+    say("    (float64 re-computation), i.e. differ for another reason than the tie order")
+    say("  - ulp: |ours - mk| in float32 ulps of the largest operand at that position (base,")
+    say(f"    inputs, result); a few is float32 rounding. match: <= {COMPAT_ULP_TOL:g} off ties")
+    say("  - rel: max |ours - mk| / rms(mk - base) of the tensor, i.e. relative to the typical")
+    say("    merged change; rel L2 = ||ours - mk|| / ||mk - base||. The changes here are ~1% of")
+    say("    the weights, so one float32 ulp of the output is already ~1e-5 of the change")
+    for method, e in results.items():
+        if e["verdict"] == "match":
+            continue
+        say(f"!! {method}: {e['verdict']} {e['note']}".rstrip())
+        for smp in e.get("tie_samples", [])[:5]:
+            say(
+                f"   tie, {smp['tool']}: {smp['tensor']}[{smp['flat_index']}] = {smp['value']!r} "
+                f"(other {smp['other']!r}), base {smp['base']!r}, "
+                f"tau {[f'{t:.6g}' for t in smp['tau']]}"
+            )
+        for smp in e.get("samples", [])[:5]:
+            say(
+                f"   {smp['tensor']}[{smp['flat_index']}]: ours {smp['ours']!r} mk "
+                f"{smp['mergekit']!r} ({smp['ulps']:.3g} ulp), base {smp['base']!r}, "
+                f"tau {[f'{t:.6g}' for t in smp['tau']]}, kept by rule {smp['kept_by_rule']}"
+            )
+    return {
+        "size_gb": size_gb,
+        "shape": asdict(shape),
+        "ulp_tol": COMPAT_ULP_TOL,
+        "recipes": {m: COMPAT_RECIPES[m] for m in methods},
+        "methods": results,
+        "all_match": all(e["verdict"] == "match" for e in results.values()),
+    }
+
+
+def print_compat_table(results: dict[str, dict[str, Any]]) -> None:
+    head = [
+        "method",
+        "tensors",
+        "positions",
+        "tie pos.",
+        "differ",
+        "unexpl.",
+        "all: max|diff|",
+        "ulp",
+        "rel",
+        "non-tie: max|diff|",
+        "ulp",
+        "rel",
+        "rel L2",
+        "verdict",
+    ]
+    body = []
+    for method, e in results.items():
+        if not e["ok"]:
+            body.append([method] + ["-"] * (len(head) - 2) + [f"{e['verdict']} {e['note']}"])
+            continue
+        a, k = e["all"], e["non_tie"]
+        body.append(
+            [
+                method,
+                str(e["n_tensors"]),
+                str(a["n_positions"]),
+                str(e["n_excluded"]),
+                str(e["n_excluded_different"]),
+                f"{e['tie_unexplained']['ours']}/{e['tie_unexplained']['mergekit']}",
+                f"{a['max_abs_diff']:.3g}",
+                f"{a['max_ulp']:.3g}",
+                f"{a['max_rel_change']:.2g}",
+                f"{k['max_abs_diff']:.3g}",
+                f"{k['max_ulp']:.3g}",
+                f"{k['max_rel_change']:.2g}",
+                fmt(k["rel_l2_change"], ".2g"),
+                e["verdict"],
+            ]
+        )
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+    say(line)
+    say("-" * len(line))
+    for b in body:
+        say("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
+
+
 def baseline_rss_mib() -> float:
     """ru_maxrss that a trivial child spawned from this process reports (inherited floor)."""
     true = shutil.which("true") or "/bin/true"
@@ -832,8 +1440,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Benchmark `weightsmith merge` against mergekit 0.1.5 and an I/O floor.",
     )
-    ap.add_argument("--size-gb", type=float, default=1.0, help="model size (fp16), default 1.0")
+    ap.add_argument(
+        "--size-gb",
+        type=float,
+        default=None,
+        help="model size (fp16), default 1.0 (with --compat: --compat-size-gb)",
+    )
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--compat",
+        action="store_true",
+        help="only the compatibility check (both tools in float32), on --size-gb models",
+    )
+    mode.add_argument(
+        "--skip-compat", action="store_true", help="no compatibility check after the benchmark"
+    )
+    ap.add_argument(
+        "--compat-size-gb",
+        type=float,
+        default=COMPAT_SIZE_GB,
+        help=f"model size for the compatibility check after a run, default {COMPAT_SIZE_GB:g}",
+    )
+    ap.add_argument(
+        "--compat-methods",
+        default=DEFAULT_COMPAT_METHODS,
+        help=f"default {DEFAULT_COMPAT_METHODS}",
+    )
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
     ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
@@ -852,14 +1485,61 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [m for m in methods if m not in RECIPES]
     if unknown or not methods:
         ap.error(f"unknown method(s) {unknown}; known: {', '.join(RECIPES)}")
-    if args.size_gb <= 0:
-        ap.error("--size-gb must be positive")
+    compat_methods = [m.strip() for m in args.compat_methods.split(",") if m.strip()]
+    unknown = [m for m in compat_methods if m not in COMPAT_RECIPES]
+    if unknown or not compat_methods:
+        ap.error(f"unknown compat method(s) {unknown}; known: {', '.join(COMPAT_RECIPES)}")
+    if args.size_gb is None:
+        args.size_gb = args.compat_size_gb if args.compat else 1.0
+    if args.size_gb <= 0 or args.compat_size_gb <= 0:
+        ap.error("--size-gb and --compat-size-gb must be positive")
+    if args.compat and args.skip_mergekit:
+        ap.error("--compat needs mergekit")
     args.methods = methods
+    args.compat_methods = compat_methods
     return args
+
+
+def main_compat(args: argparse.Namespace) -> int:
+    """--compat: the compatibility check alone; results in <data-dir>/results-compat.json."""
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ours_exe: Path = args.weightsmith
+    ours_ok, ours_note = probe_weightsmith(ours_exe)
+    say("-- tools")
+    if not ours_ok:
+        warn_block("weightsmith CLI not available", ours_note)
+        return 2
+    say(f"   weightsmith: {ours_exe}" + (f" ({ours_note})" if ours_note else ""))
+    mk_exe = ensure_mergekit(args.mergekit_venv.resolve())
+    if mk_exe is None:
+        say("   mergekit: unavailable")
+        return 2
+    say(f"   mergekit: {mk_exe}")
+    compat = run_compat(
+        data_dir,
+        args.size_gb,
+        args.seed,
+        args.compat_methods,
+        ours_exe,
+        mk_exe,
+        args.timeout,
+        args.keep_outputs,
+    )
+    compat["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result_path = data_dir / "results-compat.json"
+    result_path.write_text(json.dumps(compat, indent=2) + "\n")
+    say(f"\nwrote {result_path}")
+    if not compat["all_match"]:
+        say("the compatibility check found differences away from tie positions (see above)")
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.compat:
+        return main_compat(args)
     data_dir: Path = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_dir = data_dir / "runs"
@@ -958,19 +1638,7 @@ def main(argv: list[str]) -> int:
             ours_row, _ = measured(method, "weightsmith", cmd)
             ours_failed |= not ours_row.ok
         if mk_exe is not None and RECIPES[method]["mergekit"]:
-            cmd = [
-                str(mk_exe),
-                str(recipe),
-                str(out_mk),
-                "--no-cuda",
-                "--allow-crimes",
-                "--no-copy-tokenizer",
-                "--no-write-model-card",
-                "--out-shard-size",
-                MERGEKIT_OUT_SHARD,
-                "--quiet",
-            ]
-            mk_row, _ = measured(method, "mergekit", cmd)
+            mk_row, _ = measured(method, "mergekit", mergekit_cmd(mk_exe, recipe, out_mk))
         elif mk_exe is not None:
             say(f"-- {method} / mergekit: not in mergekit 0.1.5, no figure")
         for r in (ours_row, mk_row):
@@ -1020,7 +1688,8 @@ def main(argv: list[str]) -> int:
     say("    the merged task vector, ||ours - mk|| / ||mk - base||. ties/breadcrumbs keep the")
     say("    top-k |delta|; fp16 deltas tie a lot at the cut-off, so which tied entries survive")
     say("    depends on sort order (mergekit vs itself on permuted elements: 7-12%): judge those")
-    say("    by the % figure; task_arithmetic should be at fp16 rounding (~1-2%)")
+    say("    by the % figure; task_arithmetic should be at fp16 rounding (~1-2%). Whether the")
+    say("    math agrees is shown by the compatibility check (float32, ties set apart) below")
     say(
         f"  - peak RSS = ru_maxrss of the child (os.wait4); spawning /bin/true from here "
         f"reports {rss0:.0f} MiB, included in every figure"
@@ -1051,6 +1720,23 @@ def main(argv: list[str]) -> int:
             say(f"  - {method}: {r.vs_floor:.2f}x the I/O floor, target <= {target}x: {mark}")
     say("  - RSS independent of model size: compare peak RSS across --size-gb runs")
 
+    compat: dict[str, Any] | None = None
+    if args.skip_compat:
+        say("\n-- compatibility check skipped (--skip-compat)")
+    elif not ours_ok or mk_exe is None:
+        say("\n-- compatibility check skipped: it needs both weightsmith and mergekit")
+    else:
+        compat = run_compat(
+            data_dir,
+            args.compat_size_gb,
+            args.seed,
+            args.compat_methods,
+            ours_exe,
+            mk_exe,
+            args.timeout,
+            args.keep_outputs,
+        )
+
     result_path = data_dir / "results-merge.json"
     doc = {
         "size_gb": args.size_gb,
@@ -1077,14 +1763,19 @@ def main(argv: list[str]) -> int:
         "weightsmith": str(ours_exe) if ours_ok else None,
         "mergekit": str(mk_exe) if mk_exe else None,
         "rows": [asdict(r) for r in rows],
+        "compat": compat,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result_path.write_text(json.dumps(doc, indent=2) + "\n")
     say(f"\nwrote {result_path}")
+    status = 0
     if ours_failed:
         say("some weightsmith runs FAILED")
-        return 1
-    return 0
+        status = 1
+    if compat is not None and not compat["all_match"]:
+        say("the compatibility check found differences away from tie positions (see above)")
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
@@ -1094,4 +1785,6 @@ if __name__ == "__main__":
         sys.exit(child_io_floor(*sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_compare":
         sys.exit(child_compare(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_compat":
+        sys.exit(child_compat_compare(sys.argv[2]))
     sys.exit(main(sys.argv[1:]))
