@@ -210,14 +210,16 @@ class Shape:
         return self.hidden // self.heads
 
 
-def choose_shape(size_gb: float) -> Shape:
-    """The widest tier whose embeddings + lm_head take at most 35% of the size; then enough
-    layers to get closest to the size."""
+def choose_shape(size_gb: float, width_of_gb: float | None = None) -> Shape:
+    """The widest tier whose embeddings + lm_head take at most 35% of the size (or of
+    ``width_of_gb``: same tensor shapes, more layers, to show memory does not grow with the
+    model); then enough layers to get closest to the size."""
     target = size_gb * GB
+    width_target = (width_of_gb or size_gb) * GB
     chosen = TIERS[0]
     for tier in TIERS:
         hidden, _inter, _h, _kv, vocab = tier
-        if 2 * vocab * hidden * 2 <= 0.35 * target:
+        if 2 * vocab * hidden * 2 <= 0.35 * width_target:
             chosen = tier
     hidden, inter, heads, kv, vocab = chosen
     probe = Shape(hidden, inter, heads, kv, vocab, 1)
@@ -1007,9 +1009,12 @@ def warn_block(title: str, body: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_models(data_dir: Path, size_gb: float, seed: int) -> tuple[Shape, list[Path]]:
-    shape = choose_shape(size_gb)
-    root = data_dir / "models" / f"llama-{size_gb:g}gb-seed{seed}"
+def ensure_models(
+    data_dir: Path, size_gb: float, seed: int, width_of_gb: float | None = None
+) -> tuple[Shape, list[Path]]:
+    shape = choose_shape(size_gb, width_of_gb)
+    width = f"-w{width_of_gb:g}" if width_of_gb else ""
+    root = data_dir / "models" / f"llama-{size_gb:g}gb{width}-seed{seed}"
     dirs = [root / "base"] + [root / f"ft{k}" for k in range(1, N_FINETUNES + 1)]
     for index, d in enumerate(dirs):
         key = {
@@ -1441,6 +1446,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Benchmark `weightsmith merge` against mergekit 0.1.5 and an I/O floor.",
     )
     ap.add_argument(
+        "--width-of-gb",
+        type=float,
+        default=None,
+        help="use the tensor shapes of a model of this size (only the layer count follows "
+        "--size-gb), to compare peak memory across model sizes",
+    )
+    ap.add_argument(
         "--size-gb",
         type=float,
         default=None,
@@ -1552,7 +1564,7 @@ def main(argv: list[str]) -> int:
         f"base + {N_FINETUNES} fine-tunes"
     )
     say("-- models")
-    shape, dirs = ensure_models(data_dir, args.size_gb, args.seed)
+    shape, dirs = ensure_models(data_dir, args.size_gb, args.seed, args.width_of_gb)
     base, finetunes = dirs[0], dirs[1:]
     input_bytes = sum(dir_bytes(d) for d in dirs)
     specs = tensor_specs(shape)
