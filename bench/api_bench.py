@@ -5,7 +5,9 @@ app.main:create_app``, settings from the environment), PostgreSQL as the job sto
 Redis as the Celery broker (the task is sent by name; no worker consumes it here, so the
 figures are the API's alone). ``--clients`` concurrent clients (default 50) each submit a
 job and read it back, in a loop, until ``--requests`` submissions are done; a warm-up
-round is not counted. Prints p50/p90/p99/max and throughput per route.
+round is not counted. Prints p50/p90/p99/max and throughput per route, and the same for
+``/healthz`` (no auth, no database) as the ceiling of the framework on this machine: the
+client runs on the same machine and competes for its cores.
 
     python bench/api_bench.py                          # PostgreSQL + Redis on 127.0.0.1
     python bench/api_bench.py --database sqlite --no-broker
@@ -163,7 +165,28 @@ async def load(url: str, key: str, clients: int, requests: int) -> dict[str, Any
             *(_client(http, remaining, post_ms, get_ms, errors) for _ in range(clients))
         )
         elapsed = time.perf_counter() - start
-    return {"post": post_ms, "get": get_ms, "errors": errors, "elapsed": elapsed}
+        # The same clients on /healthz (no auth, no database): the framework's ceiling here.
+        health_ms: list[float] = []
+        left = [requests]
+
+        async def health() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                t0 = time.perf_counter()
+                await http.get("/healthz")
+                health_ms.append((time.perf_counter() - t0) * 1000)
+
+        health_start = time.perf_counter()
+        await asyncio.gather(*(health() for _ in range(clients)))
+        health_elapsed = time.perf_counter() - health_start
+    return {
+        "post": post_ms,
+        "get": get_ms,
+        "errors": errors,
+        "elapsed": elapsed,
+        "health": health_ms,
+        "health_elapsed": health_elapsed,
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -189,6 +212,12 @@ def report(result: dict[str, Any], clients: int) -> None:
             f"{max(values):>9.1f}"
             f"{len(values) / elapsed:>9.0f}"
         )
+    health = result["health"]
+    print(
+        f"{'GET /healthz (ref.)':<22}{len(health):>7}{statistics.median(health):>9.1f}"
+        f"{_percentile(health, 90):>9.1f}{_percentile(health, 99):>9.1f}{max(health):>9.1f}"
+        f"{len(health) / result['health_elapsed']:>9.0f}"
+    )
     total = len(result["post"]) + len(result["get"])
     print(f"overall: {total / elapsed:.0f} requests/s")
     if result["errors"]:

@@ -1,0 +1,49 @@
+"""The weightsmith REST service (FastAPI). Torch-free: it never imports ``workers``.
+
+Run it with ``uvicorn --factory app.main:create_app`` (settings from the environment), or
+through ``weightsmith serve``, which passes an in-process queue its embedded worker
+listens on. OpenAPI: ``/docs`` and ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+import weightsmith
+from app.problems import install_problem_handlers
+from app.routes import artifacts, health, jobs
+from app.service import Service
+from infra.queue import JobQueue
+from infra.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None) -> FastAPI:
+    """The API. At startup it migrates the database to head and makes sure an API key
+    exists (see :func:`infra.db.bootstrap_api_key`); ``queue`` defaults to Celery when a
+    broker is configured, else an in-process queue (``app.state.service.queue``)."""
+    resolved = settings if settings is not None else get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await run_in_threadpool(Service.start, resolved, queue)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(
+        title="weightsmith",
+        version=weightsmith.__version__,
+        summary="Merge and patch LLM checkpoints; publish immutable, versioned artifacts.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    return app

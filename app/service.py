@@ -1,0 +1,112 @@
+"""What the routes need, built once per app and injected with ``Depends``.
+
+:class:`Service` holds the settings, the job store, the API keys, the object store and the
+queue. It is created by :func:`app.main.create_app` at startup (after migrating the
+database) and reached from a request through ``request.app.state.service``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from app.problems import ApiProblem
+from infra.db import ApiKeys, JobStore, bootstrap_api_key, make_engine, upgrade_database
+from infra.db.engine import normalize_database_url
+from infra.queue import CeleryQueue, InProcessQueue, JobQueue
+from infra.settings import Settings
+from infra.storage import ObjectStore, open_store
+
+log = logging.getLogger("weightsmith.api")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine
+    jobs: JobStore
+    keys: ApiKeys
+    store: ObjectStore
+    queue: JobQueue
+
+    @classmethod
+    def start(cls, settings: Settings, queue: JobQueue | None = None) -> Service:
+        """Connect everything, bring the database schema to head, make sure a key exists."""
+        engine = _engine(settings)
+        upgrade_database(engine)
+        keys = ApiKeys(engine)
+        bootstrap_api_key(keys, settings)
+        return cls(
+            settings=settings,
+            engine=engine,
+            jobs=JobStore.from_settings(settings, engine),
+            keys=keys,
+            store=open_store(settings.object_store_url),
+            queue=queue if queue is not None else default_queue(settings),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _engine(settings: Settings) -> Engine:
+    if normalize_database_url(settings.database_url).get_backend_name() == "sqlite":
+        return make_engine(settings.database_url)
+    # Route handlers run in a thread pool (40 threads): let most of them hold a connection.
+    return make_engine(settings.database_url, pool_size=10, max_overflow=30)
+
+
+def default_queue(settings: Settings) -> JobQueue:
+    """Celery when a broker is configured; otherwise an in-process queue that the embedded
+    worker registers with (jobs wait in it until then)."""
+    if settings.broker_url is not None:
+        return CeleryQueue(settings.broker_url, visibility_timeout=settings.visibility_timeout)
+    return InProcessQueue()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant that owns the bearer API key."""
+
+    tenant_id: int
+    tenant: str
+
+
+async def get_service(request: Request) -> Service:  # async: no thread-pool hop
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="an API key, `wsk_<prefix>_<secret>` (`weightsmith keys create --tenant NAME`)",
+)
+
+
+def current_principal(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    challenge = {"WWW-Authenticate": 'Bearer realm="weightsmith"'}
+    if credentials is None:
+        raise ApiProblem(
+            401,
+            "this route needs an API key: send 'Authorization: Bearer wsk_…'",
+            headers=challenge,
+        )
+    tenant = service.keys.authenticate(credentials.credentials)
+    if tenant is None:
+        challenge["WWW-Authenticate"] += ', error="invalid_token"'
+        raise ApiProblem(401, "the API key is malformed, unknown or revoked", headers=challenge)
+    return Principal(tenant_id=tenant.id, tenant=tenant.name)
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -1,0 +1,285 @@
+"""``POST /v1/jobs`` as a procedure: parse, validate, record, pin, queue.
+
+1. The body (JSON, or YAML with the same fields) is validated as
+   :class:`schemas.jobs.JobCreate`; every problem comes back with a JSON Pointer into it.
+2. With an ``Idempotency-Key``, :meth:`infra.db.JobStore.begin_job` records the job as
+   pending and takes the key (a replay of an earlier identical request stops here).
+3. Every model reference in the recipe is pinned: a hub branch to its commit sha, an
+   ``artifact://name`` to a version number. Local paths are refused unless the operator
+   allows them. If a reference cannot be pinned the pending job is abandoned (freeing the
+   key for a corrected retry) and the client gets a 422 naming the field and model.
+4. :meth:`~infra.db.JobStore.activate_job` stores the pinned recipe (state ``queued``) and
+   the job id goes on the queue. Without a key there is nothing to hold while pinning, so
+   the job is recorded queued in one step (:meth:`~infra.db.JobStore.create_job`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from app.problems import ApiProblem
+from app.service import Principal, Service
+from infra.artifacts import ArtifactError, ArtifactNotFound, resolve_artifact
+from infra.db import IdempotencyKeyInFlight, IdempotencyKeyReused, JobNotPending
+from infra.db.models import Job
+from infra.hub import HubAccess, HubPinError, pin_hub_reference
+from infra.queue import QueueUnavailable
+from infra.storage import StorageUnavailable
+from schemas.jobs import (
+    JobCreate,
+    JobError,
+    JobKind,
+    JobProgress,
+    JobState,
+    JobView,
+    ProblemDetail,
+    ProblemItem,
+)
+from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
+
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+MAX_BODY_BYTES = 1 << 20
+# The first response to a job whose message could not be queued was a 503; a replay of its
+# Idempotency-Key answers the same (found again by this message prefix).
+ENQUEUE_FAILED = "the job could not be queued"
+
+Location = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    view: JobView
+    replayed: bool
+
+
+def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
+    """The request body as a JobCreate; raises ApiProblem (415, 413 or 422)."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiProblem(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    if media in JSON_TYPES or media.endswith("+json"):
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise ApiProblem(
+                422, f"the body is not valid JSON: {e}", title="Invalid request"
+            ) from e
+    elif media in YAML_TYPES:
+        try:
+            data = yaml.safe_load(body)
+        except yaml.YAMLError as e:
+            raise ApiProblem(
+                422, f"the body is not valid YAML: {e}", title="Invalid request"
+            ) from e
+    else:
+        raise ApiProblem(
+            415,
+            f"unsupported content type {media!r}: send application/json or application/yaml",
+        )
+    if not isinstance(data, dict):
+        raise ApiProblem(
+            422,
+            "the body must be an object with 'kind', 'recipe' and 'artifact_name'",
+            title="Invalid request",
+        )
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as e:
+        raise ApiProblem.from_detail(ProblemDetail.from_validation_error(e)) from None
+
+
+def submit_job(
+    service: Service, principal: Principal, request: JobCreate, idempotency_key: str | None
+) -> Submitted:
+    jobs = service.jobs
+    if idempotency_key is None:
+        # Nothing to replay or hold: pin first, then record the job queued in one transaction.
+        pinned = pin_recipe(service, principal, request.kind, request.recipe)
+        job = jobs.create_job(principal.tenant_id, request, recipe=pinned).job
+        return Submitted(_enqueue(service, job), replayed=False)
+    try:
+        submission = jobs.begin_job(principal.tenant_id, request, idempotency_key=idempotency_key)
+    except IdempotencyKeyReused as e:
+        raise ApiProblem(
+            422,
+            f"this Idempotency-Key was already used for a different request (job {e.job_id}); "
+            "use a new key for a new request",
+            title="Idempotency-Key reused",
+        ) from e
+    except IdempotencyKeyInFlight as e:
+        raise ApiProblem(
+            409,
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+            title="Request in progress",
+            headers={"Retry-After": "1"},
+        ) from e
+    except ValueError as e:  # a key longer than the store allows
+        raise ApiProblem(422, f"Idempotency-Key header: {e}", title="Invalid request") from e
+    if submission.replayed:
+        return Submitted(first_response(submission.job), replayed=True)
+
+    job_id = submission.job.id
+    try:
+        pinned = pin_recipe(service, principal, request.kind, request.recipe)
+    except BaseException:
+        jobs.abandon_job(job_id)
+        raise
+    try:
+        job = jobs.activate_job(job_id, pinned)
+    except JobNotPending as e:  # taken over after this request stalled past the key's timeout
+        raise ApiProblem(
+            409,
+            "this submission took too long and was superseded by a retry; look the job up by "
+            "retrying with the same Idempotency-Key",
+            title="Request superseded",
+        ) from e
+    return Submitted(_enqueue(service, job), replayed=False)
+
+
+def _enqueue(service: Service, job: Job) -> JobView:
+    """Queue a recorded job. If the broker refuses, the job fails (it would never run)."""
+    try:
+        service.queue.enqueue(job.id, kind=job.kind)
+    except QueueUnavailable as e:
+        message = f"{ENQUEUE_FAILED}: the broker is unreachable; submit it again later"
+        service.jobs.finish_failed(job.id, JobError(message=message, detail=message))
+        raise _enqueue_problem(job.id) from e
+    return job.to_view()
+
+
+def first_response(job: Job) -> JobView:
+    """What the first request with this job's Idempotency-Key was answered: the job as it was
+    when queued (a replay must not depend on how far the job got since)."""
+    if job.error is not None and str(job.error.get("message", "")).startswith(ENQUEUE_FAILED):
+        raise _enqueue_problem(job.id)
+    view = job.to_view()
+    return view.model_copy(
+        update={
+            "state": JobState.QUEUED,
+            "progress": JobProgress(),
+            "started_at": None,
+            "finished_at": None,
+            "attempts": 0,
+            "cancel_requested": False,
+            "error": None,
+            "artifact": None,
+        }
+    )
+
+
+def _enqueue_problem(job_id: str) -> ApiProblem:
+    return ApiProblem(
+        503,
+        f"job {job_id} could not be queued: the broker is unreachable; submit it again later",
+        title="Queue unavailable",
+        headers={"Retry-After": "5"},
+        job_id=job_id,
+    )
+
+
+# ---- pinning ----------------------------------------------------------------------------
+
+
+def reference_locations(kind: JobKind, recipe: dict[str, Any]) -> Iterator[Location]:
+    """Where a recipe names models (as validated by schemas/: strings at these places)."""
+    if kind is JobKind.MERGE:
+        if isinstance(recipe.get("base_model"), str):
+            yield ("base_model",)
+        for i, entry in enumerate(recipe.get("models") or []):
+            if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+                yield ("models", i, "model")
+        source = recipe.get("tokenizer_source")
+        if isinstance(source, str) and source != "base":
+            yield ("tokenizer_source",)
+    elif isinstance(recipe.get("model"), str):
+        yield ("model",)
+
+
+def pin_recipe(
+    service: Service, principal: Principal, kind: JobKind, recipe: dict[str, Any]
+) -> dict[str, Any]:
+    """A copy of ``recipe`` with every model reference pinned; raises ApiProblem."""
+    pinned = copy.deepcopy(recipe)
+    done: dict[str, str] = {}  # the same reference twice is looked up once
+    for loc in reference_locations(kind, recipe):
+        raw: str = _get(recipe, loc)
+        if raw not in done:
+            done[raw] = str(_pin_one(service, principal, raw, loc))
+        _set(pinned, loc, done[raw])
+    return pinned
+
+
+def _pin_one(service: Service, principal: Principal, raw: str, loc: Location) -> ModelReference:
+    settings = service.settings
+    pointer = "/recipe/" + "/".join(str(p) for p in loc)
+    try:
+        ref = parse_reference(raw)
+    except ReferenceError_ as e:  # schemas/ validated it already; belt and braces
+        raise _invalid(pointer, str(e), raw) from e
+    if ref.kind is ReferenceKind.HUB:
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        try:
+            return pin_hub_reference(ref, HubAccess(settings.hf_endpoint, token))
+        except HubPinError as e:
+            if e.retryable:
+                raise ApiProblem(
+                    503,
+                    f"{pointer}: {e.message}",
+                    title="Hub unavailable",
+                    headers={"Retry-After": "10"},
+                    model=raw,
+                ) from e
+            raise _invalid(pointer, e.message, raw) from e
+    if ref.kind is ReferenceKind.ARTIFACT:
+        try:
+            found = resolve_artifact(
+                service.store, principal.tenant, ref.location, ref.revision or "latest"
+            )
+        except StorageUnavailable as e:
+            raise ApiProblem(
+                503, f"{pointer}: the object store is unavailable: {e}", model=raw
+            ) from e
+        except ArtifactNotFound as e:
+            raise _invalid(pointer, str(e), raw) from e
+        except ArtifactError as e:
+            raise _invalid(pointer, str(e), raw) from e
+        return ModelReference.model_validate(found.reference)
+    if ref.kind is ReferenceKind.LOCAL and not settings.allow_local_paths:
+        raise _invalid(
+            pointer,
+            f"local path {raw!r} refused: this service does not read its own disk for clients "
+            "(the operator can allow it with WEIGHTSMITH_ALLOW_LOCAL_PATHS); use a hub "
+            "repository, s3:// or artifact:// reference",
+            raw,
+        )
+    return ref
+
+
+def _invalid(pointer: str, message: str, model: str) -> ApiProblem:
+    return ApiProblem(
+        422,
+        f"{pointer}: {message}",
+        title="Invalid model reference",
+        errors=[ProblemItem(detail=message, pointer=pointer)],
+        model=model,
+    )
+
+
+def _get(doc: Any, loc: Location) -> Any:
+    for part in loc:
+        doc = doc[part]
+    return doc
+
+
+def _set(doc: Any, loc: Location, value: Any) -> None:
+    for part in loc[:-1]:
+        doc = doc[part]
+    doc[loc[-1]] = value

@@ -1,0 +1,370 @@
+"""A job's life on a worker (workers.runner.run_job), without a broker: SQLite job store,
+local object store and tiny real checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infra.artifacts import download_artifact, list_versions
+from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
+from infra.settings import Settings
+from infra.storage import LocalObjectStore
+from schemas.jobs import JobCreate, JobKind, JobState
+from workers.runner import RetryLater, run_job
+
+TENANT = "acme"
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: JobStore
+    objects: LocalObjectStore
+    tenant_id: int
+    work_root: Path
+
+    def submit(self, recipe: dict[str, Any], name: str = "soup") -> str:
+        request = JobCreate(kind=JobKind.MERGE, recipe=recipe, artifact_name=name)
+        return self.store.create_job(self.tenant_id, request).job.id
+
+    def run(self, job_id: str, worker_id: str = "w1") -> None:
+        run_job(
+            job_id,
+            store=self.store,
+            settings=self.settings,
+            object_store=self.objects,
+            worker_id=worker_id,
+            work_root=self.work_root,
+        )
+
+    def job(self, job_id: str) -> Any:
+        job = self.store.get(self.tenant_id, job_id)
+        assert job is not None
+        return job
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path}/jobs.db",
+        object_store_url=f"file://{tmp_path}/artifacts",
+        allow_local_paths=True,
+        worker_heartbeat_interval=1,
+        worker_lost_after=3,
+    )
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    tenant_id = ApiKeys(engine).ensure_tenant(TENANT).id
+    work_root = tmp_path / "work"
+    work_root.mkdir()
+    yield Service(
+        settings,
+        JobStore.from_settings(settings, engine),
+        LocalObjectStore(tmp_path / "artifacts"),
+        tenant_id,
+        work_root,
+    )
+    engine.dispose()
+
+
+def linear(a: Path | str, b: Path | str, seed: int = 1) -> dict[str, Any]:
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.5}},
+            {"model": str(b), "parameters": {"weight": 0.5}},
+        ],
+        "seed": seed,
+    }
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, whatever its sharding."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_many_tensor_family(root: Path, layers: int) -> dict[str, Path]:
+    """A Llama-shaped checkpoint with many tensors, so that a TIES merge takes seconds."""
+    from transformers import LlamaForCausalLM
+
+    from tests.models import llama_config, save_tokenizer
+
+    config = llama_config(num_hidden_layers=layers, hidden_size=128, intermediate_size=256)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
+    family = {}
+    for seed, name in enumerate(("base", "ft1", "ft2")):
+        g = torch.Generator().manual_seed(seed)
+        target = root / name
+        target.mkdir(parents=True)
+        tensors = {n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(target))
+        save_tokenizer(target)
+        family[name] = target
+    return family
+
+
+def ties(family: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": str(family["ft2"]), "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "seed": 3,
+    }
+
+
+def test_a_successful_job_publishes_a_verified_artifact_that_loads(
+    service: Service, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert job.state == JobState.SUCCEEDED
+    view = job.to_view()
+    assert view.artifact is not None and view.artifact.version == 1
+    assert view.artifact.uri == "artifact://soup@1"
+    assert view.progress.tensors_done == view.progress.tensors_total > 0
+    assert [v.version for v in list_versions(service.objects, TENANT, "soup")] == [1]
+
+    out = download_artifact(service.objects, TENANT, "soup", 1, tmp_path / "dl")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifact"]["job_id"] == job_id
+    files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert files and all(sha256(out / path) == digest for path, digest in files.items())
+
+    merged = tensors(out)
+    a = tensors(llama_family["ft1"])
+    b = tensors(llama_family["ft2"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], 0.5 * a[name] + 0.5 * b[name])
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.num_hidden_layers == 4
+    assert list(service.work_root.iterdir()) == []  # the work directory is gone
+
+
+def test_a_corrupt_input_fails_the_job_with_what_and_where(
+    service: Service, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_family["ft2"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    job_id = service.submit(linear(llama_family["ft1"], broken))
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert job.state == JobState.FAILED
+    error = job.to_view().error
+    assert error is not None
+    assert error.model == str(broken)
+    assert "model.safetensors" in (error.detail or "")
+    assert list_versions(service.objects, TENANT, "soup") == []
+    assert list(service.work_root.iterdir()) == []
+
+
+def test_local_paths_are_refused_unless_the_operator_allows_them(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    service.settings = service.settings.model_copy(update={"allow_local_paths": False})
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    service.run(job_id)
+
+    error = service.job(job_id).to_view().error
+    assert error is not None and "local paths are disabled" in error.message
+
+
+def test_cancel_while_running_ends_cancelled_and_publishes_nothing(
+    service: Service, tmp_path: Path
+) -> None:
+    family = build_many_tensor_family(tmp_path / "many", layers=32)
+    job_id = service.submit(ties(family))
+    worker = threading.Thread(target=service.run, args=(job_id,))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while service.job(job_id).phase != "merge":
+        assert time.monotonic() < deadline, "the merge never started"
+        time.sleep(0.02)
+    cancelled = service.store.request_cancel(service.tenant_id, job_id)
+    assert cancelled is not None and cancelled.state == JobState.RUNNING
+    worker.join(timeout=30)
+
+    job = service.job(job_id)
+    assert job.state == JobState.CANCELLED
+    assert job.tensors_done < (job.tensors_total or 0)
+    assert list_versions(service.objects, TENANT, "soup") == []
+    assert not list(service.objects.list(f"{TENANT}/"))  # not even a claimed version
+    assert list(service.work_root.iterdir()) == []
+
+
+def test_a_redelivered_message_for_a_finished_job_does_nothing(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    service.run(job_id, worker_id="w1")
+    before = service.job(job_id)
+
+    service.run(job_id, worker_id="w2")
+
+    after = service.job(job_id)
+    assert (after.state, after.attempts, after.worker_id) == (JobState.SUCCEEDED, 1, "w1")
+    assert after.finished_at == before.finished_at
+    assert [v.version for v in list_versions(service.objects, TENANT, "soup")] == [1]
+
+
+def test_a_message_for_a_job_running_elsewhere_is_retried_later(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    assert service.store.claim(job_id, "other-worker") is not None
+
+    with pytest.raises(RetryLater) as retry:
+        service.run(job_id, worker_id="w2")
+
+    assert 0 < retry.value.delay_s <= service.settings.worker_lost_after
+    job = service.job(job_id)
+    assert (job.state, job.attempts, job.worker_id) == (JobState.RUNNING, 1, "other-worker")
+
+
+def test_a_job_whose_worker_was_lost_is_taken_over_and_completed_once(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    assert service.store.claim(job_id, "dead-worker") is not None
+    time.sleep(service.settings.worker_lost_after + 0.2)  # its heartbeat goes stale
+
+    service.run(job_id, worker_id="w2")
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts, job.worker_id) == (JobState.SUCCEEDED, 2, "w2")
+    assert [v.version for v in list_versions(service.objects, TENANT, "soup")] == [1]
+
+
+def test_an_artifact_can_be_the_input_of_a_later_merge(
+    service: Service, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    first = service.submit(linear(llama_family["ft1"], llama_family["ft2"]), name="soup")
+    service.run(first)
+    second = service.submit(linear("artifact://soup@1", llama_family["ft3"]), name="soup2")
+    service.run(second)
+
+    job = service.job(second)
+    assert job.state == JobState.SUCCEEDED, job.error
+    out = download_artifact(service.objects, TENANT, "soup2", 1, tmp_path / "dl")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "artifact://soup@1" in json.dumps(manifest["parents"])
+
+    merged = tensors(out)
+    a = tensors(llama_family["ft1"])
+    b = tensors(llama_family["ft2"])
+    c = tensors(llama_family["ft3"])
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(merged[name], 0.5 * (0.5 * a[name] + 0.5 * b[name]) + 0.5 * c[name])
+
+
+def test_an_unknown_artifact_input_fails_the_job(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    job_id = service.submit(linear("artifact://nothing@3", llama_family["ft1"]))
+    service.run(job_id)
+
+    error = service.job(job_id).to_view().error
+    assert error is not None
+    assert error.model == "artifact://nothing@3"
+    assert "nothing" in error.message
+
+
+def test_a_job_past_its_time_limit_stops_and_fails_cleanly(
+    service: Service, tmp_path: Path
+) -> None:
+    service.settings = service.settings.model_copy(update={"job_hard_time_limit": 1})
+    family = build_many_tensor_family(tmp_path / "many", layers=48)  # merging takes seconds
+    job_id = service.submit(ties(family))
+
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert job.state == JobState.FAILED
+    assert "time limit (1 s" in job.error["message"]
+    assert list_versions(service.objects, TENANT, "soup") == []
+    assert list(service.work_root.iterdir()) == []
+
+
+def test_s3_inputs_are_fetched_and_the_artifact_is_published_to_s3(
+    service: Service, llama_family: dict[str, Path], s3_server: Any, tmp_path: Path
+) -> None:
+    from infra.storage import open_store
+
+    run_prefix = f"runner-{secrets.token_hex(4)}"
+    raw = s3_server.store(prefix="")
+    for f in llama_family["ft1"].iterdir():
+        raw.put_file(f"{run_prefix}/inputs/ft1/{f.name}", f)
+    service.settings = service.settings.model_copy(
+        update={"object_store_url": s3_server.url(f"{run_prefix}/artifacts")}
+    )
+    service.objects = open_store(service.settings.object_store_url)  # type: ignore[assignment]
+    source = f"s3://{s3_server.bucket}/{run_prefix}/inputs/ft1"
+    job_id = service.submit(linear(source, llama_family["ft2"]))
+
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert job.state == JobState.SUCCEEDED, job.error
+    out = download_artifact(service.objects, TENANT, "soup", 1, tmp_path / "dl")
+    merged, a, b = tensors(out), tensors(llama_family["ft1"]), tensors(llama_family["ft2"])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[name], 0.5 * a[name] + 0.5 * b[name])
+
+
+def test_an_unreachable_source_is_retried_then_fails_on_the_last_attempt(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    service.settings = service.settings.model_copy(
+        update={"hf_endpoint": f"http://127.0.0.1:{closed_port}", "max_attempts": 2}
+    )
+    service.store.max_attempts = 2
+    job_id = service.submit(linear("org/model@" + "a" * 40, llama_family["ft1"]))
+
+    with pytest.raises(RetryLater):
+        service.run(job_id, worker_id="w1")
+    assert service.job(job_id).state == JobState.RUNNING  # attempt 1 ended, not recorded
+    time.sleep(service.settings.worker_lost_after + 0.2)
+    service.run(job_id, worker_id="w2")
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 2)
+    assert job.error["model"] == "org/model@" + "a" * 40
+    assert f"127.0.0.1:{closed_port}" in job.error["detail"]

@@ -1,0 +1,125 @@
+"""``weightsmith serve``: API and in-process worker on one machine, SQLite and a local artifact
+directory, no broker. A first start prints a bootstrap key that works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.test_runner import linear
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {key}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_serve_prints_a_bootstrap_key_and_runs_a_submitted_job(
+    tmp_path: Path, llama_family: dict[str, Path]
+) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
+        "WEIGHTSMITH_DATA_DIR": str(tmp_path / "data"),
+        "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
+        "PYTHONPATH": str(ROOT),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "weightsmith", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        lines = log.read_text().splitlines()
+        key = next(line.strip() for line in lines if line.strip().startswith("wsk_"))
+        assert key == (tmp_path / "data" / "bootstrap-api-key").read_text().strip()
+
+        body = {
+            "kind": "merge",
+            "recipe": linear(llama_family["ft1"], llama_family["ft2"]),
+            "artifact_name": "served",
+        }
+        job = call("POST", f"{base}/v1/jobs", key, body)
+        assert job["state"] == "queued"
+        deadline = time.monotonic() + 60
+        while job["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+            job = call("GET", f"{base}/v1/jobs/{job['id']}", key)
+        assert job["state"] == "succeeded", job
+        assert job["artifact"]["version"] == 1
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_keys_create_prints_a_key_on_its_last_line_and_revoke_disables_it(tmp_path: Path) -> None:
+    from infra.db import ApiKeys, make_engine
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
+        "WEIGHTSMITH_DATA_DIR": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "weightsmith", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    created = cli("keys", "create", "--tenant", "acme")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    engine = make_engine(f"sqlite:///{tmp_path}/weightsmith.db")
+    try:
+        keys = ApiKeys(engine)
+        tenant = keys.authenticate(key)
+        assert tenant is not None and tenant.name == "acme"
+
+        prefix = key.split("_")[1]
+        assert cli("keys", "revoke", prefix).returncode == 0
+        assert keys.authenticate(key) is None
+        again = cli("keys", "revoke", prefix)
+        assert again.returncode == 2 and "no active API key" in again.stderr
+    finally:
+        engine.dispose()

@@ -1,0 +1,157 @@
+"""The in-process worker of the embedded default (``weightsmith serve``, no broker).
+
+Jobs run one at a time in a background thread, through the same :func:`workers.runner.run_job`
+as on Celery. The API hands it job ids (``InProcessQueue(worker.submit)``); nothing is lost
+when the process stops, because the job store is the queue's memory: at start the worker
+requeues jobs whose worker was lost and picks up every queued job, and while it runs it
+does that housekeeping again now and then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infra.db import JobStore
+    from infra.settings import Settings
+    from infra.storage import ObjectStore
+
+log = logging.getLogger("weightsmith.embedded")
+
+_STOP = object()
+
+
+class EmbeddedWorker:
+    """One worker thread consuming job ids. ``submit`` only enqueues and returns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: JobStore,
+        object_store: ObjectStore,
+        work_root: Path | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.object_store = object_store
+        self.work_root = work_root
+        self.device = device
+        self._ids: queue.Queue[object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._timers: set[threading.Timer] = set()
+        self._lock = threading.Lock()
+        # Housekeeping as often as a lost worker can be detected, at most every minute.
+        self.housekeeping_s = float(min(60, settings.worker_lost_after))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddedWorker:
+        from infra.db import JobStore, make_engine
+        from infra.storage import open_store
+
+        return cls(
+            settings,
+            store=JobStore.from_settings(settings, make_engine(settings.database_url)),
+            object_store=open_store(settings.object_store_url),
+            work_root=settings.data_dir / "work",
+        )
+
+    def submit(self, job_id: str) -> None:
+        """Queue a job (the API's InProcessQueue callback)."""
+        if self._stopping.is_set():
+            raise RuntimeError("the embedded worker is stopping")
+        self._ids.put(job_id)
+
+    def start(self) -> None:
+        """Pick up the jobs left by a previous run, then start consuming."""
+        if self._thread is not None:
+            return
+        if self.work_root is not None:
+            self.work_root.mkdir(parents=True, exist_ok=True)
+        self._housekeeping(first=True)
+        self._thread = threading.Thread(
+            target=self._consume, name="weightsmith-worker", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the current job (which is not interrupted); queued ids stay queued in
+        the job store for the next start."""
+        self._stopping.set()
+        with self._lock:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
+        self._ids.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _housekeeping(self, *, first: bool = False) -> None:
+        recovered = self.store.recover_lost_jobs()
+        if recovered:
+            log.warning("requeued %d job(s) whose worker was lost", len(recovered))
+        if first:
+            for job_id in self.store.queued_job_ids():
+                self._ids.put(job_id)
+        else:
+            for job_id in recovered:
+                self._ids.put(job_id)
+
+    def _later(self, delay_s: float, job_id: str) -> None:
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+            if not self._stopping.is_set():
+                self._ids.put(job_id)
+
+        timer = threading.Timer(delay_s, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _consume(self) -> None:
+        from workers.runner import RetryLater, run_job
+
+        while True:
+            try:
+                item = self._ids.get(timeout=self.housekeeping_s)
+            except queue.Empty:
+                self._safely(self._housekeeping)
+                continue
+            if item is _STOP:
+                return
+            job_id = str(item)
+            worker_id = f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            try:
+                run_job(
+                    job_id,
+                    store=self.store,
+                    settings=self.settings,
+                    object_store=self.object_store,
+                    worker_id=worker_id,
+                    device=self.device,
+                    work_root=self.work_root,
+                )
+            except RetryLater as e:
+                log.info("%s", e)
+                self._later(e.delay_s + 0.5, job_id)
+            except Exception:  # the thread must survive anything one job does
+                log.exception("job %s: the embedded worker failed to run it", job_id)
+
+    @staticmethod
+    def _safely(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("embedded worker housekeeping failed")

@@ -1,0 +1,496 @@
+"""One job's life on a worker: claim, fetch inputs, merge, publish, record the outcome.
+
+:func:`run_job` is what the Celery task (``workers.tasks``) and the embedded worker
+(``workers.embedded``) call with a job id; it needs no broker, so every rule here is tested
+directly. The job store is the source of truth:
+
+- **Claim.** ``JobStore.claim`` moves the job to ``running`` and counts the attempt. A
+  redelivered message for a finished job, or an unknown one, does nothing. A message for a job
+  that still runs under a worker not yet presumed lost raises :class:`RetryLater`: the caller
+  retries the message after that delay, by which time the job either finished (nothing to do)
+  or its worker's heartbeat went stale (this attempt takes it over).
+- **Heartbeat and fencing.** A background thread writes a heartbeat every
+  ``worker_heartbeat_interval``; progress is written at most about once a second. When the
+  store answers False (the job was taken over by another worker, or finished), the merge stops
+  at the next tensor and nothing more is written or published.
+- **Cancel** is cooperative: the engine checks the job's cancel flag between tensors.
+- **Outcome.** Bad input (``InputError`` and other ``WeightsmithError``) fails the job with
+  what was wrong and where. A transient failure (an unreachable source, the object store, an
+  unexpected exception) raises :class:`RetryLater` while attempts remain, and fails the job
+  once they are used up. Success publishes the output as the next artifact version (idempotent
+  per job) and records it.
+
+The Hugging Face token comes from the worker's settings; it goes to the Hub client only, never
+into the job record, an error message or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from infra.artifacts import (
+    LATEST,
+    MANIFEST,
+    ArtifactError,
+    compute_recipe_hash,
+    download_artifact,
+    publish_artifact,
+    resolve_artifact,
+)
+from infra.db.models import Tenant
+from infra.storage import ObjectStore, StorageError, s3_options
+from schemas.jobs import ArtifactRef, JobError, JobKind
+from schemas.references import ModelReference, ReferenceKind
+
+if TYPE_CHECKING:
+    from infra.db import Job, JobStore
+    from infra.settings import Settings
+    from schemas.recipe import MergeRecipe
+    from workers.merge.engine import Progress
+    from workers.sources import ResolvedModel, SourceSettings
+
+log = logging.getLogger("weightsmith.runner")
+
+PROGRESS_INTERVAL_S = 1.0  # progress rows written at most this often (phase changes at once)
+CANCEL_POLL_INTERVAL_S = 0.25  # the cancel flag is read from the store at most this often
+
+
+class RetryLater(Exception):
+    """Run this job's message again after ``delay_s`` seconds (nothing was recorded)."""
+
+    def __init__(self, job_id: str, delay_s: float, reason: str) -> None:
+        super().__init__(f"job {job_id}: {reason}; retry in {delay_s:.1f} s")
+        self.job_id = job_id
+        self.delay_s = delay_s
+        self.reason = reason
+
+
+class _LostJob(Exception):
+    """The store says this worker no longer owns the job: stop without writing anything."""
+
+
+def run_job(
+    job_id: str,
+    *,
+    store: JobStore,
+    settings: Settings,
+    object_store: ObjectStore,
+    worker_id: str,
+    device: str = "cpu",
+    work_root: Path | None = None,
+) -> None:
+    """Run job ``job_id`` to its end, or do nothing if it is not this call's to run.
+
+    Raises :class:`RetryLater` when the message should be handled again later; every other
+    outcome is recorded in the job store. ``work_root`` is where the per-job work directory
+    (downloaded inputs, merge output) is made; it is removed when the job ends, however it ends.
+    """
+    job = store.claim(job_id, worker_id)
+    if job is None:
+        delay = store.retry_claim_after(job_id)
+        if delay is None:
+            log.info("job %s: finished or unknown, message ignored", job_id)
+            return
+        raise RetryLater(job_id, delay, "still running under another worker")
+    log.info("job %s: attempt %d/%d on %s", job_id, job.attempts, job.max_attempts, worker_id)
+
+    watch = _JobWatch(
+        store,
+        job_id,
+        worker_id,
+        settings.worker_heartbeat_interval,
+        time_limit_s=soft_time_limit(settings),
+    )
+    work = Path(tempfile.mkdtemp(prefix=f"weightsmith-job-{job_id}-", dir=work_root))
+    watch.start()
+    try:
+        _run_claimed(
+            job,
+            store=store,
+            settings=settings,
+            object_store=object_store,
+            watch=watch,
+            work=work,
+            device=device,
+        )
+    except _LostJob:
+        log.warning("job %s: taken over by another worker; this attempt stops", job_id)
+    except RetryLater:
+        raise
+    except Exception as e:
+        watch.stop()  # no more heartbeats: the retry may take the job over once they are stale
+        _transient_failure(job, store, worker_id, e)
+    finally:
+        watch.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_claimed(
+    job: Job,
+    *,
+    store: JobStore,
+    settings: Settings,
+    object_store: ObjectStore,
+    watch: _JobWatch,
+    work: Path,
+    device: str,
+) -> None:
+    from workers.errors import CancelledError, InputError, WeightsmithError
+    from workers.sources import SourceUnavailable
+
+    try:
+        tenant = _tenant_name(store, job.tenant_id)
+        recipe = _parse_recipe(job)
+        sources = source_settings(settings, allow_pickle=recipe.allow_pickle)
+        watch.report_phase("resolve")
+        watch.check()
+        resolved = _resolve_inputs(recipe, sources, settings, object_store, tenant, work, watch)
+        result = _merge(recipe, work / "out", sources, resolved, device, watch)
+    except CancelledError:
+        if watch.lost:
+            raise _LostJob from None
+        if watch.timed_out:
+            message = (
+                f"the job ran longer than its time limit ({settings.job_hard_time_limit} s, "
+                "WEIGHTSMITH_JOB_HARD_TIME_LIMIT) and was stopped; nothing was published"
+            )
+            error = JobError(message=message, detail=message)
+            store.finish_failed(job.id, error, worker_id=watch.worker_id)
+            log.warning("job %s: %s", job.id, message)
+            return
+        store.finish_cancelled(job.id, worker_id=watch.worker_id)
+        log.info("job %s: cancelled, nothing published", job.id)
+        return
+    except SourceUnavailable:
+        raise  # transient: retried while attempts remain
+    except (InputError, WeightsmithError) as e:
+        if watch.lost:
+            raise _LostJob from None
+        store.finish_failed(job.id, JobError(**e.to_dict()), worker_id=watch.worker_id)
+        log.info("job %s: failed: %s", job.id, e)
+        return
+    if watch.lost:
+        raise _LostJob
+    if store.is_cancel_requested(job.id):
+        store.finish_cancelled(job.id, worker_id=watch.worker_id)
+        log.info("job %s: cancelled after merging, nothing published", job.id)
+        return
+    watch.report_phase("publish")
+    if watch.lost:
+        raise _LostJob
+    parents = [str(p.get("pinned")) for p in result.manifest.get("parents", [])]
+    digest = compute_recipe_hash(
+        kind=job.kind, recipe=job.recipe, parents=parents, seed=result.seed
+    )
+    try:
+        version = publish_artifact(
+            object_store,
+            tenant,
+            job.artifact_name,
+            result.out_dir,
+            job_id=job.id,
+            recipe_hash=digest,
+        )
+    except StorageError:
+        raise  # transient: retried while attempts remain
+    except ArtifactError as e:
+        store.finish_failed(
+            job.id, JobError(message=str(e), file=e.file, detail=str(e)), worker_id=watch.worker_id
+        )
+        return
+    ref = ArtifactRef(name=version.name, version=version.version, uri=version.reference)
+    if store.finish_succeeded(job.id, ref, worker_id=watch.worker_id) is None:
+        # Taken over while publishing: the other attempt finds this version by job id.
+        log.warning("job %s: published v%d but the job was taken over", job.id, version.version)
+        return
+    log.info("job %s: published %s", job.id, version.reference)
+
+
+def _transient_failure(job: Job, store: JobStore, worker_id: str, e: Exception) -> None:
+    """Fail the job if this was its last attempt, else ask for a retry once it is claimable."""
+    from workers.errors import WeightsmithError
+
+    if job.attempts >= job.max_attempts:
+        # A WeightsmithError's text is user-facing and scrubbed; other errors may carry
+        # anything (paths, URLs), so only their type goes into the job record.
+        if isinstance(e, WeightsmithError):
+            error = JobError(**e.to_dict())
+        else:
+            what = f"the worker failed with {type(e).__name__}"
+            message = f"{what} on each of {job.max_attempts} attempts; see the worker's log"
+            error = JobError(message=message, detail=message)
+        store.finish_failed(job.id, error, worker_id=worker_id)
+        log.exception("job %s: failed on its last attempt", job.id)
+        return
+    delay = store.retry_claim_after(job.id)
+    if delay is None:
+        return  # finished meanwhile (e.g. cancelled and recovered): nothing to retry
+    log.warning("job %s: attempt %d failed (%s); retrying", job.id, job.attempts, type(e).__name__)
+    raise RetryLater(job.id, delay, f"attempt {job.attempts} failed ({type(e).__name__})") from e
+
+
+def soft_time_limit(settings: Settings) -> float:
+    """Seconds after which a running job stops itself (between tensors) and fails cleanly:
+    a little before the hard limit, at which Celery kills the process mid-tensor."""
+    hard = float(settings.job_hard_time_limit)
+    return hard - min(60.0, 0.05 * hard)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def source_settings(settings: Settings, *, allow_pickle: bool) -> SourceSettings:
+    """How this worker resolves references: the operator's hub endpoint and token."""
+    from workers.sources import SourceSettings
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
+    return SourceSettings(
+        hub_endpoint=settings.hf_endpoint,
+        hub_token=token,
+        allow_local=settings.allow_local_paths,
+        allow_pickle=allow_pickle and settings.allow_pickle,
+    )
+
+
+def _tenant_name(store: JobStore, tenant_id: int) -> str:
+    with store.engine.connect() as conn:
+        name = conn.scalar(select(Tenant.name).where(Tenant.id == tenant_id))
+    if name is None:
+        raise RuntimeError(f"tenant {tenant_id} of the job does not exist")
+    return str(name)
+
+
+def _parse_recipe(job: Job) -> MergeRecipe:
+    from pydantic import ValidationError
+
+    from schemas.recipe import MergeRecipe, format_validation_error
+    from workers.errors import InputError
+
+    if job.kind != JobKind.MERGE.value:
+        raise InputError(f"{job.kind} jobs are not supported by this worker yet", field="kind")
+    try:
+        return MergeRecipe.model_validate(job.recipe)
+    except ValidationError as e:
+        raise InputError("; ".join(format_validation_error(e)), field="recipe") from None
+
+
+def _references(recipe: MergeRecipe) -> list[ModelReference]:
+    refs: list[ModelReference] = []
+    if recipe.base_model is not None:
+        refs.append(recipe.base_model)
+    refs.extend(m.model for m in recipe.models)
+    if isinstance(recipe.tokenizer_source, ModelReference):
+        refs.append(recipe.tokenizer_source)
+    unique: dict[str, ModelReference] = {}
+    for ref in refs:
+        unique.setdefault(str(ref), ref)
+    return list(unique.values())
+
+
+def _resolve_inputs(
+    recipe: MergeRecipe,
+    sources: SourceSettings,
+    settings: Settings,
+    object_store: ObjectStore,
+    tenant: str,
+    work: Path,
+    watch: _JobWatch,
+) -> dict[str, ResolvedModel]:
+    """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths."""
+    from workers.sources import resolve_reference
+
+    resolved: dict[str, ResolvedModel] = {}
+    for i, ref in enumerate(_references(recipe)):
+        watch.check()
+        if ref.kind is ReferenceKind.ARTIFACT:
+            resolved[str(ref)] = _resolve_artifact(ref, object_store, tenant, work / f"input-{i}")
+        elif ref.kind is ReferenceKind.S3:
+            resolved[str(ref)] = _resolve_s3(ref, settings, sources, work / f"input-{i}")
+        else:
+            resolved[str(ref)] = resolve_reference(ref, sources)
+    return resolved
+
+
+def _local_checkpoint(
+    ref: ModelReference, pinned: ModelReference, path: Path, revision: str | None
+) -> ResolvedModel:
+    """A downloaded folder as a resolved model that keeps its remote identity."""
+    from dataclasses import replace
+
+    from workers.sources import SourceSettings
+    from workers.sources.local import resolve_local
+
+    local = resolve_local(ref, SourceSettings(allow_local=True), path=path)
+    return replace(local, pinned=pinned, revision=revision)
+
+
+def _resolve_artifact(
+    ref: ModelReference, object_store: ObjectStore, tenant: str, dest: Path
+) -> ResolvedModel:
+    from workers.errors import SourceError
+
+    try:
+        # The service pins "latest" at submission; an unpinned reference is pinned here.
+        version = resolve_artifact(object_store, tenant, ref.location, ref.revision or LATEST)
+        download_artifact(object_store, tenant, ref.location, version.version, dest)
+    except ArtifactError as e:
+        raise SourceError(str(e), model=str(ref), file=e.file) from None
+    (dest / MANIFEST).unlink(missing_ok=True)  # the artifact's own record, not a model file
+    pinned = ref.with_revision(str(version.version))
+    return _local_checkpoint(ref, pinned, dest, str(version.version))
+
+
+def _resolve_s3(
+    ref: ModelReference, settings: Settings, sources: SourceSettings, dest: Path
+) -> ResolvedModel:
+    """Fetch a checkpoint folder from S3-compatible storage (the artifact store's server and
+    credentials); only the files a merge needs."""
+    from workers.errors import SourceError
+    from workers.sources import select_files
+    from workers.sources.selection import NoWeightsError
+
+    bucket, _, prefix = ref.location.partition("/")
+    options: dict[str, Any] = {}
+    if settings.object_store_url.startswith("s3://"):
+        options = s3_options(settings.object_store_url)
+    options.update(bucket=bucket, prefix="", create_bucket=False)
+    try:
+        from infra.storage.s3 import S3ObjectStore
+
+        remote = S3ObjectStore(**options)
+        base = f"{prefix}/" if prefix else ""
+        listing = {info.key[len(base) :]: info for info in remote.list(base)}
+
+        def load_index(name: str) -> Any:
+            import json
+
+            return json.loads(remote.get_bytes(base + name))
+
+        selection = select_files(listing, allow_pickle=sources.allow_pickle, load_index=load_index)
+        dest.mkdir(parents=True)
+        for name in selection.files:
+            remote.download_file(base + name, dest / name)
+    except NoWeightsError as e:
+        raise SourceError(f"{ref}: {e}", model=str(ref)) from None
+    except StorageError as e:
+        raise SourceError(f"cannot read {ref}: {e}", model=str(ref)) from None
+    return _local_checkpoint(ref, ref, dest, None)
+
+
+# ---- merge ----------------------------------------------------------------------------------
+
+
+def _merge(
+    recipe: MergeRecipe,
+    out_dir: Path,
+    sources: SourceSettings,
+    resolved: dict[str, ResolvedModel],
+    device: str,
+    watch: _JobWatch,
+) -> Any:
+    from workers.merge.engine import run_merge
+
+    return run_merge(
+        recipe,
+        out_dir,
+        device=device,
+        sources=sources,
+        progress=watch.report,
+        cancelled=watch.should_stop,
+        resolved=resolved,
+    )
+
+
+class _JobWatch:
+    """Heartbeats, throttled progress and the stop signal of one running attempt."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        worker_id: str,
+        heartbeat_interval: float,
+        *,
+        time_limit_s: float,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.heartbeat_interval = heartbeat_interval
+        self.lost = False
+        self.timed_out = False
+        self._deadline = time.monotonic() + time_limit_s
+        self._cancel = False
+        self._last_progress = 0.0
+        self._last_phase: str | None = None
+        self._last_cancel_check = 0.0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.heartbeat_interval):
+            try:
+                if not self.store.heartbeat(self.job_id, self.worker_id):
+                    self.lost = True
+                    return
+            except Exception:  # a database hiccup: the next beat tries again
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def _write(self, **values: Any) -> None:
+        if not self.store.update_progress(self.job_id, self.worker_id, **values):
+            self.lost = True
+
+    def report_phase(self, phase: str) -> None:
+        self._last_phase = phase
+        self._last_progress = time.monotonic()
+        self._write(phase=phase)
+
+    def report(self, p: Progress) -> None:
+        now = time.monotonic()
+        if p.phase == self._last_phase and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_phase = p.phase
+        self._last_progress = now
+        self._write(
+            phase=p.phase,
+            tensors_done=p.tensors_done,
+            tensors_total=p.tensors_total,
+            bytes_done=p.bytes_done,
+            bytes_total=p.bytes_total,
+        )
+
+    def should_stop(self) -> bool:
+        """The engine's cancel check: a cancel request, or the job is no longer ours."""
+        if self.lost or self._cancel or self.timed_out:
+            return True
+        now = time.monotonic()
+        if now > self._deadline:
+            self.timed_out = True
+            return True
+        if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
+            self._last_cancel_check = now
+            self._cancel = self.store.is_cancel_requested(self.job_id)
+        return self.lost or self._cancel
+
+    def check(self) -> None:
+        """Between input downloads: stop at once when cancelled or taken over."""
+        from workers.errors import CancelledError
+
+        if self.should_stop():
+            raise CancelledError("the job was cancelled")

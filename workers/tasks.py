@@ -1,0 +1,138 @@
+"""The Celery task: a thin adapter from a queue message (a job id) to workers.runner.run_job;
+and the sweeper that requeues jobs whose worker was lost without a message to redeliver.
+
+The job store, object store and settings are built once per worker process, on its first
+task, so the prefork parent opens no database connection and imports no torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from workers.celery_app import DEFAULT_QUEUE, GPU_QUEUE, RUN_JOB_TASK, app
+
+if TYPE_CHECKING:
+    from infra.db import JobStore
+    from infra.settings import Settings
+    from infra.storage import ObjectStore
+
+log = logging.getLogger("weightsmith.tasks")
+
+RETRY_MARGIN_S = 0.5  # retry a little after the other worker's heartbeat is stale
+
+
+@dataclass(frozen=True)
+class _WorkerContext:
+    pid: int
+    settings: Settings
+    store: JobStore
+    object_store: ObjectStore
+
+
+@functools.cache
+def _context_for(pid: int) -> _WorkerContext:
+    from infra.db import JobStore, make_engine
+    from infra.settings import get_settings
+    from infra.storage import open_store
+
+    settings = get_settings()
+    store = JobStore.from_settings(settings, make_engine(settings.database_url))
+    return _WorkerContext(pid, settings, store, open_store(settings.object_store_url))
+
+
+def _context() -> _WorkerContext:
+    # Keyed by pid: a forked child must not reuse its parent's database connections.
+    return _context_for(os.getpid())
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None, ignore_result=True)
+def run_job(self: Any, job_id: str) -> None:
+    """Run one job (see workers.runner). Retried, not failed, while another worker holds it."""
+    from workers.runner import RetryLater
+    from workers.runner import run_job as run
+
+    ctx = _context()
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    device = "cuda" if queue == GPU_QUEUE else "cpu"
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    try:
+        run(
+            str(job_id),
+            store=ctx.store,
+            settings=ctx.settings,
+            object_store=ctx.object_store,
+            worker_id=worker_id,
+            device=device,
+        )
+    except RetryLater as e:
+        log.info("%s", e)
+        raise self.retry(countdown=e.delay_s + RETRY_MARGIN_S) from None
+
+
+# ---- lost-job sweeper ---------------------------------------------------------------------
+#
+# A redelivered message takes over a job whose worker died. Two cases leave no message to
+# redeliver: Celery's hard time limit (the task is recorded as failed and its message acked)
+# and a broker that lost its messages. Each worker's main process therefore requeues running
+# jobs whose heartbeat went stale, every ``worker_lost_after`` seconds, and sends them to its
+# own first queue. Several workers sweeping at once is safe: a job is requeued by one of them
+# (an atomic UPDATE), and a duplicate message finds it claimed.
+
+
+class _LostJobSweeper:
+    def __init__(self, queue: str) -> None:
+        from infra.settings import get_settings
+
+        self.queue = queue
+        self.settings = get_settings()
+        self.interval_s = float(self.settings.worker_lost_after)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lost-job-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        from sqlalchemy.pool import NullPool
+
+        from infra.db import JobStore, make_engine
+
+        # NullPool: no connection stays open in the parent, which forks new pool processes.
+        engine = make_engine(self.settings.database_url, poolclass=NullPool)
+        store = JobStore.from_settings(self.settings, engine)
+        while not self._stopped.wait(self.interval_s):
+            try:
+                for job_id in store.recover_lost_jobs():
+                    log.warning("job %s: its worker was lost; requeued on %s", job_id, self.queue)
+                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue)
+            except Exception:
+                log.exception("lost-job sweep failed; trying again later")
+        engine.dispose()
+
+
+_sweeper: _LostJobSweeper | None = None
+
+
+@worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _sweeper
+    queues = list(app.amqp.queues.consume_from or app.amqp.queues)
+    _sweeper = _LostJobSweeper(str(queues[0]) if queues else DEFAULT_QUEUE)
+    _sweeper.start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(sender: Any = None, **_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
