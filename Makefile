@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint typecheck unit example bench-merge clean
+.PHONY: install test lint typecheck unit example example-cli bench-merge clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,13 @@ unit:
 # The README's test command: lint, types and the whole test suite.
 test: install lint typecheck unit
 
-# The README's first command: build two tiny fine-tunes and merge them end to end, offline.
+# The README's first command: the service on its embedded default (SQLite, local artifacts,
+# in-process worker) runs an example merge job end to end, offline.
 example: install
+	$(BIN)/python -m examples.run_service_example
+
+# The same merge with the local CLI, no service.
+example-cli: install
 	$(BIN)/python -m examples.run_example
 
 bench-merge: install
