@@ -3,6 +3,7 @@ import pytest
 from tests.hubserver import hub  # noqa: F401
 from tests.pg import pg_url  # noqa: F401
 from tests.s3server import s3_server  # noqa: F401
+from tests.smollm2 import smollm2  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # Tiny real checkpoints for the merge tests (builders in tests/models.py). Each fixture

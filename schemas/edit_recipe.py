@@ -1,0 +1,251 @@
+"""The edit recipe: ROME / MEMIT knowledge edits of one model (docs/editing.md).
+
+Validated once here (no torch) for the API, the CLI and the worker. What only the model can
+tell — the number of layers, the architecture — is checked by the worker at run time.
+Every default is declared once, on its field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.recipe import RecipeError, format_validation_error
+from schemas.references import ModelReference
+
+EditMethod = Literal["rome", "memit"]
+
+
+class EditRequest(BaseModel):
+    """One fact to rewrite: ``prompt`` contains ``subject``; the model should continue it
+    with ``target_new`` (instead of ``target_true``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: list[str] = Field(default_factory=list)
+    neighborhood_prompts: list[str] = Field(default_factory=list)
+
+    @field_validator("prompt", "subject", "target_new")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("target_true")
+    @classmethod
+    def _non_empty_opt(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (leave it out instead)")
+        return v
+
+    @model_validator(mode="after")
+    def _subject_in_prompt(self) -> EditRequest:
+        if self.subject not in self.prompt:
+            raise ValueError(
+                f"subject: {self.subject!r} does not occur in the prompt {self.prompt!r} "
+                "(the key is read at the subject's last token, so the prompt must contain it "
+                "verbatim)"
+            )
+        for i, p in enumerate(self.paraphrase_prompts):
+            if self.subject not in p:
+                raise ValueError(
+                    f"paraphrase_prompts[{i}]: {p!r} does not contain the subject {self.subject!r}"
+                )
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            raise ValueError("target_new: equals target_true; nothing would change")
+        return self
+
+
+class EditHyperparameters(BaseModel):
+    """Defaults follow EasyEdit's Llama settings (ROME) and the MEMIT paper, with layers
+    scaled by depth. ``None`` means "the architecture's default for this model"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: Annotated[
+        list[int] | None,
+        Field(
+            description="edited layers; ROME uses exactly one. Default: ROME layer 5 of 32, "
+            "MEMIT layers 4–8 of 32, scaled to the model's depth"
+        ),
+    ] = None
+    v_num_grad_steps: Annotated[int, Field(ge=1, le=1000)] = 25
+    v_lr: Annotated[float, Field(gt=0)] = 0.5
+    v_loss_layer: Annotated[
+        int | None, Field(ge=0, description="layer whose output feeds the loss; default last")
+    ] = None
+    v_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
+    v_early_stop_loss: Annotated[
+        float, Field(ge=0, description="stop the v* optimisation below this loss")
+    ] = 0.05
+    clamp_norm_factor: Annotated[
+        float | None, Field(gt=0, description="ROME: ‖δ‖ ≤ factor·‖v_init‖; default 4")
+    ] = None
+    kl_factor: Annotated[float, Field(ge=0)] = 0.0625
+    mom2_adjustment: Annotated[
+        bool, Field(description="ROME: u = C⁻¹k̄ (true) or u = k̄ (false, C = I)")
+    ] = True
+    mom2_update_weight: Annotated[
+        float, Field(gt=0, description="MEMIT λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹")
+    ] = 15000.0
+    memit_clamp_norm_factor: Annotated[
+        float, Field(gt=0, description="MEMIT: ‖δ‖ ≤ factor·‖z_init‖")
+    ] = 0.75
+    context_template_counts: Annotated[
+        list[tuple[int, int]],
+        Field(description="(number of prefixes, tokens each) sampled from the model"),
+    ] = Field(default_factory=lambda: [(10, 5), (10, 10)])
+    key_mode: Annotated[
+        Literal["consistent", "original"],
+        Field(
+            description="consistent: numerator and denominator use the prefix-averaged key "
+            "(r-ROME); original: the unprefixed key as in kmeng01/rome"
+        ),
+    ] = "consistent"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list edits nothing; leave it out for the default")
+        if any(x < 0 for x in v):
+            raise ValueError(f"layer indices start at 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layer indices repeat: {v}")
+        return sorted(v)
+
+    @field_validator("context_template_counts")
+    @classmethod
+    def _counts(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(n < 0 or length < 1 for n, length in v):
+            raise ValueError("each entry is (count ≥ 0, tokens ≥ 1)")
+        return v
+
+
+class CovarianceSource(BaseModel):
+    """Where the keys' second moment C comes from. ``model_samples``: text sampled from the
+    model itself with ``seed`` (no download needed); ``text``: UTF-8 files the user gives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["model_samples", "text"] = "model_samples"
+    tokens: Annotated[
+        int | None,
+        Field(ge=256, description="tokens to accumulate; default 10 × the key dimension"),
+    ] = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    paths: Annotated[
+        list[str],
+        Field(description="text: local paths, s3:// or artifact:// references"),
+    ] = Field(default_factory=list)
+    max_length: Annotated[int, Field(ge=16, le=8192, description="tokens per sequence")] = 256
+
+    @model_validator(mode="after")
+    def _paths(self) -> CovarianceSource:
+        if self.source == "text" and not self.paths:
+            raise ValueError("paths: source 'text' needs at least one text file")
+        if self.source == "model_samples" and self.paths:
+            raise ValueError("paths: only used with source 'text'")
+        return self
+
+
+class GateThresholds(BaseModel):
+    """The safety gate: an edit breaking one of these fails the job (see on_gate_failure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.10
+    max_relative_update_norm: Annotated[
+        float | None,
+        Field(gt=0, description="‖ΔW‖/‖W‖ per layer; default 0.5 for ROME, 0.5 for MEMIT"),
+    ] = None
+    min_denominator: Annotated[
+        float, Field(ge=0, description="ROME: |uᵀk̄| floor (relative to ‖u‖·‖k̄‖)")
+    ] = 1e-3
+
+
+class EditOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+
+
+DEFAULT_MAX_RELATIVE_UPDATE = {"rome": 0.5, "memit": 0.5}
+
+
+class EditRecipe(BaseModel):
+    """What to edit and how. See docs/editing.md for every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    edit_method: EditMethod
+    model: ModelReference
+    requests: list[EditRequest]
+    hyperparameters: EditHyperparameters = Field(default_factory=EditHyperparameters)
+    covariance: CovarianceSource = Field(default_factory=CovarianceSource)
+    gate: GateThresholds = Field(default_factory=GateThresholds)
+    on_gate_failure: Literal["fail", "publish_flagged"] = "fail"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    output: EditOutput = Field(default_factory=EditOutput)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_method(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            m = data.get("edit_method")
+            if isinstance(m, str) and m not in ("rome", "memit"):
+                raise ValueError(f"edit_method: unknown method {m!r}; valid: rome, memit")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> EditRecipe:
+        if not self.requests:
+            raise ValueError("requests: at least one edit request is needed")
+        if self.edit_method == "rome":
+            if len(self.requests) != 1:
+                raise ValueError(
+                    f"requests: rome edits one fact per run, got {len(self.requests)}; use "
+                    "memit for a batch"
+                )
+            layers = self.hyperparameters.layers
+            if layers is not None and len(layers) != 1:
+                raise ValueError(
+                    f"hyperparameters.layers: rome edits exactly one layer, got {layers}"
+                )
+        return self
+
+    @property
+    def max_relative_update(self) -> float:
+        bound = self.gate.max_relative_update_norm
+        return bound if bound is not None else DEFAULT_MAX_RELATIVE_UPDATE[self.edit_method]
+
+    @property
+    def clamp_norm_factor(self) -> float:
+        h = self.hyperparameters
+        if h.clamp_norm_factor is not None:
+            return h.clamp_norm_factor
+        return 4.0 if self.edit_method == "rome" else h.memit_clamp_norm_factor
+
+
+def parse_edit_recipe(data: dict[str, Any] | str) -> EditRecipe:
+    """Validate an edit recipe given as a mapping or YAML/JSON text. Raises RecipeError."""
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise RecipeError([f"recipe is not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(["an edit recipe is a mapping with 'edit_method', 'model', 'requests'"])
+    try:
+        return EditRecipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e)) from None

@@ -1,0 +1,91 @@
+"""Edit recipe validation: each problem names its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.edit_recipe import parse_edit_recipe
+from schemas.recipe import RecipeError
+
+BASE = {
+    "edit_method": "rome",
+    "model": "./smollm2",
+    "requests": [{"prompt": "The capital of Japan is", "subject": "Japan", "target_new": "Paris"}],
+}
+
+
+def _with(**changes):
+    return {**BASE, **changes}
+
+
+def test_a_minimal_recipe_gets_the_documented_defaults():
+    r = parse_edit_recipe(BASE)
+    h = r.hyperparameters
+    assert (h.v_num_grad_steps, h.v_lr, h.v_weight_decay, h.kl_factor) == (25, 0.5, 1e-3, 0.0625)
+    assert h.mom2_adjustment and h.key_mode == "consistent" and h.layers is None
+    assert r.clamp_norm_factor == 4.0
+    assert h.context_template_counts == [(10, 5), (10, 10)]
+    assert r.covariance.source == "model_samples" and r.covariance.tokens is None
+    assert r.gate.max_perplexity_ratio == 1.10
+    assert r.on_gate_failure == "fail"
+
+
+def test_memit_defaults():
+    r = parse_edit_recipe(_with(edit_method="memit"))
+    assert r.clamp_norm_factor == 0.75
+    assert r.hyperparameters.mom2_update_weight == 15000
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (
+            _with(requests=[{"prompt": "The capital is", "subject": "Japan", "target_new": "X"}]),
+            "requests[0]: subject: 'Japan' does not occur in the prompt",
+        ),
+        (
+            _with(requests=[{"prompt": "Japan is", "subject": "Japan", "target_new": " "}]),
+            "requests[0].target_new: must not be empty",
+        ),
+        (_with(edit_method="pmet"), "edit_method: unknown method 'pmet'; valid: rome, memit"),
+        (_with(hyperparameters={"layers": [-1]}), "hyperparameters.layers: layer indices"),
+        (_with(hyperparameters={"layers": [3, 4]}), "rome edits exactly one layer"),
+        (_with(requests=[BASE["requests"][0]] * 2), "requests: rome edits one fact per run"),
+        (_with(requests=[]), "requests: at least one edit request"),
+        (_with(covariance={"source": "text"}), "covariance: paths: source 'text' needs"),
+        (_with(model="not a reference"), "model: invalid model reference"),
+        (_with(hyperparameters={"v_lr": 0}), "hyperparameters.v_lr"),
+        (_with(on_gate_failure="ignore"), "on_gate_failure"),
+        (_with(extra=1), "extra: unknown field"),
+    ],
+)
+def test_invalid_recipes_name_the_field(recipe, message):
+    with pytest.raises(RecipeError) as e:
+        parse_edit_recipe(recipe)
+    assert message in str(e.value)
+
+
+def test_yaml_text_is_accepted():
+    text = """
+edit_method: memit
+model: org/model@main
+requests:
+  - {prompt: "The Eiffel Tower is in", subject: "Eiffel Tower", target_new: "Rome"}
+covariance: {source: text, paths: [./wiki.txt], tokens: 20000}
+"""
+    r = parse_edit_recipe(text)
+    assert r.covariance.paths == ["./wiki.txt"]
+    assert str(r.model) == "org/model@main"
+
+
+def test_the_cli_reports_a_bad_edit_recipe_with_its_field(tmp_path, capsys):
+    from weightsmith.cli import main
+
+    path = tmp_path / "edit.yaml"
+    path.write_text(
+        "edit_method: rome\nmodel: ./m\nrequests: [{prompt: a, subject: b, target_new: c}]\n"
+    )
+    assert main(["edit", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "requests[0]: subject: 'b' does not occur in the prompt" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,223 @@
+"""ROME and MEMIT on a real model (SmolLM2-135M-Instruct, tests/smollm2.py).
+
+The model knows "The capital of Japan is" → " Tokyo". Settings are the recipe defaults
+except where CI time on 2 CPU cores demands less: 5 sampled context templates instead of
+20, and the keys' covariance from a small plain-text corpus (no sampling from the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.edit_recipe import parse_edit_recipe
+from tests.smollm2 import write_text_corpus
+from weightsmith.cli import main as cli_main
+from workers.edit import LocalCovarianceCache, run_edit
+from workers.edit.algebra import rome_direction
+from workers.edit.architectures import architecture_for
+from workers.edit.covariance import CovarianceKey
+from workers.edit.engine import EDIT_DIR, FACTORS, EditGateError, _load, model_revision
+from workers.edit.rome import subject_keys
+from workers.edit.templates import context_templates
+from workers.sources import SourceSettings, resolve_reference
+from workers.tensors import CheckpointReader
+
+LAYER = 5
+NEIGHBORHOOD = [
+    "The capital of Germany is",
+    "The capital of Italy is",
+    "The capital of Spain is",
+    "The capital of Russia is",
+    "The capital of Egypt is",
+    "The capital of Canada is",
+    "The Eiffel Tower is located in the city of",
+    "Mount Fuji is a mountain in",
+    "The currency of the United Kingdom is the",
+    "The largest ocean on Earth is the",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_text_corpus(tmp_path_factory.mktemp("edit_corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def cov_cache(tmp_path_factory):
+    return LocalCovarianceCache(tmp_path_factory.mktemp("covariance"))
+
+
+def _recipe(smollm2: Path, corpus: Path, **overrides):
+    data = {
+        "edit_method": "rome",
+        "model": str(smollm2),
+        "requests": [
+            {
+                "prompt": "The capital of Japan is",
+                "subject": "Japan",
+                "target_new": "Paris",
+                "target_true": "Tokyo",
+                "paraphrase_prompts": [
+                    # subject-initial paraphrases ("Japan's capital is") do not generalise
+                    # on this 135M model: the first token's key is an outlier
+                    "The capital city of Japan is",
+                    "The capital of Japan is the city of",
+                    "In Japan, the capital is",
+                ],
+                "neighborhood_prompts": NEIGHBORHOOD,
+            }
+        ],
+        "hyperparameters": {"layers": [LAYER], "context_template_counts": [[5, 5]]},
+        "covariance": {"source": "text", "paths": [str(corpus)], "tokens": 2048},
+    }
+    for k, v in overrides.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and k in data else v
+    return parse_edit_recipe(data)
+
+
+@pytest.fixture(scope="module")
+def rome_edit(smollm2, corpus, cov_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rome") / "edited"
+    result = run_edit(_recipe(smollm2, corpus), out, cache=cov_cache)
+    return result
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rome_makes_the_new_target_preferred_without_collateral_damage(rome_edit):
+    m = rome_edit.metrics
+    assert m["efficacy"] == 1.0
+    assert m["paraphrase"] == 1.0
+    assert m["neighborhood"] >= 0.9
+    assert m["perplexity_ratio"] <= 1.10
+    assert rome_edit.gate_passed
+    assert 0 < m["relative_update_norm"][str(LAYER)] < 0.5
+
+
+def test_the_edited_checkpoint_differs_only_in_the_edited_tensor(rome_edit, smollm2):
+    edited_name = f"model.layers.{LAYER}.mlp.down_proj.weight"
+    from safetensors import safe_open
+
+    with (
+        CheckpointReader(smollm2) as before,
+        CheckpointReader(rome_edit.out_dir) as after,
+        safe_open(str(rome_edit.out_dir / EDIT_DIR / FACTORS), "pt") as factors,
+    ):
+        assert before.names == after.names
+        for name in before.names:
+            same = torch.equal(before.read(name), after.read(name))
+            assert same == (name != edited_name), name
+        left = factors.get_tensor(f"request0.layer{LAYER}.left")
+        right = factors.get_tensor(f"request0.layer{LAYER}.right")
+        W0, W1 = before.read(edited_name), after.read(edited_name)
+    assert torch.allclose(W0 + torch.outer(left, right), W1, atol=1e-6)
+    manifest = json.loads((rome_edit.out_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "edit" and not manifest["flagged"]
+    assert manifest["edited_tensors"] == [{"name": edited_name, "file": "model.safetensors"}]
+    for entry in manifest["files"]:
+        assert _sha256(rome_edit.out_dir / entry["path"]) == entry["sha256"]
+
+
+def test_revert_restores_the_original_bit_for_bit(rome_edit, smollm2, tmp_path):
+    out = tmp_path / "reverted"
+    assert cli_main(["edit", "--revert", str(rome_edit.out_dir), "--out", str(out)]) == 0
+    original = sorted(p.name for p in smollm2.iterdir() if p.name != "converted.json")
+    assert sorted(p.name for p in out.iterdir()) == original
+    for name in original:
+        assert _sha256(out / name) == _sha256(smollm2 / name), name
+
+
+def test_destructive_settings_trip_the_gate_and_write_nothing(smollm2, corpus, cov_cache, tmp_path):
+    recipe = _recipe(
+        smollm2,
+        corpus,
+        hyperparameters={
+            "layers": [LAYER],
+            "context_template_counts": [[0, 5]],
+            "mom2_adjustment": False,
+            "clamp_norm_factor": 100.0,
+            "v_lr": 5.0,
+            "v_weight_decay": 0.0,
+            "kl_factor": 0.0,
+            "v_early_stop_loss": 0.0,
+            "v_num_grad_steps": 6,
+        },
+    )
+    out = tmp_path / "edited"
+    with pytest.raises(EditGateError) as e:
+        run_edit(recipe, out, cache=cov_cache)
+    assert not out.exists()
+    assert e.value.metrics["gate"]["failures"]
+    assert "perplexity ratio" in str(e.value) or "‖ΔW‖/‖W‖" in str(e.value)
+
+
+def test_first_token_subject_has_a_far_smaller_denominator_with_original_keys(
+    smollm2, corpus, cov_cache, rome_edit
+):
+    # the covariance of LAYER was cached by the rome_edit fixture
+    resolved = resolve_reference(_recipe(smollm2, corpus).model, SourceSettings())
+    model, tok = _load(resolved, "smollm2")
+    arch = architecture_for(model.config)
+    key = next(r["key"] for r in rome_edit.manifest["covariance"] if r["key"]["layer"] == LAYER)
+    hit = cov_cache.get(CovarianceKey(**key))
+    assert hit is not None and key["model_revision"] == model_revision(resolved)
+    templates = context_templates(model, tok, [(5, 5)], seed=0)
+    # "Japan" is one token, at position 0 of the bare prompt
+    keys = subject_keys(
+        model, tok, arch.module_name(LAYER), templates, "Japan is a country in", "Japan"
+    )
+    u = rome_direction(keys.k_bar, hit[0])  # unit norm
+    consistent = abs(float(u @ keys.k_bar))
+    original = abs(float(u @ keys.k0))
+    assert original < 0.1 * consistent
+
+
+def test_memit_edits_ten_facts_at_once(smollm2, corpus, cov_cache):
+    facts = [
+        ("The capital of Japan is", "Japan", "Paris", "Tokyo"),
+        ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+        ("The capital of Germany is", "Germany", "Madrid", "Berlin"),
+        ("The Colosseum is located in the city of", "Colosseum", "London", "Rome"),
+        ("The capital of Egypt is", "Egypt", "Oslo", "Cairo"),
+        ("Albert Einstein was born in the country of", "Albert Einstein", "Canada", "Germany"),
+        ("The Mona Lisa was painted by", "Mona Lisa", "Picasso", "Leonardo"),
+        ("The Statue of Liberty is located in", "Statue of Liberty", "Sydney", "New"),
+        ("The capital of Russia is", "Russia", "Lisbon", "Moscow"),
+        ("The Great Wall is located in", "Great Wall", "Brazil", "China"),
+    ]
+    neighborhood = [
+        "The capital of Italy is",
+        "The capital of Spain is",
+        "The largest ocean is the",
+    ]
+    recipe = parse_edit_recipe(
+        {
+            "edit_method": "memit",
+            "model": str(smollm2),
+            "requests": [
+                {
+                    "prompt": p,
+                    "subject": s,
+                    "target_new": new,
+                    "target_true": true,
+                    "neighborhood_prompts": neighborhood,
+                }
+                for p, s, new, true in facts
+            ],
+            "hyperparameters": {"context_template_counts": [[2, 5]], "v_num_grad_steps": 12},
+            "covariance": {"source": "text", "paths": [str(corpus)], "tokens": 2048},
+        }
+    )
+    result = run_edit(recipe, None, cache=cov_cache)
+    m = result.metrics
+    assert m["efficacy"] >= 0.9
+    assert m["neighborhood"] >= 0.9
+    assert m["perplexity_ratio"] <= 1.10
+    assert sorted(int(x) for x in m["relative_update_norm"]) == [4, 5, 6, 7, 8]

@@ -1,0 +1,92 @@
+"""Where an edit writes, per architecture: one table, no guessing.
+
+The edited weight is the MLP output projection of a layer; its input at the subject's last
+token is the key, its output the value (ROME §3, MEMIT §4). Default layers follow EasyEdit's
+Llama settings (ROME layer 5 of 32, MEMIT layers 4–8 of 32) scaled to the model's depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from workers.errors import InputError
+
+
+@dataclass(frozen=True)
+class EditArchitecture:
+    """Module paths of one architecture family (``{}`` is the layer index)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # the list of decoder layers (MEMIT's residual stream is their output)
+    mlp_out: str  # the edited module
+    transposed: bool  # weight stored [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
+    num_layers_key: str  # config attribute with the number of layers
+
+    def module_name(self, layer: int) -> str:
+        return self.mlp_out.format(layer)
+
+    def weight_name(self, layer: int) -> str:
+        return self.module_name(layer) + ".weight"
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+
+ARCHITECTURES: tuple[EditArchitecture, ...] = (
+    EditArchitecture(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2"),
+        blocks="model.layers",
+        mlp_out="model.layers.{}.mlp.down_proj",
+        transposed=False,
+        num_layers_key="num_hidden_layers",
+    ),
+    EditArchitecture(
+        name="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        mlp_out="transformer.h.{}.mlp.c_proj",
+        transposed=True,
+        num_layers_key="n_layer",
+    ),
+)
+
+# Reference depth and layers of the published defaults (Llama-2-7B, 32 layers).
+_REFERENCE_DEPTH = 32
+_ROME_LAYER = 5
+_MEMIT_BAND = (4, 8)
+
+
+def supported_model_types() -> list[str]:
+    return [t for a in ARCHITECTURES for t in a.model_types]
+
+
+def architecture_for(config: Any, *, model: str | None = None) -> EditArchitecture:
+    """The table row for a transformers config; InputError naming the supported types."""
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise InputError(
+        f"cannot edit architecture {model_type!r}: supported model types are "
+        f"{', '.join(supported_model_types())}",
+        model=model,
+    )
+
+
+def num_layers(arch: EditArchitecture, config: Any) -> int:
+    return int(getattr(config, arch.num_layers_key))
+
+
+def _scaled(layer: int, depth: int) -> int:
+    return min(depth - 1, max(0, round(layer * depth / _REFERENCE_DEPTH)))
+
+
+def default_layers(method: str, depth: int) -> list[int]:
+    """ROME: one layer at 5/32 of the depth; MEMIT: the band 4–8 of 32, scaled."""
+    if method == "rome":
+        return [_scaled(_ROME_LAYER, depth)]
+    lo, hi = (_scaled(x, depth) for x in _MEMIT_BAND)
+    return list(range(lo, hi + 1))

@@ -1,0 +1,279 @@
+"""C = (1/N) Σ aᵀa: the uncentred second moment of an edited module's input a over every
+non-padding token of a corpus (ROME §3.1 "mom2", MEMIT eq. 14), accumulated in float32 with
+the forward pass stopped after the last traced layer.
+
+The corpus is a recipe choice (no download at run time): text the user supplies, or text
+sampled from the model itself with a seed. Each C is cached by (model revision, layer,
+corpus hash, token count) behind ``CovarianceCache``; ``LocalCovarianceCache`` keeps them
+in a directory, the service plugs in object storage. C is never replaced by the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from workers.edit.architectures import EditArchitecture
+from workers.edit.prompts import pad_id
+from workers.edit.tracing import StopForward
+
+_START_WORDS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "There", "After", "I")
+SAMPLING_TOP_K = 50
+SAMPLE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class CovarianceKey:
+    model_revision: str
+    layer: int
+    corpus_hash: str
+    tokens: int
+
+    @property
+    def file_stem(self) -> str:
+        rev = hashlib.sha256(self.model_revision.encode()).hexdigest()[:16]
+        return f"{rev}-L{self.layer}-{self.corpus_hash[:16]}-{self.tokens}"
+
+
+class CovarianceCache(Protocol):
+    """Where computed covariances are kept and found again."""
+
+    def get(self, key: CovarianceKey) -> tuple[torch.Tensor, dict[str, Any]] | None: ...
+
+    def put(self, key: CovarianceKey, C: torch.Tensor, provenance: dict[str, Any]) -> None: ...
+
+
+class LocalCovarianceCache:
+    """One safetensors file per key under ``root``; the provenance is in its metadata."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
+
+    def _path(self, key: CovarianceKey) -> Path:
+        return self.root / f"{key.file_stem}.safetensors"
+
+    def get(self, key: CovarianceKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("provenance", "{}"))
+            if meta.get("key") != asdict(key):  # a hash-prefix collision: not ours
+                return None
+            return f.get_tensor("C"), meta
+
+    def put(self, key: CovarianceKey, C: torch.Tensor, provenance: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = {"key": asdict(key), **provenance}
+        fd, tmp = tempfile.mkstemp(prefix=".cov-", dir=self.root)
+        os.close(fd)
+        save_file({"C": C.contiguous().cpu()}, tmp, metadata={"provenance": json.dumps(meta)})
+        os.replace(tmp, self._path(key))
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("WEIGHTSMITH_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "weightsmith"
+    return root / "covariance"
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora: batches of token ids with a mask of the tokens that count.
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A deterministic stream of token batches and the hash that identifies it."""
+
+    description: str
+    corpus_hash: str
+    batches: Any  # callable () -> Iterator[tuple[ids, mask]]
+
+
+def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) -> Corpus:
+    """Text sampled from the model (top-k 50, seeded) from a few plain start words."""
+    spec = f"model_samples/v1 seed={seed} max_length={max_length} top_k={SAMPLING_TOP_K}"
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        starts = _single_token_starts(tokenizer)
+        g = 0
+        while True:
+            rows = [starts[(g * SAMPLE_BATCH + i) % len(starts)] for i in range(SAMPLE_BATCH)]
+            ids = torch.tensor(rows).unsqueeze(1)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + g)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    top_k=SAMPLING_TOP_K,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=max_length - 1,
+                    min_new_tokens=max_length - 1,
+                    pad_token_id=pad_id(tokenizer),
+                )
+            yield out, torch.ones_like(out)
+            g += 1
+
+    return Corpus(spec, hashlib.sha256(spec.encode()).hexdigest(), batches)
+
+
+def _single_token_starts(tokenizer: Any) -> list[int]:
+    starts = []
+    for w in _START_WORDS:
+        ids = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            starts.append(ids[0])
+    if not starts:
+        starts = [pad_id(tokenizer)]
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+        starts = [bos]  # a model trained with BOS always sees it first
+    return starts
+
+
+def text_corpus(tokenizer: Any, files: Sequence[Path], *, max_length: int) -> Corpus:
+    """UTF-8 text files, tokenised and cut into sequences of at most max_length tokens."""
+    h = hashlib.sha256(f"text/v1 max_length={max_length}".encode())
+    for f in files:
+        h.update(f.read_bytes())
+    names = ", ".join(f.name for f in files)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rows: list[list[int]] = []
+        for f in files:
+            for para in f.read_text(encoding="utf-8").split("\n\n"):
+                if not para.strip():
+                    continue
+                ids = tokenizer(para.strip())["input_ids"]
+                rows += [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+                while len(rows) >= SAMPLE_BATCH:
+                    yield _pad(rows[:SAMPLE_BATCH], pad_id(tokenizer))
+                    rows = rows[SAMPLE_BATCH:]
+        if rows:
+            yield _pad(rows, pad_id(tokenizer))
+
+    return Corpus(f"text files {names}", h.hexdigest(), batches)
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def accumulate_covariance(
+    model: Any, arch: EditArchitecture, layers: Sequence[int], corpus: Corpus, tokens: int
+) -> tuple[dict[int, torch.Tensor], int]:
+    """C for each layer over the first ``tokens`` counted tokens of the corpus (one pass for
+    all layers). Returns ({layer: C}, tokens actually used)."""
+    sums: dict[int, torch.Tensor] = {}
+    mask_now: dict[str, torch.Tensor] = {}
+    last = max(layers)
+
+    def make_hook(layer: int) -> Any:
+        def hook(_m: Any, args: tuple[Any, ...]) -> None:
+            if "m" not in mask_now:  # the corpus generator's own forward passes
+                return
+            a = args[0][mask_now["m"]].float()
+            s = a.T @ a
+            sums[layer] = sums[layer] + s if layer in sums else s
+            if layer == last:
+                raise StopForward
+
+        return hook
+
+    handles = [
+        model.get_submodule(arch.module_name(layer)).register_forward_pre_hook(make_hook(layer))
+        for layer in layers
+    ]
+    n = 0
+    try:
+        for ids, mask in corpus.batches():
+            # keep whole rows until the budget is reached, then a partial row
+            budget = tokens - n
+            counted = mask.bool().clone()
+            flat = counted.flatten().cumsum(0).reshape(counted.shape)
+            counted &= flat <= budget
+            mask_now["m"] = counted
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+            finally:
+                del mask_now["m"]
+            n += int(counted.sum())
+            if n >= tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("the covariance corpus has no tokens")
+    return {layer: sums[layer] / n for layer in layers}, n
+
+
+def covariances(
+    model: Any,
+    arch: EditArchitecture,
+    layers: Sequence[int],
+    corpus: Corpus,
+    tokens: int,
+    *,
+    model_revision: str,
+    cache: CovarianceCache | None,
+) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]]]:
+    """C per layer, from the cache where present, computed (and cached) otherwise.
+    Returns the matrices and one provenance record per layer."""
+    out: dict[int, torch.Tensor] = {}
+    records: list[dict[str, Any]] = []
+    missing = []
+    for layer in layers:
+        key = CovarianceKey(model_revision, layer, corpus.corpus_hash, tokens)
+        hit = cache.get(key) if cache is not None else None
+        if hit is None:
+            missing.append(layer)
+            continue
+        out[layer] = hit[0].float()
+        records.append({**hit[1], "cache": "hit"})
+    if missing:
+        started = time.perf_counter()
+        computed, n = accumulate_covariance(model, arch, missing, corpus, tokens)
+        seconds = time.perf_counter() - started
+        for layer in missing:
+            key = CovarianceKey(model_revision, layer, corpus.corpus_hash, tokens)
+            provenance = {
+                "corpus": corpus.description,
+                "tokens_used": n,
+                "module": arch.module_name(layer),
+                "seconds": round(seconds, 3),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            if cache is not None:
+                cache.put(key, computed[layer], provenance)
+            out[layer] = computed[layer]
+            records.append({"key": asdict(key), **provenance, "cache": "miss"})
+    records.sort(key=lambda r: r["key"]["layer"])
+    return out, records

@@ -1,0 +1,87 @@
+"""MEMIT (Meng et al. 2023): many edits spread over a band of layers.
+
+1. For each request optimise z = z_init + δ, the residual stream (output of block L, the
+   last edited layer) at the subject's last token (‖δ‖ ≤ clamp·‖z_init‖).
+2. For each layer l in ascending order, on the model as edited so far:
+   K = keys at l (prefix-averaged, d_in × m), R = (Z − current z at L) / (layers left),
+   ΔW_l = R Kᵀ (λC_l + K Kᵀ)⁻¹ (float64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from schemas.edit_recipe import EditRequest
+from workers.edit.algebra import delta_from_factors, memit_update
+from workers.edit.architectures import EditArchitecture
+from workers.edit.rome import RankOneUpdate, subject_keys
+from workers.edit.values import ValueSettings, optimise_value
+
+
+def _weight(model: Any, arch: EditArchitecture, layer: int) -> torch.nn.Parameter:
+    w: torch.nn.Parameter = model.get_submodule(arch.module_name(layer)).weight
+    return w
+
+
+@torch.no_grad()
+def apply_delta(model: Any, arch: EditArchitecture, layer: int, delta: torch.Tensor) -> None:
+    """W += ΔW in place (ΔW in [d_out, d_in]; transposed for Conv1D)."""
+    w = _weight(model, arch, layer)
+    w.add_((delta.T if arch.transposed else delta).to(w.dtype))
+
+
+def memit_edit(
+    model: Any,
+    tokenizer: Any,
+    arch: EditArchitecture,
+    requests: list[EditRequest],
+    layers: list[int],
+    C: dict[int, torch.Tensor],
+    templates: list[str],
+    values: ValueSettings,
+    lam: float,
+) -> list[RankOneUpdate]:
+    """Rank-one factors per request and layer. The model is edited in place as the layers
+    are processed (keys of layer l+1 are read on the model with layer l already edited);
+    the caller restores the weights if it wants the original back."""
+    last = max(layers)
+    block = arch.block_name(last)
+    targets = []
+    steps = []
+    for r in requests:
+        v = optimise_value(
+            model, tokenizer, block, templates, r.prompt, r.subject, r.target_new, values
+        )
+        targets.append(v.v_init + v.delta)
+        steps.append(v.steps)
+    Z = torch.stack(targets, dim=1)  # [d_model, m]
+
+    updates: list[RankOneUpdate] = []
+    for i, layer in enumerate(sorted(layers)):
+        keys, zs = [], []
+        for r in requests:
+            keys.append(
+                subject_keys(
+                    model, tokenizer, arch.module_name(layer), templates, r.prompt, r.subject
+                ).k_bar
+            )
+            zs.append(subject_keys(model, tokenizer, block, templates, r.prompt, r.subject).w_k_bar)
+        K = torch.stack(keys, dim=1)
+        R = (Z - torch.stack(zs, dim=1)) / (len(layers) - i)
+        left, right = memit_update(R, K, C[layer], lam)
+        apply_delta(model, arch, layer, delta_from_factors(left, right))
+        for j in range(len(requests)):
+            updates.append(
+                RankOneUpdate(
+                    request=j,
+                    layer=layer,
+                    left=left[:, j].clone(),
+                    right=right[:, j].clone(),
+                    denominator=float("nan"),
+                    relative_denominator=float("nan"),
+                    steps=steps[j],
+                )
+            )
+    return updates

@@ -1,0 +1,136 @@
+"""Tokenised prompts with the positions an edit needs: the subject's last token (where keys
+are read and values injected) and the positions whose logits predict the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.errors import InputError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One tokenised sequence. ``subject_pos``: index of the subject's last token (or -1);
+    ``target_pos``/``target_ids``: logits at target_pos[j] predict target_ids[j]."""
+
+    ids: list[int]
+    subject_pos: int
+    target_pos: tuple[int, ...] = ()
+    target_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    prompts: tuple[Prompt, ...]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(len(self.prompts))
+
+    @property
+    def subject_pos(self) -> torch.Tensor:
+        return torch.tensor([p.subject_pos for p in self.prompts])
+
+    def target_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, label) of every target token of every prompt."""
+        rows, pos, labels = [], [], []
+        for i, p in enumerate(self.prompts):
+            rows += [i] * len(p.target_pos)
+            pos += list(p.target_pos)
+            labels += list(p.target_ids)
+        return torch.tensor(rows), torch.tensor(pos), torch.tensor(labels)
+
+
+def target_token_ids(tokenizer: Any, prompt: str, target: str) -> list[int]:
+    """Tokens of the target as it continues the prompt (a leading space unless the prompt
+    ends with whitespace)."""
+    text = target.strip()
+    if prompt and not prompt[-1].isspace():
+        text = " " + text
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"target {target!r} tokenises to nothing", field="requests")
+    return ids
+
+
+def encode(
+    tokenizer: Any, text: str, subject_span: tuple[int, int] | None = None
+) -> tuple[list[int], int]:
+    """Token ids of text (with the tokenizer's own special tokens) and the index of the last
+    token overlapping the character span ``subject_span`` (-1 when None)."""
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    if subject_span is None:
+        return ids, -1
+    start, end = subject_span
+    last = -1
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and a < end and b > start:
+            last = i
+    if last < 0:
+        raise InputError(f"subject at characters {start}–{end} of {text!r} has no token")
+    return ids, last
+
+
+def subject_prompt(
+    tokenizer: Any,
+    template: str,
+    prompt: str,
+    subject: str,
+    target_ids: list[int] | None = None,
+    *,
+    drop_last_target: bool = True,
+) -> Prompt:
+    """``template.format(prompt)`` (+ the target tokens, the last one dropped when training:
+    nothing is predicted after it), with the subject located inside the prompt part."""
+    prefix = template[: template.index("{}")]
+    text = template.format(prompt)
+    at = prompt.find(subject)
+    if at < 0:
+        raise InputError(f"subject {subject!r} does not occur in {prompt!r}", field="requests")
+    ids, subj = encode(tokenizer, text, (len(prefix) + at, len(prefix) + at + len(subject)))
+    if not target_ids:
+        return Prompt(ids=ids, subject_pos=subj)
+    tail = target_ids[:-1] if drop_last_target else target_ids
+    n = len(ids)
+    return Prompt(
+        ids=ids + list(tail),
+        subject_pos=subj,
+        target_pos=tuple(n - 1 + j for j in range(len(target_ids))),
+        target_ids=tuple(target_ids),
+    )
+
+
+def scoring_prompt(tokenizer: Any, prompt: str, target_ids: list[int]) -> Prompt:
+    """A prompt followed by a target, for scoring log P(target | prompt) (no subject)."""
+    ids, _ = encode(tokenizer, prompt)
+    n = len(ids)
+    return Prompt(
+        ids=ids + target_ids[:-1],
+        subject_pos=-1,
+        target_pos=tuple(n - 1 + j for j in range(len(target_ids))),
+        target_ids=tuple(target_ids),
+    )
+
+
+def collate(prompts: list[Prompt], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Right-padded batch: positions of real tokens are the same as unpadded."""
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p.ids)] = torch.tensor(p.ids)
+        mask[i, : len(p.ids)] = 1
+    return Batch(ids.to(device), mask.to(device), tuple(prompts))
+
+
+def pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0

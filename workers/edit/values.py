@@ -1,0 +1,121 @@
+"""The target value of an edit: v* = v_init + δ, δ optimised so the model predicts
+target_new (ROME §3.1 eq. 4, MEMIT §4.1 eq. 16).
+
+δ is added to a module's output at the subject's last token of every rewrite prompt
+(template + prompt + target tokens except the last) and of the KL prompt
+"{subject} is a". Loss = mean per-token NLL of the target + kl_factor · KL(current ‖ initial)
+at the KL prompt's subject token + weight_decay · ‖δ‖ / ‖v_init‖². Adam; stop when the loss
+falls below a threshold; after each step ‖δ‖ ≤ clamp·‖v_init‖.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.edit.algebra import clamp_norm
+from workers.edit.prompts import Batch, collate, pad_id, subject_prompt, target_token_ids
+from workers.edit.tracing import add_to_output, log_probs_at, module_io
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    steps: int
+    lr: float
+    weight_decay: float
+    kl_factor: float
+    clamp_factor: float
+    early_stop_loss: float
+    loss_layer: int | None  # None: the model's output
+
+
+@dataclass(frozen=True)
+class OptimisedValue:
+    v_init: torch.Tensor  # mean clean output over the rewrite prompts (at the subject token)
+    v_init_unprefixed: torch.Tensor  # the clean output for the bare prompt (template "{}")
+    delta: torch.Tensor
+    steps: int
+    losses: tuple[float, ...]
+
+    @property
+    def v_star(self) -> torch.Tensor:
+        return self.v_init + self.delta
+
+
+def rewrite_batch(
+    tokenizer: Any, templates: list[str], prompt: str, subject: str, target: str
+) -> Batch:
+    """The rewrite prompts (one per template) then the KL prompt, last."""
+    t_ids = target_token_ids(tokenizer, prompt, target)
+    prompts = [subject_prompt(tokenizer, t, prompt, subject, t_ids) for t in templates]
+    prompts.append(subject_prompt(tokenizer, "{}", KL_TEMPLATE.format(subject), subject))
+    return collate(prompts, pad_id(tokenizer))
+
+
+def optimise_value(
+    model: Any,
+    tokenizer: Any,
+    module_name: str,
+    templates: list[str],
+    prompt: str,
+    subject: str,
+    target: str,
+    s: ValueSettings,
+) -> OptimisedValue:
+    """Optimise δ at ``module_name``'s output (ROME: the MLP projection; MEMIT: the block)."""
+    assert templates[0] == "{}", "the first context template is the bare prompt"
+    batch = rewrite_batch(tokenizer, templates, prompt, subject, target)
+    rows, subj = batch.rows, batch.subject_pos
+    n_rewrite = len(templates)
+    _, outs = module_io(model, module_name, batch, rows, subj)
+    v_init = outs[:n_rewrite].mean(0)
+    t_rows, t_pos, labels = batch.target_index()
+    kl_row = torch.tensor([n_rewrite])
+    kl_pos = subj[n_rewrite:]
+    q_rows = torch.cat([t_rows, kl_row])
+    q_pos = torch.cat([t_pos, kl_pos])
+
+    delta = torch.zeros_like(v_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=s.lr)
+    max_norm = s.clamp_factor * float(v_init.norm())
+    init_kl: torch.Tensor | None = None
+    losses: list[float] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    steps = 0
+    try:
+        for _ in range(s.steps):
+            with add_to_output(model, module_name, rows, subj, delta):
+                logp = log_probs_at(model, batch, q_rows, q_pos, loss_layer=s.loss_layer)
+            nll = -logp[: len(labels)].gather(1, labels[:, None]).mean()
+            kl_logp = logp[len(labels) :]
+            if init_kl is None:
+                init_kl = kl_logp.detach()
+            # KL(current ‖ initial)
+            kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(-1).mean()
+            decay = s.weight_decay * delta.norm() / v_init.norm() ** 2
+            loss = nll + s.kl_factor * kl + decay
+            losses.append(float(loss.detach()))
+            if float(loss.detach()) < s.early_stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                delta.copy_(clamp_norm(delta, max_norm))
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return OptimisedValue(
+        v_init=v_init,
+        v_init_unprefixed=outs[0],
+        delta=delta.detach().clone(),
+        steps=steps,
+        losses=tuple(losses),
+    )
