@@ -30,6 +30,7 @@ from pydantic import (
     field_validator,
 )
 
+from schemas.edit_recipe import EditRecipe
 from schemas.recipe import MergeRecipe
 from schemas.references import _ARTIFACT_NAME  # the one rule for artifact names
 
@@ -75,9 +76,10 @@ class JobCreate(BaseModel):
     def _recipe_matches_kind(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Validating here (errors nested under 'recipe.…') keeps one source of truth for the
         # recipe; the mapping itself is kept as sent, so its hash identifies the request.
-        # Edit recipes are checked against their schema once it exists in schemas/.
         if info.data.get("kind") is JobKind.MERGE:
             MergeRecipe.model_validate(recipe)
+        elif info.data.get("kind") is JobKind.EDIT:
+            EditRecipe.model_validate(recipe)
         return recipe
 
     @field_validator("artifact_name")
