@@ -382,34 +382,49 @@ def pcb_total(x: TensorInputs) -> torch.Tensor:
     return total
 
 
+def _pcb_statistics(
+    x: TensorInputs, j: int, tau: torch.Tensor, total: torch.Tensor
+) -> tuple[float, float, float, float]:
+    """lo, hi (clip bounds of |τ|), the (1 − r) quantile and the maximum of B for model j."""
+    if x.shared["scope"] == "global":
+        i = x.model_indices[j]
+        st = x.stats
+        return st["pcb_lo"][i], st["pcb_hi"][i], st["pcb_threshold"][i], st["pcb_max"][i]
+    d = tau.numel()
+    lo, hi = kth_smallest(
+        tau.abs(), list(pcb_clip_ranks(d, x.shared["clip_ratio"])), nonnegative=True
+    )
+    balance = pcb_balance(tau, total, x.count, lo, hi)
+    (threshold,) = kth_smallest(balance, [pcb_quantile_rank(d, x.shared["density"])])
+    return lo, hi, threshold, float(balance.max())
+
+
 def pcb(x: TensorInputs) -> torch.Tensor:
-    """out = θ0 + Σi λi·Tc_i·S_i / max(Σi S_i, 1e-12), Tc_i = sign(τi)·clamp(|τi|, lo_i, hi_i)."""
+    """out = θ0 + Σi λi·Tc_i·S_i / max(Σi S_i, 1e-12), Tc_i = sign(τi)·clamp(|τi|, lo_i, hi_i).
+
+    Once a model's statistics are known, B, S and Tc are element-wise: they are computed block
+    by block so that their temporaries stay small.
+    """
     assert x.base is not None
     if x.count == 0:
         return x.base.clone()
-    total = pcb_total(x)
-    num = torch.zeros_like(x.base)
-    den = torch.zeros_like(x.base)
-    d = x.base.numel()
+    total = pcb_total(x).reshape(-1)
+    num = torch.zeros_like(total)
+    den = torch.zeros_like(total)
     for j, tau in x.taus():
-        if x.shared["scope"] == "global":
-            i = x.model_indices[j]
-            lo, hi = x.stats["pcb_lo"][i], x.stats["pcb_hi"][i]
-            balance = pcb_balance(tau, total, x.count, lo, hi)
-            threshold, top = x.stats["pcb_threshold"][i], x.stats["pcb_max"][i]
-        else:
-            lo, hi = kth_smallest(
-                tau.abs(), list(pcb_clip_ranks(d, x.shared["clip_ratio"])), nonnegative=True
+        lo, hi, threshold, top = _pcb_statistics(x, j, tau.reshape(-1), total)
+        weight = x.params[j]["weight"]
+        flat = tau.reshape(-1)
+        for start in range(0, flat.numel(), _BLOCK):
+            t = flat[start : start + _BLOCK]
+            score = pcb_score(
+                pcb_balance(t, total[start : start + _BLOCK], x.count, lo, hi), threshold, top
             )
-            balance = pcb_balance(tau, total, x.count, lo, hi)
-            (threshold,) = kth_smallest(balance, [pcb_quantile_rank(d, x.shared["density"])])
-            top = float(balance.max())
-        score = pcb_score(balance, threshold, top)
-        del balance
-        clipped = torch.sign(tau).mul_(tau.abs().clamp_(lo, hi))
-        num += clipped.mul_(score).mul_(x.params[j]["weight"])
-        den += score
-    return num.div_(den.clamp_(min=1e-12)).add_(x.base)
+            clipped = torch.sign(t).mul_(t.abs().clamp_(lo, hi))
+            num[start : start + _BLOCK] += clipped.mul_(score).mul_(weight)
+            den[start : start + _BLOCK] += score
+        del tau, flat
+    return num.div_(den.clamp_(min=1e-12)).reshape(x.base.shape).add_(x.base)
 
 
 METHOD_FUNCTIONS: dict[str, MergeFunction] = {
