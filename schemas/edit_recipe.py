@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.recipe import RecipeError, format_validation_error
+from schemas.recipe import validate_document
 from schemas.references import ModelReference
 
 EditMethod = Literal["rome", "memit"]
@@ -238,14 +237,6 @@ class EditRecipe(BaseModel):
 
 def parse_edit_recipe(data: dict[str, Any] | str) -> EditRecipe:
     """Validate an edit recipe given as a mapping or YAML/JSON text. Raises RecipeError."""
-    if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as e:
-            raise RecipeError([f"recipe is not valid YAML: {e}"]) from None
-    if not isinstance(data, dict):
-        raise RecipeError(["an edit recipe is a mapping with 'edit_method', 'model', 'requests'"])
-    try:
-        return EditRecipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(format_validation_error(e)) from None
+    return validate_document(
+        EditRecipe, data, "an edit recipe is a mapping with 'edit_method', 'model', 'requests'"
+    )

@@ -10,7 +10,7 @@ entries where the first entry whose filter is a substring of the tensor name win
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ from schemas.methods import METHODS, MethodSpec, ParameterSpec, ParamScope
 from schemas.references import ModelReference
 
 Scalar = float | int | bool | str
+_M = TypeVar("_M", bound=BaseModel)
 DType = Literal["float32", "float16", "bfloat16"]
 _DTYPE_ALIASES = {
     "fp32": "float32",
@@ -394,16 +395,27 @@ def format_validation_error(err: ValidationError) -> list[str]:
     return list(seen.values())
 
 
-def parse_recipe(data: dict[str, Any] | str) -> MergeRecipe:
-    """Validate a recipe given as a mapping or YAML/JSON text. Raises RecipeError."""
+def validate_document(model: type[_M], data: dict[str, Any] | str, shape_hint: str) -> _M:
+    """Validate a recipe-like document given as a mapping or YAML/JSON text into ``model``.
+
+    Raises RecipeError with one 'field: what is valid' line per problem; ``shape_hint`` says
+    what the top level must look like when it is not a mapping.
+    """
     if isinstance(data, str):
         try:
             data = yaml.safe_load(data)
         except yaml.YAMLError as e:
             raise RecipeError([f"recipe is not valid YAML: {e}"]) from None
     if not isinstance(data, dict):
-        raise RecipeError(["recipe must be a mapping with at least 'merge_method' and 'models'"])
+        raise RecipeError([shape_hint])
     try:
-        return MergeRecipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e)) from None
+
+
+def parse_recipe(data: dict[str, Any] | str) -> MergeRecipe:
+    """Validate a merge recipe given as a mapping or YAML/JSON text. Raises RecipeError."""
+    return validate_document(
+        MergeRecipe, data, "recipe must be a mapping with at least 'merge_method' and 'models'"
+    )
