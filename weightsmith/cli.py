@@ -7,8 +7,9 @@ service commands never import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,18 +197,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    settings = _settings_or_fail()
+@contextlib.contextmanager
+def _api_keys(settings: Any) -> Iterator[Any]:
+    """The key store of the configured database, migrated to the current schema first."""
     from infra.db import ApiKeys, make_engine, upgrade_database
 
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
-        key = ApiKeys(engine).create_key(args.tenant)
-    except ValueError as e:
-        return _fail(str(e), EXIT_INPUT)
+        yield ApiKeys(engine)
     finally:
         engine.dispose()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = _settings_or_fail()
+    try:
+        with _api_keys(settings) as keys:
+            key = keys.create_key(args.tenant)
+    except ValueError as e:
+        return _fail(str(e), EXIT_INPUT)
     print(f"API key for tenant {args.tenant!r} (shown once, store it now):")
     print(key)
     return 0
@@ -215,14 +224,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     settings = _settings_or_fail()
-    from infra.db import ApiKeys, make_engine, upgrade_database
-
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    try:
-        revoked = ApiKeys(engine).revoke_key(args.prefix)
-    finally:
-        engine.dispose()
+    with _api_keys(settings) as keys:
+        revoked = keys.revoke_key(args.prefix)
     if not revoked:
         return _fail(f"no active API key with prefix {args.prefix!r}", EXIT_INPUT)
     print(f"revoked API key {args.prefix}")
