@@ -43,8 +43,9 @@ def build_family(root: Path) -> None:
         tuned.save_pretrained(root / name)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def prepare_workdir(description: str | None) -> Path:
+    """Parse --workdir, empty it and build the tiny model family under <workdir>/models."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workdir", default=".example")
     args = parser.parse_args()
     work = Path(args.workdir).resolve()
@@ -52,6 +53,11 @@ def main() -> int:
     (work / "models").mkdir(parents=True)
     print(f"building tiny checkpoints in {work / 'models'}")
     build_family(work / "models")
+    return work
+
+
+def main() -> int:
+    work = prepare_workdir(__doc__)
     recipe = work / "ties.yaml"
     shutil.copyfile(HERE / "ties.yaml", recipe)
     out = work / "merged"

@@ -11,11 +11,9 @@ generates. Runs offline in about a minute.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from examples.run_example import build_family
+from examples.run_example import prepare_workdir
 
 
 def _free_port() -> int:
@@ -60,14 +58,7 @@ class Client:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", default=".example")
-    args = parser.parse_args()
-    work = Path(args.workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "models").mkdir(parents=True)
-    print(f"building tiny checkpoints in {work / 'models'}")
-    build_family(work / "models")
+    work = prepare_workdir(__doc__)
 
     port = _free_port()
     env = {

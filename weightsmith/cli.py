@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_R = TypeVar("_R")
 
 EXIT_INPUT = 2  # bad recipe, bad checkpoint, bad reference
 EXIT_FAILURE = 1  # anything else
@@ -57,18 +59,27 @@ class _ProgressBar:
             self.bar.close()
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from schemas.recipe import RecipeError, parse_recipe
+def _load_recipe(path: Path, parse: Callable[[str], _R]) -> _R | int:
+    """The validated recipe in ``path``, or the exit code after a one-line error."""
+    from schemas.recipe import RecipeError
 
-    path = Path(args.recipe)
     try:
         text = path.read_text()
     except OSError as e:
         return _fail(f"cannot read recipe {str(path)!r}: {e.strerror}", EXIT_INPUT)
     try:
-        recipe = parse_recipe(text)
+        return parse(text)
     except RecipeError as e:
         return _fail(f"recipe {str(path)!r}: {e}", EXIT_INPUT)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from schemas.recipe import parse_recipe
+
+    path = Path(args.recipe)
+    recipe = _load_recipe(path, parse_recipe)
+    if isinstance(recipe, int):
+        return recipe
 
     from workers.errors import InputError, WeightsmithError
     from workers.merge.engine import run_merge
@@ -255,17 +266,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         return _fail("an edit needs a recipe (or --revert DIR)", EXIT_INPUT)
 
     from schemas.edit_recipe import parse_edit_recipe
-    from schemas.recipe import RecipeError
 
     path = Path(args.recipe)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        return _fail(f"cannot read recipe {str(path)!r}: {e.strerror}", EXIT_INPUT)
-    try:
-        recipe = parse_edit_recipe(text)
-    except RecipeError as e:
-        return _fail(f"recipe {str(path)!r}: {e}", EXIT_INPUT)
+    recipe = _load_recipe(path, parse_edit_recipe)
+    if isinstance(recipe, int):
+        return recipe
 
     from workers.edit import LocalCovarianceCache, run_edit
     from workers.edit.engine import EditGateError
