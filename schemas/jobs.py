@@ -15,6 +15,7 @@ The REST API, the job store and the worker all speak these models; nothing here 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
@@ -54,6 +55,34 @@ class JobState(StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class PublishOptions(BaseModel):
+    """Where else a job's artifact goes once it is published in object storage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub_repo: str | None = Field(
+        default=None,
+        description="a Hugging Face model repo 'org/name' the artifact is pushed to "
+        "(created if missing) with its model card, in one commit",
+        examples=["my-org/llama-ties"],
+    )
+    private: bool = Field(default=False, description="create the hub repo as private")
+    branch: str = Field(default="main", description="the hub branch the commit goes to")
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _hub_repo(cls, repo: str | None) -> str | None:
+        if repo is not None and not _HUB_REPO.match(repo):
+            raise ValueError(
+                "a hub repo is 'org/name': letters, digits, '.', '_' or '-', "
+                "each part at most 96 characters"
+            )
+        return repo
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``. Moving references in ``recipe`` are pinned by the API."""
 
@@ -69,6 +98,9 @@ class JobCreate(BaseModel):
     )
     callback_url: AnyHttpUrl | None = Field(
         default=None, description="called (Standard Webhooks) when the job reaches a final state"
+    )
+    publish: PublishOptions | None = Field(
+        default=None, description="also push the artifact elsewhere (the Hugging Face Hub)"
     )
 
     @field_validator("recipe")
@@ -142,6 +174,8 @@ class JobView(BaseModel):
     error: JobError | None = None
     artifact: ArtifactRef | None = None
     callback_url: str | None = None
+    publish: PublishOptions | None = None
+    schedule_id: str | None = Field(default=None, description="the schedule that started it")
 
 
 class JobList(BaseModel):

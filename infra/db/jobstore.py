@@ -279,6 +279,7 @@ class JobStore:
                 recipe_hash=canonical_sha256(source),
                 artifact_name=request.artifact_name,
                 callback_url=str(request.callback_url) if request.callback_url else None,
+                publish=request.publish.model_dump() if request.publish else None,
                 idempotency_key=key,
                 request_hash=fingerprint,
                 attempts=0,

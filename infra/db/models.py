@@ -29,7 +29,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from schemas.jobs import ArtifactRef, JobError, JobKind, JobProgress, JobState, JobView
+from schemas.jobs import (
+    ArtifactRef,
+    JobError,
+    JobKind,
+    JobProgress,
+    JobState,
+    JobView,
+    PublishOptions,
+)
 
 # Stable constraint names: Alembic's batch mode (SQLite) recreates tables and must find them.
 NAMING_CONVENTION = {
@@ -105,6 +113,8 @@ class Job(Base):
         Index("ix_jobs_tenant_state_created", "tenant_id", "state", "created_at", "id"),
         # Finding jobs whose worker was lost (running, heartbeat old).
         Index("ix_jobs_state_heartbeat", "state", "heartbeat_at"),
+        # The runs of a schedule, newest first.
+        Index("ix_jobs_schedule_created", "schedule_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -115,6 +125,9 @@ class Job(Base):
     recipe_hash: Mapped[str] = mapped_column(String(64))
     artifact_name: Mapped[str] = mapped_column(String(100))
     callback_url: Mapped[str | None] = mapped_column(Text, default=None)
+    # schemas.jobs.PublishOptions as a dict (where else to push the artifact), or None.
+    publish: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    schedule_id: Mapped[str | None] = mapped_column(String(36), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str] = mapped_column(String(64))
 
@@ -168,4 +181,6 @@ class Job(Base):
             error=JobError.model_validate(self.error) if self.error is not None else None,
             artifact=artifact,
             callback_url=self.callback_url,
+            publish=PublishOptions.model_validate(self.publish) if self.publish else None,
+            schedule_id=self.schedule_id,
         )
