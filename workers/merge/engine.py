@@ -9,6 +9,7 @@ Peak memory is the inputs of one tensor (plus float32 working copies), never the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from schemas.methods import METHODS, ParamScope
 from schemas.recipe import MergeRecipe, layer_position, resolve_parameter
 from schemas.references import ModelReference
 from workers.errors import CancelledError, InputError, WeightsmithError
-from workers.merge.methods import METHOD_FUNCTIONS, TensorInputs
+from workers.merge.blocks import Block, block_ranges, stream_blocks
+from workers.merge.methods import BLOCKED_FUNCTIONS, METHOD_FUNCTIONS, TensorInputs
 from workers.merge.readahead import ReadAhead
 from workers.merge.statistics import GLOBAL_STATISTICS
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
@@ -117,6 +119,7 @@ def run_merge(
     new_parents = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
     shutil.rmtree(staging, ignore_errors=True)
     inputs: list[_Input] = []
+    exit_stack = contextlib.ExitStack()
     try:
         report(Progress("resolve", 0, 0, 0, 0))
         inputs = _open_inputs(recipe, settings, base_dir, resolved or {})
@@ -129,6 +132,9 @@ def run_merge(
         out_dtype = _DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         specs = [TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()]
         ctx = _Context(recipe, base, models, plan, num_layers, run_seed, dev, report, is_cancelled)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_compute_threads(threads))
+        exit_stack.callback(torch.set_num_threads, threads)
         t1 = time.perf_counter()
         stats = ctx.global_statistics()
         timings["statistics_s"] = time.perf_counter() - t1
@@ -136,10 +142,12 @@ def run_merge(
         staging.mkdir(parents=True)
         writer = ShardedWriter(staging, specs, max_shard_bytes=recipe.output.shard_size)
         try:
-            with ctx.reading([s.name for s in specs]):
+            # whole-tensor read-ahead for the tensors that are not streamed in blocks
+            dense = [s.name for s in specs if not ctx.streamed(s.name, stats)]
+            with ctx.reading(dense):
                 for spec in specs:
                     ctx.check_cancel()
-                    writer.write(spec.name, ctx.merge_tensor(spec.name, stats).to(spec.dtype))
+                    ctx.merge_tensor(spec.name, stats, writer, spec.dtype)
             shards = writer.close()
         except BaseException:
             writer.abort()
@@ -178,8 +186,21 @@ def run_merge(
                 break
         raise
     finally:
+        exit_stack.close()
         for i in inputs:
             i.reader.close()
+
+
+def _compute_threads(current: int) -> int:
+    """Threads for torch's element-wise math: one core is left to the read-ahead and writer
+    threads (file copies and sha256). The math runs on cache-sized blocks, where an extra
+    thread gains little and, on a busy machine, a thread pool waiting for a descheduled
+    member loses a lot."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(current, cores - 1))
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -522,7 +543,7 @@ class _Context:
 
     def inputs_for(self, name: str, stats: dict[str, Any]) -> TensorInputs:
         p = self.plan[name]
-        base_t = self._load(self.base, name) if self.base is not None else None
+        base = self.base
         holders = [m for m in self.models if m.index in p.holders]
         checked: set[int] = set()
 
@@ -532,9 +553,32 @@ class _Context:
             checked.add(j)
             return t
 
+        def load_base() -> torch.Tensor | None:
+            return self._load(base, name) if base is not None else None
+
+        blocks_checked = [False]
+
+        def blocks(check: bool = True) -> Iterator[Block]:
+            # NaN/Inf are checked on the first checked pass only
+            check, blocks_checked[0] = check and not blocks_checked[0], blocks_checked[0] or check
+            inputs = ([base] if base is not None else []) + holders
+            for b in stream_blocks(
+                math.prod(p.shape),
+                _torch_dtype(p.dtype_code),
+                self._block_reader(base, name) if base is not None else None,
+                [self._block_reader(m, name) for m in holders],
+            ):
+                if check:
+                    raws = [b.base_raw] if b.base_raw is not None else []
+                    for inp, raw in zip(inputs, raws + b.raws, strict=True):
+                        if not all_finite(raw):
+                            self._raise_not_finite(inp, name)
+                yield b
+
         return TensorInputs(
             name=name,
-            base=base_t,
+            has_base=base is not None,
+            load_base=load_base,
             count=len(holders),
             load_raw=load_raw,
             model_indices=[m.index for m in holders if m.index is not None],
@@ -543,17 +587,47 @@ class _Context:
             seed=self.seed,
             stats=stats,
             notes=self.notes,
+            numel=math.prod(p.shape),
+            blocks=blocks,
         )
 
+    def _block_reader(self, inp: _Input, name: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            return inp.reader.read_into(name, start, out).to(self.device)
+
+        return read
+
+    def _raise_not_finite(self, inp: _Input, name: str) -> None:
+        """InputError naming ``inp`` and how many non-finite values its tensor has."""
+        bad = 0
+        for start, stop in block_ranges(inp.reader.info(name).numel):
+            t = inp.reader.read_into(
+                name, start, torch.empty(stop - start, dtype=inp.reader.info(name).torch_dtype)
+            )
+            bad += int((~torch.isfinite(t)).sum())
+        raise InputError(
+            f"contains {bad} NaN or infinite value(s); refusing to merge a damaged checkpoint",
+            model=inp.label,
+            tensor=name,
+        )
+
+    def streamed(self, name: str, stats: dict[str, Any]) -> bool:
+        """Whether the merge pass streams this tensor block by block."""
+        blocked = BLOCKED_FUNCTIONS.get(self.recipe.merge_method)
+        if blocked is None or not self.plan[name].is_float:
+            return False
+        stream = blocked(self.inputs_for(name, stats))
+        if stream is None:
+            return False
+        stream.close()
+        return True
+
     def float_tensors(self, phase: str) -> Iterator[TensorInputs]:
-        """Every float tensor's inputs, for a statistics pass."""
-        floats = [n for n, p in self.plan.items() if p.is_float]
-        with self.reading(floats):
-            for name in floats:
-                self.check_cancel()
-                yield self.inputs_for(name, {})
-                self._advance(phase, name)
-        self.readahead = None
+        """Every float tensor's inputs, for a statistics pass (read with ``blocks()``)."""
+        for name in [n for n, p in self.plan.items() if p.is_float]:
+            self.check_cancel()
+            yield self.inputs_for(name, {})
+            self._advance(phase, name)
 
     def _advance(self, phase: str, name: str) -> None:
         self.tensors_done += 1
@@ -571,7 +645,9 @@ class _Context:
 
     # -- merging -----------------------------------------------------------------------------
 
-    def merge_tensor(self, name: str, stats: dict[str, Any]) -> torch.Tensor:
+    def merge_tensor(
+        self, name: str, stats: dict[str, Any], writer: ShardedWriter, dtype: torch.dtype
+    ) -> None:
         p = self.plan[name]
         try:
             if not p.is_float:
@@ -580,22 +656,54 @@ class _Context:
                     if self.base is not None
                     else next(m for m in self.models if name in m.reader)
                 )
-                out = self._read(src, name)
+                writer.write(name, self._read(src, name).to(dtype))
             else:
                 x = self.inputs_for(name, stats)
-                if x.base is None and x.count == 0:
+                if not x.has_base and x.count == 0:
                     raise InputError("no input has this tensor", tensor=name)
-                out = self.fn(x)
-                if not all_finite(out):
-                    raise InputError(
-                        "the merge produced NaN or infinite values (check weights, lambda and "
-                        "normalize)",
-                        tensor=name,
-                        field="parameters",
-                    )
+                blocked = BLOCKED_FUNCTIONS.get(self.recipe.merge_method)
+                stream = blocked(x) if blocked is not None else None
+                if stream is None:
+                    out = self.fn(x)
+                    self._check_output(x, out)
+                    writer.write(name, out.cpu().to(dtype))
+                else:
+                    writer.begin(name)
+                    for block in stream:
+                        self._check_output(x, block)
+                        # a copy: the method may reuse the block's buffer for the next one
+                        writer.append(block.to("cpu", dtype, copy=True))
+                    writer.end()
         except WeightsmithError as e:
             if e.tensor is None:
                 e.tensor = name
             raise
         self._advance("merge", name)
-        return out.cpu() if out.device.type != "cpu" else out
+
+    def _check_output(self, x: TensorInputs, out: torch.Tensor) -> None:
+        if all_finite(out):
+            return
+        # a damaged input is the likelier cause: name it (the streaming element-wise methods
+        # leave the inputs' check to this one)
+        inputs = ([self.base] if x.has_base and self.base is not None else []) + [
+            m for m in self.models if m.index in self.plan[x.name].holders
+        ]
+        for inp in inputs:
+            if not _tensor_finite(inp, x.name):
+                self._raise_not_finite(inp, x.name)
+        raise InputError(
+            "the merge produced NaN or infinite values (check weights, lambda and normalize)",
+            tensor=x.name,
+            field="parameters",
+        )
+
+
+def _tensor_finite(inp: _Input, name: str) -> bool:
+    info = inp.reader.info(name)
+    if not info.torch_dtype.is_floating_point:
+        return True
+    for start, stop in block_ranges(info.numel):
+        t = inp.reader.read_into(name, start, torch.empty(stop - start, dtype=info.torch_dtype))
+        if not all_finite(t):
+            return False
+    return True

@@ -8,28 +8,33 @@ the compute device; the engine casts the result to the output dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from workers.errors import InputError
+from workers.merge.blocks import Block
 from workers.merge.randomness import uniform
-from workers.merge.selection import kth_smallest, rank_range_mask
+from workers.merge.selection import RankRangeStream, kth_smallest, rank_range_mask
 
 
 @dataclass
 class TensorInputs:
     """Everything a method sees for one tensor.
 
-    The fine-tuned tensors are loaded on demand (``theta(j)``, ``tau(j)`` return a fresh
-    float32 copy each call, read from the page cache) so that a method holds only the
-    tensors it is working on: peak memory is a few tensors, not one per input model.
+    The inputs are loaded on demand so that a method holds only what it is working on. A
+    dense method takes whole tensors: ``base`` (float32, loaded on first use), ``theta(j)``,
+    ``tau(j)`` (a fresh float32 copy each call, read from the page cache). A streaming method
+    (``BLOCKED_FUNCTIONS``) takes ``blocks()`` instead, once per pass: every input's elements
+    block by block, so that its memory is a few blocks whatever the tensor size.
     """
 
     name: str
-    base: torch.Tensor | None
+    has_base: bool
+    load_base: Callable[[], torch.Tensor | None]  # θ0 in float32, on the device
     count: int  # number of fine-tuned models that have this tensor
     load_raw: Callable[[int], torch.Tensor]  # j -> θj as stored (e.g. bf16), on the device
     model_indices: list[int]  # their 0-based positions among the recipe's fine-tuned models
@@ -39,6 +44,14 @@ class TensorInputs:
     # whole-model statistics from the extra streaming passes (global scopes)
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings for the manifest
+    numel: int = 0
+    # one pass over the inputs in blocks; check=False skips the NaN/Inf check of the inputs
+    # (for methods whose output is non-finite wherever an input is: the engine checks it)
+    blocks: Callable[..., Iterator[Block]] = field(default=lambda check=True: iter(()))
+
+    @cached_property
+    def base(self) -> torch.Tensor | None:
+        return self.load_base()
 
     def raw(self, j: int) -> torch.Tensor:
         """θj in its stored dtype: element-wise methods accumulate it into float32 directly."""
@@ -440,4 +453,205 @@ METHOD_FUNCTIONS: dict[str, MergeFunction] = {
     "pcb": pcb,
     "model_stock": model_stock,
     "slerp": slerp,
+}
+
+
+# --- streaming (block by block) versions ----------------------------------------------------
+# The same arithmetic as the dense functions above, element by element, on blocks of the
+# flattened tensors (workers/merge/blocks.py). Per-tensor order statistics (TIES top-k,
+# Breadcrumbs' rank window) are found exactly by radix select over the blocks first
+# (RankRangeStream): two extra read passes instead of holding the tensor. A function returns
+# None for a configuration it does not stream (the engine then uses the dense function).
+
+# yields the merged float32 blocks in order; a yielded block may be a buffer the function
+# reuses for the next one (the engine copies it out before asking for the next)
+BlockedFunction = Callable[[TensorInputs], Generator[torch.Tensor, None, None] | None]
+
+
+class _Float32Scratch:
+    """Casts blocks to float32 into one reused buffer: a half-precision operand makes add_
+    take a slow mixed-dtype path (several times slower than a cast and a float32 add on a
+    cache-sized block)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def __call__(self, raw: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
+        if raw.dtype == torch.float32 and not copy:
+            return raw
+        if self._buf is None or self._buf.numel() < raw.numel():
+            self._buf = torch.empty(raw.numel(), dtype=torch.float32, device=raw.device)
+        return self._buf[: raw.numel()].view(raw.shape).copy_(raw)
+
+
+def linear_blocks(x: TensorInputs) -> Generator[torch.Tensor, None, None] | None:
+    weights = [p["weight"] for p in x.params]
+    total = sum(weights)
+    if x.shared["normalize"] and abs(total) < 1e-8:
+        return None  # the dense function raises the error
+
+    def merge() -> Generator[torch.Tensor, None, None]:
+        # NaN/Inf in an input always make the output non-finite here: the engine checks that
+        as_float32 = _Float32Scratch()
+        for b in x.blocks(check=False):
+            out = b.theta(0).mul_(weights[0])
+            for j in range(1, x.count):
+                out.add_(as_float32(b.raws[j]), alpha=weights[j])
+            yield out.div_(total) if x.shared["normalize"] else out
+
+    return merge()
+
+
+def task_arithmetic_blocks(x: TensorInputs) -> Generator[torch.Tensor, None, None] | None:
+    weights = [p["weight"] for p in x.params]
+    total = sum(weights)
+    if x.shared["normalize"] and abs(total) >= 1e-8:
+        weights = [w / total for w in weights]
+    lam = x.shared["lambda"]
+    keep = 1 - lam * sum(weights)
+
+    def merge() -> Generator[torch.Tensor, None, None]:
+        # (1 − λ·Σ wi)·θ0 + Σ λ·wi·θi as in task_arithmetic. A NaN/Inf input always makes
+        # the output non-finite (0·NaN = NaN, ∞ − ∞ = NaN), which the engine checks.
+        as_float32, acc = _Float32Scratch(), _Float32Scratch()
+        for b in x.blocks(check=False):
+            assert b.base_raw is not None
+            out = acc(b.base_raw, copy=True).mul_(keep)
+            for j, w in enumerate(weights):
+                out.add_(as_float32(b.raws[j]), alpha=lam * w)
+            yield out  # reused for the next block: the engine copies it out
+
+    return merge()
+
+
+def _rank_window(x: TensorInputs, method: str, j: int) -> RankRangeStream | None:
+    """The stable-rank window of |τj| that the sparsifier keeps (None: keep everything)."""
+    p, n = x.params[j], x.numel
+    density = p["density"]
+    if density >= 1:
+        return None
+    if method == "ties":
+        if density <= 0 or n == 0:
+            return RankRangeStream(n, 0, 0)
+        return RankRangeStream(n, 0, max(1, int(density * n)), descending=True)
+    keep, top = int(density * n), int(p["gamma"] * n)
+    bottom = max(0, n - keep - top)
+    return RankRangeStream(n, bottom, bottom + keep)
+
+
+def task_vector_family_blocks(method: str, *, consensus: bool) -> BlockedFunction:
+    def merge(x: TensorInputs) -> Generator[torch.Tensor, None, None] | None:
+        if method == "ties":
+            if x.shared["rescale"]:
+                return None  # L1 rescale needs whole-tensor norms: dense
+            global_scope = x.shared.get("scope") == "global"
+        elif method in ("breadcrumbs", "breadcrumbs_ties"):
+            if x.shared.get("scope") == "row":
+                return None
+            global_scope = False
+        else:
+            return None  # DARE, DELLA: random draws and L1 rescale, dense
+        weights = [p["weight"] for p in x.params]
+        lam, normalize = x.shared["lambda"], x.shared["normalize"]
+        thresholds: list[float | None] = []
+        windows: list[RankRangeStream | None] = []
+        for j in range(x.count):
+            if global_scope:
+                thresholds.append(x.stats["ties_threshold"][x.model_indices[j]])
+                windows.append(None)
+            else:
+                thresholds.append(None)
+                windows.append(_rank_window(x, method, j))
+        selecting = [w for w in windows if w is not None and w.needs_selection]
+
+        def sparse_taus(b: Block) -> list[torch.Tensor]:
+            out = []
+            for j in range(x.count):
+                tau, window, threshold = b.tau(j), windows[j], thresholds[j]
+                if window is not None:
+                    tau.mul_(window.mask(tau.abs()))
+                elif threshold is not None:
+                    tau.mul_(tau.abs() >= threshold)
+                out.append(tau)
+            return out
+
+        def run() -> Generator[torch.Tensor, None, None]:
+            if selecting:  # exact boundaries of every model's rank window: two radix passes
+                for b in x.blocks():
+                    for j, w in enumerate(windows):
+                        if w is not None and w.needs_selection:
+                            w.observe_high(b.tau(j).abs_())
+                for w in selecting:
+                    w.end_high()
+                for b in x.blocks(check=False):
+                    for j, w in enumerate(windows):
+                        if w is not None and w.needs_selection:
+                            w.observe_low(b.tau(j).abs_())
+                for w in selecting:
+                    w.end_low()
+            for b in x.blocks(check=not selecting):
+                if x.count == 0:
+                    yield b.base32().clone()
+                    continue
+                taus = sparse_taus(b)
+                divisor: torch.Tensor | float
+                if consensus:
+                    mixed, divisor = sign_consensus(
+                        [t.mul_(w) for t, w in zip(taus, weights, strict=True)], weights
+                    )
+                    divisor[divisor == 0] = 1.0
+                else:
+                    mixed = torch.zeros_like(taus[0])
+                    for t, w in zip(taus, weights, strict=True):
+                        mixed.add_(t, alpha=w)
+                    divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+                if normalize:
+                    mixed /= divisor
+                yield mixed.mul_(lam).add_(b.base32())
+
+        return run()
+
+    merge.__name__ = f"{method}_blocks"
+    return merge
+
+
+def pcb_blocks(x: TensorInputs) -> Generator[torch.Tensor, None, None] | None:
+    """PCB with whole-model statistics (``scope: global``): element-wise once they are known."""
+    if x.shared["scope"] != "global":
+        return None  # per-tensor quantiles of B: dense
+    weights = [p["weight"] for p in x.params]
+    st = x.stats
+    stats = [
+        (st["pcb_lo"][i], st["pcb_hi"][i], st["pcb_threshold"][i], st["pcb_max"][i])
+        for i in x.model_indices
+    ]
+
+    def run() -> Generator[torch.Tensor, None, None]:
+        for b in x.blocks():
+            if x.count == 0:
+                yield b.base32().clone()
+                continue
+            taus = [b.tau(j) for j in range(x.count)]
+            total = taus[0].clone()
+            for t in taus[1:]:
+                total += t
+            num = torch.zeros_like(total)
+            den = torch.zeros_like(total)
+            for t, (lo, hi, threshold, top), w in zip(taus, stats, weights, strict=True):
+                score = pcb_score(pcb_balance(t, total, x.count, lo, hi), threshold, top)
+                clipped = torch.sign(t).mul_(t.abs().clamp_(lo, hi))
+                num += clipped.mul_(score).mul_(w)
+                den += score
+            yield num.div_(den.clamp_(min=1e-12)).add_(b.base32())
+
+    return run()
+
+
+BLOCKED_FUNCTIONS: dict[str, BlockedFunction] = {
+    "linear": linear_blocks,
+    "task_arithmetic": task_arithmetic_blocks,
+    "ties": task_vector_family_blocks("ties", consensus=True),
+    "breadcrumbs": task_vector_family_blocks("breadcrumbs", consensus=False),
+    "breadcrumbs_ties": task_vector_family_blocks("breadcrumbs_ties", consensus=True),
+    "pcb": pcb_blocks,
 }

@@ -212,3 +212,92 @@ def rank_range_mask(
             idx = torch.nonzero(eq).squeeze(1)
             mask[idx[p0:p1]] = True
     return mask.reshape(x.shape)
+
+
+class RankRangeStream:
+    """``rank_range_mask`` over non-negative values that arrive block by block, in order.
+
+    Ranks are those of a stable sort of the whole flattened tensor (equal values by position,
+    lower index first, in either direction). Passes: ``observe_high`` every block, then
+    ``observe_low`` every block (radix select of the two boundary values with the counts below
+    and equal to them), then ``mask`` every block in order: entries strictly between the
+    boundaries are in range, and of the entries equal to a boundary the first ones by
+    position, counted across blocks. When ``needs_selection`` is false the first two passes
+    can be skipped.
+    """
+
+    def __init__(self, n: int, lo: int, hi: int, *, descending: bool = False) -> None:
+        self.n = n
+        self.lo, self.hi = max(0, lo), min(n, hi)
+        self.descending = descending
+        self._all: bool | None = None
+        if self.lo >= self.hi:
+            self._all = False
+        elif self.lo == 0 and self.hi == n:
+            self._all = True
+        a_lo, a_hi = (n - self.hi, n - self.lo) if descending else (self.lo, self.hi)
+        self._a_lo, self._a_hi = a_lo, a_hi
+        self._select = RadixSelect(ranks=[a_lo + 1, a_hi], nonnegative=True)
+        # [value, first position in the group to keep, one past the last, seen so far, size]
+        self._groups: list[list[float | int]] = []
+        self._first = self._last = 0.0
+        self._below_last = self._above_first = False
+
+    @property
+    def needs_selection(self) -> bool:
+        return self._all is None
+
+    def observe_high(self, x: torch.Tensor) -> None:
+        self._select.observe_high(x)
+
+    def end_high(self) -> None:
+        self._select.end_high()
+
+    def observe_low(self, x: torch.Tensor) -> None:
+        self._select.observe_low(x)
+
+    def end_low(self) -> None:
+        self._select.end_low()
+        first, last = self._select.selected
+        self._first, self._last = first.value, last.value
+        if first.value == last.value:
+            groups = [first]
+        elif self._a_hi == self.n:  # everything above `first` is in range
+            groups, self._above_first = [first], True
+        elif self._a_lo == 0:  # everything below `last`
+            groups, self._below_last = [last], True
+        else:
+            groups, self._above_first, self._below_last = [first, last], True, True
+        for g in groups:
+            start = self.n - g.less - g.equal if self.descending else g.less
+            p0, p1 = max(0, self.lo - start), min(g.equal, self.hi - start)
+            if p0 < p1:
+                self._groups.append([g.value, p0, p1, 0, g.equal])
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The in-range mask of the next block (blocks must come in order, each once)."""
+        flat = x.reshape(-1)
+        if self._all is not None:
+            return torch.full_like(flat, self._all, dtype=torch.bool)
+        if self._above_first and self._below_last:
+            mask = (flat > self._first) & (flat < self._last)
+        elif self._above_first:
+            mask = flat > self._first
+        elif self._below_last:
+            mask = flat < self._last
+        else:
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+        for g in self._groups:
+            value, p0, p1, seen, size = g
+            if seen >= p1:  # this group's kept positions are all behind
+                continue
+            eq = flat == value
+            if p0 == 0 and p1 == size:  # the whole group is in range
+                mask |= eq
+                continue
+            idx = torch.nonzero(eq).squeeze(1)
+            a, b = max(0, int(p0) - int(seen)), min(idx.numel(), int(p1) - int(seen))
+            if a < b:
+                mask[idx[a:b]] = True
+            g[3] = int(seen) + idx.numel()
+        return mask

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from workers.merge.methods import pcb_balance, pcb_clip_ranks, pcb_quantile_rank, pcb_total
+from workers.merge.blocks import Block
+from workers.merge.methods import pcb_balance, pcb_clip_ranks, pcb_quantile_rank
 from workers.merge.selection import RadixSelect
 
 if TYPE_CHECKING:
@@ -39,26 +40,29 @@ def _model_sizes(ctx: _Context) -> dict[int, int]:
 def _select(
     ctx: _Context, ranks: dict[int, list[int]], values: Any, phase: str
 ) -> dict[int, list[float]]:
-    """Exact ranked values per model of ``values(inputs) -> {model index: tensor}``."""
+    """Exact ranked values per model of ``values(inputs, block) -> {model index: tensor}``,
+    streamed block by block (the inputs are never held whole)."""
     sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
     for x in ctx.float_tensors(f"{phase} (1/2)"):
-        for i, v in values(x):
-            if i in sel:
-                sel[i].observe_high(v)
+        for b in x.blocks():
+            for i, v in values(x, b):
+                if i in sel:
+                    sel[i].observe_high(v)
     for s in sel.values():
         s.end_high()
     for x in ctx.float_tensors(f"{phase} (2/2)"):
-        for i, v in values(x):
-            if i in sel:
-                sel[i].observe_low(v)
+        for b in x.blocks(check=False):
+            for i, v in values(x, b):
+                if i in sel:
+                    sel[i].observe_low(v)
     for s in sel.values():
         s.end_low()
     return {i: s.values for i, s in sel.items()}
 
 
-def _magnitudes(x: Any) -> Iterator[tuple[int, torch.Tensor]]:
-    for j, tau in x.taus():
-        yield x.model_indices[j], tau.abs_()
+def _magnitudes(x: Any, b: Block) -> Iterator[tuple[int, torch.Tensor]]:
+    for j in range(x.count):
+        yield x.model_indices[j], b.tau(j).abs_()
 
 
 class TiesGlobal:
@@ -114,9 +118,14 @@ class PcbGlobal:
         hi = {i: v[1] for i, v in bounds.items()}
         top: dict[int, float] = {i: -math.inf for i in bounds}
 
-        def balance(x: Any) -> Iterator[tuple[int, torch.Tensor]]:
-            total = pcb_total(x)
-            for j, tau in x.taus():
+        def balance(x: Any, blk: Block) -> Iterator[tuple[int, torch.Tensor]]:
+            if x.count == 0:
+                return
+            taus = [blk.tau(j) for j in range(x.count)]
+            total = taus[0].clone()  # Σj τj, summed in the order of pcb_total
+            for t in taus[1:]:
+                total += t
+            for j, tau in enumerate(taus):
                 i = x.model_indices[j]
                 b = pcb_balance(tau, total, x.count, lo[i], hi[i])
                 if b.numel():

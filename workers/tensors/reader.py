@@ -14,6 +14,7 @@ import difflib
 import io
 import json
 import math
+import os
 import re
 import threading
 import zipfile
@@ -142,6 +143,59 @@ class CheckpointReader:
                     tensor=name,
                 )
         return buf.view(info.torch_dtype).reshape(info.shape)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start + out.numel()) of the flattened tensor, read into ``out``
+        (contiguous, the tensor's dtype) and returned.
+
+        Reads only those bytes (one ``preadv``, no seek and no lock), so a large tensor can
+        be streamed block by block into a few reused buffers.
+        """
+        if self._closed:
+            raise ValueError(f"reader for {self.label!r} is closed")
+        info = self.info(name)
+        count = out.numel()
+        if out.dtype != info.torch_dtype or not out.is_contiguous():
+            raise ValueError(f"read_into needs a contiguous {info.torch_dtype} buffer")
+        if start < 0 or start + count > info.numel:
+            raise ValueError(
+                f"elements [{start}, {start + count}) are outside tensor {name!r} of "
+                f"{info.numel} elements"
+            )
+        if count == 0:
+            return out
+        if self._pickle:
+            out.view(-1).copy_(
+                self._read_pickle(info, copy=False).reshape(-1)[start : start + count]
+            )
+            return out
+        size = out.element_size()
+        offset, nbytes = info.start + start * size, count * size
+        view = out.view(-1).view(torch.uint8).numpy().data
+        got = 0
+        try:
+            with self._lock:
+                fd = self._handle(info.file).fileno()
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if not n:
+                    break
+                got += n
+        except OSError as e:
+            raise self._error(
+                f"cannot read the tensor: {e.strerror or e}", file=info.file.name, tensor=name
+            ) from e
+        finally:
+            view.release()
+        if got < nbytes:
+            raise self._error(
+                f"file is truncated: tensor {name!r} ends at byte {info.end} but only "
+                f"{offset + got} bytes could be read (the file changed after the checkpoint "
+                "was opened)",
+                file=info.file.name,
+                tensor=name,
+            )
+        return out
 
     def files(self) -> list[Path]:
         """The files the tensors come from (shards in index order)."""
@@ -411,11 +465,13 @@ class CheckpointReader:
             state[name] = value
         return state
 
-    def _read_pickle(self, info: TensorInfo) -> torch.Tensor:
+    def _read_pickle(self, info: TensorInfo, *, copy: bool = True) -> torch.Tensor:
         with self._lock:
             if self._loaded is None or self._loaded[0] != info.file:
                 self._loaded = (info.file, self._torch_load(info.file))
             tensor = self._loaded[1][info.name]
+        if not copy:
+            return tensor.detach()
         return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 

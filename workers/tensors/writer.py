@@ -26,6 +26,7 @@ import torch
 from workers.tensors.safetensors_format import METADATA_KEY, dtype_code, encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
+_QUEUE_BYTES = 32 << 20  # written-but-not-yet-on-file bytes held by the writer
 _MAX_LISTED = 10
 
 
@@ -133,10 +134,16 @@ class ShardedWriter:
         self._result: list[Path] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # File writes and hashing run on a background thread (both release the GIL), so they
-        # overlap with computing the next tensor; the queue holds at most two tensors.
-        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        # overlap with computing the next tensor. The queue holds at most _QUEUE_BYTES (or one
+        # tensor or part, whatever its size) besides the one being written.
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._room = threading.Condition()
+        self._queued_bytes = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._partial: tuple[TensorSpec, int] | None = None  # tensor being streamed, elements
+        self._syncing: list[threading.Thread] = []
+        self._sync_error: BaseException | None = None
 
     @property
     def bytes_written(self) -> int:
@@ -161,7 +168,55 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor; it must match its spec's name, dtype and shape."""
+        spec = self._spec_for(name, tensor.dtype)
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name!r}: shape {tuple(tensor.shape)} differs from the planned "
+                f"{spec.shape}"
+            )
+        self._enqueue(tensor)
+        self._next += 1
+        self._bytes_written += spec.nbytes
+
+    def begin(self, name: str) -> None:
+        """Start streaming the next planned tensor in parts: ``append`` its flattened
+        elements in order, then ``end``. Only the queued parts are held, never the tensor."""
+        self._partial = (self._spec_for(name, None), 0)
+
+    def append(self, part: torch.Tensor) -> None:
+        """The next elements (any shape, flattened) of the tensor started with ``begin``."""
+        if self._partial is None:
+            raise ValueError("append() without begin()")
+        spec, done = self._partial
+        if part.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor {spec.name!r}: dtype {part.dtype} differs from the planned {spec.dtype}"
+            )
+        done += part.numel()
+        if done > math.prod(spec.shape):
+            raise ValueError(f"tensor {spec.name!r}: more elements than its shape {spec.shape}")
+        self._partial = (spec, done)
+        self._enqueue(part)
+
+    def end(self) -> None:
+        """Finish the tensor started with ``begin``; all its elements must have come."""
+        if self._partial is None:
+            raise ValueError("end() without begin()")
+        spec, done = self._partial
+        if done != math.prod(spec.shape):
+            raise ValueError(
+                f"tensor {spec.name!r}: {done} elements written, its shape {spec.shape} has "
+                f"{math.prod(spec.shape)}"
+            )
+        self._partial = None
+        self._next += 1
+        self._bytes_written += spec.nbytes
+
+    def _spec_for(self, name: str, dtype: torch.dtype | None) -> TensorSpec:
+        """The next planned spec, checked against the name and dtype being written."""
         self._check_open()
+        if self._partial is not None:
+            raise ValueError(f"tensor {self._partial[0].name!r} was begun but not ended")
         if self._next >= len(self._specs):
             raise ValueError(
                 f"unexpected tensor {name!r}: all {len(self._specs)} planned tensors were "
@@ -181,23 +236,24 @@ class ShardedWriter:
                 f"tensors must be written in plan order: expected {spec.name!r} "
                 f"(number {self._next + 1}) next, got {name!r} ({why})"
             )
-        if tensor.dtype != spec.dtype:
+        if dtype is not None and dtype != spec.dtype:
             raise ValueError(
-                f"tensor {name!r}: dtype {tensor.dtype} differs from the planned {spec.dtype}"
+                f"tensor {name!r}: dtype {dtype} differs from the planned {spec.dtype}"
             )
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor {name!r}: shape {tuple(tensor.shape)} differs from the planned "
-                f"{spec.shape}"
-            )
+        return spec
+
+    def _enqueue(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         self._raise_background_error()
         if self._thread is None:
             self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
             self._thread.start()
+        nbytes = data.numel() * data.element_size()
+        with self._room:
+            while self._queued_bytes and self._queued_bytes + nbytes > _QUEUE_BYTES:
+                self._room.wait()
+            self._queued_bytes += nbytes
         self._queue.put((self._shard_of[self._next], data))
-        self._next += 1
-        self._bytes_written += spec.nbytes
 
     def _drain(self) -> None:
         """Background thread: append queued tensors to their shards, hashing as it goes."""
@@ -217,6 +273,9 @@ class ShardedWriter:
                     self._sha.update(raw)
             except BaseException as e:
                 self._error = e
+            with self._room:
+                self._queued_bytes -= data.numel() * data.element_size()
+                self._room.notify_all()
             self._queue.task_done()
         self._queue.task_done()
 
@@ -249,6 +308,9 @@ class ShardedWriter:
         self._stop_thread()
         self._raise_background_error()
         self._finish_shard()
+        self._join_syncs()
+        if self._sync_error is not None:
+            raise self._sync_error
         weight_map = {
             spec.name: self._paths[shard].name
             for spec, shard in zip(self._specs, self._shard_of, strict=True)
@@ -273,6 +335,7 @@ class ShardedWriter:
     def abort(self) -> None:
         """Close and delete every file this writer created (the output is unusable)."""
         self._stop_thread()
+        self._join_syncs()
         fh, self._fh = self._fh, None
         if fh is not None:
             with contextlib.suppress(OSError):
@@ -312,15 +375,20 @@ class ShardedWriter:
         self._current = shard
 
     def _finish_shard(self) -> None:
+        """Check the shard's size and record its digest; its fsync runs on a thread of its
+        own so that writing the next shard does not wait for the disk (joined by close)."""
         fh, self._fh = self._fh, None
         if fh is None:
             return
         try:
             fh.flush()
             size = fh.tell()
-            os.fsync(fh.fileno())
-        finally:
+        except BaseException:
             fh.close()
+            raise
+        syncing = threading.Thread(target=self._sync_and_close, args=(fh,), name="shard-fsync")
+        syncing.start()
+        self._syncing.append(syncing)
         expected = self._shard_sizes[self._current]
         if size != expected:
             raise RuntimeError(
@@ -328,6 +396,19 @@ class ShardedWriter:
                 f"{expected}"
             )
         self._digests[self._paths[self._current].name] = (size, self._sha.hexdigest())
+
+    def _sync_and_close(self, fh: BinaryIO) -> None:
+        try:
+            os.fsync(fh.fileno())
+        except BaseException as e:
+            self._sync_error = e
+        finally:
+            fh.close()
+
+    def _join_syncs(self) -> None:
+        for t in self._syncing:
+            t.join()
+        self._syncing = []
 
 
 def _fsync_dir(path: Path) -> None:
