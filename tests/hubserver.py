@@ -20,6 +20,26 @@ Errors carry the ``X-Error-Code`` header the client maps to its exceptions: ``Re
 metadata and file list stay public, as on the real Hub), ``RevisionNotFound`` and
 ``EntryNotFound``.
 
+It also takes pushes, answering what ``HfApi.create_repo``, ``create_branch`` and
+``create_commit`` send (tokens allowed to write are registered with ``grant_write``):
+
+- ``POST /api/repos/create`` (``visibility: private`` makes the repo readable with the creating
+  token only; an existing repo is a 409), ``POST /api/models/{repo}/branch/{branch}``
+- ``POST /api/validate-yaml`` (README.md front matter, checked before anything is uploaded)
+- ``POST /api/models/{repo}/preupload/{rev}``: ``uploadMode`` ``lfs`` for the extensions and sizes
+  above, ``regular`` otherwise, and the current ``oid`` of each path (unchanged files are skipped
+  by the client)
+- the Git LFS batch API, basic transfer only: ``POST /{repo}.git/info/lfs/objects/batch`` gives
+  a one-time upload URL (``PUT /_lfs/{ticket}``, no Authorization, the body must match the sha256
+  and size) and a verify URL; an object the repo already has gets no actions
+- ``POST /api/models/{repo}/commit/{branch}``: the NDJSON body (``header``, ``file`` with base64
+  content, ``lfsFile`` naming an uploaded object, ``deletedFile``, ``deletedFolder``). A binary
+  file sent as a regular file is refused, as by the Hub. The new commit is then served by the
+  read API above.
+
+There is no Xet storage here: the ``hub`` fixture sets ``HF_HUB_DISABLE_XET`` (huggingface_hub 2.x
+picks Xet on the client side whenever ``hf_xet`` is installed), so uploads use plain LFS.
+
 Every request is recorded (``HubServer.requests``) so tests can check which files were fetched.
 
 Usage::
@@ -27,18 +47,21 @@ Usage::
     def test_x(hub, tmp_path):
         sha = hub.add_repo("org/name", folder)            # or a {name: bytes} mapping
         sha2 = hub.add_repo("org/name", other_folder)     # second commit, "main" moves
+        hub.grant_write("hf_secret", ["org"])             # then HfApi(token="hf_secret") pushes
         hub.corrupt("org/name", "model.safetensors")      # serve other bytes than advertised
         assert "training_args.bin" not in hub.file_requests("org/name")
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import secrets
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,7 +97,16 @@ _LFS_SUFFIXES = (
 _LFS_MIN_SIZE = 10 * 1024 * 1024
 _POINTER_SIZE = 134  # size of a Git LFS pointer file, as the Hub reports it
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def _is_lfs(name: str, size: int) -> bool:
+    return name.endswith(_LFS_SUFFIXES) or size >= _LFS_MIN_SIZE
+
+
+# The first commit of a repo made through the API, as on the Hub (abridged).
+GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in _LFS_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -87,9 +119,10 @@ class _File:
     lfs: bool
 
     @classmethod
-    def from_bytes(cls, name: str, data: bytes) -> _File:
+    def from_bytes(cls, name: str, data: bytes, *, lfs: bool | None = None) -> _File:
+        """``lfs``: how the file is stored; None applies the Hub's default rule (_is_lfs)."""
         blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        lfs = name.endswith(_LFS_SUFFIXES) or len(data) >= _LFS_MIN_SIZE
+        lfs = _is_lfs(name, len(data)) if lfs is None else lfs
         return cls(name, data, len(data), hashlib.sha256(data).hexdigest(), blob_id, lfs)
 
     @property
@@ -106,6 +139,8 @@ class _Repo:
     private_token: str | None = None
     # (commit, file name) -> bytes served instead of the advertised content
     served_override: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # commits made through the write API: sha -> (summary, parent sha)
+    history: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def private(self) -> bool:
@@ -142,6 +177,11 @@ class HubServer:
         self._repos: dict[str, _Repo] = {}
         self._requests: list[RequestRecord] = []
         self._failures: list[list[Any]] = []  # [path substring, status, remaining or None]
+        # write API: token -> namespaces it may write to (None: any)
+        self._writers: dict[str, frozenset[str] | None] = {}
+        self._lfs_store: dict[tuple[str, str], bytes] = {}  # (repo, sha256) -> content
+        self._lfs_tickets: dict[str, tuple[str, str, int]] = {}  # ticket -> (repo, oid, size)
+        self._lfs_uploads: list[tuple[str, str]] = []  # (repo, oid) received by PUT
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -291,6 +331,49 @@ class HubServer:
         with self._lock:
             self._failures.append([path_contains, status, times])
 
+    # ----------------------------------------------------------------- write API
+
+    def grant_write(self, token: str, namespaces: Iterable[str] | None = None) -> None:
+        """Let ``token`` create repos and commit in ``namespaces`` (None: everywhere).
+
+        Any other bearer token is refused by the write endpoints with 401 "Invalid
+        credentials in Authorization header", as the Hub answers an unknown token.
+        """
+        with self._lock:
+            self._writers[token] = None if namespaces is None else frozenset(namespaces)
+
+    def is_private(self, repo_id: str) -> bool:
+        with self._lock:
+            return self._repos[repo_id].private
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bool]:
+        """The files of a revision: name -> stored with Git LFS."""
+        sha = self.commit_of(repo_id, revision)
+        with self._lock:
+            return {name: f.lfs for name, f in self._repos[repo_id].commits[sha].items()}
+
+    def commit_message(self, repo_id: str, sha: str) -> str | None:
+        """The summary of a commit made through the write API (None for ``add_repo`` ones)."""
+        with self._lock:
+            entry = self._repos[repo_id].history.get(sha)
+        return entry[0] if entry else None
+
+    def commits(self, repo_id: str, branch: str = "main") -> list[str]:
+        """The write-API commits reachable from ``branch``, newest first."""
+        with self._lock:
+            repo = self._repos[repo_id]
+            out: list[str] = []
+            sha: str | None = repo.refs.get(branch)
+            while sha is not None and sha in repo.history:
+                out.append(sha)
+                sha = repo.history[sha][1]
+        return out
+
+    def lfs_uploads(self, repo_id: str) -> list[str]:
+        """sha256 of each object uploaded to ``repo_id`` through the LFS basic transfer."""
+        with self._lock:
+            return [oid for repo, oid in self._lfs_uploads if repo == repo_id]
+
     # ----------------------------------------------------------------- request log
 
     @property
@@ -358,6 +441,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch("HEAD")
 
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     # -------------------------------------------------------------- plumbing
 
     def _dispatch(self, method: str) -> None:
@@ -367,10 +456,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._method = method
         self._status = 500
         decoded = unquote(raw_path)
+        # Read the whole body first: the connection is kept alive, whatever the answer.
+        self._body = self._read_body() if method in ("POST", "PUT") else b""
         try:
             forced = self.hub._injected_failure(decoded)
             if forced is not None:
                 self._error(forced, None, f"injected failure {forced}")
+            elif method in ("POST", "PUT"):
+                self._write(method, raw_path)
             elif raw_path.startswith("/api/models/"):
                 self._api(raw_path[len("/api/models/") :].split("/"))
             elif raw_path.startswith("/_cdn/"):
@@ -387,6 +480,20 @@ class _Handler(BaseHTTPRequestHandler):
                     authorized=self.headers.get("Authorization") is not None,
                 )
             )
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
 
     def _token(self) -> str | None:
         auth = self.headers.get("Authorization") or ""
@@ -660,6 +767,313 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, data, headers, content_type="application/octet-stream")
 
+    # -------------------------------------------------------------- write API
+
+    def _write(self, method: str, raw_path: str) -> None:
+        path = unquote(raw_path)
+        segments = raw_path.lstrip("/").split("/")
+        if method == "PUT" and path.startswith("/_lfs/"):
+            self._lfs_put(path[len("/_lfs/") :])
+        elif method != "POST":
+            self._error(405, None, "Method not allowed")
+        elif path == "/api/repos/create":
+            self._create_repo()
+        elif path == "/api/validate-yaml":
+            self._validate_yaml()
+        elif path.endswith(".git/info/lfs/objects/batch") and len(segments) == 6:
+            self._lfs_batch(f"{unquote(segments[0])}/{unquote(segments[1])[: -len('.git')]}")
+        elif path.endswith(".git/info/lfs/objects/verify") and len(segments) == 6:
+            self._lfs_verify(f"{unquote(segments[0])}/{unquote(segments[1])[: -len('.git')]}")
+        elif raw_path.startswith("/api/models/") and len(segments) >= 6:
+            repo_id = f"{unquote(segments[2])}/{unquote(segments[3])}"
+            action, rev = segments[4], unquote("/".join(segments[5:]))
+            if action == "preupload":
+                self._preupload(repo_id, rev)
+            elif action == "commit":
+                self._commit(repo_id, rev)
+            elif action == "branch":
+                self._create_branch(repo_id, rev)
+            else:
+                self._error(404, None, "Not found")
+        else:
+            self._error(404, None, "Not found")
+
+    def _json_body(self) -> Any:
+        try:
+            return json.loads(self._body or b"{}")
+        except ValueError:
+            return None
+
+    def _writer_or_error(self, namespace: str, what: str) -> str | None:
+        """The bearer token if it may write to ``namespace``; otherwise answer 401/403."""
+        token = self._token()
+        with self.hub._lock:
+            known = token in self.hub._writers
+            namespaces = self.hub._writers.get(token or "")
+        if token is None:
+            self._error(401, None, "You must be authenticated to do this")
+            return None
+        if not known:
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return None
+        if namespaces is not None and namespace not in namespaces:
+            self._error(403, None, f"You don't have the rights to {what} under '{namespace}'")
+            return None
+        return token
+
+    def _writable_repo_or_error(self, repo_id: str) -> _Repo | None:
+        if self._writer_or_error(repo_id.split("/")[0], f"write to {repo_id}") is None:
+            return None
+        with self.hub._lock:
+            repo = self.hub._repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        return repo
+
+    def _create_repo(self) -> None:
+        body = self._json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            self._error(400, None, "a JSON object with 'name' is required")
+            return
+        if body.get("type", "model") != "model":
+            self._error(400, None, "this test Hub only has model repos")
+            return
+        namespace = body.get("organization") or "user"
+        repo_id = f"{namespace}/{body['name']}"
+        token = self._writer_or_error(namespace, "create a model")
+        if token is None:
+            return
+        url = f"{self.hub.url}/{repo_id}"
+        with self.hub._lock:
+            exists = repo_id in self.hub._repos
+        if exists:
+            self._send(
+                409,
+                json.dumps({"error": "You already created this model repo", "url": url}).encode(),
+            )
+            return
+        private = body.get("visibility") == "private" or body.get("private") is True
+        self.hub.add_repo(
+            repo_id,
+            {".gitattributes": GITATTRIBUTES.encode()},
+            private_token=token if private else None,
+        )
+        self._json({"url": url, "name": repo_id, "id": hashlib.md5(repo_id.encode()).hexdigest()})
+
+    def _validate_yaml(self) -> None:
+        import yaml
+
+        body = self._json_body()
+        content = body.get("content") if isinstance(body, dict) else None
+        if not isinstance(content, str):
+            self._error(400, None, "'content' is required")
+            return
+        errors: list[dict[str, str]] = []
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
+        if match:
+            try:
+                meta = yaml.safe_load(match.group(1))
+            except yaml.YAMLError as e:
+                meta, errors = None, [{"message": f"invalid YAML: {e}"}]
+            if not errors and not isinstance(meta, dict):
+                errors.append({"message": "the metadata must be a YAML mapping"})
+            elif isinstance(meta, dict) and "base_model" in meta:
+                base = meta["base_model"]
+                items = base if isinstance(base, list) else [base]
+                if not all(isinstance(b, str) for b in items):
+                    errors.append({"message": '"base_model" must be a string or a list of strings'})
+        payload = {"errors": errors, "warnings": []}
+        if errors:
+            self._send(400, json.dumps(payload).encode())
+        else:
+            self._json(payload)
+
+    def _create_branch(self, repo_id: str, branch: str) -> None:
+        repo = self._writable_repo_or_error(repo_id)
+        if repo is None:
+            return
+        body = self._json_body()
+        start = body.get("startingPoint") if isinstance(body, dict) else None
+        with self.hub._lock:
+            if branch in repo.refs:
+                self._error(409, None, f"Reference refs/heads/{branch} already exists")
+                return
+            sha = repo.resolve(start or "main")
+            if sha is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {start or 'main'}")
+                return
+            repo.refs[branch] = sha
+        self._json({})
+
+    def _preupload(self, repo_id: str, rev: str) -> None:
+        repo = self._writable_repo_or_error(repo_id)
+        if repo is None:
+            return
+        sha = self._commit_or_error(repo, rev)
+        if sha is None:
+            return
+        body = self._json_body()
+        files = body.get("files") if isinstance(body, dict) else None
+        if not isinstance(files, list):
+            self._error(400, None, "'files' is required")
+            return
+        with self.hub._lock:
+            tree = dict(repo.commits[sha])
+        answer = []
+        for item in files:
+            name, size = str(item.get("path")), int(item.get("size", 0))
+            current = tree.get(name)
+            answer.append(
+                {
+                    "path": name,
+                    "uploadMode": "lfs" if _is_lfs(name, size) else "regular",
+                    "shouldIgnore": False,
+                    # what the client compares with its own oid to skip unchanged files
+                    "oid": None if current is None else current.etag,
+                }
+            )
+        self._json({"files": answer, "commitOid": sha})
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        repo = self._writable_repo_or_error(repo_id)
+        if repo is None:
+            return
+        body = self._json_body()
+        if not isinstance(body, dict) or body.get("operation") != "upload":
+            self._error(400, None, "only the upload operation is supported")
+            return
+        if "basic" not in (body.get("transfers") or ["basic"]):
+            self._error(422, None, "only the basic transfer is supported")
+            return
+        objects = []
+        for obj in body.get("objects") or []:
+            oid, size = str(obj.get("oid")), obj.get("size")
+            if not _HEX64.match(oid) or not isinstance(size, int) or size < 0:
+                objects.append(
+                    {"oid": oid, "size": -1, "error": {"code": 422, "message": "bad oid or size"}}
+                )
+                continue
+            with self.hub._lock:
+                present = (repo_id, oid) in self.hub._lfs_store
+                ticket = secrets.token_urlsafe(16)
+                if not present:
+                    self.hub._lfs_tickets[ticket] = (repo_id, oid, size)
+            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if not present:  # no "actions": the Hub has the object already
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/_lfs/{ticket}", "expires_in": 3600},
+                    "verify": {
+                        "href": f"{self.hub.url}/{repo_id}.git/info/lfs/objects/verify",
+                        "header": {},
+                    },
+                }
+            objects.append(entry)
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            content_type="application/vnd.git-lfs+json",
+        )
+
+    def _lfs_put(self, ticket: str) -> None:
+        """The storage URL of the basic transfer (S3 on the Hub): no Authorization needed."""
+        with self.hub._lock:
+            target = self.hub._lfs_tickets.pop(ticket, None)
+        if target is None:
+            self._send(403, b"<Error>AccessDenied</Error>", content_type="application/xml")
+            return
+        repo_id, oid, size = target
+        data = self._body
+        if len(data) != size or hashlib.sha256(data).hexdigest() != oid:
+            self._send(400, b"<Error>BadDigest</Error>", content_type="application/xml")
+            return
+        with self.hub._lock:
+            self.hub._lfs_store[(repo_id, oid)] = data
+            self.hub._lfs_uploads.append((repo_id, oid))
+        self._send(
+            200, b"", {"ETag": f'"{hashlib.md5(data).hexdigest()}"'}, content_type="text/plain"
+        )
+
+    def _lfs_verify(self, repo_id: str) -> None:
+        if self._writable_repo_or_error(repo_id) is None:
+            return
+        body = self._json_body()
+        oid = str(body.get("oid")) if isinstance(body, dict) else ""
+        with self.hub._lock:
+            data = self.hub._lfs_store.get((repo_id, oid))
+        if data is None or len(data) != (body or {}).get("size"):
+            self._error(404, None, f"object {oid} was not uploaded")
+            return
+        self._json({"success": True})
+
+    def _commit(self, repo_id: str, rev: str) -> None:
+        repo = self._writable_repo_or_error(repo_id)
+        if repo is None:
+            return
+        if self._query.get("create_pr"):
+            self._error(400, None, "pull requests are not supported by this test Hub")
+            return
+        with self.hub._lock:
+            if rev not in repo.refs:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev} (not a branch)")
+                return
+            parent = repo.refs[rev]
+            tree = dict(repo.commits[parent])
+        try:
+            lines = [json.loads(line) for line in self._body.splitlines() if line.strip()]
+        except ValueError:
+            self._error(400, None, "the body must be NDJSON")
+            return
+        if not lines or lines[0].get("key") != "header":
+            self._error(400, None, "the first line must be the commit header")
+            return
+        header = lines[0].get("value") or {}
+        summary = str(header.get("summary") or "")
+        expected_parent = header.get("parentCommit")
+        if expected_parent and not parent.startswith(str(expected_parent)):
+            self._error(412, None, "A commit has happened since. Please refresh and try again.")
+            return
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value") or {}
+            name = str(value.get("path", "")).strip("/")
+            if key == "file":
+                data = base64.b64decode(value.get("content", ""))
+                if _is_lfs(name, len(data)):
+                    self._error(400, None, f"{name} must be uploaded with Git LFS (binary file)")
+                    return
+                tree[name] = _File.from_bytes(name, data, lfs=False)
+            elif key == "lfsFile":
+                oid = str(value.get("oid"))
+                with self.hub._lock:
+                    stored = self.hub._lfs_store.get((repo_id, oid))
+                if stored is None:
+                    self._error(400, None, f"{name}: LFS object {oid} was never uploaded")
+                    return
+                tree[name] = _File.from_bytes(name, stored, lfs=True)
+            elif key == "deletedFile":
+                tree.pop(name, None)
+            elif key == "deletedFolder":
+                tree = {n: f for n, f in tree.items() if not n.startswith(name + "/")}
+            else:
+                self._error(400, None, f"unknown operation {key!r}")
+                return
+        digest = hashlib.sha1(f"{repo_id}\n{parent}\n{summary}".encode())
+        for f in sorted(tree.values(), key=lambda f: f.name):
+            digest.update(f"\n{f.name}\0{f.size}\0{f.sha256}".encode())
+        digest.update(secrets.token_bytes(8))  # two commits of one tree still differ, as in git
+        sha = digest.hexdigest()
+        with self.hub._lock:
+            repo.commits[sha] = tree
+            repo.history[sha] = (summary, parent)
+            repo.refs[rev] = sha
+        self._json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}",
+                "hookOutput": "",
+            }
+        )
+
 
 @pytest.fixture
 def hub(
@@ -671,7 +1085,7 @@ def hub(
     sets the variable for subprocesses and patches ``huggingface_hub.constants`` for code that
     relies on the defaults. Code under test should still pass ``endpoint=hub.url`` explicitly.
     ``hub.cache_dir`` is an empty HF cache directory (also the patched default), and tokens from
-    the environment or a saved login are hidden.
+    the environment or a saved login are hidden. Xet is turned off (uploads go through LFS).
     """
     server = HubServer().start()
     cache_dir = tmp_path_factory.mktemp("hf-cache")
@@ -681,6 +1095,7 @@ def hub(
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # this endpoint speaks Git LFS only
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - the server itself needs no huggingface_hub
@@ -694,6 +1109,7 @@ def hub(
         )
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         token_dir = tmp_path_factory.mktemp("hf-token")
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_dir / "token"))
         monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(token_dir / "stored_tokens"))
