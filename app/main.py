@@ -14,9 +14,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import weightsmith
+from app.metrics import install_metrics, log_tenant
 from app.problems import install_problem_handlers
-from app.routes import artifacts, health, jobs
+from app.routes import artifacts, health, jobs, schedules, webhooks
 from app.service import Service
+from infra.logging import configure_logging
 from infra.queue import JobQueue
 from infra.settings import Settings, get_settings
 
@@ -26,6 +28,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     exists (see :func:`infra.db.bootstrap_api_key`); ``queue`` defaults to Celery when a
     broker is configured, else an in-process queue (``app.state.service.queue``)."""
     resolved = settings if settings is not None else get_settings()
+    if settings is None:  # a process of its own (uvicorn --factory): log as configured
+        configure_logging(resolved)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +48,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     )
     install_problem_handlers(app)
     app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(artifacts.router)
+    app.include_router(jobs.router, dependencies=[log_tenant])
+    app.include_router(artifacts.router, dependencies=[log_tenant])
+    app.include_router(webhooks.router, dependencies=[log_tenant])
+    app.include_router(schedules.router, dependencies=[log_tenant])
+    app.include_router(webhooks.job_deliveries_router, dependencies=[log_tenant])
+    install_metrics(app)  # GET /metrics, request metrics and log context
     return app

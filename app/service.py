@@ -39,7 +39,7 @@ class Service:
         """Connect everything, bring the database schema to head, make sure a key exists."""
         engine = _engine(settings)
         upgrade_database(engine)
-        keys = ApiKeys(engine)
+        keys = ApiKeys(engine, cache_seconds=settings.auth_cache_seconds)
         bootstrap_api_key(keys, settings)
         return cls(
             settings=settings,
@@ -65,7 +65,11 @@ def default_queue(settings: Settings) -> JobQueue:
     """Celery when a broker is configured; otherwise an in-process queue that the embedded
     worker registers with (jobs wait in it until then)."""
     if settings.broker_url is not None:
-        return CeleryQueue(settings.broker_url, visibility_timeout=settings.visibility_timeout)
+        return CeleryQueue(
+            settings.broker_url,
+            gpu_kinds=settings.gpu_kinds,
+            visibility_timeout=settings.visibility_timeout,
+        )
     return InProcessQueue()
 
 

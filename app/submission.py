@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,23 @@ import yaml
 from pydantic import ValidationError
 
 from app.problems import ApiProblem
+from app.routes.webhooks import refuse_unsafe_url
 from app.service import Principal, Service
-from infra.artifacts import ArtifactError, ArtifactNotFound, resolve_artifact
+from infra.artifacts import (
+    ArtifactError,
+    ArtifactNotFound,
+    find_by_recipe_hash,
+    resolve_artifact,
+    reusable_recipe_hash,
+)
 from infra.db import IdempotencyKeyInFlight, IdempotencyKeyReused, JobNotPending
+from infra.db.jobstore import REUSED_PHASE
 from infra.db.models import Job
 from infra.hub import HubAccess, HubPinError, pin_hub_reference
 from infra.queue import QueueUnavailable
-from infra.storage import StorageUnavailable
+from infra.storage import StorageError, StorageUnavailable
 from schemas.jobs import (
+    ArtifactRef,
     JobCreate,
     JobError,
     JobKind,
@@ -52,6 +62,8 @@ MAX_BODY_BYTES = 1 << 20
 ENQUEUE_FAILED = "the job could not be queued"
 
 Location = tuple[str | int, ...]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,12 +111,18 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
 def submit_job(
     service: Service, principal: Principal, request: JobCreate, idempotency_key: str | None
 ) -> Submitted:
+    check_publish(service, request)
+    if request.callback_url is not None:  # no private addresses (SSRF): see infra.webhooks
+        refuse_unsafe_url(service.settings, str(request.callback_url), "/callback_url")
     jobs = service.jobs
     if idempotency_key is None:
         # Nothing to replay or hold: pin first, then record the job queued in one transaction.
         pinned = pin_recipe(service, principal, request.kind, request.recipe)
         job = jobs.create_job(principal.tenant_id, request, recipe=pinned).job
-        return Submitted(_enqueue(service, job), replayed=False)
+        return Submitted(
+            _enqueue(service, job, reuse=_may_reuse(request), tenant=principal.tenant),
+            replayed=False,
+        )
     try:
         submission = jobs.begin_job(principal.tenant_id, request, idempotency_key=idempotency_key)
     except IdempotencyKeyReused as e:
@@ -141,11 +159,36 @@ def submit_job(
             "retrying with the same Idempotency-Key",
             title="Request superseded",
         ) from e
-    return Submitted(_enqueue(service, job), replayed=False)
+    return Submitted(
+        _enqueue(service, job, reuse=_may_reuse(request), tenant=principal.tenant), replayed=False
+    )
 
 
-def _enqueue(service: Service, job: Job) -> JobView:
-    """Queue a recorded job. If the broker refuses, the job fails (it would never run)."""
+def check_publish(service: Service, request: JobCreate) -> None:
+    """Refuse a Hub push the workers could not make: this service has no Hub token."""
+    if request.publish is None or request.publish.hub_repo is None:
+        return
+    if service.settings.hf_token is None:
+        message = (
+            "pushing to the Hugging Face Hub needs a token with write access, and this service "
+            "has none configured (WEIGHTSMITH_HF_TOKEN): leave out publish.hub_repo, or ask the "
+            "operator to configure a token"
+        )
+        raise ApiProblem(
+            422,
+            f"/publish/hub_repo: {message}",
+            title="Invalid request",
+            errors=[ProblemItem(detail=message, pointer="/publish/hub_repo")],
+        )
+
+
+def _enqueue(service: Service, job: Job, *, reuse: bool, tenant: str) -> JobView:
+    """Queue a recorded job, or answer it with an existing artifact version built from the
+    same pinned recipe and seed. If the broker refuses, the job fails (it would never run)."""
+    if reuse:
+        reused = _reuse_existing(service, job, tenant)
+        if reused is not None:
+            return reused.to_view()
     try:
         service.queue.enqueue(job.id, kind=job.kind)
     except QueueUnavailable as e:
@@ -155,12 +198,41 @@ def _enqueue(service: Service, job: Job) -> JobView:
     return job.to_view()
 
 
+def _may_reuse(request: JobCreate) -> bool:
+    """A job that also pushes to the Hub runs (the push is part of what it does)."""
+    return request.reuse and not (request.publish and request.publish.hub_repo)
+
+
+def _reuse_existing(service: Service, job: Job, tenant: str) -> Job | None:
+    """The job, succeeded with an earlier version of its artifact that has the same recipe
+    hash (see infra.artifacts.reusable_recipe_hash); None when there is none to reuse."""
+    kind = JobKind(job.kind)
+    refs = [str(_get(job.recipe, loc)) for loc in reference_locations(kind, job.recipe)]
+    digest = reusable_recipe_hash(job.kind, job.recipe, refs)
+    if digest is None:
+        return None
+    try:
+        found = find_by_recipe_hash(service.store, tenant, job.artifact_name, digest)
+    except (StorageError, ArtifactError) as e:  # reuse is an optimisation: run the job
+        log.warning("job %s: recipe-hash lookup failed, running it: %s", job.id, e)
+        return None
+    if found is None:
+        return None
+    ref = ArtifactRef(name=found.name, version=found.version, uri=found.reference)
+    done = service.jobs.finish_reused(job.id, ref)
+    if done is not None:
+        log.info("job %s: reused %s (recipe hash %s)", job.id, found.reference, digest[:12])
+    return done
+
+
 def first_response(job: Job) -> JobView:
     """What the first request with this job's Idempotency-Key was answered: the job as it was
     when queued (a replay must not depend on how far the job got since)."""
     if job.error is not None and str(job.error.get("message", "")).startswith(ENQUEUE_FAILED):
         raise _enqueue_problem(job.id)
     view = job.to_view()
+    if job.phase == REUSED_PHASE:
+        return view  # it was answered at once with the reused artifact
     return view.model_copy(
         update={
             "state": JobState.QUEUED,
@@ -171,6 +243,9 @@ def first_response(job: Job) -> JobView:
             "cancel_requested": False,
             "error": None,
             "artifact": None,
+            "publish": view.publish.model_copy(update={"hub_commit": None})
+            if view.publish
+            else None,
         }
     )
 

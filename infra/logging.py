@@ -7,7 +7,8 @@ line: ``timestamp``, ``level``, ``logger``, ``message``, and ``job_id``, ``tenan
 configure with their own handlers (uvicorn's) are routed through it too.
 
 **Context.** A job's id (and its tenant, once known) rides on a context variable: the worker
-binds it when it starts a job (:func:`bind_job`), the API for the requests that name a job;
+binds it for the length of each job (:func:`log_context`), the API for the requests that
+name a job;
 every record logged in that context carries it, in either format.
 
 **Secrets.** The handler's filter (:class:`RedactSecrets`) rewrites every record before it is

@@ -40,6 +40,29 @@ artifact directory (the "embedded default"); production sets the URLs.
 ``WEIGHTSMITH_WORKER_LOST_AFTER``
     Seconds without a heartbeat after which a running job's worker is taken as lost, so a
     redelivered message may start the job again. Default 300; at least twice the interval.
+``WEIGHTSMITH_GPU_JOB_KINDS``
+    Comma-separated job kinds (``merge``, ``edit``) the API sends to the ``gpu`` queue, where
+    GPU workers listen (``weightsmith worker --queues gpu``); the others go to ``default``.
+    Default: none (everything on ``default``).
+``WEIGHTSMITH_AUTH_CACHE_SECONDS``
+    How long the API may trust its memory of an API key it has looked up (saves a database
+    round trip per request); a key revoked by another process stops working within this
+    time. Default 5; 0 asks the database on every request.
+``WEIGHTSMITH_WEBHOOK_ALLOW_PRIVATE``
+    Whether webhook URLs (a job's ``callback_url``, subscriptions) may point at private,
+    loopback, link-local or otherwise non-public addresses. Default false: such URLs are
+    refused at submission and again at delivery (the resolved address is the one connected
+    to). Turn on only where every receiver is trusted (tests, a closed network).
+``WEIGHTSMITH_WEBHOOK_TIMEOUT``
+    Seconds a webhook receiver has to connect and answer. Default 10.
+``WEIGHTSMITH_WEBHOOK_RETRY_DELAYS``
+    Comma-separated seconds to wait before each retry of a failed delivery; their count caps
+    the retries (attempts = delays + 1), after which the delivery is failed. Default
+    ``5,30,120,600,3600,14400`` (7 attempts over about 5 hours).
+``WEIGHTSMITH_WEBHOOK_RETRY_JITTER``
+    Each retry delay varies randomly by up to this fraction (0 to 1). Default 0.2.
+``WEIGHTSMITH_WEBHOOK_POLL_INTERVAL``
+    Seconds between a dispatcher's looks for due deliveries. Default 2.
 ``WEIGHTSMITH_BOOTSTRAP_TENANT``
     Tenant that owns the bootstrap API key. Default ``default``.
 ``WEIGHTSMITH_BOOTSTRAP_API_KEY``
@@ -51,6 +74,15 @@ artifact directory (the "embedded default"); production sets the URLs.
     creates one at start and writes it to this file (mode 0600), so the first user can log
     in; only its prefix is logged. Default ``<data dir>/bootstrap-api-key``; an empty value
     turns this off (then create keys with the CLI).
+``WEIGHTSMITH_LOG_FORMAT``
+    ``text`` (lines for people, the default) or ``json`` (one JSON object per line, for a
+    log collector). API, worker and beat alike; see ``infra.logging``.
+``WEIGHTSMITH_LOG_LEVEL``
+    ``DEBUG``, ``INFO`` (default), ``WARNING``, ``ERROR`` or ``CRITICAL``.
+``WEIGHTSMITH_METRICS_TOKEN``
+    When set, ``GET /metrics`` needs ``Authorization: Bearer <this token>`` (a scraper's
+    credential, not an API key). Unset: ``/metrics`` is open, like ``/healthz``; keep it
+    on an internal network. Kept secret.
 """
 
 from __future__ import annotations
@@ -58,7 +90,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,11 +149,34 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default_factory=_visibility_default, ge=1)
     worker_heartbeat_interval: int = Field(default=30, ge=1)
     worker_lost_after: int = Field(default=300, ge=1)
+    gpu_job_kinds: str = Field(default="", pattern=r"^(|(merge|edit)(,(merge|edit))*)$")
+    auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    webhook_allow_private: bool = False
+    webhook_timeout: float = Field(default=10.0, gt=0, le=300)
+    webhook_retry_delays: str = Field(
+        default="5,30,120,600,3600,14400", pattern=r"^\s*(\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*)?$"
+    )
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    webhook_poll_interval: float = Field(default=2.0, gt=0, le=3600)
     bootstrap_tenant: str = Field(default="default", min_length=1, max_length=100)
     bootstrap_api_key: SecretStr | None = None
     bootstrap_key_file: Path | None = Field(
         default_factory=lambda d: _data_dir(d) / "bootstrap-api-key"
     )
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics_token: SecretStr | None = None
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, v: Any) -> Any:
+        return v.strip().upper() if isinstance(v, str) else v
 
     @field_validator("data_dir")
     @classmethod
@@ -135,7 +190,9 @@ class Settings(BaseSettings):
             return Path(v).expanduser() if v.strip() else None
         return v
 
-    @field_validator("broker_url", "hf_endpoint", "hf_token", "bootstrap_api_key", mode="before")
+    @field_validator(
+        "broker_url", "hf_endpoint", "hf_token", "bootstrap_api_key", "metrics_token", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -155,6 +212,16 @@ class Settings(BaseSettings):
                 "live worker's job could be started again"
             )
         return self
+
+    @property
+    def gpu_kinds(self) -> frozenset[str]:
+        """Job kinds the API routes to the ``gpu`` queue (WEIGHTSMITH_GPU_JOB_KINDS)."""
+        return frozenset(k for k in self.gpu_job_kinds.split(",") if k)
+
+    @property
+    def webhook_retry_delays_s(self) -> tuple[float, ...]:
+        """``WEIGHTSMITH_WEBHOOK_RETRY_DELAYS`` as numbers (empty: no retry)."""
+        return tuple(float(d) for d in self.webhook_retry_delays.split(",") if d.strip())
 
     @property
     def embedded_worker(self) -> bool:

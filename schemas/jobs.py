@@ -83,6 +83,25 @@ class PublishOptions(BaseModel):
         return repo
 
 
+class HubCommit(BaseModel):
+    """The Hub commit a job's artifact was pushed as (written by the worker, read-only)."""
+
+    repo: str = Field(examples=["my-org/llama-ties"])
+    branch: str
+    commit_sha: str = Field(description="the commit that holds the artifact's files")
+    commit_url: str
+    artifact: str = Field(description="the artifact version pushed, artifact://name@version")
+    pushed_at: datetime
+
+
+class PublishView(PublishOptions):
+    """``publish`` as a job reports it: the options sent, and what the push did."""
+
+    hub_commit: HubCommit | None = Field(
+        default=None, description="set once the artifact is on the Hub (the job then succeeds)"
+    )
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``. Moving references in ``recipe`` are pinned by the API."""
 
@@ -101,6 +120,13 @@ class JobCreate(BaseModel):
     )
     publish: PublishOptions | None = Field(
         default=None, description="also push the artifact elsewhere (the Hugging Face Hub)"
+    )
+    reuse: bool = Field(
+        default=True,
+        description="when a version of this artifact was already built from the same pinned "
+        "recipe and seed (a merge whose inputs are hub commits or artifact versions), answer "
+        "with it at once (the job succeeds with phase 'reused') instead of running again; "
+        "a job with publish.hub_repo always runs",
     )
 
     @field_validator("recipe")
@@ -146,6 +172,11 @@ class JobError(BaseModel):
     tensor: str | None = None
     file: str | None = None
     detail: str | None = Field(default=None, description="the message with its location")
+    metrics: dict[str, Any] | None = Field(
+        default=None,
+        description="edit jobs stopped by the safety gate: the measured metrics, with "
+        "metrics.gate.failures naming each threshold broken and its value",
+    )
 
 
 class ArtifactRef(BaseModel):
@@ -174,7 +205,7 @@ class JobView(BaseModel):
     error: JobError | None = None
     artifact: ArtifactRef | None = None
     callback_url: str | None = None
-    publish: PublishOptions | None = None
+    publish: PublishView | None = None
     schedule_id: str | None = Field(default=None, description="the schedule that started it")
 
 

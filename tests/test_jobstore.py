@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -632,6 +633,28 @@ def test_a_revoked_key_no_longer_authenticates(keys: ApiKeys, clock: Clock) -> N
     assert listed[parse_api_key(kept)[0]].revoked_at is None
     assert not keys.register_key("acme", revoked)  # a revoked key is never brought back
     assert keys.authenticate(revoked) is None
+
+
+def test_the_key_cache_checks_secrets_and_honours_revocation(engine: Engine, clock: Clock) -> None:
+    cached = ApiKeys(engine, clock=clock, cache_seconds=0.3)
+    other_process = ApiKeys(engine, clock=clock)
+    key = other_process.create_key("acme")
+    tenant = cached.authenticate(key)
+    assert tenant is not None and tenant.name == "acme"
+    # Remembered, but the secret is still checked on every call.
+    assert cached.authenticate(key[:-1] + ("0" if key[-1] != "0" else "1")) is None
+    assert cached.authenticate(key) is not None
+    # Revoked elsewhere: still accepted from memory until the entry is 0.3 s old, then not.
+    assert other_process.revoke_key(parse_api_key(key)[0])
+    deadline = time.monotonic() + 5
+    while cached.authenticate(key) is not None:
+        assert time.monotonic() < deadline, "a revoked key kept working past the cache time"
+        time.sleep(0.05)
+    # Revoked through the caching object itself: refused at once.
+    second = cached.create_key("acme")
+    assert cached.authenticate(second) is not None
+    assert cached.revoke_key(parse_api_key(second)[0])
+    assert cached.authenticate(second) is None
 
 
 def test_keys_are_stored_hashed(keys: ApiKeys, engine: Engine, db_url: str) -> None:

@@ -37,7 +37,6 @@ from infra.db.models import Job
 from infra.liveness import KEY_PREFIX, WorkerBeacon
 from infra.logging import (
     JsonFormatter,
-    bind_job,
     configure_logging,
     log_context,
     redact,
@@ -324,13 +323,9 @@ def test_json_logs_carry_the_job_and_tenant_of_their_context(
 def test_text_logs_and_the_level_setting(tmp_path: Path, restore_logging: None) -> None:
     stream, _ = _capture(Settings(data_dir=tmp_path, log_format="text", log_level="WARNING"))
     log = logging.getLogger("weightsmith.test")
-    bind_job("job-7")
-    try:
+    with log_context(job_id="job-7"):
         log.info("hidden")
         log.warning("shown")
-    finally:
-        with log_context():  # leave no job bound in this test's context
-            pass
     text = stream.getvalue()
     assert "hidden" not in text
     assert "WARNING weightsmith.test [job=job-7]: shown" in text

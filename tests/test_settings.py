@@ -52,9 +52,19 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_VISIBILITY_TIMEOUT": "9000",
         "WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL": "10",
         "WEIGHTSMITH_WORKER_LOST_AFTER": "60",
+        "WEIGHTSMITH_GPU_JOB_KINDS": "merge,edit",
+        "WEIGHTSMITH_AUTH_CACHE_SECONDS": "0.5",
+        "WEIGHTSMITH_WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEIGHTSMITH_WEBHOOK_TIMEOUT": "3",
+        "WEIGHTSMITH_WEBHOOK_RETRY_DELAYS": "1,10,60",
+        "WEIGHTSMITH_WEBHOOK_RETRY_JITTER": "0",
+        "WEIGHTSMITH_WEBHOOK_POLL_INTERVAL": "0.5",
         "WEIGHTSMITH_BOOTSTRAP_TENANT": "ops",
         "WEIGHTSMITH_BOOTSTRAP_API_KEY": "wsk_0123456789_" + "ab" * 32,
         "WEIGHTSMITH_BOOTSTRAP_KEY_FILE": str(tmp_path / "key"),
+        "WEIGHTSMITH_LOG_FORMAT": "JSON",
+        "WEIGHTSMITH_LOG_LEVEL": "warning",
+        "WEIGHTSMITH_METRICS_TOKEN": "scrape-secret",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -70,10 +80,17 @@ def test_every_variable_is_read_from_the_environment(
     assert s.allow_local_paths and s.allow_pickle
     assert (s.max_attempts, s.job_hard_time_limit, s.visibility_timeout) == (5, 7200, 9000)
     assert (s.worker_heartbeat_interval, s.worker_lost_after) == (10, 60)
+    assert s.gpu_kinds == {"merge", "edit"}
+    assert s.auth_cache_seconds == 0.5
+    assert s.webhook_allow_private and s.webhook_timeout == 3
+    assert s.webhook_retry_delays_s == (1.0, 10.0, 60.0)
+    assert (s.webhook_retry_jitter, s.webhook_poll_interval) == (0.0, 0.5)
     assert s.bootstrap_tenant == "ops"
     assert s.bootstrap_api_key is not None
     assert s.bootstrap_api_key.get_secret_value() == env["WEIGHTSMITH_BOOTSTRAP_API_KEY"]
     assert s.bootstrap_key_file == tmp_path / "key"
+    assert (s.log_format, s.log_level) == ("json", "WARNING")
+    assert s.metrics_token is not None and s.metrics_token.get_secret_value() == "scrape-secret"
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -171,3 +188,20 @@ def test_get_settings_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch
     first = get_settings()
     monkeypatch.setenv("WEIGHTSMITH_MAX_ATTEMPTS", "8")
     assert get_settings() is first and first.max_attempts == 7
+
+
+@pytest.mark.parametrize("value", ["gpu", "merge,", "merge;edit", " merge"])
+def test_gpu_job_kinds_names_job_kinds(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WEIGHTSMITH_GPU_JOB_KINDS", value)
+    with pytest.raises(ValidationError, match="gpu_job_kinds"):
+        Settings()
+
+
+def test_the_api_routes_gpu_kinds_to_the_gpu_queue() -> None:
+    from app.service import default_queue
+    from infra.queue import CeleryQueue
+
+    queue = default_queue(Settings(broker_url="redis://127.0.0.1:6379/0", gpu_job_kinds="edit"))
+    assert isinstance(queue, CeleryQueue)
+    assert (queue.queue_for("edit"), queue.queue_for("merge")) == ("gpu", "default")
+    queue.close()

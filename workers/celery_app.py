@@ -22,9 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 from kombu import Queue
 
 from infra.queue import DEFAULT_QUEUE, GPU_QUEUE, RUN_JOB_TASK
+from infra.schedules import FIRE_SCHEDULE_TASK, LIGHT_QUEUE, redbeat_config
 from infra.settings import Settings, get_settings
 
 __all__ = ["DEFAULT_QUEUE", "GPU_QUEUE", "RUN_JOB_TASK", "app", "celery_config", "create_app"]
@@ -49,20 +51,66 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": (Queue(DEFAULT_QUEUE), Queue(GPU_QUEUE)),
+        "task_queues": (Queue(DEFAULT_QUEUE), Queue(GPU_QUEUE), Queue(LIGHT_QUEUE)),
         "worker_hijack_root_logger": False,
         # A job keeps running through a broker blip; if its ack is lost, the redelivered
         # message finds it finished in the job store and does nothing.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Schedules: beat (celery-redbeat, entries in the broker's Redis) sends fires to the
+        # light queue (weightsmith worker --queues light), never behind a long job.
+        "task_routes": {FIRE_SCHEDULE_TASK: {"queue": LIGHT_QUEUE}},
+        "beat_scheduler": "infra.schedules:ScheduleBeat",
+        **redbeat_config(settings.broker_url),
     }
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     """The workers' Celery app for ``settings`` (default: the environment's)."""
     settings = settings if settings is not None else get_settings()
-    celery = Celery("weightsmith", include=["workers.tasks"])
+    celery = Celery("weightsmith", include=["workers.tasks", "workers.schedule_tasks"])
     celery.conf.update(celery_config(settings))
     return celery
 
 
 app = create_app()
+
+
+# ---- logging and liveness (infra.logging, infra.liveness) ----------------------------------
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    # Connected, so Celery leaves the root logger alone: WEIGHTSMITH_LOG_FORMAT/_LEVEL rule.
+    from infra.logging import configure_logging
+
+    configure_logging(get_settings())
+
+
+_beacon: Any = None
+
+
+@worker_ready.connect
+def _start_beacon(sender: Any = None, **_: Any) -> None:
+    """Announce this worker in the broker's Redis until it stops (weightsmith_workers_alive)."""
+    global _beacon
+    from infra.liveness import WorkerBeacon, is_redis_url
+
+    settings = get_settings()
+    if not is_redis_url(settings.broker_url) or sender is None:
+        return
+    assert settings.broker_url is not None
+    queues = sorted(str(q) for q in (app.amqp.queues.consume_from or app.amqp.queues))
+    _beacon = WorkerBeacon(
+        settings.broker_url,
+        str(getattr(sender, "hostname", "worker")),
+        queues=queues,
+        interval_s=settings.worker_heartbeat_interval,
+        ttl_s=settings.worker_lost_after,
+    )
+    _beacon.start()
+
+
+@worker_shutdown.connect
+def _stop_beacon(sender: Any = None, **_: Any) -> None:
+    if _beacon is not None:
+        _beacon.stop()

@@ -5,6 +5,9 @@ as on Celery. The API hands it job ids (``InProcessQueue(worker.submit)``); noth
 when the process stops, because the job store is the queue's memory: at start the worker
 requeues jobs whose worker was lost and picks up every queued job, and while it runs it
 does that housekeeping again now and then.
+
+Webhooks go out from a dispatcher thread (infra.webhooks.DispatcherLoop) started and stopped
+with the worker, and woken after each job, so its final event leaves at once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
+    from infra.webhooks import DispatcherLoop
 
 log = logging.getLogger("weightsmith.embedded")
 
@@ -40,8 +44,10 @@ class EmbeddedWorker:
         object_store: ObjectStore,
         work_root: Path | None = None,
         device: str = "cpu",
+        webhooks: DispatcherLoop | None = None,
     ) -> None:
         self.settings = settings
+        self.webhooks = webhooks
         self.store = store
         self.object_store = object_store
         self.work_root = work_root
@@ -58,12 +64,15 @@ class EmbeddedWorker:
     def from_settings(cls, settings: Settings) -> EmbeddedWorker:
         from infra.db import JobStore, make_engine
         from infra.storage import open_store
+        from infra.webhooks import DispatcherLoop
 
+        engine = make_engine(settings.database_url)
         return cls(
             settings,
-            store=JobStore.from_settings(settings, make_engine(settings.database_url)),
+            store=JobStore.from_settings(settings, engine),
             object_store=open_store(settings.object_store_url),
             work_root=settings.data_dir / "work",
+            webhooks=DispatcherLoop.from_settings(settings, engine),
         )
 
     def submit(self, job_id: str) -> None:
@@ -79,6 +88,8 @@ class EmbeddedWorker:
         if self.work_root is not None:
             self.work_root.mkdir(parents=True, exist_ok=True)
         self._housekeeping(first=True)
+        if self.webhooks is not None:
+            self.webhooks.start()
         self._thread = threading.Thread(
             target=self._consume, name="weightsmith-worker", daemon=True
         )
@@ -95,6 +106,8 @@ class EmbeddedWorker:
         self._ids.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.webhooks is not None:
+            self.webhooks.stop(timeout)
 
     def _housekeeping(self, *, first: bool = False) -> None:
         recovered = self.store.recover_lost_jobs()
@@ -148,6 +161,8 @@ class EmbeddedWorker:
                 self._later(e.delay_s + 0.5, job_id)
             except Exception:  # the thread must survive anything one job does
                 log.exception("job %s: the embedded worker failed to run it", job_id)
+            if self.webhooks is not None:
+                self.webhooks.wake()  # the job's events are in the outbox: send them now
 
     @staticmethod
     def _safely(fn: Callable[[], object]) -> None:

@@ -1,5 +1,7 @@
 """The Celery task: a thin adapter from a queue message (a job id) to workers.runner.run_job;
-and the sweeper that requeues jobs whose worker was lost without a message to redeliver.
+the sweeper that requeues jobs whose worker was lost without a message to redeliver; and
+webhook delivery (a dispatcher thread in each worker's main process, and the task
+``weightsmith.deliver_webhooks`` for a round on demand).
 
 The job store, object store and settings are built once per worker process, on its first
 task, so the prefork parent opens no database connection and imports no torch.
@@ -17,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from infra.webhooks import DELIVER_WEBHOOKS_TASK
 from workers.celery_app import DEFAULT_QUEUE, GPU_QUEUE, RUN_JOB_TASK, app
 
 if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
+    from infra.webhooks import DispatcherLoop, WebhookDispatcher
 
 log = logging.getLogger("weightsmith.tasks")
 
@@ -77,6 +81,21 @@ def run_job(self: Any, job_id: str) -> None:
         raise self.retry(countdown=e.delay_s + RETRY_MARGIN_S) from None
 
 
+@functools.cache
+def _dispatcher_for(pid: int) -> WebhookDispatcher:
+    from infra.webhooks import WebhookDispatcher
+
+    ctx = _context_for(pid)
+    return WebhookDispatcher.from_settings(ctx.settings, ctx.store.engine)
+
+
+@app.task(name=DELIVER_WEBHOOKS_TASK, ignore_result=True)
+def deliver_webhooks() -> int:
+    """Deliver the webhook messages due now; returns the attempts made. Each worker's main
+    process does this every WEIGHTSMITH_WEBHOOK_POLL_INTERVAL anyway (see below)."""
+    return _dispatcher_for(os.getpid()).deliver_all_due()
+
+
 # ---- lost-job sweeper ---------------------------------------------------------------------
 #
 # A redelivered message takes over a job whose worker died. Two cases leave no message to
@@ -122,17 +141,33 @@ class _LostJobSweeper:
 
 
 _sweeper: _LostJobSweeper | None = None
+# Webhooks go out from the main process, so deliveries never wait behind a long job.
+_webhooks: DispatcherLoop | None = None
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
-    global _sweeper
+    global _sweeper, _webhooks
     queues = list(app.amqp.queues.consume_from or app.amqp.queues)
     _sweeper = _LostJobSweeper(str(queues[0]) if queues else DEFAULT_QUEUE)
     _sweeper.start()
+
+    from sqlalchemy.pool import NullPool
+
+    from infra.db import make_engine
+    from infra.settings import get_settings
+    from infra.webhooks import DispatcherLoop
+
+    settings = get_settings()
+    # NullPool: no connection stays open in the parent, which forks new pool processes.
+    engine = make_engine(settings.database_url, poolclass=NullPool)
+    _webhooks = DispatcherLoop.from_settings(settings, engine)
+    _webhooks.start()
 
 
 @worker_shutdown.connect
 def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    if _webhooks is not None:
+        _webhooks.stop(timeout=5)

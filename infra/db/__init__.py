@@ -24,6 +24,8 @@ from infra.db.jobstore import (
 from infra.db.keys import ApiKeyInfo, ApiKeys, InvalidApiKey, bootstrap_api_key, parse_api_key
 from infra.db.migrate import current_revision, head_revision, upgrade_database
 from infra.db.models import ApiKey, Job, Tenant
+from infra.db.schedules import ScheduleStore  # noqa: F401  (its tables join the metadata)
+from infra.db.webhooks import WebhookStore  # noqa: F401  (its tables join the metadata)
 
 __all__ = [
     "ApiKey",

@@ -42,6 +42,10 @@ housekeeping without a message (at service start for the embedded worker, or per
 
 Worker-side writes (progress, finish) name the worker id from the claim: a worker that lost
 its job to a takeover is told (False / None) and must stop, rather than overwrite.
+
+**Webhooks.** Every state change also writes the job's webhook events (the outbox rows of
+:mod:`infra.db.webhooks`) in the transaction that makes it, so an event exists exactly
+when its transition committed.
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import ReturningUpdate
 
 from infra.db.engine import make_engine
 from infra.db.models import PENDING, Job
+from infra.db.webhooks import record_job_event
 from schemas.jobs import ArtifactRef, JobCreate, JobError, JobKind, JobState
 
 if TYPE_CHECKING:
@@ -73,6 +78,8 @@ RUNNING = JobState.RUNNING.value
 SUCCEEDED = JobState.SUCCEEDED.value
 FAILED = JobState.FAILED.value
 CANCELLED = JobState.CANCELLED.value
+# The phase of a job answered with an existing artifact instead of running (finish_reused).
+REUSED_PHASE = "reused"
 
 MAX_PAGE_SIZE = 200
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -207,6 +214,7 @@ class JobStore:
                     updated_at=now,
                 )
             )
+            self._announce(s, now, job)
         if job is None:
             raise JobNotPending(
                 f"job {job_id} is not pending: it was abandoned or its key was taken over"
@@ -293,6 +301,9 @@ class JobStore:
             try:
                 with self._sessions.begin() as s:
                     s.add(job)
+                    if job.state == QUEUED:
+                        s.flush()
+                        self._announce(s, now, job)
             except IntegrityError:
                 if key is None or not self._key_taken(tenant_id, key):
                     raise  # not a lost race for the key (e.g. an unknown tenant)
@@ -330,15 +341,16 @@ class JobStore:
                 )
             )
             if job is not None:
-                return job
-            s.execute(
+                return self._announce(s, now, job)
+            cancelled = s.scalar(
                 self._transition(job_id, claimable, Job.cancel_requested.is_(True)).values(
                     state=CANCELLED, finished_at=now, updated_at=now
                 )
             )
+            self._announce(s, now, cancelled)
             current = s.get(Job, job_id)
             if current is not None:
-                s.execute(
+                failed = s.scalar(
                     self._transition(job_id, claimable, Job.attempts >= Job.max_attempts).values(
                         state=FAILED,
                         error=self._attempts_exhausted(current.max_attempts),
@@ -346,6 +358,7 @@ class JobStore:
                         updated_at=now,
                     )
                 )
+                self._announce(s, now, failed)
         return None
 
     def retry_claim_after(self, job_id: str) -> float | None:
@@ -418,7 +431,7 @@ class JobStore:
         (for this worker, when given)."""
         now = self._now()
         with self._sessions.begin() as s:
-            return s.scalar(
+            job = s.scalar(
                 self._transition(job_id, Job.state == RUNNING, *self._owned_by(worker_id)).values(
                     state=SUCCEEDED,
                     artifact_version=artifact.version,
@@ -428,6 +441,26 @@ class JobStore:
                     updated_at=now,
                 )
             )
+            return self._announce(s, now, job)
+
+    def finish_reused(self, job_id: str, artifact: ArtifactRef) -> Job | None:
+        """queued → succeeded with an artifact an earlier job built from the same pinned
+        recipe and seed; phase ``reused``. None: the job was not queued any more."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            job = s.scalar(
+                self._transition(job_id, Job.state == QUEUED).values(
+                    state=SUCCEEDED,
+                    phase=REUSED_PHASE,
+                    artifact_version=artifact.version,
+                    artifact_uri=artifact.uri,
+                    error=None,
+                    started_at=now,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            return self._announce(s, now, job)
 
     def finish_failed(
         self, job_id: str, error: JobError, *, worker_id: str | None = None
@@ -435,7 +468,7 @@ class JobStore:
         """queued or running → failed with a user-facing error. None: already finished."""
         now = self._now()
         with self._sessions.begin() as s:
-            return s.scalar(
+            job = s.scalar(
                 self._transition(
                     job_id, Job.state.in_((QUEUED, RUNNING)), *self._owned_by(worker_id)
                 ).values(
@@ -445,16 +478,18 @@ class JobStore:
                     updated_at=now,
                 )
             )
+            return self._announce(s, now, job)
 
     def finish_cancelled(self, job_id: str, *, worker_id: str | None = None) -> Job | None:
         """queued or running → cancelled (the worker stopped at a cancel request)."""
         now = self._now()
         with self._sessions.begin() as s:
-            return s.scalar(
+            job = s.scalar(
                 self._transition(
                     job_id, Job.state.in_((QUEUED, RUNNING)), *self._owned_by(worker_id)
                 ).values(state=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
             )
+            return self._announce(s, now, job)
 
     def recover_lost_jobs(self) -> list[str]:
         """Requeue running jobs whose worker is lost; returns their ids (enqueue them again).
@@ -464,16 +499,19 @@ class JobStore:
         now = self._now()
         lost = and_(Job.state == RUNNING, self._worker_lost(now))
         with self._sessions.begin() as s:
-            s.execute(
+            cancelled = s.scalars(
                 update(Job)
                 .where(lost, Job.cancel_requested.is_(True))
                 .values(state=CANCELLED, finished_at=now, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
+                .returning(Job)
+                .execution_options(synchronize_session=False, populate_existing=True)
+            ).all()
+            for job in cancelled:
+                self._announce(s, now, job)
             for max_attempts in s.scalars(
                 select(Job.max_attempts).where(lost, Job.attempts >= Job.max_attempts).distinct()
             ).all():
-                s.execute(
+                failed = s.scalars(
                     update(Job)
                     .where(
                         lost,
@@ -486,8 +524,11 @@ class JobStore:
                         finished_at=now,
                         updated_at=now,
                     )
-                    .execution_options(synchronize_session=False)
-                )
+                    .returning(Job)
+                    .execution_options(synchronize_session=False, populate_existing=True)
+                ).all()
+                for job in failed:
+                    self._announce(s, now, job)
             requeued = s.scalars(
                 update(Job)
                 .where(lost)
@@ -528,6 +569,7 @@ class JobStore:
                     state=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now
                 )
             )
+            self._announce(s, now, job)
             if job is None:
                 job = s.scalar(
                     self._transition(job_id, Job.state == RUNNING, *mine).values(
@@ -575,6 +617,14 @@ class JobStore:
         return JobPage(jobs, _encode_cursor(jobs[-1]))
 
     # ---- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _announce(s: Session, now: datetime, job: Job | None) -> Job | None:
+        """Write the webhook outbox rows for a job that just changed state, in the same
+        transaction (see infra.db.webhooks); passes the job through."""
+        if job is not None:
+            record_job_event(s, job, now)
+        return job
 
     def _key_taken(self, tenant_id: int, key: str) -> bool:
         with self._sessions() as s:

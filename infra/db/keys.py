@@ -16,6 +16,8 @@ import os
 import re
 import secrets
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +39,7 @@ KEY_SCHEME = "wsk"
 _KEY = re.compile(r"^wsk_(?P<prefix>[0-9a-f]{10})_(?P<secret>[0-9a-f]{64})$")
 # Compared against when no key has the prefix, so a miss takes as long as a mismatch.
 _NO_KEY_HASH = hashlib.sha256(b"no such key").hexdigest()
+_CACHE_ENTRIES = 10_000  # keys remembered by authenticate (cleared when full)
 
 
 class InvalidApiKey(ValueError):
@@ -72,10 +75,23 @@ def _utcnow() -> datetime:
 class ApiKeys:
     """Tenants and API keys in the job store's database."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        cache_seconds: float = 0.0,
+    ) -> None:
+        """``cache_seconds``: how long :meth:`authenticate` may answer from memory for a key
+        it has looked up (the API: a database round trip saved on every request). A key
+        revoked through this object is dropped at once; one revoked by another process
+        stops working within that time. 0: always ask the database."""
         self.engine = engine
         self._clock = clock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, str, Tenant | None]] = {}
+        self._cache_lock = threading.Lock()
 
     def ensure_tenant(self, name: str) -> Tenant:
         """The tenant called ``name``, created if new."""
@@ -141,22 +157,34 @@ class ApiKeys:
             prefix, secret = parse_api_key(plaintext)
         except InvalidApiKey:
             return None
-        with self._sessions() as s:
-            row = s.execute(
-                select(ApiKey, Tenant)
-                .join(Tenant, Tenant.id == ApiKey.tenant_id)
-                .where(ApiKey.prefix == prefix)
-            ).one_or_none()
-        stored = row[0].secret_sha256 if row is not None else _NO_KEY_HASH
+        now = time.monotonic()
+        cached = self._cache.get(prefix) if self._cache_seconds > 0 else None
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            _, stored, owner = cached
+        else:
+            with self._sessions() as s:
+                row = s.execute(
+                    select(ApiKey, Tenant)
+                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.prefix == prefix)
+                ).one_or_none()
+            stored = row[0].secret_sha256 if row is not None else _NO_KEY_HASH
+            live = row is not None and row[0].revoked_at is None
+            owner = row[1] if row is not None and live else None
+            if self._cache_seconds > 0 and row is not None:  # unknown prefixes are not kept
+                with self._cache_lock:
+                    if len(self._cache) >= _CACHE_ENTRIES:
+                        self._cache.clear()
+                    self._cache[prefix] = (now, stored, owner)
+        # The secret is checked on every call, cached or not.
         matches = hmac.compare_digest(stored, _secret_hash(secret))
-        if row is None or not matches or row[0].revoked_at is not None:
-            return None
-        tenant: Tenant = row[1]
-        return tenant
+        return owner if matches else None
 
     def revoke_key(self, prefix: str) -> bool:
         """Revoke the key with this prefix (``wsk_`` optional). False if unknown or revoked."""
         prefix = prefix.removeprefix(f"{KEY_SCHEME}_")
+        with self._cache_lock:
+            self._cache.pop(prefix, None)
         with self._sessions.begin() as s:
             revoked = s.scalar(
                 update(ApiKey)

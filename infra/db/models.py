@@ -36,7 +36,7 @@ from schemas.jobs import (
     JobProgress,
     JobState,
     JobView,
-    PublishOptions,
+    PublishView,
 )
 
 # Stable constraint names: Alembic's batch mode (SQLite) recreates tables and must find them.
@@ -125,7 +125,8 @@ class Job(Base):
     recipe_hash: Mapped[str] = mapped_column(String(64))
     artifact_name: Mapped[str] = mapped_column(String(100))
     callback_url: Mapped[str | None] = mapped_column(Text, default=None)
-    # schemas.jobs.PublishOptions as a dict (where else to push the artifact), or None.
+    # schemas.jobs.PublishView as a dict: the PublishOptions of the request (where else to push
+    # the artifact) and, once pushed, "hub_commit"; or None.
     publish: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
     schedule_id: Mapped[str | None] = mapped_column(String(36), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
@@ -181,6 +182,6 @@ class Job(Base):
             error=JobError.model_validate(self.error) if self.error is not None else None,
             artifact=artifact,
             callback_url=self.callback_url,
-            publish=PublishOptions.model_validate(self.publish) if self.publish else None,
+            publish=PublishView.model_validate(self.publish) if self.publish else None,
             schedule_id=self.schedule_id,
         )
