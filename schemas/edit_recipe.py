@@ -7,9 +7,11 @@ Every default is declared once, on its field.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.recipe import validate_document
 from schemas.references import ModelReference
@@ -130,6 +132,85 @@ class EditHyperparameters(BaseModel):
         return v
 
 
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
+CORPUS_FORMS = (
+    "s3://BUCKET/KEY, artifact://NAME@VERSION/PATH (a pinned version number) or a local path "
+    "(only where the operator allows local paths)"
+)
+
+
+@dataclass(frozen=True)
+class CorpusPath:
+    """One covariance text file: ``kind`` s3 (``container`` = bucket, ``path`` = key),
+    artifact (``container`` = artifact name, ``version``, ``path`` inside it) or local."""
+
+    kind: Literal["s3", "artifact", "local"]
+    path: str
+    container: str | None = None
+    version: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "s3":
+            return f"s3://{self.container}/{self.path}"
+        if self.kind == "artifact":
+            return f"artifact://{self.container}@{self.version}/{self.path}"
+        return self.path
+
+
+def _relative_key(raw: str, key: str, what: str) -> str:
+    parts = key.split("/")
+    if not key or key.endswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"{raw!r}: the {what} must name one file (no empty, '.' or '..' segments, no "
+            f"trailing '/'); valid forms: {CORPUS_FORMS}"
+        )
+    return key
+
+
+def parse_corpus_path(raw: str) -> CorpusPath:
+    """Parse one entry of ``covariance.paths``; raises ValueError saying what is valid."""
+    s = raw.strip()
+    if not s:
+        raise ValueError(f"an empty path; valid forms: {CORPUS_FORMS}")
+    if s.startswith("s3://"):
+        bucket, _, key = s[len("s3://") :].partition("/")
+        if not _S3_BUCKET.match(bucket):
+            raise ValueError(
+                f"{raw!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
+                "'.' and '-'); write s3://BUCKET/KEY"
+            )
+        return CorpusPath("s3", _relative_key(raw, key, "object key"), container=bucket)
+    if s.startswith("artifact://"):
+        head, _, path = s[len("artifact://") :].partition("/")
+        name, at, version = head.partition("@")
+        if not _ARTIFACT_NAME.match(name):
+            raise ValueError(
+                f"{raw!r}: {name!r} is not an artifact name (lowercase letters, digits, '.', "
+                "'_' and '-'); write artifact://NAME@VERSION/PATH"
+            )
+        if not at or not version.isdigit() or int(version) < 1:
+            raise ValueError(
+                f"{raw!r}: a corpus in an artifact needs a pinned version number, e.g. "
+                f"artifact://{name}@1/{path or 'corpus.txt'} (a corpus must not move under a "
+                "cached covariance)"
+            )
+        return CorpusPath(
+            "artifact",
+            _relative_key(raw, path, "path inside the artifact"),
+            container=name,
+            version=int(version),
+        )
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", s):
+        raise ValueError(f"{raw!r}: unsupported scheme; valid forms: {CORPUS_FORMS}")
+    return CorpusPath("local", s)
+
+
+def _corpus_path(raw: str) -> str:
+    parse_corpus_path(raw)
+    return raw
+
+
 class CovarianceSource(BaseModel):
     """Where the keys' second moment C comes from. ``model_samples``: text sampled from the
     model itself with ``seed`` (no download needed); ``text``: UTF-8 files the user gives."""
@@ -143,7 +224,7 @@ class CovarianceSource(BaseModel):
     ] = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     paths: Annotated[
-        list[str],
+        list[Annotated[str, AfterValidator(_corpus_path)]],
         Field(description="text: local paths, s3:// or artifact:// references"),
     ] = Field(default_factory=list)
     max_length: Annotated[int, Field(ge=16, le=8192, description="tokens per sequence")] = 256

@@ -89,3 +89,49 @@ def test_the_cli_reports_a_bad_edit_recipe_with_its_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "requests[0]: subject: 'b' does not occur in the prompt" in err
     assert not (tmp_path / "out").exists()
+
+
+def _corpus(*paths):
+    return _with(covariance={"source": "text", "paths": list(paths)})
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "container", "version", "path"),
+    [
+        ("s3://corpora/wiki/en.txt", "s3", "corpora", None, "wiki/en.txt"),
+        ("artifact://texts@3/wiki/en.txt", "artifact", "texts", 3, "wiki/en.txt"),
+        ("./wiki.txt", "local", None, None, "./wiki.txt"),
+        ("/data/wiki.txt", "local", None, None, "/data/wiki.txt"),
+    ],
+)
+def test_covariance_text_paths_may_be_s3_artifact_or_local(raw, kind, container, version, path):
+    from schemas.edit_recipe import parse_corpus_path
+
+    assert parse_edit_recipe(_corpus(raw)).covariance.paths == [raw]
+    loc = parse_corpus_path(raw)
+    assert (loc.kind, loc.container, loc.version, loc.path) == (kind, container, version, path)
+    assert str(loc) == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("s3://Corpora/x.txt", "covariance.paths[1]: 's3://Corpora/x.txt': 'Corpora' is not an S3"),
+        ("s3://corpora", "covariance.paths[1]: 's3://corpora': the object key must name one file"),
+        ("s3://corpora/dir/", "the object key must name one file"),
+        ("s3://corpora/a/../b.txt", "no empty, '.' or '..' segments"),
+        (
+            "artifact://texts/en.txt",
+            "needs a pinned version number, e.g. artifact://texts@1/en.txt",
+        ),
+        ("artifact://texts@latest/en.txt", "needs a pinned version number"),
+        ("artifact://texts@2", "the path inside the artifact must name one file"),
+        ("artifact://Texts@2/en.txt", "'Texts' is not an artifact name"),
+        ("https://example.com/en.txt", "unsupported scheme; valid forms: s3://BUCKET/KEY"),
+        ("  ", "an empty path"),
+    ],
+)
+def test_invalid_covariance_paths_name_the_entry_and_the_valid_forms(raw, message):
+    with pytest.raises(RecipeError) as e:
+        parse_edit_recipe(_corpus("./ok.txt", raw))
+    assert message in str(e.value)

@@ -1,4 +1,4 @@
-"""One job's life on a worker: claim, fetch inputs, merge, publish, record the outcome.
+"""One job's life on a worker: claim, fetch inputs, merge or edit, publish, record the outcome.
 
 :func:`run_job` is what the Celery task (``workers.tasks``) and the embedded worker
 (``workers.embedded``) call with a job id; it needs no broker, so every rule here is tested
@@ -14,6 +14,11 @@ directly. The job store is the source of truth:
   store answers False (the job was taken over by another worker, or finished), the merge stops
   at the next tensor and nothing more is written or published.
 - **Cancel** is cooperative: the engine checks the job's cancel flag between tensors.
+- **Edits** (``kind: edit``) resolve the recipe's model like a merge's inputs, fetch the
+  covariance corpus (s3://, artifact://, local path where allowed), run ``workers.edit`` with
+  the covariance cache in the object store (shared by all jobs: docs/editing.md) and publish
+  the edited checkpoint the same way. A safety-gate failure fails the job with the metrics in
+  its error and publishes nothing, unless the recipe says ``on_gate_failure: publish_flagged``.
 - **Outcome.** Bad input (``InputError`` and other ``WeightsmithError``) fails the job with
   what was wrong and where. A transient failure (an unreachable source, the object store, an
   unexpected exception) raises :class:`RetryLater` while attempts remain, and fails the job
@@ -31,6 +36,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +50,12 @@ from infra.artifacts import (
     download_artifact,
     publish_artifact,
     resolve_artifact,
+    reusable_recipe_hash,
 )
 from infra.db.models import Tenant
+from infra.logging import log_context
 from infra.storage import ObjectStore, StorageError, s3_options
+from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
 from schemas.jobs import ArtifactRef, JobError, JobKind
 from schemas.references import ModelReference, ReferenceKind
 
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
     from infra.db import Job, JobStore
     from infra.settings import Settings
     from schemas.recipe import MergeRecipe
+    from workers.edit.engine import EditGateError
     from workers.merge.engine import Progress
     from workers.sources import ResolvedModel, SourceSettings
 
@@ -93,6 +103,28 @@ def run_job(
     outcome is recorded in the job store. ``work_root`` is where the per-job work directory
     (downloaded inputs, merge output) is made; it is removed when the job ends, however it ends.
     """
+    with log_context(job_id=job_id):  # every log line until it returns names the job
+        _run_job(
+            job_id,
+            store=store,
+            settings=settings,
+            object_store=object_store,
+            worker_id=worker_id,
+            device=device,
+            work_root=work_root,
+        )
+
+
+def _run_job(
+    job_id: str,
+    *,
+    store: JobStore,
+    settings: Settings,
+    object_store: ObjectStore,
+    worker_id: str,
+    device: str,
+    work_root: Path | None,
+) -> None:
     job = store.claim(job_id, worker_id)
     if job is None:
         delay = store.retry_claim_after(job_id)
@@ -143,17 +175,23 @@ def _run_claimed(
     work: Path,
     device: str,
 ) -> None:
+    from workers.edit.engine import EditGateError
     from workers.errors import CancelledError, InputError, WeightsmithError
     from workers.sources import SourceUnavailable
 
     try:
         tenant = _tenant_name(store, job.tenant_id)
         recipe = _parse_recipe(job)
-        sources = source_settings(settings, allow_pickle=recipe.allow_pickle)
+        # an edit loads its model with transformers: never from pickle weights
+        allow_pickle = not isinstance(recipe, EditRecipe) and recipe.allow_pickle
+        sources = source_settings(settings, allow_pickle=allow_pickle)
         watch.report_phase("resolve")
         watch.check()
         resolved = _resolve_inputs(recipe, sources, settings, object_store, tenant, work, watch)
-        result = _merge(recipe, work / "out", sources, resolved, device, watch)
+        if isinstance(recipe, EditRecipe):
+            result: Any = _edit(recipe, work, settings, object_store, tenant, resolved, watch)
+        else:
+            result = _merge(recipe, work / "out", sources, resolved, device, watch)
     except CancelledError:
         if watch.lost:
             raise _LostJob from None
@@ -171,6 +209,12 @@ def _run_claimed(
         return
     except SourceUnavailable:
         raise  # transient: retried while attempts remain
+    except EditGateError as e:
+        if watch.lost:
+            raise _LostJob from None
+        store.finish_failed(job.id, _gate_failure(e), worker_id=watch.worker_id)
+        log.info("job %s: the edit failed its safety gate; nothing published", job.id)
+        return
     except (InputError, WeightsmithError) as e:
         if watch.lost:
             raise _LostJob from None
@@ -187,7 +231,9 @@ def _run_claimed(
     if watch.lost:
         raise _LostJob
     parents = [str(p.get("pinned")) for p in result.manifest.get("parents", [])]
-    digest = compute_recipe_hash(
+    # The hash a later submission of the same pinned recipe looks up (app/submission.py);
+    # for a job that is not reproducible, one that includes the parents as resolved.
+    digest = reusable_recipe_hash(job.kind, job.recipe, parents) or compute_recipe_hash(
         kind=job.kind, recipe=job.recipe, parents=parents, seed=result.seed
     )
     try:
@@ -205,6 +251,20 @@ def _run_claimed(
         store.finish_failed(
             job.id, JobError(message=str(e), file=e.file, detail=str(e)), worker_id=watch.worker_id
         )
+        return
+    from workers.publish.hub_push import push_job_artifact
+
+    # publish.hub_repo: push the version to the Hub; a refused push fails the job here.
+    pushed = push_job_artifact(
+        job,
+        version,
+        result.out_dir,
+        store=store,
+        settings=settings,
+        object_store=object_store,
+        worker_id=watch.worker_id,
+    )
+    if not pushed:
         return
     ref = ArtifactRef(name=version.name, version=version.version, uri=version.reference)
     if store.finish_succeeded(job.id, ref, worker_id=watch.worker_id) is None:
@@ -268,21 +328,29 @@ def _tenant_name(store: JobStore, tenant_id: int) -> str:
     return str(name)
 
 
-def _parse_recipe(job: Job) -> MergeRecipe:
+def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe:
     from pydantic import ValidationError
 
     from schemas.recipe import MergeRecipe, format_validation_error
     from workers.errors import InputError
 
-    if job.kind != JobKind.MERGE.value:
-        raise InputError(f"{job.kind} jobs are not supported by this worker yet", field="kind")
+    kinds: dict[str, type[MergeRecipe] | type[EditRecipe]] = {
+        JobKind.MERGE.value: MergeRecipe,
+        JobKind.EDIT.value: EditRecipe,
+    }
+    model = kinds.get(job.kind)
+    if model is None:
+        valid = ", ".join(kinds)
+        raise InputError(f"{job.kind} jobs are not supported (valid: {valid})", field="kind")
     try:
-        return MergeRecipe.model_validate(job.recipe)
+        return model.model_validate(job.recipe)
     except ValidationError as e:
         raise InputError("; ".join(format_validation_error(e)), field="recipe") from None
 
 
-def _references(recipe: MergeRecipe) -> list[ModelReference]:
+def _references(recipe: MergeRecipe | EditRecipe) -> list[ModelReference]:
+    if isinstance(recipe, EditRecipe):
+        return [recipe.model]
     refs: list[ModelReference] = []
     if recipe.base_model is not None:
         refs.append(recipe.base_model)
@@ -296,7 +364,7 @@ def _references(recipe: MergeRecipe) -> list[ModelReference]:
 
 
 def _resolve_inputs(
-    recipe: MergeRecipe,
+    recipe: MergeRecipe | EditRecipe,
     sources: SourceSettings,
     settings: Settings,
     object_store: ObjectStore,
@@ -407,6 +475,185 @@ def _merge(
         cancelled=watch.should_stop,
         resolved=resolved,
     )
+
+
+# ---- edit -----------------------------------------------------------------------------------
+
+MAX_CORPUS_FILE_BYTES = 1 << 30  # a covariance text file is read into memory whole
+
+
+@dataclass(frozen=True)
+class _EditOutput:
+    """An edit's output directory as the publish step reads it (like a merge result)."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    seed: int
+
+
+def _edit(
+    recipe: EditRecipe,
+    work: Path,
+    settings: Settings,
+    object_store: ObjectStore,
+    tenant: str,
+    resolved: dict[str, ResolvedModel],
+    watch: _JobWatch,
+) -> _EditOutput:
+    """Run the edit engine on the fetched model, with the shared covariance cache."""
+    from workers.edit.covariance import ObjectStoreCovarianceCache
+    from workers.edit.engine import run_edit
+
+    model = resolved[str(recipe.model)]
+    revision = None  # the engine's default: hub commit, else the weights' content hash
+    if recipe.model.kind is ReferenceKind.ARTIFACT:
+        # artifact names are per tenant: qualify the version so the shared cache is safe
+        revision = f"artifact://{tenant}/{recipe.model.location}@{model.revision}"
+    corpus = None
+    if recipe.covariance.source == "text":
+        watch.report_phase("fetch-corpus")
+        corpus = _fetch_corpus(recipe, settings, object_store, tenant, work / "corpus", watch)
+    result = run_edit(
+        recipe,
+        work / "out",
+        resolved=model,
+        revision=revision,
+        corpus_files=corpus,
+        cache=ObjectStoreCovarianceCache(object_store),
+        progress=watch.report_phase,
+        cancelled=watch.should_stop,
+    )
+    assert result.out_dir is not None
+    return _EditOutput(result.out_dir, result.manifest, recipe.seed)
+
+
+def _gate_failure(e: EditGateError) -> JobError:
+    """The job's error for an edit stopped by its safety gate: what tripped, and every
+    metric (efficacy, neighborhood, perplexity ratio, ‖ΔW‖/‖W‖, denominators)."""
+    from workers.edit.engine import json_safe
+
+    m = e.metrics
+    summary = ", ".join(
+        f"{k} {m[k]:.4g}"
+        for k in ("efficacy", "paraphrase", "neighborhood", "perplexity_ratio")
+        if isinstance(m.get(k), float)
+    )
+    norms = m.get("relative_update_norm") or {}
+    if norms:
+        summary += ", ‖ΔW‖/‖W‖ " + ", ".join(f"layer {k}: {v:.4g}" for k, v in norms.items())
+    detail = (
+        f"{e.message}. Measured: {summary}. Nothing was published; to publish anyway "
+        "(flagged in the manifest) set on_gate_failure: publish_flagged"
+    )
+    return JobError(message=e.message, field="gate", detail=detail, metrics=json_safe(m))
+
+
+def _fetch_corpus(
+    recipe: EditRecipe,
+    settings: Settings,
+    object_store: ObjectStore,
+    tenant: str,
+    dest: Path,
+    watch: _JobWatch,
+) -> list[Path]:
+    """The covariance text files of ``covariance.paths`` as local files, in order.
+
+    ``s3://`` reads the artifact store's S3 server with its credentials, ``artifact://``
+    this tenant's artifacts (the file's sha256 checked against the manifest), a local path
+    only where the operator allows local paths. Missing files fail the job (InputError)."""
+    from workers.errors import InputError
+    from workers.sources import SourceUnavailable
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    for i, raw in enumerate(recipe.covariance.paths):
+        watch.check()
+        where = f"covariance.paths[{i}]"
+        loc = parse_corpus_path(raw)  # validated with the recipe
+        target = dest / f"{i}.txt"
+        try:
+            if loc.kind == "local":
+                files.append(_local_corpus(raw, settings, where))
+                continue
+            if loc.kind == "s3":
+                _s3_corpus(loc.container or "", loc.path, settings, target)
+            else:
+                _artifact_corpus(object_store, tenant, loc, target)
+        except ArtifactError as e:
+            raise InputError(f"{raw}: {e}", field=where) from None
+        except FileNotFoundError as e:
+            raise InputError(f"{raw}: {e}", field=where) from None
+        except StorageError as e:
+            raise SourceUnavailable(f"cannot read {raw}: {e}", field=where) from None
+        files.append(target)
+    return files
+
+
+def _local_corpus(raw: str, settings: Settings, where: str) -> Path:
+    from workers.errors import InputError
+
+    if not settings.allow_local_paths:
+        raise InputError(
+            f"local path {raw!r} refused: this service does not read its own disk for clients "
+            "(the operator can allow it with WEIGHTSMITH_ALLOW_LOCAL_PATHS); upload the text "
+            "and use s3://BUCKET/KEY or artifact://NAME@VERSION/PATH",
+            field=where,
+        )
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise InputError(f"no such text file: {path}", field=where)
+    _check_corpus_size(raw, path.stat().st_size, where)
+    return path
+
+
+def _check_corpus_size(raw: str, size: int, where: str) -> None:
+    from workers.errors import InputError
+
+    if size > MAX_CORPUS_FILE_BYTES:
+        raise InputError(
+            f"{raw} has {size} bytes; a covariance text file may have at most "
+            f"{MAX_CORPUS_FILE_BYTES} (split it into several files)",
+            field=where,
+        )
+
+
+def _s3_corpus(bucket: str, key: str, settings: Settings, target: Path) -> None:
+    """s3://bucket/key from the artifact store's S3 server (FileNotFoundError if absent)."""
+    from infra.storage import ObjectNotFound
+    from infra.storage.s3 import S3ObjectStore
+
+    options: dict[str, Any] = {}
+    if settings.object_store_url.startswith("s3://"):
+        options = s3_options(settings.object_store_url)
+    options.update(bucket=bucket, prefix="", create_bucket=False)
+    remote = S3ObjectStore(**options)
+    info = remote.stat(key)
+    if info is None:
+        raise FileNotFoundError(f"no such object in bucket {bucket!r}")
+    _check_corpus_size(f"s3://{bucket}/{key}", info.size, "covariance.paths")
+    try:
+        remote.download_file(key, target)
+    except ObjectNotFound:
+        raise FileNotFoundError(f"no such object in bucket {bucket!r}") from None
+
+
+def _artifact_corpus(object_store: ObjectStore, tenant: str, loc: CorpusPath, target: Path) -> None:
+    """One file of a published artifact version, checked against its manifest's sha256."""
+    from infra.artifacts import read_manifest
+
+    assert loc.container is not None and loc.version is not None
+    manifest = read_manifest(object_store, tenant, loc.container, loc.version)
+    files = [f for f in manifest.get("files") or [] if isinstance(f, dict)]
+    entry = next((f for f in files if f.get("path") == loc.path), None)
+    if entry is None:
+        listed = ", ".join(str(f.get("path")) for f in files[:10])
+        raise FileNotFoundError(
+            f"artifact {loc.container!r} version {loc.version} has no file {loc.path!r} "
+            f"(it has: {listed})"
+        )
+    _check_corpus_size(str(loc), int(entry.get("size", 0)), "covariance.paths")
+    version = resolve_artifact(object_store, tenant, loc.container, loc.version)
+    object_store.download_file(version.prefix + loc.path, target, sha256=str(entry["sha256"]))
 
 
 class _JobWatch:

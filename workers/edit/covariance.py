@@ -4,27 +4,37 @@ the forward pass stopped after the last traced layer.
 
 The corpus is a recipe choice (no download at run time): text the user supplies, or text
 sampled from the model itself with a seed. Each C is cached by (model revision, layer,
-corpus hash, token count) behind ``CovarianceCache``; ``LocalCovarianceCache`` keeps them
-in a directory, the service plugs in object storage. C is never replaced by the identity.
+corpus hash, token count) behind ``CovarianceCache``: ``LocalCovarianceCache`` keeps them
+in a directory (the CLI), ``ObjectStoreCovarianceCache`` in object storage (the service,
+shared by every job and tenant: see docs/editing.md). C is never replaced by the identity.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+import weightsmith
 from workers.edit.architectures import EditArchitecture
 from workers.edit.prompts import pad_id
 from workers.edit.tracing import StopForward
+
+if TYPE_CHECKING:
+    from infra.storage import ObjectStore
+
+log = logging.getLogger("weightsmith.edit.covariance")
 
 _START_WORDS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "There", "After", "I")
 SAMPLING_TOP_K = 50
@@ -84,6 +94,113 @@ class LocalCovarianceCache:
         os.replace(tmp, self._path(key))
 
 
+class ObjectStoreCovarianceCache:
+    """Covariances in an object store (local directory, S3, SeaweedFS), one folder per key::
+
+        {prefix}/{stem}/C-{writer}.safetensors   the float32 statistic (tensor "C")
+        {prefix}/{stem}/provenance.json          written last, with a conditional create
+
+    An entry exists once its provenance exists; the provenance names the statistic's file
+    and its sha256, which every read checks. Concurrent writers of the same key each upload
+    their own file; the first provenance wins and the loser deletes its file, so a reader
+    never pairs one writer's provenance with another's bytes. A corrupt entry is deleted
+    and treated as a miss (it is recomputed). Failing to write is logged, not fatal: the job
+    has its C either way.
+
+    ``prefix`` must not be a possible tenant name (artifacts live under ``{tenant}/``);
+    the default starts with ``_``, which tenant names cannot.
+    """
+
+    PROVENANCE = "provenance.json"
+
+    def __init__(self, store: ObjectStore, prefix: str = "_cache/covariance") -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def _folder(self, key: CovarianceKey) -> str:
+        return f"{self.prefix}/{key.file_stem}/"
+
+    def get(self, key: CovarianceKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        from safetensors.torch import load_file
+
+        from infra.storage import IntegrityError, ObjectNotFound
+
+        folder = self._folder(key)
+        try:
+            meta = json.loads(self.store.get_bytes(folder + self.PROVENANCE))
+        except ObjectNotFound:
+            return None
+        except ValueError:
+            log.warning("covariance cache %s: unreadable provenance; recomputing", folder)
+            self._drop(folder)
+            return None
+        if not isinstance(meta, dict) or meta.get("key") != asdict(key):
+            return None  # a hash-prefix collision: not ours
+        with tempfile.TemporaryDirectory(prefix="weightsmith-cov-") as tmp:
+            path = Path(tmp) / "C.safetensors"
+            try:
+                self.store.download_file(
+                    folder + str(meta["file"]), path, sha256=str(meta["sha256"])
+                )
+                C = load_file(str(path))["C"]
+            except (IntegrityError, ObjectNotFound, KeyError, ValueError) as e:
+                log.warning("covariance cache %s: bad entry (%s); recomputing", folder, e)
+                self._drop(folder)
+                return None
+        return C, meta
+
+    def put(self, key: CovarianceKey, C: torch.Tensor, provenance: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        from infra.storage import ObjectExists, StorageError
+
+        folder = self._folder(key)
+        name = f"C-{uuid.uuid4().hex[:12]}.safetensors"
+        with tempfile.TemporaryDirectory(prefix="weightsmith-cov-") as tmp:
+            path = Path(tmp) / name
+            save_file({"C": C.detach().float().contiguous().cpu()}, str(path))
+            digest = _sha256_file(path)
+            meta = {
+                "key": asdict(key),
+                **provenance,
+                "file": name,
+                "sha256": digest,
+                "size": path.stat().st_size,
+            }
+            try:
+                self.store.put_file(folder + name, path, sha256=digest)
+            except StorageError as e:
+                log.warning("covariance cache %s: not stored (%s)", folder, e)
+                return
+        body = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            self.store.put_bytes(folder + self.PROVENANCE, body, if_absent=True)
+        except ObjectExists:  # another job stored this key first: keep theirs
+            self._delete(folder + name)
+        except StorageError as e:
+            log.warning("covariance cache %s: provenance not stored (%s)", folder, e)
+            self._delete(folder + name)
+
+    def _delete(self, key: str) -> None:
+        from infra.storage import StorageError
+
+        try:
+            self.store.delete_prefix(key)
+        except StorageError:
+            log.warning("covariance cache: could not delete %s", key)
+
+    def _drop(self, folder: str) -> None:
+        self._delete(folder)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("WEIGHTSMITH_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "weightsmith"
@@ -101,6 +218,8 @@ class Corpus:
     description: str
     corpus_hash: str
     batches: Any  # callable () -> Iterator[tuple[ids, mask]]
+    source: str = "text"  # the recipe's covariance.source
+    seed: int | None = None  # model_samples only
 
 
 def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) -> Corpus:
@@ -129,7 +248,7 @@ def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) ->
             yield out, torch.ones_like(out)
             g += 1
 
-    return Corpus(spec, hashlib.sha256(spec.encode()).hexdigest(), batches)
+    return Corpus(spec, hashlib.sha256(spec.encode()).hexdigest(), batches, "model_samples", seed)
 
 
 def _single_token_starts(tokenizer: Any) -> list[int]:
@@ -146,12 +265,21 @@ def _single_token_starts(tokenizer: Any) -> list[int]:
     return starts
 
 
-def text_corpus(tokenizer: Any, files: Sequence[Path], *, max_length: int) -> Corpus:
-    """UTF-8 text files, tokenised and cut into sequences of at most max_length tokens."""
+def text_corpus(
+    tokenizer: Any,
+    files: Sequence[Path],
+    *,
+    max_length: int,
+    labels: Sequence[str] | None = None,
+) -> Corpus:
+    """UTF-8 text files, tokenised and cut into sequences of at most max_length tokens.
+
+    The hash covers the files' bytes (not their names or locations), so the same text
+    gives the same cache key whether it came from a local path, s3:// or an artifact."""
     h = hashlib.sha256(f"text/v1 max_length={max_length}".encode())
     for f in files:
         h.update(f.read_bytes())
-    names = ", ".join(f.name for f in files)
+    names = ", ".join(labels if labels is not None else [f.name for f in files])
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows: list[list[int]] = []
@@ -183,12 +311,25 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Covariances computed by this process (accumulation passes, layers): evidence for tests
+# and the bench that a cached C was reused rather than recomputed.
+COMPUTED: Counter[str] = Counter()
+
+
 @torch.no_grad()
 def accumulate_covariance(
-    model: Any, arch: EditArchitecture, layers: Sequence[int], corpus: Corpus, tokens: int
+    model: Any,
+    arch: EditArchitecture,
+    layers: Sequence[int],
+    corpus: Corpus,
+    tokens: int,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """C for each layer over the first ``tokens`` counted tokens of the corpus (one pass for
-    all layers). Returns ({layer: C}, tokens actually used)."""
+    all layers). Returns ({layer: C}, tokens actually used). ``cancelled`` is checked
+    between batches."""
+    from workers.errors import CancelledError
+
     sums: dict[int, torch.Tensor] = {}
     mask_now: dict[str, torch.Tensor] = {}
     last = max(layers)
@@ -212,6 +353,8 @@ def accumulate_covariance(
     n = 0
     try:
         for ids, mask in corpus.batches():
+            if cancelled is not None and cancelled():
+                raise CancelledError("the job was cancelled")
             # keep whole rows until the budget is reached, then a partial row
             budget = tokens - n
             counted = mask.bool().clone()
@@ -244,9 +387,12 @@ def covariances(
     *,
     model_revision: str,
     cache: CovarianceCache | None,
+    model_label: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]]]:
     """C per layer, from the cache where present, computed (and cached) otherwise.
-    Returns the matrices and one provenance record per layer."""
+    Returns the matrices and one provenance record per layer (``"cache": "hit"`` or
+    ``"miss"``; a hit carries the provenance of the job that computed it)."""
     out: dict[int, torch.Tensor] = {}
     records: list[dict[str, Any]] = []
     missing = []
@@ -260,16 +406,27 @@ def covariances(
         records.append({**hit[1], "cache": "hit"})
     if missing:
         started = time.perf_counter()
-        computed, n = accumulate_covariance(model, arch, missing, corpus, tokens)
+        computed, n = accumulate_covariance(model, arch, missing, corpus, tokens, cancelled)
         seconds = time.perf_counter() - started
+        COMPUTED["passes"] += 1
+        COMPUTED["layers"] += len(missing)
         for layer in missing:
             key = CovarianceKey(model_revision, layer, corpus.corpus_hash, tokens)
             provenance = {
-                "corpus": corpus.description,
-                "tokens_used": n,
+                "model": model_label,
+                "model_revision": model_revision,
+                "layer": layer,
                 "module": arch.module_name(layer),
+                "corpus": corpus.description,
+                "corpus_source": corpus.source,
+                "corpus_hash": corpus.corpus_hash,
+                "seed": corpus.seed,
+                "tokens": tokens,
+                "tokens_used": n,
+                "dtype": "float32",
                 "seconds": round(seconds, 3),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "code_version": weightsmith.__version__,
             }
             if cache is not None:
                 cache.put(key, computed[layer], provenance)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from workers.edit.metrics import evaluate, probe
 from workers.edit.rome import RankOneUpdate, rome_edit
 from workers.edit.templates import context_templates
 from workers.edit.values import ValueSettings
-from workers.errors import InputError, WeightsmithError
+from workers.errors import CancelledError, InputError, WeightsmithError
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 from workers.tensors import CheckpointReader
 
@@ -147,10 +149,18 @@ def _edit_layers(recipe: EditRecipe, depth: int) -> list[int]:
     return layers
 
 
-def _corpus(recipe: EditRecipe, model: Any, tokenizer: Any, base_dir: Path | None) -> Any:
+def _corpus(
+    recipe: EditRecipe,
+    model: Any,
+    tokenizer: Any,
+    base_dir: Path | None,
+    corpus_files: Sequence[Path] | None,
+) -> Any:
     cov = recipe.covariance
     if cov.source == "model_samples":
         return sampled_corpus(model, tokenizer, seed=cov.seed, max_length=cov.max_length)
+    if corpus_files is not None:  # fetched by the service (s3://, artifact://, local)
+        return text_corpus(tokenizer, corpus_files, max_length=cov.max_length, labels=cov.paths)
     files = []
     for i, p in enumerate(cov.paths):
         if "://" in p:
@@ -203,17 +213,37 @@ def run_edit(
     base_dir: Path | None = None,
     sources: SourceSettings | None = None,
     cache: CovarianceCache | None = None,
+    resolved: ResolvedModel | None = None,
+    revision: str | None = None,
+    corpus_files: Sequence[Path] | None = None,
+    progress: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> EditResult:
     """Edit, measure, gate and (when ``out`` is given) write the edited checkpoint.
+
+    The service passes what it already fetched: ``resolved`` (the model), ``revision`` (its
+    identity for the covariance cache; default :func:`model_revision`) and ``corpus_files``
+    (the covariance text files of ``covariance.paths``, in order). ``progress(phase)`` is
+    called as each phase starts; ``cancelled()`` is checked between phases, corpus batches
+    and MEMIT requests (raises CancelledError).
 
     Raises EditGateError when the gate fails and the recipe says ``on_gate_failure: fail``.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        if cancelled is not None and cancelled():
+            raise CancelledError("the job was cancelled")
+        if progress is not None:
+            progress(name)
+
     if out is not None:
         _check_out_dir(out)
     label = str(recipe.model)
-    resolved = resolve_reference(recipe.model, sources or SourceSettings(), base_dir=base_dir)
+    phase("load")
+    if resolved is None:
+        resolved = resolve_reference(recipe.model, sources or SourceSettings(), base_dir=base_dir)
     model, tokenizer = _load(resolved, label)
     arch = architecture_for(model.config, model=label)
     depth = num_layers(arch, model.config)
@@ -222,6 +252,7 @@ def run_edit(
     h = recipe.hyperparameters
     timings["load_s"] = time.perf_counter() - started
 
+    phase("templates")
     t = time.perf_counter()
     templates = context_templates(model, tokenizer, h.context_template_counts, recipe.seed)
     timings["templates_s"] = time.perf_counter() - t
@@ -229,18 +260,22 @@ def run_edit(
     t = time.perf_counter()
     C: dict[int, torch.Tensor] = {}
     cov_records: list[dict[str, Any]] = []
-    revision = model_revision(resolved)
+    revision = revision or model_revision(resolved)
     if recipe.edit_method == "memit" or h.mom2_adjustment:
+        phase("covariance")
         d_in = _weight_in_features(model, arch, layers[0])
         tokens = recipe.covariance.tokens or 10 * d_in
-        corpus = _corpus(recipe, model, tokenizer, base_dir)
+        corpus = _corpus(recipe, model, tokenizer, base_dir, corpus_files)
         C, cov_records = covariances(
             model, arch, layers, corpus, tokens,
             model_revision=revision,
             cache=cache if cache is not None else LocalCovarianceCache(default_cache_dir()),
+            model_label=label,
+            cancelled=cancelled,
         )  # fmt: skip
     timings["covariance_s"] = time.perf_counter() - t
 
+    phase("probe")
     t = time.perf_counter()
     before = probe(model, tokenizer, recipe.requests)
     originals = {
@@ -249,6 +284,7 @@ def run_edit(
     }
     timings["probe_s"] = time.perf_counter() - t
 
+    phase("edit")
     t = time.perf_counter()
     if recipe.edit_method == "rome":
         layer = layers[0]
@@ -262,10 +298,11 @@ def run_edit(
     else:
         updates = memit_edit(
             model, tokenizer, arch, recipe.requests, layers, C, templates, values,
-            h.mom2_update_weight,
+            h.mom2_update_weight, cancelled=cancelled,
         )  # fmt: skip
     timings["edit_s"] = time.perf_counter() - t
 
+    phase("metrics")
     t = time.perf_counter()
     metrics = evaluate(model, tokenizer, recipe.requests, before)
     deltas = _layer_deltas(updates)
@@ -300,6 +337,7 @@ def run_edit(
         "model_revision": revision,
     }
     if out is not None:
+        phase("write")
         t = time.perf_counter()
         timings["write_s"] = 0.0
         manifest = _write_edit(recipe, resolved, arch, updates, out, manifest, timings, started)
@@ -416,14 +454,27 @@ def _write_edit(
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "files": _file_entries(staging),
         }
+        manifest = json_safe(manifest)  # strict JSON: the API serves it as is
         tmp = staging / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
         tmp.rename(staging / MANIFEST)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and ±inf (a metric with nothing to measure, e.g. paraphrase
+    without paraphrase prompts; MEMIT's undefined denominators) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def revert_edit(edited: Path, out: Path) -> dict[str, Any]:

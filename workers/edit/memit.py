@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,15 +43,25 @@ def memit_edit(
     templates: list[str],
     values: ValueSettings,
     lam: float,
+    *,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[RankOneUpdate]:
     """Rank-one factors per request and layer. The model is edited in place as the layers
     are processed (keys of layer l+1 are read on the model with layer l already edited);
-    the caller restores the weights if it wants the original back."""
+    the caller restores the weights if it wants the original back. ``cancelled`` is checked
+    before each request's optimisation and each layer (raises CancelledError)."""
+    from workers.errors import CancelledError
+
+    def check() -> None:
+        if cancelled is not None and cancelled():
+            raise CancelledError("the job was cancelled")
+
     last = max(layers)
     block = arch.block_name(last)
     targets = []
     steps = []
     for r in requests:
+        check()
         v = optimise_value(
             model, tokenizer, block, templates, r.prompt, r.subject, r.target_new, values
         )
@@ -60,6 +71,7 @@ def memit_edit(
 
     updates: list[RankOneUpdate] = []
     for i, layer in enumerate(sorted(layers)):
+        check()
         keys, zs = [], []
         for r in requests:
             keys.append(

@@ -1,0 +1,403 @@
+"""ROME / MEMIT on SmolLM2-135M-Instruct (CPU): speed and edit quality.
+
+    python bench/edit_bench.py             # the full run (defaults of the edit recipe)
+    python bench/edit_bench.py --quick     # smoke run: 3 facts, small corpus, MEMIT of 3
+
+Figures (see bench/README.md):
+
+- covariance build time at the default token count (10 × d_in, text sampled from the model,
+  the recipe default), for the ROME layer and for the MEMIT band;
+- time of one ROME edit through ``run_edit`` with a cold and with a warm covariance cache
+  (whole call, and the phases), and of every ROME edit of the quality run (the update only);
+- MEMIT batches of 10 and 100 requests (the update only, covariances warm);
+- quality over the facts of ``bench/edit_facts.json`` that the model knows (before the edit
+  it prefers target_true over the counterfactual target_new): efficacy, paraphrase,
+  neighborhood (share of other subjects' prompts whose preference is unchanged) and the
+  perplexity ratio on ``workers/edit/reference_sentences.txt``, each edit applied alone to
+  the clean model. MEMIT batches report the same over their requests.
+
+Targets are printed, not asserted. Hyperparameters are the recipe defaults; nothing is tuned
+on these facts. Results go to ``bench/.data/results-edit.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from schemas.edit_recipe import EditRecipe, EditRequest, parse_edit_recipe  # noqa: E402
+from tests.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
+from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
+from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
+from workers.edit.architectures import architecture_for, default_layers, num_layers  # noqa: E402
+from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
+from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
+from workers.edit.memit import apply_delta, memit_edit  # noqa: E402
+from workers.edit.metrics import (  # noqa: E402
+    Probe,
+    evaluate,
+    mean_log_probs,
+    perplexity,
+    reference_sentences,
+)
+from workers.edit.rome import rome_edit  # noqa: E402
+from workers.edit.templates import context_templates  # noqa: E402
+from workers.sources import SourceSettings, resolve_reference  # noqa: E402
+
+FACTS = Path(__file__).with_name("edit_facts.json")
+DATA = Path(__file__).with_name(".data")
+TARGETS = {
+    "warm ROME edit (s)": 20.0,
+    "efficacy": 0.95,
+    "neighborhood": 0.90,
+    "perplexity ratio": 1.05,
+}
+NEIGHBORS = 3
+
+
+def candidate_requests() -> list[EditRequest]:
+    """Every candidate fact as an edit request with a counterfactual target: the true
+    object of the next subject of the same relation whose object differs."""
+    doc = json.loads(FACTS.read_text())
+    out = []
+    for rel in doc["relations"]:
+        facts = rel["facts"]
+        for i, (subject, true) in enumerate(facts):
+            others = facts[i + 1 :] + facts[:i]
+            new = next(o for _, o in others if o != true)
+            neighbors = [rel["prompt"].format(s) for s, o in others[:NEIGHBORS]]
+            out.append(
+                EditRequest(
+                    prompt=rel["prompt"].format(subject),
+                    subject=subject,
+                    target_new=new,
+                    target_true=true,
+                    paraphrase_prompts=[rel["paraphrase"].format(subject)],
+                    neighborhood_prompts=neighbors,
+                )
+            )
+    return out
+
+
+def true_objects() -> dict[str, str]:
+    """prompt -> true object, for every candidate fact (the neighbors' own answers)."""
+    doc = json.loads(FACTS.read_text())
+    return {rel["prompt"].format(s): o for rel in doc["relations"] for s, o in rel["facts"]}
+
+
+def own_answer_pairs(req: EditRequest, truth: dict[str, str]) -> list[tuple[str, str]]:
+    """(neighbor prompt, its own true object), (neighbor prompt, the edit's target_new) for
+    each neighbor whose answer is not target_new itself."""
+    return [
+        (p, t)
+        for p in req.neighborhood_prompts
+        if truth[p] != req.target_new
+        for t in (truth[p], req.target_new)
+    ]
+
+
+def prefers_first(model: Any, tok: Any, pairs: list[tuple[str, str]]) -> list[bool]:
+    lp = mean_log_probs(model, tok, pairs) if pairs else []
+    return [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
+
+
+def own_answer_kept(before: list[bool], after: list[bool]) -> float | None:
+    """CounterFact/MEMIT "neighborhood success": of the neighbor prompts whose own answer
+    beat target_new before the edit, the share where it still does."""
+    kept = [a for b, a in zip(before, after, strict=True) if b]
+    return sum(kept) / len(kept) if kept else None
+
+
+def known(model: Any, tok: Any, requests: list[EditRequest]) -> list[bool]:
+    pairs = [(r.prompt, t) for r in requests for t in (r.target_true or "", r.target_new)]
+    lp = mean_log_probs(model, tok, pairs)
+    return [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
+
+
+def pre_edit_probe(model: Any, tok: Any, requests: list[EditRequest], ppl: float) -> Probe:
+    truths = [r.target_true or "" for r in requests]
+    pairs = [
+        (p, t)
+        for r, true in zip(requests, truths, strict=True)
+        for p in r.neighborhood_prompts
+        for t in (true, r.target_new)
+    ]
+    lp = mean_log_probs(model, tok, pairs)
+    return Probe(truths, [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)], ppl)
+
+
+def recipe_for(model: Path, request: EditRequest, args: argparse.Namespace, **extra: Any) -> Any:
+    data: dict[str, Any] = {
+        "edit_method": "rome",
+        "model": str(model),
+        "requests": [request.model_dump(exclude_none=True)],
+        **extra,
+    }
+    if args.quick:
+        data["hyperparameters"] = {"context_template_counts": [[2, 5]], "v_num_grad_steps": 10}
+        data["covariance"] = {"source": "text", "paths": [str(args.corpus)], "tokens": 2048}
+    return parse_edit_recipe(data)
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def main() -> int:
+    DATA.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edit-bench-", dir=DATA))
+    try:
+        return run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the covariance cache of this run, the corpus
+
+
+def run(work: Path) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (minutes)")
+    p.add_argument("--facts", type=int, default=None, help="known facts to edit (default 50)")
+    p.add_argument("--memit", default=None, help="MEMIT batch sizes (default 10,100)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=DATA / "results-edit.json")
+    p.add_argument("--report", type=Path, help="only print the table of a results JSON")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="covariance cache to use and keep (default: a fresh one, so the first edit is "
+        "cold; with a filled cache the 'cold' figures are not cold)",
+    )
+    args = p.parse_args()
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return 0
+    n_facts = args.facts or (3 if args.quick else 50)
+    sizes = [int(x) for x in (args.memit or ("3" if args.quick else "10,100")).split(",") if x]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.corpus = write_text_corpus(work / "corpus.txt")
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "quick": args.quick}
+
+    ckpt = smollm2_checkpoint()
+    candidates = candidate_requests()
+    print(f"SmolLM2-135M at {ckpt}; torch threads {torch.get_num_threads()}", flush=True)
+
+    # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------
+    # empty unless --cache-dir: the first edit builds C
+    cache = LocalCovarianceCache(args.cache_dir or work / "covariance")
+    results["cache_given"] = args.cache_dir is not None
+    runs = {}
+    for label, request in (("cold", candidates[0]), ("warm", candidates[1])):
+        t = time.perf_counter()
+        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache)
+        wall = time.perf_counter() - t
+        runs[label] = {"wall_s": wall, **result.manifest["timings"]}
+        print(f"ROME via run_edit, {label} covariance: {wall:.1f} s {runs[label]}", flush=True)
+    results["rome_run_edit"] = runs
+    save(args.out, results)
+    cov_tokens = result.manifest["covariance"][0]["tokens_used"]
+
+    # -- load once; templates and covariances as the recipe defaults make them -----------
+    recipe: EditRecipe = recipe_for(ckpt, candidates[0], args)
+    resolved = resolve_reference(recipe.model, SourceSettings())
+    model, tok = _load(resolved, "smollm2")
+    arch = architecture_for(model.config)
+    depth = num_layers(arch, model.config)
+    values = _value_settings(recipe, depth)
+    h = recipe.hyperparameters
+    templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
+    rome_layer = default_layers("rome", depth)[0]
+    memit_layers = default_layers("memit", depth)
+    cov = recipe.covariance
+    corpus = (
+        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length)
+        if cov.source == "model_samples"
+        else text_corpus(tok, [args.corpus], max_length=cov.max_length)
+    )
+    tokens = cov.tokens or cov_tokens
+    revision = model_revision(resolved)
+    t = time.perf_counter()
+    C, records = covariances(
+        model, arch, sorted({rome_layer, *memit_layers}), corpus, tokens,
+        model_revision=revision, cache=cache,
+    )  # fmt: skip
+    memit_cov_s = time.perf_counter() - t
+    built = [r["key"]["layer"] for r in records if r["cache"] == "miss"]
+    results["covariance"] = {
+        "tokens": tokens,
+        "source": cov.source,
+        "rome_layer": rome_layer,
+        "rome_layer_build_s": runs["cold"]["covariance_s"],
+        "memit_layers": memit_layers,
+        "memit_extra_layers_built": built,
+        "memit_extra_build_s": memit_cov_s,
+    }
+    print(f"covariance: {results['covariance']}", flush=True)
+    save(args.out, results)
+
+    # -- which facts the model knows ---------------------------------------------------------
+    flags = known(model, tok, candidates)
+    facts = [r for r, k in zip(candidates, flags, strict=True) if k]
+    print(f"{len(facts)} of {len(candidates)} candidate facts known", flush=True)
+    results["facts_known"] = len(facts)
+    results["facts_candidates"] = len(candidates)
+    ppl0 = perplexity(model, tok, reference_sentences())
+
+    # -- ROME, one fact at a time on the clean model ------------------------------------
+    module = model.get_submodule(arch.module_name(rome_layer))
+    W0 = module.weight.detach().clone()
+    truth = true_objects()
+    rows = []
+    for i, req in enumerate(facts[:n_facts]):
+        probe = pre_edit_probe(model, tok, [req], ppl0)
+        own_pairs = own_answer_pairs(req, truth)
+        own_before = prefers_first(model, tok, own_pairs)
+        t = time.perf_counter()
+        u = rome_edit(model, tok, arch, req, rome_layer, C[rome_layer], templates, values,
+                      h.key_mode)  # fmt: skip
+        delta = delta_from_factors(u.left, u.right)
+        apply_delta(model, arch, rome_layer, delta)
+        seconds = time.perf_counter() - t
+        m = evaluate(model, tok, [req], probe)
+        own = own_answer_kept(own_before, prefers_first(model, tok, own_pairs))
+        with torch.no_grad():
+            module.weight.copy_(W0)
+        row = {
+            "prompt": req.prompt,
+            "target_new": req.target_new,
+            "seconds": seconds,
+            "steps": u.steps,
+            "efficacy": m["efficacy"],
+            "paraphrase": m["paraphrase"],
+            "neighborhood": m["neighborhood"],
+            "neighborhood_own_answer": own,
+            "perplexity_ratio": m["perplexity_ratio"],
+            "relative_update_norm": relative_norm(delta, W0),
+        }
+        rows.append(row)
+        print(
+            f"[{i + 1}/{min(n_facts, len(facts))}] {req.prompt!r} -> {req.target_new!r}: "
+            f"{seconds:.1f} s, {u.steps} steps, eff {m['efficacy']:.0f}, para "
+            f"{m['paraphrase']:.0f}, neigh {m['neighborhood']:.2f} (own answer {fmt(own, 2)}), "
+            f"ppl× {m['perplexity_ratio']:.4f}",
+            flush=True,
+        )
+    results["rome"] = rows
+    save(args.out, results)
+
+    # -- MEMIT batches -----------------------------------------------------------------------
+    pool = facts + [r for r, k in zip(candidates, flags, strict=True) if not k]
+    originals = {
+        layer: model.get_submodule(arch.module_name(layer)).weight.detach().clone()
+        for layer in memit_layers
+    }
+    memit = []
+    for size in sizes:
+        if size > len(pool):
+            print(f"MEMIT {size}: only {len(pool)} requests available; skipped", flush=True)
+            continue
+        batch = pool[:size]
+        probe = pre_edit_probe(model, tok, batch, ppl0)
+        own_pairs = [pair for r in batch for pair in own_answer_pairs(r, truth)]
+        own_before = prefers_first(model, tok, own_pairs)
+        t = time.perf_counter()
+        memit_edit(model, tok, arch, batch, memit_layers, C, templates, values,
+                   h.mom2_update_weight)  # fmt: skip
+        seconds = time.perf_counter() - t
+        m = evaluate(model, tok, batch, probe)
+        m["neighborhood_own_answer"] = own_answer_kept(
+            own_before, prefers_first(model, tok, own_pairs)
+        )
+        with torch.no_grad():
+            for layer, w in originals.items():
+                model.get_submodule(arch.module_name(layer)).weight.copy_(w)
+        entry = {"size": size, "seconds": seconds, **{k: m[k] for k in (
+            "efficacy", "paraphrase", "neighborhood", "neighborhood_own_answer",
+            "perplexity_ratio")}}  # fmt: skip
+        memit.append(entry)
+        print(f"MEMIT {size}: {entry}", flush=True)
+        results["memit"] = memit
+        save(args.out, results)
+    results["memit"] = memit
+
+    save(args.out, results)
+    report(results)
+    return 0
+
+
+def save(path: Path, results: dict[str, Any]) -> None:
+    """After each stage, so an interrupted run keeps what it measured."""
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def report(r: dict[str, Any]) -> None:
+    rows = r.get("rome", [])
+
+    def mean(k: str) -> float | None:
+        values = [x[k] for x in rows if x.get(k) is not None]
+        return statistics.fmean(values) if values else None
+
+    secs = [x["seconds"] for x in rows]
+    cov = r.get("covariance", {})
+    warm = r["rome_run_edit"]["warm"]
+    cold = r["rome_run_edit"]["cold"]
+    print()
+    print(f"## Edit bench (SmolLM2-135M, CPU, {r['threads']} torch threads)" +
+          (" — QUICK" if r["quick"] else ""))  # fmt: skip
+    print()
+    print("| figure | value | target |")
+    print("|---|---|---|")
+    line = "| {} | {} | {} |"
+    if cov and r.get("cache_given"):
+        print(line.format("covariance build", "not measured: read from --cache-dir", ""))
+    elif cov:
+        what = f"layer {cov['rome_layer']}, {cov['tokens']} tokens ({cov['source']})"
+        print(line.format(f"covariance build, {what} (s)", fmt(cov["rome_layer_build_s"], 1), ""))
+        more = f"+ layers {cov['memit_extra_layers_built']} in one pass"
+        print(line.format(f"covariance build, {more} (s)", fmt(cov["memit_extra_build_s"], 1), ""))
+    first = "first edit, C from --cache-dir (not cold)" if r.get("cache_given") else "cold C"
+    print(line.format(f"ROME run_edit, {first}: whole call (s)", fmt(cold["wall_s"], 1), ""))
+    print(line.format("ROME run_edit, warm covariance: whole call (s)", fmt(warm["wall_s"], 1), ""))
+    edit_only = warm["templates_s"] + warm["covariance_s"] + warm["edit_s"]
+    print(line.format("ROME run_edit, warm: templates + C lookup + update (s)",
+                      fmt(edit_only, 1), f"≤ {TARGETS['warm ROME edit (s)']}"))  # fmt: skip
+    if secs:
+        print(line.format(f"ROME update, warm, median of {len(secs)} (s)",
+                          fmt(statistics.median(secs), 1),
+                          f"≤ {TARGETS['warm ROME edit (s)']}"))  # fmt: skip
+    for m in r.get("memit", []):
+        print(line.format(f"MEMIT batch of {m['size']}: update (s)", fmt(m["seconds"], 1), ""))
+    print(line.format("facts known / candidates", f"{r['facts_known']} / {r['facts_candidates']}",
+                      ""))  # fmt: skip
+    print(line.format(f"ROME efficacy ({len(rows)} facts)", fmt(mean("efficacy")),
+                      f"≥ {TARGETS['efficacy']}"))  # fmt: skip
+    print(line.format("ROME paraphrase", fmt(mean("paraphrase")), ""))
+    print(line.format("ROME neighborhood", fmt(mean("neighborhood")),
+                      f"≥ {TARGETS['neighborhood']}"))  # fmt: skip
+    print(line.format("ROME neighborhood, own answer kept (CounterFact NS)",
+                      fmt(mean("neighborhood_own_answer")), ""))  # fmt: skip
+    print(line.format("ROME mean perplexity ratio", fmt(mean("perplexity_ratio"), 4),
+                      f"≤ {TARGETS['perplexity ratio']}"))  # fmt: skip
+    for m in r.get("memit", []):
+        quality = (
+            f"{fmt(m['efficacy'])} / {fmt(m['paraphrase'])} / "
+            f"{fmt(m['neighborhood'])} / {fmt(m.get('neighborhood_own_answer'))} / "
+            f"{fmt(m['perplexity_ratio'], 4)}"
+        )
+        label = f"MEMIT {m['size']}: efficacy / paraphrase / neighborhood / own answer / ppl×"
+        print(line.format(label, quality, ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
