@@ -12,12 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ import torch
 import yaml
 
 from tests.test_runner import build_many_tensor_family, linear, tensors, ties
-from tests.test_worker_serve import free_port
+from tests.test_worker_serve import free_port, running_serve
 from weightsmith.client import Client
 
 pytestmark = pytest.mark.slow  # a server and CLI subprocesses
@@ -75,43 +72,9 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("served")
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
-        "WEIGHTSMITH_DATA_DIR": str(root / "data"),
-        "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
-        "PYTHONPATH": str(ROOT),
-    }
-    log = root / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "weightsmith", "serve", "--port", str(port)],
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
+    with running_serve(root, timeout=90) as (url, log):
         key = (root / "data" / "bootstrap-api-key").read_text().strip()
         yield Server(url, key, root / "data", log)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,37 +38,52 @@ def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) ->
         return json.loads(response.read())
 
 
-def test_serve_prints_a_bootstrap_key_and_runs_a_submitted_job(
-    tmp_path: Path, llama_family: dict[str, Path]
-) -> None:
+@contextmanager
+def running_serve(workdir: Path, *, timeout: float = 60) -> Iterator[tuple[str, Path]]:
+    """``weightsmith serve`` in a subprocess (data under ``workdir/data``, local paths allowed),
+    up and answering /healthz; yields its URL and its log file, and stops it after."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
-        "WEIGHTSMITH_DATA_DIR": str(tmp_path / "data"),
+        "WEIGHTSMITH_DATA_DIR": str(workdir / "data"),
         "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
         "PYTHONPATH": str(ROOT),
     }
-    log = tmp_path / "serve.log"
+    log = workdir / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "weightsmith", "serve", "--port", str(port)],
-            cwd=tmp_path,
+            cwd=workdir,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    base = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
+                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
                 break
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.1)
+        yield url, log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_serve_prints_a_bootstrap_key_and_runs_a_submitted_job(
+    tmp_path: Path, llama_family: dict[str, Path]
+) -> None:
+    with running_serve(tmp_path) as (base, log):
         lines = log.read_text().splitlines()
         key = next(line.strip() for line in lines if line.strip().startswith("wsk_"))
         assert key == (tmp_path / "data" / "bootstrap-api-key").read_text().strip()
@@ -85,13 +102,6 @@ def test_serve_prints_a_bootstrap_key_and_runs_a_submitted_job(
             job = call("GET", f"{base}/v1/jobs/{job['id']}", key)
         assert job["state"] == "succeeded", job
         assert job["artifact"]["version"] == 1
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def test_keys_create_prints_a_key_on_its_last_line_and_revoke_disables_it(tmp_path: Path) -> None:

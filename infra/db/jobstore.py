@@ -601,7 +601,7 @@ class JobStore:
         if kind is not None:
             query = query.where(Job.kind == JobKind(kind).value)
         if cursor is not None:
-            created_at, last_id = _decode_cursor(cursor)
+            created_at, last_id = decode_cursor(cursor)
             query = query.where(
                 or_(
                     Job.created_at < created_at,
@@ -614,7 +614,7 @@ class JobStore:
         if len(jobs) <= limit:
             return JobPage(jobs, None)
         jobs = jobs[:limit]
-        return JobPage(jobs, _encode_cursor(jobs[-1]))
+        return JobPage(jobs, encode_cursor(jobs[-1].created_at, jobs[-1].id))
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -663,20 +663,22 @@ class JobStore:
         return JobError(message=message, detail=message).model_dump(mode="json")
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id], separators=(",", ":")).encode()
+def encode_cursor(when: datetime, row_id: str) -> str:
+    """An opaque keyset cursor: the (time, id) of the last row of a page, newest first."""
+    raw = json.dumps([when.isoformat(), row_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (time, id) of :func:`encode_cursor`; raises :class:`InvalidCursor`."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        created_at = datetime.fromisoformat(created)
-        if created_at.tzinfo is None or not isinstance(job_id, str):
+        when_text, row_id = json.loads(raw)
+        when = datetime.fromisoformat(when_text)
+        if when.tzinfo is None or not isinstance(row_id, str):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor(
             f"invalid cursor {cursor[:40]!r}: pass back a next_cursor from a previous page"
         ) from None
-    return created_at, job_id
+    return when, row_id

@@ -13,9 +13,6 @@ Idempotency-Key, so there is still one job).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from infra.db.jobstore import InvalidCursor
+from infra.db.jobstore import decode_cursor, encode_cursor
 from infra.db.models import Base, Job, JSONDocument, Tenant, UTCDateTime
 from schemas.jobs import JobKind
 from schemas.schedules import RunOutcome
@@ -220,7 +217,7 @@ class ScheduleStore:
         limit = max(1, min(limit, MAX_PAGE_SIZE))
         query = select(Schedule).where(Schedule.tenant_id == tenant_id)
         if cursor is not None:
-            created_at, last_id = _decode_cursor(cursor)
+            created_at, last_id = decode_cursor(cursor)
             query = query.where(
                 or_(
                     Schedule.created_at < created_at,
@@ -233,7 +230,7 @@ class ScheduleStore:
         if len(found) <= limit:
             return SchedulePage(found, None)
         found = found[:limit]
-        return SchedulePage(found, _encode_cursor(found[-1].created_at, found[-1].id))
+        return SchedulePage(found, encode_cursor(found[-1].created_at, found[-1].id))
 
     def enabled_schedules(self) -> list[Schedule]:
         """Every enabled schedule of every tenant (what beat's Redis must hold)."""
@@ -389,7 +386,7 @@ class ScheduleStore:
             .where(ScheduleRun.schedule_id == schedule_id)
         )
         if cursor is not None:
-            when, last_id = _decode_cursor(cursor)
+            when, last_id = decode_cursor(cursor)
             query = query.where(
                 or_(
                     ScheduleRun.scheduled_for < when,
@@ -405,7 +402,7 @@ class ScheduleStore:
             return RunPage(rows, None)
         rows = rows[:limit]
         last = rows[-1][0]
-        return RunPage(rows, _encode_cursor(last.scheduled_for, last.id))
+        return RunPage(rows, encode_cursor(last.scheduled_for, last.id))
 
     def count_jobs(self, schedule_id: str) -> int:
         """Jobs that name this schedule (tests and metrics)."""
@@ -416,25 +413,6 @@ class ScheduleStore:
                 )
                 or 0
             )
-
-
-def _encode_cursor(when: datetime, row_id: str) -> str:
-    raw = json.dumps([when.isoformat(), row_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        when_text, row_id = json.loads(raw)
-        when = datetime.fromisoformat(when_text)
-        if when.tzinfo is None or not isinstance(row_id, str):
-            raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidCursor(
-            f"invalid cursor {cursor[:40]!r}: pass back a next_cursor from a previous page"
-        ) from None
-    return when, row_id
 
 
 __all__ = [
