@@ -30,6 +30,7 @@ import weightsmith
 from workers.edit.architectures import EditArchitecture
 from workers.edit.prompts import pad_id
 from workers.edit.tracing import StopForward
+from workers.publish.output import sha256_file
 
 if TYPE_CHECKING:
     from infra.storage import ObjectStore
@@ -159,7 +160,7 @@ class ObjectStoreCovarianceCache:
         with tempfile.TemporaryDirectory(prefix="weightsmith-cov-") as tmp:
             path = Path(tmp) / name
             save_file({"C": C.detach().float().contiguous().cpu()}, str(path))
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             meta = {
                 "key": asdict(key),
                 **provenance,
@@ -191,14 +192,6 @@ class ObjectStoreCovarianceCache:
 
     def _drop(self, folder: str) -> None:
         self._delete(folder)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:

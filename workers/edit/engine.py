@@ -52,6 +52,7 @@ from workers.edit.rome import RankOneUpdate, rome_edit
 from workers.edit.templates import context_templates
 from workers.edit.values import ValueSettings
 from workers.errors import CancelledError, InputError, WeightsmithError
+from workers.publish.output import sha256_file
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 from workers.tensors import CheckpointReader
 
@@ -77,14 +78,6 @@ class EditResult:
     metrics: dict[str, Any]
     gate_passed: bool
     updates: list[RankOneUpdate] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -115,7 +108,7 @@ def _file_entries(root: Path) -> list[dict[str, Any]]:
     for f in sorted(root.rglob("*")):
         if f.is_file() and f.name != MANIFEST:
             rel = f.relative_to(root).as_posix()
-            out.append({"path": rel, "size": f.stat().st_size, "sha256": _sha256(f)})
+            out.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
     return out
 
 
@@ -185,7 +178,7 @@ def model_revision(resolved: ResolvedModel) -> str:
     h = hashlib.sha256()
     for name in sorted(resolved.files):
         if name.endswith((".safetensors", ".bin", ".json")) and "token" not in name:
-            h.update(name.encode() + b"\0" + _sha256(resolved.path / name).encode())
+            h.update(name.encode() + b"\0" + sha256_file(resolved.path / name).encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -400,7 +393,9 @@ def _write_edit(
             dst = staging / (f"{EDIT_DIR}/{PARENT_MANIFEST}" if name == MANIFEST else name)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-            parent_files.append({"path": name, "size": src.stat().st_size, "sha256": _sha256(dst)})
+            parent_files.append(
+                {"path": name, "size": src.stat().st_size, "sha256": sha256_file(dst)}
+            )
         deltas = _layer_deltas(updates)
         originals: dict[str, torch.Tensor] = {}
         touched = []
@@ -508,7 +503,7 @@ def revert_edit(edited: Path, out: Path) -> dict[str, Any]:
                 f.seek(info.start)
                 f.write(_tensor_bytes(tensor))
         for entry in manifest["parent_files"]:
-            got = _sha256(staging / entry["path"])
+            got = sha256_file(staging / entry["path"])
             if got != entry["sha256"]:
                 raise WeightsmithError(
                     f"reverted file differs from the original (sha256 {got[:12]}… ≠ "
