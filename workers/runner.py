@@ -104,65 +104,44 @@ def run_job(
     (downloaded inputs, merge output) is made; it is removed when the job ends, however it ends.
     """
     with log_context(job_id=job_id):  # every log line until it returns names the job
-        _run_job(
+        job = store.claim(job_id, worker_id)
+        if job is None:
+            delay = store.retry_claim_after(job_id)
+            if delay is None:
+                log.info("job %s: finished or unknown, message ignored", job_id)
+                return
+            raise RetryLater(job_id, delay, "still running under another worker")
+        log.info("job %s: attempt %d/%d on %s", job_id, job.attempts, job.max_attempts, worker_id)
+
+        watch = _JobWatch(
+            store,
             job_id,
-            store=store,
-            settings=settings,
-            object_store=object_store,
-            worker_id=worker_id,
-            device=device,
-            work_root=work_root,
+            worker_id,
+            settings.worker_heartbeat_interval,
+            time_limit_s=soft_time_limit(settings),
         )
-
-
-def _run_job(
-    job_id: str,
-    *,
-    store: JobStore,
-    settings: Settings,
-    object_store: ObjectStore,
-    worker_id: str,
-    device: str,
-    work_root: Path | None,
-) -> None:
-    job = store.claim(job_id, worker_id)
-    if job is None:
-        delay = store.retry_claim_after(job_id)
-        if delay is None:
-            log.info("job %s: finished or unknown, message ignored", job_id)
-            return
-        raise RetryLater(job_id, delay, "still running under another worker")
-    log.info("job %s: attempt %d/%d on %s", job_id, job.attempts, job.max_attempts, worker_id)
-
-    watch = _JobWatch(
-        store,
-        job_id,
-        worker_id,
-        settings.worker_heartbeat_interval,
-        time_limit_s=soft_time_limit(settings),
-    )
-    work = Path(tempfile.mkdtemp(prefix=f"weightsmith-job-{job_id}-", dir=work_root))
-    watch.start()
-    try:
-        _run_claimed(
-            job,
-            store=store,
-            settings=settings,
-            object_store=object_store,
-            watch=watch,
-            work=work,
-            device=device,
-        )
-    except _LostJob:
-        log.warning("job %s: taken over by another worker; this attempt stops", job_id)
-    except RetryLater:
-        raise
-    except Exception as e:
-        watch.stop()  # no more heartbeats: the retry may take the job over once they are stale
-        _transient_failure(job, store, worker_id, e)
-    finally:
-        watch.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f"weightsmith-job-{job_id}-", dir=work_root))
+        watch.start()
+        try:
+            _run_claimed(
+                job,
+                store=store,
+                settings=settings,
+                object_store=object_store,
+                watch=watch,
+                work=work,
+                device=device,
+            )
+        except _LostJob:
+            log.warning("job %s: taken over by another worker; this attempt stops", job_id)
+        except RetryLater:
+            raise
+        except Exception as e:
+            watch.stop()  # no more heartbeats: the retry may take the job over once they are stale
+            _transient_failure(job, store, worker_id, e)
+        finally:
+            watch.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_claimed(
