@@ -100,8 +100,11 @@ def _run_seconds(engine: Engine) -> Any:
     """SQL: seconds from a job's start to its end (NULL when either is missing)."""
     if engine.dialect.name == "postgresql":
         return func.extract("epoch", Job.finished_at - Job.started_at)
-    # SQLite keeps timestamps as text; julianday has ~50 µs resolution at today's dates.
-    return (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
+    # SQLite keeps timestamps as text; julianday has ~50 µs resolution at today's dates, so
+    # a 15 s run can come out as 15.00000x and miss the le="15" bucket: round to the ms.
+    return func.round(
+        (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0, 3
+    )
 
 
 def read_job_groups(
