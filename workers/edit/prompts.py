@@ -46,6 +46,52 @@ class Batch:
         return torch.tensor(rows), torch.tensor(pos), torch.tensor(labels)
 
 
+@dataclass(frozen=True)
+class SplitBatch:
+    """A batch cut at each row's subject position. A vector added to a module's output at the
+    subject position cannot change anything at earlier positions (attention is causal), so
+    the prefixes' keys and values are computed once (:func:`workers.edit.tracing.prefix_cache`)
+    and only the suffixes (subject token onwards) run at each optimisation step.
+
+    Both halves are right-padded. The suffix of row i continues its prefix: its positions
+    are ``prefix_len[i] + j`` and it attends to the prefix's real tokens only."""
+
+    prefix_ids: torch.Tensor  # [B, P]
+    prefix_mask: torch.Tensor  # [B, P]
+    suffix_ids: torch.Tensor  # [B, S]
+    suffix_mask: torch.Tensor  # [B, S]
+    prefix_len: torch.Tensor  # [B] (= each row's subject position)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.prefix_len[:, None] + torch.arange(self.suffix_ids.shape[1])[None, :]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+
+
+def split_at_subject(batch: Batch, pad: int) -> SplitBatch:
+    """``batch`` cut before each row's subject position (suffix position 0 is the subject's
+    last token)."""
+    starts = [p.subject_pos for p in batch.prompts]
+    if min(starts) < 0:
+        raise ValueError("every row needs a subject position")
+    n = len(batch.prompts)
+    width_p = max(starts)
+    width_s = max(len(p.ids) - s for p, s in zip(batch.prompts, starts, strict=True))
+    prefix = torch.full((n, width_p), pad, dtype=torch.long)
+    prefix_mask = torch.zeros((n, width_p), dtype=torch.long)
+    suffix = torch.full((n, width_s), pad, dtype=torch.long)
+    suffix_mask = torch.zeros((n, width_s), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(batch.prompts, starts, strict=True)):
+        prefix[i, :s] = torch.tensor(p.ids[:s], dtype=torch.long)
+        prefix_mask[i, :s] = 1
+        suffix[i, : len(p.ids) - s] = torch.tensor(p.ids[s:], dtype=torch.long)
+        suffix_mask[i, : len(p.ids) - s] = 1
+    return SplitBatch(prefix, prefix_mask, suffix, suffix_mask, torch.tensor(starts))
+
+
 def target_token_ids(tokenizer: Any, prompt: str, target: str) -> list[int]:
     """Tokens of the target as it continues the prompt (a leading space unless the prompt
     ends with whitespace)."""

@@ -4,13 +4,15 @@ where a loss needs them."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from workers.edit.prompts import Batch
+from workers.edit.prompts import Batch, SplitBatch
 
 
 class StopForward(Exception):
@@ -27,10 +29,17 @@ def _replace(out: Any, t: torch.Tensor) -> Any:
 
 @torch.no_grad()
 def module_io(
-    model: Any, module_name: str, batch: Batch, rows: torch.Tensor, pos: torch.Tensor
+    model: Any,
+    module_name: str,
+    batch: Batch | SplitBatch,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    prefix: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs [n, d_in], outputs [n, d_out]) of a module at (rows[i], pos[i]), in float32;
-    the forward pass stops right after the module."""
+    the forward pass stops right after the module. For a split batch the positions are
+    suffix positions and ``prefix`` is its cache."""
     module = model.get_submodule(module_name)
     got: dict[str, torch.Tensor] = {}
 
@@ -40,12 +49,49 @@ def module_io(
         raise StopForward
 
     handle = module.register_forward_hook(hook)
+    inputs = inputs_of(batch, prefix)
+    try:
+        model(**inputs, use_cache=_CACHE_ARG in inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got["in"], got["out"]
+
+
+@torch.no_grad()
+def input_and_output(
+    model: Any,
+    input_of: str,
+    output_of: str,
+    batch: Batch,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of ``input_of``, outputs of ``output_of``) at (rows[i], pos[i]) in float32, in
+    one forward pass that stops after ``output_of`` (which must run after ``input_of``)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def read_input(_m: Any, args: tuple[Any, ...]) -> None:
+        got["in"] = args[0][rows, pos].float()
+
+    def read_output(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+        got["out"] = _tensor(out)[rows, pos].float()
+        raise StopForward
+
+    handles = [
+        model.get_submodule(input_of).register_forward_pre_hook(read_input),
+        model.get_submodule(output_of).register_forward_hook(read_output),
+    ]
     try:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     except StopForward:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+    if "in" not in got:
+        raise ValueError(f"{output_of} ran before {input_of}")
     return got["in"], got["out"]
 
 
@@ -75,29 +121,69 @@ def add_to_output(
         handle.remove()
 
 
+def inputs_of(batch: Batch | SplitBatch, prefix: Any = None) -> dict[str, Any]:
+    """Forward keyword arguments: a whole batch, or the suffixes of a split batch after its
+    cached prefixes (``prefix`` from :func:`prefix_cache`; copied, a forward appends to it)."""
+    if isinstance(batch, Batch):
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if prefix is None:  # every subject at position 0: nothing before it
+        return {
+            "input_ids": batch.suffix_ids,
+            "attention_mask": batch.suffix_mask,
+            "position_ids": batch.position_ids,
+        }
+    return {
+        "input_ids": batch.suffix_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        _CACHE_ARG: copy.deepcopy(prefix),
+    }
+
+
+def _cache_arg() -> str:
+    """Newer transformers call ``past_key_values`` (argument and output field) ``cache``."""
+    from transformers import LlamaModel
+
+    params = inspect.signature(LlamaModel.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+
+@torch.no_grad()
+def prefix_cache(model: Any, batch: SplitBatch) -> Any:
+    """The key/value cache of the split batch's prefixes (None when they are all empty).
+
+    The prefixes run unmasked: they are right-padded, so a real token only attends to real
+    tokens before it and its keys and values are exact; the pad positions' are finite and
+    masked out when the suffixes attend to the cache."""
+    if batch.prefix_ids.shape[1] == 0:
+        return None
+    out = model.base_model(input_ids=batch.prefix_ids, use_cache=True)
+    return getattr(out, _CACHE_ARG)
+
+
 def log_probs_at(
     model: Any,
-    batch: Batch,
+    batch: Batch | SplitBatch,
     rows: torch.Tensor,
     pos: torch.Tensor,
     *,
     loss_layer: int | None = None,
+    prefix: Any = None,
 ) -> torch.Tensor:
     """log-softmax of the next-token logits at (rows[i], pos[i]) only: the final norm and
     lm_head run on those hidden states alone (the full-vocabulary projection at every
-    position would dominate the cost of a small model's v* optimisation)."""
+    position would dominate the cost of a small model's v* optimisation). For a split batch
+    the positions are suffix positions and ``prefix`` is its cache."""
     base = model.base_model
+    inputs = inputs_of(batch, prefix)
+    use_cache = _CACHE_ARG in inputs
     if loss_layer is None:
-        h = base(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state[rows, pos]
+        h = base(**inputs, use_cache=use_cache).last_hidden_state[rows, pos]
     else:
-        hs = base(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-            output_hidden_states=True,
-        ).hidden_states
+        hs = base(**inputs, use_cache=use_cache, output_hidden_states=True).hidden_states
         h = _final_norm(base)(hs[loss_layer + 1][rows, pos])
     logits = model.get_output_embeddings()(h).float()
     return torch.log_softmax(logits, dim=-1)

@@ -16,8 +16,15 @@ from typing import Any
 import torch
 
 from workers.edit.algebra import clamp_norm
-from workers.edit.prompts import Batch, collate, pad_id, subject_prompt, target_token_ids
-from workers.edit.tracing import add_to_output, log_probs_at, module_io
+from workers.edit.prompts import (
+    Batch,
+    collate,
+    pad_id,
+    split_at_subject,
+    subject_prompt,
+    target_token_ids,
+)
+from workers.edit.tracing import add_to_output, log_probs_at, module_io, prefix_cache
 
 KL_TEMPLATE = "{} is a"
 
@@ -69,15 +76,18 @@ def optimise_value(
     """Optimise δ at ``module_name``'s output (ROME: the MLP projection; MEMIT: the block)."""
     assert templates[0] == "{}", "the first context template is the bare prompt"
     batch = rewrite_batch(tokenizer, templates, prompt, subject, target)
-    rows, subj = batch.rows, batch.subject_pos
+    # δ sits at the subject position: the prompts run from there on, after a cached prefix
+    split = split_at_subject(batch, pad_id(tokenizer))
+    prefix = prefix_cache(model, split)
+    rows = batch.rows
+    subj = torch.zeros_like(rows)  # the subject's last token opens every suffix
     n_rewrite = len(templates)
-    _, outs = module_io(model, module_name, batch, rows, subj)
+    _, outs = module_io(model, module_name, split, rows, subj, prefix=prefix)
     v_init = outs[:n_rewrite].mean(0)
     t_rows, t_pos, labels = batch.target_index()
-    kl_row = torch.tensor([n_rewrite])
-    kl_pos = subj[n_rewrite:]
-    q_rows = torch.cat([t_rows, kl_row])
-    q_pos = torch.cat([t_pos, kl_pos])
+    t_pos = t_pos - split.prefix_len[t_rows]
+    q_rows = torch.cat([t_rows, torch.tensor([n_rewrite])])
+    q_pos = torch.cat([t_pos, torch.tensor([0])])
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
@@ -91,7 +101,9 @@ def optimise_value(
     try:
         for _ in range(s.steps):
             with add_to_output(model, module_name, rows, subj, delta):
-                logp = log_probs_at(model, batch, q_rows, q_pos, loss_layer=s.loss_layer)
+                logp = log_probs_at(
+                    model, split, q_rows, q_pos, loss_layer=s.loss_layer, prefix=prefix
+                )
             nll = -logp[: len(labels)].gather(1, labels[:, None]).mean()
             kl_logp = logp[len(labels) :]
             if init_kl is None:
