@@ -17,8 +17,12 @@ import torch
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, memit_update
 from workers.edit.architectures import EditArchitecture
-from workers.edit.rome import RankOneUpdate, subject_keys
+from workers.edit.prompts import collate, pad_id, subject_prompt
+from workers.edit.rome import RankOneUpdate
+from workers.edit.tracing import input_and_output
 from workers.edit.values import ValueSettings, optimise_value
+
+ROWS_PER_PASS = 64
 
 
 def _weight(model: Any, arch: EditArchitecture, layer: int) -> torch.nn.Parameter:
@@ -31,6 +35,33 @@ def apply_delta(model: Any, arch: EditArchitecture, layer: int, delta: torch.Ten
     """W += ΔW in place (ΔW in [d_out, d_in]; transposed for Conv1D)."""
     w = _weight(model, arch, layer)
     w.add_((delta.T if arch.transposed else delta).to(w.dtype))
+
+
+def keys_and_outputs(
+    model: Any,
+    tokenizer: Any,
+    key_module: str,
+    output_module: str,
+    templates: list[str],
+    requests: list[EditRequest],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K [d_in, m], Z [d_out, m]): per request, ``key_module``'s input and
+    ``output_module``'s output at the subject's last token, averaged over the templates;
+    the requests' prompts run in batches of about ROWS_PER_PASS rows."""
+    per_pass = max(1, ROWS_PER_PASS // len(templates))
+    keys, outs = [], []
+    for start in range(0, len(requests), per_pass):
+        chunk = requests[start : start + per_pass]
+        prompts = [
+            subject_prompt(tokenizer, t, r.prompt, r.subject) for r in chunk for t in templates
+        ]
+        batch = collate(prompts, pad_id(tokenizer))
+        k, z = input_and_output(
+            model, key_module, output_module, batch, batch.rows, batch.subject_pos
+        )
+        keys.append(k.view(len(chunk), len(templates), -1).mean(1))
+        outs.append(z.view(len(chunk), len(templates), -1).mean(1))
+    return torch.cat(keys).T, torch.cat(outs).T
 
 
 def memit_edit(
@@ -72,16 +103,10 @@ def memit_edit(
     updates: list[RankOneUpdate] = []
     for i, layer in enumerate(sorted(layers)):
         check()
-        keys, zs = [], []
-        for r in requests:
-            keys.append(
-                subject_keys(
-                    model, tokenizer, arch.module_name(layer), templates, r.prompt, r.subject
-                ).k_bar
-            )
-            zs.append(subject_keys(model, tokenizer, block, templates, r.prompt, r.subject).w_k_bar)
-        K = torch.stack(keys, dim=1)
-        R = (Z - torch.stack(zs, dim=1)) / (len(layers) - i)
+        K, current = keys_and_outputs(
+            model, tokenizer, arch.module_name(layer), block, templates, requests
+        )
+        R = (Z - current) / (len(layers) - i)
         left, right = memit_update(R, K, C[layer], lam)
         apply_delta(model, arch, layer, delta_from_factors(left, right))
         for j in range(len(requests)):
