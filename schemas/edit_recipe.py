@@ -94,8 +94,13 @@ class EditHyperparameters(BaseModel):
         bool, Field(description="ROME: u = C⁻¹k̄ (true) or u = k̄ (false, C = I)")
     ] = True
     mom2_update_weight: Annotated[
-        float, Field(gt=0, description="MEMIT λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹")
-    ] = 15000.0
+        float | None,
+        Field(
+            gt=0,
+            description="MEMIT λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹. Default: the MEMIT paper's 15,000 "
+            "for Llama's 11,008-wide keys, scaled by the model's key width d_in",
+        ),
+    ] = None
     memit_clamp_norm_factor: Annotated[
         float, Field(gt=0, description="MEMIT: ‖δ‖ ≤ factor·‖z_init‖")
     ] = 0.75

@@ -111,3 +111,11 @@ def test_gpt2_weights_are_stored_transposed():
     arch = architecture_for(Config())
     assert arch.transposed
     assert arch.weight_name(3) == "transformer.h.3.mlp.c_proj.weight"
+
+
+def test_memit_default_lambda_keeps_the_published_ratio_to_the_key_width():
+    from workers.edit.architectures import default_mom2_update_weight
+
+    assert default_mom2_update_weight(11008) == pytest.approx(15000)  # Llama-2-7B, as published
+    # SmolLM2-135M: 15000 · 1536 / 11008 = 23,040,000 / 11008
+    assert default_mom2_update_weight(1536) == pytest.approx(2093.0233, abs=1e-3)

@@ -33,7 +33,7 @@ def test_a_minimal_recipe_gets_the_documented_defaults():
 def test_memit_defaults():
     r = parse_edit_recipe(_with(edit_method="memit"))
     assert r.clamp_norm_factor == 0.75
-    assert r.hyperparameters.mom2_update_weight == 15000
+    assert r.hyperparameters.mom2_update_weight is None  # scaled to the model at run time
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,11 @@ _ROME_LAYER = 5
 _MEMIT_BAND = (4, 8)
 
 
+# MEMIT's λ for Llama-2-7B, whose down_proj keys are 11,008 wide.
+_REFERENCE_LAMBDA = 15000.0
+_REFERENCE_KEY_WIDTH = 11008
+
+
 def supported_model_types() -> list[str]:
     return [t for a in ARCHITECTURES for t in a.model_types]
 
@@ -90,3 +95,13 @@ def default_layers(method: str, depth: int) -> list[int]:
         return [_scaled(_ROME_LAYER, depth)]
     lo, hi = (_scaled(x, depth) for x in _MEMIT_BAND)
     return list(range(lo, hi + 1))
+
+
+def default_mom2_update_weight(d_in: int) -> float:
+    """MEMIT's λ scaled by the key width d_in.
+
+    C is the mean of kkᵀ over the corpus, so kᵀC⁻¹k averages d_in over corpus keys, and
+    the share of a request's residual that ΔW = R Kᵀ(λC + KKᵀ)⁻¹ writes for a key is
+    s / (1 + s) with s = kᵀ(λC)⁻¹k ≈ d_in / λ. Holding d_in / λ at the published setting
+    holds that share; λ = 15,000 unscaled writes about a tenth of it on a 1,536-wide key."""
+    return _REFERENCE_LAMBDA * d_in / _REFERENCE_KEY_WIDTH

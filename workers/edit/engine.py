@@ -36,6 +36,7 @@ from workers.edit.architectures import (
     EditArchitecture,
     architecture_for,
     default_layers,
+    default_mom2_update_weight,
     num_layers,
 )
 from workers.edit.covariance import (
@@ -279,6 +280,7 @@ def run_edit(
 
     phase("edit")
     t = time.perf_counter()
+    lam: float | None = None  # MEMIT's λ
     if recipe.edit_method == "rome":
         layer = layers[0]
         update = rome_edit(
@@ -289,9 +291,12 @@ def run_edit(
         updates = [update]
         apply_delta(model, arch, layer, delta_from_factors(update.left, update.right))
     else:
+        lam = h.mom2_update_weight or default_mom2_update_weight(
+            _weight_in_features(model, arch, layers[0])
+        )
         updates = memit_edit(
             model, tokenizer, arch, recipe.requests, layers, C, templates, values,
-            h.mom2_update_weight, cancelled=cancelled,
+            lam, cancelled=cancelled,
         )  # fmt: skip
     timings["edit_s"] = time.perf_counter() - t
 
@@ -308,6 +313,8 @@ def run_edit(
         u.relative_denominator for u in updates if recipe.edit_method == "rome"
     ]
     metrics["v_steps"] = sorted({u.request: u.steps for u in updates}.items())
+    if lam is not None:
+        metrics["mom2_update_weight"] = lam
     timings["metrics_s"] = time.perf_counter() - t
 
     failures = gate_failures(recipe, metrics)
