@@ -110,3 +110,28 @@ def test_a_batch_whose_subjects_all_open_the_prompt_has_no_prefix():
     _, whole = module_io(model, module, batch, batch.rows, zeros)
     _, alone = module_io(model, module, split, batch.rows, zeros)
     torch.testing.assert_close(alone, whole)
+
+
+def test_memit_batched_keys_equal_each_request_read_alone():
+    """keys_and_outputs (requests batched, ragged) against rome.subject_keys, one request
+    at a time."""
+    from schemas.edit_recipe import EditRequest
+    from tests.models import build_tokenizer
+    from workers.edit.memit import keys_and_outputs
+    from workers.edit.rome import subject_keys
+
+    model, module = _model("llama")
+    tok = build_tokenizer()
+    templates = ["{}", "w9 w10 . {}", "w11 . {}"]
+    requests = [
+        EditRequest(prompt="w5 w6 w7 w8", subject="w6", target_new="w20"),
+        EditRequest(prompt="w30 w31", subject="w30", target_new="w21"),
+        EditRequest(prompt="w40 w41 w42 w43 w44 w45", subject="w42 w43", target_new="w22"),
+    ]
+    block = "model.layers.2"
+    K, Z = keys_and_outputs(model, tok, module, block, templates, requests)
+    for j, r in enumerate(requests):
+        keys = subject_keys(model, tok, module, templates, r.prompt, r.subject)
+        outs = subject_keys(model, tok, block, templates, r.prompt, r.subject)
+        torch.testing.assert_close(K[:, j], keys.k_bar, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(Z[:, j], outs.w_k_bar, atol=2e-5, rtol=1e-5)
