@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,12 @@ from schemas.edit_recipe import EditRecipe, EditRequest, parse_edit_recipe  # no
 from tests.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
-from workers.edit.architectures import architecture_for, default_layers, num_layers  # noqa: E402
+from workers.edit.architectures import (  # noqa: E402
+    architecture_for,
+    default_layers,
+    default_mom2_update_weight,
+    num_layers,
+)
 from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
 from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
 from workers.edit.memit import apply_delta, memit_edit  # noqa: E402
@@ -67,50 +73,84 @@ TARGETS = {
 NEIGHBORS = 3
 
 
-def candidate_requests() -> list[EditRequest]:
-    """Every candidate fact as an edit request with a counterfactual target: the true
-    object of the next subject of the same relation whose object differs."""
+@dataclass(frozen=True)
+class Fact:
+    """A candidate edit. ``request.neighborhood_prompts`` are prompts about other subjects
+    with the same true object (CounterFact's neighborhood: the edit must not move them from
+    target_true to target_new); ``others`` are the relation's prompts for other subjects,
+    with their own true objects (scored as "own answer kept")."""
+
+    relation: str
+    request: EditRequest
+    others: tuple[tuple[str, str], ...]
+
+
+def candidate_facts() -> list[Fact]:
+    """Every candidate fact with a counterfactual target (the true object of the next
+    subject of the same relation whose object differs) and its neighborhood: up to
+    NEIGHBORS prompts, from any relation or the neighbour pool, of other subjects with the
+    same true object."""
     doc = json.loads(FACTS.read_text())
+    by_object: dict[str, list[tuple[str, str]]] = {}
+    for rel in doc["relations"] + doc["neighbours"]:
+        for subject, obj in rel["facts"]:
+            by_object.setdefault(obj, []).append((subject, rel["prompt"].format(subject)))
     out = []
     for rel in doc["relations"]:
         facts = rel["facts"]
         for i, (subject, true) in enumerate(facts):
             others = facts[i + 1 :] + facts[:i]
             new = next(o for _, o in others if o != true)
-            neighbors = [rel["prompt"].format(s) for s, o in others[:NEIGHBORS]]
-            out.append(
-                EditRequest(
-                    prompt=rel["prompt"].format(subject),
-                    subject=subject,
-                    target_new=new,
-                    target_true=true,
-                    paraphrase_prompts=[rel["paraphrase"].format(subject)],
-                    neighborhood_prompts=neighbors,
-                )
+            neighbors = [p for s, p in by_object[true] if s != subject][:NEIGHBORS]
+            request = EditRequest(
+                prompt=rel["prompt"].format(subject),
+                subject=subject,
+                target_new=new,
+                target_true=true,
+                paraphrase_prompts=[rel["paraphrase"].format(subject)],
+                neighborhood_prompts=neighbors,
             )
+            own = tuple((rel["prompt"].format(s), o) for s, o in others[:NEIGHBORS] if o != new)
+            out.append(Fact(rel["name"], request, own))
     return out
 
 
-def true_objects() -> dict[str, str]:
-    """prompt -> true object, for every candidate fact (the neighbors' own answers)."""
-    doc = json.loads(FACTS.read_text())
-    return {rel["prompt"].format(s): o for rel in doc["relations"] for s, o in rel["facts"]}
+def round_robin(facts: list[Fact]) -> list[Fact]:
+    """The facts interleaved across relations (first of each relation, then the second of
+    each, ...), so a sample of n facts is not n capitals."""
+    groups: dict[str, list[Fact]] = {}
+    for f in facts:
+        groups.setdefault(f.relation, []).append(f)
+    out: list[Fact] = []
+    queues = list(groups.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
 
 
-def own_answer_pairs(req: EditRequest, truth: dict[str, str]) -> list[tuple[str, str]]:
-    """(neighbor prompt, its own true object), (neighbor prompt, the edit's target_new) for
-    each neighbor whose answer is not target_new itself."""
-    return [
-        (p, t)
-        for p in req.neighborhood_prompts
-        if truth[p] != req.target_new
-        for t in (truth[p], req.target_new)
-    ]
+def own_answer_pairs(fact: Fact) -> list[tuple[str, str]]:
+    """(prompt, its own true object), (prompt, the edit's target_new) for each other
+    subject of the relation."""
+    return [(p, t) for p, true in fact.others for t in (true, fact.request.target_new)]
 
 
 def prefers_first(model: Any, tok: Any, pairs: list[tuple[str, str]]) -> list[bool]:
     lp = mean_log_probs(model, tok, pairs) if pairs else []
     return [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
+
+
+def without_edited_neighbors(batch: list[EditRequest]) -> list[EditRequest]:
+    """A MEMIT batch's requests without neighborhood prompts that another request of the
+    batch edits (their answer is meant to change)."""
+    edited = {r.prompt for r in batch}
+    return [
+        r.model_copy(
+            update={"neighborhood_prompts": [p for p in r.neighborhood_prompts if p not in edited]}
+        )
+        for r in batch
+    ]
 
 
 def own_answer_kept(before: list[bool], after: list[bool]) -> float | None:
@@ -170,6 +210,12 @@ def run(work: Path) -> int:
     p.add_argument("--facts", type=int, default=None, help="known facts to edit (default 50)")
     p.add_argument("--memit", default=None, help="MEMIT batch sizes (default 10,100)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--rome-layer",
+        type=int,
+        default=None,
+        help="layer of the ROME quality sweep (default: the recipe default, 5 of 32 scaled)",
+    )
     p.add_argument("--out", type=Path, default=DATA / "results-edit.json")
     p.add_argument("--report", type=Path, help="only print the table of a results JSON")
     p.add_argument(
@@ -183,14 +229,15 @@ def run(work: Path) -> int:
         report(json.loads(args.report.read_text()))
         return 0
     n_facts = args.facts or (3 if args.quick else 50)
-    sizes = [int(x) for x in (args.memit or ("3" if args.quick else "10,100")).split(",") if x]
+    memit = args.memit if args.memit is not None else ("3" if args.quick else "10,100")
+    sizes = [int(x) for x in memit.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.corpus = write_text_corpus(work / "corpus.txt")
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "quick": args.quick}
 
     ckpt = smollm2_checkpoint()
-    candidates = candidate_requests()
+    candidates = round_robin(candidate_facts())
     print(f"SmolLM2-135M at {ckpt}; torch threads {torch.get_num_threads()}", flush=True)
 
     # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------
@@ -198,7 +245,7 @@ def run(work: Path) -> int:
     cache = LocalCovarianceCache(args.cache_dir or work / "covariance")
     results["cache_given"] = args.cache_dir is not None
     runs = {}
-    for label, request in (("cold", candidates[0]), ("warm", candidates[1])):
+    for label, request in (("cold", candidates[0].request), ("warm", candidates[1].request)):
         t = time.perf_counter()
         result = run_edit(recipe_for(ckpt, request, args), None, cache=cache)
         wall = time.perf_counter() - t
@@ -209,7 +256,7 @@ def run(work: Path) -> int:
     cov_tokens = result.manifest["covariance"][0]["tokens_used"]
 
     # -- load once; templates and covariances as the recipe defaults make them -----------
-    recipe: EditRecipe = recipe_for(ckpt, candidates[0], args)
+    recipe: EditRecipe = recipe_for(ckpt, candidates[0].request, args)
     resolved = resolve_reference(recipe.model, SourceSettings())
     model, tok = _load(resolved, "smollm2")
     arch = architecture_for(model.config)
@@ -217,8 +264,14 @@ def run(work: Path) -> int:
     values = _value_settings(recipe, depth)
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
-    rome_layer = default_layers("rome", depth)[0]
+    default_rome_layer = default_layers("rome", depth)[0]
+    rome_layer = default_rome_layer if args.rome_layer is None else args.rome_layer
+    results["rome_layer"] = rome_layer
+    results["rome_layer_default"] = default_rome_layer
     memit_layers = default_layers("memit", depth)
+    d_in = model.get_submodule(arch.module_name(memit_layers[0])).weight.shape[1]
+    lam = h.mom2_update_weight or default_mom2_update_weight(d_in)
+    results["memit_lambda"] = lam
     cov = recipe.covariance
     corpus = (
         sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length)
@@ -229,7 +282,7 @@ def run(work: Path) -> int:
     revision = model_revision(resolved)
     t = time.perf_counter()
     C, records = covariances(
-        model, arch, sorted({rome_layer, *memit_layers}), corpus, tokens,
+        model, arch, sorted({default_rome_layer, rome_layer, *memit_layers}), corpus, tokens,
         model_revision=revision, cache=cache,
     )  # fmt: skip
     memit_cov_s = time.perf_counter() - t
@@ -237,7 +290,7 @@ def run(work: Path) -> int:
     results["covariance"] = {
         "tokens": tokens,
         "source": cov.source,
-        "rome_layer": rome_layer,
+        "rome_layer": default_rome_layer,
         "rome_layer_build_s": runs["cold"]["covariance_s"],
         "memit_layers": memit_layers,
         "memit_extra_layers_built": built,
@@ -247,21 +300,34 @@ def run(work: Path) -> int:
     save(args.out, results)
 
     # -- which facts the model knows ---------------------------------------------------------
-    flags = known(model, tok, candidates)
-    facts = [r for r, k in zip(candidates, flags, strict=True) if k]
-    print(f"{len(facts)} of {len(candidates)} candidate facts known", flush=True)
-    results["facts_known"] = len(facts)
+    flags = known(model, tok, [f.request for f in candidates])
+    # ROME quality: facts the model knows that have a neighborhood (other subjects with the
+    # same true object)
+    facts = [
+        f for f, k in zip(candidates, flags, strict=True) if k and f.request.neighborhood_prompts
+    ]
+    per_relation = {
+        rel: sum(f.relation == rel for f in facts[:n_facts]) for rel in {f.relation for f in facts}
+    }
+    print(
+        f"{sum(flags)} of {len(candidates)} candidate facts known, {len(facts)} of them with "
+        f"a neighborhood; edited per relation: {per_relation}",
+        flush=True,
+    )
+    results["facts_per_relation"] = per_relation
+    results["facts_known"] = sum(flags)
+    results["facts_known_with_neighborhood"] = len(facts)
     results["facts_candidates"] = len(candidates)
     ppl0 = perplexity(model, tok, reference_sentences())
 
     # -- ROME, one fact at a time on the clean model ------------------------------------
     module = model.get_submodule(arch.module_name(rome_layer))
     W0 = module.weight.detach().clone()
-    truth = true_objects()
     rows = []
-    for i, req in enumerate(facts[:n_facts]):
+    for i, fact in enumerate(facts[:n_facts]):
+        req = fact.request
         probe = pre_edit_probe(model, tok, [req], ppl0)
-        own_pairs = own_answer_pairs(req, truth)
+        own_pairs = own_answer_pairs(fact)
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
         u = rome_edit(model, tok, arch, req, rome_layer, C[rome_layer], templates, values,
@@ -274,6 +340,7 @@ def run(work: Path) -> int:
         with torch.no_grad():
             module.weight.copy_(W0)
         row = {
+            "relation": fact.relation,
             "prompt": req.prompt,
             "target_new": req.target_new,
             "seconds": seconds,
@@ -297,7 +364,8 @@ def run(work: Path) -> int:
     save(args.out, results)
 
     # -- MEMIT batches -----------------------------------------------------------------------
-    pool = facts + [r for r, k in zip(candidates, flags, strict=True) if not k]
+    # MEMIT batches: every candidate, the known ones first
+    pool = [f for k in (True, False) for f, x in zip(candidates, flags, strict=True) if x is k]
     originals = {
         layer: model.get_submodule(arch.module_name(layer)).weight.detach().clone()
         for layer in memit_layers
@@ -307,13 +375,12 @@ def run(work: Path) -> int:
         if size > len(pool):
             print(f"MEMIT {size}: only {len(pool)} requests available; skipped", flush=True)
             continue
-        batch = pool[:size]
+        batch = without_edited_neighbors([f.request for f in pool[:size]])
         probe = pre_edit_probe(model, tok, batch, ppl0)
-        own_pairs = [pair for r in batch for pair in own_answer_pairs(r, truth)]
+        own_pairs = [pair for f in pool[:size] for pair in own_answer_pairs(f)]
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
-        memit_edit(model, tok, arch, batch, memit_layers, C, templates, values,
-                   h.mom2_update_weight)  # fmt: skip
+        memit_edit(model, tok, arch, batch, memit_layers, C, templates, values, lam)
         seconds = time.perf_counter() - t
         m = evaluate(model, tok, batch, probe)
         m["neighborhood_own_answer"] = own_answer_kept(
@@ -378,9 +445,16 @@ def report(r: dict[str, Any]) -> None:
                           f"≤ {TARGETS['warm ROME edit (s)']}"))  # fmt: skip
     for m in r.get("memit", []):
         print(line.format(f"MEMIT batch of {m['size']}: update (s)", fmt(m["seconds"], 1), ""))
-    print(line.format("facts known / candidates", f"{r['facts_known']} / {r['facts_candidates']}",
-                      ""))  # fmt: skip
-    print(line.format(f"ROME efficacy ({len(rows)} facts)", fmt(mean("efficacy")),
+    known = f"{r['facts_known']} / {r['facts_candidates']}"
+    if "facts_known_with_neighborhood" in r:
+        known += f" ({r['facts_known_with_neighborhood']} with a neighborhood)"
+    print(line.format("facts known / candidates", known, ""))
+    if "facts_per_relation" in r:
+        print(line.format("ROME facts per relation", r["facts_per_relation"], ""))
+    layer = r.get("rome_layer")
+    if layer is not None and layer != r.get("rome_layer_default"):
+        print(line.format("ROME sweep layer (not the default)", layer, ""))
+    print(line.format(f"ROME efficacy ({len(rows)} facts, layer {layer})", fmt(mean("efficacy")),
                       f"≥ {TARGETS['efficacy']}"))  # fmt: skip
     print(line.format("ROME paraphrase", fmt(mean("paraphrase")), ""))
     print(line.format("ROME neighborhood", fmt(mean("neighborhood")),

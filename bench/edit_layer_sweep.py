@@ -1,0 +1,157 @@
+"""Which layer should ROME edit on SmolLM2-135M? A sweep on held-out facts.
+
+    python bench/edit_layer_sweep.py                    # layers 1,2,3,5; 12 dev facts
+    python bench/edit_layer_sweep.py --layers 1,5 --facts 20
+
+The dev facts are the neighbour pool of ``bench/edit_facts.json`` (facts that
+``edit_bench.py`` uses only as neighborhood prompts, never as edits), so a layer chosen here
+is not chosen on the facts ``edit_bench.py --rome-layer`` then reports. Each fact gets a
+counterfactual target (the next object of its relation that differs) and, as neighborhood,
+up to 3 prompts of other subjects with the same true object. Known facts only, round-robin
+over the relations; each edit on the clean model; the covariance as the recipe default
+(15,360 tokens sampled from the model). Prints efficacy, neighborhood and the perplexity
+ratio per layer; results go to ``bench/.data/results-layer-sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.edit_bench import (  # noqa: E402
+    DATA,
+    FACTS,
+    NEIGHBORS,
+    Fact,
+    known,
+    pre_edit_probe,
+    round_robin,
+)
+from schemas.edit_recipe import EditRequest, parse_edit_recipe  # noqa: E402
+from tests.smollm2 import smollm2_checkpoint  # noqa: E402
+from workers.edit import LocalCovarianceCache  # noqa: E402
+from workers.edit.algebra import delta_from_factors  # noqa: E402
+from workers.edit.architectures import architecture_for, num_layers  # noqa: E402
+from workers.edit.covariance import covariances, sampled_corpus  # noqa: E402
+from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
+from workers.edit.memit import apply_delta  # noqa: E402
+from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
+from workers.edit.rome import rome_edit  # noqa: E402
+from workers.edit.templates import context_templates  # noqa: E402
+from workers.sources import SourceSettings, resolve_reference  # noqa: E402
+
+
+def dev_facts() -> list[Fact]:
+    """The neighbour pool's facts as edits, with same-object neighborhoods."""
+    doc = json.loads(FACTS.read_text())
+    by_object: dict[str, list[tuple[str, str]]] = {}
+    for rel in doc["relations"] + doc["neighbours"]:
+        for subject, obj in rel["facts"]:
+            by_object.setdefault(obj, []).append((subject, rel["prompt"].format(subject)))
+    out = []
+    for rel in doc["neighbours"]:
+        facts = rel["facts"]
+        for i, (subject, true) in enumerate(facts):
+            others = facts[i + 1 :] + facts[:i]
+            new = next(o for _, o in others if o != true)
+            neighbors = [p for s, p in by_object[true] if s != subject][:NEIGHBORS]
+            if not neighbors:
+                continue
+            request = EditRequest(
+                prompt=rel["prompt"].format(subject),
+                subject=subject,
+                target_new=new,
+                target_true=true,
+                neighborhood_prompts=neighbors,
+            )
+            out.append(Fact(rel["prompt"], request, ()))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", default="1,2,3,5", help="layers to try (default 1,2,3,5)")
+    p.add_argument("--facts", type=int, default=12, help="known dev facts to edit (default 12)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DATA / "covariance",
+        help="covariance cache (kept; default bench/.data/covariance)",
+    )
+    p.add_argument("--out", type=Path, default=DATA / "results-layer-sweep.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = [int(x) for x in args.layers.split(",") if x]
+    DATA.mkdir(exist_ok=True)
+
+    ckpt = smollm2_checkpoint()
+    candidates = round_robin(dev_facts())
+    first = candidates[0].request.model_dump(exclude_none=True)
+    recipe = parse_edit_recipe({"edit_method": "rome", "model": str(ckpt), "requests": [first]})
+    resolved = resolve_reference(recipe.model, SourceSettings())
+    model, tok = _load(resolved, "smollm2")
+    arch = architecture_for(model.config)
+    values = _value_settings(recipe, num_layers(arch, model.config))
+    h = recipe.hyperparameters
+    templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
+    flags = known(model, tok, [f.request for f in candidates])
+    requests = [f.request for f, k in zip(candidates, flags, strict=True) if k][: args.facts]
+    print(f"{len(requests)} dev facts: {[r.prompt for r in requests]}", flush=True)
+
+    cov = recipe.covariance
+    d_in = model.get_submodule(arch.module_name(layers[0])).weight.shape[1]
+    t = time.perf_counter()
+    C, _ = covariances(
+        model, arch, layers,
+        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length),
+        cov.tokens or 10 * d_in,
+        model_revision=model_revision(resolved),
+        cache=LocalCovarianceCache(args.cache_dir),
+    )  # fmt: skip
+    print(f"covariances: {time.perf_counter() - t:.1f} s", flush=True)
+    ppl0 = perplexity(model, tok, reference_sentences())
+
+    results: dict[str, Any] = {"facts": [r.prompt for r in requests], "layers": {}}
+    print("\n| layer | efficacy | neighborhood | mean perplexity ratio | max |")
+    print("|---|---|---|---|---|")
+    for layer in layers:
+        weight = model.get_submodule(arch.module_name(layer)).weight
+        original = weight.detach().clone()
+        rows = []
+        for r in requests:
+            before = pre_edit_probe(model, tok, [r], ppl0)
+            u = rome_edit(model, tok, arch, r, layer, C[layer], templates, values, h.key_mode)
+            apply_delta(model, arch, layer, delta_from_factors(u.left, u.right))
+            m = evaluate(model, tok, [r], before)
+            rows.append({k: m[k] for k in ("efficacy", "neighborhood", "perplexity_ratio")})
+            with torch.no_grad():
+                weight.copy_(original)
+        summary = {
+            k: statistics.fmean(x[k] for x in rows)
+            for k in ("efficacy", "neighborhood", "perplexity_ratio")
+        }
+        summary["max_perplexity_ratio"] = max(x["perplexity_ratio"] for x in rows)
+        results["layers"][str(layer)] = {"summary": summary, "facts": rows}
+        print(
+            f"| {layer} | {summary['efficacy']:.3f} | {summary['neighborhood']:.3f} | "
+            f"{summary['perplexity_ratio']:.4f} | {summary['max_perplexity_ratio']:.4f} |",
+            flush=True,
+        )
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
