@@ -11,13 +11,18 @@ Figures (see bench/README.md):
   (whole call, and the phases), and of every ROME edit of the quality run (the update only);
 - MEMIT batches of 10 and 100 requests (the update only, covariances warm);
 - quality over the facts of ``bench/edit_facts.json`` that the model knows (before the edit
-  it prefers target_true over the counterfactual target_new): efficacy, paraphrase,
-  neighborhood (share of other subjects' prompts whose preference is unchanged) and the
-  perplexity ratio on ``workers/edit/reference_sentences.txt``, each edit applied alone to
-  the clean model. MEMIT batches report the same over their requests.
+  it prefers target_true over the counterfactual target_new), sampled round-robin over the
+  relations: efficacy, paraphrase, neighborhood (CounterFact's: prompts about other
+  subjects with the same true object, share whose preference between target_true and
+  target_new is unchanged), the share of the relation's other subjects whose own answer
+  still beats target_new, and the perplexity ratio on
+  ``workers/edit/reference_sentences.txt``, each edit applied alone to the clean model.
+  MEMIT batches report the same over their requests.
 
-Targets are printed, not asserted. Hyperparameters are the recipe defaults; nothing is tuned
-on these facts. Results go to ``bench/.data/results-edit.json``.
+Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``
+changes the layer of the ROME quality run; ``edit_layer_sweep.py`` compares layers on
+held-out facts); nothing is tuned on these facts. Results go to
+``bench/.data/results-edit.json``.
 """
 
 from __future__ import annotations
@@ -154,8 +159,8 @@ def without_edited_neighbors(batch: list[EditRequest]) -> list[EditRequest]:
 
 
 def own_answer_kept(before: list[bool], after: list[bool]) -> float | None:
-    """CounterFact/MEMIT "neighborhood success": of the neighbor prompts whose own answer
-    beat target_new before the edit, the share where it still does."""
+    """Of the prompts whose own answer beat target_new before the edit, the share where it
+    still does."""
     kept = [a for b, a in zip(before, after, strict=True) if b]
     return sum(kept) / len(kept) if kept else None
 
@@ -457,9 +462,10 @@ def report(r: dict[str, Any]) -> None:
     print(line.format(f"ROME efficacy ({len(rows)} facts, layer {layer})", fmt(mean("efficacy")),
                       f"≥ {TARGETS['efficacy']}"))  # fmt: skip
     print(line.format("ROME paraphrase", fmt(mean("paraphrase")), ""))
-    print(line.format("ROME neighborhood", fmt(mean("neighborhood")),
+    print(line.format("ROME neighborhood (same-object subjects: true still beats new)",
+                      fmt(mean("neighborhood")),
                       f"≥ {TARGETS['neighborhood']}"))  # fmt: skip
-    print(line.format("ROME neighborhood, own answer kept (CounterFact NS)",
+    print(line.format("ROME other subjects of the relation: own answer still beats new",
                       fmt(mean("neighborhood_own_answer")), ""))  # fmt: skip
     print(line.format("ROME mean perplexity ratio", fmt(mean("perplexity_ratio"), 4),
                       f"≤ {TARGETS['perplexity ratio']}"))  # fmt: skip
