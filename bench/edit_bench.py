@@ -221,6 +221,12 @@ def run(work: Path) -> int:
         default=None,
         help="layer of the ROME quality sweep (default: the recipe default, 5 of 32 scaled)",
     )
+    p.add_argument(
+        "--memit-lambda",
+        type=float,
+        default=None,
+        help="MEMIT λ (default: the recipe default, 15000 · d_in / 11008)",
+    )
     p.add_argument("--out", type=Path, default=DATA / "results-edit.json")
     p.add_argument("--report", type=Path, help="only print the table of a results JSON")
     p.add_argument(
@@ -233,7 +239,7 @@ def run(work: Path) -> int:
     if args.report:
         report(json.loads(args.report.read_text()))
         return 0
-    n_facts = args.facts or (3 if args.quick else 50)
+    n_facts = args.facts if args.facts is not None else (3 if args.quick else 50)
     memit = args.memit if args.memit is not None else ("3" if args.quick else "10,100")
     sizes = [int(x) for x in memit.split(",") if x]
     if args.threads:
@@ -275,7 +281,7 @@ def run(work: Path) -> int:
     results["rome_layer_default"] = default_rome_layer
     memit_layers = default_layers("memit", depth)
     d_in = model.get_submodule(arch.module_name(memit_layers[0])).weight.shape[1]
-    lam = h.mom2_update_weight or default_mom2_update_weight(d_in)
+    lam = args.memit_lambda or h.mom2_update_weight or default_mom2_update_weight(d_in)
     results["memit_lambda"] = lam
     cov = recipe.covariance
     corpus = (
@@ -448,6 +454,8 @@ def report(r: dict[str, Any]) -> None:
         print(line.format(f"ROME update, warm, median of {len(secs)} (s)",
                           fmt(statistics.median(secs), 1),
                           f"≤ {TARGETS['warm ROME edit (s)']}"))  # fmt: skip
+    if r.get("memit"):
+        print(line.format("MEMIT λ", fmt(r.get("memit_lambda"), 0), ""))
     for m in r.get("memit", []):
         print(line.format(f"MEMIT batch of {m['size']}: update (s)", fmt(m["seconds"], 1), ""))
     known = f"{r['facts_known']} / {r['facts_candidates']}"
