@@ -204,8 +204,24 @@ def test_local_paths_are_refused_unless_the_operator_allows_them(
     assert error is not None and "local paths are disabled" in error.message
 
 
+@pytest.fixture
+def slow_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 ms at each of the engine's checks between tensors, so a merge of a many-tensor
+    family takes seconds on any machine (a fast one merged it under a second, before a
+    cancel or a 1 s time limit could act)."""
+    from workers import runner
+
+    should_stop = runner._JobWatch.should_stop
+
+    def slow_should_stop(self: Any) -> bool:
+        time.sleep(0.02)
+        return should_stop(self)
+
+    monkeypatch.setattr(runner._JobWatch, "should_stop", slow_should_stop)
+
+
 def test_cancel_while_running_ends_cancelled_and_publishes_nothing(
-    service: Service, tmp_path: Path
+    service: Service, tmp_path: Path, slow_merge: None
 ) -> None:
     family = build_many_tensor_family(tmp_path / "many", layers=32)
     job_id = service.submit(ties(family))
@@ -305,10 +321,10 @@ def test_an_unknown_artifact_input_fails_the_job(
 
 
 def test_a_job_past_its_time_limit_stops_and_fails_cleanly(
-    service: Service, tmp_path: Path
+    service: Service, tmp_path: Path, slow_merge: None
 ) -> None:
     service.settings = service.settings.model_copy(update={"job_hard_time_limit": 1})
-    family = build_many_tensor_family(tmp_path / "many", layers=48)  # merging takes seconds
+    family = build_many_tensor_family(tmp_path / "many", layers=48)
     job_id = service.submit(ties(family))
 
     service.run(job_id)
