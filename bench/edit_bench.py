@@ -91,32 +91,37 @@ class Fact:
 
 
 def candidate_facts() -> list[Fact]:
-    """Every candidate fact with a counterfactual target (the true object of the next
-    subject of the same relation whose object differs) and its neighborhood: up to
-    NEIGHBORS prompts, from any relation or the neighbour pool, of other subjects with the
-    same true object."""
+    """Every candidate fact of the relations, as an edit (see :func:`facts_as_edits`)."""
     doc = json.loads(FACTS.read_text())
+    return facts_as_edits(doc, doc["relations"])
+
+
+def facts_as_edits(doc: dict[str, Any], relations: list[dict[str, Any]]) -> list[Fact]:
+    """The facts of ``relations`` with a counterfactual target (the true object of the next
+    subject of the same relation whose object differs) and a neighborhood: up to NEIGHBORS
+    prompts, from any relation or the neighbour pool of ``doc``, of other subjects with the
+    same true object."""
     by_object: dict[str, list[tuple[str, str]]] = {}
     for rel in doc["relations"] + doc["neighbours"]:
         for subject, obj in rel["facts"]:
             by_object.setdefault(obj, []).append((subject, rel["prompt"].format(subject)))
     out = []
-    for rel in doc["relations"]:
+    for rel in relations:
         facts = rel["facts"]
         for i, (subject, true) in enumerate(facts):
             others = facts[i + 1 :] + facts[:i]
             new = next(o for _, o in others if o != true)
-            neighbors = [p for s, p in by_object[true] if s != subject][:NEIGHBORS]
+            paraphrase = rel.get("paraphrase")
             request = EditRequest(
                 prompt=rel["prompt"].format(subject),
                 subject=subject,
                 target_new=new,
                 target_true=true,
-                paraphrase_prompts=[rel["paraphrase"].format(subject)],
-                neighborhood_prompts=neighbors,
+                paraphrase_prompts=[paraphrase.format(subject)] if paraphrase else [],
+                neighborhood_prompts=[p for s, p in by_object[true] if s != subject][:NEIGHBORS],
             )
             own = tuple((rel["prompt"].format(s), o) for s, o in others[:NEIGHBORS] if o != new)
-            out.append(Fact(rel["name"], request, own))
+            out.append(Fact(rel.get("name", rel["prompt"]), request, own))
     return out
 
 

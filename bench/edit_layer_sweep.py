@@ -31,13 +31,13 @@ import torch  # noqa: E402
 from bench.edit_bench import (  # noqa: E402
     DATA,
     FACTS,
-    NEIGHBORS,
     Fact,
+    facts_as_edits,
     known,
     pre_edit_probe,
     round_robin,
 )
-from schemas.edit_recipe import EditRequest, parse_edit_recipe  # noqa: E402
+from schemas.edit_recipe import parse_edit_recipe  # noqa: E402
 from tests.smollm2 import smollm2_checkpoint  # noqa: E402
 from workers.edit import LocalCovarianceCache  # noqa: E402
 from workers.edit.algebra import delta_from_factors  # noqa: E402
@@ -52,30 +52,9 @@ from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
 
 def dev_facts() -> list[Fact]:
-    """The neighbour pool's facts as edits, with same-object neighborhoods."""
+    """The neighbour pool's facts as edits, those with a same-object neighborhood."""
     doc = json.loads(FACTS.read_text())
-    by_object: dict[str, list[tuple[str, str]]] = {}
-    for rel in doc["relations"] + doc["neighbours"]:
-        for subject, obj in rel["facts"]:
-            by_object.setdefault(obj, []).append((subject, rel["prompt"].format(subject)))
-    out = []
-    for rel in doc["neighbours"]:
-        facts = rel["facts"]
-        for i, (subject, true) in enumerate(facts):
-            others = facts[i + 1 :] + facts[:i]
-            new = next(o for _, o in others if o != true)
-            neighbors = [p for s, p in by_object[true] if s != subject][:NEIGHBORS]
-            if not neighbors:
-                continue
-            request = EditRequest(
-                prompt=rel["prompt"].format(subject),
-                subject=subject,
-                target_new=new,
-                target_true=true,
-                neighborhood_prompts=neighbors,
-            )
-            out.append(Fact(rel["prompt"], request, ()))
-    return out
+    return [f for f in facts_as_edits(doc, doc["neighbours"]) if f.request.neighborhood_prompts]
 
 
 def main() -> int:
