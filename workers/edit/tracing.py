@@ -27,7 +27,6 @@ def _replace(out: Any, t: torch.Tensor) -> Any:
     return (t, *out[1:]) if isinstance(out, tuple) else t
 
 
-@torch.no_grad()
 def module_io(
     model: Any,
     module_name: str,
@@ -40,23 +39,7 @@ def module_io(
     """(inputs [n, d_in], outputs [n, d_out]) of a module at (rows[i], pos[i]), in float32;
     the forward pass stops right after the module. For a split batch the positions are
     suffix positions and ``prefix`` is its cache."""
-    module = model.get_submodule(module_name)
-    got: dict[str, torch.Tensor] = {}
-
-    def hook(_m: Any, args: tuple[Any, ...], out: Any) -> None:
-        got["in"] = args[0][rows, pos].float()
-        got["out"] = _tensor(out)[rows, pos].float()
-        raise StopForward
-
-    handle = module.register_forward_hook(hook)
-    inputs = inputs_of(batch, prefix)
-    try:
-        model(**inputs, use_cache=_CACHE_ARG in inputs)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    return got["in"], got["out"]
+    return input_and_output(model, module_name, module_name, batch, rows, pos, prefix=prefix)
 
 
 @torch.no_grad()
@@ -64,12 +47,15 @@ def input_and_output(
     model: Any,
     input_of: str,
     output_of: str,
-    batch: Batch,
+    batch: Batch | SplitBatch,
     rows: torch.Tensor,
     pos: torch.Tensor,
+    *,
+    prefix: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of ``input_of``, outputs of ``output_of``) at (rows[i], pos[i]) in float32, in
-    one forward pass that stops after ``output_of`` (which must run after ``input_of``)."""
+    one forward pass that stops after ``output_of`` (which must run after ``input_of``, or be
+    the same module)."""
     got: dict[str, torch.Tensor] = {}
 
     def read_input(_m: Any, args: tuple[Any, ...]) -> None:
@@ -83,8 +69,9 @@ def input_and_output(
         model.get_submodule(input_of).register_forward_pre_hook(read_input),
         model.get_submodule(output_of).register_forward_hook(read_output),
     ]
+    inputs = inputs_of(batch, prefix)
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        model(**inputs, use_cache=_CACHE_ARG in inputs)
     except StopForward:
         pass
     finally:
