@@ -147,21 +147,27 @@ async def _client(
 ) -> None:
     while remaining[0] > 0:
         remaining[0] -= 1
-        t0 = time.perf_counter()
-        r = await http.post("/v1/jobs", json=JOB)
-        t1 = time.perf_counter()
-        if r.status_code != 202:
-            errors.append(f"POST {r.status_code}: {r.text[:200]}")
-            continue
-        post_ms.append((t1 - t0) * 1000)
-        job_id = r.json()["id"]
-        t2 = time.perf_counter()
-        g = await http.get(f"/v1/jobs/{job_id}")
-        t3 = time.perf_counter()
-        if g.status_code != 200:
-            errors.append(f"GET {g.status_code}: {g.text[:200]}")
-            continue
-        get_ms.append((t3 - t2) * 1000)
+        await _submit_and_read(http, post_ms, get_ms, errors)
+
+
+async def _submit_and_read(
+    http: httpx2.AsyncClient, post_ms: list[float], get_ms: list[float], errors: list[str]
+) -> None:
+    """Submit one job and read it back, timing each request (errors are recorded)."""
+    t0 = time.perf_counter()
+    r = await http.post("/v1/jobs", json=JOB)
+    t1 = time.perf_counter()
+    if r.status_code != 202:
+        errors.append(f"POST {r.status_code}: {r.text[:200]}")
+        return
+    post_ms.append((t1 - t0) * 1000)
+    t2 = time.perf_counter()
+    g = await http.get(f"/v1/jobs/{r.json()['id']}")
+    t3 = time.perf_counter()
+    if g.status_code != 200:
+        errors.append(f"GET {g.status_code}: {g.text[:200]}")
+        return
+    get_ms.append((t3 - t2) * 1000)
 
 
 async def _paced_client(
@@ -178,20 +184,7 @@ async def _paced_client(
     while due < until:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         due += interval
-        t0 = time.perf_counter()
-        r = await http.post("/v1/jobs", json=JOB)
-        t1 = time.perf_counter()
-        if r.status_code != 202:
-            errors.append(f"POST {r.status_code}: {r.text[:200]}")
-            continue
-        post_ms.append((t1 - t0) * 1000)
-        t2 = time.perf_counter()
-        g = await http.get(f"/v1/jobs/{r.json()['id']}")
-        t3 = time.perf_counter()
-        if g.status_code != 200:
-            errors.append(f"GET {g.status_code}: {g.text[:200]}")
-            continue
-        get_ms.append((t3 - t2) * 1000)
+        await _submit_and_read(http, post_ms, get_ms, errors)
 
 
 async def paced(
