@@ -20,9 +20,9 @@ Figures (see bench/README.md):
   MEMIT batches report the same over their requests.
 
 Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``
-changes the layer of the ROME quality run; ``edit_layer_sweep.py`` compares layers on
-held-out facts); nothing is tuned on these facts. Results go to
-``bench/.data/results-edit.json``.
+and ``--sufficient-loss`` change the layer and the sufficient edit of the ROME quality run;
+``edit_sweep.py`` compares both on held-out facts); nothing is tuned on these facts. Results
+go to ``bench/.data/results-edit.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from tests.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
 from workers.edit.architectures import (  # noqa: E402
+    apply_delta,
     architecture_for,
     default_layers,
     default_mom2_update_weight,
@@ -55,7 +56,7 @@ from workers.edit.architectures import (  # noqa: E402
 )
 from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
 from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
-from workers.edit.memit import apply_delta, memit_edit  # noqa: E402
+from workers.edit.memit import memit_edit  # noqa: E402
 from workers.edit.metrics import (  # noqa: E402
     Probe,
     evaluate,
@@ -227,6 +228,12 @@ def run(work: Path) -> int:
         help="layer of the ROME quality sweep (default: the recipe default, 5 of 32 scaled)",
     )
     p.add_argument(
+        "--sufficient-loss",
+        default=None,
+        help="ROME's sufficient_loss in the quality sweep (default: the recipe default; "
+        "'none': the whole optimised update, as published)",
+    )
+    p.add_argument(
         "--memit-lambda",
         type=float,
         default=None,
@@ -283,6 +290,11 @@ def run(work: Path) -> int:
     default_rome_layer = default_layers("rome", depth)[0]
     rome_layer = default_rome_layer if args.rome_layer is None else args.rome_layer
     results["rome_layer"] = rome_layer
+    sufficient = h.sufficient_loss
+    if args.sufficient_loss is not None:
+        sufficient = None if args.sufficient_loss == "none" else float(args.sufficient_loss)
+    results["rome_sufficient_loss"] = sufficient
+    results["rome_sufficient_loss_default"] = h.sufficient_loss
     results["rome_layer_default"] = default_rome_layer
     memit_layers = default_layers("memit", depth)
     d_in = model.get_submodule(arch.module_name(memit_layers[0])).weight.shape[1]
@@ -347,7 +359,7 @@ def run(work: Path) -> int:
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
         u = rome_edit(model, tok, arch, req, rome_layer, C[rome_layer], templates, values,
-                      h.key_mode)  # fmt: skip
+                      h.key_mode, sufficient_loss=sufficient)  # fmt: skip
         delta = delta_from_factors(u.left, u.right)
         apply_delta(model, arch, rome_layer, delta)
         seconds = time.perf_counter() - t
@@ -361,6 +373,7 @@ def run(work: Path) -> int:
             "target_new": req.target_new,
             "seconds": seconds,
             "steps": u.steps,
+            "scale": u.scale,
             "efficacy": m["efficacy"],
             "paraphrase": m["paraphrase"],
             "neighborhood": m["neighborhood"],
@@ -472,6 +485,14 @@ def report(r: dict[str, Any]) -> None:
     layer = r.get("rome_layer")
     if layer is not None and layer != r.get("rome_layer_default"):
         print(line.format("ROME sweep layer (not the default)", layer, ""))
+    if "rome_sufficient_loss" in r:
+        loss = r["rome_sufficient_loss"]
+        what = "ROME sufficient_loss" + (
+            "" if loss == r.get("rome_sufficient_loss_default") else " (not the default)"
+        )
+        print(line.format(what, "none (whole update)" if loss is None else loss, ""))
+        if loss is not None and rows:
+            print(line.format("ROME update scale, mean", fmt(mean("scale"), 2), ""))
     print(line.format(f"ROME efficacy ({len(rows)} facts, layer {layer})", fmt(mean("efficacy")),
                       f"≥ {TARGETS['efficacy']}"))  # fmt: skip
     print(line.format("ROME paraphrase", fmt(mean("paraphrase")), ""))

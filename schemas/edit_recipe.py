@@ -7,6 +7,7 @@ Every default is declared once, on its field.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -64,6 +65,9 @@ class EditRequest(BaseModel):
         return self
 
 
+LN2 = math.log(2)
+
+
 class EditHyperparameters(BaseModel):
     """Defaults follow EasyEdit's Llama settings (ROME) and the MEMIT paper, with layers
     scaled by depth. ``None`` means "the architecture's default for this model"."""
@@ -86,6 +90,19 @@ class EditHyperparameters(BaseModel):
     v_early_stop_loss: Annotated[
         float, Field(ge=0, description="stop the v* optimisation below this loss")
     ] = 0.05
+    sufficient_loss: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            lt=LN2,
+            description="ROME, opt-in: scale the update down to the least multiple (to 1/128) "
+            "under which every rewrite prompt's mean target NLL is at most this, measured on "
+            "the edited model; below ln 2 target_new keeps most of the probability on every "
+            "rewrite prompt, the bare prompt included. A smaller edit spills less onto "
+            "similar subjects and generalises less to paraphrases (docs/editing.md). null: "
+            "the whole optimised update, as published. Not for memit",
+        ),
+    ] = None
     clamp_norm_factor: Annotated[
         float | None, Field(gt=0, description="ROME: ‖δ‖ ≤ factor·‖v_init‖; default 4")
     ] = None
@@ -306,6 +323,11 @@ class EditRecipe(BaseModel):
                 raise ValueError(
                     f"hyperparameters.layers: rome edits exactly one layer, got {layers}"
                 )
+        elif self.hyperparameters.sufficient_loss is not None:
+            raise ValueError(
+                "hyperparameters.sufficient_loss: applies to rome only; memit spreads its "
+                "update over layers and keeps the whole update"
+            )
         return self
 
     @property

@@ -24,6 +24,7 @@ def test_a_minimal_recipe_gets_the_documented_defaults():
     assert (h.v_num_grad_steps, h.v_lr, h.v_weight_decay, h.kl_factor) == (25, 0.5, 1e-3, 0.0625)
     assert h.mom2_adjustment and h.key_mode == "consistent" and h.layers is None
     assert r.clamp_norm_factor == 4.0
+    assert h.sufficient_loss is None  # the whole optimised update
     assert h.context_template_counts == [(10, 5), (10, 10)]
     assert r.covariance.source == "model_samples" and r.covariance.tokens is None
     assert r.gate.max_perplexity_ratio == 1.10
@@ -34,6 +35,11 @@ def test_memit_defaults():
     r = parse_edit_recipe(_with(edit_method="memit"))
     assert r.clamp_norm_factor == 0.75
     assert r.hyperparameters.mom2_update_weight is None  # scaled to the model at run time
+
+
+def test_rome_takes_a_sufficient_loss():
+    r = parse_edit_recipe(_with(hyperparameters={"sufficient_loss": 0.5}))
+    assert r.hyperparameters.sufficient_loss == 0.5
 
 
 @pytest.mark.parametrize(
@@ -57,6 +63,15 @@ def test_memit_defaults():
         (_with(hyperparameters={"v_lr": 0}), "hyperparameters.v_lr"),
         (_with(on_gate_failure="ignore"), "on_gate_failure"),
         (_with(extra=1), "extra: unknown field"),
+        (
+            _with(edit_method="memit", hyperparameters={"sufficient_loss": 0.5}),
+            "hyperparameters.sufficient_loss: applies to rome only",
+        ),
+        (_with(hyperparameters={"sufficient_loss": 0}), "hyperparameters.sufficient_loss"),
+        (
+            _with(hyperparameters={"sufficient_loss": 0.7}),
+            "hyperparameters.sufficient_loss: Input should be less than 0.693",
+        ),
     ],
 )
 def test_invalid_recipes_name_the_field(recipe, message):

@@ -101,6 +101,19 @@ def test_rome_makes_the_new_target_preferred_without_collateral_damage(rome_edit
     assert 0 < m["relative_update_norm"][str(LAYER)] < 0.5
 
 
+def test_a_sufficient_loss_scales_the_same_update_down(rome_edit, smollm2, corpus, cov_cache):
+    """The same v* and u (same recipe, seed, templates), the update scaled: its norm is the
+    default edit's times the reported scale, and the fact still takes."""
+    assert rome_edit.metrics["update_scale"] == [1.0]
+    recipe = _recipe(smollm2, corpus, hyperparameters={"sufficient_loss": 0.5})
+    m = run_edit(recipe, None, cache=cov_cache).metrics
+    (scale,) = m["update_scale"]
+    assert 0 < scale < 1
+    full = rome_edit.metrics["relative_update_norm"][str(LAYER)]
+    assert m["relative_update_norm"][str(LAYER)] == pytest.approx(scale * full, rel=1e-3)
+    assert m["efficacy"] == 1.0
+
+
 def test_the_edited_checkpoint_differs_only_in_the_edited_tensor(rome_edit, smollm2):
     edited_name = f"model.layers.{LAYER}.mlp.down_proj.weight"
     from safetensors import safe_open

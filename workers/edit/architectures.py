@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from workers.errors import InputError
 
 
@@ -105,3 +107,16 @@ def default_mom2_update_weight(d_in: int) -> float:
     s / (1 + s) with s = kᵀ(λC)⁻¹k ≈ d_in / λ. Holding d_in / λ at the published setting
     holds that share; λ = 15,000 unscaled writes about a tenth of it on a 1,536-wide key."""
     return _REFERENCE_LAMBDA * d_in / _REFERENCE_KEY_WIDTH
+
+
+def edited_weight(model: Any, arch: EditArchitecture, layer: int) -> torch.nn.Parameter:
+    """The weight an edit of ``layer`` writes."""
+    w: torch.nn.Parameter = model.get_submodule(arch.module_name(layer)).weight
+    return w
+
+
+@torch.no_grad()
+def apply_delta(model: Any, arch: EditArchitecture, layer: int, delta: torch.Tensor) -> None:
+    """W += ΔW in place (ΔW in [d_out, d_in]; transposed for Conv1D)."""
+    w = edited_weight(model, arch, layer)
+    w.add_((delta.T if arch.transposed else delta).to(w.dtype))

@@ -34,6 +34,7 @@ from schemas.edit_recipe import EditRecipe
 from workers.edit.algebra import delta_from_factors, relative_norm
 from workers.edit.architectures import (
     EditArchitecture,
+    apply_delta,
     architecture_for,
     default_layers,
     default_mom2_update_weight,
@@ -47,7 +48,7 @@ from workers.edit.covariance import (
     sampled_corpus,
     text_corpus,
 )
-from workers.edit.memit import apply_delta, memit_edit
+from workers.edit.memit import memit_edit
 from workers.edit.metrics import evaluate, probe
 from workers.edit.rome import RankOneUpdate, rome_edit
 from workers.edit.templates import context_templates
@@ -286,7 +287,7 @@ def run_edit(
         update = rome_edit(
             model, tokenizer, arch, recipe.requests[0], layer,
             C.get(layer) if h.mom2_adjustment else None,
-            templates, values, h.key_mode,
+            templates, values, h.key_mode, sufficient_loss=h.sufficient_loss,
         )  # fmt: skip
         updates = [update]
         apply_delta(model, arch, layer, delta_from_factors(update.left, update.right))
@@ -313,6 +314,8 @@ def run_edit(
         u.relative_denominator for u in updates if recipe.edit_method == "rome"
     ]
     metrics["v_steps"] = sorted({u.request: u.steps for u in updates}.items())
+    if recipe.edit_method == "rome":
+        metrics["update_scale"] = [u.scale for u in updates]
     if lam is not None:
         metrics["mom2_update_weight"] = lam
     timings["metrics_s"] = time.perf_counter() - t

@@ -16,25 +16,13 @@ import torch
 
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, memit_update
-from workers.edit.architectures import EditArchitecture
+from workers.edit.architectures import EditArchitecture, apply_delta
 from workers.edit.prompts import collate, pad_id, subject_prompt
 from workers.edit.rome import RankOneUpdate
 from workers.edit.tracing import input_and_output
 from workers.edit.values import ValueSettings, optimise_value
 
 ROWS_PER_PASS = 64
-
-
-def _weight(model: Any, arch: EditArchitecture, layer: int) -> torch.nn.Parameter:
-    w: torch.nn.Parameter = model.get_submodule(arch.module_name(layer)).weight
-    return w
-
-
-@torch.no_grad()
-def apply_delta(model: Any, arch: EditArchitecture, layer: int, delta: torch.Tensor) -> None:
-    """W += ΔW in place (ΔW in [d_out, d_in]; transposed for Conv1D)."""
-    w = _weight(model, arch, layer)
-    w.add_((delta.T if arch.transposed else delta).to(w.dtype))
 
 
 def keys_and_outputs(

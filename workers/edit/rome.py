@@ -17,10 +17,10 @@ from typing import Any, Literal
 import torch
 
 from schemas.edit_recipe import EditRequest
-from workers.edit.algebra import rome_direction, rome_update
-from workers.edit.architectures import EditArchitecture
-from workers.edit.prompts import collate, pad_id, subject_prompt
-from workers.edit.tracing import module_io
+from workers.edit.algebra import delta_from_factors, rome_direction, rome_update
+from workers.edit.architectures import EditArchitecture, apply_delta, edited_weight
+from workers.edit.prompts import Batch, collate, pad_id, subject_prompt, target_token_ids
+from workers.edit.tracing import log_probs_at, module_io
 from workers.edit.values import ValueSettings, optimise_value
 
 
@@ -35,6 +35,7 @@ class RankOneUpdate:
     denominator: float  # uᵀk used (ROME); NaN for MEMIT
     relative_denominator: float  # uᵀk / (‖u‖‖k‖)
     steps: int = 0
+    scale: float = 1.0  # the calibration's factor on v* − Wk (1: the whole optimised edit)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ def rome_edit(
     values: ValueSettings,
     key_mode: Literal["consistent", "original"],
     index: int = 0,
+    sufficient_loss: float | None = None,
 ) -> RankOneUpdate:
-    """The rank-one update of one request (the model is not changed)."""
+    """The rank-one update of one request (the model is not changed). With ``sufficient_loss``
+    the update is scaled down to the least multiple that still reaches that loss (see
+    :func:`least_sufficient_scale`)."""
     module = arch.module_name(layer)
     keys = subject_keys(model, tokenizer, module, templates, request.prompt, request.subject)
     u = rome_direction(keys.k_bar, C)
@@ -80,6 +84,12 @@ def rome_edit(
     else:
         k, w_k, v_star = keys.k0, keys.w_k0, value.v_init_unprefixed + value.delta
     left, right = rome_update(v_star, w_k, u, k)
+    scale = 1.0
+    if sufficient_loss is not None:
+        scale = least_sufficient_scale(
+            model, tokenizer, arch, layer, left, right, templates, request, sufficient_loss
+        )
+        left = left * scale
     denominator = float(torch.dot(u.double(), k.double()))
     return RankOneUpdate(
         request=index,
@@ -89,4 +99,68 @@ def rome_edit(
         denominator=denominator,
         relative_denominator=denominator / float(k.double().norm()),
         steps=value.steps,
+        scale=scale,
     )
+
+
+@torch.no_grad()
+def worst_rewrite_nll(model: Any, batch: Batch) -> float:
+    """The largest, over the rewrite prompts, of the mean per-token NLL of the target."""
+    rows, pos, labels = batch.target_index()
+    nll = -log_probs_at(model, batch, rows, pos).gather(1, labels[:, None])[:, 0].double()
+    n = len(batch.prompts)
+    per_prompt = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, nll)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, torch.ones_like(nll))
+    return float((per_prompt / counts).max())
+
+
+@torch.no_grad()
+def least_sufficient_scale(
+    model: Any,
+    tokenizer: Any,
+    arch: EditArchitecture,
+    layer: int,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    templates: list[str],
+    request: EditRequest,
+    sufficient_loss: float,
+    iterations: int = 7,
+) -> float:
+    """The least a in (0, 1] such that on the model edited by a·ΔW (ΔW = left·rightᵀ) every
+    rewrite prompt (the request's prompt after each context template) has a mean target NLL
+    ≤ sufficient_loss, by bisection to 2⁻ⁱᵗᵉʳᵃᵗⁱᵒⁿˢ; 1 when the whole update does not reach
+    it.
+
+    The v* optimisation stops only when the loss over all the prefixed prompts is tiny, which
+    leaves most edits far stronger than the fact needs; the excess is what spills onto
+    subjects whose keys resemble this one's (ΔW k' = (uᵀk'/uᵀk̄)·(v* − Wk̄)). The edit is
+    measured on the model itself (the real ΔW at every prompt's own key), not on δ.
+    The weight is restored bit for bit."""
+    w = edited_weight(model, arch, layer)
+    original = w.detach().clone()
+    delta = delta_from_factors(left, right)
+    t_ids = target_token_ids(tokenizer, request.prompt, request.target_new)
+    prompts = [
+        subject_prompt(tokenizer, t, request.prompt, request.subject, t_ids) for t in templates
+    ]
+    batch = collate(prompts, pad_id(tokenizer))
+
+    def loss(a: float) -> float:
+        w.copy_(original)
+        apply_delta(model, arch, layer, a * delta)
+        return worst_rewrite_nll(model, batch)
+
+    try:
+        if loss(1.0) > sufficient_loss:
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if loss(mid) <= sufficient_loss:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+    finally:
+        w.copy_(original)

@@ -1,0 +1,114 @@
+"""ROME's sufficient-edit scaling: the update is scaled down to the least multiple (to 2⁻⁷)
+under which every rewrite prompt's target NLL is at most ``sufficient_loss``.
+
+The NLL is recomputed here by a plain implementation (the whole text through the model,
+log-softmax over the vocabulary at each target position), not by the code under test."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from schemas.edit_recipe import EditRequest
+from tests.models import build_tokenizer, gpt2_config, llama_config
+from workers.edit.algebra import delta_from_factors
+from workers.edit.architectures import apply_delta, architecture_for, edited_weight
+from workers.edit.rome import rome_edit
+from workers.edit.values import ValueSettings
+
+LAYER = 1
+OUTPUT_SCALE = 50.0
+TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
+REQUEST = EditRequest(prompt="w5 w6 w7 w8", subject="w8", target_new="w20")
+# a strong edit: no early stop, so v* overshoots what the target needs
+VALUES = ValueSettings(
+    steps=10,
+    lr=0.5,
+    weight_decay=0.0,
+    kl_factor=0.0,
+    clamp_factor=1e4,
+    early_stop_loss=0.0,
+    loss_layer=None,
+)
+
+
+def _model(kind: str):
+    """A tiny random model whose output layer is scaled up: at initialisation its logits are
+    nearly flat, and no edit could make a target likely."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
+    else:
+        model = GPT2LMHeadModel(gpt2_config())
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(OUTPUT_SCALE)
+    return model.eval()
+
+
+@torch.no_grad()
+def _nll(model, tok, request: EditRequest) -> float:
+    """The worst, over the templates, of the mean NLL of target_new's tokens."""
+    target = tok(request.target_new, add_special_tokens=False).input_ids
+    worst = 0.0
+    for t in TEMPLATES:
+        context = tok(t.format(request.prompt), add_special_tokens=False).input_ids
+        ids = torch.tensor([context + target])
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        nll = [-float(logp[len(context) + j - 1, label]) for j, label in enumerate(target)]
+        worst = max(worst, sum(nll) / len(nll))
+    return worst
+
+
+def _edited_nll(model, tok, arch, delta: torch.Tensor) -> float:
+    w = edited_weight(model, arch, LAYER)
+    original = w.detach().clone()
+    apply_delta(model, arch, LAYER, delta)
+    try:
+        return _nll(model, tok, REQUEST)
+    finally:
+        with torch.no_grad():
+            w.copy_(original)
+
+
+def _edit(model, tok, arch, sufficient_loss, values=VALUES):
+    return rome_edit(
+        model, tok, arch, REQUEST, LAYER, None, TEMPLATES, values, "consistent",
+        sufficient_loss=sufficient_loss,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_loss(kind):
+    model, tok = _model(kind), build_tokenizer()
+    arch = architecture_for(model.config)
+    before = edited_weight(model, arch, LAYER).detach().clone()
+
+    full = _edit(model, tok, arch, None)
+    full_delta = delta_from_factors(full.left, full.right)
+    loss_before = _nll(model, tok, REQUEST)
+    loss_full = _edited_nll(model, tok, arch, full_delta)
+    assert loss_full < loss_before / 4, "the test needs an edit that overshoots"
+    target = (loss_full + loss_before) / 4  # reachable, with room to scale down
+
+    scaled = _edit(model, tok, arch, target)
+    assert torch.equal(edited_weight(model, arch, LAYER), before)  # restored bit for bit
+    assert 0 < scaled.scale < 1 and full.scale == 1.0
+    torch.testing.assert_close(scaled.left, scaled.scale * full.left)
+    torch.testing.assert_close(scaled.right, full.right)
+    assert _edited_nll(model, tok, arch, scaled.scale * full_delta) <= target
+    # least to the bisection's resolution: one step less does not reach the loss
+    assert _edited_nll(model, tok, arch, (scaled.scale - 2**-7) * full_delta) > target
+
+
+def test_an_unreachable_loss_keeps_the_whole_update():
+    model, tok = _model("llama"), build_tokenizer()
+    arch = architecture_for(model.config)
+    weak = dataclasses.replace(VALUES, steps=1, lr=0.01)
+    full = _edit(model, tok, arch, None, weak)
+    loss_full = _edited_nll(model, tok, arch, delta_from_factors(full.left, full.right))
+    kept = _edit(model, tok, arch, loss_full / 2, weak)
+    assert kept.scale == 1.0
+    torch.testing.assert_close(kept.left, full.left)
