@@ -1,16 +1,18 @@
-"""Which layer should ROME edit on SmolLM2-135M? A sweep on held-out facts.
+"""ROME settings on SmolLM2-135M: which layer, which sufficient_loss? A sweep on held-out facts.
 
-    python bench/edit_layer_sweep.py                    # layers 1,2,3,5; 12 dev facts
-    python bench/edit_layer_sweep.py --layers 1,5 --facts 20
+    python bench/edit_sweep.py                                   # layers 1,2,3,5; 12 facts
+    python bench/edit_sweep.py --layers 5 --sufficient-losses none,0.2,0.5,1 --facts 24
 
 The dev facts are the neighbour pool of ``bench/edit_facts.json`` (facts that
-``edit_bench.py`` uses only as neighborhood prompts, never as edits), so a layer chosen here
-is not chosen on the facts ``edit_bench.py --rome-layer`` then reports. Each fact gets a
-counterfactual target (the next object of its relation that differs) and, as neighborhood,
-up to 3 prompts of other subjects with the same true object. Known facts only, round-robin
-over the relations; each edit on the clean model; the covariance as the recipe default
-(15,360 tokens sampled from the model). Prints efficacy, neighborhood and the perplexity
-ratio per layer; results go to ``bench/.data/results-layer-sweep.json``.
+``edit_bench.py`` uses only as neighborhood prompts, never as edits), so a setting chosen
+here is not chosen on the facts ``edit_bench.py`` then reports. Each fact gets a
+counterfactual target (the next object of its relation that differs), the relation's
+paraphrase and, as neighborhood, up to 3 prompts of other subjects with the same true
+object. Known facts only, round-robin over the relations; each edit on the clean model; the
+covariance as the recipe default (15,360 tokens sampled from the model). The update is
+optimised once per fact and layer, then scaled for each sufficient_loss ('none': the whole
+update; 'default': the recipe default). Prints efficacy, paraphrase, neighborhood, the mean
+scale and the perplexity ratio per setting; results go to ``bench/.data/results-sweep.json``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,11 @@ from schemas.edit_recipe import parse_edit_recipe  # noqa: E402
 from tests.smollm2 import smollm2_checkpoint  # noqa: E402
 from workers.edit import LocalCovarianceCache  # noqa: E402
 from workers.edit.algebra import delta_from_factors  # noqa: E402
-from workers.edit.architectures import architecture_for, num_layers  # noqa: E402
+from workers.edit.architectures import apply_delta, architecture_for, num_layers  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus  # noqa: E402
 from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
-from workers.edit.memit import apply_delta  # noqa: E402
 from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
-from workers.edit.rome import rome_edit  # noqa: E402
+from workers.edit.rome import least_sufficient_scale, rome_edit  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
@@ -60,6 +61,11 @@ def dev_facts() -> list[Fact]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", default="1,2,3,5", help="layers to try (default 1,2,3,5)")
+    p.add_argument(
+        "--sufficient-losses",
+        default="default",
+        help="sufficient_loss values to try, 'none' and 'default' allowed (default: default)",
+    )
     p.add_argument("--facts", type=int, default=12, help="known dev facts to edit (default 12)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
@@ -68,7 +74,7 @@ def main() -> int:
         default=DATA / "covariance",
         help="covariance cache (kept; default bench/.data/covariance)",
     )
-    p.add_argument("--out", type=Path, default=DATA / "results-layer-sweep.json")
+    p.add_argument("--out", type=Path, default=DATA / "results-sweep.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,32 +108,50 @@ def main() -> int:
     print(f"covariances: {time.perf_counter() - t:.1f} s", flush=True)
     ppl0 = perplexity(model, tok, reference_sentences())
 
-    results: dict[str, Any] = {"facts": [r.prompt for r in requests], "layers": {}}
-    print("\n| layer | efficacy | neighborhood | mean perplexity ratio | max |")
-    print("|---|---|---|---|---|")
+    losses = [
+        None if x == "none" else h.sufficient_loss if x == "default" else float(x)
+        for x in args.sufficient_losses.split(",")
+        if x
+    ]
+    keys = ("efficacy", "paraphrase", "neighborhood", "perplexity_ratio")
+    results: dict[str, Any] = {"facts": [r.prompt for r in requests], "settings": []}
+    print("\n| layer | sufficient_loss | efficacy | paraphrase | neighborhood | mean scale | "
+          "mean perplexity ratio | max |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for layer in layers:
         weight = model.get_submodule(arch.module_name(layer)).weight
         original = weight.detach().clone()
-        rows = []
+        rows: dict[float | None, list[dict[str, Any]]] = {loss: [] for loss in losses}
         for r in requests:
             before = pre_edit_probe(model, tok, [r], ppl0)
             u = rome_edit(model, tok, arch, r, layer, C[layer], templates, values, h.key_mode)
-            apply_delta(model, arch, layer, delta_from_factors(u.left, u.right))
-            m = evaluate(model, tok, [r], before)
-            rows.append({k: m[k] for k in ("efficacy", "neighborhood", "perplexity_ratio")})
-            with torch.no_grad():
-                weight.copy_(original)
-        summary = {
-            k: statistics.fmean(x[k] for x in rows)
-            for k in ("efficacy", "neighborhood", "perplexity_ratio")
-        }
-        summary["max_perplexity_ratio"] = max(x["perplexity_ratio"] for x in rows)
-        results["layers"][str(layer)] = {"summary": summary, "facts": rows}
-        print(
-            f"| {layer} | {summary['efficacy']:.3f} | {summary['neighborhood']:.3f} | "
-            f"{summary['perplexity_ratio']:.4f} | {summary['max_perplexity_ratio']:.4f} |",
-            flush=True,
-        )
+            for loss in losses:
+                scale = 1.0
+                if loss is not None:
+                    scale = least_sufficient_scale(
+                        model, tok, arch, layer, u.left, u.right, templates, r, loss
+                    )
+                apply_delta(model, arch, layer, scale * delta_from_factors(u.left, u.right))
+                m = evaluate(model, tok, [r], before)
+                rows[loss].append({k: m[k] for k in keys} | {"scale": scale})
+                with torch.no_grad():
+                    weight.copy_(original)
+        for loss in losses:
+            summary = {
+                k: statistics.fmean(x[k] for x in rows[loss] if x[k] is not None)
+                for k in (*keys, "scale")
+            }
+            summary["max_perplexity_ratio"] = max(x["perplexity_ratio"] for x in rows[loss])
+            results["settings"].append(
+                {"layer": layer, "sufficient_loss": loss, "summary": summary, "facts": rows[loss]}
+            )
+            print(
+                f"| {layer} | {'none' if loss is None else loss} | {summary['efficacy']:.3f} | "
+                f"{summary['paraphrase']:.3f} | {summary['neighborhood']:.3f} | "
+                f"{summary['scale']:.2f} | {summary['perplexity_ratio']:.4f} | "
+                f"{summary['max_perplexity_ratio']:.4f} |",
+                flush=True,
+            )
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
