@@ -19,9 +19,9 @@ import torch
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, rome_direction, rome_update
 from workers.edit.architectures import EditArchitecture, apply_delta, edited_weight
-from workers.edit.prompts import Batch, collate, pad_id, subject_prompt, target_token_ids
+from workers.edit.prompts import Batch, collate, pad_id, subject_prompt
 from workers.edit.tracing import log_probs_at, module_io
-from workers.edit.values import ValueSettings, optimise_value
+from workers.edit.values import ValueSettings, optimise_value, rewrite_prompts
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RankOneUpdate:
     denominator: float  # uᵀk used (ROME); NaN for MEMIT
     relative_denominator: float  # uᵀk / (‖u‖‖k‖)
     steps: int = 0
-    scale: float = 1.0  # the calibration's factor on v* − Wk (1: the whole optimised edit)
+    scale: float = 1.0  # sufficient-edit factor on v* − Wk (1: the whole optimised update)
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,9 @@ def least_sufficient_scale(
     w = edited_weight(model, arch, layer)
     original = w.detach().clone()
     delta = delta_from_factors(left, right)
-    t_ids = target_token_ids(tokenizer, request.prompt, request.target_new)
-    prompts = [
-        subject_prompt(tokenizer, t, request.prompt, request.subject, t_ids) for t in templates
-    ]
+    prompts = rewrite_prompts(
+        tokenizer, templates, request.prompt, request.subject, request.target_new
+    )
     batch = collate(prompts, pad_id(tokenizer))
 
     def loss(a: float) -> float:

@@ -18,6 +18,7 @@ import torch
 from workers.edit.algebra import clamp_norm
 from workers.edit.prompts import (
     Batch,
+    Prompt,
     collate,
     pad_id,
     split_at_subject,
@@ -53,12 +54,19 @@ class OptimisedValue:
         return self.v_init + self.delta
 
 
+def rewrite_prompts(
+    tokenizer: Any, templates: list[str], prompt: str, subject: str, target: str
+) -> list[Prompt]:
+    """The prompt after each context template, followed by the target's tokens."""
+    t_ids = target_token_ids(tokenizer, prompt, target)
+    return [subject_prompt(tokenizer, t, prompt, subject, t_ids) for t in templates]
+
+
 def rewrite_batch(
     tokenizer: Any, templates: list[str], prompt: str, subject: str, target: str
 ) -> Batch:
     """The rewrite prompts (one per template) then the KL prompt, last."""
-    t_ids = target_token_ids(tokenizer, prompt, target)
-    prompts = [subject_prompt(tokenizer, t, prompt, subject, t_ids) for t in templates]
+    prompts = rewrite_prompts(tokenizer, templates, prompt, subject, target)
     prompts.append(subject_prompt(tokenizer, "{}", KL_TEMPLATE.format(subject), subject))
     return collate(prompts, pad_id(tokenizer))
 
