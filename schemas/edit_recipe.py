@@ -20,6 +20,9 @@ from schemas.references import ModelReference
 EditMethod = Literal["rome", "memit"]
 
 
+MAX_KEEP_PROMPTS = 64
+
+
 class EditRequest(BaseModel):
     """One fact to rewrite: ``prompt`` contains ``subject``; the model should continue it
     with ``target_new`` (instead of ``target_true``)."""
@@ -32,6 +35,16 @@ class EditRequest(BaseModel):
     target_true: str | None = None
     paraphrase_prompts: list[str] = Field(default_factory=list)
     neighborhood_prompts: list[str] = Field(default_factory=list)
+    keep_prompts: Annotated[
+        list[str],
+        Field(
+            max_length=MAX_KEEP_PROMPTS,
+            description="prompts whose predictions the edit must leave unchanged: the edited "
+            "module's input at every token of each is held fixed (ΔW k = 0), so their whole "
+            "forward pass is unchanged. Scored as keep_unchanged; a prompt listed here and in "
+            "neighborhood_prompts is no longer a held-out test of specificity",
+        ),
+    ] = Field(default_factory=list)
 
     @field_validator("prompt", "subject", "target_new")
     @classmethod
@@ -62,6 +75,14 @@ class EditRequest(BaseModel):
                 )
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
             raise ValueError("target_new: equals target_true; nothing would change")
+        for i, p in enumerate(self.keep_prompts):
+            if not p.strip():
+                raise ValueError(f"keep_prompts[{i}]: must not be empty")
+            if p.strip() == self.prompt.strip():
+                raise ValueError(
+                    f"keep_prompts[{i}]: {p!r} is the prompt being edited; it cannot also "
+                    "keep its answer"
+                )
         return self
 
 
@@ -328,6 +349,14 @@ class EditRecipe(BaseModel):
                 "hyperparameters.sufficient_loss: applies to rome only; memit spreads its "
                 "update over layers and keeps the whole update"
             )
+        edited = {r.prompt.strip(): i for i, r in enumerate(self.requests)}
+        for i, r in enumerate(self.requests):
+            for j, p in enumerate(r.keep_prompts):
+                if p.strip() in edited:
+                    raise ValueError(
+                        f"requests[{i}].keep_prompts[{j}]: {p!r} is the prompt of "
+                        f"requests[{edited[p.strip()]}], which this batch edits"
+                    )
         return self
 
     @property

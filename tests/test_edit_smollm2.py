@@ -234,3 +234,41 @@ def test_memit_edits_ten_facts_at_once(smollm2, corpus, cov_cache):
     assert m["neighborhood"] >= 0.9
     assert m["perplexity_ratio"] <= 1.10
     assert sorted(int(x) for x in m["relative_update_norm"]) == [4, 5, 6, 7, 8]
+
+
+KEEP = [
+    "The capital of Germany is",
+    "The currency of the United Kingdom is the",
+    "Tokyo is a city in",
+]
+
+
+@torch.no_grad()
+def _kept_logit_change(reference, updates) -> float:
+    """Max |Δ logit| over every position of the KEEP prompts, plain forward passes before and
+    after adding the updates to a freshly loaded model."""
+    model, tok = _load(resolve_reference(reference, SourceSettings()), "smollm2")
+    arch = architecture_for(model.config)
+    ids = [torch.tensor([tok(p).input_ids]) for p in KEEP]
+    before = [model(x).logits for x in ids]
+    for u in updates:
+        w = model.get_submodule(arch.module_name(u.layer)).weight
+        w += torch.outer(u.left, u.right)
+    return max(float((model(x).logits - b).abs().max()) for x, b in zip(ids, before, strict=True))
+
+
+def test_kept_prompts_keep_their_predictions(rome_edit, smollm2, corpus, cov_cache):
+    """The same edit with keep_prompts: it still takes, and the kept prompts' logits are
+    unchanged (float32 rounding), where the plain edit moves them. (The constraint costs
+    some generality: the kept keys share the paraphrases' "The capital of" context, so not
+    every paraphrase is asserted.)"""
+    recipe = _recipe(smollm2, corpus)
+    request = recipe.requests[0].model_copy(update={"keep_prompts": KEEP})
+    result = run_edit(recipe.model_copy(update={"requests": [request]}), None, cache=cov_cache)
+    m = result.metrics
+    assert m["efficacy"] == 1.0 and m["gate"]["passed"]
+    assert (m["keep_unchanged"], m["keep_prompts"]) == (1.0, 3)
+    plain = _kept_logit_change(recipe.model, rome_edit.updates)
+    kept = _kept_logit_change(recipe.model, result.updates)
+    assert plain > 0.05, "the test needs an edit that moves the kept prompts"
+    assert kept < 1e-3

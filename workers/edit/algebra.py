@@ -6,16 +6,64 @@ v ∈ R^{d_out}; a GPT-2 Conv1D weight is the transpose (the caller transposes �
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from workers.errors import InputError
 
-def rome_direction(k_bar: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+
+def kept_solve(M: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """N B in float64, N = M⁻¹ without ``keep`` and otherwise
+    N = M⁻¹ − M⁻¹P (PᵀM⁻¹P)⁻¹ PᵀM⁻¹ (P = keep, [d_in, p]): the inverse restricted to the
+    M-orthogonal complement of P, so that Pᵀ(N B) = 0 exactly (up to rounding).
+
+    For a symmetric positive definite M, ΔW = X (N B)ᵀ is the update of least
+    tr(ΔW M ΔWᵀ)-type cost among those with ΔW P = 0: the keys in P keep their outputs."""
+    Md, Bd = M.double(), B.double()
+    X = torch.linalg.solve(Md, Bd)
+    if keep is None or keep.shape[1] == 0:
+        return X
+    P = key_basis(keep)
+    MiP = torch.linalg.solve(Md, P)
+    G = P.T @ MiP
+    return X - MiP @ torch.linalg.solve(G, P.T @ X)
+
+
+def key_basis(keys: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """An orthonormal basis ([d_in, r], float64) of the span of the columns of ``keys``.
+
+    Columns are scaled to unit norm first (a first-token key can be a hundred times longer
+    than the others), then directions with singular value ≤ tol · the largest are dropped:
+    keys read twice (the same prefix in two prompts) or equal up to float32 rounding count
+    once, and the constraint stays well conditioned."""
+    K = keys.double()
+    K = K / K.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    U, S, _ = torch.linalg.svd(K, full_matrices=False)
+    return U[:, tol * S[0] < S]
+
+
+def rome_direction(
+    k_bar: torch.Tensor, C: torch.Tensor | None, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """u = C⁻¹k̄ (ROME eq. 2, solved in float64), or k̄ when C is None (no mom2 adjustment).
+
+    With ``keep`` ([d_in, p], keys whose outputs must not change) u = N k̄ with N the
+    inverse restricted to the C-orthogonal complement of the kept keys (:func:`kept_solve`):
+    uᵀk_j = 0 for every kept key, so ΔW k_j = 0.
 
     Returned in float32 with unit norm: the scale of u cancels in ΔW = (v* − Wk) uᵀ / (uᵀk)."""
     k = k_bar.double()
-    u = k if C is None else torch.linalg.solve(C.double(), k)
-    return (u / u.norm()).float()
+    M = torch.eye(k.shape[0], dtype=torch.float64) if C is None else C.double()
+    u = k if C is None and keep is None else kept_solve(M, k[:, None], keep)[:, 0]
+    norm = float(u.norm())
+    if not math.isfinite(norm) or norm <= 1e-12 * float(torch.linalg.solve(M, k).norm()):
+        raise InputError(
+            "the kept keys span the subject's key: no update can change it while keeping "
+            "them (drop keep_prompts that repeat the edited fact's context)",
+            field="keep_prompts",
+        )
+    return (u / norm).float()
 
 
 def rome_update(
@@ -33,16 +81,22 @@ def rome_update(
 
 
 def memit_update(
-    R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float
+    R: torch.Tensor,
+    K: torch.Tensor,
+    C: torch.Tensor,
+    lam: float,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT eq. 14: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64.
 
     R: [d_out, m] residuals, K: [d_in, m] keys, C: [d_in, d_in] second moment of keys.
     Returns (R, A) with A = (λC + K Kᵀ)⁻¹ K: [d_in, m], so ΔW = R Aᵀ = Σᵢ rᵢ aᵢᵀ — one
-    rank-one factor pair per request (C and λC + KKᵀ are symmetric).
+    rank-one factor pair per request (C and λC + KKᵀ are symmetric). With ``keep``
+    ([d_in, p]) the inverse is restricted to the complement of the kept keys
+    (:func:`kept_solve`): the least-squares update under the constraint ΔW P = 0.
     """
     Kd = K.double()
-    A = torch.linalg.solve(lam * C.double() + Kd @ Kd.T, Kd)
+    A = kept_solve(lam * C.double() + Kd @ Kd.T, Kd, keep)
     return R.double().float(), A.float()
 
 

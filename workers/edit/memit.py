@@ -4,7 +4,8 @@
    last edited layer) at the subject's last token (‖δ‖ ≤ clamp·‖z_init‖).
 2. For each layer l in ascending order, on the model as edited so far:
    K = keys at l (prefix-averaged, d_in × m), R = (Z − current z at L) / (layers left),
-   ΔW_l = R Kᵀ (λC_l + K Kᵀ)⁻¹ (float64).
+   ΔW_l = R Kᵀ (λC_l + K Kᵀ)⁻¹ (float64), restricted to ΔW_l k = 0 for the keys of every
+   token of the requests' keep_prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, memit_update
 from workers.edit.architectures import EditArchitecture, apply_delta
 from workers.edit.prompts import collate, pad_id, subject_prompt
-from workers.edit.rome import RankOneUpdate
+from workers.edit.rome import RankOneUpdate, prompt_keys
 from workers.edit.tracing import input_and_output
 from workers.edit.values import ValueSettings, optimise_value
 
@@ -67,7 +68,9 @@ def memit_edit(
 ) -> list[RankOneUpdate]:
     """Rank-one factors per request and layer. The model is edited in place as the layers
     are processed (keys of layer l+1 are read on the model with layer l already edited);
-    the caller restores the weights if it wants the original back. ``cancelled`` is checked
+    the caller restores the weights if it wants the original back. The keys of every
+    request's ``keep_prompts`` are held fixed at each layer (ΔW_l k = 0; they see the
+    same, unchanged, earlier layers). ``cancelled`` is checked
     before each request's optimisation and each layer (raises CancelledError)."""
     from workers.errors import CancelledError
 
@@ -77,6 +80,7 @@ def memit_edit(
 
     last = max(layers)
     block = arch.block_name(last)
+    kept = list(dict.fromkeys(p for r in requests for p in r.keep_prompts))
     targets = []
     steps = []
     for r in requests:
@@ -95,7 +99,8 @@ def memit_edit(
             model, tokenizer, arch.module_name(layer), block, templates, requests
         )
         R = (Z - current) / (len(layers) - i)
-        left, right = memit_update(R, K, C[layer], lam)
+        keep = prompt_keys(model, tokenizer, arch.module_name(layer), kept) if kept else None
+        left, right = memit_update(R, K, C[layer], lam, keep)
         apply_delta(model, arch, layer, delta_from_factors(left, right))
         for j in range(len(requests)):
             updates.append(

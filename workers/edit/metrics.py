@@ -6,7 +6,7 @@ reference sentences before and after (the "Butterfly Effect" surrogate for colla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -38,6 +38,23 @@ def mean_log_probs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> 
         lp = log_probs_at(model, batch, rows, pos).gather(1, labels[:, None])[:, 0]
         sums = torch.zeros(len(chunk)).index_add_(0, rows, lp)
         out += (sums / torch.tensor([len(p.target_ids) for p in prompts])).tolist()
+    return out
+
+
+def _keep_prompts(requests: list[EditRequest]) -> list[str]:
+    return list(dict.fromkeys(p for r in requests for p in r.keep_prompts))
+
+
+@torch.no_grad()
+def next_tokens(model: Any, tokenizer: Any, prompts: list[str]) -> list[int]:
+    """The most likely next token id after each prompt."""
+    out: list[int] = []
+    for i in range(0, len(prompts), BATCH):
+        batch = collate(
+            [scoring_prompt(tokenizer, p, [0]) for p in prompts[i : i + BATCH]], pad_id(tokenizer)
+        )
+        rows, pos, _ = batch.target_index()
+        out += log_probs_at(model, batch, rows, pos).argmax(1).tolist()
     return out
 
 
@@ -75,6 +92,7 @@ class Probe:
     targets_true: list[str]
     neighborhood_prefers_true: list[bool]
     perplexity: float
+    keep_next_tokens: list[int] = field(default_factory=list)
 
 
 def _neighborhood_pairs(requests: list[EditRequest], truths: list[str]) -> list[tuple[str, str]]:
@@ -96,7 +114,12 @@ def probe(model: Any, tokenizer: Any, requests: list[EditRequest]) -> Probe:
     ]
     lp = mean_log_probs(model, tokenizer, _neighborhood_pairs(requests, truths))
     prefers = [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
-    return Probe(truths, prefers, perplexity(model, tokenizer, reference_sentences()))
+    return Probe(
+        truths,
+        prefers,
+        perplexity(model, tokenizer, reference_sentences()),
+        next_tokens(model, tokenizer, _keep_prompts(requests)),
+    )
 
 
 def _success(model: Any, tokenizer: Any, items: list[tuple[str, str, str]]) -> tuple[float, float]:
@@ -127,6 +150,8 @@ def evaluate(
     prefers = [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
     unchanged = [a == b for a, b in zip(prefers, before.neighborhood_prefers_true, strict=True)]
     ppl = perplexity(model, tokenizer, reference_sentences())
+    kept = next_tokens(model, tokenizer, _keep_prompts(requests))
+    same = [a == b for a, b in zip(kept, before.keep_next_tokens, strict=True)]
     return {
         "efficacy": efficacy,
         "efficacy_probability_gap": gap,
@@ -134,6 +159,8 @@ def evaluate(
         "paraphrase_probability_gap": para_gap,
         "neighborhood": sum(unchanged) / len(unchanged) if unchanged else float("nan"),
         "neighborhood_prompts": len(unchanged),
+        "keep_unchanged": sum(same) / len(same) if same else float("nan"),
+        "keep_prompts": len(same),
         "perplexity_before": before.perplexity,
         "perplexity_after": ppl,
         "perplexity_ratio": ppl / before.perplexity,

@@ -19,9 +19,10 @@ import torch
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, rome_direction, rome_update
 from workers.edit.architectures import EditArchitecture, apply_delta, edited_weight
-from workers.edit.prompts import Batch, collate, pad_id, subject_prompt
+from workers.edit.prompts import Batch, Prompt, collate, encode, pad_id, subject_prompt
 from workers.edit.tracing import log_probs_at, module_io
-from workers.edit.values import ValueSettings, optimise_value, rewrite_prompts
+from workers.edit.values import OptimisedValue, ValueSettings, optimise_value, rewrite_prompts
+from workers.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RankOneUpdate:
     relative_denominator: float  # uᵀk / (‖u‖‖k‖)
     steps: int = 0
     scale: float = 1.0  # sufficient-edit factor on v* − Wk (1: the whole optimised update)
+    value: OptimisedValue | None = None  # ROME's v* (reusable for the same request and layer)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,21 @@ def subject_keys(
     return SubjectKeys(keys.mean(0), outs.mean(0), keys[0], outs[0])
 
 
+@torch.no_grad()
+def prompt_keys(model: Any, tokenizer: Any, module_name: str, prompts: list[str]) -> torch.Tensor:
+    """The module's input at every token of every prompt, as columns ([d_in, n], float32):
+    an update with ΔW k = 0 for all of them leaves these prompts' whole forward pass, and so
+    their predictions, unchanged."""
+    if not prompts:
+        return torch.zeros(0, 0)
+    encoded = [Prompt(ids=encode(tokenizer, p)[0], subject_pos=-1) for p in prompts]
+    batch = collate(encoded, pad_id(tokenizer))
+    rows = torch.tensor([i for i, p in enumerate(encoded) for _ in p.ids])
+    pos = torch.tensor([j for p in encoded for j in range(len(p.ids))])
+    keys, _ = module_io(model, module_name, batch, rows, pos)
+    return keys.T
+
+
 def rome_edit(
     model: Any,
     tokenizer: Any,
@@ -68,17 +85,28 @@ def rome_edit(
     key_mode: Literal["consistent", "original"],
     index: int = 0,
     sufficient_loss: float | None = None,
+    value: OptimisedValue | None = None,
 ) -> RankOneUpdate:
     """The rank-one update of one request (the model is not changed). With ``sufficient_loss``
     the update is scaled down to the least multiple that still reaches that loss (see
-    :func:`least_sufficient_scale`)."""
+    :func:`least_sufficient_scale`). The keys of ``request.keep_prompts`` are held fixed
+    (uᵀk = 0 for each, :func:`~workers.edit.algebra.rome_direction`). ``value``: v* of an
+    earlier call for the same request, layer and templates (it does not depend on u), to
+    compare settings without optimising it again."""
     module = arch.module_name(layer)
     keys = subject_keys(model, tokenizer, module, templates, request.prompt, request.subject)
-    u = rome_direction(keys.k_bar, C)
-    value = optimise_value(
-        model, tokenizer, module, templates, request.prompt, request.subject,
-        request.target_new, values,
-    )  # fmt: skip
+    keep = None
+    if request.keep_prompts:
+        keep = prompt_keys(model, tokenizer, module, request.keep_prompts)
+    try:
+        u = rome_direction(keys.k_bar, C, keep)
+    except InputError as e:
+        raise InputError(str(e), field=f"requests[{index}].keep_prompts") from e
+    if value is None:
+        value = optimise_value(
+            model, tokenizer, module, templates, request.prompt, request.subject,
+            request.target_new, values,
+        )  # fmt: skip
     if key_mode == "consistent":
         k, w_k, v_star = keys.k_bar, keys.w_k_bar, value.v_init + value.delta
     else:
@@ -100,6 +128,7 @@ def rome_edit(
         relative_denominator=denominator / float(k.double().norm()),
         steps=value.steps,
         scale=scale,
+        value=value,
     )
 
 
