@@ -61,6 +61,7 @@ from workers.edit.metrics import (  # noqa: E402
     Probe,
     evaluate,
     mean_log_probs,
+    next_tokens,
     perplexity,
     reference_sentences,
 )
@@ -186,7 +187,8 @@ def pre_edit_probe(model: Any, tok: Any, requests: list[EditRequest], ppl: float
         for t in (true, r.target_new)
     ]
     lp = mean_log_probs(model, tok, pairs)
-    return Probe(truths, [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)], ppl)
+    kept = next_tokens(model, tok, list(dict.fromkeys(p for r in requests for p in r.keep_prompts)))
+    return Probe(truths, [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)], ppl, kept)
 
 
 def recipe_for(model: Path, request: EditRequest, args: argparse.Namespace, **extra: Any) -> Any:

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from workers.edit.architectures import apply_delta, architecture_for, num_layers
 from workers.edit.covariance import covariances, sampled_corpus  # noqa: E402
 from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
 from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
-from workers.edit.rome import least_sufficient_scale, rome_edit  # noqa: E402
+from workers.edit.rome import RankOneUpdate, least_sufficient_scale, rome_edit  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
@@ -73,6 +74,15 @@ def main() -> int:
         type=Path,
         default=DATA / "covariance",
         help="covariance cache (kept; default bench/.data/covariance)",
+    )
+    p.add_argument(
+        "--keep",
+        choices=("none", "neighborhood", "leave-one-out"),
+        default="none",
+        help="also edit with keep_prompts: 'neighborhood' keeps the fact's neighborhood prompts "
+        "(the cost in efficacy/paraphrase; those neighbors are then not held out); "
+        "'leave-one-out' keeps all but one and scores that one (does keeping similar subjects "
+        "protect another?)",
     )
     p.add_argument("--out", type=Path, default=DATA / "results-sweep.json")
     args = p.parse_args()
@@ -118,6 +128,8 @@ def main() -> int:
     print("\n| layer | sufficient_loss | efficacy | paraphrase | neighborhood | mean scale | "
           "mean perplexity ratio | max |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
+    kept_rows: list[dict[str, Any]] = []
+    setup = Setup(model, tok, arch, C, templates, values, h.key_mode, ppl0)
     for layer in layers:
         weight = model.get_submodule(arch.module_name(layer)).weight
         original = weight.detach().clone()
@@ -125,6 +137,20 @@ def main() -> int:
         for r in requests:
             before = pre_edit_probe(model, tok, [r], ppl0)
             u = rome_edit(model, tok, arch, r, layer, C[layer], templates, values, h.key_mode)
+
+            nb = r.neighborhood_prompts
+            if args.keep == "neighborhood" and nb:
+                plain, kept = scored(setup, r, layer, u, None), scored(setup, r, layer, u, nb)
+                kept_rows.append({"layer": layer, "prompt": r.prompt, "plain": plain, "kept": kept})
+            elif args.keep == "leave-one-out" and len(nb) >= 2:
+                for j, held in enumerate(nb):
+                    one = r.model_copy(update={"neighborhood_prompts": [held]})
+                    plain = scored(setup, one, layer, u, None)
+                    kept = scored(setup, one, layer, u, nb[:j] + nb[j + 1 :])
+                    kept_rows.append(
+                        {"layer": layer, "prompt": r.prompt, "held_out": held,
+                         "plain": plain, "kept": kept}
+                    )  # fmt: skip
             for loss in losses:
                 scale = 1.0
                 if loss is not None:
@@ -152,8 +178,72 @@ def main() -> int:
                 f"{summary['max_perplexity_ratio']:.4f} |",
                 flush=True,
             )
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        results["keep"] = {"mode": args.keep, "rows": kept_rows}
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if kept_rows:
+        print_kept(args.keep, kept_rows)
     return 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: Any
+    tok: Any
+    arch: Any
+    C: dict[int, torch.Tensor]
+    templates: list[str]
+    values: Any
+    key_mode: Any
+    ppl0: float
+
+
+def scored(
+    s: Setup, request: Any, layer: int, plain: RankOneUpdate, keep: list[str] | None
+) -> dict[str, Any]:
+    """Metrics of ``request`` edited alone on the clean model: the plain update, or (keep not
+    None) the update with those keep_prompts and the plain update's v*."""
+    if keep is not None:
+        request = request.model_copy(update={"keep_prompts": keep})
+    pre = pre_edit_probe(s.model, s.tok, [request], s.ppl0)
+    update = plain
+    if keep is not None:
+        update = rome_edit(
+            s.model, s.tok, s.arch, request, layer, s.C[layer], s.templates, s.values,
+            s.key_mode, value=plain.value,
+        )  # fmt: skip
+    weight = s.model.get_submodule(s.arch.module_name(layer)).weight
+    original = weight.detach().clone()
+    apply_delta(s.model, s.arch, layer, delta_from_factors(update.left, update.right))
+    try:
+        return evaluate(s.model, s.tok, [request], pre)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+def print_kept(mode: str, rows: list[dict[str, Any]]) -> None:
+    """Plain edit vs the same v* with keep_prompts, per layer."""
+    if mode == "neighborhood":
+        what, count = "kept neighborhood", f"{len(rows)} edits"
+    else:
+        what, count = "held-out neighbor", f"{len(rows)} held-out neighbors"
+    print(f"\nkeep_prompts: {mode} ({count})")
+    print(f"| layer | edit | efficacy | paraphrase | {what} | keep_unchanged | perplexity ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for layer in sorted({x["layer"] for x in rows}):
+        for which in ("plain", "kept"):
+            ms = [x[which] for x in rows if x["layer"] == layer]
+
+            def mean(key: str, ms: list[dict[str, Any]] = ms) -> float:
+                vals = [m[key] for m in ms if m[key] == m[key]]
+                return statistics.fmean(vals) if vals else float("nan")
+
+            print(
+                f"| {layer} | {which} | {mean('efficacy'):.3f} | {mean('paraphrase'):.3f} | "
+                f"{mean('neighborhood'):.3f} | {mean('keep_unchanged'):.3f} | "
+                f"{mean('perplexity_ratio'):.4f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
