@@ -65,6 +65,7 @@ from workers.edit.metrics import (  # noqa: E402
     perplexity,
     reference_sentences,
 )
+from workers.edit.prompts import kept_prompts  # noqa: E402
 from workers.edit.rome import rome_edit  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
@@ -187,7 +188,7 @@ def pre_edit_probe(model: Any, tok: Any, requests: list[EditRequest], ppl: float
         for t in (true, r.target_new)
     ]
     lp = mean_log_probs(model, tok, pairs)
-    kept = next_tokens(model, tok, list(dict.fromkeys(p for r in requests for p in r.keep_prompts)))
+    kept = next_tokens(model, tok, kept_prompts(requests))
     return Probe(truths, [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)], ppl, kept)
 
 

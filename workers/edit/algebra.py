@@ -13,21 +13,18 @@ import torch
 from workers.errors import InputError
 
 
-def kept_solve(M: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """N B in float64, N = M⁻¹ without ``keep`` and otherwise
-    N = M⁻¹ − M⁻¹P (PᵀM⁻¹P)⁻¹ PᵀM⁻¹ (P = keep, [d_in, p]): the inverse restricted to the
-    M-orthogonal complement of P, so that Pᵀ(N B) = 0 exactly (up to rounding).
+def restricted(M: torch.Tensor, X: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """N B in float64 from X = M⁻¹B: X itself without ``keep``, otherwise N B with
+    N = M⁻¹ − M⁻¹P (PᵀM⁻¹P)⁻¹ PᵀM⁻¹ (P a basis of the kept keys, [d_in, p]): the inverse
+    restricted to the M-orthogonal complement of P, so that Pᵀ(N B) = 0 (up to rounding).
 
-    For a symmetric positive definite M, ΔW = X (N B)ᵀ is the update of least
+    For a symmetric positive definite M, ΔW = Y (N B)ᵀ is the update of least
     tr(ΔW M ΔWᵀ)-type cost among those with ΔW P = 0: the keys in P keep their outputs."""
-    Md, Bd = M.double(), B.double()
-    X = torch.linalg.solve(Md, Bd)
     if keep is None or keep.shape[1] == 0:
         return X
     P = key_basis(keep)
-    MiP = torch.linalg.solve(Md, P)
-    G = P.T @ MiP
-    return X - MiP @ torch.linalg.solve(G, P.T @ X)
+    MiP = torch.linalg.solve(M.double(), P)
+    return X - MiP @ torch.linalg.solve(P.T @ MiP, P.T @ X)
 
 
 def key_basis(keys: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
@@ -49,19 +46,22 @@ def rome_direction(
     """u = C⁻¹k̄ (ROME eq. 2, solved in float64), or k̄ when C is None (no mom2 adjustment).
 
     With ``keep`` ([d_in, p], keys whose outputs must not change) u = N k̄ with N the
-    inverse restricted to the C-orthogonal complement of the kept keys (:func:`kept_solve`):
+    inverse restricted to the C-orthogonal complement of the kept keys (:func:`restricted`):
     uᵀk_j = 0 for every kept key, so ΔW k_j = 0.
 
     Returned in float32 with unit norm: the scale of u cancels in ΔW = (v* − Wk) uᵀ / (uᵀk)."""
     k = k_bar.double()
-    M = torch.eye(k.shape[0], dtype=torch.float64) if C is None else C.double()
-    u = k if C is None and keep is None else kept_solve(M, k[:, None], keep)[:, 0]
+    free = k if C is None else torch.linalg.solve(C.double(), k)
+    if keep is None:
+        u = free
+    else:
+        M = torch.eye(k.shape[0], dtype=torch.float64) if C is None else C
+        u = restricted(M, free[:, None], keep)[:, 0]
     norm = float(u.norm())
-    if not math.isfinite(norm) or norm <= 1e-12 * float(torch.linalg.solve(M, k).norm()):
+    if not math.isfinite(norm) or norm <= 1e-12 * float(free.norm()):
         raise InputError(
             "the kept keys span the subject's key: no update can change it while keeping "
-            "them (drop keep_prompts that repeat the edited fact's context)",
-            field="keep_prompts",
+            "them (drop keep_prompts that repeat the edited fact's context)"
         )
     return (u / norm).float()
 
@@ -93,10 +93,11 @@ def memit_update(
     Returns (R, A) with A = (λC + K Kᵀ)⁻¹ K: [d_in, m], so ΔW = R Aᵀ = Σᵢ rᵢ aᵢᵀ — one
     rank-one factor pair per request (C and λC + KKᵀ are symmetric). With ``keep``
     ([d_in, p]) the inverse is restricted to the complement of the kept keys
-    (:func:`kept_solve`): the least-squares update under the constraint ΔW P = 0.
+    (:func:`restricted`): the least-squares update under the constraint ΔW P = 0.
     """
     Kd = K.double()
-    A = kept_solve(lam * C.double() + Kd @ Kd.T, Kd, keep)
+    M = lam * C.double() + Kd @ Kd.T
+    A = restricted(M, torch.linalg.solve(M, Kd), keep)
     return R.double().float(), A.float()
 
 

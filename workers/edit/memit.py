@@ -18,7 +18,7 @@ import torch
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, memit_update
 from workers.edit.architectures import EditArchitecture, apply_delta
-from workers.edit.prompts import collate, pad_id, subject_prompt
+from workers.edit.prompts import collate, kept_prompts, pad_id, subject_prompt
 from workers.edit.rome import RankOneUpdate, prompt_keys
 from workers.edit.tracing import input_and_output
 from workers.edit.values import ValueSettings, optimise_value
@@ -80,7 +80,7 @@ def memit_edit(
 
     last = max(layers)
     block = arch.block_name(last)
-    kept = list(dict.fromkeys(p for r in requests for p in r.keep_prompts))
+    kept = kept_prompts(requests)
     targets = []
     steps = []
     for r in requests:

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from schemas.edit_recipe import EditRequest
-from workers.edit.prompts import Prompt, collate, encode, pad_id, scoring_prompt, target_token_ids
+from workers.edit.prompts import (
+    Prompt,
+    collate,
+    encode,
+    kept_prompts,
+    pad_id,
+    scoring_prompt,
+    target_token_ids,
+)
 from workers.edit.tracing import log_probs_at
 
 BATCH = 32
@@ -39,10 +47,6 @@ def mean_log_probs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> 
         sums = torch.zeros(len(chunk)).index_add_(0, rows, lp)
         out += (sums / torch.tensor([len(p.target_ids) for p in prompts])).tolist()
     return out
-
-
-def _keep_prompts(requests: list[EditRequest]) -> list[str]:
-    return list(dict.fromkeys(p for r in requests for p in r.keep_prompts))
 
 
 @torch.no_grad()
@@ -118,7 +122,7 @@ def probe(model: Any, tokenizer: Any, requests: list[EditRequest]) -> Probe:
         truths,
         prefers,
         perplexity(model, tokenizer, reference_sentences()),
-        next_tokens(model, tokenizer, _keep_prompts(requests)),
+        next_tokens(model, tokenizer, kept_prompts(requests)),
     )
 
 
@@ -150,7 +154,7 @@ def evaluate(
     prefers = [lp[i] > lp[i + 1] for i in range(0, len(lp), 2)]
     unchanged = [a == b for a, b in zip(prefers, before.neighborhood_prefers_true, strict=True)]
     ppl = perplexity(model, tokenizer, reference_sentences())
-    kept = next_tokens(model, tokenizer, _keep_prompts(requests))
+    kept = next_tokens(model, tokenizer, kept_prompts(requests))
     same = [a == b for a, b in zip(kept, before.keep_next_tokens, strict=True)]
     return {
         "efficacy": efficacy,

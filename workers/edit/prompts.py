@@ -3,11 +3,13 @@ are read and values injected) and the positions whose logits predict the target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from schemas.edit_recipe import EditRequest
 from workers.errors import InputError
 
 
@@ -180,3 +182,8 @@ def pad_id(tokenizer: Any) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+def kept_prompts(requests: Sequence[EditRequest]) -> list[str]:
+    """The distinct ``keep_prompts`` of the requests, in order of first appearance."""
+    return list(dict.fromkeys(p for r in requests for p in r.keep_prompts))

@@ -63,8 +63,6 @@ def prompt_keys(model: Any, tokenizer: Any, module_name: str, prompts: list[str]
     """The module's input at every token of every prompt, as columns ([d_in, n], float32):
     an update with ΔW k = 0 for all of them leaves these prompts' whole forward pass, and so
     their predictions, unchanged."""
-    if not prompts:
-        return torch.zeros(0, 0)
     encoded = [Prompt(ids=encode(tokenizer, p)[0], subject_pos=-1) for p in prompts]
     batch = collate(encoded, pad_id(tokenizer))
     rows = torch.tensor([i for i, p in enumerate(encoded) for _ in p.ids])
@@ -101,7 +99,7 @@ def rome_edit(
     try:
         u = rome_direction(keys.k_bar, C, keep)
     except InputError as e:
-        raise InputError(str(e), field=f"requests[{index}].keep_prompts") from e
+        raise InputError(e.message, field=f"requests[{index}].keep_prompts") from e
     if value is None:
         value = optimise_value(
             model, tokenizer, module, templates, request.prompt, request.subject,
