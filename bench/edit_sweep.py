@@ -2,6 +2,7 @@
 
     python bench/edit_sweep.py                                   # layers 1,2,3,5; 12 facts
     python bench/edit_sweep.py --layers 5 --sufficient-losses none,0.2,0.5,1 --facts 24
+    python bench/edit_sweep.py --keys --layers 0,1,2,3,5 --facts 40     # key overlap only
 
 The dev facts are the neighbour pool of ``bench/edit_facts.json`` (facts that
 ``edit_bench.py`` uses only as neighborhood prompts, never as edits), so a setting chosen
@@ -13,6 +14,10 @@ covariance as the recipe default (15,360 tokens sampled from the model). The upd
 optimised once per fact and layer, then scaled for each sufficient_loss ('none': the whole
 update; 'default': the recipe default). Prints efficacy, paraphrase, neighborhood, the mean
 scale and the perplexity ratio per setting; results go to ``bench/.data/results-sweep.json``.
+
+``--keys`` edits nothing: per layer it prints how much of an edit each kind of prompt would
+receive through its key (:func:`key_shares`), for the edited prompt, its paraphrase, the
+same-object neighbors and the relation's other subjects.
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ from bench.edit_bench import (  # noqa: E402
 from schemas.edit_recipe import parse_edit_recipe  # noqa: E402
 from tests.smollm2 import smollm2_checkpoint  # noqa: E402
 from workers.edit import LocalCovarianceCache  # noqa: E402
-from workers.edit.algebra import delta_from_factors  # noqa: E402
+from workers.edit.algebra import delta_from_factors, rome_direction  # noqa: E402
 from workers.edit.architectures import apply_delta, architecture_for, num_layers  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus  # noqa: E402
 from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
 from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
-from workers.edit.rome import RankOneUpdate, least_sufficient_scale, rome_edit  # noqa: E402
+from workers.edit.rome import (  # noqa: E402
+    RankOneUpdate,
+    least_sufficient_scale,
+    rome_edit,
+    subject_keys,
+)
 from workers.edit.templates import context_templates  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
@@ -84,6 +94,12 @@ def main() -> int:
         "'leave-one-out' keeps all but one and scores that one (does keeping similar subjects "
         "protect another?)",
     )
+    p.add_argument(
+        "--keys",
+        action="store_true",
+        help="edit nothing: print, per layer, the share of an edit that the paraphrase, the "
+        "same-object neighbors and the relation's other subjects receive through their keys",
+    )
     p.add_argument("--out", type=Path, default=DATA / "results-sweep.json")
     args = p.parse_args()
     if args.threads:
@@ -102,7 +118,8 @@ def main() -> int:
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
     flags = known(model, tok, [f.request for f in candidates])
-    requests = [f.request for f, k in zip(candidates, flags, strict=True) if k][: args.facts]
+    chosen = [f for f, k in zip(candidates, flags, strict=True) if k][: args.facts]
+    requests = [f.request for f in chosen]
     print(f"{len(requests)} dev facts: {[r.prompt for r in requests]}", flush=True)
 
     cov = recipe.covariance
@@ -116,6 +133,17 @@ def main() -> int:
         cache=LocalCovarianceCache(args.cache_dir),
     )  # fmt: skip
     print(f"covariances: {time.perf_counter() - t:.1f} s", flush=True)
+    if args.keys:
+        shares = {
+            "facts": [r.prompt for r in requests],
+            "keys": [
+                {"layer": layer, "shares": print_key_shares(model, tok, arch, layer, C[layer],
+                                                            templates, chosen)}
+                for layer in layers
+            ],
+        }  # fmt: skip
+        args.out.write_text(json.dumps(shares, indent=2) + "\n")
+        return 0
     ppl0 = perplexity(model, tok, reference_sentences())
 
     losses = [
@@ -183,6 +211,70 @@ def main() -> int:
     if kept_rows:
         print_kept(args.keep, kept_rows)
     return 0
+
+
+KEY_GROUPS = ("edited prompt", "paraphrase", "same-object neighbor", "other subject")
+
+
+def prompt_subjects() -> dict[str, str]:
+    """Every prompt of ``bench/edit_facts.json`` (relations and neighbour pool) → its subject."""
+    doc = json.loads(FACTS.read_text())
+    return {
+        rel["prompt"].format(s): s for rel in doc["relations"] + doc["neighbours"]
+        for s, _ in rel["facts"]
+    }  # fmt: skip
+
+
+def key_shares(
+    model: Any, tok: Any, module: str, C: torch.Tensor, templates: list[str], fact: Fact,
+    subjects: dict[str, str],
+) -> dict[str, list[float]]:  # fmt: skip
+    """r = uᵀk / uᵀk̄ for the prompts around one fact, with ROME's direction u = C⁻¹k̄ (k̄
+    the fact's prefix-averaged key) and k the key at the last token of the prompt's subject,
+    unprefixed: ROME's update gives that token ΔW k = r · (v* − W k̄), r times the change
+    the edited key gets. Paraphrases should be near 1, neighbors and others near 0."""
+    r = fact.request
+    k_bar = subject_keys(model, tok, module, templates, r.prompt, r.subject).k_bar.double()
+    u = rome_direction(k_bar, C).double()
+    denominator = float(u @ k_bar)
+
+    def share(prompt: str, subject: str) -> float:
+        k = subject_keys(model, tok, module, ["{}"], prompt, subject).k0.double()
+        return float(u @ k) / denominator
+
+    return {
+        "edited prompt": [share(r.prompt, r.subject)],
+        "paraphrase": [share(p, r.subject) for p in r.paraphrase_prompts],
+        "same-object neighbor": [share(p, subjects[p]) for p in r.neighborhood_prompts],
+        "other subject": [share(p, subjects[p]) for p, _ in fact.others],
+    }
+
+
+def print_key_shares(
+    model: Any, tok: Any, arch: Any, layer: int, C: torch.Tensor, templates: list[str],
+    facts: list[Fact],
+) -> dict[str, list[float]]:  # fmt: skip
+    """The shares of :func:`key_shares` over the facts at one layer, as a table."""
+    subjects = prompt_subjects()
+    pooled: dict[str, list[float]] = {g: [] for g in KEY_GROUPS}
+    for f in facts:
+        for g, xs in key_shares(
+            model, tok, arch.module_name(layer), C, templates, f, subjects
+        ).items():
+            pooled[g] += xs
+    print(f"\nlayer {layer}: r = uᵀk / uᵀk̄ over {len(facts)} facts")
+    print("| prompts | n | mean | median | 90th percentile | share with r > 0.3 |")
+    print("|---|---|---|---|---|---|")
+    for g, xs in pooled.items():
+        if not xs:
+            continue
+        p90 = statistics.quantiles(xs, n=10)[-1] if len(xs) > 1 else xs[0]
+        print(
+            f"| {g} | {len(xs)} | {statistics.fmean(xs):.2f} | {statistics.median(xs):.2f} | "
+            f"{p90:.2f} | {sum(x > 0.3 for x in xs) / len(xs):.2f} |",
+            flush=True,
+        )
+    return pooled
 
 
 @dataclass(frozen=True)
