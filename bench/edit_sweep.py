@@ -213,9 +213,6 @@ def main() -> int:
     return 0
 
 
-KEY_GROUPS = ("edited prompt", "paraphrase", "same-object neighbor", "other subject")
-
-
 def prompt_subjects() -> dict[str, str]:
     """Every prompt of ``bench/edit_facts.json`` (relations and neighbour pool) → its subject."""
     doc = json.loads(FACTS.read_text())
@@ -256,12 +253,12 @@ def print_key_shares(
 ) -> dict[str, list[float]]:  # fmt: skip
     """The shares of :func:`key_shares` over the facts at one layer, as a table."""
     subjects = prompt_subjects()
-    pooled: dict[str, list[float]] = {g: [] for g in KEY_GROUPS}
+    pooled: dict[str, list[float]] = {}
     for f in facts:
         for g, xs in key_shares(
             model, tok, arch.module_name(layer), C, templates, f, subjects
         ).items():
-            pooled[g] += xs
+            pooled.setdefault(g, []).extend(xs)
     print(f"\nlayer {layer}: r = uᵀk / uᵀk̄ over {len(facts)} facts")
     print("| prompts | n | mean | median | 90th percentile | share with r > 0.3 |")
     print("|---|---|---|---|---|---|")
