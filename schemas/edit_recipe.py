@@ -87,6 +87,7 @@ class EditRequest(BaseModel):
 
 
 LN2 = math.log(2)
+DEFAULT_EDIT_MARGIN = 2.0
 
 
 class EditHyperparameters(BaseModel):
@@ -124,6 +125,20 @@ class EditHyperparameters(BaseModel):
             "the whole optimised update, as published. Not for memit",
         ),
     ] = None
+    edit_margin: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=100,
+            description="ROME: scale the update down to the least multiple (to 1/128) under "
+            "which the prompt prefers target_new to target_true (mean per-token log-prob) by "
+            "this many times the margin m₀ (at least 1 nat) by which the unedited model "
+            "preferred target_true: 1 turns the preference around by as much as the model "
+            "held it. The whole optimised update usually turns it several times over, and "
+            "the excess spills onto subjects with similar keys (docs/editing.md). null: the "
+            "whole update, as published. Default 2 for rome; not for memit",
+        ),
+    ] = DEFAULT_EDIT_MARGIN
     clamp_norm_factor: Annotated[
         float | None, Field(gt=0, description="ROME: ‖δ‖ ≤ factor·‖v_init‖; default 4")
     ] = None
@@ -344,11 +359,28 @@ class EditRecipe(BaseModel):
                 raise ValueError(
                     f"hyperparameters.layers: rome edits exactly one layer, got {layers}"
                 )
-        elif self.hyperparameters.sufficient_loss is not None:
-            raise ValueError(
-                "hyperparameters.sufficient_loss: applies to rome only; memit spreads its "
-                "update over layers and keeps the whole update"
-            )
+            h = self.hyperparameters
+            if (
+                h.sufficient_loss is not None
+                and h.edit_margin is not None
+                and "edit_margin" in h.model_fields_set
+            ):
+                raise ValueError(
+                    "hyperparameters.edit_margin: set either edit_margin or sufficient_loss "
+                    "(both scale the update); sufficient_loss alone replaces the default "
+                    "edit_margin"
+                )
+            if h.sufficient_loss is not None:
+                h.edit_margin = None  # sufficient_loss replaces the default
+        else:
+            h = self.hyperparameters
+            for name in ("sufficient_loss", "edit_margin"):
+                if name in h.model_fields_set and getattr(h, name) is not None:
+                    raise ValueError(
+                        f"hyperparameters.{name}: applies to rome only; memit spreads its "
+                        "update over layers and keeps the whole update"
+                    )
+            h.edit_margin = None  # the rome default does not apply
         edited = {r.prompt.strip(): i for i, r in enumerate(self.requests)}
         for i, r in enumerate(self.requests):
             for j, p in enumerate(r.keep_prompts):

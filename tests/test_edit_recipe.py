@@ -24,7 +24,8 @@ def test_a_minimal_recipe_gets_the_documented_defaults():
     assert (h.v_num_grad_steps, h.v_lr, h.v_weight_decay, h.kl_factor) == (25, 0.5, 1e-3, 0.0625)
     assert h.mom2_adjustment and h.key_mode == "consistent" and h.layers is None
     assert r.clamp_norm_factor == 4.0
-    assert h.sufficient_loss is None  # the whole optimised update
+    assert h.sufficient_loss is None
+    assert h.edit_margin == 2.0  # the update scaled to turn the preference by 2 × m₀
     assert h.context_template_counts == [(10, 5), (10, 10)]
     assert r.covariance.source == "model_samples" and r.covariance.tokens is None
     assert r.gate.max_perplexity_ratio == 1.10
@@ -35,11 +36,24 @@ def test_memit_defaults():
     r = parse_edit_recipe(_with(edit_method="memit"))
     assert r.clamp_norm_factor == 0.75
     assert r.hyperparameters.mom2_update_weight is None  # scaled to the model at run time
+    assert r.hyperparameters.edit_margin is None  # a rome setting: memit keeps its update
 
 
-def test_rome_takes_a_sufficient_loss():
+def test_rome_takes_a_sufficient_loss_in_place_of_the_default_edit_margin():
     r = parse_edit_recipe(_with(hyperparameters={"sufficient_loss": 0.5}))
     assert r.hyperparameters.sufficient_loss == 0.5
+    assert r.hyperparameters.edit_margin is None
+
+
+def test_rome_takes_an_edit_margin_or_none_for_the_whole_update():
+    assert (
+        parse_edit_recipe(_with(hyperparameters={"edit_margin": 1.5})).hyperparameters.edit_margin
+        == 1.5
+    )
+    assert (
+        parse_edit_recipe(_with(hyperparameters={"edit_margin": None})).hyperparameters.edit_margin
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,6 +82,22 @@ def test_rome_takes_a_sufficient_loss():
             "hyperparameters.sufficient_loss: applies to rome only",
         ),
         (_with(hyperparameters={"sufficient_loss": 0}), "hyperparameters.sufficient_loss"),
+        (
+            _with(edit_method="memit", hyperparameters={"edit_margin": 2}),
+            "hyperparameters.edit_margin: applies to rome only",
+        ),
+        (
+            _with(hyperparameters={"edit_margin": 0}),
+            "hyperparameters.edit_margin: Input should be greater than 0",
+        ),
+        (
+            _with(hyperparameters={"edit_margin": 1000}),
+            "hyperparameters.edit_margin: Input should be less than or equal to 100",
+        ),
+        (
+            _with(hyperparameters={"edit_margin": 2, "sufficient_loss": 0.5}),
+            "hyperparameters.edit_margin: set either edit_margin or sufficient_loss",
+        ),
         (
             _with(hyperparameters={"sufficient_loss": 0.7}),
             "hyperparameters.sufficient_loss: Input should be less than 0.693",

@@ -102,16 +102,38 @@ def test_rome_makes_the_new_target_preferred_without_collateral_damage(rome_edit
 
 
 def test_a_sufficient_loss_scales_the_same_update_down(rome_edit, smollm2, corpus, cov_cache):
-    """The same v* and u (same recipe, seed, templates), the update scaled: its norm is the
-    default edit's times the reported scale, and the fact still takes."""
-    assert rome_edit.metrics["update_scale"] == [1.0]
+    """The default edit (edit_margin 2) and a sufficient_loss edit are the same whole update
+    (same v* and u: same recipe, seed, templates) scaled by different factors: their norms
+    divided by the reported scales agree, and the fact takes with both."""
+    (default_scale,) = rome_edit.metrics["update_scale"]
     recipe = _recipe(smollm2, corpus, hyperparameters={"sufficient_loss": 0.5})
     m = run_edit(recipe, None, cache=cov_cache).metrics
     (scale,) = m["update_scale"]
-    assert 0 < scale < 1
-    full = rome_edit.metrics["relative_update_norm"][str(LAYER)]
-    assert m["relative_update_norm"][str(LAYER)] == pytest.approx(scale * full, rel=1e-3)
+    assert 0 < scale < 1 and scale != default_scale
+    default = rome_edit.metrics["relative_update_norm"][str(LAYER)]
+    assert m["relative_update_norm"][str(LAYER)] / scale == pytest.approx(
+        default / default_scale, rel=1e-3
+    )
     assert m["efficacy"] == 1.0
+
+
+def test_a_smaller_edit_margin_takes_a_smaller_share_of_the_same_update(
+    rome_edit, smollm2, corpus, cov_cache
+):
+    """A small edit_margin (turn the preference by a quarter of the margin the model held)
+    scales the same whole update down further than the default 2 (which this edit, with
+    CI's 5 templates and small corpus, may not reach), and the fact still takes."""
+    (default_scale,) = rome_edit.metrics["update_scale"]
+    recipe = _recipe(smollm2, corpus, hyperparameters={"edit_margin": 0.25})
+    m = run_edit(recipe, None, cache=cov_cache).metrics
+    (scale,) = m["update_scale"]
+    assert 0 < scale < default_scale
+    default = rome_edit.metrics["relative_update_norm"][str(LAYER)]
+    assert m["relative_update_norm"][str(LAYER)] / scale == pytest.approx(
+        default / default_scale, rel=1e-3
+    )
+    assert m["efficacy"] == 1.0
+    assert m["efficacy_probability_gap"] < rome_edit.metrics["efficacy_probability_gap"]
 
 
 def test_the_edited_checkpoint_differs_only_in_the_edited_tensor(rome_edit, smollm2):
@@ -161,6 +183,7 @@ def test_destructive_settings_trip_the_gate_and_write_nothing(smollm2, corpus, c
             "kl_factor": 0.0,
             "v_early_stop_loss": 0.0,
             "v_num_grad_steps": 6,
+            "edit_margin": None,  # the whole update
         },
     )
     out = tmp_path / "edited"

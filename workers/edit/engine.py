@@ -288,6 +288,7 @@ def run_edit(
             model, tokenizer, arch, recipe.requests[0], layer,
             C.get(layer) if h.mom2_adjustment else None,
             templates, values, h.key_mode, sufficient_loss=h.sufficient_loss,
+            edit_margin=h.edit_margin, target_true=before.targets_true[0],
         )  # fmt: skip
         updates = [update]
         apply_delta(model, arch, layer, delta_from_factors(update.left, update.right))

@@ -11,6 +11,7 @@ key is an outlier) and the model collapses ("Rebuilding ROME", Gupta et al. 2024
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,10 +20,13 @@ import torch
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, rome_direction, rome_update
 from workers.edit.architectures import EditArchitecture, apply_delta, edited_weight
+from workers.edit.metrics import greedy_next_token, mean_log_probs
 from workers.edit.prompts import Batch, Prompt, collate, encode, pad_id, subject_prompt
 from workers.edit.tracing import log_probs_at, module_io
 from workers.edit.values import OptimisedValue, ValueSettings, optimise_value, rewrite_prompts
 from workers.errors import InputError
+
+MIN_MARGIN = 1.0  # nats: the least m₀ an edit_margin multiplies (weakly held facts)
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,19 @@ def rome_edit(
     index: int = 0,
     sufficient_loss: float | None = None,
     value: OptimisedValue | None = None,
+    edit_margin: float | None = None,
+    target_true: str | None = None,
 ) -> RankOneUpdate:
-    """The rank-one update of one request (the model is not changed). With ``sufficient_loss``
-    the update is scaled down to the least multiple that still reaches that loss (see
-    :func:`least_sufficient_scale`). The keys of ``request.keep_prompts`` are held fixed
-    (uᵀk = 0 for each, :func:`~workers.edit.algebra.rome_direction`). ``value``: v* of an
-    earlier call for the same request, layer and templates (it does not depend on u), to
-    compare settings without optimising it again."""
+    """The rank-one update of one request (the model is not changed). With ``edit_margin``
+    the update is scaled down to the least multiple that turns the prompt's preference
+    around by that many times the margin the model held (:func:`least_margin_scale`;
+    ``target_true``: default the request's, else the model's greedy next token); with
+    ``sufficient_loss``, to the least multiple that still reaches that loss
+    (:func:`least_sufficient_scale`; it takes precedence). The keys of
+    ``request.keep_prompts`` are held fixed (uᵀk = 0 for each,
+    :func:`~workers.edit.algebra.rome_direction`). ``value``: v* of an earlier call for the
+    same request, layer and templates (it does not depend on u), to compare settings without
+    optimising it again."""
     module = arch.module_name(layer)
     keys = subject_keys(model, tokenizer, module, templates, request.prompt, request.subject)
     keep = None
@@ -115,6 +125,14 @@ def rome_edit(
         scale = least_sufficient_scale(
             model, tokenizer, arch, layer, left, right, templates, request, sufficient_loss
         )
+    elif edit_margin is not None:
+        true = target_true or request.target_true
+        if true is None:
+            true = greedy_next_token(model, tokenizer, request.prompt)
+        scale = least_margin_scale(
+            model, tokenizer, arch, layer, left, right, request, true, edit_margin
+        )
+    if scale != 1.0:
         left = left * scale
     denominator = float(torch.dot(u.double(), k.double()))
     return RankOneUpdate(
@@ -142,6 +160,41 @@ def worst_rewrite_nll(model: Any, batch: Batch) -> float:
 
 
 @torch.no_grad()
+def least_scale(
+    model: Any,
+    arch: EditArchitecture,
+    layer: int,
+    delta: torch.Tensor,
+    reached: Callable[[], bool],
+    iterations: int = 7,
+) -> float:
+    """The least a in (0, 1] such that ``reached()`` holds on the model edited by a·delta, by
+    bisection to 2⁻ⁱᵗᵉʳᵃᵗⁱᵒⁿˢ (``reached`` is taken to be monotone in a); 1 when it does not
+    hold for the whole update. The weight is restored bit for bit."""
+    w = edited_weight(model, arch, layer)
+    original = w.detach().clone()
+
+    def holds(a: float) -> bool:
+        w.copy_(original)
+        apply_delta(model, arch, layer, a * delta)
+        return reached()
+
+    try:
+        if not holds(1.0):
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if holds(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+    finally:
+        w.copy_(original)
+
+
+@torch.no_grad()
 def least_sufficient_scale(
     model: Any,
     tokenizer: Any,
@@ -156,37 +209,59 @@ def least_sufficient_scale(
 ) -> float:
     """The least a in (0, 1] such that on the model edited by a·ΔW (ΔW = left·rightᵀ) every
     rewrite prompt (the request's prompt after each context template) has a mean target NLL
-    ≤ sufficient_loss, by bisection to 2⁻ⁱᵗᵉʳᵃᵗⁱᵒⁿˢ; 1 when the whole update does not reach
-    it.
+    ≤ sufficient_loss (:func:`least_scale`).
 
     The v* optimisation stops only when the loss over all the prefixed prompts is tiny, which
     leaves most edits far stronger than the fact needs; the excess is what spills onto
     subjects whose keys resemble this one's (ΔW k' = (uᵀk'/uᵀk̄)·(v* − Wk̄)). The edit is
-    measured on the model itself (the real ΔW at every prompt's own key), not on δ.
-    The weight is restored bit for bit."""
-    w = edited_weight(model, arch, layer)
-    original = w.detach().clone()
-    delta = delta_from_factors(left, right)
+    measured on the model itself (the real ΔW at every prompt's own key), not on δ."""
     prompts = rewrite_prompts(
         tokenizer, templates, request.prompt, request.subject, request.target_new
     )
     batch = collate(prompts, pad_id(tokenizer))
+    return least_scale(
+        model, arch, layer, delta_from_factors(left, right),
+        lambda: worst_rewrite_nll(model, batch) <= sufficient_loss, iterations,
+    )  # fmt: skip
 
-    def loss(a: float) -> float:
-        w.copy_(original)
-        apply_delta(model, arch, layer, a * delta)
-        return worst_rewrite_nll(model, batch)
 
-    try:
-        if loss(1.0) > sufficient_loss:
-            return 1.0
-        lo, hi = 0.0, 1.0
-        for _ in range(iterations):
-            mid = (lo + hi) / 2
-            if loss(mid) <= sufficient_loss:
-                hi = mid
-            else:
-                lo = mid
-        return hi
-    finally:
-        w.copy_(original)
+def preference_margin(model: Any, tokenizer: Any, prompt: str, new: str, true: str) -> float:
+    """Mean per-token log P(new | prompt) − mean per-token log P(true | prompt): the margin
+    by which the model prefers ``new`` (the efficacy metric's comparison)."""
+    lp_new, lp_true = mean_log_probs(model, tokenizer, [(prompt, new), (prompt, true)])
+    return lp_new - lp_true
+
+
+@torch.no_grad()
+def least_margin_scale(
+    model: Any,
+    tokenizer: Any,
+    arch: EditArchitecture,
+    layer: int,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    request: EditRequest,
+    target_true: str,
+    edit_margin: float,
+    iterations: int = 7,
+) -> float:
+    """The least a in (0, 1] such that on the model edited by a·ΔW the prompt prefers
+    target_new to target_true by at least ``edit_margin`` × m₀, where m₀ is the margin by
+    which the clean model preferred target_true (at least MIN_MARGIN nats):
+    :func:`least_scale`. 1 (the whole update) when the clean model does not prefer
+    target_true (m₀ ≤ 0: the margin says nothing about how much edit the fact needs).
+
+    With edit_margin 1 the edit turns the preference around by as much as the model held
+    it; the whole optimised update usually turns it several times over, and a subject with
+    a similar key gets that excess times uᵀk'/uᵀk̄."""
+    m0 = -preference_margin(model, tokenizer, request.prompt, request.target_new, target_true)
+    if m0 <= 0:
+        return 1.0  # the model does not hold target_true over target_new: nothing to measure
+    needed = edit_margin * max(m0, MIN_MARGIN)
+    return least_scale(
+        model, arch, layer, delta_from_factors(left, right),
+        lambda: preference_margin(
+            model, tokenizer, request.prompt, request.target_new, target_true
+        ) >= needed,
+        iterations,
+    )  # fmt: skip

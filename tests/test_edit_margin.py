@@ -1,0 +1,168 @@
+"""ROME's edit_margin scaling: the update is scaled down to the least multiple (to 2⁻⁷) under
+which the prompt prefers target_new to target_true by edit_margin × the margin m₀ (at least
+1 nat) by which the unedited model preferred target_true.
+
+The margin is recomputed here by a plain implementation (the whole text through the model,
+log-softmax over the vocabulary at each target position, float64), not by the code under
+test."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from schemas.edit_recipe import EditRequest
+from tests.models import build_tokenizer, gpt2_config, llama_config
+from workers.edit.algebra import delta_from_factors
+from workers.edit.architectures import apply_delta, architecture_for, edited_weight
+from workers.edit.rome import rome_edit
+from workers.edit.values import ValueSettings
+
+LAYER = 1
+OUTPUT_SCALE = 50.0
+TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
+PROMPT, SUBJECT, NEW = "w5 w6 w7 w8", "w8", "w20 w21"
+VALUES = ValueSettings(
+    steps=10,
+    lr=0.5,
+    weight_decay=0.0,
+    kl_factor=0.0,
+    clamp_factor=1e4,
+    early_stop_loss=0.0,
+    loss_layer=None,
+)
+
+
+def _model(kind: str):
+    """A tiny random model with its output layer scaled up, so that it has preferences."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
+    else:
+        model = GPT2LMHeadModel(gpt2_config())
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(OUTPUT_SCALE)
+    return model.eval()
+
+
+@torch.no_grad()
+def _mean_log_prob(model, tok, prompt: str, target: str) -> float:
+    context = tok(prompt, add_special_tokens=False).input_ids
+    ids = tok(target, add_special_tokens=False).input_ids
+    logp = torch.log_softmax(model(torch.tensor([context + ids])).logits[0].double(), dim=-1)
+    return sum(float(logp[len(context) + j - 1, t]) for j, t in enumerate(ids)) / len(ids)
+
+
+def _margin(model, tok, true: str) -> float:
+    """mean log P(new) − mean log P(true) on the bare prompt."""
+    return _mean_log_prob(model, tok, PROMPT, NEW) - _mean_log_prob(model, tok, PROMPT, true)
+
+
+@torch.no_grad()
+def _greedy(model, tok) -> str:
+    ids = tok(PROMPT, add_special_tokens=False).input_ids
+    return str(tok.decode([int(model(torch.tensor([ids])).logits[0, -1].argmax())]))
+
+
+def _edited_margin(model, tok, arch, delta: torch.Tensor, true: str) -> float:
+    w = edited_weight(model, arch, LAYER)
+    original = w.detach().clone()
+    apply_delta(model, arch, LAYER, delta)
+    try:
+        return _margin(model, tok, true)
+    finally:
+        with torch.no_grad():
+            w.copy_(original)
+
+
+def _edit(model, tok, arch, request, edit_margin, values=VALUES, target_true=None):
+    return rome_edit(
+        model, tok, arch, request, LAYER, None, TEMPLATES, values, "consistent",
+        edit_margin=edit_margin, target_true=target_true,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_margin(kind):
+    model, tok = _model(kind), build_tokenizer()
+    arch = architecture_for(model.config)
+    true = _greedy(model, tok)
+    assert true != "w20"
+    request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
+    before = edited_weight(model, arch, LAYER).detach().clone()
+
+    full = _edit(model, tok, arch, request, None)
+    full_delta = delta_from_factors(full.left, full.right)
+    m0 = -_margin(model, tok, true)
+    assert m0 > 0  # the greedy token is preferred
+    m_full = _edited_margin(model, tok, arch, full_delta, true)
+    assert m_full > 0, "the test needs an edit that turns the preference"
+    kappa = m_full / 2 / max(m0, 1.0)  # reachable, with room to scale down
+
+    scaled = _edit(model, tok, arch, request, kappa)
+    assert torch.equal(edited_weight(model, arch, LAYER), before)  # restored bit for bit
+    assert 0 < scaled.scale < 1 and full.scale == 1.0
+    torch.testing.assert_close(scaled.left, scaled.scale * full.left)
+    torch.testing.assert_close(scaled.right, full.right)
+    needed = kappa * max(m0, 1.0)
+    assert _edited_margin(model, tok, arch, scaled.scale * full_delta, true) >= needed - 1e-4
+    # least to the bisection's resolution: one step less does not reach the margin
+    assert _edited_margin(model, tok, arch, (scaled.scale - 2**-7) * full_delta, true) < needed
+
+
+def test_without_target_true_the_margin_is_against_the_greedy_next_token():
+    model, tok = _model("llama"), build_tokenizer()
+    arch = architecture_for(model.config)
+    true = _greedy(model, tok)
+    given = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
+    bare = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW)
+    assert _edit(model, tok, arch, bare, 3.0).scale == _edit(model, tok, arch, given, 3.0).scale
+    # the caller's target_true (the engine passes the probe's) takes precedence
+    other = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true="w30")
+    assert (
+        _edit(model, tok, arch, other, 3.0, target_true=true).scale
+        == _edit(model, tok, arch, given, 3.0).scale
+    )
+
+
+def test_a_weakly_held_fact_is_turned_by_at_least_the_minimum_margin():
+    """0 < m₀ < 1 nat counts as 1 nat: the edit makes target_new win by edit_margin nats."""
+    model, tok = _model("llama"), build_tokenizer()
+    arch = architecture_for(model.config)
+    margins = {f"w{i}": -_margin(model, tok, f"w{i}") for i in range(30, 250)}
+    true = min((t for t, m in margins.items() if 0 < m < 1), key=lambda t: margins[t])
+    request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
+    full = _edit(model, tok, arch, request, None)
+    scaled = _edit(model, tok, arch, request, 2.0)
+    delta = delta_from_factors(full.left, full.right)
+    assert 0 < scaled.scale < 1
+    assert _edited_margin(model, tok, arch, scaled.scale * delta, true) >= 2.0 - 1e-4
+    assert _edited_margin(model, tok, arch, (scaled.scale - 2**-7) * delta, true) < 2.0
+
+
+def test_a_fact_the_model_does_not_hold_keeps_the_whole_update():
+    """m₀ ≤ 0 (target_new already preferred): the margin cannot size the edit."""
+    model, tok = _model("llama"), build_tokenizer()
+    arch = architecture_for(model.config)
+    true = "w30"
+    assert _margin(model, tok, true) >= 0
+    request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
+    full = _edit(model, tok, arch, request, None)
+    kept = _edit(model, tok, arch, request, 2.0)
+    assert kept.scale == 1.0
+    torch.testing.assert_close(kept.left, full.left)
+
+
+def test_an_unreachable_margin_keeps_the_whole_update():
+    model, tok = _model("llama"), build_tokenizer()
+    arch = architecture_for(model.config)
+    true = _greedy(model, tok)
+    request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
+    weak = dataclasses.replace(VALUES, steps=1, lr=0.01)
+    full = _edit(model, tok, arch, request, None, weak)
+    kept = _edit(model, tok, arch, request, 100.0, weak)
+    assert kept.scale == 1.0
+    torch.testing.assert_close(kept.left, full.left)
