@@ -19,10 +19,10 @@ Figures (see bench/README.md):
   ``workers/edit/reference_sentences.txt``, each edit applied alone to the clean model.
   MEMIT batches report the same over their requests.
 
-Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``
-and ``--sufficient-loss`` change the layer and the sufficient edit of the ROME quality run;
-``edit_sweep.py`` compares both on held-out facts); nothing is tuned on these facts. Results
-go to ``bench/.data/results-edit.json``.
+Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``,
+``--edit-margin`` and ``--sufficient-loss`` change the layer and the scaling of the update
+in the ROME quality run; ``edit_sweep.py`` compares them on held-out facts); nothing is
+tuned on these facts. Results go to ``bench/.data/results-edit.json``.
 """
 
 from __future__ import annotations
@@ -231,6 +231,12 @@ def run(work: Path) -> int:
         help="layer of the ROME quality sweep (default: the recipe default, 5 of 32 scaled)",
     )
     p.add_argument(
+        "--edit-margin",
+        default=None,
+        help="ROME's edit_margin in the quality sweep (default: the recipe default, 2; "
+        "'none': the whole optimised update, as published)",
+    )
+    p.add_argument(
         "--sufficient-loss",
         default=None,
         help="ROME's sufficient_loss in the quality sweep (default: the recipe default; "
@@ -251,6 +257,8 @@ def run(work: Path) -> int:
         "cold; with a filled cache the 'cold' figures are not cold)",
     )
     args = p.parse_args()
+    if args.edit_margin not in (None, "none") and args.sufficient_loss not in (None, "none"):
+        p.error("--edit-margin and --sufficient-loss both scale the update: give one")
     if args.report:
         report(json.loads(args.report.read_text()))
         return 0
@@ -297,6 +305,11 @@ def run(work: Path) -> int:
     if args.sufficient_loss is not None:
         sufficient = None if args.sufficient_loss == "none" else float(args.sufficient_loss)
     results["rome_sufficient_loss"] = sufficient
+    margin = None if sufficient is not None else h.edit_margin
+    if args.edit_margin is not None:
+        margin = None if args.edit_margin == "none" else float(args.edit_margin)
+    results["rome_edit_margin"] = margin
+    results["rome_edit_margin_default"] = h.edit_margin
     results["rome_sufficient_loss_default"] = h.sufficient_loss
     results["rome_layer_default"] = default_rome_layer
     memit_layers = default_layers("memit", depth)
@@ -362,7 +375,7 @@ def run(work: Path) -> int:
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
         u = rome_edit(model, tok, arch, req, rome_layer, C[rome_layer], templates, values,
-                      h.key_mode, sufficient_loss=sufficient)  # fmt: skip
+                      h.key_mode, sufficient_loss=sufficient, edit_margin=margin)  # fmt: skip
         delta = delta_from_factors(u.left, u.right)
         apply_delta(model, arch, rome_layer, delta)
         seconds = time.perf_counter() - t
@@ -488,14 +501,14 @@ def report(r: dict[str, Any]) -> None:
     layer = r.get("rome_layer")
     if layer is not None and layer != r.get("rome_layer_default"):
         print(line.format("ROME sweep layer (not the default)", layer, ""))
-    if "rome_sufficient_loss" in r:
-        loss = r["rome_sufficient_loss"]
-        what = "ROME sufficient_loss" + (
-            "" if loss == r.get("rome_sufficient_loss_default") else " (not the default)"
-        )
-        print(line.format(what, "none (whole update)" if loss is None else loss, ""))
-        if loss is not None and rows:
-            print(line.format("ROME update scale, mean", fmt(mean("scale"), 2), ""))
+    for key, name in (("rome_edit_margin", "edit_margin"), ("rome_sufficient_loss",
+                                                             "sufficient_loss")):  # fmt: skip
+        if key in r:
+            x = r[key]
+            what = f"ROME {name}" + ("" if x == r.get(f"{key}_default") else " (not the default)")
+            print(line.format(what, "none" if x is None else x, ""))
+    if rows and any(x.get("scale", 1.0) != 1.0 for x in rows):
+        print(line.format("ROME update scale, mean", fmt(mean("scale"), 2), ""))
     print(line.format(f"ROME efficacy ({len(rows)} facts, layer {layer})", fmt(mean("efficacy")),
                       f"≥ {TARGETS['efficacy']}"))  # fmt: skip
     print(line.format("ROME paraphrase", fmt(mean("paraphrase")), ""))

@@ -1,7 +1,8 @@
 """ROME settings on SmolLM2-135M: which layer, which sufficient_loss? A sweep on held-out facts.
 
     python bench/edit_sweep.py                                   # layers 1,2,3,5; 12 facts
-    python bench/edit_sweep.py --layers 5 --sufficient-losses none,0.2,0.5,1 --facts 24
+    python bench/edit_sweep.py --layers 5 --edit-margins none,1,2,3 --facts 40
+    python bench/edit_sweep.py --layers 5 --edit-margins none --sufficient-losses 0.2,0.5
     python bench/edit_sweep.py --keys --layers 0,1,2,3,5 --facts 40     # key overlap only
 
 The dev facts are the neighbour pool of ``bench/edit_facts.json`` (facts that
@@ -11,9 +12,10 @@ counterfactual target (the next object of its relation that differs), the relati
 paraphrase and, as neighborhood, up to 3 prompts of other subjects with the same true
 object. Known facts only, round-robin over the relations; each edit on the clean model; the
 covariance as the recipe default (15,360 tokens sampled from the model). The update is
-optimised once per fact and layer, then scaled for each sufficient_loss ('none': the whole
-update; 'default': the recipe default). Prints efficacy, paraphrase, neighborhood, the mean
-scale and the perplexity ratio per setting; results go to ``bench/.data/results-sweep.json``.
+optimised once per fact and layer, then scaled for each edit_margin ('none': the whole
+update; 'default': the recipe default) and each sufficient_loss. Prints efficacy,
+paraphrase, neighborhood, the mean scale and the perplexity ratio per setting; results go to
+``bench/.data/results-sweep.json``.
 
 ``--keys`` edits nothing: per layer it prints how much of an edit each kind of prompt would
 receive through its key (:func:`key_shares`), for the edited prompt, its paraphrase, the
@@ -55,6 +57,7 @@ from workers.edit.engine import _load, _value_settings, model_revision  # noqa: 
 from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
 from workers.edit.rome import (  # noqa: E402
     RankOneUpdate,
+    least_margin_scale,
     least_sufficient_scale,
     rome_edit,
     subject_keys,
@@ -73,9 +76,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", default="1,2,3,5", help="layers to try (default 1,2,3,5)")
     p.add_argument(
-        "--sufficient-losses",
+        "--edit-margins",
         default="default",
-        help="sufficient_loss values to try, 'none' and 'default' allowed (default: default)",
+        help="edit_margin values to try, 'none' (the whole update) and 'default' allowed "
+        "(default: default)",
+    )
+    p.add_argument(
+        "--sufficient-losses",
+        default="",
+        help="sufficient_loss values to try as well (default: none)",
     )
     p.add_argument("--facts", type=int, default=12, help="known dev facts to edit (default 12)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -146,14 +155,14 @@ def main() -> int:
         return 0
     ppl0 = perplexity(model, tok, reference_sentences())
 
-    losses = [
-        None if x == "none" else h.sufficient_loss if x == "default" else float(x)
-        for x in args.sufficient_losses.split(",")
+    settings: list[tuple[str, float | None]] = [
+        ("edit_margin", None if x == "none" else h.edit_margin if x == "default" else float(x))
+        for x in args.edit_margins.split(",")
         if x
-    ]
+    ] + [("sufficient_loss", float(x)) for x in args.sufficient_losses.split(",") if x]
     keys = ("efficacy", "paraphrase", "neighborhood", "perplexity_ratio")
     results: dict[str, Any] = {"facts": [r.prompt for r in requests], "settings": []}
-    print("\n| layer | sufficient_loss | efficacy | paraphrase | neighborhood | mean scale | "
+    print("\n| layer | scaling | efficacy | paraphrase | neighborhood | mean scale | "
           "mean perplexity ratio | max |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     kept_rows: list[dict[str, Any]] = []
@@ -161,7 +170,7 @@ def main() -> int:
     for layer in layers:
         weight = model.get_submodule(arch.module_name(layer)).weight
         original = weight.detach().clone()
-        rows: dict[float | None, list[dict[str, Any]]] = {loss: [] for loss in losses}
+        rows: dict[tuple[str, float | None], list[dict[str, Any]]] = {x: [] for x in settings}
         for r in requests:
             before = pre_edit_probe(model, tok, [r], ppl0)
             u = rome_edit(model, tok, arch, r, layer, C[layer], templates, values, h.key_mode)
@@ -179,28 +188,26 @@ def main() -> int:
                         {"layer": layer, "prompt": r.prompt, "held_out": held,
                          "plain": plain, "kept": kept}
                     )  # fmt: skip
-            for loss in losses:
-                scale = 1.0
-                if loss is not None:
-                    scale = least_sufficient_scale(
-                        model, tok, arch, layer, u.left, u.right, templates, r, loss
-                    )
+            for setting in settings:
+                scale = setting_scale(setup, r, layer, u, setting)
                 apply_delta(model, arch, layer, scale * delta_from_factors(u.left, u.right))
                 m = evaluate(model, tok, [r], before)
-                rows[loss].append({k: m[k] for k in keys} | {"scale": scale})
+                rows[setting].append({k: m[k] for k in keys} | {"scale": scale})
                 with torch.no_grad():
                     weight.copy_(original)
-        for loss in losses:
+        for setting in settings:
             summary = {
-                k: statistics.fmean(x[k] for x in rows[loss] if x[k] is not None)
+                k: statistics.fmean(x[k] for x in rows[setting] if x[k] is not None)
                 for k in (*keys, "scale")
             }
-            summary["max_perplexity_ratio"] = max(x["perplexity_ratio"] for x in rows[loss])
+            summary["max_perplexity_ratio"] = max(x["perplexity_ratio"] for x in rows[setting])
+            name, value = setting
             results["settings"].append(
-                {"layer": layer, "sufficient_loss": loss, "summary": summary, "facts": rows[loss]}
+                {"layer": layer, name: value, "summary": summary, "facts": rows[setting]}
             )
+            label = "whole update" if value is None else f"{name} {value}"
             print(
-                f"| {layer} | {'none' if loss is None else loss} | {summary['efficacy']:.3f} | "
+                f"| {layer} | {label} | {summary['efficacy']:.3f} | "
                 f"{summary['paraphrase']:.3f} | {summary['neighborhood']:.3f} | "
                 f"{summary['scale']:.2f} | {summary['perplexity_ratio']:.4f} | "
                 f"{summary['max_perplexity_ratio']:.4f} |",
@@ -272,6 +279,22 @@ def print_key_shares(
             flush=True,
         )
     return pooled
+
+
+def setting_scale(
+    s: Setup, request: Any, layer: int, u: RankOneUpdate, setting: tuple[str, float | None]
+) -> float:
+    """The factor on the whole update ``u`` that a scaling setting picks (1: none)."""
+    name, value = setting
+    if value is None:
+        return 1.0
+    if name == "sufficient_loss":
+        return least_sufficient_scale(
+            s.model, s.tok, s.arch, layer, u.left, u.right, s.templates, request, value
+        )
+    return least_margin_scale(
+        s.model, s.tok, s.arch, layer, u.left, u.right, request, request.target_true, value
+    )
 
 
 @dataclass(frozen=True)
