@@ -134,7 +134,7 @@ class EditHyperparameters(BaseModel):
             "which the prompt prefers target_new to target_true (mean per-token log-prob) by "
             "this many times the margin m₀ (at least 1 nat) by which the unedited model "
             "preferred target_true: 1 turns the preference around by as much as the model "
-            "held it. The whole optimised update usually turns it several times over, and "
+            "held it. The whole optimised update often moves the margin by 2–4 × m₀, and "
             "the excess spills onto subjects with similar keys (docs/editing.md). null: the "
             "whole update, as published. Default 2 for rome; not for memit",
         ),

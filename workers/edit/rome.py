@@ -252,8 +252,8 @@ def least_margin_scale(
     target_true (m₀ ≤ 0: the margin says nothing about how much edit the fact needs).
 
     With edit_margin 1 the edit turns the preference around by as much as the model held
-    it; the whole optimised update usually turns it several times over, and a subject with
-    a similar key gets that excess times uᵀk'/uᵀk̄."""
+    it; the whole optimised update often moves the margin by two to four times m₀, and a
+    subject with a similar key gets that excess times uᵀk'/uᵀk̄."""
     m0 = -preference_margin(model, tokenizer, request.prompt, request.target_new, target_true)
     if m0 <= 0:
         return 1.0  # the model does not hold target_true over target_new: nothing to measure
