@@ -12,40 +12,15 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from schemas.edit_recipe import EditRequest
-from tests.models import build_tokenizer, gpt2_config, llama_config
+from tests.models import build_tokenizer
+from tests.tiny_edit import LAYER, STRONG, TEMPLATES, tiny_model, with_delta
 from workers.edit.algebra import delta_from_factors
-from workers.edit.architectures import apply_delta, architecture_for, edited_weight
+from workers.edit.architectures import architecture_for, edited_weight
 from workers.edit.rome import rome_edit
-from workers.edit.values import ValueSettings
 
-LAYER = 1
-OUTPUT_SCALE = 50.0
-TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
 PROMPT, SUBJECT, NEW = "w5 w6 w7 w8", "w8", "w20 w21"
-VALUES = ValueSettings(
-    steps=10,
-    lr=0.5,
-    weight_decay=0.0,
-    kl_factor=0.0,
-    clamp_factor=1e4,
-    early_stop_loss=0.0,
-    loss_layer=None,
-)
-
-
-def _model(kind: str):
-    """A tiny random model with its output layer scaled up, so that it has preferences."""
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
-    else:
-        model = GPT2LMHeadModel(gpt2_config())
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(OUTPUT_SCALE)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -68,17 +43,10 @@ def _greedy(model, tok) -> str:
 
 
 def _edited_margin(model, tok, arch, delta: torch.Tensor, true: str) -> float:
-    w = edited_weight(model, arch, LAYER)
-    original = w.detach().clone()
-    apply_delta(model, arch, LAYER, delta)
-    try:
-        return _margin(model, tok, true)
-    finally:
-        with torch.no_grad():
-            w.copy_(original)
+    return with_delta(model, arch, delta, lambda: _margin(model, tok, true))
 
 
-def _edit(model, tok, arch, request, edit_margin, values=VALUES, target_true=None):
+def _edit(model, tok, arch, request, edit_margin, values=STRONG, target_true=None):
     return rome_edit(
         model, tok, arch, request, LAYER, None, TEMPLATES, values, "consistent",
         edit_margin=edit_margin, target_true=target_true,
@@ -87,7 +55,7 @@ def _edit(model, tok, arch, request, edit_margin, values=VALUES, target_true=Non
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_margin(kind):
-    model, tok = _model(kind), build_tokenizer()
+    model, tok = tiny_model(kind), build_tokenizer()
     arch = architecture_for(model.config)
     true = _greedy(model, tok)
     assert true != "w20"
@@ -114,7 +82,7 @@ def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_margin(kind
 
 
 def test_without_target_true_the_margin_is_against_the_greedy_next_token():
-    model, tok = _model("llama"), build_tokenizer()
+    model, tok = tiny_model("llama"), build_tokenizer()
     arch = architecture_for(model.config)
     true = _greedy(model, tok)
     given = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
@@ -130,7 +98,7 @@ def test_without_target_true_the_margin_is_against_the_greedy_next_token():
 
 def test_a_weakly_held_fact_is_turned_by_at_least_the_minimum_margin():
     """0 < m₀ < 1 nat counts as 1 nat: the edit makes target_new win by edit_margin nats."""
-    model, tok = _model("llama"), build_tokenizer()
+    model, tok = tiny_model("llama"), build_tokenizer()
     arch = architecture_for(model.config)
     margins = {f"w{i}": -_margin(model, tok, f"w{i}") for i in range(30, 250)}
     true = min((t for t, m in margins.items() if 0 < m < 1), key=lambda t: margins[t])
@@ -145,7 +113,7 @@ def test_a_weakly_held_fact_is_turned_by_at_least_the_minimum_margin():
 
 def test_a_fact_the_model_does_not_hold_keeps_the_whole_update():
     """m₀ ≤ 0 (target_new already preferred): the margin cannot size the edit."""
-    model, tok = _model("llama"), build_tokenizer()
+    model, tok = tiny_model("llama"), build_tokenizer()
     arch = architecture_for(model.config)
     true = "w30"
     assert _margin(model, tok, true) >= 0
@@ -157,11 +125,11 @@ def test_a_fact_the_model_does_not_hold_keeps_the_whole_update():
 
 
 def test_an_unreachable_margin_keeps_the_whole_update():
-    model, tok = _model("llama"), build_tokenizer()
+    model, tok = tiny_model("llama"), build_tokenizer()
     arch = architecture_for(model.config)
     true = _greedy(model, tok)
     request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
-    weak = dataclasses.replace(VALUES, steps=1, lr=0.01)
+    weak = dataclasses.replace(STRONG, steps=1, lr=0.01)
     full = _edit(model, tok, arch, request, None, weak)
     kept = _edit(model, tok, arch, request, 100.0, weak)
     assert kept.scale == 1.0

@@ -10,42 +10,15 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from schemas.edit_recipe import EditRequest
-from tests.models import build_tokenizer, gpt2_config, llama_config
+from tests.models import build_tokenizer
+from tests.tiny_edit import LAYER, STRONG, TEMPLATES, tiny_model, with_delta
 from workers.edit.algebra import delta_from_factors
-from workers.edit.architectures import apply_delta, architecture_for, edited_weight
+from workers.edit.architectures import architecture_for, edited_weight
 from workers.edit.rome import rome_edit
-from workers.edit.values import ValueSettings
 
-LAYER = 1
-OUTPUT_SCALE = 50.0
-TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
 REQUEST = EditRequest(prompt="w5 w6 w7 w8", subject="w8", target_new="w20")
-# a strong edit: no early stop, so v* overshoots what the target needs
-VALUES = ValueSettings(
-    steps=10,
-    lr=0.5,
-    weight_decay=0.0,
-    kl_factor=0.0,
-    clamp_factor=1e4,
-    early_stop_loss=0.0,
-    loss_layer=None,
-)
-
-
-def _model(kind: str):
-    """A tiny random model whose output layer is scaled up: at initialisation its logits are
-    nearly flat, and no edit could make a target likely."""
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
-    else:
-        model = GPT2LMHeadModel(gpt2_config())
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(OUTPUT_SCALE)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -63,17 +36,10 @@ def _nll(model, tok, request: EditRequest) -> float:
 
 
 def _edited_nll(model, tok, arch, delta: torch.Tensor) -> float:
-    w = edited_weight(model, arch, LAYER)
-    original = w.detach().clone()
-    apply_delta(model, arch, LAYER, delta)
-    try:
-        return _nll(model, tok, REQUEST)
-    finally:
-        with torch.no_grad():
-            w.copy_(original)
+    return with_delta(model, arch, delta, lambda: _nll(model, tok, REQUEST))
 
 
-def _edit(model, tok, arch, sufficient_loss, values=VALUES):
+def _edit(model, tok, arch, sufficient_loss, values=STRONG):
     return rome_edit(
         model, tok, arch, REQUEST, LAYER, None, TEMPLATES, values, "consistent",
         sufficient_loss=sufficient_loss,
@@ -82,7 +48,7 @@ def _edit(model, tok, arch, sufficient_loss, values=VALUES):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_loss(kind):
-    model, tok = _model(kind), build_tokenizer()
+    model, tok = tiny_model(kind), build_tokenizer()
     arch = architecture_for(model.config)
     before = edited_weight(model, arch, LAYER).detach().clone()
 
@@ -104,9 +70,9 @@ def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_loss(kind):
 
 
 def test_an_unreachable_loss_keeps_the_whole_update():
-    model, tok = _model("llama"), build_tokenizer()
+    model, tok = tiny_model("llama"), build_tokenizer()
     arch = architecture_for(model.config)
-    weak = dataclasses.replace(VALUES, steps=1, lr=0.01)
+    weak = dataclasses.replace(STRONG, steps=1, lr=0.01)
     full = _edit(model, tok, arch, None, weak)
     loss_full = _edited_nll(model, tok, arch, delta_from_factors(full.left, full.right))
     kept = _edit(model, tok, arch, loss_full / 2, weak)
