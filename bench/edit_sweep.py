@@ -1,4 +1,4 @@
-"""ROME settings on SmolLM2-135M: which layer, which sufficient_loss? A sweep on held-out facts.
+"""ROME settings on SmolLM2-135M: which layer, how much of the update? A sweep on held-out facts.
 
     python bench/edit_sweep.py                                   # layers 1,2,3,5; 12 facts
     python bench/edit_sweep.py --layers 5 --edit-margins none,1,2,3 --facts 40
