@@ -8,18 +8,19 @@ plain forward passes, not by the code under test."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from schemas.edit_recipe import EditRequest, parse_edit_recipe
 from schemas.recipe import RecipeError
-from tests.models import build_tokenizer, gpt2_config, llama_config
+from tests.models import build_tokenizer
+from tests.tiny_edit import STRONG, TEMPLATES, tiny_model
 from workers.edit.algebra import delta_from_factors, memit_update, rome_direction
 from workers.edit.architectures import apply_delta, architecture_for
 from workers.edit.memit import memit_edit
 from workers.edit.rome import rome_edit
-from workers.edit.values import ValueSettings
 from workers.errors import InputError
 
 # --- algebra ---------------------------------------------------------------------------
@@ -101,24 +102,12 @@ def test_the_kept_updates_solve_the_constrained_problems():
 
 # --- on tiny models ----------------------------------------------------------------------
 
-TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
 KEEP = ["w1 w2 w3 w7", "w12 w6 w7 w30 w31"]
-VALUES = ValueSettings(
-    steps=10,
-    lr=0.5,
-    weight_decay=0.0,
-    kl_factor=0.0,
-    clamp_factor=4.0,
-    early_stop_loss=0.0,
-    loss_layer=None,
-)
+VALUES = dataclasses.replace(STRONG, clamp_factor=4.0)
 
 
 def _model(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(llama_config(num_hidden_layers=3)).eval()
-    return GPT2LMHeadModel(gpt2_config()).eval()
+    return tiny_model(kind, output_scale=1.0)
 
 
 @torch.no_grad()

@@ -26,15 +26,16 @@ STRONG = ValueSettings(
 )
 
 
-def tiny_model(kind: str):
-    """A seeded 3-layer Llama or GPT-2 with its output embeddings × OUTPUT_SCALE."""
+def tiny_model(kind: str, output_scale: float = OUTPUT_SCALE):
+    """A seeded 3-layer Llama or GPT-2 with its output embeddings × ``output_scale``."""
     torch.manual_seed(0)
     if kind == "llama":
         model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
     else:
         model = GPT2LMHeadModel(gpt2_config())
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(OUTPUT_SCALE)
+    if output_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(output_scale)
     return model.eval()
 
 
