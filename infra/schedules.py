@@ -151,9 +151,12 @@ def fire_schedule(
     if found is None:
         log.info("schedule %s no longer exists; nothing fired", schedule_id)
         return FireResult(None)
-    schedule, tenant = found
+    schedule, tenant, tenant_disabled = found
     if not schedule.enabled:
         log.info("schedule %s is disabled; nothing fired", schedule_id)
+        return FireResult(None)
+    if tenant_disabled:
+        log.info("schedule %s: tenant %r is disabled; nothing fired", schedule_id, tenant)
         return FireResult(None)
     cron = parse_cron(schedule.cron)
     now = store.now()

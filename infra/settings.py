@@ -74,6 +74,14 @@ artifact directory (the "embedded default"); production sets the URLs.
     creates one at start and writes it to this file (mode 0600), so the first user can log
     in; only its prefix is logged. Default ``<data dir>/bootstrap-api-key``; an empty value
     turns this off (then create keys with the CLI).
+``WEIGHTSMITH_SECRET_KEYS``
+    Comma-separated Fernet keys (``weightsmith secrets new-key``) that encrypt the secrets
+    the database keeps: tenants' Hub tokens, S3 grants' secret keys, webhook signing
+    secrets. The first key encrypts, all of them decrypt (rotation: put a new key first,
+    run ``weightsmith secrets rotate``, then drop the old one). Unset: a key is kept in
+    ``<data dir>/secret-key`` (mode 0600), which every process sharing the database must
+    then share; set this variable when the API and workers run on different hosts. Kept
+    secret.
 ``WEIGHTSMITH_LOG_FORMAT``
     ``text`` (lines for people, the default) or ``json`` (one JSON object per line, for a
     log collector). API, worker and beat alike; see ``infra.logging``.
@@ -167,6 +175,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_token: SecretStr | None = None
+    secret_keys: SecretStr | None = None
 
     @field_validator("log_format", mode="before")
     @classmethod
@@ -191,7 +200,13 @@ class Settings(BaseSettings):
         return v
 
     @field_validator(
-        "broker_url", "hf_endpoint", "hf_token", "bootstrap_api_key", "metrics_token", mode="before"
+        "broker_url",
+        "hf_endpoint",
+        "hf_token",
+        "bootstrap_api_key",
+        "metrics_token",
+        "secret_keys",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:

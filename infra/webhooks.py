@@ -43,6 +43,7 @@ import httpx
 
 import weightsmith
 from infra.db.webhooks import AttemptOutcome, ClaimedMessage, WebhookStore
+from infra.secrets import SecretBox
 from schemas.webhooks import SECRET_PREFIX
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ class WebhookDispatcher:
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> WebhookDispatcher:
         return cls(
-            WebhookStore(engine),
+            WebhookStore(engine, SecretBox.from_settings(settings)),
             timeout_s=settings.webhook_timeout,
             retry=RetryPolicy(settings.webhook_retry_delays_s, settings.webhook_retry_jitter),
             allow_private=settings.webhook_allow_private,

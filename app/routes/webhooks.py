@@ -32,7 +32,7 @@ _Limit = Annotated[int, Query(ge=1, le=MAX_DELIVERIES_PAGE)]
 
 
 def webhook_store(service: ServiceDep) -> WebhookStore:
-    return WebhookStore(service.engine)
+    return service.webhooks
 
 
 WebhookStoreDep = Annotated[WebhookStore, Depends(webhook_store)]

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
+from infra.secrets import private_directory, private_file
+
 
 def normalize_database_url(url: str | URL) -> URL:
     """``postgresql://`` and ``postgres://`` mean psycopg 3, the driver weightsmith installs."""
@@ -31,7 +33,12 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         return create_engine(u, **kwargs)
 
     if u.database not in (None, "", ":memory:") and not u.database.startswith("file:"):
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # It holds tenants' keys (hashed), grants and sealed secrets: owner-only, like its
+        # folder when the folder is new (SQLite gives its -wal/-shm files the same mode).
+        db = Path(u.database).expanduser()
+        if not db.parent.exists():
+            private_directory(db.parent)
+        private_file(db)
     connect_args = kwargs.pop("connect_args", {})
     connect_args.setdefault("timeout", 30)
     connect_args.setdefault("check_same_thread", False)

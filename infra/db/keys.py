@@ -1,10 +1,10 @@
 """Tenants and their API keys.
 
-A key reads ``wsk_<prefix>_<secret>``: 10 hex digits of public prefix (shown in listings,
-used to find the key) and 64 hex digits (256 bits) of secret. Only the secret's sha256 is
-stored; the plaintext is shown once, when the key is made. A plain sha256 is enough (no
-slow password hash): the secret is random, not chosen by a person, so it cannot be guessed
-from its hash.
+A key reads ``wsk_<prefix>_<secret>``: 10 hex digits of public prefix (shown in listings and
+logs) and 64 hex digits (256 bits) of secret, by whose sha256 the key is found. Only the
+secret's sha256 is stored; the plaintext is shown once, when the key is made. A plain
+sha256 is enough (no slow password hash): the secret is random, not chosen by a person, so it
+cannot be guessed from its hash.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ log = logging.getLogger("weightsmith.keys")
 
 KEY_SCHEME = "wsk"
 _KEY = re.compile(r"^wsk_(?P<prefix>[0-9a-f]{10})_(?P<secret>[0-9a-f]{64})$")
-# Compared against when no key has the prefix, so a miss takes as long as a mismatch.
-_NO_KEY_HASH = hashlib.sha256(b"no such key").hexdigest()
 _CACHE_ENTRIES = 10_000  # keys remembered by authenticate (cleared when full)
 
 
@@ -152,39 +150,53 @@ class ApiKeys:
         return f"{KEY_SCHEME}_{prefix}_{secret}"
 
     def authenticate(self, plaintext: str) -> Tenant | None:
-        """The tenant owning this key; None for a malformed, unknown or revoked key."""
+        """The tenant owning this key; None for a malformed, unknown or revoked key, or a key
+        of a disabled tenant.
+
+        The key is looked up by its secret's sha256, not by its public prefix, so the work
+        done is the same whether or not the prefix exists: the answer time says nothing
+        about which prefixes are real. A cached answer is used only for a key that was valid.
+        """
         try:
             prefix, secret = parse_api_key(plaintext)
         except InvalidApiKey:
             return None
+        digest = _secret_hash(secret)
         now = time.monotonic()
-        cached = self._cache.get(prefix) if self._cache_seconds > 0 else None
+        cached = self._cache.get(digest) if self._cache_seconds > 0 else None
         if cached is not None and now - cached[0] < self._cache_seconds:
-            _, stored, owner = cached
+            _, stored_prefix, owner = cached
         else:
             with self._sessions() as s:
                 row = s.execute(
-                    select(ApiKey, Tenant)
+                    select(ApiKey.prefix, ApiKey.revoked_at, Tenant)
                     .join(Tenant, Tenant.id == ApiKey.tenant_id)
-                    .where(ApiKey.prefix == prefix)
+                    .where(ApiKey.secret_sha256 == digest)
                 ).one_or_none()
-            stored = row[0].secret_sha256 if row is not None else _NO_KEY_HASH
-            live = row is not None and row[0].revoked_at is None
-            owner = row[1] if row is not None and live else None
-            if self._cache_seconds > 0 and row is not None:  # unknown prefixes are not kept
+            if row is None:
+                return None
+            stored_prefix = row.prefix
+            live = row.revoked_at is None and row.Tenant.disabled_at is None
+            owner = row.Tenant if live else None
+            if self._cache_seconds > 0:
                 with self._cache_lock:
                     if len(self._cache) >= _CACHE_ENTRIES:
                         self._cache.clear()
-                    self._cache[prefix] = (now, stored, owner)
-        # The secret is checked on every call, cached or not.
-        matches = hmac.compare_digest(stored, _secret_hash(secret))
-        return owner if matches else None
+                    self._cache[digest] = (now, stored_prefix, owner)
+        # A secret is 256 random bits: it alone finds the key; the prefix must agree too.
+        return owner if hmac.compare_digest(stored_prefix, prefix) else None
+
+    def forget_cached(self) -> None:
+        """Drop every remembered answer (after a tenant was disabled, say)."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def revoke_key(self, prefix: str) -> bool:
         """Revoke the key with this prefix (``wsk_`` optional). False if unknown or revoked."""
         prefix = prefix.removeprefix(f"{KEY_SCHEME}_")
         with self._cache_lock:
-            self._cache.pop(prefix, None)
+            for digest in [d for d, entry in self._cache.items() if entry[1] == prefix]:
+                del self._cache[digest]
         with self._sessions.begin() as s:
             revoked = s.scalar(
                 update(ApiKey)

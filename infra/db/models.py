@@ -1,4 +1,4 @@
-"""Tables of the job store: tenants, their API keys, and jobs.
+"""Tables of the job store: tenants, their API keys and grants, and jobs.
 
 The schema is created and changed only by the Alembic migrations in ``migrations/versions``
 (a test checks that these models and the migrations agree). Timestamps are stored in UTC and
@@ -81,18 +81,66 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """A tenant: owns API keys, jobs, artifacts, schedules, webhooks and its Hub token.
+
+    Secrets are stored sealed (infra.secrets): ``hub_token`` is ``enc:v1:…``, never plain.
+    """
+
     __tablename__ = "tenants"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Disabled: its keys stop working, its schedules stop firing, its webhooks are held.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    hub_token: Mapped[str | None] = mapped_column(Text, default=None)
+    hub_token_set_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # The operator granted this tenant the service's own Hub token (WEIGHTSMITH_HF_TOKEN).
+    use_operator_hub_token: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class S3Grant(Base):
+    """An ``s3://bucket/prefix/`` location the operator lets a tenant read, with the
+    credentials to read it: ``keys`` (an access key and its sealed secret), ``anonymous``
+    (a public bucket) or ``store`` (the artifact store's own credentials, for another bucket
+    on the same server; never the artifact bucket itself)."""
+
+    __tablename__ = "s3_grants"
+    __table_args__ = (
+        CheckConstraint("credentials IN ('keys', 'anonymous', 'store')", name="credentials"),
+        Index("ix_s3_grants_tenant_bucket", "tenant_id", "bucket"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    bucket: Mapped[str] = mapped_column(String(63))
+    prefix: Mapped[str] = mapped_column(String(1024))  # "" (whole bucket) or ending in "/"
+    endpoint: Mapped[str | None] = mapped_column(Text, default=None)  # None: AWS
+    region: Mapped[str | None] = mapped_column(String(64), default=None)
+    credentials: Mapped[str] = mapped_column(String(16))
+    access_key_id: Mapped[str | None] = mapped_column(String(256), default=None)
+    secret_access_key: Mapped[str | None] = mapped_column(Text, default=None)  # sealed
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class HubPushGrant(Base):
+    """A Hugging Face Hub namespace (user or organisation) a tenant may push artifacts to."""
+
+    __tablename__ = "hub_push_grants"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    namespace: Mapped[str] = mapped_column(String(96), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ApiKey(Base):
     """An API key, ``wsk_<prefix>_<secret>``: the prefix is public, only the secret's sha256
-    is stored."""
+    is stored (and looked up: see infra.db.keys)."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_secret_sha256", "secret_sha256", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

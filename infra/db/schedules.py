@@ -177,15 +177,16 @@ class ScheduleStore:
                 select(Schedule).where(Schedule.id == schedule_id, Schedule.tenant_id == tenant_id)
             )
 
-    def get_with_tenant(self, schedule_id: str) -> tuple[Schedule, str] | None:
-        """A schedule of any tenant and its tenant's name (for firing)."""
+    def get_with_tenant(self, schedule_id: str) -> tuple[Schedule, str, bool] | None:
+        """A schedule of any tenant, its tenant's name and whether that tenant is disabled
+        (for firing)."""
         with self._sessions() as s:
             row = s.execute(
-                select(Schedule, Tenant.name)
+                select(Schedule, Tenant.name, Tenant.disabled_at)
                 .join(Tenant, Tenant.id == Schedule.tenant_id)
                 .where(Schedule.id == schedule_id)
             ).one_or_none()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2] is not None)
 
     def update(self, tenant_id: int, schedule_id: str, values: dict[str, Any]) -> Schedule | None:
         """Change fields (enabled, cron, only_if_inputs_changed, next_run_at)."""

@@ -15,11 +15,12 @@ same row for the same attempt; if one dies mid-attempt, the row is due again whe
 ends (at-least-once: receivers deduplicate on ``webhook-id``, as Standard Webhooks asks).
 Results are written only under the claim's token.
 
-**Secrets** must sign, so they are stored as they are (``whsec_<base64 of 32 random bytes>``);
-they are as sensitive as the database itself. A subscription's secret is shown once, when it
-is created. Deliveries to a job's ``callback_url`` are signed with the tenant's secret
-(``webhook_secrets``), made on first use and readable by the tenant (``GET
-/v1/webhooks/secret``).
+**Secrets** must sign, so they are stored sealed (encrypted with the keys of
+:mod:`infra.secrets`), not hashed: a copy of the database alone does not reveal them. A
+subscription's secret is shown once, when it is created. While a tenant is disabled its
+deliveries are held (they go out once it is enabled again). Deliveries to a job's
+``callback_url`` are signed with the tenant's secret (``webhook_secrets``), made on first use
+and readable by the tenant (``GET /v1/webhooks/secret``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from infra.db.models import Base, Job, JSONDocument, UTCDateTime
+from infra.db.models import Base, Job, JSONDocument, Tenant, UTCDateTime
+from infra.secrets import SecretBox
 from schemas.webhooks import (
     CALLBACK_EVENTS,
     SECRET_PREFIX,
@@ -86,7 +88,7 @@ class WebhookSubscriptionRow(Base):
     url: Mapped[str] = mapped_column(Text)
     events: Mapped[list[str]] = mapped_column(JSONDocument)
     description: Mapped[str | None] = mapped_column(String(500), default=None)
-    secret: Mapped[str] = mapped_column(String(100))
+    secret: Mapped[str] = mapped_column(Text)  # sealed (infra.secrets)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -98,7 +100,7 @@ class WebhookSecretRow(Base):
     tenant_id: Mapped[int] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
     )
-    secret: Mapped[str] = mapped_column(String(100))
+    secret: Mapped[str] = mapped_column(Text)  # sealed (infra.secrets)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -224,8 +226,13 @@ def _utcnow() -> datetime:
 class WebhookStore:
     """Subscriptions, secrets and deliveries in the job store's database. Thread-safe."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self, engine: Engine, box: SecretBox, *, clock: Callable[[], datetime] = _utcnow
+    ) -> None:
+        """``box`` seals the signing secrets before they reach the database and opens them
+        for the API (shown once) and the dispatcher (signing)."""
         self.engine = engine
+        self.box = box
         self._clock = clock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
@@ -234,17 +241,21 @@ class WebhookStore:
     def create_subscription(
         self, tenant_id: int, url: str, events: Sequence[str], description: str | None = None
     ) -> WebhookSubscriptionRow:
+        """The new subscription; its ``secret`` attribute is the plaintext (to show once),
+        the database holds it sealed."""
+        secret = new_secret()
         row = WebhookSubscriptionRow(
             id=str(uuid.uuid4()),
             tenant_id=tenant_id,
             url=url,
             events=sorted({WebhookEventType(e).value for e in events}),
             description=description,
-            secret=new_secret(),
+            secret=self.box.seal(secret),
             created_at=self._clock(),
         )
         with self._sessions.begin() as s:
             s.add(row)
+        row.secret = secret  # detached (expire_on_commit=False): not written back
         return row
 
     def list_subscriptions(self, tenant_id: int) -> list[WebhookSubscriptionRow]:
@@ -282,18 +293,22 @@ class WebhookStore:
         return deleted is not None
 
     def signing_secret(self, tenant_id: int) -> WebhookSecretRow:
-        """The tenant's callback signing secret, created on first use (race-safe)."""
+        """The tenant's callback signing secret, created on first use (race-safe). The
+        row's ``secret`` is the plaintext; the database holds it sealed."""
         for _ in range(3):
             with self._sessions() as s:
                 row = s.get(WebhookSecretRow, tenant_id)
             if row is not None:
+                row.secret = self.box.open(row.secret)  # detached: not written back
                 return row
+            secret = new_secret()
             try:
                 with self._sessions.begin() as s:
                     row = WebhookSecretRow(
-                        tenant_id=tenant_id, secret=new_secret(), created_at=self._clock()
+                        tenant_id=tenant_id, secret=self.box.seal(secret), created_at=self._clock()
                     )
                     s.add(row)
+                row.secret = secret
                 return row
             except IntegrityError:
                 continue  # made concurrently: read it
@@ -370,7 +385,14 @@ class WebhookStore:
         a message whose attempt was never recorded is due again)."""
         now = self._clock()
         token = uuid.uuid4().hex
-        due = (WebhookMessage.state == PENDING, WebhookMessage.next_attempt_at <= now)
+        due = (
+            WebhookMessage.state == PENDING,
+            WebhookMessage.next_attempt_at <= now,
+            # A disabled tenant's deliveries are held until it is enabled again.
+            WebhookMessage.tenant_id.not_in(
+                select(Tenant.id).where(Tenant.disabled_at.is_not(None)).scalar_subquery()
+            ),
+        )
         with self._sessions.begin() as s:
             candidates = (
                 select(WebhookMessage.id)
@@ -413,11 +435,27 @@ class WebhookStore:
         if message.subscription_id is None:
             return self.signing_secret(message.tenant_id).secret
         with self._sessions() as s:
-            return s.scalar(
+            sealed = s.scalar(
                 select(WebhookSubscriptionRow.secret).where(
                     WebhookSubscriptionRow.id == message.subscription_id
                 )
             )
+        return self.box.open(sealed) if sealed is not None else None
+
+    def seal_legacy_secrets(self, *, reseal: bool = False) -> int:
+        """Seal secrets stored in plain text by earlier versions (and, with ``reseal``,
+        re-seal every secret with the box's first key). Returns how many were rewritten."""
+        count = 0
+        with self._sessions.begin() as s:
+            rows: list[WebhookSubscriptionRow | WebhookSecretRow] = [
+                *s.scalars(select(WebhookSubscriptionRow)),
+                *s.scalars(select(WebhookSecretRow)),
+            ]
+            for row in rows:
+                if reseal or not self.box.is_sealed(row.secret):
+                    row.secret = self.box.reseal(row.secret)
+                    count += 1
+        return count
 
     def record_attempt(
         self, message: ClaimedMessage, outcome: AttemptOutcome, retry_in: timedelta | None

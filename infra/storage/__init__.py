@@ -31,6 +31,8 @@ Example: ``s3://artifacts/prod?endpoint=http://seaweed:8333&region=us-east-1``.
 """
 
 from infra.storage.base import (
+    AccessDenied,
+    BucketNotFound,
     IntegrityError,
     InvalidKey,
     ObjectExists,
@@ -45,6 +47,8 @@ from infra.storage.factory import StoreURLError, open_store, redact_url, s3_opti
 from infra.storage.local import LocalObjectStore
 
 __all__ = [
+    "AccessDenied",
+    "BucketNotFound",
     "IntegrityError",
     "InvalidKey",
     "LocalObjectStore",

@@ -50,6 +50,14 @@ class StorageUnavailable(StorageError):
     """The store cannot be reached or used (endpoint down, bucket missing, root unwritable)."""
 
 
+class BucketNotFound(StorageUnavailable):
+    """The bucket does not exist (for the artifact store: a configuration problem)."""
+
+
+class AccessDenied(StorageUnavailable):
+    """The server refused the credentials or the operation (403 and its relatives)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a store knows about one object without reading it.

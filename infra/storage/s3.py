@@ -34,11 +34,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.storage.base import (
     CHUNK,
+    AccessDenied,
+    BucketNotFound,
     IntegrityError,
     InvalidKey,
     ObjectExists,
@@ -84,6 +87,8 @@ class S3ObjectStore(ObjectStore):
     ``endpoint_url`` (any non-AWS server) path-style addressing is the default, since such
     servers rarely have per-bucket host names. ``create_bucket=True`` creates the bucket if
     it does not exist (handy for development and tests; production buckets are provisioned).
+    ``anonymous=True`` sends unsigned requests (a public bucket) and never looks for
+    credentials in the environment.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class S3ObjectStore(ObjectStore):
         max_concurrency: int = 4,
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        anonymous: bool = False,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
@@ -126,7 +132,7 @@ class S3ObjectStore(ObjectStore):
             config = Config(
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                signature_version="s3v4",
+                signature_version=UNSIGNED if anonymous else "s3v4",
                 s3={"addressing_style": style},
                 retries={"max_attempts": retries, "mode": "standard"},
                 max_pool_connections=max(10, 2 * max_concurrency),
@@ -167,7 +173,7 @@ class S3ObjectStore(ObjectStore):
         if code in _NOT_FOUND:
             return ObjectNotFound(f"{what}: not found in {self.location}")
         if code == "NoSuchBucket":
-            return StorageUnavailable(
+            return BucketNotFound(
                 f"{what}: bucket {self.bucket!r} does not exist: create it, or add "
                 "create_bucket=true to the object store URL"
             )
@@ -179,7 +185,7 @@ class S3ObjectStore(ObjectStore):
         if code in ("PreconditionFailed", "412"):
             return ObjectExists(f"{what}: the object already exists in {self.location}")
         if code in _DENIED:
-            return StorageUnavailable(
+            return AccessDenied(
                 f"{what}: access denied by {self.location} ({code}): check the access key, "
                 "secret key and the bucket policy"
             )

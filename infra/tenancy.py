@@ -1,0 +1,277 @@
+"""The tenant boundary: what a tenant may name as an input or a push target, and with which
+credentials the service acts for it. Shared by the API (checks at submission) and the
+workers (the same checks again, then the reads), torch-free and without I/O of its own
+except :func:`open_granted_store`, which only builds a client.
+
+A tenant may name:
+
+- Hub repositories: pulled with the tenant's own token (``PUT /v1/tenant/hub-token``), or
+  with the service's token where the operator granted it to the tenant, or anonymously.
+  Never with a token the tenant was not given: no implicit ``HF_TOKEN`` fallback.
+- Its own ``artifact://`` versions (artifact keys start with the tenant's name).
+- ``s3://`` locations only under an :class:`S3GrantInfo` the operator made for it
+  (``weightsmith tenants grant-s3``), read with that grant's credentials; never the artifact
+  store's bucket (other tenants' artifacts, the shared ``_cache/``).
+- Local paths only where the operator allows them (``WEIGHTSMITH_ALLOW_LOCAL_PATHS``),
+  absolute, existing, and never inside the service's data directory or a local artifact
+  store.
+
+A refused ``s3://`` location gets the same answer whether it is missing or not granted
+(:func:`s3_refusal`), so the answer tells nothing about other tenants' objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
+    from infra.storage.s3 import S3ObjectStore
+
+CredentialsMode = Literal["keys", "anonymous", "store"]
+CREDENTIAL_MODES: tuple[CredentialsMode, ...] = ("keys", "anonymous", "store")
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+
+
+class GrantError(ValueError):
+    """A grant the operator asked for that cannot be made; the message says why."""
+
+
+def s3_refusal(raw: str) -> str:
+    """The one answer for an ``s3://`` input that is missing *or* not granted."""
+    return (
+        f"{raw} does not exist or is not readable by this tenant: s3:// inputs must lie under a "
+        "location the operator granted to the tenant (GET /v1/tenant lists them; "
+        "'weightsmith tenants grant-s3'); or upload the files as an artifact "
+        "('weightsmith push DIR artifact://NAME')"
+    )
+
+
+# ---- S3 grants ------------------------------------------------------------------------------
+
+
+def normalize_prefix(prefix: str) -> str:
+    """A grant prefix as stored: "" for the whole bucket, else segments ending in "/"."""
+    p = prefix.strip("/")
+    if not p:
+        return ""
+    if any(seg in ("", ".", "..") for seg in p.split("/")) or "\\" in p:
+        raise GrantError(f"prefix {prefix!r}: no empty, '.' or '..' segments, no backslashes")
+    return p + "/"
+
+
+def parse_s3_location(raw: str) -> tuple[str, str]:
+    """``s3://bucket/key/prefix`` → (bucket, key) with the key checked segment by segment."""
+    if not raw.startswith("s3://"):
+        raise GrantError(f"{raw!r} is not an s3:// location (s3://BUCKET/PREFIX/)")
+    bucket, _, key = raw[len("s3://") :].partition("/")
+    if not _BUCKET.match(bucket):
+        raise GrantError(f"{raw!r}: {bucket!r} is not an S3 bucket name")
+    return bucket, key
+
+
+def normalize_endpoint(endpoint: str | None) -> str | None:
+    """``scheme://host:port`` in lower case with the port made explicit; None for AWS."""
+    if endpoint is None or not endpoint.strip():
+        return None
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GrantError(f"endpoint {endpoint!r} must be 'http(s)://host[:port]'")
+    if parts.username or parts.password or parts.query or parts.path.strip("/"):
+        raise GrantError(
+            f"endpoint {endpoint!r}: give only scheme, host and port (credentials go in "
+            "--access-key-id and the secret)"
+        )
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
+
+
+@dataclass(frozen=True)
+class S3GrantInfo:
+    """One S3 grant with its credentials opened (``secret_access_key`` never shown)."""
+
+    id: str
+    bucket: str
+    prefix: str
+    endpoint: str | None
+    region: str | None
+    credentials: CredentialsMode
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def covers(self, bucket: str, key: str) -> bool:
+        """True when ``s3://bucket/key`` lies under this grant (whole path segments only)."""
+        if bucket != self.bucket or any(seg in (".", "..") for seg in key.split("/")):
+            return False  # a server that normalises paths could resolve '..' elsewhere
+        if not self.prefix:
+            return True
+        return key == self.prefix.rstrip("/") or key.startswith(self.prefix)
+
+
+@dataclass(frozen=True)
+class ArtifactBucket:
+    """The artifact store's bucket and endpoint: never readable through a grant."""
+
+    bucket: str
+    endpoint: str | None
+
+
+def artifact_bucket(settings: Settings) -> ArtifactBucket | None:
+    """The artifact store's S3 bucket (None for a local artifact store)."""
+    if not settings.object_store_url.startswith("s3://"):
+        return None
+    from infra.storage.factory import s3_options
+
+    options = s3_options(settings.object_store_url)
+    return ArtifactBucket(options["bucket"], normalize_endpoint(options.get("endpoint_url")))
+
+
+def is_artifact_bucket(settings: Settings, bucket: str, endpoint: str | None) -> bool:
+    store = artifact_bucket(settings)
+    return store is not None and store.bucket == bucket and store.endpoint == endpoint
+
+
+def open_granted_store(grant: S3GrantInfo, settings: Settings) -> S3ObjectStore:
+    """A client for the grant's bucket with the grant's credentials (none of the artifact
+    store's unless the grant says ``store``). Refuses the artifact store's bucket."""
+    from infra.storage.factory import s3_options
+    from infra.storage.s3 import S3ObjectStore
+
+    if is_artifact_bucket(settings, grant.bucket, grant.endpoint):
+        raise GrantError(
+            f"grant {grant.location} names the artifact store's bucket, which no tenant may "
+            "read directly; revoke it"
+        )
+    if grant.credentials == "keys":
+        access, secret = grant.access_key_id, grant.secret_access_key
+    elif grant.credentials == "store":
+        if not settings.object_store_url.startswith("s3://"):
+            raise GrantError(
+                f"grant {grant.location} uses the artifact store's credentials, but the "
+                "artifact store is not S3"
+            )
+        options = s3_options(settings.object_store_url)
+        access, secret = options.get("access_key"), options.get("secret_key")
+    else:
+        access = secret = None
+    store = S3ObjectStore(
+        grant.bucket,
+        endpoint_url=grant.endpoint,
+        access_key=access,
+        secret_key=secret,
+        region=grant.region,
+        anonymous=grant.credentials == "anonymous",
+    )
+    return store
+
+
+# ---- what a tenant acts with ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TenantAccess:
+    """A tenant as the boundary sees it: its grants and the Hub token its jobs use."""
+
+    tenant_id: int
+    name: str
+    disabled: bool
+    # The token for the tenant's Hub requests: its own, else the operator's where granted,
+    # else None (anonymous: never an implicit token from the environment).
+    hub_token: str | None = field(default=None, repr=False)
+    hub_token_source: Literal["tenant", "operator"] | None = None
+    push_namespaces: frozenset[str] = frozenset()
+    s3_grants: tuple[S3GrantInfo, ...] = ()
+
+    def s3_grant_for(self, bucket: str, key: str) -> S3GrantInfo | None:
+        """The most specific grant covering ``s3://bucket/key``, or None."""
+        covering = [g for g in self.s3_grants if g.covers(bucket, key)]
+        return max(covering, key=lambda g: len(g.prefix), default=None)
+
+    def may_push_to(self, repo: str) -> bool:
+        return repo.split("/", 1)[0] in self.push_namespaces
+
+
+def check_namespace(namespace: str) -> str:
+    if not _NAMESPACE.match(namespace):
+        raise GrantError(
+            f"{namespace!r} is not a Hub namespace (a user or organisation name: letters, "
+            "digits, '.', '_' or '-', at most 96 characters)"
+        )
+    return namespace
+
+
+# ---- local paths ----------------------------------------------------------------------------
+
+
+class LocalPathRefused(ValueError):
+    """A local path a tenant may not read; the message says why and what to use instead."""
+
+
+def _protected(settings: Settings) -> tuple[list[Path], Path | None]:
+    """The folders no tenant may read from (data directory, local artifact store) and the
+    SQLite database file (with its -wal and -shm companions)."""
+    roots = [settings.data_dir]
+    url = settings.object_store_url
+    if url.startswith("file://"):
+        roots.append(Path(urlsplit(url).path))
+    elif "://" not in url:
+        roots.append(Path(url))
+    db = settings.database_url
+    database = Path(db[len("sqlite:///") :]) if db.startswith("sqlite:///") else None
+    resolved_db = database.expanduser().resolve() if database is not None else None
+    return [r.expanduser().resolve() for r in roots], resolved_db
+
+
+def check_local_path(raw: str, settings: Settings, *, must_exist: bool = True) -> Path:
+    """The absolute, resolved path a tenant names, if it may be read; else LocalPathRefused.
+
+    Only where ``WEIGHTSMITH_ALLOW_LOCAL_PATHS`` is on; relative paths are refused (relative to
+    what, on a server?); the path must exist, and it may neither lie in nor contain the
+    service's data directory or local artifact store, nor be its database file (other
+    tenants' data).
+    """
+    if not settings.allow_local_paths:
+        raise LocalPathRefused(
+            f"local path {raw!r} refused: this service does not read its own disk for clients "
+            "(the operator can allow it with WEIGHTSMITH_ALLOW_LOCAL_PATHS); use a hub "
+            "repository, an s3:// location granted to you, or upload the files as an artifact "
+            "('weightsmith push DIR artifact://NAME')"
+        )
+    text = raw[len("file://") :] if raw.startswith("file://") else raw
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise LocalPathRefused(f"local path {raw!r} refused: the service needs an absolute path")
+    resolved = path.resolve()
+    roots, database = _protected(settings)
+    # Inside the service's data, or a folder holding it (an index could point into it).
+    inside = any(
+        resolved == root or root in resolved.parents or resolved in root.parents
+        for root in roots
+    )
+    if database is not None and str(resolved).startswith(str(database)):
+        inside = True
+    if inside:
+        raise LocalPathRefused(
+            f"local path {raw!r} refused: it lies inside the service's own data "
+            "(artifacts, database), which tenants reach only through artifact:// "
+            "references"
+        )
+    if must_exist and not resolved.exists():
+        raise LocalPathRefused(f"local path {raw!r} does not exist on the service's disk")
+    return resolved
+
+
+def describe_grants(grants: Iterable[S3GrantInfo]) -> list[dict[str, str | None]]:
+    """Grants as a tenant may see them: location and endpoint, never credentials."""
+    return [{"location": g.location, "endpoint": g.endpoint} for g in grants]
