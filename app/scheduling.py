@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from app.problems import ApiProblem
-from app.service import Principal, Service, default_queue
+from app.service import Principal, Service
 from app.submission import pin_recipe, reference_locations, submit_job
-from infra.db import ApiKeys, JobStore, make_engine
+from infra.db import make_engine
 from infra.db.schedules import ScheduleStore
 from infra.queue import JobQueue
 from infra.schedules import (
@@ -29,7 +29,6 @@ from infra.schedules import (
     redis_url_for,
 )
 from infra.settings import Settings
-from infra.storage import open_store
 from schemas.jobs import JobCreate, JobKind
 
 log = logging.getLogger("weightsmith.schedules")
@@ -109,15 +108,7 @@ class Scheduling:
 def service_for_firing(settings: Settings, queue: JobQueue | None = None) -> Service:
     """A Service for a process that fires schedules but serves no requests (the light
     worker, the embedded ticker): no migrations, no bootstrap key (the API does those)."""
-    engine = make_engine(settings.database_url)
-    return Service(
-        settings=settings,
-        engine=engine,
-        jobs=JobStore.from_settings(settings, engine),
-        keys=ApiKeys(engine),
-        store=open_store(settings.object_store_url),
-        queue=queue if queue is not None else default_queue(settings),
-    )
+    return Service.connect(settings, make_engine(settings.database_url), queue)
 
 
 def start_embedded_ticker(

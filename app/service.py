@@ -18,9 +18,13 @@ from sqlalchemy import Engine
 from app.problems import ApiProblem
 from infra.db import ApiKeys, JobStore, bootstrap_api_key, make_engine, upgrade_database
 from infra.db.engine import normalize_database_url
+from infra.db.tenants import TenantStore
+from infra.db.webhooks import WebhookStore
 from infra.queue import CeleryQueue, InProcessQueue, JobQueue
+from infra.secrets import SecretBox, private_directory
 from infra.settings import Settings
 from infra.storage import ObjectStore, open_store
+from infra.tenancy import TenantAccess
 
 log = logging.getLogger("weightsmith.api")
 
@@ -33,21 +37,43 @@ class Service:
     keys: ApiKeys
     store: ObjectStore
     queue: JobQueue
+    box: SecretBox
+    tenants: TenantStore
+    webhooks: WebhookStore
 
     @classmethod
     def start(cls, settings: Settings, queue: JobQueue | None = None) -> Service:
-        """Connect everything, bring the database schema to head, make sure a key exists."""
+        """Connect everything, bring the database schema to head, make sure a key exists,
+        and seal any secret stored before secrets were encrypted."""
+        private_directory(settings.data_dir)
         engine = _engine(settings)
         upgrade_database(engine)
-        keys = ApiKeys(engine, cache_seconds=settings.auth_cache_seconds)
-        bootstrap_api_key(keys, settings)
+        service = cls.connect(settings, engine, queue)
+        bootstrap_api_key(service.keys, settings)
+        service.webhooks.seal_legacy_secrets()
+        return service
+
+    @classmethod
+    def connect(cls, settings: Settings, engine: Engine, queue: JobQueue | None = None) -> Service:
+        """The service's parts on a migrated database (no migration, no bootstrap key)."""
+        box = SecretBox.from_settings(settings)
         return cls(
             settings=settings,
             engine=engine,
             jobs=JobStore.from_settings(settings, engine),
-            keys=keys,
+            keys=ApiKeys(engine, cache_seconds=settings.auth_cache_seconds),
             store=open_store(settings.object_store_url),
             queue=queue if queue is not None else default_queue(settings),
+            box=box,
+            tenants=TenantStore(engine, box),
+            webhooks=WebhookStore(engine, box),
+        )
+
+    def access(self, tenant_id: int) -> TenantAccess:
+        """What the tenant may name, and the Hub token its requests use (infra.tenancy)."""
+        token = self.settings.hf_token
+        return self.tenants.access(
+            tenant_id, operator_hub_token=token.get_secret_value() if token else None
         )
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from infra.artifacts import (
     ArtifactError,
     ArtifactNotFound,
     find_by_recipe_hash,
+    read_manifest,
     resolve_artifact,
     reusable_recipe_hash,
 )
@@ -40,7 +41,23 @@ from infra.db.jobstore import REUSED_PHASE
 from infra.db.models import Job
 from infra.hub import HubAccess, HubPinError, pin_hub_reference
 from infra.queue import QueueUnavailable
-from infra.storage import StorageError, StorageUnavailable
+from infra.storage import (
+    AccessDenied,
+    BucketNotFound,
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+)
+from infra.tenancy import (
+    GrantError,
+    LocalPathRefused,
+    TenantAccess,
+    check_local_path,
+    open_granted_store,
+    s3_refusal,
+)
+from schemas.edit_recipe import parse_corpus_path
 from schemas.jobs import (
     ArtifactRef,
     JobCreate,
@@ -111,7 +128,7 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
 def submit_job(
     service: Service, principal: Principal, request: JobCreate, idempotency_key: str | None
 ) -> Submitted:
-    check_publish(service, request)
+    check_publish(service, principal, request)
     if request.callback_url is not None:  # no private addresses (SSRF): see infra.webhooks
         refuse_unsafe_url(service.settings, str(request.callback_url), "/callback_url")
     jobs = service.jobs
@@ -164,16 +181,28 @@ def submit_job(
     )
 
 
-def check_publish(service: Service, request: JobCreate) -> None:
-    """Refuse a Hub push the workers could not make: this service has no Hub token."""
+def check_publish(service: Service, principal: Principal, request: JobCreate) -> None:
+    """Refuse a Hub push the tenant may not make: a namespace the operator did not grant it,
+    or no token to push with (its own, or the service's where granted)."""
     if request.publish is None or request.publish.hub_repo is None:
         return
-    if service.settings.hf_token is None:
+    repo = request.publish.hub_repo
+    access = service.access(principal.tenant_id)
+    message: str | None = None
+    if not access.may_push_to(repo):
+        granted = ", ".join(sorted(access.push_namespaces)) or "none"
         message = (
-            "pushing to the Hugging Face Hub needs a token with write access, and this service "
-            "has none configured (WEIGHTSMITH_HF_TOKEN): leave out publish.hub_repo, or ask the "
-            "operator to configure a token"
+            f"this tenant may not push to {repo!r}: pushes go only to Hub namespaces the "
+            f"operator granted to the tenant (granted: {granted}; 'weightsmith tenants "
+            "grant-hub-push')"
         )
+    elif access.hub_token is None:
+        message = (
+            "pushing to the Hugging Face Hub needs a token with write access: store one "
+            "(PUT /v1/tenant/hub-token, 'weightsmith hub-token set') or ask the operator to "
+            "grant the service's token; or leave out publish.hub_repo"
+        )
+    if message is not None:
         raise ApiProblem(
             422,
             f"/publish/hub_repo: {message}",
@@ -281,18 +310,22 @@ def reference_locations(kind: JobKind, recipe: dict[str, Any]) -> Iterator[Locat
 def pin_recipe(
     service: Service, principal: Principal, kind: JobKind, recipe: dict[str, Any]
 ) -> dict[str, Any]:
-    """A copy of ``recipe`` with every model reference pinned; raises ApiProblem."""
+    """A copy of ``recipe`` with every model reference pinned, after checking that the
+    tenant may read every input it names (infra.tenancy); raises ApiProblem."""
+    access = service.access(principal.tenant_id)
     pinned = copy.deepcopy(recipe)
     done: dict[str, str] = {}  # the same reference twice is looked up once
     for loc in reference_locations(kind, recipe):
         raw: str = _get(recipe, loc)
         if raw not in done:
-            done[raw] = str(_pin_one(service, principal, raw, loc))
+            done[raw] = str(_pin_one(service, access, raw, loc))
         _set(pinned, loc, done[raw])
+    if kind is JobKind.EDIT:
+        _check_corpus_paths(service, access, recipe)
     return pinned
 
 
-def _pin_one(service: Service, principal: Principal, raw: str, loc: Location) -> ModelReference:
+def _pin_one(service: Service, access: TenantAccess, raw: str, loc: Location) -> ModelReference:
     settings = service.settings
     pointer = "/recipe/" + "/".join(str(p) for p in loc)
     try:
@@ -300,9 +333,8 @@ def _pin_one(service: Service, principal: Principal, raw: str, loc: Location) ->
     except ReferenceError_ as e:  # schemas/ validated it already; belt and braces
         raise _invalid(pointer, str(e), raw) from e
     if ref.kind is ReferenceKind.HUB:
-        token = settings.hf_token.get_secret_value() if settings.hf_token else None
         try:
-            return pin_hub_reference(ref, HubAccess(settings.hf_endpoint, token))
+            return pin_hub_reference(ref, HubAccess(settings.hf_endpoint, access.hub_token))
         except HubPinError as e:
             if e.retryable:
                 raise ApiProblem(
@@ -316,7 +348,7 @@ def _pin_one(service: Service, principal: Principal, raw: str, loc: Location) ->
     if ref.kind is ReferenceKind.ARTIFACT:
         try:
             found = resolve_artifact(
-                service.store, principal.tenant, ref.location, ref.revision or "latest"
+                service.store, access.name, ref.location, ref.revision or "latest"
             )
         except StorageUnavailable as e:
             raise ApiProblem(
@@ -327,15 +359,79 @@ def _pin_one(service: Service, principal: Principal, raw: str, loc: Location) ->
         except ArtifactError as e:
             raise _invalid(pointer, str(e), raw) from e
         return ModelReference.model_validate(found.reference)
-    if ref.kind is ReferenceKind.LOCAL and not settings.allow_local_paths:
-        raise _invalid(
-            pointer,
-            f"local path {raw!r} refused: this service does not read its own disk for clients "
-            "(the operator can allow it with WEIGHTSMITH_ALLOW_LOCAL_PATHS); use a hub "
-            "repository, s3:// or artifact:// reference",
-            raw,
-        )
+    if ref.kind is ReferenceKind.S3:
+        bucket, _, key = ref.location.partition("/")
+        _check_s3(service, access, raw, bucket, key, pointer, folder=True)
+        return ref
+    try:
+        check_local_path(ref.location, settings)
+    except LocalPathRefused as e:
+        raise _invalid(pointer, str(e), raw) from e
     return ref
+
+
+def _check_s3(
+    service: Service,
+    access: TenantAccess,
+    raw: str,
+    bucket: str,
+    key: str,
+    pointer: str,
+    *,
+    folder: bool,
+) -> None:
+    """422 unless ``s3://bucket/key`` lies under one of the tenant's grants and exists there
+    (an object, or with ``folder`` a non-empty prefix), read with the grant's credentials.
+    Missing and not granted get the same answer; only an unreachable server is a 503."""
+    grant = access.s3_grant_for(bucket, key)
+    found = False
+    if grant is not None:
+        try:
+            remote = open_granted_store(grant, service.settings)
+            if folder:
+                base = f"{key.rstrip('/')}/" if key else ""
+                found = next(iter(remote.list(base)), None) is not None
+            else:
+                found = remote.stat(key) is not None
+        except (GrantError, ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
+            found = False
+        except StorageUnavailable as e:
+            raise ApiProblem(
+                503,
+                f"{pointer}: the S3 server of {grant.location} could not be reached; try again",
+                title="Storage unavailable",
+                headers={"Retry-After": "10"},
+            ) from e
+        except StorageError:
+            found = False
+    if not found:
+        raise _invalid(pointer, s3_refusal(raw), raw)
+
+
+def _check_corpus_paths(service: Service, access: TenantAccess, recipe: dict[str, Any]) -> None:
+    """An edit's covariance text files: each must be readable by the tenant now."""
+    covariance = recipe.get("covariance")
+    paths = covariance.get("paths") if isinstance(covariance, dict) else None
+    for i, raw in enumerate(paths or []):
+        pointer = f"/recipe/covariance/paths/{i}"
+        loc = parse_corpus_path(raw)  # validated with the recipe
+        if loc.kind == "s3":
+            _check_s3(service, access, raw, loc.container or "", loc.path, pointer, folder=False)
+        elif loc.kind == "local":
+            try:
+                check_local_path(loc.path, service.settings)
+            except LocalPathRefused as e:
+                raise _invalid(pointer, str(e), raw) from e
+        else:
+            assert loc.container is not None and loc.version is not None
+            try:
+                read_manifest(service.store, access.name, loc.container, loc.version)
+            except StorageUnavailable as e:
+                raise ApiProblem(
+                    503, f"{pointer}: the object store is unavailable: {e}", model=raw
+                ) from e
+            except ArtifactError as e:
+                raise _invalid(pointer, str(e), raw) from e
 
 
 def _invalid(pointer: str, message: str, model: str) -> ApiProblem:

@@ -19,6 +19,7 @@ from schemas.references import COMMIT_SHA, ModelReference, ReferenceKind
 
 DEFAULT_REVISION = "main"
 TIMEOUT_S = 10.0
+_STORE_TOKEN = "PUT /v1/tenant/hub-token, or 'weightsmith hub-token set'"
 
 
 class HubPinError(Exception):
@@ -34,10 +35,19 @@ class HubPinError(Exception):
 
 @dataclass(frozen=True)
 class HubAccess:
-    """Where the Hub is and how to authenticate (from the service settings)."""
+    """Where the Hub is and the token of the tenant the request is for (infra.tenancy).
+
+    ``token`` None means anonymous: no token at all, never one huggingface_hub would find in
+    the environment (``HF_TOKEN``) or a saved login, which may be the operator's.
+    """
 
     endpoint: str | None = None  # None: huggingface_hub's default
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def client_token(self) -> str | bool:
+        """What huggingface_hub's ``token=`` gets: the token, or False (send none)."""
+        return self.token if self.token else False
 
 
 def pin_hub_reference(ref: ModelReference, access: HubAccess) -> ModelReference:
@@ -50,7 +60,7 @@ def pin_hub_reference(ref: ModelReference, access: HubAccess) -> ModelReference:
         raise ValueError(f"{ref} is not a Hugging Face Hub reference")
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=access.endpoint, token=access.token)
+    api = HfApi(endpoint=access.endpoint, token=access.client_token)
     try:
         info = api.model_info(
             ref.location, revision=ref.revision or DEFAULT_REVISION, timeout=TIMEOUT_S
@@ -98,17 +108,17 @@ def _translate(e: Exception, ref: ModelReference, access: HubAccess) -> HubPinEr
     has_token = bool(access.token)
     if isinstance(e, GatedRepoError):
         why = (
-            "the configured token has no access: accept the model's conditions on its Hub page "
-            "with the token's account, or configure another token"
+            "the tenant's Hub token has no access: accept the model's conditions on its Hub "
+            "page with the token's account, or store another token (PUT /v1/tenant/hub-token)"
             if has_token
-            else "configure a Hugging Face token with access (WEIGHTSMITH_HF_TOKEN)"
+            else f"store a Hugging Face token with access ({_STORE_TOKEN})"
         )
         return HubPinError(f"{repo} is gated: {why}", model=model)
     if isinstance(e, RepositoryNotFoundError):
         why = (
-            "check the repo id; if it is private, the configured token has no access"
+            "check the repo id; if it is private, the tenant's Hub token has no access"
             if has_token
-            else "check the repo id; if it is private, configure a token (WEIGHTSMITH_HF_TOKEN)"
+            else f"check the repo id; if it is private, store a token with access ({_STORE_TOKEN})"
         )
         return HubPinError(f"repository {repo} not found on the Hub ({why})", model=model)
     if isinstance(e, RevisionNotFoundError):
@@ -124,7 +134,7 @@ def _translate(e: Exception, ref: ModelReference, access: HubAccess) -> HubPinEr
         if status in (401, 403):
             return HubPinError(
                 f"{repo} is gated or private and the Hub refused access (HTTP {status}); "
-                "configure a token with access (WEIGHTSMITH_HF_TOKEN)",
+                f"store a token with access ({_STORE_TOKEN})",
                 model=model,
             )
         retryable = status is None or status == 429 or status >= 500

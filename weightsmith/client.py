@@ -46,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.jobs import JobKind, JobList, JobState, JobView, PublishOptions
 from schemas.references import ReferenceError_, ReferenceKind, parse_reference
+from schemas.tenants import TenantView
 
 URL_ENV = "WEIGHTSMITH_URL"
 TOKEN_ENV = "WEIGHTSMITH_TOKEN"
@@ -431,6 +432,21 @@ class Client:
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(pause)
+
+    # -- the tenant's account -------------------------------------------------------------
+
+    def get_tenant(self) -> TenantView:
+        """The tenant's grants (s3:// locations, Hub push namespaces) and Hub token status."""
+        return _parse(TenantView, self._request("GET", "/v1/tenant"))
+
+    def set_hub_token(self, token: str) -> None:
+        """Store the tenant's own Hugging Face token (encrypted, never returned): its jobs'
+        Hub pulls and pushes use it from then on."""
+        self._request("PUT", "/v1/tenant/hub-token", json_body={"token": token})
+
+    def clear_hub_token(self) -> None:
+        """Forget the tenant's Hugging Face token."""
+        self._request("DELETE", "/v1/tenant/hub-token")
 
     # -- artifacts ------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ directly. The job store is the source of truth:
   once they are used up. Success publishes the output as the next artifact version (idempotent
   per job) and records it.
 
-The Hugging Face token comes from the worker's settings; it goes to the Hub client only, never
-into the job record, an error message or a log line.
+The job acts for its tenant only (infra.tenancy): Hub requests use the tenant's own token (or
+the service's where the operator granted it, else none), ``s3://`` inputs are read with the
+credentials of the tenant's grant covering them, local paths only where allowed. The token
+goes to the Hub client only, never into the job record, an error message or a log line.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
 from infra.artifacts import (
     LATEST,
     MANIFEST,
@@ -52,9 +52,24 @@ from infra.artifacts import (
     resolve_artifact,
     reusable_recipe_hash,
 )
-from infra.db.models import Tenant
 from infra.logging import log_context
-from infra.storage import ObjectStore, StorageError, s3_options
+from infra.secrets import SecretBox
+from infra.storage import (
+    AccessDenied,
+    BucketNotFound,
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+)
+from infra.tenancy import (
+    GrantError,
+    LocalPathRefused,
+    TenantAccess,
+    check_local_path,
+    open_granted_store,
+    s3_refusal,
+)
 from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
 from schemas.jobs import ArtifactRef, JobError, JobKind
 from schemas.references import ModelReference, ReferenceKind
@@ -62,6 +77,7 @@ from schemas.references import ModelReference, ReferenceKind
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
     from infra.settings import Settings
+    from infra.storage.s3 import S3ObjectStore
     from schemas.recipe import MergeRecipe
     from workers.edit.engine import EditGateError
     from workers.merge.engine import Progress
@@ -159,16 +175,17 @@ def _run_claimed(
     from workers.sources import SourceUnavailable
 
     try:
-        tenant = _tenant_name(store, job.tenant_id)
+        access = tenant_access(store, settings, job.tenant_id)
+        tenant = access.name
         recipe = _parse_recipe(job)
         # an edit loads its model with transformers: never from pickle weights
         allow_pickle = not isinstance(recipe, EditRecipe) and recipe.allow_pickle
-        sources = source_settings(settings, allow_pickle=allow_pickle)
+        sources = source_settings(settings, access, allow_pickle=allow_pickle)
         watch.report_phase("resolve")
         watch.check()
-        resolved = _resolve_inputs(recipe, sources, settings, object_store, tenant, work, watch)
+        resolved = _resolve_inputs(recipe, sources, settings, object_store, access, work, watch)
         if isinstance(recipe, EditRecipe):
-            result: Any = _edit(recipe, work, settings, object_store, tenant, resolved, watch)
+            result: Any = _edit(recipe, work, settings, object_store, access, resolved, watch)
         else:
             result = _merge(recipe, work / "out", sources, resolved, device, watch)
     except CancelledError:
@@ -242,6 +259,7 @@ def _run_claimed(
         settings=settings,
         object_store=object_store,
         worker_id=watch.worker_id,
+        access=access,
     )
     if not pushed:
         return
@@ -286,25 +304,28 @@ def soft_time_limit(settings: Settings) -> float:
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def source_settings(settings: Settings, *, allow_pickle: bool) -> SourceSettings:
-    """How this worker resolves references: the operator's hub endpoint and token."""
+def source_settings(
+    settings: Settings, access: TenantAccess, *, allow_pickle: bool
+) -> SourceSettings:
+    """How this worker resolves the job's references: the operator's hub endpoint and the
+    tenant's Hub token (its own, or the service's where granted, else none at all)."""
     from workers.sources import SourceSettings
 
-    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
     return SourceSettings(
         hub_endpoint=settings.hf_endpoint,
-        hub_token=token,
+        hub_token=access.hub_token or False,
         allow_local=settings.allow_local_paths,
         allow_pickle=allow_pickle and settings.allow_pickle,
     )
 
 
-def _tenant_name(store: JobStore, tenant_id: int) -> str:
-    with store.engine.connect() as conn:
-        name = conn.scalar(select(Tenant.name).where(Tenant.id == tenant_id))
-    if name is None:
-        raise RuntimeError(f"tenant {tenant_id} of the job does not exist")
-    return str(name)
+def tenant_access(store: JobStore, settings: Settings, tenant_id: int) -> TenantAccess:
+    """The job's tenant with its grants and Hub token (infra.tenancy), secrets opened."""
+    from infra.db.tenants import TenantStore
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
+    tenants = TenantStore(store.engine, SecretBox.from_settings(settings))
+    return tenants.access(tenant_id, operator_hub_token=token)
 
 
 def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe:
@@ -347,21 +368,29 @@ def _resolve_inputs(
     sources: SourceSettings,
     settings: Settings,
     object_store: ObjectStore,
-    tenant: str,
+    access: TenantAccess,
     work: Path,
     watch: _JobWatch,
 ) -> dict[str, ResolvedModel]:
-    """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths."""
+    """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths,
+    each checked again against what the tenant may read (infra.tenancy)."""
+    from workers.errors import InputError
     from workers.sources import resolve_reference
 
     resolved: dict[str, ResolvedModel] = {}
     for i, ref in enumerate(_references(recipe)):
         watch.check()
         if ref.kind is ReferenceKind.ARTIFACT:
-            resolved[str(ref)] = _resolve_artifact(ref, object_store, tenant, work / f"input-{i}")
+            dest = work / f"input-{i}"
+            resolved[str(ref)] = _resolve_artifact(ref, object_store, access.name, dest)
         elif ref.kind is ReferenceKind.S3:
-            resolved[str(ref)] = _resolve_s3(ref, settings, sources, work / f"input-{i}")
+            resolved[str(ref)] = _resolve_s3(ref, settings, access, sources, work / f"input-{i}")
         else:
+            if ref.kind is ReferenceKind.LOCAL:
+                try:
+                    check_local_path(ref.location, settings)
+                except LocalPathRefused as e:
+                    raise InputError(str(e), model=str(ref)) from None
             resolved[str(ref)] = resolve_reference(ref, sources)
     return resolved
 
@@ -395,24 +424,44 @@ def _resolve_artifact(
     return _local_checkpoint(ref, pinned, dest, str(version.version))
 
 
+def _granted_store(
+    raw: str,
+    bucket: str,
+    key: str,
+    settings: Settings,
+    access: TenantAccess,
+    *,
+    field: str | None = None,
+) -> S3ObjectStore:
+    """A client for ``s3://bucket/key`` with the credentials of the tenant's grant covering
+    it; InputError (the same words as at submission) when no grant covers it."""
+    from workers.errors import InputError
+
+    grant = access.s3_grant_for(bucket, key)
+    if grant is None:
+        raise InputError(s3_refusal(raw), field=field, model=None if field else raw)
+    try:
+        return open_granted_store(grant, settings)
+    except GrantError:
+        raise InputError(s3_refusal(raw), field=field, model=None if field else raw) from None
+
+
 def _resolve_s3(
-    ref: ModelReference, settings: Settings, sources: SourceSettings, dest: Path
+    ref: ModelReference,
+    settings: Settings,
+    access: TenantAccess,
+    sources: SourceSettings,
+    dest: Path,
 ) -> ResolvedModel:
-    """Fetch a checkpoint folder from S3-compatible storage (the artifact store's server and
-    credentials); only the files a merge needs."""
+    """Fetch a checkpoint folder from an S3 location granted to the tenant, with that
+    grant's credentials; only the files a merge needs."""
     from workers.errors import SourceError
-    from workers.sources import select_files
+    from workers.sources import SourceUnavailable, select_files
     from workers.sources.selection import NoWeightsError
 
     bucket, _, prefix = ref.location.partition("/")
-    options: dict[str, Any] = {}
-    if settings.object_store_url.startswith("s3://"):
-        options = s3_options(settings.object_store_url)
-    options.update(bucket=bucket, prefix="", create_bucket=False)
+    remote = _granted_store(str(ref), bucket, prefix, settings, access)
     try:
-        from infra.storage.s3 import S3ObjectStore
-
-        remote = S3ObjectStore(**options)
         base = f"{prefix}/" if prefix else ""
         listing = {info.key[len(base) :]: info for info in remote.list(base)}
 
@@ -427,8 +476,10 @@ def _resolve_s3(
             remote.download_file(base + name, dest / name)
     except NoWeightsError as e:
         raise SourceError(f"{ref}: {e}", model=str(ref)) from None
+    except (ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
+        raise SourceError(s3_refusal(str(ref)), model=str(ref)) from None
     except StorageError as e:
-        raise SourceError(f"cannot read {ref}: {e}", model=str(ref)) from None
+        raise SourceUnavailable(f"cannot read {ref}: {e}", model=str(ref)) from None
     return _local_checkpoint(ref, ref, dest, None)
 
 
@@ -475,7 +526,7 @@ def _edit(
     work: Path,
     settings: Settings,
     object_store: ObjectStore,
-    tenant: str,
+    access: TenantAccess,
     resolved: dict[str, ResolvedModel],
     watch: _JobWatch,
 ) -> _EditOutput:
@@ -487,11 +538,11 @@ def _edit(
     revision = None  # the engine's default: hub commit, else the weights' content hash
     if recipe.model.kind is ReferenceKind.ARTIFACT:
         # artifact names are per tenant: qualify the version so the shared cache is safe
-        revision = f"artifact://{tenant}/{recipe.model.location}@{model.revision}"
+        revision = f"artifact://{access.name}/{recipe.model.location}@{model.revision}"
     corpus = None
     if recipe.covariance.source == "text":
         watch.report_phase("fetch-corpus")
-        corpus = _fetch_corpus(recipe, settings, object_store, tenant, work / "corpus", watch)
+        corpus = _fetch_corpus(recipe, settings, object_store, access, work / "corpus", watch)
     result = run_edit(
         recipe,
         work / "out",
@@ -531,15 +582,16 @@ def _fetch_corpus(
     recipe: EditRecipe,
     settings: Settings,
     object_store: ObjectStore,
-    tenant: str,
+    access: TenantAccess,
     dest: Path,
     watch: _JobWatch,
 ) -> list[Path]:
     """The covariance text files of ``covariance.paths`` as local files, in order.
 
-    ``s3://`` reads the artifact store's S3 server with its credentials, ``artifact://``
-    this tenant's artifacts (the file's sha256 checked against the manifest), a local path
-    only where the operator allows local paths. Missing files fail the job (InputError)."""
+    ``s3://`` reads a location granted to the tenant with that grant's credentials,
+    ``artifact://`` this tenant's artifacts (the file's sha256 checked against the
+    manifest), a local path only where the operator allows local paths (infra.tenancy).
+    Missing or refused files fail the job (InputError)."""
     from workers.errors import InputError
     from workers.sources import SourceUnavailable
 
@@ -555,9 +607,9 @@ def _fetch_corpus(
                 files.append(_local_corpus(raw, settings, where))
                 continue
             if loc.kind == "s3":
-                _s3_corpus(loc.container or "", loc.path, settings, target)
+                _s3_corpus(raw, loc.container or "", loc.path, settings, access, target, where)
             else:
-                _artifact_corpus(object_store, tenant, loc, target)
+                _artifact_corpus(object_store, access.name, loc, target)
         except ArtifactError as e:
             raise InputError(f"{raw}: {e}", field=where) from None
         except FileNotFoundError as e:
@@ -571,16 +623,12 @@ def _fetch_corpus(
 def _local_corpus(raw: str, settings: Settings, where: str) -> Path:
     from workers.errors import InputError
 
-    if not settings.allow_local_paths:
-        raise InputError(
-            f"local path {raw!r} refused: this service does not read its own disk for clients "
-            "(the operator can allow it with WEIGHTSMITH_ALLOW_LOCAL_PATHS); upload the text "
-            "and use s3://BUCKET/KEY or artifact://NAME@VERSION/PATH",
-            field=where,
-        )
-    path = Path(raw).expanduser()
+    try:
+        path = check_local_path(raw, settings)
+    except LocalPathRefused as e:
+        raise InputError(str(e), field=where) from None
     if not path.is_file():
-        raise InputError(f"no such text file: {path}", field=where)
+        raise InputError(f"{raw!r} is not a text file", field=where)
     _check_corpus_size(raw, path.stat().st_size, where)
     return path
 
@@ -596,24 +644,29 @@ def _check_corpus_size(raw: str, size: int, where: str) -> None:
         )
 
 
-def _s3_corpus(bucket: str, key: str, settings: Settings, target: Path) -> None:
-    """s3://bucket/key from the artifact store's S3 server (FileNotFoundError if absent)."""
-    from infra.storage import ObjectNotFound
-    from infra.storage.s3 import S3ObjectStore
+def _s3_corpus(
+    raw: str,
+    bucket: str,
+    key: str,
+    settings: Settings,
+    access: TenantAccess,
+    target: Path,
+    where: str,
+) -> None:
+    """s3://bucket/key from a location granted to the tenant; InputError, with the words
+    used at submission, when it is absent or not granted."""
+    from workers.errors import InputError
 
-    options: dict[str, Any] = {}
-    if settings.object_store_url.startswith("s3://"):
-        options = s3_options(settings.object_store_url)
-    options.update(bucket=bucket, prefix="", create_bucket=False)
-    remote = S3ObjectStore(**options)
-    info = remote.stat(key)
-    if info is None:
-        raise FileNotFoundError(f"no such object in bucket {bucket!r}")
-    _check_corpus_size(f"s3://{bucket}/{key}", info.size, "covariance.paths")
+    remote = _granted_store(raw, bucket, key, settings, access, field=where)
     try:
-        remote.download_file(key, target)
-    except ObjectNotFound:
-        raise FileNotFoundError(f"no such object in bucket {bucket!r}") from None
+        info = remote.stat(key)
+        if info is not None:
+            _check_corpus_size(raw, info.size, where)
+            remote.download_file(key, target)
+    except (ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
+        info = None
+    if info is None:
+        raise InputError(s3_refusal(raw), field=where)
 
 
 def _artifact_corpus(object_store: ObjectStore, tenant: str, loc: CorpusPath, target: Path) -> None:

@@ -115,7 +115,7 @@ def create_schedule(
     job = body.job_request()
     # The checks POST /v1/jobs makes before recording a job, so a schedule that could never
     # submit one is refused now.
-    check_publish(service, job)
+    check_publish(service, principal, job)
     if job.callback_url is not None:
         refuse_unsafe_url(service.settings, str(job.callback_url), "/callback_url")
     pin_recipe(service, principal, job.kind, job.recipe)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
+    from infra.tenancy import TenantAccess
 
 log = logging.getLogger("weightsmith.hub_push")
 
@@ -72,7 +73,7 @@ class HubPushRefused(WeightsmithError):
 
 @dataclass(frozen=True)
 class HubTarget:
-    """Where to push, and with which credentials (from the worker's settings)."""
+    """Where to push (the endpoint from the worker's settings) and the tenant's token."""
 
     repo: str
     branch: str = "main"
@@ -96,8 +97,11 @@ def push_job_artifact(
     settings: Settings,
     object_store: ObjectStore,
     worker_id: str,
+    access: TenantAccess,
 ) -> bool:
-    """The runner's publish step for ``job.publish.hub_repo``, after ``version`` is published.
+    """The runner's publish step for ``job.publish.hub_repo``, after ``version`` is published,
+    with the token of the job's tenant (``access``: its own, or the service's where granted)
+    and only to a namespace granted to it (checked again: a grant may have been revoked).
 
     Returns True when the job may be marked succeeded: nothing to push, or pushed and
     recorded. False when it must not: the job was failed here (a permanent push failure) or
@@ -109,7 +113,7 @@ def push_job_artifact(
     if options is None or options.hub_repo is None:
         return True
     artifact = version.reference
-    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else ""
+    token = access.hub_token or ""
     target = HubTarget(
         repo=options.hub_repo,
         branch=options.branch,
@@ -118,10 +122,15 @@ def push_job_artifact(
         token=token,
     )
     try:
+        if not access.may_push_to(target.repo):
+            raise HubPushRefused(
+                f"the tenant may no longer push to the namespace {target.repo.split('/')[0]!r} "
+                "(the operator's grant was revoked)"
+            )
         if not token:
             raise HubPushRefused(
-                "this worker has no Hugging Face token (WEIGHTSMITH_HF_TOKEN); configure one "
-                "with write access to the repo"
+                "the tenant has no Hugging Face token with write access: store one (PUT "
+                "/v1/tenant/hub-token, 'weightsmith hub-token set')"
             )
         with _artifact_folder(object_store, version, out_dir) as (folder, files, manifest):
             commit = push_artifact(
@@ -328,8 +337,8 @@ def _classify(e: BaseException, target: HubTarget) -> tuple[bool, str]:
         said = f": {server}" if server else ""
         if status == 401:
             return False, (
-                "the Hub rejected the token (HTTP 401: invalid or expired); configure a valid "
-                "token with write access (WEIGHTSMITH_HF_TOKEN)"
+                "the Hub rejected the token (HTTP 401: invalid or expired); store a valid "
+                "token with write access (PUT /v1/tenant/hub-token)"
             )
         if status == 403:
             return False, (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from schemas.references import ModelReference
 from workers.errors import SourceError
@@ -40,7 +41,9 @@ class SourceSettings:
     """Where and how references resolve. ``hub_token`` is never logged nor put in errors."""
 
     hub_endpoint: str | None = None  # None = huggingface_hub default / HF_ENDPOINT at import
-    hub_token: str | None = field(default=None, repr=False)  # None = HF_TOKEN / saved login
+    # None: huggingface_hub's own (HF_TOKEN, a saved login), for the local CLI; False: no
+    # token at all (the service's anonymous tenants: never the operator's by accident).
+    hub_token: str | Literal[False] | None = field(default=None, repr=False)
     cache_dir: Path | None = None  # HF cache dir for downloads (None = HF_HUB_CACHE)
     allow_local: bool = True
     allow_pickle: bool = False
