@@ -256,8 +256,7 @@ def check_local_path(raw: str, settings: Settings, *, must_exist: bool = True) -
     roots, database = _protected(settings)
     # Inside the service's data, or a folder holding it (an index could point into it).
     inside = any(
-        resolved == root or root in resolved.parents or resolved in root.parents
-        for root in roots
+        resolved == root or root in resolved.parents or resolved in root.parents for root in roots
     )
     if database is not None and str(resolved).startswith(str(database)):
         inside = True

@@ -13,16 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from weightsmith.cli_common import EXIT_FAILURE, EXIT_INPUT
+from weightsmith.cli_common import fail as _fail
+from weightsmith.cli_common import settings_or_fail as _settings_or_fail
+
 _R = TypeVar("_R")
-
-EXIT_INPUT = 2  # bad recipe, bad checkpoint, bad reference
-EXIT_FAILURE = 1  # anything else
-
-
-def _fail(message: str, code: int) -> int:
-    first = " ".join(str(message).split())
-    print(f"weightsmith: error: {first}", file=sys.stderr)
-    return code
 
 
 class _ProgressBar:
@@ -115,18 +110,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_or_fail() -> Any:
-    from pydantic import ValidationError
-
-    from infra.settings import get_settings
-
-    try:
-        return get_settings()
-    except ValidationError as e:
-        problems = "; ".join(str(err.get("msg", "")) for err in e.errors())
-        raise SystemExit(_fail(f"invalid settings: {problems}", EXIT_INPUT)) from None
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings_or_fail()
     if settings.broker_url is None:
@@ -194,8 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from infra.db import ApiKeys, bootstrap_api_key, make_engine, upgrade_database
     from infra.logging import configure_logging
     from infra.queue import InProcessQueue, JobQueue
+    from infra.secrets import private_directory
 
     configure_logging(settings)  # WEIGHTSMITH_LOG_FORMAT and _LEVEL; secrets redacted
+    private_directory(settings.data_dir)  # the database, artifacts and key files: 0700
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
@@ -203,10 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if added is not None and settings.bootstrap_api_key is None and settings.bootstrap_key_file:
-        key = settings.bootstrap_key_file.read_text().strip()
+        # Only the public prefix and where the key is: stdout ends up in container logs.
         print(
-            f"bootstrap API key for tenant {settings.bootstrap_tenant!r} (shown once; also in "
-            f"{settings.bootstrap_key_file}):\n{key}",
+            f"bootstrap API key wsk_{added}_… for tenant {settings.bootstrap_tenant!r} written "
+            f"to {settings.bootstrap_key_file} (mode 0600; read it from there)",
             flush=True,
         )
 
@@ -735,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def remote(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[connection])
+
+    from weightsmith import admin
+
+    admin.add_commands(sub, remote, _remote)  # tenants, secrets, hub-token, tenant
 
     sm = remote("submit", "submit a recipe to the service (--wait to follow it)")
     sm.add_argument("recipe", help="merge or edit recipe YAML")
