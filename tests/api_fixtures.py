@@ -1,5 +1,9 @@
 """Helpers for the API tests: a harness around the real app (TestClient, its service, the
-job ids its queue was handed, a tenant with a key) and a valid merge job body."""
+job ids its queue was handed, a tenant with a key) and a valid merge job body.
+
+The merge body names ``s3://models/{base,math,code}``: :func:`models_bucket` puts those
+folders in the test S3 server, and a harness made with it grants each new tenant
+``s3://models/`` (tenants read only the s3:// locations granted to them)."""
 
 from __future__ import annotations
 
@@ -31,6 +35,43 @@ def merge_job(recipe: dict[str, Any] | None = None, name: str = "soup") -> dict[
     return {"kind": "merge", "recipe": recipe or MERGE_RECIPE, "artifact_name": name}
 
 
+MODELS_BUCKET = "models"
+
+
+def models_bucket(s3_server: Any) -> Any:
+    """``s3_server`` with bucket ``models`` holding the folders MERGE_RECIPE names (each a
+    placeholder weights file: the API only checks that they exist). Idempotent."""
+    from infra.storage.s3 import S3ObjectStore
+
+    store = S3ObjectStore(
+        MODELS_BUCKET,
+        endpoint_url=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+        create_bucket=True,
+    )
+    for folder in ("base", "math", "code"):
+        if store.stat(f"{folder}/model.safetensors") is None:
+            store.put_bytes(f"{folder}/model.safetensors", b"placeholder")
+    return s3_server
+
+
+def grant_models(
+    service: Service, tenant: str, s3_server: Any, location: str = "s3://models/"
+) -> None:
+    """Let ``tenant`` read ``location`` on the test S3 server with its credentials."""
+    service.tenants.grant_s3(
+        tenant,
+        location,
+        credentials="keys",
+        endpoint=s3_server.endpoint,
+        region=s3_server.region,
+        access_key_id=s3_server.access_key,
+        secret_access_key=s3_server.secret_key,
+    )
+
+
 @dataclass
 class ApiHarness:
     client: TestClient
@@ -39,16 +80,20 @@ class ApiHarness:
     tmp: Path
     headers: dict[str, str] = field(default_factory=dict)  # the default tenant's key
     tenant: str = ""
+    models: Any = None  # the S3 server of models_bucket: new tenants may read s3://models/
 
     @property
     def service(self) -> Service:
         service: Service = self.client.app.state.service  # type: ignore[attr-defined]
         return service
 
-    def new_tenant(self) -> tuple[str, dict[str, str]]:
-        """A fresh tenant and the Authorization header of a new key for it."""
+    def new_tenant(self, *, grant: bool = True) -> tuple[str, dict[str, str]]:
+        """A fresh tenant and the Authorization header of a new key for it; granted
+        ``s3://models/`` when the harness has the models bucket (and ``grant``)."""
         name = f"t-{uuid.uuid4().hex[:10]}"
         key = self.service.keys.create_key(name)
+        if self.models is not None and grant:
+            grant_models(self.service, name, self.models)
         return name, {"Authorization": f"Bearer {key}"}
 
     def submit(self, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:

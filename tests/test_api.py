@@ -27,7 +27,7 @@ from app.main import create_app
 from infra.queue import RUN_JOB_TASK, CeleryQueue, InProcessQueue, JobQueue, QueueUnavailable
 from infra.settings import Settings
 from schemas.jobs import PROBLEM_JSON, JobCreate, JobKind
-from tests.api_fixtures import MERGE_RECIPE, ApiHarness, merge_job
+from tests.api_fixtures import MERGE_RECIPE, ApiHarness, merge_job, models_bucket
 from tests.hubserver import HubServer
 
 MakeApi = Callable[..., ApiHarness]
@@ -42,7 +42,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path, database_url: str) -> Iterator[MakeApi]:
+def make_api(tmp_path: Path, database_url: str, s3_server: Any) -> Iterator[MakeApi]:
     """Start an app with these settings overrides; stopped after. Its queue records the ids
     it is handed, unless one is given or ``queue_from_settings`` (Celery with a broker)."""
     stack: list[TestClient] = []
@@ -70,7 +70,7 @@ def make_api(tmp_path: Path, database_url: str) -> Iterator[MakeApi]:
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         stack.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path)
+        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
         harness.tenant, harness.headers = harness.new_tenant()
         return harness
 
@@ -458,8 +458,10 @@ def test_artifact_references_are_pinned_to_a_version_at_submission(api: ApiHarne
 # ---- local paths -----------------------------------------------------------------------------
 
 
-def test_local_paths_are_refused_unless_the_operator_allows_them(make_api: MakeApi):
-    recipe = {**MERGE_RECIPE, "models": [{"model": "/srv/a"}, {"model": "./b"}]}
+def test_local_paths_are_refused_unless_the_operator_allows_them(make_api: MakeApi, tmp_path: Path):
+    models = tmp_path / "models"
+    (models / "a").mkdir(parents=True)
+    recipe = {**MERGE_RECIPE, "models": [{"model": str(models / "a")}]}
     strict = make_api()
     body = assert_problem(strict.submit(merge_job(recipe)), 422)
     assert body["errors"][0]["pointer"] == "/recipe/models/0/model"
@@ -469,7 +471,38 @@ def test_local_paths_are_refused_unless_the_operator_allows_them(make_api: MakeA
     lenient = make_api(allow_local_paths=True)
     r = lenient.submit(merge_job(recipe))
     assert r.status_code == 202, r.text
-    assert [m["model"] for m in r.json()["recipe"]["models"]] == ["/srv/a", "./b"]
+    assert [m["model"] for m in r.json()["recipe"]["models"]] == [str(models / "a")]
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("{tmp}/models/missing", "does not exist"),
+        ("./models/a", "absolute path"),
+        ("{tmp}/models/./a", None),  # the existing folder: accepted
+        ("{tmp}/data", "service's own data"),
+        ("{tmp}/data/artifacts/{tenant}/soup", "service's own data"),
+        ("{tmp}/artifacts", "service's own data"),
+        ("{tmp}/models/../data", "service's own data"),
+        ("{tmp}/models/link-to-data", "service's own data"),
+        ("{tmp}", "service's own data"),  # holds the data directory
+    ],
+)
+def test_a_local_path_that_is_missing_relative_or_the_services_own_data_is_refused_at_submission(
+    make_api: MakeApi, tmp_path: Path, path: str, why: str | None
+):
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    (tmp_path / "models" / "link-to-data").symlink_to(tmp_path / "data")
+    api = make_api(allow_local_paths=True)
+    raw = path.format(tmp=tmp_path, tenant=api.tenant)
+    r = api.submit(merge_job({**MERGE_RECIPE, "base_model": raw}))
+    if why is None:
+        assert r.status_code == 202, r.text
+        return
+    body = assert_problem(r, 422)
+    assert body["errors"][0]["pointer"] == "/recipe/base_model"
+    assert why in body["detail"], body["detail"]
+    assert api.enqueued == []
 
 
 # ---- hub pinning -----------------------------------------------------------------------------
@@ -520,14 +553,21 @@ def test_a_gated_hub_repo_without_access_is_a_422(make_api: MakeApi, hub: HubSer
     body = assert_problem(anonymous.submit(merge_job(recipe)), 422)
     assert body["model"] == "org/gated" and "gated" in body["detail"]
 
-    wrong = make_api(hf_endpoint=hub.url, hf_token="hf_wrong")
+    wrong = make_api(hf_endpoint=hub.url)
+    set_hub_token(wrong, "hf_wrong")
     body = assert_problem(wrong.submit(merge_job(recipe)), 422)
     assert "gated" in body["detail"] and "hf_wrong" not in str(body)
 
-    right = make_api(hf_endpoint=hub.url, hf_token="hf_right")
+    right = make_api(hf_endpoint=hub.url)
+    set_hub_token(right, "hf_right")
     r = right.submit(merge_job(recipe))
     assert r.status_code == 202, r.text
     assert r.json()["recipe"]["base_model"] == f"org/gated@{hub.commit_of('org/gated')}"
+
+
+def set_hub_token(api: ApiHarness, token: str) -> None:
+    r = api.client.put("/v1/tenant/hub-token", json={"token": token}, headers=api.headers)
+    assert r.status_code == 204, r.text
 
 
 def test_an_unreachable_hub_is_a_503_to_retry(make_api: MakeApi, hub: HubServer):

@@ -292,13 +292,24 @@ def test_a_bad_recipe_file_is_refused_before_anything_is_sent(
 def test_submit_wait_exits_non_zero_with_the_error_of_a_failed_job(
     server: Server, llama_family: dict[str, Path], tmp_path: Path
 ) -> None:
-    recipe = write_recipe(
-        tmp_path, "broken", linear(llama_family["ft1"], tmp_path / "no-such-model")
-    )
+    (tmp_path / "not-a-model").mkdir()  # exists (checked at submission), holds no weights
+    recipe = write_recipe(tmp_path, "broken", linear(llama_family["ft1"], tmp_path / "not-a-model"))
     result = server.cli("submit", str(recipe), "--wait")
     assert result.returncode == 1
     line = only_error_line(result.stderr)
-    assert "failed:" in line and "no-such-model" in line
+    assert "failed:" in line and "not-a-model" in line
+
+
+def test_submit_of_a_local_path_that_does_not_exist_is_refused_at_once_naming_the_field(
+    server: Server, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = write_recipe(
+        tmp_path, "missing", linear(llama_family["ft1"], tmp_path / "no-such-model")
+    )
+    result = server.cli("submit", str(recipe), "--wait")
+    assert result.returncode == 2
+    line = only_error_line(result.stderr)
+    assert "/recipe/models/1/model" in line and "does not exist" in line
 
 
 def test_cancel_stops_queued_and_running_jobs_and_submit_wait_reports_it(

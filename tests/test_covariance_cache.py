@@ -19,6 +19,7 @@ import torch
 from infra.artifacts import publish_artifact
 from infra.settings import Settings
 from infra.storage import LocalObjectStore
+from infra.tenancy import S3GrantInfo, TenantAccess, normalize_endpoint
 from schemas.edit_recipe import parse_edit_recipe
 from tests.s3server import make_store
 from workers.edit.architectures import architecture_for
@@ -201,22 +202,53 @@ def _publish_text(objects: Any, tmp_path: Path, name: str, text: bytes) -> None:
     publish_artifact(objects, "acme", name, folder, job_id=f"job-{name}")
 
 
+CORPORA_BUCKET = "corpora-granted"
+
+
+def _granted(s3_server) -> TenantAccess:
+    """Tenant acme, granted s3://corpora-granted/corpora/ with the server's credentials."""
+    grant = S3GrantInfo(
+        id="g1",
+        bucket=CORPORA_BUCKET,
+        prefix="corpora/",
+        endpoint=normalize_endpoint(s3_server.endpoint),
+        region=s3_server.region,
+        credentials="keys",
+        access_key_id=s3_server.access_key,
+        secret_access_key=s3_server.secret_key,
+    )
+    return TenantAccess(tenant_id=1, name="acme", disabled=False, s3_grants=(grant,))
+
+
+def _corpora_bucket(s3_server) -> Any:
+    from infra.storage.s3 import S3ObjectStore
+
+    return S3ObjectStore(
+        CORPORA_BUCKET,
+        endpoint_url=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        create_bucket=True,
+    )
+
+
 def test_corpora_from_s3_an_artifact_and_a_local_path_arrive_byte_for_byte(s3_server, tmp_path):
     text = b"The old bridge was built more than a century ago.\n"
-    bucket = s3_server.store(prefix="")
-    bucket.put_bytes("corpora/bridge.txt", text)
+    _corpora_bucket(s3_server).put_bytes("corpora/bridge.txt", text)
     objects = LocalObjectStore(tmp_path / "artifacts")
     _publish_text(objects, tmp_path, "corpora", text)
     local = tmp_path / "local.txt"
     local.write_bytes(text)
     settings = Settings(
-        data_dir=tmp_path, object_store_url=s3_server.url("x"), allow_local_paths=True
+        data_dir=tmp_path / "data", object_store_url=s3_server.url("x"), allow_local_paths=True
     )
     recipe = _recipe(
-        f"s3://{s3_server.bucket}/corpora/bridge.txt", "artifact://corpora@1/corpus.txt", str(local)
+        f"s3://{CORPORA_BUCKET}/corpora/bridge.txt", "artifact://corpora@1/corpus.txt", str(local)
     )
 
-    files = _fetch_corpus(recipe, settings, objects, "acme", tmp_path / "work", _Watch())
+    files = _fetch_corpus(
+        recipe, settings, objects, _granted(s3_server), tmp_path / "work", _Watch()
+    )
 
     assert [f.read_bytes() for f in files] == [text, text, text]
 
@@ -224,12 +256,15 @@ def test_corpora_from_s3_an_artifact_and_a_local_path_arrive_byte_for_byte(s3_se
 @pytest.mark.parametrize(
     ("path", "allow_local", "field", "message"),
     [
-        ("s3://{bucket}/corpora/missing.txt", True, "covariance.paths[0]", "no such object"),
+        ("s3://{granted}/corpora/missing.txt", True, "covariance.paths[0]", "does not exist or"),
+        ("s3://{granted}/elsewhere/a.txt", True, "covariance.paths[0]", "does not exist or"),
+        ("s3://{bucket}/x/acme/corpora/v1/corpus.txt", True, "covariance.paths[0]", "does not"),
         ("artifact://corpora@1/other.txt", True, "covariance.paths[0]", "has no file 'other.txt'"),
         ("artifact://corpora@7/corpus.txt", True, "covariance.paths[0]", "has no version 7"),
         ("artifact://nothing@1/corpus.txt", True, "covariance.paths[0]", "has no version 1"),
-        ("/no/such/corpus.txt", True, "covariance.paths[0]", "no such text file"),
+        ("/no/such/corpus.txt", True, "covariance.paths[0]", "does not exist"),
         ("{local}", False, "covariance.paths[0]", "WEIGHTSMITH_ALLOW_LOCAL_PATHS"),
+        ("{data}/weightsmith.db", True, "covariance.paths[0]", "service's own data"),
     ],
 )
 def test_a_missing_or_refused_corpus_is_an_input_error_naming_the_field(
@@ -237,15 +272,21 @@ def test_a_missing_or_refused_corpus_is_an_input_error_naming_the_field(
 ):
     objects = LocalObjectStore(tmp_path / "artifacts")
     _publish_text(objects, tmp_path, "corpora", b"some text\n")
+    _corpora_bucket(s3_server)
     local = tmp_path / "local.txt"
     local.write_text("some text\n")
     settings = Settings(
-        data_dir=tmp_path, object_store_url=s3_server.url("x"), allow_local_paths=allow_local
+        data_dir=tmp_path / "data",
+        object_store_url=s3_server.url("x"),
+        allow_local_paths=allow_local,
     )
-    recipe = _recipe(path.format(bucket=s3_server.bucket, local=local))
+    raw = path.format(
+        bucket=s3_server.bucket, granted=CORPORA_BUCKET, local=local, data=tmp_path / "data"
+    )
+    recipe = _recipe(raw)
 
     with pytest.raises(InputError) as e:
-        _fetch_corpus(recipe, settings, objects, "acme", tmp_path / "work", _Watch())
+        _fetch_corpus(recipe, settings, objects, _granted(s3_server), tmp_path / "work", _Watch())
 
     assert e.value.field == field
     assert message in str(e.value)

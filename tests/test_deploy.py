@@ -18,13 +18,18 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.secrets import SecretBox, new_key
 from infra.settings import Settings, env_var_names
 from weightsmith.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 WEIGHTSMITH_SERVICES = ("api", "worker", "light-worker", "beat")
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+_INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?(?P<op>[-?])(?P<word>[^}]*))?\}"
+)
+# What the tests put in for a variable compose requires (``${VAR:?message}``).
+REQUIRED = {"WEIGHTSMITH_SECRET_KEYS": new_key()}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,16 @@ def compose() -> dict[str, Any]:
 
 
 def interpolate(value: str) -> str:
-    """Compose's ``${VAR:-default}`` with nothing set in the shell: the default."""
-    return _INTERPOLATION.sub(lambda m: m.group("default") or "", value)
+    """Compose's ``${VAR:-default}`` with nothing set in the shell: the default; a required
+    ``${VAR:?message}``: the value of REQUIRED (a variable without one fails the test)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group("op") == "?":
+            assert m.group("name") in REQUIRED, f"compose requires {m.group('name')}"
+            return REQUIRED[m.group("name")]
+        return m.group("word") or ""
+
+    return _INTERPOLATION.sub(one, value)
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
@@ -117,6 +130,12 @@ def test_weightsmith_services_environment_makes_valid_production_settings(
     assert options["endpoint_url"] == "http://s3:8333"
     assert options["create_bucket"] is True  # the bucket is created by the first process
     assert s.hf_token is None and s.bootstrap_api_key is None  # unset unless given
+    # every service seals and opens stored secrets with the same key
+    assert s.secret_keys is not None
+    assert (
+        SecretBox.from_settings(s).open(SecretBox([REQUIRED["WEIGHTSMITH_SECRET_KEYS"]]).seal("x"))
+        == "x"
+    )
 
 
 def test_api_and_workers_share_the_job_settings(compose: dict[str, Any]) -> None:
@@ -126,6 +145,7 @@ def test_api_and_workers_share_the_job_settings(compose: dict[str, Any]) -> None
     shared = set.intersection(*(set(e) for e in envs.values())) - {"WEIGHTSMITH_DATA_DIR"}
     for var in (
         "WEIGHTSMITH_DATABASE_URL",
+        "WEIGHTSMITH_SECRET_KEYS",
         "WEIGHTSMITH_BROKER_URL",
         "WEIGHTSMITH_OBJECT_STORE_URL",
         "WEIGHTSMITH_JOB_HARD_TIME_LIMIT",

@@ -32,6 +32,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from infra.queue import RUN_JOB_TASK, InProcessQueue
+from infra.secrets import new_key
 from infra.settings import Settings
 from tests.hubserver import HubServer
 from tests.pg import fresh_database
@@ -39,7 +40,9 @@ from tests.reference_merge import reference_merge
 
 REDIS_URL = os.environ.get("TEST_E2E_REDIS_URL", "redis://127.0.0.1:6379/7")
 ROOT = Path(__file__).resolve().parent.parent
-HF_TOKEN = "hf_e2e_" + secrets.token_hex(8)
+HF_TOKEN = "hf_e2e_" + secrets.token_hex(8)  # the tenant's own
+OPERATOR_TOKEN = "hf_operator_" + secrets.token_hex(8)
+SECRET_KEYS = new_key()
 API_KEY = f"wsk_{secrets.token_hex(5)}_{secrets.token_hex(32)}"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -105,7 +108,9 @@ def stack(
             "WEIGHTSMITH_BROKER_URL": REDIS_URL,
             "WEIGHTSMITH_OBJECT_STORE_URL": objects,
             "WEIGHTSMITH_HF_ENDPOINT": hub.url,
-            "WEIGHTSMITH_HF_TOKEN": HF_TOKEN,
+            # the service's own token is configured but lent to no tenant: the tenant's is used
+            "WEIGHTSMITH_HF_TOKEN": OPERATOR_TOKEN,
+            "WEIGHTSMITH_SECRET_KEYS": SECRET_KEYS,
             "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "300",
             "WEIGHTSMITH_VISIBILITY_TIMEOUT": "400",
             "WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL": "1",
@@ -135,7 +140,8 @@ def stack(
             broker_url=REDIS_URL,
             object_store_url=objects,
             hf_endpoint=hub.url,
-            hf_token=HF_TOKEN,
+            hf_token=OPERATOR_TOKEN,
+            secret_keys=SECRET_KEYS,
             bootstrap_tenant="e2e",
             bootstrap_api_key=API_KEY,
             bootstrap_key_file=None,
@@ -149,6 +155,16 @@ def stack(
                 TestClient(create_app(settings)) as client,
                 TestClient(create_app(settings, queue=InProcessQueue(held_ids.append))) as held,
             ):
+                # The tenant's own Hub token reads the gated repos (sealed in the database,
+                # opened by the worker with the same WEIGHTSMITH_SECRET_KEYS).
+                stored = client.put(
+                    "/v1/tenant/hub-token",
+                    json={"token": HF_TOKEN},
+                    headers=AUTH,
+                )
+                assert stored.status_code == 204, stored.text
+                service = client.app.state.service  # type: ignore[attr-defined]
+                service.tenants.grant_hub_push("e2e", "org")  # the operator's grant
                 yield Stack(
                     client,
                     held,
@@ -305,7 +321,7 @@ def _assert_failed_cleanly(stack: Stack, job_id: str, name: str, *words: str) ->
     text = " ".join(str(v) for v in error.values() if v)
     for word in words:
         assert word in text, text
-    assert HF_TOKEN not in str(job)
+    assert HF_TOKEN not in str(job) and OPERATOR_TOKEN not in str(job)
     assert stack.versions(name) == []  # nothing published, not even partially
     return error
 
@@ -323,14 +339,14 @@ def test_a_hub_repo_deleted_after_submission_fails_the_job_clearly(
     assert error["model"].startswith("org/vanishing@")
 
 
-def test_a_hub_repo_gated_against_the_workers_token_fails_the_job_clearly(
+def test_a_hub_repo_gated_against_the_tenants_token_fails_the_job_clearly(
     stack: Stack, llama_family: dict[str, Path]
 ) -> None:
     stack.hub.add_repo("org/gating", llama_family["ft2"], gated=True, private_token=HF_TOKEN)
     recipe = ties_recipe()
     recipe["models"][1]["model"] = "org/gating"
     job_id = _submit_held(stack, recipe, "e2e-401")
-    # The repo's conditions change: the worker's token no longer has access.
+    # The repo's conditions change: the tenant's token no longer has access.
     stack.hub.add_repo("org/gating", llama_family["ft2"], private_token="hf_someone_else")
     stack.release(job_id)
     error = _assert_failed_cleanly(stack, job_id, "e2e-401", "org/gating", "gated")

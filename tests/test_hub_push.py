@@ -25,11 +25,13 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from app.main import create_app
 from infra.artifacts import list_versions, read_manifest
 from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
+from infra.db.tenants import TenantStore
 from infra.queue import InProcessQueue
+from infra.secrets import SecretBox
 from infra.settings import Settings
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState, PublishOptions
-from tests.api_fixtures import merge_job
+from tests.api_fixtures import grant_models, merge_job, models_bucket
 from tests.hubserver import HubServer
 from workers.publish import hub_push
 from workers.publish.hub_push import (
@@ -50,13 +52,13 @@ class Worker:
     """A job store, an object store and run_job, with the local Hub as the worker's Hub."""
 
     def __init__(self, tmp: Path, hub: HubServer, token: str | None, **overrides: Any) -> None:
+        """``token``: the tenant's own Hub token (the tenant may push to 'acme')."""
         self.settings = Settings(
-            data_dir=tmp,
-            database_url=f"sqlite:///{tmp}/jobs.db",
+            data_dir=tmp / "data",
+            database_url=f"sqlite:///{tmp}/data/jobs.db",
             object_store_url=f"file://{tmp}/artifacts",
             allow_local_paths=True,
             hf_endpoint=hub.url,
-            hf_token=token,
             worker_heartbeat_interval=1,
             worker_lost_after=2,
             **overrides,
@@ -66,6 +68,10 @@ class Worker:
         self.store = JobStore.from_settings(self.settings, self.engine)
         self.objects = LocalObjectStore(tmp / "artifacts")
         self.tenant_id = ApiKeys(self.engine).ensure_tenant(TENANT).id
+        self.tenants = TenantStore(self.engine, SecretBox.from_settings(self.settings))
+        self.tenants.grant_hub_push(TENANT, "acme")
+        if token is not None:
+            self.tenants.set_hub_token(self.tenant_id, token)
         self.work_root = tmp / "work"
         self.work_root.mkdir()
 
@@ -215,7 +221,7 @@ def test_a_rejected_token_fails_the_job_and_the_token_appears_nowhere(
     assert view.state == JobState.FAILED
     assert view.error is not None and view.error.field == "publish.hub_repo"
     message = view.error.message
-    assert "acme/soup" in message and "HTTP 401" in message and "WEIGHTSMITH_HF_TOKEN" in message
+    assert "acme/soup" in message and "HTTP 401" in message and "/v1/tenant/hub-token" in message
     assert "artifact://soup@1 was published" in message
     # The version stays published (immutable and complete); nothing reached the Hub.
     assert [v.version for v in list_versions(w.objects, TENANT, "soup")] == [1]
@@ -223,6 +229,8 @@ def test_a_rejected_token_fails_the_job_and_the_token_appears_nowhere(
     assert not hub.lfs_uploads("acme/soup")
     assert bad not in view.model_dump_json()
     assert bad not in caplog.text
+    with w.engine.connect() as conn:  # stored sealed, not as it was given
+        assert bad not in str(conn.exec_driver_sql("SELECT hub_token FROM tenants").all())
     w.engine.dispose()
 
 
@@ -360,8 +368,9 @@ def test_an_unreachable_hub_is_transient(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Any]:
-    """Build an app with or without a Hub token; returns (client, headers)."""
+def api(tmp_path: Path, s3_server: Any) -> Iterator[Any]:
+    """Build an app whose tenant may push to 'acme', with or without a Hub token of its
+    own; returns (client, headers)."""
     clients: list[TestClient] = []
 
     def make(token: str | None) -> tuple[TestClient, dict[str, str]]:
@@ -370,31 +379,49 @@ def api(tmp_path: Path) -> Iterator[Any]:
             database_url=f"sqlite:///{tmp_path}/jobs-{len(clients)}.db",
             object_store_url=f"file://{tmp_path}/artifacts",
             broker_url=None,
-            hf_token=token,
+            hf_token="hf_operator_token_not_granted",
             bootstrap_api_key=None,
             bootstrap_key_file=None,
         )
         client = TestClient(create_app(settings, queue=InProcessQueue(lambda _: None)))
         client.__enter__()
         clients.append(client)
-        key = client.app.state.service.keys.create_key(TENANT)  # type: ignore[attr-defined]
-        return client, {"Authorization": f"Bearer {key}"}
+        service = client.app.state.service  # type: ignore[attr-defined]
+        key = service.keys.create_key(TENANT)
+        service.tenants.grant_hub_push(TENANT, "acme")
+        grant_models(service, TENANT, models_bucket(s3_server))
+        headers = {"Authorization": f"Bearer {key}"}
+        if token is not None:
+            r = client.put("/v1/tenant/hub-token", json={"token": token}, headers=headers)
+            assert r.status_code == 204, r.text
+        return client, headers
 
     yield make
     for client in clients:
         client.__exit__(None, None, None)
 
 
-def test_a_hub_push_is_refused_at_submission_when_the_service_has_no_token(api: Any) -> None:
-    client, headers = api(None)
+def test_a_hub_push_is_refused_at_submission_when_the_tenant_has_no_token(api: Any) -> None:
+    client, headers = api(None)  # the service has a token, but did not grant it
     body = {**merge_job(), "publish": {"hub_repo": "acme/soup"}}
     response = client.post("/v1/jobs", json=body, headers=headers)
 
     assert response.status_code == 422
     problem = response.json()
     assert [e["pointer"] for e in problem["errors"]] == ["/publish/hub_repo"]
-    assert "WEIGHTSMITH_HF_TOKEN" in problem["detail"]
+    assert "/v1/tenant/hub-token" in problem["detail"]
     assert client.post("/v1/jobs", json=merge_job(), headers=headers).status_code == 202
+
+
+def test_a_hub_push_to_a_namespace_not_granted_is_refused_at_submission(api: Any) -> None:
+    client, headers = api("hf_x")
+    body = {**merge_job(), "publish": {"hub_repo": "other-org/soup"}}
+    response = client.post("/v1/jobs", json=body, headers=headers)
+
+    assert response.status_code == 422
+    problem = response.json()
+    assert [e["pointer"] for e in problem["errors"]] == ["/publish/hub_repo"]
+    assert "granted: acme" in problem["detail"]
 
 
 def test_a_job_with_a_hub_push_is_accepted_with_a_token_and_shows_its_options(api: Any) -> None:

@@ -43,6 +43,7 @@ from infra.logging import (
     settings_secrets,
 )
 from infra.queue import InProcessQueue
+from infra.secrets import new_key
 from infra.settings import Settings
 from schemas.jobs import JobCreate, JobKind
 from tests.api_fixtures import MERGE_RECIPE
@@ -398,13 +399,15 @@ def _free_port() -> int:
         return port
 
 
-def _call(url: str, headers: dict[str, str], body: Any = None) -> tuple[int, Any]:
+def _call(
+    url: str, headers: dict[str, str], body: Any = None, method: str | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
         url,
         data=data,
         headers={**headers, "Content-Type": "application/json"},
-        method="POST" if data is not None else "GET",
+        method=method or ("POST" if data is not None else "GET"),
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -446,6 +449,8 @@ def test_no_secret_reaches_the_logs_of_the_api_or_the_worker(
     api_key = f"wsk_{secrets.token_hex(5)}_{secrets.token_hex(32)}"
     stranger = f"wsk_{secrets.token_hex(5)}_{secrets.token_hex(32)}"  # a key nobody issued
     metrics_token = "metrics-" + secrets.token_hex(16)
+    secret_key = new_key()
+    operator_token = "hf_" + secrets.token_hex(20)  # configured, never granted: unused
     hub.add_repo("acme/private-ft1", llama_family["ft1"], private_token=hf_token)
     hub.add_repo("acme/private-ft2", llama_family["ft2"], private_token=hf_token)
     port = _free_port()
@@ -460,7 +465,8 @@ def test_no_secret_reaches_the_logs_of_the_api_or_the_worker(
                 f"logs-{secrets.token_hex(4)}", create_bucket="true"
             ),
             "WEIGHTSMITH_HF_ENDPOINT": hub.url,
-            "WEIGHTSMITH_HF_TOKEN": hf_token,
+            "WEIGHTSMITH_HF_TOKEN": operator_token,
+            "WEIGHTSMITH_SECRET_KEYS": secret_key,
             "WEIGHTSMITH_BOOTSTRAP_API_KEY": api_key,
             "WEIGHTSMITH_METRICS_TOKEN": metrics_token,
             "WEIGHTSMITH_LOG_FORMAT": "json",
@@ -502,6 +508,9 @@ def test_no_secret_reaches_the_logs_of_the_api_or_the_worker(
                     break
                 except (urllib.error.URLError, ConnectionError):
                     time.sleep(0.2)
+            # The tenant's own token reads its private repos (the API stores it sealed).
+            status, _ = _call(f"{base}/v1/tenant/hub-token", auth, {"token": hf_token}, "PUT")
+            assert status == 204
             recipe = {
                 "merge_method": "linear",
                 "models": [
@@ -555,6 +564,8 @@ def test_no_secret_reaches_the_logs_of_the_api_or_the_worker(
         stranger.rsplit("_", 1)[1],
         metrics_token,
         s3_server.secret_key,
+        secret_key,
+        operator_token,
     ):
         assert secret not in api_text, f"a secret is in the API log: {secret[:6]}…"
         assert secret not in worker_text, f"a secret is in the worker log: {secret[:6]}…"
@@ -567,7 +578,7 @@ def test_no_secret_reaches_the_logs_of_the_api_or_the_worker(
     assert mine and all(e.get("job_id") == job["id"] for e in mine)
     assert all(e.get("tenant") == "default" for e in mine)
     # The configured key is replaced whole; the token too.
-    assert any("/v1/jobs?api_key=***&hf=***" in e["message"] for e in access)
+    assert any("/v1/jobs?api_key=***&hf=hf_***" in e["message"] for e in access)
     # The worker's log records are JSON too (Celery's start-up banner is plain text) and its
     # lines about the job carry the job id.
     worker_entries = [json.loads(line) for line in worker_text.splitlines() if line.startswith("{")]

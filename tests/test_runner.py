@@ -60,8 +60,8 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path}/jobs.db",
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path}/data/jobs.db",
         object_store_url=f"file://{tmp_path}/artifacts",
         allow_local_paths=True,
         worker_heartbeat_interval=1,
@@ -201,7 +201,7 @@ def test_local_paths_are_refused_unless_the_operator_allows_them(
     service.run(job_id)
 
     error = service.job(job_id).to_view().error
-    assert error is not None and "local paths are disabled" in error.message
+    assert error is not None and "WEIGHTSMITH_ALLOW_LOCAL_PATHS" in error.message
 
 
 @pytest.fixture
@@ -339,17 +339,36 @@ def test_a_job_past_its_time_limit_stops_and_fails_cleanly(
 def test_s3_inputs_are_fetched_and_the_artifact_is_published_to_s3(
     service: Service, llama_family: dict[str, Path], s3_server: Any, tmp_path: Path
 ) -> None:
+    from infra.db.tenants import TenantStore
+    from infra.secrets import SecretBox
     from infra.storage import open_store
+    from infra.storage.s3 import S3ObjectStore
 
     run_prefix = f"runner-{secrets.token_hex(4)}"
-    raw = s3_server.store(prefix="")
+    inputs = S3ObjectStore(
+        "runner-inputs",
+        endpoint_url=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        create_bucket=True,
+    )
     for f in llama_family["ft1"].iterdir():
-        raw.put_file(f"{run_prefix}/inputs/ft1/{f.name}", f)
+        inputs.put_file(f"{run_prefix}/ft1/{f.name}", f)
+    s3_server.store(prefix=run_prefix)  # makes the artifact bucket
     service.settings = service.settings.model_copy(
         update={"object_store_url": s3_server.url(f"{run_prefix}/artifacts")}
     )
     service.objects = open_store(service.settings.object_store_url)  # type: ignore[assignment]
-    source = f"s3://{s3_server.bucket}/{run_prefix}/inputs/ft1"
+    # the tenant reads its inputs through a grant, with the grant's own credentials
+    TenantStore(service.store.engine, SecretBox.from_settings(service.settings)).grant_s3(
+        TENANT,
+        f"s3://runner-inputs/{run_prefix}/",
+        credentials="keys",
+        endpoint=s3_server.endpoint,
+        access_key_id=s3_server.access_key,
+        secret_access_key=s3_server.secret_key,
+    )
+    source = f"s3://runner-inputs/{run_prefix}/ft1"
     job_id = service.submit(linear(source, llama_family["ft2"]))
 
     service.run(job_id)

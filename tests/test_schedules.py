@@ -37,7 +37,7 @@ from infra.schedules import (
 )
 from infra.settings import Settings
 from schemas.schedules import CronError, parse_cron
-from tests.api_fixtures import MERGE_RECIPE, ApiHarness
+from tests.api_fixtures import MERGE_RECIPE, ApiHarness, models_bucket
 from tests.hubserver import HubServer
 
 REDIS_URL = "redis://127.0.0.1:6379/5"
@@ -59,7 +59,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path, database_url: str) -> Iterator[MakeApi]:
+def make_api(tmp_path: Path, database_url: str, s3_server: Any) -> Iterator[MakeApi]:
     """Start the real app with these settings overrides; its queue records job ids."""
     clients: list[TestClient] = []
 
@@ -84,7 +84,7 @@ def make_api(tmp_path: Path, database_url: str) -> Iterator[MakeApi]:
         )
         client.__enter__()
         clients.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path)
+        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
         harness.tenant, harness.headers = harness.new_tenant()
         return harness
 

@@ -34,6 +34,7 @@ from app.main import create_app
 from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
 from infra.db.webhooks import WebhookAttemptRow, WebhookMessage, WebhookStore
 from infra.queue import InProcessQueue
+from infra.secrets import SecretBox, new_key
 from infra.settings import Settings
 from infra.webhooks import (
     DispatcherLoop,
@@ -43,7 +44,7 @@ from infra.webhooks import (
     check_webhook_url,
 )
 from schemas.jobs import ArtifactRef, JobCreate, JobError, JobKind, JobState
-from tests.api_fixtures import ApiHarness, merge_job
+from tests.api_fixtures import ApiHarness, merge_job, models_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = {
@@ -177,9 +178,12 @@ def jobs(engine: Engine) -> JobStore:
     return JobStore(engine, max_attempts=3, worker_lost_after=timedelta(seconds=60))
 
 
+BOX = SecretBox([new_key()])  # seals the signing secrets in the stores these tests make
+
+
 @pytest.fixture
 def hooks(engine: Engine) -> WebhookStore:
-    return WebhookStore(engine)
+    return WebhookStore(engine, BOX)
 
 
 @pytest.fixture
@@ -198,11 +202,17 @@ def make_dispatcher(engine: Engine) -> Iterator[MakeDispatcher]:
         delays: tuple[float, ...] = (0.05, 0.1),
         *,
         allow_private: bool = True,
-        on: Engine | None = None,
+        on: Any = None,
         **kwargs: Any,
     ) -> WebhookDispatcher:
+        """``on``: another engine (sealing with BOX), or a Service whose database and secret
+        box to dispatch from."""
+        if on is None or isinstance(on, Engine):
+            store = WebhookStore(on if on is not None else engine, BOX)
+        else:
+            store = WebhookStore(on.engine, on.box)
         d = WebhookDispatcher(
-            WebhookStore(on if on is not None else engine),
+            store,
             timeout_s=5,
             retry=RetryPolicy(delays, jitter=0),
             allow_private=allow_private,
@@ -612,7 +622,7 @@ MakeApi = Callable[..., ApiHarness]
 
 
 @pytest.fixture
-def make_api(tmp_path: Path, db_url: str) -> Iterator[MakeApi]:
+def make_api(tmp_path: Path, db_url: str, s3_server: Any) -> Iterator[MakeApi]:
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> ApiHarness:
@@ -634,7 +644,7 @@ def make_api(tmp_path: Path, db_url: str) -> Iterator[MakeApi]:
         )
         client.__enter__()
         clients.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path)
+        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
         harness.tenant, harness.headers = harness.new_tenant()
         return harness
 
@@ -746,7 +756,7 @@ def test_a_job_callback_and_a_subscription_through_the_api_deliver_verifiable_ev
     job = api.submit({**merge_job(), "callback_url": receiver.url}).json()
     run_to_success(api.service.jobs, job["id"])
 
-    make_dispatcher(on=api.service.engine).deliver_all_due()
+    make_dispatcher(on=api.service).deliver_all_due()
 
     events = []
     for r in receiver.wait_for(4):
@@ -779,7 +789,7 @@ def test_permanent_failure_is_visible_through_the_api(
         "/v1/webhooks", json={"url": receiver.url, "events": ["job.queued"]}, headers=api.headers
     ).json()
     api.submit()
-    dispatcher = make_dispatcher((0.05,), on=api.service.engine)
+    dispatcher = make_dispatcher((0.05,), on=api.service)
 
     def failed() -> bool:
         items = api.client.get(f"/v1/webhooks/{sub['id']}/deliveries", headers=api.headers).json()[
@@ -839,7 +849,8 @@ def test_a_job_run_by_the_embedded_worker_calls_back_when_it_finishes(
         worker.stop(timeout=30)
         worker.store.engine.dispose()
 
-    secret = WebhookStore(worker.store.engine).signing_secret(tenant).secret
+    box = SecretBox.from_settings(settings)  # the worker's dispatcher seals with this one
+    secret = WebhookStore(worker.store.engine, box).signing_secret(tenant).secret
     events = sorted(
         (verify_standard_webhook(secret, r.headers, r.body) for r in got),
         key=lambda e: e["timestamp"],

@@ -1,5 +1,5 @@
 """``weightsmith serve``: API and in-process worker on one machine, SQLite and a local artifact
-directory, no broker. A first start prints a bootstrap key that works."""
+directory, no broker. A first start writes a bootstrap key that works to a private file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -80,13 +81,23 @@ def running_serve(workdir: Path, *, timeout: float = 60) -> Iterator[tuple[str, 
             process.wait()
 
 
-def test_serve_prints_a_bootstrap_key_and_runs_a_submitted_job(
+def test_serve_writes_a_private_bootstrap_key_file_shows_only_its_prefix_and_runs_a_job(
     tmp_path: Path, llama_family: dict[str, Path]
 ) -> None:
+    data = tmp_path / "data"
     with running_serve(tmp_path) as (base, log):
-        lines = log.read_text().splitlines()
-        key = next(line.strip() for line in lines if line.strip().startswith("wsk_"))
-        assert key == (tmp_path / "data" / "bootstrap-api-key").read_text().strip()
+        key_file = data / "bootstrap-api-key"
+        key = key_file.read_text().strip()
+        prefix = key.split("_")[1]
+        text = log.read_text()
+        # stdout (container logs) names the file and the public prefix, never the secret
+        assert str(key_file) in text and f"wsk_{prefix}_" in text
+        assert key.split("_")[2] not in text
+        # the data directory, the database and the key file are the owner's alone
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert stat.S_IMODE((data / "weightsmith.db").stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE((data / "secret-key").stat().st_mode) == 0o600
 
         body = {
             "kind": "merge",
