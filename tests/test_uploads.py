@@ -34,7 +34,7 @@ from infra.uploads import (
 from tests import test_api
 from tests.api_fixtures import ApiHarness
 from tests.test_api import MakeApi, assert_problem
-from weightsmith.client import Client
+from weightsmith.client import Client, LocalFilesError, UploadError
 
 # The API harness of test_api.py: the real app, once on SQLite and once on PostgreSQL.
 database_url = test_api.database_url
@@ -774,3 +774,160 @@ def test_on_s3_an_uploaded_checkpoint_is_pinned_and_merged_as_an_artifact_input(
     for key in merged:
         torch.testing.assert_close(merged[key], (0.5 * a[key] + 0.5 * b[key]).to(merged[key].dtype))
     client.close()
+
+
+# ---- the Python client ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's backoff pauses return at once."""
+    from weightsmith import client as client_module
+
+    monkeypatch.setattr(client_module.time, "sleep", lambda s: None)
+
+
+class Flaky(httpx.BaseTransport):
+    """Passes requests to the app, except that the PUTs numbered in ``lose_answer`` reach it
+    but their answers are lost, and those in ``drop`` never reach it; ``puts`` records the
+    start of every PUT's Content-Range."""
+
+    def __init__(
+        self, api: ApiHarness, *, lose_answer: set[int] = frozenset(), drop: set[int] = frozenset()
+    ) -> None:
+        self.inner = InProcess(api)
+        self.lose_answer, self.drop = lose_answer, drop
+        self.puts: list[tuple[str, int]] = []
+        self.requests = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        if request.method != "PUT":
+            return self.inner.handle_request(request)
+        start = int(request.headers["content-range"].split()[1].split("-")[0])
+        self.puts.append((request.url.path.rsplit("/", 1)[1], start))
+        n = len(self.puts)
+        if n in self.drop:
+            raise httpx.ConnectError("connection refused", request=request)
+        response = self.inner.handle_request(request)
+        if n in self.lose_answer:
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return response
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def published_bytes(api: ApiHarness, name: str, version: int, path: str) -> bytes:
+    got = api.client.get(
+        f"/v1/artifacts/{name}/versions/{version}/files/{path}", headers=api.headers
+    )
+    assert got.status_code == 200, got.text
+    return bytes(got.content)
+
+
+def test_the_client_goes_on_from_the_services_offset_after_lost_answers_and_dropped_connections(
+    api: ApiHarness, tmp_path: Path, no_sleep: None
+) -> None:
+    data = bytes(range(200)) * 4  # 800 bytes: 50 chunks of 16
+    folder = write_folder(tmp_path / "model", {"model.safetensors": data, "config.json": b"{}"})
+    transport = Flaky(api, lose_answer={2, 7}, drop={4})
+    seen: list[Any] = []
+
+    with api_client(api, transport) as client:
+        got = client.upload(folder, "mine", on_progress=seen.append)
+
+    assert got.reference == "artifact://mine@1"
+    assert published_bytes(api, "mine", 1, "model.safetensors") == data
+    assert transport.puts[0] == ("config.json", 0)  # files go in path order
+    starts = [s for f, s in transport.puts if f == "model.safetensors"]
+    # PUTs 2 and 7 landed though their answers were lost: the client asked for the offset and
+    # went on after them; PUT 4 never arrived: the same chunk was sent again
+    assert starts[:7] == [0, 16, 32, 32, 48, 64, 80]
+    assert starts[-1] == 784 and len(starts) == 50 + 1
+    assert seen[0].phase == "hashing" and seen[-1].phase == "published"
+    sent = [p for p in seen if p.phase == "uploading"]
+    assert sent[-1].bytes_done == sent[-1].bytes_total == len(data) + 2
+    assert all(p.upload_id for p in sent)
+
+
+def test_an_interrupted_upload_is_resumed_by_its_id_sending_only_what_is_missing(
+    api: ApiHarness, tmp_path: Path, no_sleep: None
+) -> None:
+    data = b"0123456789abcdef" * 6  # 96 bytes: 6 chunks
+    folder = write_folder(tmp_path / "model", {"weights.safetensors": data})
+    broken = Flaky(api, drop=set(range(4, 100)))  # the link goes down after 3 chunks
+    with api_client(api, broken) as client, pytest.raises(UploadError) as failed:
+        client.upload(folder, "mine")
+    upload_id = failed.value.upload_id
+    assert upload_id is not None and upload_id in str(failed.value)
+    assert Uploader(api).offset(upload_id, "weights.safetensors") == 48
+
+    working = Flaky(api)
+    with api_client(api, working) as client:
+        got = client.upload(folder, "mine", upload_id=upload_id)
+
+    assert got.reference == "artifact://mine@1"
+    assert [s for _, s in working.puts] == [48, 64, 80]
+    assert published_bytes(api, "mine", 1, "weights.safetensors") == data
+
+
+def test_resuming_with_files_that_changed_is_refused(api: ApiHarness, tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "model", {"a.safetensors": b"one"})
+    upload_id = Uploader(api).create("mine", declare({"a.safetensors": b"two"})).json()["id"]
+
+    with api_client(api) as client, pytest.raises(LocalFilesError, match="changed"):
+        client.upload(folder, "mine", upload_id=upload_id)
+
+
+def test_the_client_refuses_pickles_before_sending_anything_and_leaves_hidden_files_out(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    pickled = write_folder(
+        tmp_path / "pickled", {"pytorch_model.bin": b"\x80\x04", "config.json": b"{}"}
+    )
+    transport = Flaky(api)
+    with api_client(api, transport) as client:
+        with pytest.raises(LocalFilesError, match=r"pytorch_model\.bin.*pickle"):
+            client.upload(pickled, "mine")
+        assert transport.requests == 0
+
+        hidden = write_folder(
+            tmp_path / "snapshot",
+            {"model.safetensors": b"w", ".cache/huggingface/x.lock": b"", ".gitattributes": b"*"},
+        )
+        client.upload(hidden, "snap")
+
+    manifest = api.client.get("/v1/artifacts/snap/versions/1", headers=api.headers).json()
+    assert [f["path"] for f in manifest["files"]] == ["model.safetensors"]
+
+
+def test_one_file_is_uploaded_under_its_own_name(api: ApiHarness, tmp_path: Path) -> None:
+    corpus = write_folder(tmp_path, {"corpus.txt": b"The capital of France is Paris.\n"})
+
+    with api_client(api) as client:
+        got = client.upload(corpus / "corpus.txt", "corpora")
+
+    assert got.reference == "artifact://corpora@1"
+    assert published_bytes(api, "corpora", 1, "corpus.txt") == b"The capital of France is Paris.\n"
+
+
+def test_a_file_that_changes_during_the_upload_fails_with_the_services_checksum_error(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    folder = write_folder(tmp_path / "model", {"model.safetensors": b"a" * 40})
+
+    def change_it(p: Any) -> None:  # after hashing, before sending
+        if p.phase == "uploading":
+            (folder / "model.safetensors").write_bytes(b"b" * 40)
+
+    with api_client(api) as client, pytest.raises(UploadError) as failed:
+        client.upload(folder, "mine", on_progress=change_it)
+
+    assert failed.value.status == 422
+    assert "model.safetensors" in str(failed.value) and sha(b"a" * 40) in str(failed.value)
+    assert list_versions(api.service.store, api.tenant, "mine") == []
