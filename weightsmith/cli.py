@@ -691,11 +691,15 @@ class _PushWatch:
             self.phase = p.phase
             self.close()
             if not self.tty:
-                print(
-                    f"{p.phase}: {p.files_total} files, {_human_bytes(p.bytes_total)}", flush=True
-                )
+                if p.phase != "published":  # the caller prints the reference
+                    size = _human_bytes(p.bytes_total)
+                    print(f"{p.phase}: {p.files_total} files, {size}", flush=True)
             elif p.phase in ("hashing", "uploading"):
                 self.bar = _tqdm(p.phase, p.bytes_total)
+            elif p.phase == "completing":  # no bar: the service is hashing every byte
+                print(
+                    "completing: the service checks every sha256, then publishes", file=sys.stderr
+                )
         if self.bar is not None:
             self.bar.n = p.bytes_done
             self.bar.set_postfix_str(f"{p.files_done}/{p.files_total} files", refresh=False)
