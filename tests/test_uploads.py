@@ -931,3 +931,14 @@ def test_a_file_that_changes_during_the_upload_fails_with_the_services_checksum_
     assert failed.value.status == 422
     assert "model.safetensors" in str(failed.value) and sha(b"a" * 40) in str(failed.value)
     assert list_versions(api.service.store, api.tenant, "mine") == []
+
+
+def test_openapi_documents_the_upload_routes(api: ApiHarness) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+
+    assert set(paths["/v1/uploads"]) == {"post"}
+    assert set(paths["/v1/uploads/{upload_id}"]) == {"get", "delete"}
+    assert set(paths["/v1/uploads/{upload_id}/files/{path}"]) == {"get", "head", "put"}
+    assert set(paths["/v1/uploads/{upload_id}/complete"]) == {"post"}
+    put = paths["/v1/uploads/{upload_id}/files/{path}"]["put"]
+    assert "application/octet-stream" in put["requestBody"]["content"]
