@@ -256,12 +256,19 @@ def delete_upload(upload_id: IdPath, service: ServiceDep, principal: PrincipalDe
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.api_route(
+@router.get(
     "/{upload_id}/files/{path:path}",
-    methods=["GET", "HEAD"],
     response_model=UploadFileView,
     responses={404: _PROBLEM},
+    operation_id="get_upload_file_offset",
     summary="How much of one file is stored (also as the Upload-Offset header)",
+)
+@router.head(
+    "/{upload_id}/files/{path:path}",
+    response_model=UploadFileView,
+    responses={404: _PROBLEM},
+    operation_id="head_upload_file_offset",
+    summary="How much of one file is stored, as the Upload-Offset header (resume from it)",
 )
 def file_offset(
     upload_id: IdPath,
