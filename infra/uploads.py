@@ -395,6 +395,8 @@ def open_uploads(
                 found.append(upload_id)
         except UploadNotFound:
             continue
+        except UploadError:  # an unreadable record: it counts, the tenant can abort it
+            found.append(upload_id)
     return sorted(found)
 
 
@@ -841,7 +843,13 @@ def abort_upload(
     now: datetime | None = None,
 ) -> None:
     """Delete the upload and everything it staged (a published version stays)."""
-    up = inspect_upload(store, tenant, upload_id, caps, now=now)
+    try:
+        up = inspect_upload(store, tenant, upload_id, caps, now=now)
+    except UploadNotFound:
+        raise
+    except UploadError:  # its record is unreadable: nothing there is worth keeping
+        store.delete_prefix(upload_prefix(tenant, upload_id))
+        return
     if up.state == "completing":
         raise UploadConflict(f"upload {upload_id!r} is being completed; it cannot be aborted now")
     store.delete_prefix(up.session.prefix)

@@ -942,3 +942,18 @@ def test_openapi_documents_the_upload_routes(api: ApiHarness) -> None:
     assert set(paths["/v1/uploads/{upload_id}/complete"]) == {"post"}
     put = paths["/v1/uploads/{upload_id}/files/{path}"]["put"]
     assert "application/octet-stream" in put["requestBody"]["content"]
+
+
+def test_an_upload_with_an_unreadable_record_counts_as_open_and_can_be_aborted(
+    make_api: MakeApi,
+) -> None:
+    api = make_api(max_open_uploads=1)
+    broken = f"up_{'b' * 32}"
+    api.service.store.put_bytes(upload_prefix(api.tenant, broken) + "upload.json", b"not json")
+    up = Uploader(api)
+
+    assert assert_problem(up.create("x", declare({"a": b"a"})), 429)["open_uploads"] == [broken]
+    assert_problem(up.get(broken), 503)
+    assert api.client.delete(f"/v1/uploads/{broken}", headers=api.headers).status_code == 204
+
+    assert up.create("x", declare({"a": b"a"})).status_code == 201

@@ -131,11 +131,12 @@ def _problem(e: Exception) -> ApiProblem:
         return ApiProblem(
             503, f"the object store is unavailable: {e}", headers={"Retry-After": "5"}
         )
-    if isinstance(e, StorageError | ArtifactError | UploadError):
+    if isinstance(e, StorageError | ArtifactError):
         log.warning("upload request failed: %s", e)
-        return ApiProblem(
-            503, f"the upload could not be stored: {e}; retry", headers={"Retry-After": "5"}
-        )
+        return ApiProblem(503, f"the object store failed: {e}; retry", headers={"Retry-After": "5"})
+    if isinstance(e, UploadError):  # its record is unreadable
+        log.warning("upload request failed: %s", e)
+        return ApiProblem(503, f"{e}; abort it (DELETE) and start a new upload")
     raise e
 
 
