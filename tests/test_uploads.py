@@ -957,3 +957,29 @@ def test_an_upload_with_an_unreadable_record_counts_as_open_and_can_be_aborted(
     assert api.client.delete(f"/v1/uploads/{broken}", headers=api.headers).status_code == 204
 
     assert up.create("x", declare({"a": b"a"})).status_code == 201
+
+
+def test_a_full_temporary_disk_is_503_and_stores_nothing(
+    api: ApiHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from app.routes import uploads as upload_routes
+    from infra import uploads as upload_infra
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    up = Uploader(api)
+    upload_id = up.create("x", declare({"f.txt": b"data"})).json()["id"]
+    monkeypatch.setattr(upload_routes.tempfile, "mkstemp", disk_full)
+    chunk = up.put(upload_id, "f.txt", b"data", 0, 4)
+    monkeypatch.undo()
+    up.send(upload_id, "f.txt", b"data")
+    monkeypatch.setattr(upload_infra.tempfile, "TemporaryDirectory", disk_full)
+    completion = up.complete(upload_id)
+
+    for r in (chunk, completion):
+        assert "No space left on device" in assert_problem(r, 503)["detail"]
+    assert list_versions(api.service.store, api.tenant, "x") == []
+    assert up.get(upload_id).json()["state"] == "open"

@@ -134,6 +134,13 @@ def _problem(e: Exception) -> ApiProblem:
     if isinstance(e, StorageError | ArtifactError):
         log.warning("upload request failed: %s", e)
         return ApiProblem(503, f"the object store failed: {e}; retry", headers={"Retry-After": "5"})
+    if isinstance(e, OSError):  # the API's temporary directory: full or unwritable
+        log.error("upload request failed on the local disk: %s", e)
+        return ApiProblem(
+            503,
+            f"the service could not write its temporary files ({e.strerror or e}); retry later",
+            headers={"Retry-After": "30"},
+        )
     if isinstance(e, UploadError):  # its record is unreadable
         log.warning("upload request failed: %s", e)
         return ApiProblem(503, f"{e}; abort it (DELETE) and start a new upload")
@@ -144,7 +151,7 @@ async def _call(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
     """Run an infra.uploads function in the thread pool, its errors as problems."""
     try:
         return await run_in_threadpool(fn, *args, **kwargs)
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
 
 
@@ -222,7 +229,7 @@ def create(
     caps = _caps(service)
     try:
         up = create_upload(service.store, principal.tenant, body, caps)
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
     _schedule_sweep(request, background, service)
     response.headers["Location"] = f"/v1/uploads/{up.session.id}"
@@ -239,7 +246,7 @@ def get_upload(upload_id: IdPath, service: ServiceDep, principal: PrincipalDep) 
     caps = _caps(service)
     try:
         return _view(inspect_upload(service.store, principal.tenant, upload_id, caps), caps)
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
 
 
@@ -252,7 +259,7 @@ def get_upload(upload_id: IdPath, service: ServiceDep, principal: PrincipalDep) 
 def delete_upload(upload_id: IdPath, service: ServiceDep, principal: PrincipalDep) -> Response:
     try:
         abort_upload(service.store, principal.tenant, upload_id, _caps(service))
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -280,7 +287,7 @@ def file_offset(
 ) -> UploadFileView:
     try:
         up = inspect_upload(service.store, principal.tenant, upload_id, _caps(service))
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
     index = up.session.index_of(path)
     if index is None:
@@ -413,7 +420,10 @@ async def _receive(request: Request, target: ChunkTarget) -> tuple[Path, int, st
     """Stream the body to a temporary file: (its path, size, sha256). Stops reading as soon
     as the body is longer than allowed; a short or empty body stores nothing."""
     limit = target.length if target.length is not None else target.max_length
-    fd, name = tempfile.mkstemp(prefix="weightsmith-chunk-")
+    try:
+        fd, name = tempfile.mkstemp(prefix="weightsmith-chunk-")
+    except OSError as e:
+        raise _problem(e) from e
     path = Path(name)
     digest = hashlib.sha256()
     size = 0
@@ -437,6 +447,9 @@ async def _receive(request: Request, target: ChunkTarget) -> tuple[Path, int, st
                     await run_in_threadpool(flush, out, pending)
                     pending, pending_size = [], 0
             await run_in_threadpool(flush, out, pending)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise _problem(e) from e
     except ClientDisconnect as e:
         path.unlink(missing_ok=True)
         raise ApiProblem(
@@ -500,7 +513,7 @@ def complete(upload_id: IdPath, service: ServiceDep, principal: PrincipalDep) ->
     caps = _caps(service)
     try:
         up = complete_upload(service.store, principal.tenant, upload_id, caps)
-    except (UploadError, StorageError, ArtifactError) as e:
+    except (UploadError, StorageError, ArtifactError, OSError) as e:
         raise _problem(e) from e
     log.info("upload %s published as %s", upload_id, up.published and up.published.reference)
     return _view(up, caps)
