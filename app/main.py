@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 import weightsmith
 from app.metrics import install_metrics, log_tenant
 from app.problems import install_problem_handlers
-from app.routes import artifacts, health, jobs, schedules, tenant, webhooks
+from app.routes import artifacts, health, jobs, schedules, tenant, uploads, webhooks
 from app.service import Service
 from infra.logging import configure_logging
 from infra.queue import JobQueue
@@ -54,5 +54,6 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(schedules.router, dependencies=[log_tenant])
     app.include_router(webhooks.job_deliveries_router, dependencies=[log_tenant])
     app.include_router(tenant.router, dependencies=[log_tenant])
+    app.include_router(uploads.router, dependencies=[log_tenant])
     install_metrics(app)  # GET /metrics, request metrics and log context
     return app

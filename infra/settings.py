@@ -91,6 +91,24 @@ artifact directory (the "embedded default"); production sets the URLs.
     When set, ``GET /metrics`` needs ``Authorization: Bearer <this token>`` (a scraper's
     credential, not an API key). Unset: ``/metrics`` is open, like ``/healthz``; keep it
     on an internal network. Kept secret.
+``WEIGHTSMITH_MAX_UPLOAD_BYTES``
+    Most bytes one upload (``POST /v1/uploads``: a tenant's own checkpoint) may declare in
+    all. Default 200000000000 (200 GB). Completing an upload needs this much free space in
+    the API's temporary directory (``TMPDIR``) at worst: the files are assembled there,
+    verified and published.
+``WEIGHTSMITH_MAX_UPLOAD_FILE_BYTES``
+    Most bytes one file of an upload may have. Default 50000000000 (50 GB).
+``WEIGHTSMITH_MAX_UPLOAD_FILES``
+    Most files one upload may declare. Default 1000 (at most 10000).
+``WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES``
+    Most bytes one ``PUT /v1/uploads/{id}/files/{path}`` may carry; the route streams the
+    body to a temporary file and stops reading past this. Default 67108864 (64 MiB). The
+    general request-body limit must let this route's chunks through.
+``WEIGHTSMITH_UPLOAD_EXPIRY``
+    Seconds after its last write (creation, a chunk, a completion attempt) at which an
+    unfinished upload expires; its staged bytes are swept. Default 86400 (24 hours).
+``WEIGHTSMITH_MAX_OPEN_UPLOADS``
+    Most unpublished, unexpired uploads one tenant may hold at once. Default 16.
 """
 
 from __future__ import annotations
@@ -176,6 +194,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_token: SecretStr | None = None
     secret_keys: SecretStr | None = None
+    max_upload_bytes: int = Field(default=200 * 10**9, ge=1)
+    max_upload_file_bytes: int = Field(default=50 * 10**9, ge=1)
+    max_upload_files: int = Field(default=1000, ge=1, le=10_000)
+    max_upload_chunk_bytes: int = Field(default=64 * 2**20, ge=1, le=5 * 2**30)
+    upload_expiry: int = Field(default=24 * 3600, ge=1)
+    max_open_uploads: int = Field(default=16, ge=1)
 
     @field_validator("log_format", mode="before")
     @classmethod

@@ -66,6 +66,12 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_LOG_LEVEL": "warning",
         "WEIGHTSMITH_METRICS_TOKEN": "scrape-secret",
         "WEIGHTSMITH_SECRET_KEYS": "key-one,key-two",
+        "WEIGHTSMITH_MAX_UPLOAD_BYTES": "1000000",
+        "WEIGHTSMITH_MAX_UPLOAD_FILE_BYTES": "500000",
+        "WEIGHTSMITH_MAX_UPLOAD_FILES": "20",
+        "WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES": "4096",
+        "WEIGHTSMITH_UPLOAD_EXPIRY": "600",
+        "WEIGHTSMITH_MAX_OPEN_UPLOADS": "3",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -93,6 +99,12 @@ def test_every_variable_is_read_from_the_environment(
     assert (s.log_format, s.log_level) == ("json", "WARNING")
     assert s.metrics_token is not None and s.metrics_token.get_secret_value() == "scrape-secret"
     assert s.secret_keys is not None and s.secret_keys.get_secret_value() == "key-one,key-two"
+    assert (s.max_upload_bytes, s.max_upload_file_bytes, s.max_upload_files) == (
+        10**6,
+        5 * 10**5,
+        20,
+    )
+    assert (s.max_upload_chunk_bytes, s.upload_expiry, s.max_open_uploads) == (4096, 600, 3)
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

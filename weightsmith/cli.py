@@ -315,7 +315,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- the service's client: submit, jobs, job, cancel, artifacts, pull ---------------------
+# ---- the service's client: submit, jobs, job, cancel, artifacts, pull, push ---------------
 # Each of these talks to a running service through weightsmith.client (URL and key from
 # --url/--token or WEIGHTSMITH_URL/WEIGHTSMITH_TOKEN); nothing here imports torch.
 
@@ -656,12 +656,118 @@ def _pull(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+class _PushWatch:
+    """``push`` progress: a tqdm bar per phase on a terminal, plain lines otherwise."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.bar: Any = None
+        self.phase = ""
+        self.upload_id: str | None = None
+        self.file: str | None = None
+
+    def __call__(self, p: Any) -> None:
+        if p.upload_id and p.upload_id != self.upload_id:
+            self.upload_id = p.upload_id
+            self._line(
+                f"upload {p.upload_id}: {p.files_total} files, {_human_bytes(p.bytes_total)}"
+            )
+        if p.phase != self.phase:
+            self.phase = p.phase
+            self.close()
+            if not self.tty:
+                if p.phase != "published":  # the caller prints the reference
+                    size = _human_bytes(p.bytes_total)
+                    print(f"{p.phase}: {p.files_total} files, {size}", flush=True)
+            elif p.phase in ("hashing", "uploading"):
+                self.bar = _tqdm(p.phase, p.bytes_total)
+            elif p.phase == "completing":  # no bar: the service is hashing every byte
+                print(
+                    "completing: the service checks every sha256, then publishes", file=sys.stderr
+                )
+        if self.bar is not None:
+            self.bar.n = p.bytes_done
+            self.bar.set_postfix_str(f"{p.files_done}/{p.files_total} files", refresh=False)
+            self.bar.refresh()
+        elif not self.tty and p.phase == "uploading" and p.file != self.file and p.file:
+            self.file = p.file
+            print(f"sending {p.file}", flush=True)
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _tqdm(desc: str, total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the client-only install has no tqdm: no bar
+        return None
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def _push(client: Any, args: argparse.Namespace) -> int:
+    """Upload a folder (or one file) as the next version of an artifact of yours."""
+    from weightsmith.client import ClientError, LocalFilesError, UploadError, parse_artifact_ref
+
+    try:
+        ref = parse_artifact_ref(args.artifact)
+    except ClientError as e:
+        return _fail(str(e), EXIT_INPUT)
+    if ref.version is not None:
+        return _fail(
+            f"push publishes the next version of {ref.name!r}: write artifact://{ref.name} "
+            f"(without '@{ref.version}')",
+            EXIT_INPUT,
+        )
+    watch = _PushWatch(tty=sys.stderr.isatty())
+    try:
+        version = client.upload(
+            args.dir,
+            ref.name,
+            description=args.description,
+            on_progress=watch,
+            upload_id=args.resume,
+        )
+    except LocalFilesError as e:
+        watch.close()
+        return _fail(str(e), EXIT_INPUT)
+    except UploadError as e:
+        watch.close()
+        hint = ""
+        if e.upload_id and e.status != 404:  # gone: nothing to resume
+            again = f"weightsmith push {args.dir} {args.artifact} --resume {e.upload_id}"
+            hint = f"; go on with '{again}'"
+        return _fail(f"{e}{hint}", _client_exit_code(e))
+    except KeyboardInterrupt:
+        watch.close()
+        resume = f" --resume {watch.upload_id}" if watch.upload_id else ""
+        return _fail(
+            f"interrupted; nothing was published. Go on with 'weightsmith push {args.dir} "
+            f"{args.artifact}{resume}'",
+            130,
+        )
+    watch.close()
+    print(f"pushed {version.reference}")
+    return 0
+
+
 cmd_submit = _remote(_submit)
 cmd_jobs = _remote(_jobs)
 cmd_job = _remote(_job)
 cmd_cancel = _remote(_cancel)
 cmd_artifacts = _remote(_artifacts)
 cmd_pull = _remote(_pull)
+cmd_push = _remote(_push)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,6 +860,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("artifact", metavar="REF", help="artifact://name@version (or @latest)")
     pl.add_argument("dir", metavar="DIR", help="target directory (must not exist, or be empty)")
     pl.set_defaults(func=cmd_pull)
+    ps = remote("push", "upload a folder as the next version of an artifact (safetensors)")
+    ps.add_argument("dir", metavar="DIR", help="a checkpoint folder, or one file")
+    ps.add_argument("artifact", metavar="REF", help="artifact://name (or name)")
+    ps.add_argument("--description", help="kept in the version's manifest")
+    ps.add_argument("--resume", metavar="UPLOAD_ID", help="go on with an interrupted upload")
+    ps.set_defaults(func=cmd_push)
     return parser
 
 
