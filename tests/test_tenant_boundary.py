@@ -196,6 +196,22 @@ def stack(
             headers=a,
         )
         assert sub.status_code == 201, sub.text
+        content = b"A's private upload"
+        upload = client.post(
+            "/v1/uploads",
+            json={
+                "artifact_name": "a-private",
+                "files": [
+                    {
+                        "path": "model.safetensors",
+                        "size": len(content),
+                        "sha256": hashlib.sha256(content).hexdigest(),
+                    }
+                ],
+            },
+            headers=a,
+        )
+        assert upload.status_code == 201, upload.text
         yield Stack(
             client,
             settings,
@@ -208,6 +224,7 @@ def stack(
                 "job": job.json()["id"],
                 "schedule": schedule.json()["id"],
                 "subscription": sub.json()["id"],
+                "upload": upload.json()["id"],
                 "private_sha": private_sha,
             },
             hub,
@@ -229,8 +246,14 @@ def problem(response: Any, status: int) -> dict[str, Any]:
 
 def test_tenant_b_finds_none_of_tenant_as_things_on_any_route(stack: Stack) -> None:
     c, b, t = stack.client, stack.b, stack.things
-    job, schedule, sub = t["job"], t["schedule"], t["subscription"]
+    job, schedule, sub, up = t["job"], t["schedule"], t["subscription"], t["upload"]
     attempts = [
+        ("GET", f"/v1/uploads/{up}"),
+        ("GET", f"/v1/uploads/{up}/files/model.safetensors"),
+        ("HEAD", f"/v1/uploads/{up}/files/model.safetensors"),
+        ("PUT", f"/v1/uploads/{up}/files/model.safetensors"),
+        ("POST", f"/v1/uploads/{up}/complete"),
+        ("DELETE", f"/v1/uploads/{up}"),
         ("GET", f"/v1/jobs/{job}"),
         ("POST", f"/v1/jobs/{job}/cancel"),
         ("GET", f"/v1/jobs/{job}/deliveries"),
@@ -248,8 +271,12 @@ def test_tenant_b_finds_none_of_tenant_as_things_on_any_route(stack: Stack) -> N
         ("DELETE", f"/v1/webhooks/{sub}"),
     ]
     for method, path in attempts:
-        body = {"enabled": False} if method == "PATCH" else None
-        r = c.request(method, path, headers=b, json=body)
+        if method == "PUT":  # a chunk at offset 0, as A would send it
+            headers = {**b, "Upload-Offset": "0", "Content-Type": "application/octet-stream"}
+            r = c.put(path, headers=headers, content=b"B's bytes")
+        else:
+            body = {"enabled": False} if method == "PATCH" else None
+            r = c.request(method, path, headers=b, json=body)
         assert r.status_code == 404, (method, path, r.status_code, r.text)
     # B's listings hold nothing of A's
     assert c.get("/v1/jobs", headers=b).json()["items"] == []
@@ -262,6 +289,8 @@ def test_tenant_b_finds_none_of_tenant_as_things_on_any_route(stack: Stack) -> N
     assert c.get(f"/v1/schedules/{schedule}", headers=a).json()["enabled"] is True
     assert c.get(f"/v1/webhooks/{sub}", headers=a).status_code == 200
     assert c.get("/v1/artifacts/secret-model/versions/1", headers=a).status_code == 200
+    upload = c.get(f"/v1/uploads/{up}", headers=a).json()
+    assert upload["state"] == "open" and upload["files"][0]["offset"] == 0
 
 
 def test_tenant_b_cannot_name_tenant_as_artifacts_as_inputs(stack: Stack) -> None:
