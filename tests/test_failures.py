@@ -131,10 +131,14 @@ def test_an_unexpected_error_names_its_class_and_location_but_not_its_text() -> 
     assert token not in text and "/srv/" not in text
 
 
-def test_a_transient_failure_on_the_last_attempt_says_it_was_retried() -> None:
-    details = failure_details(TimeoutError("read timed out from 10.0.0.5"), retried=3)
-    assert "TimeoutError on each of 3 attempts" in str(details["message"])
-    assert "10.0.0.5" not in json.dumps(details)
+def test_a_transient_failure_says_whether_it_is_retried_or_was_on_each_attempt() -> None:
+    e = TimeoutError("read timed out from 10.0.0.5")
+    retrying = failure_details(e, retried=1, retrying=True)
+    assert str(retrying["message"]).startswith("attempt 1 failed with TimeoutError")
+    assert "the job is retried" in str(retrying["message"])
+    final = failure_details(e, retried=3)
+    assert "TimeoutError on each of 3 attempts" in str(final["message"])
+    assert "10.0.0.5" not in json.dumps([retrying, final])
 
 
 def test_an_input_error_keeps_its_own_message_and_location() -> None:

@@ -498,7 +498,9 @@ def test_a_job_whose_success_could_not_be_recorded_is_retried_into_the_same_vers
 
     with pytest.raises(RetryLater):
         service.run(job_id, worker_id="w1")  # published v1, then the database failed
-    assert service.job(job_id).state == JobState.QUEUED
+    waiting = service.job(job_id)
+    assert (waiting.state, waiting.phase) == (JobState.QUEUED, "retrying")
+    assert waiting.error["message"].startswith("attempt 1 failed with OperationalError")
     service.run(job_id, worker_id="w2")  # the retry merges again, then finds its version
 
     job = service.job(job_id)

@@ -186,22 +186,27 @@ def locate(
     return e
 
 
-def failure_details(e: BaseException, *, retried: int | None = None) -> dict[str, str | None]:
+def failure_details(
+    e: BaseException, *, retried: int | None = None, retrying: bool = False
+) -> dict[str, str | None]:
     """The job error (the fields of ``JobError``) for a failed attempt.
 
     A WeightsmithError's text is user-facing and already scrubbed; any other exception may
     carry anything (paths, URLs, tokens), so only its class is named, with the missing
     module's name for an ImportError and where it happened when known (see :func:`locate`).
-    ``retried``: the attempts a transient failure was tried (it failed on each).
+    ``retried``: the attempts a transient failure was tried; ``retrying``: the job is to be
+    tried again (else it failed on each of them).
     """
     if isinstance(e, WeightsmithError):
         return e.to_dict()
     kind = type(e).__name__
-    if retried is not None:
+    transient = "a transient failure: network, storage, database or memory"
+    if retried is not None and retrying:
+        message = f"attempt {retried} failed with {kind} ({transient}); the job is retried"
+    elif retried is not None:
         message = (
             f"the worker failed with {kind} on each of {retried} attempt"
-            f"{'s' if retried != 1 else ''} (a transient failure: network, storage, database "
-            "or memory); see the worker's log"
+            f"{'s' if retried != 1 else ''} ({transient}); see the worker's log"
         )
     elif isinstance(e, ImportError):
         module = e.name or "?"

@@ -279,7 +279,7 @@ def _failed_attempt(
         return
     delay = retry_delay(settings, job.attempts)
     released = store.release_for_retry(
-        job.id, worker_id, JobError(**failure_details(e, retried=job.attempts))
+        job.id, worker_id, JobError(**failure_details(e, retried=job.attempts, retrying=True))
     )
     if released is None:
         return  # finished or taken over meanwhile: nothing to retry
