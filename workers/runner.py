@@ -283,6 +283,9 @@ def _failed_attempt(
     )
     if released is None:
         return  # finished or taken over meanwhile: nothing to retry
+    if released.state != JobState.QUEUED:
+        log.info("job %s: attempt failed (%s) and its cancel request ended it", job.id, e)
+        return
     log.warning(
         "job %s: attempt %d/%d failed (%s: %s); retrying in %.0f s",
         job.id,
@@ -293,8 +296,6 @@ def _failed_attempt(
         delay,
         exc_info=not _is_weightsmith(e),
     )
-    if released.state != JobState.QUEUED:
-        return  # its cancel request was honoured instead
     raise RetryLater(job.id, delay, f"attempt {job.attempts} failed ({type(e).__name__})") from e
 
 
