@@ -11,6 +11,11 @@
 4. :meth:`~infra.db.JobStore.activate_job` stores the pinned recipe (state ``queued``) and
    the job id goes on the queue. Without a key there is nothing to hold while pinning, so
    the job is recorded queued in one step (:meth:`~infra.db.JobStore.create_job`).
+5. If the broker cannot take the message, the job is failed with phase ``not-queued`` and
+   the answer is 503 (``Retry-After``). A retry with the same Idempotency-Key and body moves
+   that same job back to ``queued`` (a guarded transition: of concurrent retries one wins)
+   and sends it again: 202 once the broker is back, 503 again while it is down. One key
+   never yields two jobs, and the job keeps the references pinned by the first request.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from infra.artifacts import (
     reusable_recipe_hash,
 )
 from infra.db import IdempotencyKeyInFlight, IdempotencyKeyReused, JobNotPending
-from infra.db.jobstore import REUSED_PHASE
+from infra.db.jobstore import NOT_QUEUED_PHASE, REUSED_PHASE
 from infra.db.models import Job
 from infra.hub import HubAccess, HubPinError, pin_hub_reference
 from infra.queue import QueueUnavailable
@@ -74,8 +79,7 @@ from schemas.references import ModelReference, ReferenceError_, ReferenceKind, p
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 MAX_BODY_BYTES = 1 << 20
-# The first response to a job whose message could not be queued was a 503; a replay of its
-# Idempotency-Key answers the same (found again by this message prefix).
+# The start of the error of a job whose message could not be queued (phase "not-queued").
 ENQUEUE_FAILED = "the job could not be queued"
 
 Location = tuple[str | int, ...]
@@ -159,7 +163,19 @@ def submit_job(
     except ValueError as e:  # a key longer than the store allows
         raise ApiProblem(422, f"Idempotency-Key header: {e}", title="Invalid request") from e
     if submission.replayed:
-        return Submitted(first_response(submission.job), replayed=True)
+        job = submission.job
+        if job.state == JobState.FAILED and job.phase == NOT_QUEUED_PHASE:
+            # Its first request was answered 503 (broker down): this retry queues that same job
+            # (one key, one job); while the broker is still down it answers 503 again.
+            requeued = jobs.requeue_unqueued(job.id)
+            if requeued is not None:
+                view = _enqueue(
+                    service, requeued, reuse=_may_reuse(request), tenant=principal.tenant
+                )
+                return Submitted(view, replayed=False)
+            # A concurrent retry took it: answer with the job as that one left it.
+            job = jobs.get(principal.tenant_id, job.id) or job
+        return Submitted(first_response(job), replayed=True)
 
     job_id = submission.job.id
     try:
@@ -213,7 +229,11 @@ def check_publish(service: Service, principal: Principal, request: JobCreate) ->
 
 def _enqueue(service: Service, job: Job, *, reuse: bool, tenant: str) -> JobView:
     """Queue a recorded job, or answer it with an existing artifact version built from the
-    same pinned recipe and seed. If the broker refuses, the job fails (it would never run)."""
+    same pinned recipe and seed.
+
+    If the broker refuses, the job is failed with phase ``not-queued`` (it would never run)
+    and the client gets a 503: a retry with the same Idempotency-Key queues this same job
+    again (submit_job), one without a key is a new submission."""
     if reuse:
         reused = _reuse_existing(service, job, tenant)
         if reused is not None:
@@ -221,8 +241,13 @@ def _enqueue(service: Service, job: Job, *, reuse: bool, tenant: str) -> JobView
     try:
         service.queue.enqueue(job.id, kind=job.kind)
     except QueueUnavailable as e:
+        log.warning("job %s: %s", job.id, e)
         message = f"{ENQUEUE_FAILED}: the broker is unreachable; submit it again later"
-        service.jobs.finish_failed(job.id, JobError(message=message, detail=message))
+        failed = service.jobs.fail_unqueued(job.id, JobError(message=message, detail=message))
+        if failed is None:  # no longer queued: a worker got the message after all
+            current = service.jobs.get(job.tenant_id, job.id)
+            if current is not None:
+                return current.to_view()
         raise _enqueue_problem(job.id) from e
     return job.to_view()
 
@@ -256,8 +281,9 @@ def _reuse_existing(service: Service, job: Job, tenant: str) -> Job | None:
 
 def first_response(job: Job) -> JobView:
     """What the first request with this job's Idempotency-Key was answered: the job as it was
-    when queued (a replay must not depend on how far the job got since)."""
-    if job.error is not None and str(job.error.get("message", "")).startswith(ENQUEUE_FAILED):
+    when queued (a replay must not depend on how far the job got since). A job that could not
+    be queued answers 503, as its first request did (submit_job tries to queue it first)."""
+    if job.state == JobState.FAILED and job.phase == NOT_QUEUED_PHASE:
         raise _enqueue_problem(job.id)
     view = job.to_view()
     if job.phase == REUSED_PHASE:

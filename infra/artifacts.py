@@ -6,7 +6,8 @@ Layout under a store (every name below is a key prefix)::
     {tenant}/{name}/v{N}/<files>          the output directory's files, as in its manifest
     {tenant}/{name}/v{N}/manifest.json    written LAST: version N exists once this exists
     {tenant}/{name}/recipes/{hash}.json   index: recipe hash -> first version built from it
-    {tenant}/{name}/jobs/{job_id}.json    index: job id -> version (idempotent re-publish)
+    {tenant}/{name}/jobs/{job_id}.json    commit: job id -> its version and that version's
+                                          manifest (exactly one version per job)
 
 Why this shape:
 
@@ -19,6 +20,15 @@ Why this shape:
   whose ``manifest.json`` exists, and the manifest is uploaded after every file has been
   stored and verified, so a partial version is invisible. A failed publish deletes what it
   wrote; a crashed one leaves invisible leftovers that :func:`sweep_incomplete` removes.
+- One job, one version, whatever crashed when. A job's publish goes: claim a number, upload
+  the files, write the job's *commit* ``jobs/{job_id}.json`` (create-if-absent: the version
+  number and the complete manifest), then the manifest, then the recipe index. A retry of
+  the job (its worker crashed, or an error) reads the commit first: a committed version is
+  completed from it (the manifest written from the committed bytes, the index added) and
+  returned, nothing re-uploaded; without a commit the retry publishes afresh under a new
+  number, the earlier attempt's number staying an invisible, swept leftover. Of two attempts
+  of one job publishing at once, the one whose commit lands first wins and the other
+  discards its files and returns the winner's version.
 - Each file is uploaded with the sha256 from the output directory's manifest, which the
   store checks (locally, or by the S3 server); :func:`download_artifact` checks them again.
 - The published manifest is the output directory's manifest plus an ``"artifact"`` block
@@ -299,13 +309,16 @@ def publish_artifact(
 ) -> ArtifactVersion:
     """Publish the output directory ``out_dir`` as the next version of ``tenant/name``.
 
-    Idempotent per job: if ``job_id`` already published a complete version of this
-    artifact (a redelivered job), that version is returned and nothing is uploaded. On
-    failure nothing becomes visible and the version number stays used.
+    Idempotent per job, whatever crashed before: a job publishes exactly one version. If
+    ``job_id`` already committed a version (its job index exists, see the module docstring),
+    that version is completed if need be and returned, and nothing of ``out_dir`` is
+    uploaded. On a failure before the commit nothing becomes visible and the version number
+    stays used; after it, a retry completes the committed version.
     """
     out_dir = Path(out_dir)
     artifact_prefix(tenant, name)
-    done = _published_by_job(store, tenant, name, job_id)
+    job_key = _job_key(tenant, name, job_id)
+    done = _committed_by_job(store, tenant, name, job_id)
     if done is not None:
         return done
     manifest = _load_local_manifest(out_dir)
@@ -314,24 +327,51 @@ def publish_artifact(
     digest = _check_hash(recipe_hash) if recipe_hash else manifest_recipe_hash(manifest)
     version = allocate_version(store, tenant, name, job_id=job_id)
     prefix = version_prefix(tenant, name, version)
+    published = dict(manifest)
+    published["artifact"] = {
+        "tenant": tenant,
+        "name": name,
+        "version": version,
+        "reference": f"artifact://{name}@{version}",
+        "job_id": job_id,
+        "recipe_hash": digest,
+        "published_at": _now(),
+    }
     try:
         _upload_files(store, prefix, out_dir, entries)
-        published = dict(manifest)
-        published["artifact"] = {
-            "tenant": tenant,
-            "name": name,
-            "version": version,
-            "reference": f"artifact://{name}@{version}",
-            "job_id": job_id,
-            "recipe_hash": digest,
-            "published_at": _now(),
-        }
-        store.put_bytes(prefix + MANIFEST, _dumps(published), if_absent=True)
+        # The commit: from here on this version is the job's, and a retry finishes it.
+        commit = _dumps({"version": version, "manifest": published})
+        store.put_bytes(job_key, commit, if_absent=True)
+    except ObjectExists:
+        # Another attempt of this job committed first (a takeover racing a slow publisher):
+        # its version is the job's; this attempt's files go.
+        _discard(store, prefix)
+        done = _committed_by_job(store, tenant, name, job_id)
+        if done is None:
+            raise ArtifactError(
+                f"job {job_id} committed a version of {tenant}/{name} that cannot be completed; "
+                "publish again"
+            ) from None
+        return done
     except BaseException:
         _discard(store, prefix)
         raise
-    _write_index(store, _job_key(tenant, name, job_id), version)
-    _write_index(store, _recipe_key(tenant, name, digest), version)
+    return _finish(store, tenant, name, version, published)
+
+
+def _finish(
+    store: ObjectStore, tenant: str, name: str, version: int, published: Mapping[str, Any]
+) -> ArtifactVersion:
+    """Make a committed version visible (its manifest, written last) and index its recipe
+    hash. Safe to repeat: both writes are create-if-absent and the manifest's bytes are the
+    ones committed, whoever writes them."""
+    prefix = version_prefix(tenant, name, version)
+    with suppress(ObjectExists):
+        store.put_bytes(prefix + MANIFEST, _dumps(published), if_absent=True)
+    artifact = published.get("artifact")
+    digest = artifact.get("recipe_hash") if isinstance(artifact, dict) else None
+    if isinstance(digest, str) and _HASH.match(digest):
+        _write_index(store, _recipe_key(tenant, name, digest), version)
     info = store.stat(prefix + MANIFEST)
     return ArtifactVersion(tenant, name, version, info.last_modified if info else None)
 
@@ -423,13 +463,62 @@ def _read_index(store: ObjectStore, key: str) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _published_by_job(
+def _committed_by_job(
     store: ObjectStore, tenant: str, name: str, job_id: str
 ) -> ArtifactVersion | None:
-    version = _read_index(store, _job_key(tenant, name, job_id))
-    if version is None:
+    """The version ``job_id`` committed, completed now if its publisher stopped between the
+    commit and the manifest; None if the job committed none (or a committed version's files
+    were swept meanwhile: then its commit is void and removed, and the job publishes anew)."""
+    key = _job_key(tenant, name, job_id)
+    try:
+        record = json.loads(store.get_bytes(key))
+    except ObjectNotFound:
         return None
-    return _complete(store, tenant, name, version)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        record = {}
+    version = record.get("version")
+    published = record.get("manifest")  # absent in an index written before commits existed
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        _delete_exact(store, key)  # unreadable: nothing can be completed from it
+        return None
+    complete = _complete(store, tenant, name, version)
+    if complete is not None and not isinstance(published, dict):
+        return complete
+    if not isinstance(published, dict) or (
+        complete is None and not _files_stored(store, tenant, name, version, published)
+    ):
+        _delete_exact(store, key)  # a commit that cannot be finished (swept, or malformed)
+        return None
+    # Complete it, or re-index a complete one (the crash may have come before the index).
+    return _finish(store, tenant, name, version, published)
+
+
+def _delete_exact(store: ObjectStore, key: str) -> None:
+    """Delete the one object ``key`` (the store deletes by prefix: refuse if the prefix would
+    take another object with it)."""
+    others = [info.key for info in store.list(key) if info.key != key]
+    if others:
+        raise ArtifactError(f"cannot delete {key!r} alone: {others[0]!r} shares its name")
+    store.delete_prefix(key)
+
+
+def _files_stored(
+    store: ObjectStore, tenant: str, name: str, version: int, published: Mapping[str, Any]
+) -> bool:
+    """Every file the committed manifest lists is stored with its size (a version can only be
+    completed if a sweep did not remove its files)."""
+    prefix = version_prefix(tenant, name, version)
+    try:
+        entries = _file_entries(published, f"{tenant}/{name} v{version} commit")
+    except ManifestError:
+        return False
+    for e in entries:
+        info = store.stat(prefix + e.path)
+        if info is None or info.size != e.size:
+            return False
+    return True
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -594,9 +683,11 @@ def sweep_incomplete(
 ) -> list[int]:
     """Delete the leftovers of versions that were claimed long ago but never completed.
 
-    Only claims older than ``older_than_s`` are considered, so a publish still running is
-    not disturbed. Claims themselves stay: their numbers remain used. Returns the versions
-    whose leftovers were removed.
+    Only claims older than ``older_than_s`` are considered, so a publish still running (or a
+    committed version whose job will be retried and complete it) is not disturbed: keep it
+    well above the time a job can wait for its retry. A version its job had committed loses
+    the commit first, so that job's retry publishes anew. Claims themselves stay: their
+    numbers remain used. Returns the versions whose leftovers were removed.
     """
     base = artifact_prefix(tenant, name)
     complete = {v.version for v in list_versions(store, tenant, name)}
@@ -610,8 +701,23 @@ def sweep_incomplete(
             continue
         number = int(m.group(1))
         try:
+            # First void the job's commit of this version, if it made one: a retry of that job
+            # must publish anew rather than complete a version whose files are going.
+            _void_commit(store, tenant, name, number, info.key)
             if store.delete_prefix(version_prefix(tenant, name, number)):
                 swept.append(number)
-        except StorageError:
+        except (StorageError, ArtifactError):
             continue
     return swept
+
+
+def _void_commit(store: ObjectStore, tenant: str, name: str, version: int, claim: str) -> None:
+    """Delete the job index that commits ``version`` (found through the claim's job id)."""
+    try:
+        job_id = json.loads(store.get_bytes(claim)).get("job_id")
+        key = _job_key(tenant, name, str(job_id))
+        committed = json.loads(store.get_bytes(key)).get("version")
+    except (ObjectNotFound, ValueError, AttributeError, ArtifactError):
+        return  # no readable claim or commit: nothing to void
+    if committed == version:
+        _delete_exact(store, key)

@@ -28,7 +28,8 @@ artifact directory (the "embedded default"); production sets the URLs.
     Whether a recipe's ``allow_pickle: true`` is honoured at all. Default false.
 ``WEIGHTSMITH_MAX_ATTEMPTS``
     Times a job may be started before it is failed (a worker killed by running out of memory
-    is redelivered; this stops the loop). Default 3.
+    is redelivered, a transient failure such as an unreachable source is retried; this stops
+    the loop). Bad input and programming errors are never retried. Default 3.
 ``WEIGHTSMITH_JOB_HARD_TIME_LIMIT``
     Seconds after which a running job is killed. Default 21600 (6 hours).
 ``WEIGHTSMITH_VISIBILITY_TIMEOUT``
@@ -36,10 +37,14 @@ artifact directory (the "embedded default"); production sets the URLs.
     the hard time limit, or a long job would run twice. Default: hard limit + 10 % (at
     least 10 minutes more).
 ``WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL``
-    Seconds between a running job's heartbeats (progress updates count). Default 30.
+    Seconds between a running job's heartbeats (progress updates count). Also the backoff
+    before retrying a transient failure, doubled per attempt (at most the lost-after time).
+    Default 30.
 ``WEIGHTSMITH_WORKER_LOST_AFTER``
     Seconds without a heartbeat after which a running job's worker is taken as lost, so a
-    redelivered message may start the job again. Default 300; at least twice the interval.
+    redelivered message may start the job again. Also how often the workers sweep for lost
+    jobs, and how long a job may stay queued without a message in the broker before it is
+    sent again. Default 300; at least twice the interval.
 ``WEIGHTSMITH_GPU_JOB_KINDS``
     Comma-separated job kinds (``merge``, ``edit``) the API sends to the ``gpu`` queue, where
     GPU workers listen (``weightsmith worker --queues gpu``); the others go to ``default``.

@@ -583,16 +583,66 @@ def test_an_unreachable_hub_is_a_503_to_retry(make_api: MakeApi, hub: HubServer)
 # ---- queue ---------------------------------------------------------------------------------------
 
 
-def test_a_job_that_cannot_be_queued_fails_and_answers_503(make_api: MakeApi):
-    def broker_down(job_id: str) -> None:
-        raise ConnectionError("broker down")
+class FlakyBroker:
+    """An in-process queue whose broker is down until ``up`` is set; records what it took."""
 
-    api = make_api(queue=InProcessQueue(broker_down))
-    key = {"Idempotency-Key": "k-503"}
-    body = assert_problem(api.submit(headers=key), 503)
+    def __init__(self) -> None:
+        self.up = False
+        self.taken: list[str] = []
+
+    def __call__(self, job_id: str) -> None:
+        if not self.up:
+            raise ConnectionError("broker down")
+        self.taken.append(job_id)
+
+
+def test_a_job_that_cannot_be_queued_fails_and_answers_503(make_api: MakeApi):
+    broker = FlakyBroker()
+    api = make_api(queue=InProcessQueue(broker))
+    body = assert_problem(api.submit(), 503)
     job = api.client.get(f"/v1/jobs/{body['job_id']}", headers=api.headers).json()
     assert job["state"] == "failed" and "could not be queued" in job["error"]["message"]
-    assert_problem(api.submit(headers=key), 503)  # the replay answers the same
+    assert job["progress"]["phase"] == "not-queued"
+
+
+def test_a_key_that_met_a_broker_outage_queues_its_job_once_the_broker_is_back(
+    make_api: MakeApi,
+):
+    broker = FlakyBroker()
+    api = make_api(queue=InProcessQueue(broker))
+    key = {"Idempotency-Key": "k-503"}
+    first = api.submit(headers=key)
+    job_id = assert_problem(first, 503)["job_id"]
+    assert first.headers["retry-after"]
+    assert_problem(api.submit(headers=key), 503)  # still down: 503 again, same job
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()["state"] == "failed"
+
+    broker.up = True
+    retried = api.submit(headers=key)
+
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["id"] == job_id and retried.json()["state"] == "queued"
+    assert retried.json()["error"] is None and "idempotent-replayed" not in retried.headers
+    assert broker.taken == [job_id]
+    replay = api.submit(headers=key)  # from now on, an ordinary replay of the queued job
+    assert (replay.json()["id"], replay.json()["state"]) == (job_id, "queued")
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert broker.taken == [job_id]
+    jobs = api.client.get("/v1/jobs", headers=api.headers).json()["items"]
+    assert [j["id"] for j in jobs] == [job_id]  # one key, one job
+
+
+def test_a_job_a_worker_took_despite_a_send_error_is_answered_as_accepted(make_api: MakeApi):
+    apis: list[ApiHarness] = []
+
+    def sent_but_unacknowledged(job_id: str) -> None:  # the message got through, its ack not
+        assert apis[0].service.jobs.claim(job_id, "w1") is not None
+        raise ConnectionError("broker connection reset")
+
+    apis.append(make_api(queue=InProcessQueue(sent_but_unacknowledged)))
+    r = apis[0].submit()
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "running"
 
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -378,6 +378,158 @@ def test_republishing_the_same_job_returns_its_version(store: ObjectStore, tmp_p
     assert [k.key for k in store.list("acme/m/versions/")] == ["acme/m/versions/v1.claim"]
 
 
+# -- one job, one version, whatever the crash point ----------------------------------------
+
+
+class Crash(Exception):
+    """The publishing process died here: its store refuses everything from now on."""
+
+
+# Where a publish dies, just after the named write succeeded: (name, does the write match).
+CRASH_POINTS: dict[str, Callable[[str, int], bool]] = {
+    "after claiming a version number": lambda key, _n: key.endswith(".claim"),
+    "after some files": lambda _key, n: n == 2,
+    "after every file": lambda _key, n: n == 6,
+    "after the job's commit": lambda key, _n: "/jobs/" in key,
+    "after the manifest": lambda key, _n: key.endswith("/manifest.json"),
+    "after the recipe index": lambda key, _n: "/recipes/" in key,
+}
+COMMITTED = {"after the job's commit", "after the manifest", "after the recipe index"}
+
+
+def _crash_after(store: ObjectStore, point: str, m: pytest.MonkeyPatch) -> None:
+    """Make ``store`` die right after the write ``point`` names (n counts the files)."""
+    matches = CRASH_POINTS[point]
+    state = {"files": 0, "dead": False}
+
+    def guard(name: str) -> Callable[..., Any]:
+        real: Callable[..., Any] = getattr(store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if state["dead"]:
+                raise Crash(f"{name} after the crash")
+            result = real(*args, **kwargs)
+            if name == "put_file":
+                state["files"] += 1
+            if name in ("put_file", "put_bytes") and matches(args[0], state["files"]):
+                state["dead"] = True
+                raise Crash(f"died {point}")
+            return result
+
+        return call
+
+    for name in ("put_file", "put_bytes", "get_bytes", "stat", "list", "list_prefixes"):
+        m.setattr(store, name, guard(name))
+    m.setattr(store, "delete_prefix", guard("delete_prefix"))
+
+
+def _stored_files(store: ObjectStore, version: int, tmp_path: Path) -> dict[str, bytes]:
+    """The version's files as downloaded (every sha256 checked against its manifest)."""
+    dest = download_artifact(store, T, "m", version, tmp_path / f"dl-{version}")
+    return {p.name: p.read_bytes() for p in dest.iterdir() if p.name != MANIFEST}
+
+
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_a_job_publishes_exactly_one_version_whatever_the_crash_point(
+    store: ObjectStore, tmp_path: Path, point: str
+) -> None:
+    first = make_output(tmp_path / "attempt-1", seed=7)
+    # The retry merges again: same recipe, but other bytes (e.g. another device's rounding).
+    retry_files = {"model.safetensors": b"the retry's weights " * 50, "config.json": b"{}"}
+    retry = make_output(tmp_path / "attempt-2", seed=7, files=retry_files)
+    with pytest.MonkeyPatch.context() as m:
+        _crash_after(store, point, m)
+        with pytest.raises(Crash):
+            publish_artifact(store, T, "m", first, job_id="job-1")
+
+    version = publish_artifact(store, T, "m", retry, job_id="job-1")
+
+    assert _numbers(store, "m") == [version.version]  # exactly one complete version
+    manifest = read_manifest(store, T, "m", version.version)
+    assert manifest["artifact"]["job_id"] == "job-1"
+    published_from = first if point in COMMITTED else retry
+    expected = {p.name: p.read_bytes() for p in published_from.iterdir() if p.name != MANIFEST}
+    assert _stored_files(store, version.version, tmp_path) == expected
+    # a committed version is completed, not replaced; before the commit the retry publishes
+    assert version.version == (1 if point in COMMITTED else 2)
+    digest = manifest["artifact"]["recipe_hash"]
+    assert find_by_recipe_hash(store, T, "m", digest) == version
+    # and however often the job is retried again, or the leftovers swept, that stays so
+    assert publish_artifact(store, T, "m", retry, job_id="job-1").version == version.version
+    sweep_incomplete(store, T, "m", older_than_s=0)
+    assert _numbers(store, "m") == [version.version]
+    assert _stored_files(store, version.version, tmp_path / "again") == expected
+    assert publish_artifact(store, T, "m", retry, job_id="job-1").version == version.version
+    assert _numbers(store, "m") == [version.version]
+
+
+def test_a_sweep_voids_a_commit_never_completed_and_the_retry_publishes_anew(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    out = make_output(tmp_path / "out")
+    with pytest.MonkeyPatch.context() as m:
+        _crash_after(store, "after the job's commit", m)
+        with pytest.raises(Crash):
+            publish_artifact(store, T, "m", out, job_id="job-1")
+    assert _numbers(store, "m") == []  # committed, but not visible yet
+
+    assert sweep_incomplete(store, T, "m", older_than_s=0) == [1]
+
+    assert list(store.list("acme/m/jobs/")) == []  # the commit went before the files
+    assert list(store.list("acme/m/v1/")) == []
+    assert publish_artifact(store, T, "m", out, job_id="job-1").version == 2
+    assert _numbers(store, "m") == [2]
+    _stored_files(store, 2, tmp_path)
+
+
+def test_a_commit_whose_files_are_gone_is_not_completed(store: ObjectStore, tmp_path: Path) -> None:
+    out = make_output(tmp_path / "out")
+    with pytest.MonkeyPatch.context() as m:
+        _crash_after(store, "after the job's commit", m)
+        with pytest.raises(Crash):
+            publish_artifact(store, T, "m", out, job_id="job-1")
+    store.delete_prefix("acme/m/v1/config.json")  # lost behind the publisher's back
+
+    version = publish_artifact(store, T, "m", out, job_id="job-1")
+
+    assert (version.version, _numbers(store, "m")) == (2, [2])
+    _stored_files(store, 2, tmp_path)
+
+
+def test_two_attempts_of_one_job_publishing_at_once_make_one_version(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow attempt (presumed lost) is about to commit when its successor publishes.
+    slow_out = make_output(tmp_path / "slow", seed=3)
+    fast_out = make_output(tmp_path / "fast", seed=3, files={"model.safetensors": b"fast"})
+    at_commit, resume = threading.Event(), threading.Event()
+    real_put_bytes = store.put_bytes
+    slow_thread: list[threading.Thread] = []
+
+    def put_bytes(key: str, data: bytes, *, if_absent: bool = False) -> Any:
+        if "/jobs/" in key and threading.current_thread() in slow_thread:
+            at_commit.set()
+            assert resume.wait(30)
+        return real_put_bytes(key, data, if_absent=if_absent)
+
+    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    got: list[ArtifactVersion] = []
+    slow = threading.Thread(
+        target=lambda: got.append(publish_artifact(store, T, "m", slow_out, job_id="job-1"))
+    )
+    slow_thread.append(slow)
+    slow.start()
+    assert at_commit.wait(30)
+    fast = publish_artifact(store, T, "m", fast_out, job_id="job-1")
+    resume.set()
+    slow.join(30)
+
+    assert got == [fast] and fast.version == 2
+    assert _numbers(store, "m") == [2]
+    assert list(store.list("acme/m/v1/")) == []  # the slow attempt took its files back
+    assert _stored_files(store, 2, tmp_path) == {"model.safetensors": b"fast"}
+
+
 # -- with the real merge engine ------------------------------------------------------------
 
 

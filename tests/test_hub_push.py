@@ -186,9 +186,11 @@ def test_a_job_retried_after_publishing_reuses_its_version_and_makes_no_second_c
     real = JobStore.finish_succeeded
 
     def crash_once(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import OperationalError
+
         calls.append(1)
-        if len(calls) == 1:  # the worker dies between pushing and recording success
-            raise RuntimeError("worker lost")
+        if len(calls) == 1:  # the database is lost between pushing and recording success
+            raise OperationalError("UPDATE jobs", {}, ConnectionError("server closed"))
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(JobStore, "finish_succeeded", crash_once)

@@ -446,6 +446,94 @@ def test_recover_lost_jobs_requeues_fails_or_cancels_them(
     assert again is not None and again.attempts == 2
 
 
+def test_a_transient_failure_gives_the_job_back_to_the_queue_with_its_error(
+    store: JobStore, tenant: int, clock: Clock
+) -> None:
+    job = running_job(store, tenant, "w1")
+    error = JobError(message="the hub could not be reached", model="org/a")
+    assert store.release_for_retry(job.id, "not-the-owner", error) is None
+
+    clock.advance(seconds=1)
+    released = store.release_for_retry(job.id, "w1", error)
+
+    assert released is not None
+    assert (released.state, released.phase, released.worker_id) == ("queued", "retrying", None)
+    assert (released.attempts, released.heartbeat_at) == (1, None)
+    assert released.error == error.model_dump(mode="json")
+    assert released.updated_at == T0 + timedelta(seconds=1)
+    assert store.update_progress(job.id, "w1") is False  # the old attempt is fenced off
+    again = store.claim(job.id, "w2")
+    assert again is not None and (again.attempts, again.worker_id) == (2, "w2")
+
+
+def test_a_transient_failure_of_a_job_asked_to_cancel_ends_it_cancelled(
+    store: JobStore, tenant: int
+) -> None:
+    job = running_job(store, tenant, "w1")
+    store.request_cancel(tenant, job.id)
+    released = store.release_for_retry(job.id, "w1", JobError(message="network down"))
+    assert released is not None and released.state == "cancelled"
+    assert store.claim(job.id, "w2") is None
+
+
+def test_a_job_that_could_not_be_queued_is_queued_again_once(store: JobStore, tenant: int) -> None:
+    job = queued_job(store, tenant)
+    failed = store.fail_unqueued(job.id, JobError(message="the job could not be queued"))
+    assert failed is not None and (failed.state, failed.phase) == ("failed", "not-queued")
+    assert store.claim(job.id, "w1") is None  # a late message for it does nothing
+
+    winners = [r for r in in_threads(4, lambda _: store.requeue_unqueued(job.id)) if r]
+
+    assert len(winners) == 1
+    again = winners[0]
+    assert isinstance(again, Job) and again.id == job.id
+    assert (again.state, again.phase, again.error) == ("queued", None, None)
+    assert again.finished_at is None
+    assert store.requeue_unqueued(job.id) is None  # queued now: nothing to do
+
+
+def test_only_a_job_failed_for_want_of_a_queue_can_be_queued_again(
+    store: JobStore, tenant: int
+) -> None:
+    ran = running_job(store, tenant)
+    store.finish_failed(ran.id, JobError(message="shape mismatch"), worker_id="w1")
+    assert store.requeue_unqueued(ran.id) is None
+    claimed = running_job(store, tenant)  # no longer queued: fail_unqueued leaves it alone
+    assert store.fail_unqueued(claimed.id, JobError(message="x")) is None
+    assert store.get(tenant, claimed.id).state == "running"  # type: ignore[union-attr]
+
+
+def test_jobs_queued_too_long_are_offered_to_the_sweeper_once_per_period(
+    store: JobStore, tenant: int, clock: Clock
+) -> None:
+    old = queued_job(store, tenant)
+    clock.advance(seconds=30)
+    recent = queued_job(store, tenant)
+    started = running_job(store, tenant)
+    clock.advance(seconds=LOST_AFTER.total_seconds() - 29)  # old: 61 s, recent: 31 s
+
+    candidates = store.long_queued_jobs()
+
+    assert [(j.id, j.kind) for j in candidates] == [(old.id, "merge")]
+    assert started.id not in {j.id for j in candidates}
+    assert [store.mark_sent_again(candidates[0]) for _ in range(2)] == [True, False]
+    assert store.long_queued_jobs() == []  # sent again just now
+    assert recent.id not in {j.id for j in store.long_queued_jobs(timedelta(seconds=31))}
+    clock.advance(seconds=LOST_AFTER.total_seconds() + 1)
+    assert {j.id for j in store.long_queued_jobs()} == {old.id, recent.id}
+
+
+def test_a_job_claimed_meanwhile_is_not_sent_again(
+    store: JobStore, tenant: int, clock: Clock
+) -> None:
+    job = queued_job(store, tenant)
+    clock.advance(seconds=LOST_AFTER.total_seconds() + 1)
+    [seen] = store.long_queued_jobs()
+    assert store.claim(job.id, "w1") is not None
+    assert store.mark_sent_again(seen) is False
+    assert store.kinds([job.id, "no-such-job"]) == {job.id: "merge"}
+
+
 # ---- progress, cancel, finish ---------------------------------------------------------------
 
 

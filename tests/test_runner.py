@@ -393,13 +393,164 @@ def test_an_unreachable_source_is_retried_then_fails_on_the_last_attempt(
     service.store.max_attempts = 2
     job_id = service.submit(linear("org/model@" + "a" * 40, llama_family["ft1"]))
 
-    with pytest.raises(RetryLater):
+    with pytest.raises(RetryLater) as retry:
         service.run(job_id, worker_id="w1")
-    assert service.job(job_id).state == JobState.RUNNING  # attempt 1 ended, not recorded
-    time.sleep(service.settings.worker_lost_after + 0.2)
+
+    # attempt 1 gave the job back to the queue, saying why, and asks for a retry after the
+    # backoff of a first attempt: one heartbeat interval, not a lost worker's timeout
+    assert retry.value.delay_s == service.settings.worker_heartbeat_interval
+    job = service.job(job_id)
+    assert (job.state, job.phase, job.attempts, job.worker_id) == ("queued", "retrying", 1, None)
+    assert job.error["model"] == "org/model@" + "a" * 40
     service.run(job_id, worker_id="w2")
 
     job = service.job(job_id)
     assert (job.state, job.attempts) == (JobState.FAILED, 2)
     assert job.error["model"] == "org/model@" + "a" * 40
     assert f"127.0.0.1:{closed_port}" in job.error["detail"]
+
+
+# ---- permanent failures fail at once ----------------------------------------------------------
+
+
+def test_a_merge_that_overflows_fails_on_its_first_attempt_naming_tensor_model_and_weight(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    # The attack: torch refuses 1e300 as a float32 scalar (a RuntimeError), which used to be
+    # retried as transient for ten minutes.
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama_family["base"]),
+        "models": [
+            {"model": str(llama_family["ft1"]), "parameters": {"weight": 1e300}},
+            {"model": str(llama_family["ft2"]), "parameters": {"weight": 1.0}},
+        ],
+        "seed": 1,
+    }
+    job_id = service.submit(recipe)
+
+    service.run(job_id)  # no RetryLater: the outcome is recorded now
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    error = job.error
+    assert error["field"] == "models[0].parameters.weight"
+    assert error["model"] == str(llama_family["ft1"])
+    assert error["tensor"] in tensors(llama_family["ft1"])
+    assert "weight = 1e+300 is beyond float32's range" in error["message"]
+    assert list(service.objects.list(f"{TENANT}/")) == []  # nothing published, nothing claimed
+    assert list(service.work_root.iterdir()) == []
+
+
+def test_a_module_missing_from_the_worker_fails_at_once_naming_it(
+    service: Service, llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    # As on a worker image built without it: importing the merge engine fails.
+    monkeypatch.setitem(sys.modules, "workers.merge.engine", None)
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    message = job.error["message"]
+    assert "'workers.merge.engine'" in message and "ModuleNotFoundError" in message
+    assert "install" in message
+
+
+@pytest.mark.parametrize("exc", [TypeError, KeyError, AttributeError, AssertionError, ValueError])
+def test_a_programming_error_fails_at_once_naming_class_and_tensor_but_no_secret(
+    service: Service,
+    llama_family: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    exc: type[Exception],
+) -> None:
+    from pydantic import SecretStr
+
+    from workers.merge import methods
+
+    token = "hf_" + secrets.token_hex(16)
+    service.settings = service.settings.model_copy(update={"hf_token": SecretStr(token)})
+    broken = "model.layers.1.mlp.up_proj.weight"
+    linear_fn = methods.METHOD_FUNCTIONS["linear"]
+
+    def buggy(x: Any) -> torch.Tensor:
+        if x.name == broken:
+            raise exc(f"{token} at {service.work_root}/secret/path")
+        return linear_fn(x)
+
+    monkeypatch.setitem(methods.METHOD_FUNCTIONS, "linear", buggy)
+    monkeypatch.delitem(methods.BLOCKED_FUNCTIONS, "linear")  # the whole-tensor path
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+
+    service.run(job_id)
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert job.error["tensor"] == broken
+    assert f"failed with {exc.__name__}" in job.error["detail"]
+    assert token not in json.dumps(job.error) and "secret/path" not in json.dumps(job.error)
+    assert list(service.objects.list(f"{TENANT}/")) == []
+
+
+# ---- a crash while publishing or recording: still one version --------------------------------
+
+
+def test_a_job_whose_success_could_not_be_recorded_is_retried_into_the_same_version(
+    service: Service, llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    real = service.store.finish_succeeded
+    calls = {"n": 0}
+
+    def database_gone_once(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("UPDATE jobs", {}, ConnectionError("server closed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "finish_succeeded", database_gone_once)
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+
+    with pytest.raises(RetryLater):
+        service.run(job_id, worker_id="w1")  # published v1, then the database failed
+    waiting = service.job(job_id)
+    assert (waiting.state, waiting.phase) == (JobState.QUEUED, "retrying")
+    assert waiting.error["message"].startswith("attempt 1 failed with OperationalError")
+    service.run(job_id, worker_id="w2")  # the retry merges again, then finds its version
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts, job.artifact_version) == (JobState.SUCCEEDED, 2, 1)
+    assert [v.version for v in list_versions(service.objects, TENANT, "soup")] == [1]
+    claims = list(service.objects.list(f"{TENANT}/soup/versions/"))
+    assert [c.key for c in claims] == [f"{TENANT}/soup/versions/v1.claim"]
+
+
+def test_a_manifest_stored_but_reported_failed_is_not_published_twice(
+    service: Service, llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infra.storage import StorageUnavailable
+
+    real = service.objects.put_bytes
+    lost = {"done": False}
+
+    def reply_lost_after_the_manifest(key: str, data: bytes, *, if_absent: bool = False) -> Any:
+        info = real(key, data, if_absent=if_absent)
+        if key.endswith("/manifest.json") and not lost["done"]:
+            lost["done"] = True
+            raise StorageUnavailable("connection reset while reading the reply")
+        return info
+
+    monkeypatch.setattr(service.objects, "put_bytes", reply_lost_after_the_manifest)
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft3"]))
+
+    with pytest.raises(RetryLater):
+        service.run(job_id, worker_id="w1")
+    service.run(job_id, worker_id="w2")
+
+    job = service.job(job_id)
+    assert (job.state, job.attempts, job.artifact_version) == (JobState.SUCCEEDED, 2, 1)
+    assert [v.version for v in list_versions(service.objects, TENANT, "soup")] == [1]

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +74,13 @@ class WorkerStack:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def _check_redis() -> None:
     import redis
 
@@ -122,6 +130,7 @@ def stack(worker_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "WEIGHTSMITH_WORKER_LOST_AFTER": str(LOST_AFTER_S),
         "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "120",
         "WEIGHTSMITH_VISIBILITY_TIMEOUT": "150",
+        "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",  # refuses connections
         "PYTHONPATH": str(ROOT),
     }
     log = root / "worker.log"
@@ -266,3 +275,46 @@ def test_a_lost_job_without_a_message_is_requeued_by_the_sweeper(
 
     assert (job.state, job.attempts) == (JobState.SUCCEEDED, 2), job.error
     assert [v.version for v in list_versions(stack.objects, stack.tenant, "celery-swept")] == [1]
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_by_the_sweeper(
+    stack: WorkerStack, llama_family: dict[str, Path]
+) -> None:
+    # As when the API died between recording the job and sending it, or Redis restarted
+    # without persistence: the job is queued, and no message for it exists anywhere.
+    request = JobCreate(
+        kind=JobKind.MERGE,
+        recipe=linear(llama_family["ft1"], llama_family["ft2"], seed=6),
+        artifact_name="celery-unsent",
+    )
+    job_id = stack.store.create_job(stack.tenant_id, request).job.id
+
+    job = stack.wait_for(job_id, finished, timeout=LOST_AFTER_S * 3 + 30)
+
+    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 1), job.error
+    assert [v.version for v in list_versions(stack.objects, stack.tenant, "celery-unsent")] == [1]
+
+
+def test_a_permanent_failure_fails_at_once_and_a_transient_one_is_retried_promptly(
+    stack: WorkerStack, llama_family: dict[str, Path]
+) -> None:
+    overflow = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama_family["base"]),
+        "models": [
+            {"model": str(llama_family["ft1"]), "parameters": {"weight": 1e300}},
+            {"model": str(llama_family["ft2"])},
+        ],
+    }
+    permanent = stack.submit(overflow, "celery-overflow")
+    # The worker's hub endpoint refuses connections (see the stack): transient, retried.
+    unreachable = stack.submit(linear("org/model@" + "c" * 40, llama_family["ft1"]), "celery-hub")
+
+    failed = stack.wait_for(permanent, finished)
+    assert (failed.state, failed.attempts) == (JobState.FAILED, 1)
+    assert failed.error["field"] == "models[0].parameters.weight"
+    assert failed.error["model"] == str(llama_family["ft1"])
+    # backoffs of 1 s then 2 s (the heartbeat interval, doubled), not a lost worker's timeout
+    retried = stack.wait_for(unreachable, finished, timeout=30)
+    assert (retried.state, retried.attempts) == (JobState.FAILED, 3)
+    assert retried.error["model"] == "org/model@" + "c" * 40

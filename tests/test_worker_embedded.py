@@ -101,3 +101,44 @@ def test_a_job_whose_process_died_while_running_is_taken_over(
 
     assert (job.state, job.attempts) == (JobState.SUCCEEDED, 2)
     assert job.worker_id != "embedded:a-process-that-died"
+
+
+def test_a_queued_job_no_one_handed_over_is_picked_up_by_housekeeping(
+    settings: Settings, store: JobStore, worker: EmbeddedWorker, llama_family: dict[str, Path]
+) -> None:
+    worker.start()  # nothing queued yet
+    job_id = submit(store, linear(llama_family["ft1"], llama_family["ft3"]))  # never submitted
+
+    job = wait_finished(store, job_id, timeout=settings.worker_lost_after * 3 + 30)
+
+    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 1), job.error
+
+
+def test_a_database_error_when_claiming_is_retried_not_dropped(
+    settings: Settings,
+    store: JobStore,
+    worker: EmbeddedWorker,
+    llama_family: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    real_claim = worker.store.claim
+    failures = {"left": 1}
+
+    def claim(job_id: str, worker_id: str) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("UPDATE jobs", {}, ConnectionError("database restarting"))
+        return real_claim(job_id, worker_id)
+
+    monkeypatch.setattr(worker.store, "claim", claim)
+    queue = InProcessQueue(worker.submit)
+    worker.start()
+    job_id = submit(store, linear(llama_family["ft2"], llama_family["ft1"]))
+    queue.enqueue(job_id, kind="merge")
+
+    job = wait_finished(store, job_id, timeout=settings.worker_heartbeat_interval + 30)
+
+    assert failures["left"] == 0
+    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 1), job.error

@@ -4,7 +4,10 @@ Jobs run one at a time in a background thread, through the same :func:`workers.r
 as on Celery. The API hands it job ids (``InProcessQueue(worker.submit)``); nothing is lost
 when the process stops, because the job store is the queue's memory: at start the worker
 requeues jobs whose worker was lost and picks up every queued job, and while it runs it
-does that housekeeping again now and then.
+does that housekeeping again now and then, which also picks up a queued job that is in none
+of its hands (its id was dropped, e.g. when the database failed as the job was claimed)
+once it has waited ``worker_lost_after``. A transient failure outside the job's own run (the
+database unreachable when claiming) is retried after the heartbeat interval.
 
 Webhooks go out from a dispatcher thread (infra.webhooks.DispatcherLoop) started and stopped
 with the worker, and woken after each job, so its final event leaves at once.
@@ -57,6 +60,8 @@ class EmbeddedWorker:
         self._stopping = threading.Event()
         self._timers: set[threading.Timer] = set()
         self._lock = threading.Lock()
+        # Ids in the queue, in a retry timer or running: the jobs not lost (see _housekeeping).
+        self._held: dict[str, int] = {}
         # Housekeeping as often as a lost worker can be detected, at most every minute.
         self.housekeeping_s = float(min(60, settings.worker_lost_after))
 
@@ -79,7 +84,27 @@ class EmbeddedWorker:
         """Queue a job (the API's InProcessQueue callback)."""
         if self._stopping.is_set():
             raise RuntimeError("the embedded worker is stopping")
+        self._put(job_id)
+
+    def _put(self, job_id: str) -> None:
+        self._hold(job_id)
         self._ids.put(job_id)
+
+    def _hold(self, job_id: str) -> None:
+        with self._lock:
+            self._held[job_id] = self._held.get(job_id, 0) + 1
+
+    def _release(self, job_id: str) -> None:
+        with self._lock:
+            left = self._held.get(job_id, 0) - 1
+            if left > 0:
+                self._held[job_id] = left
+            else:
+                self._held.pop(job_id, None)
+
+    def _holding(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
 
     def start(self) -> None:
         """Pick up the jobs left by a previous run, then start consuming."""
@@ -110,30 +135,40 @@ class EmbeddedWorker:
             self.webhooks.stop(timeout)
 
     def _housekeeping(self, *, first: bool = False) -> None:
+        from infra.queue import resend_unsent_jobs
+
         recovered = self.store.recover_lost_jobs()
         if recovered:
             log.warning("requeued %d job(s) whose worker was lost", len(recovered))
         if first:
             for job_id in self.store.queued_job_ids():
-                self._ids.put(job_id)
-        else:
-            for job_id in recovered:
-                self._ids.put(job_id)
+                self._put(job_id)
+            return
+        for job_id in recovered:
+            self._put(job_id)
+        for job_id in resend_unsent_jobs(
+            self.store, lambda job_id, _kind: self._put(job_id), present=self._holding
+        ):
+            log.warning("job %s: queued but in none of this worker's hands; picked up", job_id)
 
     def _later(self, delay_s: float, job_id: str) -> None:
         def fire() -> None:
             with self._lock:
                 self._timers.discard(timer)
-            if not self._stopping.is_set():
-                self._ids.put(job_id)
+            if self._stopping.is_set():
+                self._release(job_id)
+                return
+            self._ids.put(job_id)  # still held: the hold moves from the timer to the queue
 
         timer = threading.Timer(delay_s, fire)
         timer.daemon = True
+        self._hold(job_id)
         with self._lock:
             self._timers.add(timer)
         timer.start()
 
     def _consume(self) -> None:
+        from workers.errors import is_transient
         from workers.runner import RetryLater, run_job
 
         while True:
@@ -159,8 +194,17 @@ class EmbeddedWorker:
             except RetryLater as e:
                 log.info("%s", e)
                 self._later(e.delay_s + 0.5, job_id)
-            except Exception:  # the thread must survive anything one job does
-                log.exception("job %s: the embedded worker failed to run it", job_id)
+            except Exception as e:  # the thread must survive anything one job does
+                if is_transient(e):  # e.g. the database was unreachable: nothing recorded
+                    delay = float(self.settings.worker_heartbeat_interval)
+                    log.warning(
+                        "job %s: %s: %s; again in %.0f s", job_id, type(e).__name__, e, delay
+                    )
+                    self._later(delay, job_id)
+                else:
+                    log.exception("job %s: the embedded worker failed to run it", job_id)
+            finally:
+                self._release(job_id)
             if self.webhooks is not None:
                 self.webhooks.wake()  # the job's events are in the outbox: send them now
 

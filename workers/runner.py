@@ -19,11 +19,18 @@ directly. The job store is the source of truth:
   the covariance cache in the object store (shared by all jobs: docs/editing.md) and publish
   the edited checkpoint the same way. A safety-gate failure fails the job with the metrics in
   its error and publishes nothing, unless the recipe says ``on_gate_failure: publish_flagged``.
-- **Outcome.** Bad input (``InputError`` and other ``WeightsmithError``) fails the job with
-  what was wrong and where. A transient failure (an unreachable source, the object store, an
-  unexpected exception) raises :class:`RetryLater` while attempts remain, and fails the job
-  once they are used up. Success publishes the output as the next artifact version (idempotent
-  per job) and records it.
+- **Outcome.** Only what is known to be transient is retried (``workers.errors.is_transient``:
+  an unreachable or failing source, the Hub, the object store, the database, the network, no
+  memory or disk left): the job goes back to ``queued`` with the attempt's error and
+  :class:`RetryLater` asks for it again after a backoff (the heartbeat interval, doubled per
+  attempt, at most ``worker_lost_after``), until the attempts are used up. Everything else
+  fails the job on its first attempt with a message naming the cause: bad input
+  (``InputError`` and other ``WeightsmithError``, what was wrong and where), an overflow
+  (the merge engine names the tensor, the model and the parameter), a module missing from the
+  worker (its name), any other exception (its class, and the tensor when known): running the
+  same code on the same input again would fail the same way. Success publishes the output as
+  the next artifact version (exactly one per job, whatever crashed before: see
+  ``infra.artifacts``) and records it.
 
 The job acts for its tenant only (infra.tenancy): Hub requests use the tenant's own token (or
 the service's where the operator granted it, else none), ``s3://`` inputs are read with the
@@ -71,7 +78,7 @@ from infra.tenancy import (
     s3_refusal,
 )
 from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
-from schemas.jobs import ArtifactRef, JobError, JobKind
+from schemas.jobs import ArtifactRef, JobError, JobKind, JobState
 from schemas.references import ModelReference, ReferenceKind
 
 if TYPE_CHECKING:
@@ -153,8 +160,11 @@ def run_job(
         except RetryLater:
             raise
         except Exception as e:
-            watch.stop()  # no more heartbeats: the retry may take the job over once they are stale
-            _transient_failure(job, store, worker_id, e)
+            watch.stop()
+            if watch.lost:  # not ours any more: whoever holds the job records its outcome
+                log.warning("job %s: attempt failed (%s) after it was taken over", job_id, e)
+                return
+            _failed_attempt(job, store, settings, worker_id, e)
         finally:
             watch.stop()
             shutil.rmtree(work, ignore_errors=True)
@@ -171,8 +181,7 @@ def _run_claimed(
     device: str,
 ) -> None:
     from workers.edit.engine import EditGateError
-    from workers.errors import CancelledError, InputError, WeightsmithError
-    from workers.sources import SourceUnavailable
+    from workers.errors import CancelledError
 
     try:
         access = tenant_access(store, settings, job.tenant_id)
@@ -203,20 +212,13 @@ def _run_claimed(
         store.finish_cancelled(job.id, worker_id=watch.worker_id)
         log.info("job %s: cancelled, nothing published", job.id)
         return
-    except SourceUnavailable:
-        raise  # transient: retried while attempts remain
     except EditGateError as e:
         if watch.lost:
             raise _LostJob from None
         store.finish_failed(job.id, _gate_failure(e), worker_id=watch.worker_id)
         log.info("job %s: the edit failed its safety gate; nothing published", job.id)
         return
-    except (InputError, WeightsmithError) as e:
-        if watch.lost:
-            raise _LostJob from None
-        store.finish_failed(job.id, JobError(**e.to_dict()), worker_id=watch.worker_id)
-        log.info("job %s: failed: %s", job.id, e)
-        return
+    # Any other exception goes to run_job, which retries it or fails the job (_failed_attempt).
     if watch.lost:
         raise _LostJob
     if store.is_cancel_requested(job.id):
@@ -241,8 +243,6 @@ def _run_claimed(
             job_id=job.id,
             recipe_hash=digest,
         )
-    except StorageError:
-        raise  # transient: retried while attempts remain
     except ArtifactError as e:
         store.finish_failed(
             job.id, JobError(message=str(e), file=e.file, detail=str(e)), worker_id=watch.worker_id
@@ -271,27 +271,63 @@ def _run_claimed(
     log.info("job %s: published %s", job.id, version.reference)
 
 
-def _transient_failure(job: Job, store: JobStore, worker_id: str, e: Exception) -> None:
-    """Fail the job if this was its last attempt, else ask for a retry once it is claimable."""
+def _failed_attempt(
+    job: Job, store: JobStore, settings: Settings, worker_id: str, e: Exception
+) -> None:
+    """Record what an attempt that raised ``e`` means for the job.
+
+    A transient failure (workers.errors.is_transient: network, storage, database, memory, a
+    source or the Hub unavailable) gives the job back to the queue and asks for a retry after
+    a short backoff while attempts remain; on the last attempt it fails the job. Anything else
+    (bad input, overflow, a missing module, a programming error) fails the job at once, with
+    a message naming the cause: rerunning the same code on the same input fails the same way.
+    """
+    from workers.errors import failure_details, is_transient
+
+    transient = is_transient(e)
+    if not transient or job.attempts >= job.max_attempts:
+        error = JobError(**failure_details(e, retried=job.attempts if transient else None))
+        store.finish_failed(job.id, error, worker_id=worker_id)
+        if transient:
+            log.error("job %s: failed on its last attempt: %s", job.id, error.detail, exc_info=e)
+        elif _is_weightsmith(e):
+            log.info("job %s: failed: %s", job.id, e)
+        else:
+            log.error("job %s: failed, not retried: %s", job.id, error.detail, exc_info=e)
+        return
+    delay = retry_delay(settings, job.attempts)
+    released = store.release_for_retry(
+        job.id, worker_id, JobError(**failure_details(e, retried=job.attempts, retrying=True))
+    )
+    if released is None:
+        return  # finished or taken over meanwhile: nothing to retry
+    if released.state != JobState.QUEUED:
+        log.info("job %s: attempt failed (%s) and its cancel request ended it", job.id, e)
+        return
+    log.warning(
+        "job %s: attempt %d/%d failed (%s: %s); retrying in %.0f s",
+        job.id,
+        job.attempts,
+        job.max_attempts,
+        type(e).__name__,
+        e if _is_weightsmith(e) else "see the traceback",
+        delay,
+        exc_info=not _is_weightsmith(e),
+    )
+    raise RetryLater(job.id, delay, f"attempt {job.attempts} failed ({type(e).__name__})") from e
+
+
+def _is_weightsmith(e: BaseException) -> bool:
     from workers.errors import WeightsmithError
 
-    if job.attempts >= job.max_attempts:
-        # A WeightsmithError's text is user-facing and scrubbed; other errors may carry
-        # anything (paths, URLs), so only their type goes into the job record.
-        if isinstance(e, WeightsmithError):
-            error = JobError(**e.to_dict())
-        else:
-            what = f"the worker failed with {type(e).__name__}"
-            message = f"{what} on each of {job.max_attempts} attempts; see the worker's log"
-            error = JobError(message=message, detail=message)
-        store.finish_failed(job.id, error, worker_id=worker_id)
-        log.exception("job %s: failed on its last attempt", job.id)
-        return
-    delay = store.retry_claim_after(job.id)
-    if delay is None:
-        return  # finished meanwhile (e.g. cancelled and recovered): nothing to retry
-    log.warning("job %s: attempt %d failed (%s); retrying", job.id, job.attempts, type(e).__name__)
-    raise RetryLater(job.id, delay, f"attempt {job.attempts} failed ({type(e).__name__})") from e
+    return isinstance(e, WeightsmithError)
+
+
+def retry_delay(settings: Settings, attempt: int) -> float:
+    """Seconds before retrying after failed attempt ``attempt`` (1, 2, ...): the heartbeat
+    interval, doubled per attempt, at most ``worker_lost_after``."""
+    base = float(settings.worker_heartbeat_interval)
+    return min(float(settings.worker_lost_after), base * 2.0 ** max(0, attempt - 1))
 
 
 def soft_time_limit(settings: Settings) -> float:

@@ -1,5 +1,6 @@
 """The Celery task: a thin adapter from a queue message (a job id) to workers.runner.run_job;
-the sweeper that requeues jobs whose worker was lost without a message to redeliver; and
+the sweeper that requeues jobs whose worker was lost without a message to redeliver and sends
+again queued jobs whose message is gone from the broker; and
 webhook delivery (a dispatcher thread in each worker's main process, and the task
 ``weightsmith.deliver_webhooks`` for a round on demand).
 
@@ -59,7 +60,10 @@ def _context() -> _WorkerContext:
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None, ignore_result=True)
 def run_job(self: Any, job_id: str) -> None:
-    """Run one job (see workers.runner). Retried, not failed, while another worker holds it."""
+    """Run one job (see workers.runner). Retried, not failed, while another worker holds it,
+    after a transient failure, and while the job store cannot be reached (nothing could be
+    recorded: the message itself is the job's only memory then)."""
+    from workers.errors import is_transient
     from workers.runner import RetryLater
     from workers.runner import run_job as run
 
@@ -79,6 +83,12 @@ def run_job(self: Any, job_id: str) -> None:
     except RetryLater as e:
         log.info("%s", e)
         raise self.retry(countdown=e.delay_s + RETRY_MARGIN_S) from None
+    except Exception as e:
+        if not is_transient(e):  # a bug outside the job's run: Celery logs it
+            raise
+        delay = float(ctx.settings.worker_heartbeat_interval)
+        log.warning("job %s: %s: %s; message retried in %.0f s", job_id, type(e).__name__, e, delay)
+        raise self.retry(countdown=delay) from None
 
 
 @functools.cache
@@ -98,19 +108,29 @@ def deliver_webhooks() -> int:
 
 # ---- lost-job sweeper ---------------------------------------------------------------------
 #
-# A redelivered message takes over a job whose worker died. Two cases leave no message to
-# redeliver: Celery's hard time limit (the task is recorded as failed and its message acked)
-# and a broker that lost its messages. Each worker's main process therefore requeues running
-# jobs whose heartbeat went stale, every ``worker_lost_after`` seconds, and sends them to its
-# own first queue. Several workers sweeping at once is safe: a job is requeued by one of them
-# (an atomic UPDATE), and a duplicate message finds it claimed.
+# A redelivered message takes over a job whose worker died. Some cases leave no message:
+# Celery's hard time limit (the task is recorded as failed and its message acked), a broker
+# that lost its messages, a message that never reached the broker. Each worker's main process
+# therefore sweeps every ``worker_lost_after`` seconds: it requeues running jobs whose
+# heartbeat went stale, and sends again the queued jobs whose message is gone from the broker
+# (infra.queue.resend_unsent_jobs). Several workers sweeping at once is safe: each job is
+# taken by one of them (a guarded UPDATE), and a duplicate message finds it claimed.
+
+
+def sweep_queue(queues: list[str], gpu_kinds: frozenset[str], kind: str) -> str:
+    """Where the sweeper sends a job of ``kind``: the queue the API would (gpu for the GPU
+    kinds, default otherwise), unless this worker consumes neither of those (a deployment
+    with queues of its own, e.g. the tests'): then its own first queue."""
+    if not {DEFAULT_QUEUE, GPU_QUEUE} & set(queues) and queues:
+        return queues[0]
+    return GPU_QUEUE if kind in gpu_kinds else DEFAULT_QUEUE
 
 
 class _LostJobSweeper:
-    def __init__(self, queue: str) -> None:
+    def __init__(self, queues: list[str]) -> None:
         from infra.settings import get_settings
 
-        self.queue = queue
+        self.queues = queues
         self.settings = get_settings()
         self.interval_s = float(self.settings.worker_lost_after)
         self._stopped = threading.Event()
@@ -122,6 +142,30 @@ class _LostJobSweeper:
     def stop(self) -> None:
         self._stopped.set()
 
+    def _send(self, job_id: str, kind: str) -> None:
+        queue = sweep_queue(self.queues, self.settings.gpu_kinds, kind)
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+    def _present(self) -> set[str] | None:
+        from infra.liveness import is_redis_url
+        from infra.queue import broker_job_ids
+
+        url = self.settings.broker_url
+        if url is None or not is_redis_url(url):
+            return None  # cannot tell: every long-queued job is sent again
+        return broker_job_ids(url, sorted({DEFAULT_QUEUE, GPU_QUEUE, *self.queues}))
+
+    def sweep(self, store: JobStore) -> None:
+        from infra.queue import resend_unsent_jobs
+
+        recovered = store.recover_lost_jobs()
+        kinds = store.kinds(recovered)
+        for job_id in recovered:
+            log.warning("job %s: its worker was lost; requeued", job_id)
+            self._send(job_id, kinds.get(job_id, ""))
+        for job_id in resend_unsent_jobs(store, self._send, present=self._present):
+            log.warning("job %s: queued without a message in the broker; sent again", job_id)
+
     def _run(self) -> None:
         from sqlalchemy.pool import NullPool
 
@@ -132,9 +176,7 @@ class _LostJobSweeper:
         store = JobStore.from_settings(self.settings, engine)
         while not self._stopped.wait(self.interval_s):
             try:
-                for job_id in store.recover_lost_jobs():
-                    log.warning("job %s: its worker was lost; requeued on %s", job_id, self.queue)
-                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue)
+                self.sweep(store)
             except Exception:
                 log.exception("lost-job sweep failed; trying again later")
         engine.dispose()
@@ -148,8 +190,8 @@ _webhooks: DispatcherLoop | None = None
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     global _sweeper, _webhooks
-    queues = list(app.amqp.queues.consume_from or app.amqp.queues)
-    _sweeper = _LostJobSweeper(str(queues[0]) if queues else DEFAULT_QUEUE)
+    queues = [str(q) for q in (app.amqp.queues.consume_from or app.amqp.queues)]
+    _sweeper = _LostJobSweeper(queues or [DEFAULT_QUEUE])
     _sweeper.start()
 
     from sqlalchemy.pool import NullPool

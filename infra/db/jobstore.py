@@ -6,6 +6,9 @@ States (``pending`` is internal, never shown by the API)::
                             │                  │
                             └─cancel───────────┴─▶ cancelled (running: cooperative)
 
+    back to queued:  running ──release_for_retry──▶ queued       (a transient failure)
+                     queued ──fail_unqueued──▶ failed, phase not-queued ──requeue_unqueued──▶ queued
+
 Every transition is a single ``UPDATE … WHERE <expected state> RETURNING``: two processes
 racing for the same transition cannot both win, on PostgreSQL (the row lock makes the loser
 re-check the WHERE clause on the winner's row) and on SQLite (one writer at a time). Nothing
@@ -42,6 +45,15 @@ housekeeping without a message (at service start for the embedded worker, or per
 
 Worker-side writes (progress, finish) name the worker id from the claim: a worker that lost
 its job to a takeover is told (False / None) and must stop, rather than overwrite.
+
+**Retries and lost messages.** A transient failure gives the job back (:meth:`release_for_retry`:
+``queued``, phase ``retrying``, the attempt's error kept) and the worker sends it again after
+a backoff; the attempt counted at claim caps the retries. A queued job whose message is gone
+is found by :meth:`long_queued_jobs` (queued, or last sent, more than ``worker_lost_after``
+ago: ``updated_at`` is that time, as nothing else changes a queued row) and sent again by
+whoever wins :meth:`mark_sent_again` (see infra.queue.resend_unsent_jobs). A submission whose
+message the broker refused is failed with phase ``not-queued`` (:meth:`fail_unqueued`); a
+retry with its Idempotency-Key moves that same job back to queued (:meth:`requeue_unqueued`).
 
 **Webhooks.** Every state change also writes the job's webhook events (the outbox rows of
 :mod:`infra.db.webhooks`) in the transaction that makes it, so an event exists exactly
@@ -80,6 +92,11 @@ FAILED = JobState.FAILED.value
 CANCELLED = JobState.CANCELLED.value
 # The phase of a job answered with an existing artifact instead of running (finish_reused).
 REUSED_PHASE = "reused"
+# The phase of a queued job whose last attempt failed transiently (release_for_retry).
+RETRY_PHASE = "retrying"
+# The phase of a job failed because its message could not be queued (fail_unqueued): the
+# submission was answered 503, and the same Idempotency-Key may queue it again.
+NOT_QUEUED_PHASE = "not-queued"
 
 MAX_PAGE_SIZE = 200
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -125,6 +142,15 @@ class InvalidCursor(JobStoreError, ValueError):
 class JobSubmission:
     job: Job
     replayed: bool  # True: the Idempotency-Key matched an earlier, identical request
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job waiting in ``queued`` since ``queued_at`` (when it was last sent to a worker)."""
+
+    id: str
+    kind: str
+    queued_at: datetime
 
 
 @dataclass(frozen=True)
@@ -311,6 +337,39 @@ class JobStore:
             return JobSubmission(job, replayed=False)
         raise IdempotencyKeyInFlight(key or "", self.pending_timeout.total_seconds())
 
+    def fail_unqueued(self, job_id: str, error: JobError) -> Job | None:
+        """queued → failed because its message could not be sent (the submission answers
+        503), marked with phase ``not-queued``. None: the job was not queued any more (a
+        worker got the message after all, or it was cancelled)."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            job = s.scalar(
+                self._transition(job_id, Job.state == QUEUED).values(
+                    state=FAILED,
+                    phase=NOT_QUEUED_PHASE,
+                    error=error.model_dump(mode="json"),
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            return self._announce(s, now, job)
+
+    def requeue_unqueued(self, job_id: str) -> Job | None:
+        """failed (not-queued) → queued again, for a retry of its submission with the same
+        Idempotency-Key: the same job, never a second one. Exactly one of concurrent callers
+        gets the job (then sends it); the others get None and read it as it is."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            job = s.scalar(
+                self._transition(
+                    job_id,
+                    Job.state == FAILED,
+                    Job.phase == NOT_QUEUED_PHASE,
+                    Job.attempts == 0,
+                ).values(state=QUEUED, phase=None, error=None, finished_at=None, updated_at=now)
+            )
+            return self._announce(s, now, job)
+
     # ---- worker side ---------------------------------------------------------------------
 
     def claim(self, job_id: str, worker_id: str) -> Job | None:
@@ -491,6 +550,32 @@ class JobStore:
             )
             return self._announce(s, now, job)
 
+    def release_for_retry(self, job_id: str, worker_id: str, error: JobError) -> Job | None:
+        """running → queued after a transient failure of ``worker_id``'s attempt, recording
+        the attempt's ``error`` (phase ``retrying``); the caller sends the job again after a
+        backoff. A job whose cancel was requested becomes cancelled instead. None: the job
+        was no longer running for this worker."""
+        now = self._now()
+        mine = (Job.state == RUNNING, Job.worker_id == worker_id)
+        with self._sessions.begin() as s:
+            job = s.scalar(
+                self._transition(job_id, *mine, Job.cancel_requested.is_(False)).values(
+                    state=QUEUED,
+                    phase=RETRY_PHASE,
+                    worker_id=None,
+                    heartbeat_at=None,
+                    error=error.model_dump(mode="json"),
+                    updated_at=now,
+                )
+            )
+            if job is None:
+                job = s.scalar(
+                    self._transition(job_id, *mine, Job.cancel_requested.is_(True)).values(
+                        state=CANCELLED, finished_at=now, updated_at=now
+                    )
+                )
+            return self._announce(s, now, job)
+
     def recover_lost_jobs(self) -> list[str]:
         """Requeue running jobs whose worker is lost; returns their ids (enqueue them again).
 
@@ -537,6 +622,43 @@ class JobStore:
                 .execution_options(synchronize_session=False)
             ).all()
         return sorted(requeued)
+
+    def long_queued_jobs(self, older_than: timedelta | None = None) -> list[QueuedJob]:
+        """Jobs queued (or last sent again) more than ``older_than`` ago, oldest first;
+        default ``worker_lost_after``. Either they wait behind others or their message was
+        lost: the sweeper looks for their message in the broker and sends the missing ones
+        again (:meth:`mark_sent_again`)."""
+        cutoff = self._now() - (older_than if older_than is not None else self.worker_lost_after)
+        with self._sessions() as s:
+            rows = s.execute(
+                select(Job.id, Job.kind, Job.updated_at)
+                .where(Job.state == QUEUED, Job.updated_at < cutoff)
+                .order_by(Job.updated_at, Job.id)
+            ).all()
+        return [QueuedJob(row.id, row.kind, row.updated_at) for row in rows]
+
+    def mark_sent_again(self, job: QueuedJob) -> bool:
+        """Take the right to send ``job`` again: True for exactly one caller while the job is
+        still queued as :meth:`long_queued_jobs` saw it (its queued time becomes now, so it
+        is not sent again before another ``worker_lost_after``)."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            taken = s.scalar(
+                update(Job)
+                .where(Job.id == job.id, Job.state == QUEUED, Job.updated_at == job.queued_at)
+                .values(updated_at=now)
+                .returning(Job.id)
+                .execution_options(synchronize_session=False)
+            )
+        return taken is not None
+
+    def kinds(self, job_ids: list[str]) -> dict[str, str]:
+        """Job id → kind (merge, edit), for routing jobs sent again to their queue."""
+        if not job_ids:
+            return {}
+        with self._sessions() as s:
+            rows = s.execute(select(Job.id, Job.kind).where(Job.id.in_(job_ids))).all()
+        return {row.id: row.kind for row in rows}
 
     def queued_job_ids(self) -> list[str]:
         """Ids of queued jobs, oldest first (the embedded worker's queue after a restart)."""

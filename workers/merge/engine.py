@@ -27,7 +27,7 @@ import torch
 from schemas.methods import METHODS, ParamScope
 from schemas.recipe import MergeRecipe, layer_position, resolve_parameter
 from schemas.references import ModelReference
-from workers.errors import CancelledError, InputError, WeightsmithError
+from workers.errors import CancelledError, InputError, WeightsmithError, locate
 from workers.merge.blocks import Block, block_ranges, stream_blocks
 from workers.merge.methods import BLOCKED_FUNCTIONS, METHOD_FUNCTIONS, TensorInputs
 from workers.merge.readahead import ReadAhead
@@ -42,6 +42,7 @@ if set(METHOD_FUNCTIONS) != set(METHODS):  # the schema table and the engine mus
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,12 @@ def run_merge(
         torch.set_num_threads(_compute_threads(threads))
         exit_stack.callback(torch.set_num_threads, threads)
         t1 = time.perf_counter()
-        stats = ctx.global_statistics()
+        try:
+            stats = ctx.global_statistics()
+        except Exception as e:
+            if not is_overflow(e):
+                raise
+            raise ctx.overflow_error(ctx.current_tensor) from None
         timings["statistics_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         staging.mkdir(parents=True)
@@ -201,6 +207,25 @@ def _compute_threads(current: int) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(current, cores - 1))
+
+
+def is_overflow(e: BaseException) -> bool:
+    """An arithmetic overflow: Python's, or torch refusing a scalar beyond the tensor's dtype
+    ("value cannot be converted to type float without overflow")."""
+    if isinstance(e, (OverflowError, FloatingPointError)):
+        return True
+    return isinstance(e, RuntimeError) and "overflow" in str(e)
+
+
+def overflow_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude a float32 value rounds to ±inf at when cast to ``dtype``.
+
+    Round to nearest even: values below max + ulp(max)/2 round down to ``finfo.max``, so the
+    limit is (2 − ε/2)·2^emax with max = (2 − ε)·2^emax (65520 for float16)."""
+    if not dtype.is_floating_point or dtype.itemsize >= 4:
+        return math.inf  # the merge computes in float32: it cannot exceed float32 or wider
+    info = torch.finfo(dtype)
+    return float(info.max) / (2 - float(info.eps)) * (2 - float(info.eps) / 2)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -455,6 +480,7 @@ class _Context:
         self.report = report
         self.cancelled = cancelled
         self.notes: list[str] = []
+        self.current_tensor: str | None = None  # the tensor a pass is on (for errors)
         shared0 = self.shared_params(next(iter(plan)))
         stat_cls = GLOBAL_STATISTICS.get(recipe.merge_method)
         self.statistic = stat_cls(self) if stat_cls and self.spec.global_passes(shared0) else None
@@ -626,6 +652,7 @@ class _Context:
         """Every float tensor's inputs, for a statistics pass (read with ``blocks()``)."""
         for name in [n for n, p in self.plan.items() if p.is_float]:
             self.check_cancel()
+            self.current_tensor = name
             yield self.inputs_for(name, {})
             self._advance(phase, name)
 
@@ -649,6 +676,7 @@ class _Context:
         self, name: str, stats: dict[str, Any], writer: ShardedWriter, dtype: torch.dtype
     ) -> None:
         p = self.plan[name]
+        self.current_tensor = name
         try:
             if not p.is_float:
                 src = (
@@ -665,12 +693,12 @@ class _Context:
                 stream = blocked(x) if blocked is not None else None
                 if stream is None:
                     out = self.fn(x)
-                    self._check_output(x, out)
+                    self._check_output(x, out, dtype)
                     writer.write(name, out.cpu().to(dtype))
                 else:
                     writer.begin(name)
                     for block in stream:
-                        self._check_output(x, block)
+                        self._check_output(x, block, dtype)
                         # a copy: the method may reuse the block's buffer for the next one
                         writer.append(block.to("cpu", dtype, copy=True))
                     writer.end()
@@ -678,11 +706,34 @@ class _Context:
             if e.tensor is None:
                 e.tensor = name
             raise
+        except Exception as e:
+            if is_overflow(e):  # e.g. torch refusing a weight of 1e300 as a float32 scalar
+                raise self.overflow_error(name) from None
+            locate(e, tensor=name)  # the job's error names the tensor
+            raise
         self._advance("merge", name)
 
-    def _check_output(self, x: TensorInputs, out: torch.Tensor) -> None:
-        if all_finite(out):
+    def _check_output(self, x: TensorInputs, out: torch.Tensor, dtype: torch.dtype) -> None:
+        """Refuse NaN/Inf in a merged tensor (or block), and values that the cast to the
+        output ``dtype`` would turn into ±inf (float16 ends at 65504). One aminmax, as before."""
+        if out.numel() == 0:
             return
+        lo_t, hi_t = torch.aminmax(out)
+        lo, hi = float(lo_t), float(hi_t)  # aminmax propagates NaN
+        if math.isfinite(lo) and math.isfinite(hi):
+            limit = overflow_limit(dtype)
+            if -limit < lo and hi < limit:
+                return
+            peak = hi if hi >= limit else lo
+            name = str(dtype).removeprefix("torch.")
+            raise InputError(
+                f"the merged values reach {peak:.5g}, beyond the range of the output dtype "
+                f"{name} (±{float(torch.finfo(dtype).max):.5g}), where they would become "
+                "infinite: publish as bfloat16 or float32 (output.dtype), or merge with "
+                "smaller weights",
+                tensor=x.name,
+                field="output.dtype",
+            )
         # a damaged input is the likelier cause: name it (the streaming element-wise methods
         # leave the inputs' check to this one)
         inputs = ([self.base] if x.has_base and self.base is not None else []) + [
@@ -691,11 +742,48 @@ class _Context:
         for inp in inputs:
             if not _tensor_finite(inp, x.name):
                 self._raise_not_finite(inp, x.name)
-        raise InputError(
-            "the merge produced NaN or infinite values (check weights, lambda and normalize)",
-            tensor=x.name,
+        raise self.overflow_error(x.name)
+
+    def overflow_error(self, name: str | None) -> InputError:
+        """The error for a merge whose arithmetic overflowed float32 (or produced NaN) on
+        tensor ``name``: names the parameter and model responsible when one value alone is
+        beyond float32's range, else the tensor and the parameters to check."""
+        culprit = self._out_of_range_parameter(name) if name is not None else None
+        if culprit is not None:
+            field, model, value = culprit
+            return InputError(
+                f"{field.rsplit('.', 1)[-1]} = {value:g} is beyond float32's range "
+                f"(±{_F32_MAX:.4g}), so the merge overflows; use a value of sensible size",
+                field=field,
+                model=model,
+                tensor=name,
+            )
+        return InputError(
+            "the merge overflowed float32 or produced NaN or infinite values (check weights, "
+            "lambda and normalize)",
+            tensor=name,
             field="parameters",
         )
+
+    def _out_of_range_parameter(self, name: str) -> tuple[str, str | None, float] | None:
+        """(recipe field, model or None, value) of the first parameter for tensor ``name``
+        that no float32 can hold (|v| > 3.4e38, inf, NaN), or None."""
+
+        def beyond(v: Any) -> bool:
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            return number and not abs(v) <= _F32_MAX
+
+        for m in (m for m in self.models if m.index in self.plan[name].holders):
+            own = m.entry_params or {}
+            for key, value in self.model_params(m, name).items():
+                if beyond(value):
+                    if key in own:  # set on this model's entry
+                        return f"{m.role}.parameters.{key}", m.label, float(value)
+                    return f"parameters.{key}", None, float(value)  # set recipe-wide
+        for key, value in self.shared_params(name).items():
+            if beyond(value):
+                return f"parameters.{key}", None, float(value)
+        return None
 
 
 def _tensor_finite(inp: _Input, name: str) -> bool:

@@ -66,6 +66,8 @@ _TRANSIENT_STATUS = {408, 409, 412, 423, 429}
 class HubUnavailable(WeightsmithError):
     """The Hub could not be reached (or answered 429/5xx) on every in-job attempt."""
 
+    retryable = True  # the runner retries the job while attempts remain
+
 
 class HubPushRefused(WeightsmithError):
     """The push cannot succeed as configured (token, access, repo, model card)."""
