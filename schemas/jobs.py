@@ -15,15 +15,17 @@ The REST API, the job store and the worker all speak these models; nothing here 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,8 +34,15 @@ from pydantic import (
 )
 
 from schemas.edit_recipe import EditRecipe
+from schemas.limits import (
+    MAX_RECIPE_BYTES,
+    MAX_URL_CHARS,
+    DocumentRefused,
+    check_document,
+    limit_error,
+)
 from schemas.recipe import MergeRecipe
-from schemas.references import _ARTIFACT_NAME  # the one rule for artifact names
+from schemas.references import _ARTIFACT_NAME, _REVISION  # the one rule for each
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -58,6 +67,22 @@ class JobState(StrEnum):
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+def _url_length(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_URL_CHARS:
+        raise ValueError(f"a URL has at most {MAX_URL_CHARS} characters, got {len(value)}")
+    return value
+
+
+HttpUrl = Annotated[AnyHttpUrl, BeforeValidator(_url_length)]
+"""An http(s) URL of at most MAX_URL_CHARS characters (webhook receivers, callbacks)."""
+
+
+def canonical_json_bytes(document: Any) -> int:
+    """Size of ``document`` as stored: JSON with sorted keys, no whitespace, UTF-8."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode())
+
+
 class PublishOptions(BaseModel):
     """Where else a job's artifact goes once it is published in object storage."""
 
@@ -70,7 +95,19 @@ class PublishOptions(BaseModel):
         examples=["my-org/llama-ties"],
     )
     private: bool = Field(default=False, description="create the hub repo as private")
-    branch: str = Field(default="main", description="the hub branch the commit goes to")
+    branch: str = Field(
+        default="main", max_length=255, description="the hub branch the commit goes to"
+    )
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, branch: str) -> str:
+        if not _REVISION.match(branch):
+            raise ValueError(
+                "a branch name is letters, digits, '.', '_', '-' and '/', starting with a "
+                "letter or digit"
+            )
+        return branch
 
     @field_validator("hub_repo")
     @classmethod
@@ -115,7 +152,7 @@ class JobCreate(BaseModel):
         description="name the result is published under; each successful job adds a version",
         examples=["llama-ties"],
     )
-    callback_url: AnyHttpUrl | None = Field(
+    callback_url: HttpUrl | None = Field(
         default=None, description="called (Standard Webhooks) when the job reaches a final state"
     )
     publish: PublishOptions | None = Field(
@@ -134,6 +171,16 @@ class JobCreate(BaseModel):
     def _recipe_matches_kind(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Validating here (errors nested under 'recipe.…') keeps one source of truth for the
         # recipe; the mapping itself is kept as sent, so its hash identifies the request.
+        # It is stored and returned as JSON: it must be plain JSON, and small.
+        try:
+            check_document(recipe)
+        except DocumentRefused as e:
+            raise limit_error("JobCreate", _location(e.pointer), e.message) from None
+        size = canonical_json_bytes(recipe)
+        if size > MAX_RECIPE_BYTES:
+            raise ValueError(
+                f"the recipe is {size} bytes as JSON; at most {MAX_RECIPE_BYTES} are accepted"
+            )
         if info.data.get("kind") is JobKind.MERGE:
             MergeRecipe.model_validate(recipe)
         elif info.data.get("kind") is JobKind.EDIT:
@@ -272,6 +319,14 @@ class ProblemDetail(BaseModel):
         shown = [f"{item.pointer or '/'}: {item.detail}" for item in items[:3]]
         detail = "; ".join(shown) + ("; …" if len(items) > 3 else "")
         return cls(title=title, status=status, detail=detail, instance=instance, errors=items)
+
+
+def _location(pointer: str) -> tuple[str | int, ...]:
+    """A JSON Pointer back as a location (digits as list indices)."""
+    if not pointer:
+        return ()
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
+    return tuple(int(p) if p.isascii() and p.isdigit() else p for p in parts)
 
 
 def _json_pointer(loc: tuple[Any, ...]) -> str:

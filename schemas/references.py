@@ -17,11 +17,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
+from schemas.limits import MAX_REFERENCE_CHARS
+
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254}$")
 _ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# An artifact version: ASCII digits only (str.isdigit() also accepts '²' and '①', which
+# int() refuses), at most 18 of them (a 64-bit integer).
+VERSION_NUMBER = re.compile(r"^[0-9]{1,18}$")
 
 
 class ReferenceKind(StrEnum):
@@ -72,7 +77,7 @@ class ModelReference(BaseModel):
         if self.kind is ReferenceKind.HUB:
             return self.revision is not None and bool(COMMIT_SHA.match(self.revision))
         if self.kind is ReferenceKind.ARTIFACT:
-            return self.revision is not None and self.revision.isdigit()
+            return self.revision is not None and bool(VERSION_NUMBER.match(self.revision))
         return True
 
     def with_revision(self, revision: str) -> ModelReference:
@@ -92,6 +97,8 @@ def parse_reference(raw: str) -> ModelReference:
     """Classify a reference string by its syntax alone (no file system or network access)."""
     if not isinstance(raw, str) or not raw.strip():
         raise _fail(str(raw), "it is empty")
+    if len(raw) > MAX_REFERENCE_CHARS:
+        raise _fail(raw[:60] + "…", f"it is longer than {MAX_REFERENCE_CHARS} characters")
     s = raw.strip()
     if s.startswith("file://"):
         path = s[len("file://") :]
@@ -111,7 +118,7 @@ def parse_reference(raw: str) -> ModelReference:
         name, at, version = rest.partition("@")
         if not _ARTIFACT_NAME.match(name):
             raise _fail(raw, "an artifact name uses lowercase letters, digits, '.', '_' and '-'")
-        if at and not (version.isdigit() and int(version) > 0) and version != "latest":
+        if at and not (VERSION_NUMBER.match(version) and int(version) > 0) and version != "latest":
             raise _fail(raw, f"artifact version {version!r} is not a positive integer or 'latest'")
         return ModelReference(kind=ReferenceKind.ARTIFACT, location=name, revision=version or None)
     if "://" in s and not s.startswith("hf://"):
