@@ -65,6 +65,7 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_LOG_FORMAT": "JSON",
         "WEIGHTSMITH_LOG_LEVEL": "warning",
         "WEIGHTSMITH_METRICS_TOKEN": "scrape-secret",
+        "WEIGHTSMITH_MAX_BODY_BYTES": "2097152",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -91,6 +92,7 @@ def test_every_variable_is_read_from_the_environment(
     assert s.bootstrap_key_file == tmp_path / "key"
     assert (s.log_format, s.log_level) == ("json", "WARNING")
     assert s.metrics_token is not None and s.metrics_token.get_secret_value() == "scrape-secret"
+    assert s.max_body_bytes == 2 * 1024 * 1024
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
