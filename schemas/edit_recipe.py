@@ -371,7 +371,9 @@ class EditRecipe(BaseModel):
 
     edit_method: EditMethod
     model: ModelReference
-    requests: Annotated[list[EditRequest], Field(max_length=MAX_EDIT_REQUESTS)]
+    requests: Annotated[
+        list[EditRequest], Field(max_length=MAX_EDIT_REQUESTS, json_schema_extra={"minItems": 1})
+    ]
     hyperparameters: EditHyperparameters = Field(default_factory=EditHyperparameters)
     covariance: CovarianceSource = Field(default_factory=CovarianceSource)
     gate: GateThresholds = Field(default_factory=GateThresholds)

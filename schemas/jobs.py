@@ -77,6 +77,50 @@ HttpUrl = Annotated[AnyHttpUrl, BeforeValidator(_url_length)]
 """An http(s) URL of at most MAX_URL_CHARS characters (webhook receivers, callbacks)."""
 
 
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (none of these models is
+    recursive), so it can sit anywhere in an OpenAPI document."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**resolve(defs[ref.removeprefix("#/$defs/")]), **resolve(rest)}
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    out: dict[str, Any] = resolve(schema)
+    return out
+
+
+def _recipe_json_schema(schema: dict[str, Any]) -> None:
+    # The recipe is kept as a mapping (its hash identifies the request); on the wire it is a
+    # merge or an edit recipe, which the OpenAPI document says.
+    schema["anyOf"] = [
+        inline_refs(MergeRecipe.model_json_schema()),
+        inline_refs(EditRecipe.model_json_schema()),
+    ]
+
+
+def job_create_json_schema() -> dict[str, Any]:
+    """The body of ``POST /v1/jobs`` as one self-contained JSON Schema: a merge job (kind
+    ``merge``, a merge recipe) or an edit job, for the OpenAPI document."""
+    variants = []
+    for kind, recipe in ((JobKind.MERGE, MergeRecipe), (JobKind.EDIT, EditRecipe)):
+        schema = inline_refs(JobCreate.model_json_schema())
+        schema["properties"]["kind"] = {"type": "string", "enum": [kind.value]}
+        schema["properties"]["recipe"] = {
+            **inline_refs(recipe.model_json_schema()),
+            "description": f"a {kind.value} recipe (docs/recipes.md, docs/editing.md)",
+        }
+        variants.append(schema)
+    return {"oneOf": variants}
+
+
 def canonical_json_bytes(document: Any) -> int:
     """Size of ``document`` as stored: JSON with sorted keys, no whitespace, UTF-8."""
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -146,11 +190,13 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     recipe: dict[str, Any] = Field(
-        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object"
+        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object",
+        json_schema_extra=_recipe_json_schema,
     )
     artifact_name: str = Field(
         description="name the result is published under; each successful job adds a version",
         examples=["llama-ties"],
+        json_schema_extra={"pattern": _ARTIFACT_NAME.pattern},
     )
     callback_url: HttpUrl | None = Field(
         default=None, description="called (Standard Webhooks) when the job reaches a final state"

@@ -330,6 +330,10 @@ def load_yaml_document(body: bytes) -> Any:
     except DocumentRefused:
         raise
     except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of > 4300 digits
+        if "maximum nesting depth" in str(e):  # libyaml's own cap, met scanning ahead
+            raise DocumentRefused(
+                "", f"the body is nested deeper than {MAX_NESTING_DEPTH} levels"
+            ) from None
         raise DocumentRefused("", f"the body is not valid YAML: {e}") from None
     except RecursionError:  # not reached: composing stops at MAX_NESTING_DEPTH
         raise DocumentRefused(

@@ -46,6 +46,14 @@ _DTYPE_ALIASES = {
 }
 
 
+# For the OpenAPI document (and the fuzzer generating from it): the names a recipe may use.
+_PARAMETER_NAMES = sorted({p.name for m in METHODS.values() for p in m.parameters})
+Parameters = Annotated[
+    dict[str, "ParameterSetting"] | None,
+    Field(json_schema_extra={"propertyNames": {"enum": _PARAMETER_NAMES}}),
+]
+
+
 class FilterValue(BaseModel):
     """One entry of a ``{filter, value}`` list: applies when ``filter`` is in the tensor name."""
 
@@ -60,7 +68,7 @@ ParameterSetting = Scalar | list[Scalar] | FilterValue | list[FilterValue]
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelReference
-    parameters: dict[str, ParameterSetting] | None = None
+    parameters: Parameters = None
 
 
 _SIZE = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
@@ -127,10 +135,10 @@ class MergeRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    merge_method: str
+    merge_method: Annotated[str, Field(json_schema_extra={"enum": list(METHODS)})]
     base_model: ModelReference | None = None
     models: list[ModelEntry] = Field(default_factory=list, max_length=MAX_MODELS_PER_RECIPE)
-    parameters: dict[str, ParameterSetting] | None = None
+    parameters: Parameters = None
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: Literal["base"] | ModelReference | None = None
@@ -254,16 +262,21 @@ class MergeRecipe(BaseModel):
 
     def _magnitudes(self, i: int | None, name: str) -> list[float]:
         """|value| of every number parameter ``name`` may take for model ``i`` (None: the
-        top level only): its own settings, the top level's, and the default (a filter list
-        with no matching entry falls through to it)."""
+        top level only), in precedence order: its own setting, the top level's, the default.
+        A filter list whose entries may all miss a tensor falls through to the next."""
         scopes = [self.parameters] if i is None else [self.models[i].parameters, self.parameters]
-        found = [
-            abs(float(v))
-            for scope in scopes
-            if scope and name in scope
-            for v in _scalars(scope[name])
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        found: list[float] = []
+        for scope in scopes:
+            if not scope or name not in scope:
+                continue
+            setting = scope[name]
+            found += [
+                abs(float(v))
+                for v in _scalars(setting)
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            ]
+            if _covers_every_tensor(setting):
+                return found
         p = self.method.parameter(name)
         if p is not None and isinstance(p.default, int | float):
             found.append(abs(float(p.default)))
@@ -398,6 +411,14 @@ class MergeRecipe(BaseModel):
                     f"models[{i}]: della needs 0 < density − epsilon and density + epsilon ≤ 1; "
                     f"got density {d:g}, epsilon {e:g}"
                 )
+
+
+def _covers_every_tensor(setting: ParameterSetting) -> bool:
+    """False for a filter list that some tensor may match no entry of (then the next level
+    of precedence applies to it)."""
+    entries = setting if isinstance(setting, list) else [setting]
+    filters = [e for e in entries if isinstance(e, FilterValue)]
+    return not filters or any(f.filter in (None, "*") for f in filters)
 
 
 def _scalars(setting: ParameterSetting) -> list[Scalar]:

@@ -15,7 +15,9 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, model_serializer, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from schemas.limits import MAX_REFERENCE_CHARS
 
@@ -27,6 +29,16 @@ COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # An artifact version: ASCII digits only (str.isdigit() also accepts '²' and '①', which
 # int() refuses), at most 18 of them (a 64-bit integer).
 VERSION_NUMBER = re.compile(r"^[0-9]{1,18}$")
+
+
+# The forms of parse_reference as JSON Schema patterns (ECMA regex), for the OpenAPI document.
+JSON_SCHEMA_PATTERNS = (
+    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}"
+    r"(@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254})?$",
+    r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$",
+    r"^artifact://[a-z0-9][a-z0-9_.\-]{0,99}(@([0-9]{1,18}|latest))?$",
+    r"^(/|\./|\.\./|~|file:///)",
+)
 
 
 class ReferenceKind(StrEnum):
@@ -58,6 +70,20 @@ class ModelReference(BaseModel):
     location: str
     # hub: branch, tag or commit; artifact: version number as a string or "latest"
     revision: str | None = None
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # On the wire a reference is a string in one of the forms of this module.
+        return {
+            "type": "string",
+            "maxLength": MAX_REFERENCE_CHARS,
+            "description": "a model reference: org/name[@revision], s3://bucket/prefix, "
+            "artifact://name[@version], or a local path (where the operator allows them)",
+            "anyOf": [{"pattern": p} for p in JSON_SCHEMA_PATTERNS],
+            "examples": ["org/name@main", "s3://models/base", "artifact://soup@1"],
+        }
 
     @model_validator(mode="before")
     @classmethod

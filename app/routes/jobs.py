@@ -13,13 +13,20 @@ from app.service import PrincipalDep, ServiceDep
 from app.submission import parse_job_request, submit_job
 from infra.db import InvalidCursor
 from infra.db.jobstore import MAX_PAGE_SIZE
-from schemas.jobs import JobCreate, JobKind, JobList, JobState, JobView, ProblemDetail
+from schemas.jobs import (
+    JobKind,
+    JobList,
+    JobState,
+    JobView,
+    ProblemDetail,
+    job_create_json_schema,
+)
 from schemas.limits import MAX_CURSOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=CheckedBodyRoute)
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
-_JOB_CREATE_SCHEMA = JobCreate.model_json_schema()
+_JOB_CREATE_SCHEMA = job_create_json_schema()
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
