@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import threading
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import uvicorn
 import yaml
 
 from app import limits
@@ -214,6 +218,51 @@ def test_a_route_in_body_limits_takes_the_larger_limit_its_setting_names(
     assert "WEIGHTSMITH_MAX_BODY_BYTES" in assert_problem(webhook, 413)["detail"]
     bigger = post_text(api, body + " " * (2 * MiB), "application/json")
     assert "WEIGHTSMITH_BIG_BODY_BYTES" in assert_problem(bigger, 413)["detail"]
+
+
+@contextmanager
+def served(app: Any) -> Iterator[int]:
+    """``app`` (already started by the test client) behind a real uvicorn on loopback."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.01)
+            assert thread.is_alive(), "uvicorn did not start"
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def answer_to(port: int, head: bytes, first_chunk: bytes = b"") -> bytes:
+    """Send a request head (and maybe one chunk of its body), then read the answer: it comes
+    though the rest of the announced body is never sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + first_chunk)
+        return s.recv(65536)
+
+
+def test_a_real_server_answers_401_and_413_without_waiting_for_the_body(api: ApiHarness):
+    with served(api.client.app) as port:
+        chunked = answer_to(
+            port,
+            b"POST /v1/webhooks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"10000\r\n" + b"x" * 0x10000 + b"\r\n",  # 64 KiB of a body that never ends
+        )
+        assert chunked.startswith(b"HTTP/1.1 401"), chunked[:200]
+        assert b"application/problem+json" in chunked
+        key = api.headers["Authorization"].encode()
+        announced = answer_to(
+            port,
+            b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nAuthorization: " + key + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 400000000\r\n\r\n",
+        )
+        assert announced.startswith(b"HTTP/1.1 413"), announced[:200]
+    assert jobs_of(api) == []
 
 
 def test_a_malformed_content_length_is_a_400(api: ApiHarness):
