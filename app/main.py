@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import weightsmith
+from app.limits import RequestLimits
 from app.metrics import install_metrics, log_tenant
 from app.problems import install_problem_handlers
 from app.routes import artifacts, health, jobs, schedules, tenant, uploads, webhooks
@@ -55,5 +56,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(webhooks.job_deliveries_router, dependencies=[log_tenant])
     app.include_router(tenant.router, dependencies=[log_tenant])
     app.include_router(uploads.router, dependencies=[log_tenant])
+    # Body limit and authentication before routing and parsing; added before the metrics
+    # middleware, which thus wraps it and counts its 401 and 413 answers too.
+    app.add_middleware(RequestLimits, settings=resolved)
     install_metrics(app)  # GET /metrics, request metrics and log context
     return app

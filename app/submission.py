@@ -21,15 +21,14 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from app.limits import refused
 from app.problems import ApiProblem
 from app.routes.webhooks import refuse_unsafe_url
 from app.service import Principal, Service
@@ -74,11 +73,11 @@ from schemas.jobs import (
     ProblemDetail,
     ProblemItem,
 )
+from schemas.limits import DocumentRefused, load_json_document, load_yaml_document
 from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
 
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-MAX_BODY_BYTES = 1 << 20
 # The start of the error of a job whose message could not be queued (phase "not-queued").
 ENQUEUE_FAILED = "the job could not be queued"
 
@@ -94,29 +93,26 @@ class Submitted:
 
 
 def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
-    """The request body as a JobCreate; raises ApiProblem (415, 413 or 422)."""
+    """The request body as a JobCreate; raises ApiProblem (415 or 422).
+
+    The body's size was checked while it was read (app.limits); here it is parsed within
+    the caps of schemas.limits: nesting, string and list sizes, no YAML anchors, aliases or
+    tags, finite numbers.
+    """
     media = (content_type or "application/json").split(";")[0].strip().lower()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiProblem(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-    if media in JSON_TYPES or media.endswith("+json"):
-        try:
-            data = json.loads(body)
-        except ValueError as e:
+    try:
+        if media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
+            data = load_json_document(body)
+        elif media in YAML_TYPES:
+            data = load_yaml_document(body)
+        else:
             raise ApiProblem(
-                422, f"the body is not valid JSON: {e}", title="Invalid request"
-            ) from e
-    elif media in YAML_TYPES:
-        try:
-            data = yaml.safe_load(body)
-        except yaml.YAMLError as e:
-            raise ApiProblem(
-                422, f"the body is not valid YAML: {e}", title="Invalid request"
-            ) from e
-    else:
-        raise ApiProblem(
-            415,
-            f"unsupported content type {media!r}: send application/json or application/yaml",
-        )
+                415,
+                f"unsupported content type {media[:100]!r}: send application/json or "
+                "application/yaml",
+            )
+    except DocumentRefused as e:
+        raise refused(e) from None
     if not isinstance(data, dict):
         raise ApiProblem(
             422,

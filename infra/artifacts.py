@@ -577,7 +577,8 @@ def resolve_artifact(
 def _version_number(version: int | str) -> int:
     if isinstance(version, int) and not isinstance(version, bool) and version > 0:
         return version
-    if isinstance(version, str) and version.isdigit() and int(version) > 0:
+    # ASCII digits only: str.isdigit() also holds for '²' or '①', which int() refuses
+    if isinstance(version, str) and re.fullmatch(r"[0-9]{1,18}", version) and int(version) > 0:
         return int(version)
     raise ArtifactError(f"invalid artifact version {version!r}: a positive integer or 'latest'")
 

@@ -68,6 +68,11 @@ artifact directory (the "embedded default"); production sets the URLs.
     Each retry delay varies randomly by up to this fraction (0 to 1). Default 0.2.
 ``WEIGHTSMITH_WEBHOOK_POLL_INTERVAL``
     Seconds between a dispatcher's looks for due deliveries. Default 2.
+``WEIGHTSMITH_MAX_BODY_BYTES``
+    Largest request body the API reads, in bytes (default 1048576, 1 MiB), for every route
+    that does not declare a larger limit of its own (``app.limits.BODY_LIMITS``). A larger
+    ``Content-Length`` is answered 413 at once; a streamed body is counted as it arrives and
+    answered 413 as soon as it passes the limit (nothing more is read).
 ``WEIGHTSMITH_BOOTSTRAP_TENANT``
     Tenant that owns the bootstrap API key. Default ``default``.
 ``WEIGHTSMITH_BOOTSTRAP_API_KEY``
@@ -189,6 +194,7 @@ class Settings(BaseSettings):
     )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)
     webhook_poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     bootstrap_tenant: str = Field(default="default", min_length=1, max_length=100)
     bootstrap_api_key: SecretStr | None = None
     bootstrap_key_file: Path | None = Field(

@@ -14,13 +14,33 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.limits import (
+    FLOAT32_MAX,
+    MAX_CONTEXT_TEMPLATES,
+    MAX_CORPUS_PATHS,
+    MAX_COVARIANCE_TOKENS,
+    MAX_EDIT_REQUESTS,
+    MAX_LAYER_INDEX,
+    MAX_LAYERS,
+    MAX_NAME_CHARS,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_REFERENCE_CHARS,
+    MAX_TEMPLATE_COUNT,
+    MAX_TEMPLATE_TOKENS,
+    MAX_TEXT_CHARS,
+)
 from schemas.recipe import validate_document
-from schemas.references import ModelReference
+from schemas.references import VERSION_NUMBER, ModelReference
 
 EditMethod = Literal["rome", "memit"]
 
 
-MAX_KEEP_PROMPTS = 64
+MAX_KEEP_PROMPTS = MAX_PROMPTS_PER_REQUEST
+# Prompts and targets are sentences; every float is finite and within float32's range (the
+# model the edit runs in computes in it or narrower).
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Prompts = Annotated[list[Text], Field(max_length=MAX_PROMPTS_PER_REQUEST)]
+_NUMBERS = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class EditRequest(BaseModel):
@@ -29,14 +49,14 @@ class EditRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-    paraphrase_prompts: list[str] = Field(default_factory=list)
-    neighborhood_prompts: list[str] = Field(default_factory=list)
+    prompt: Text
+    subject: Text
+    target_new: Text
+    target_true: Text | None = None
+    paraphrase_prompts: Prompts = Field(default_factory=list)
+    neighborhood_prompts: Prompts = Field(default_factory=list)
     keep_prompts: Annotated[
-        list[str],
+        list[Text],
         Field(
             max_length=MAX_KEEP_PROMPTS,
             description="prompts whose predictions the edit must leave unchanged: the edited "
@@ -94,23 +114,27 @@ class EditHyperparameters(BaseModel):
     """Defaults follow EasyEdit's Llama settings (ROME) and the MEMIT paper, with layers
     scaled by depth. ``None`` means "the architecture's default for this model"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _NUMBERS
 
     layers: Annotated[
-        list[int] | None,
+        list[Annotated[int, Field(le=MAX_LAYER_INDEX)]] | None,
         Field(
+            max_length=MAX_LAYERS,
             description="edited layers; ROME uses exactly one. Default: ROME layer 5 of 32, "
-            "MEMIT layers 4–8 of 32, scaled to the model's depth"
+            "MEMIT layers 4–8 of 32, scaled to the model's depth",
         ),
     ] = None
     v_num_grad_steps: Annotated[int, Field(ge=1, le=1000)] = 25
-    v_lr: Annotated[float, Field(gt=0)] = 0.5
+    v_lr: Annotated[float, Field(gt=0, le=FLOAT32_MAX)] = 0.5
     v_loss_layer: Annotated[
-        int | None, Field(ge=0, description="layer whose output feeds the loss; default last")
+        int | None,
+        Field(
+            ge=0, le=MAX_LAYER_INDEX, description="layer whose output feeds the loss; default last"
+        ),
     ] = None
-    v_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
+    v_weight_decay: Annotated[float, Field(ge=0, le=FLOAT32_MAX)] = 1e-3
     v_early_stop_loss: Annotated[
-        float, Field(ge=0, description="stop the v* optimisation below this loss")
+        float, Field(ge=0, le=FLOAT32_MAX, description="stop the v* optimisation below this loss")
     ] = 0.05
     sufficient_loss: Annotated[
         float | None,
@@ -140,9 +164,10 @@ class EditHyperparameters(BaseModel):
         ),
     ] = DEFAULT_EDIT_MARGIN
     clamp_norm_factor: Annotated[
-        float | None, Field(gt=0, description="ROME: ‖δ‖ ≤ factor·‖v_init‖; default 4")
+        float | None,
+        Field(gt=0, le=FLOAT32_MAX, description="ROME: ‖δ‖ ≤ factor·‖v_init‖; default 4"),
     ] = None
-    kl_factor: Annotated[float, Field(ge=0)] = 0.0625
+    kl_factor: Annotated[float, Field(ge=0, le=FLOAT32_MAX)] = 0.0625
     mom2_adjustment: Annotated[
         bool, Field(description="ROME: u = C⁻¹k̄ (true) or u = k̄ (false, C = I)")
     ] = True
@@ -150,16 +175,20 @@ class EditHyperparameters(BaseModel):
         float | None,
         Field(
             gt=0,
+            le=FLOAT32_MAX,
             description="MEMIT λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹. Default: the MEMIT paper's 15,000 "
             "for Llama's 11,008-wide keys, scaled by the model's key width d_in",
         ),
     ] = None
     memit_clamp_norm_factor: Annotated[
-        float, Field(gt=0, description="MEMIT: ‖δ‖ ≤ factor·‖z_init‖")
+        float, Field(gt=0, le=FLOAT32_MAX, description="MEMIT: ‖δ‖ ≤ factor·‖z_init‖")
     ] = 0.75
     context_template_counts: Annotated[
         list[tuple[int, int]],
-        Field(description="(number of prefixes, tokens each) sampled from the model"),
+        Field(
+            max_length=MAX_CONTEXT_TEMPLATES,
+            description="(number of prefixes, tokens each) sampled from the model",
+        ),
     ] = Field(default_factory=lambda: [(10, 5), (10, 10)])
     key_mode: Annotated[
         Literal["consistent", "original"],
@@ -187,6 +216,10 @@ class EditHyperparameters(BaseModel):
     def _counts(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
         if any(n < 0 or length < 1 for n, length in v):
             raise ValueError("each entry is (count ≥ 0, tokens ≥ 1)")
+        if any(n > MAX_TEMPLATE_COUNT or length > MAX_TEMPLATE_TOKENS for n, length in v):
+            raise ValueError(
+                f"each entry is (count ≤ {MAX_TEMPLATE_COUNT}, tokens ≤ {MAX_TEMPLATE_TOKENS})"
+            )
         return v
 
 
@@ -247,7 +280,7 @@ def parse_corpus_path(raw: str) -> CorpusPath:
                 f"{raw!r}: {name!r} is not an artifact name (lowercase letters, digits, '.', "
                 "'_' and '-'); write artifact://NAME@VERSION/PATH"
             )
-        if not at or not version.isdigit() or int(version) < 1:
+        if not at or not VERSION_NUMBER.match(version) or int(version) < 1:
             raise ValueError(
                 f"{raw!r}: a corpus in an artifact needs a pinned version number, e.g. "
                 f"artifact://{name}@1/{path or 'corpus.txt'} (a corpus must not move under a "
@@ -278,12 +311,19 @@ class CovarianceSource(BaseModel):
     source: Literal["model_samples", "text"] = "model_samples"
     tokens: Annotated[
         int | None,
-        Field(ge=256, description="tokens to accumulate; default 10 × the key dimension"),
+        Field(
+            ge=256,
+            le=MAX_COVARIANCE_TOKENS,
+            description="tokens to accumulate; default 10 × the key dimension",
+        ),
     ] = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     paths: Annotated[
-        list[Annotated[str, AfterValidator(_corpus_path)]],
-        Field(description="text: local paths, s3:// or artifact:// references"),
+        list[Annotated[str, Field(max_length=MAX_REFERENCE_CHARS), AfterValidator(_corpus_path)]],
+        Field(
+            max_length=MAX_CORPUS_PATHS,
+            description="text: local paths, s3:// or artifact:// references",
+        ),
     ] = Field(default_factory=list)
     max_length: Annotated[int, Field(ge=16, le=8192, description="tokens per sequence")] = 256
 
@@ -299,22 +339,26 @@ class CovarianceSource(BaseModel):
 class GateThresholds(BaseModel):
     """The safety gate: an edit breaking one of these fails the job (see on_gate_failure)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _NUMBERS
 
-    max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.10
+    max_perplexity_ratio: Annotated[float, Field(gt=1.0, le=FLOAT32_MAX)] = 1.10
     max_relative_update_norm: Annotated[
         float | None,
-        Field(gt=0, description="‖ΔW‖/‖W‖ per layer; default 0.5 for ROME, 0.5 for MEMIT"),
+        Field(
+            gt=0,
+            le=FLOAT32_MAX,
+            description="‖ΔW‖/‖W‖ per layer; default 0.5 for ROME, 0.5 for MEMIT",
+        ),
     ] = None
     min_denominator: Annotated[
-        float, Field(ge=0, description="ROME: |uᵀk̄| floor (relative to ‖u‖·‖k̄‖)")
+        float, Field(ge=0, le=FLOAT32_MAX, description="ROME: |uᵀk̄| floor (relative to ‖u‖·‖k̄‖)")
     ] = 1e-3
 
 
 class EditOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = None
+    name: Annotated[str | None, Field(max_length=MAX_NAME_CHARS)] = None
 
 
 DEFAULT_MAX_RELATIVE_UPDATE = {"rome": 0.5, "memit": 0.5}
@@ -327,7 +371,9 @@ class EditRecipe(BaseModel):
 
     edit_method: EditMethod
     model: ModelReference
-    requests: list[EditRequest]
+    requests: Annotated[
+        list[EditRequest], Field(max_length=MAX_EDIT_REQUESTS, json_schema_extra={"minItems": 1})
+    ]
     hyperparameters: EditHyperparameters = Field(default_factory=EditHyperparameters)
     covariance: CovarianceSource = Field(default_factory=CovarianceSource)
     gate: GateThresholds = Field(default_factory=GateThresholds)

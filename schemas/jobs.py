@@ -15,15 +15,17 @@ The REST API, the job store and the worker all speak these models; nothing here 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,8 +34,15 @@ from pydantic import (
 )
 
 from schemas.edit_recipe import EditRecipe
+from schemas.limits import (
+    MAX_RECIPE_BYTES,
+    MAX_URL_CHARS,
+    DocumentRefused,
+    check_document,
+    limit_error,
+)
 from schemas.recipe import MergeRecipe
-from schemas.references import _ARTIFACT_NAME  # the one rule for artifact names
+from schemas.references import _ARTIFACT_NAME, _REVISION  # the one rule for each
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -58,6 +67,66 @@ class JobState(StrEnum):
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+def _url_length(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_URL_CHARS:
+        raise ValueError(f"a URL has at most {MAX_URL_CHARS} characters, got {len(value)}")
+    return value
+
+
+HttpUrl = Annotated[AnyHttpUrl, BeforeValidator(_url_length)]
+"""An http(s) URL of at most MAX_URL_CHARS characters (webhook receivers, callbacks)."""
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (none of these models is
+    recursive), so it can sit anywhere in an OpenAPI document."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**resolve(defs[ref.removeprefix("#/$defs/")]), **resolve(rest)}
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    out: dict[str, Any] = resolve(schema)
+    return out
+
+
+def _recipe_json_schema(schema: dict[str, Any]) -> None:
+    # The recipe is kept as a mapping (its hash identifies the request); on the wire it is a
+    # merge or an edit recipe, which the OpenAPI document says.
+    schema["anyOf"] = [
+        inline_refs(MergeRecipe.model_json_schema()),
+        inline_refs(EditRecipe.model_json_schema()),
+    ]
+
+
+def job_create_json_schema() -> dict[str, Any]:
+    """The body of ``POST /v1/jobs`` as one self-contained JSON Schema: a merge job (kind
+    ``merge``, a merge recipe) or an edit job, for the OpenAPI document."""
+    variants = []
+    for kind, recipe in ((JobKind.MERGE, MergeRecipe), (JobKind.EDIT, EditRecipe)):
+        schema = inline_refs(JobCreate.model_json_schema())
+        schema["properties"]["kind"] = {"type": "string", "enum": [kind.value]}
+        schema["properties"]["recipe"] = {
+            **inline_refs(recipe.model_json_schema()),
+            "description": f"a {kind.value} recipe (docs/recipes.md, docs/editing.md)",
+        }
+        variants.append(schema)
+    return {"oneOf": variants}
+
+
+def canonical_json_bytes(document: Any) -> int:
+    """Size of ``document`` as stored: JSON with sorted keys, no whitespace, UTF-8."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode())
+
+
 class PublishOptions(BaseModel):
     """Where else a job's artifact goes once it is published in object storage."""
 
@@ -70,7 +139,19 @@ class PublishOptions(BaseModel):
         examples=["my-org/llama-ties"],
     )
     private: bool = Field(default=False, description="create the hub repo as private")
-    branch: str = Field(default="main", description="the hub branch the commit goes to")
+    branch: str = Field(
+        default="main", max_length=255, description="the hub branch the commit goes to"
+    )
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, branch: str) -> str:
+        if not _REVISION.match(branch):
+            raise ValueError(
+                "a branch name is letters, digits, '.', '_', '-' and '/', starting with a "
+                "letter or digit"
+            )
+        return branch
 
     @field_validator("hub_repo")
     @classmethod
@@ -109,13 +190,15 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     recipe: dict[str, Any] = Field(
-        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object"
+        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object",
+        json_schema_extra=_recipe_json_schema,
     )
     artifact_name: str = Field(
         description="name the result is published under; each successful job adds a version",
         examples=["llama-ties"],
+        json_schema_extra={"pattern": _ARTIFACT_NAME.pattern},
     )
-    callback_url: AnyHttpUrl | None = Field(
+    callback_url: HttpUrl | None = Field(
         default=None, description="called (Standard Webhooks) when the job reaches a final state"
     )
     publish: PublishOptions | None = Field(
@@ -134,6 +217,16 @@ class JobCreate(BaseModel):
     def _recipe_matches_kind(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Validating here (errors nested under 'recipe.…') keeps one source of truth for the
         # recipe; the mapping itself is kept as sent, so its hash identifies the request.
+        # It is stored and returned as JSON: it must be plain JSON, and small.
+        try:
+            check_document(recipe)
+        except DocumentRefused as e:
+            raise limit_error("JobCreate", _location(e.pointer), e.message) from None
+        size = canonical_json_bytes(recipe)
+        if size > MAX_RECIPE_BYTES:
+            raise ValueError(
+                f"the recipe is {size} bytes as JSON; at most {MAX_RECIPE_BYTES} are accepted"
+            )
         if info.data.get("kind") is JobKind.MERGE:
             MergeRecipe.model_validate(recipe)
         elif info.data.get("kind") is JobKind.EDIT:
@@ -272,6 +365,14 @@ class ProblemDetail(BaseModel):
         shown = [f"{item.pointer or '/'}: {item.detail}" for item in items[:3]]
         detail = "; ".join(shown) + ("; …" if len(items) > 3 else "")
         return cls(title=title, status=status, detail=detail, instance=instance, errors=items)
+
+
+def _location(pointer: str) -> tuple[str | int, ...]:
+    """A JSON Pointer back as a location (digits as list indices)."""
+    if not pointer:
+        return ()
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
+    return tuple(int(p) if p.isascii() and p.isdigit() else p for p in parts)
 
 
 def _json_pointer(loc: tuple[Any, ...]) -> str:

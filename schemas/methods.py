@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from schemas.limits import FLOAT32_MAX
+
 
 class ParamScope(StrEnum):
     MODEL = "model"  # may differ per input model (weight, density, ...)
@@ -45,9 +47,21 @@ class ParameterSpec:
             raise ValueError(f"expected one of {', '.join(self.choices)}; got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"expected a number, got {value!r}")
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int past float64's range
+            raise ValueError(
+                f"expected a number within ±{FLOAT32_MAX:.4g}, got an integer of "
+                f"{int(value).bit_length()} bits"
+            ) from None
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError(f"expected a finite number, got {value!r}")
+        if abs(v) > FLOAT32_MAX:
+            # the merge computes in float32: this factor alone would be infinite there
+            raise ValueError(
+                f"must lie within ±{FLOAT32_MAX:.4g} (the largest float32, which the merge "
+                f"computes in), got {v:g}"
+            )
         if self.minimum is not None and v < self.minimum:
             raise ValueError(f"must be ≥ {self.minimum:g}, got {v:g}")
         if self.maximum is not None and v > self.maximum:

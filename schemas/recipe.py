@@ -22,6 +22,15 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.limits import (
+    FLOAT32_MAX,
+    MAX_FILTER_CHARS,
+    MAX_MODELS_PER_RECIPE,
+    MAX_NAME_CHARS,
+    MAX_SETTING_ITEMS,
+    MAX_SHARD_BYTES,
+    limit_error,
+)
 from schemas.methods import METHODS, MethodSpec, ParameterSpec, ParamScope
 from schemas.references import ModelReference
 
@@ -35,6 +44,14 @@ _DTYPE_ALIASES = {
     "half": "float16",
     "float": "float32",
 }
+
+
+# For the OpenAPI document (and the fuzzer generating from it): the names a recipe may use.
+_PARAMETER_NAMES = sorted({p.name for m in METHODS.values() for p in m.parameters})
+Parameters = Annotated[
+    dict[str, "ParameterSetting"] | None,
+    Field(json_schema_extra={"propertyNames": {"enum": _PARAMETER_NAMES}}),
+]
 
 
 class FilterValue(BaseModel):
@@ -51,10 +68,10 @@ ParameterSetting = Scalar | list[Scalar] | FilterValue | list[FilterValue]
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelReference
-    parameters: dict[str, ParameterSetting] | None = None
+    parameters: Parameters = None
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -83,6 +100,8 @@ def parse_size(value: int | str) -> int:
         n = int(float(m.group(1)) * _UNITS[unit])
     if n < 1024:
         raise ValueError(f"shard size must be at least 1024 bytes, got {n}")
+    if n > MAX_SHARD_BYTES:
+        raise ValueError(f"shard size must be at most {MAX_SHARD_BYTES} bytes (1TiB), got {n}")
     return n
 
 
@@ -95,7 +114,8 @@ def _dtype(value: Any) -> Any:
 class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[
-        str | None, Field(description="name of the merged model (model card title)")
+        str | None,
+        Field(max_length=MAX_NAME_CHARS, description="name of the merged model (model card title)"),
     ] = None
     dtype: DType | None = None
     shard_size: Annotated[int, Field(description="bytes per shard; accepts '5GB', '500MB'")] = (
@@ -115,10 +135,10 @@ class MergeRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    merge_method: str
+    merge_method: Annotated[str, Field(json_schema_extra={"enum": list(METHODS)})]
     base_model: ModelReference | None = None
-    models: list[ModelEntry] = Field(default_factory=list)
-    parameters: dict[str, ParameterSetting] | None = None
+    models: list[ModelEntry] = Field(default_factory=list, max_length=MAX_MODELS_PER_RECIPE)
+    parameters: Parameters = None
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: Literal["base"] | ModelReference | None = None
@@ -192,14 +212,124 @@ class MergeRecipe(BaseModel):
                 f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
                 "set one of them"
             )
-        self._check_parameters("parameters", self.parameters, top_level=True)
-        for i, entry in enumerate(self.models):
-            self._check_parameters(f"models[{i}].parameters", entry.parameters, top_level=False)
+        self._check_setting_sizes()
+        for at, params in self._scopes():
+            self._check_parameters(at, params)
+        self._check_float32_range()
         if self.merge_method == "slerp" and not self._has_setting("t"):
             raise ValueError("parameters.t: slerp needs the interpolation factor t in [0, 1]")
         self._check_della()
         self._check_global_scope()
         return self
+
+    def _scopes(self) -> list[tuple[tuple[str | int, ...], dict[str, ParameterSetting] | None]]:
+        """Each parameters mapping with its location in the recipe."""
+        return [(("parameters",), self.parameters)] + [
+            (("models", i, "parameters"), m.parameters) for i, m in enumerate(self.models)
+        ]
+
+    def _check_setting_sizes(self) -> None:
+        """Gradient and filter lists are short (a value per layer at most) and filters are
+        substrings of tensor names: cap both, pointing at the list or filter."""
+        for at, params in self._scopes():
+            for name, setting in (params or {}).items():
+                loc = (*at, name)
+                if isinstance(setting, list) and len(setting) > MAX_SETTING_ITEMS:
+                    raise limit_error(
+                        "MergeRecipe",
+                        loc,
+                        f"has {len(setting)} entries; at most {MAX_SETTING_ITEMS} are accepted",
+                    )
+                entries = setting if isinstance(setting, list) else [setting]
+                for k, entry in enumerate(entries):
+                    if not isinstance(entry, FilterValue):
+                        continue
+                    where = (*loc, k) if isinstance(setting, list) else loc
+                    if entry.filter is not None and len(entry.filter) > MAX_FILTER_CHARS:
+                        raise limit_error(
+                            "MergeRecipe",
+                            (*where, "filter"),
+                            f"a filter is a substring of tensor names: at most "
+                            f"{MAX_FILTER_CHARS} characters, got {len(entry.filter)}",
+                        )
+                    if isinstance(entry.value, list) and len(entry.value) > MAX_SETTING_ITEMS:
+                        raise limit_error(
+                            "MergeRecipe",
+                            (*where, "value"),
+                            f"has {len(entry.value)} entries; at most {MAX_SETTING_ITEMS} "
+                            "are accepted",
+                        )
+
+    def _magnitudes(self, i: int | None, name: str) -> list[float]:
+        """|value| of every number parameter ``name`` may take for model ``i`` (None: the
+        top level only), in precedence order: its own setting, the top level's, the default.
+        A filter list whose entries may all miss a tensor falls through to the next."""
+        scopes = [self.parameters] if i is None else [self.models[i].parameters, self.parameters]
+        found: list[float] = []
+        for scope in scopes:
+            if not scope or name not in scope:
+                continue
+            setting = scope[name]
+            found += [
+                abs(float(v))
+                for v in _scalars(setting)
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            ]
+            if _covers_every_tensor(setting):
+                return found
+        p = self.method.parameter(name)
+        if p is not None and isinstance(p.default, int | float):
+            found.append(abs(float(p.default)))
+        return found
+
+    def _check_float32_range(self) -> None:
+        """Refuse a merge whose parameters alone make its float32 arithmetic overflow.
+
+        Every method here sums the inputs' task vectors (or the models themselves, for
+        linear) scaled by factors the recipe sets: wi for linear and PCB, λ·wi for the
+        task-vector family, and λ·wi/density where DARE rescales by inverse_p. With those
+        factors summing past the largest float32 (3.4e38), the float32 sum overflows for
+        inputs of magnitude 1, and a factor past it is infinite in float32 on its own; any
+        ordinary recipe (weights and λ near 1) is far inside the bound. Each value a
+        setting may take (gradients, filter lists) counts at its largest.
+        """
+        spec = self.method
+        if spec.parameter("weight") is None:
+            return  # model_stock, slerp: convex combinations, nothing to overflow
+        lam = max(self._magnitudes(None, "lambda"), default=1.0)
+        inverse_p = (self.parameters or {}).get("rescale_mode") == "inverse_p"
+        fine = {id(e) for e in self.fine_tuned}
+        factors: list[tuple[float, int, str]] = []  # factor, model, the setting driving it
+        for i in (i for i, m in enumerate(self.models) if id(m) in fine):
+            weight = max(self._magnitudes(i, "weight"), default=1.0)
+            scale = 1.0
+            if inverse_p:
+                densities = [d for d in self._magnitudes(i, "density") if 0 < d < 1]
+                scale = 1 / min(densities) if densities else 1.0
+            factors.append((weight * scale, i, "density" if scale > weight else "weight"))
+        if not factors:
+            return
+        total = lam * sum(f for f, _, _ in factors)
+        if total <= FLOAT32_MAX:
+            return
+        largest, i, name = max(factors)
+        own = self.models[i].parameters
+        if lam > largest:
+            loc: tuple[str | int, ...] = ("parameters", "lambda")
+        elif own and name in own:
+            loc = ("models", i, "parameters", name)
+        else:
+            loc = ("parameters", name)
+        what = "|λ|·|weight|" if spec.parameter("lambda") is not None else "|weight|"
+        if inverse_p:
+            what += "/density"
+        raise limit_error(
+            "MergeRecipe",
+            loc,
+            f"the merge scales each model by {what}; summed over the models that is "
+            f"{total:.3g}, past the largest float32 ({FLOAT32_MAX:.4g}) that the merge computes "
+            "in, so its result would overflow: use weights and lambda of ordinary size",
+        )
 
     def _check_global_scope(self) -> None:
         """A whole-model threshold needs one density per model, not one per tensor."""
@@ -221,42 +351,47 @@ class MergeRecipe(BaseModel):
         )
 
     def _check_parameters(
-        self, where: str, params: dict[str, ParameterSetting] | None, *, top_level: bool
+        self, at: tuple[str | int, ...], params: dict[str, ParameterSetting] | None
     ) -> None:
+        """Each setting against the method's declared parameter; errors point at it."""
         if not params:
             return
         spec = self.method
+        top_level = at == ("parameters",)
         for name, setting in params.items():
+            loc = (*at, name)
             p = spec.parameter(name)
             if p is None:
                 valid = ", ".join(spec.parameter_names) or "none"
-                raise ValueError(
-                    f"{where}.{name}: unknown parameter for {spec.name!r}; valid: {valid}"
+                raise limit_error(
+                    "MergeRecipe", loc, f"unknown parameter for {spec.name!r}; valid: {valid}"
                 )
             if p.scope is ParamScope.SHARED and not top_level:
-                raise ValueError(
-                    f"{where}.{name}: {name!r} applies to the whole merge; set it under the "
-                    "top-level 'parameters'"
+                raise limit_error(
+                    "MergeRecipe",
+                    loc,
+                    f"{name!r} applies to the whole merge; set it under the top-level 'parameters'",
                 )
             if not p.per_tensor and not isinstance(setting, Scalar):
-                raise ValueError(
-                    f"{where}.{name}: must be a single value for the whole model "
-                    "(no gradient or filter list)"
+                raise limit_error(
+                    "MergeRecipe",
+                    loc,
+                    "must be a single value for the whole model (no gradient or filter list)",
                 )
             for value in _scalars(setting):
                 try:
                     p.check(value)
                 except ValueError as e:
-                    raise ValueError(f"{where}.{name}: {e}") from None
+                    raise limit_error("MergeRecipe", loc, str(e), value) from None
             if isinstance(setting, list) and not setting:
-                raise ValueError(f"{where}.{name}: an empty list sets nothing")
+                raise limit_error("MergeRecipe", loc, "an empty list sets nothing")
             if (
                 isinstance(setting, list)
                 and setting
                 and all(isinstance(v, Scalar) for v in setting)
                 and p.kind is not float
             ):
-                raise ValueError(f"{where}.{name}: a gradient list needs numeric values")
+                raise limit_error("MergeRecipe", loc, "a gradient list needs numeric values")
 
     def _check_della(self) -> None:
         if self.merge_method not in ("della", "della_linear"):
@@ -276,6 +411,14 @@ class MergeRecipe(BaseModel):
                     f"models[{i}]: della needs 0 < density − epsilon and density + epsilon ≤ 1; "
                     f"got density {d:g}, epsilon {e:g}"
                 )
+
+
+def _covers_every_tensor(setting: ParameterSetting) -> bool:
+    """False for a filter list that some tensor may match no entry of (then the next level
+    of precedence applies to it)."""
+    entries = setting if isinstance(setting, list) else [setting]
+    filters = [e for e in entries if isinstance(e, FilterValue)]
+    return not filters or any(f.filter in (None, "*") for f in filters)
 
 
 def _scalars(setting: ParameterSetting) -> list[Scalar]:

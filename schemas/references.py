@@ -15,13 +15,30 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, model_serializer, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from schemas.limits import MAX_REFERENCE_CHARS
 
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254}$")
 _ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# An artifact version: ASCII digits only (str.isdigit() also accepts '²' and '①', which
+# int() refuses), at most 18 of them (a 64-bit integer).
+VERSION_NUMBER = re.compile(r"^[0-9]{1,18}$")
+
+
+# The forms of parse_reference as JSON Schema patterns (ECMA regex), for the OpenAPI document.
+JSON_SCHEMA_PATTERNS = (
+    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}"
+    r"(@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,254})?$",
+    r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$",
+    r"^artifact://[a-z0-9][a-z0-9_.\-]{0,99}(@([0-9]{1,18}|latest))?$",
+    r"^(/|\./|\.\./|~|file:///)",
+)
 
 
 class ReferenceKind(StrEnum):
@@ -54,6 +71,20 @@ class ModelReference(BaseModel):
     # hub: branch, tag or commit; artifact: version number as a string or "latest"
     revision: str | None = None
 
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # On the wire a reference is a string in one of the forms of this module.
+        return {
+            "type": "string",
+            "maxLength": MAX_REFERENCE_CHARS,
+            "description": "a model reference: org/name[@revision], s3://bucket/prefix, "
+            "artifact://name[@version], or a local path (where the operator allows them)",
+            "anyOf": [{"pattern": p} for p in JSON_SCHEMA_PATTERNS],
+            "examples": ["org/name@main", "s3://models/base", "artifact://soup@1"],
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
@@ -72,7 +103,7 @@ class ModelReference(BaseModel):
         if self.kind is ReferenceKind.HUB:
             return self.revision is not None and bool(COMMIT_SHA.match(self.revision))
         if self.kind is ReferenceKind.ARTIFACT:
-            return self.revision is not None and self.revision.isdigit()
+            return self.revision is not None and bool(VERSION_NUMBER.match(self.revision))
         return True
 
     def with_revision(self, revision: str) -> ModelReference:
@@ -92,6 +123,8 @@ def parse_reference(raw: str) -> ModelReference:
     """Classify a reference string by its syntax alone (no file system or network access)."""
     if not isinstance(raw, str) or not raw.strip():
         raise _fail(str(raw), "it is empty")
+    if len(raw) > MAX_REFERENCE_CHARS:
+        raise _fail(raw[:60] + "…", f"it is longer than {MAX_REFERENCE_CHARS} characters")
     s = raw.strip()
     if s.startswith("file://"):
         path = s[len("file://") :]
@@ -105,13 +138,17 @@ def parse_reference(raw: str) -> ModelReference:
         bucket, _, prefix = rest.partition("/")
         if not _S3_BUCKET.match(bucket):
             raise _fail(raw, f"{bucket!r} is not a valid bucket name")
+        prefix = prefix.rstrip("/")
+        if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
+            # a server that normalises paths could resolve them outside a granted prefix
+            raise _fail(raw, "an s3:// prefix has no empty, '.' or '..' segments")
         return ModelReference(kind=ReferenceKind.S3, location=f"{bucket}/{prefix}".rstrip("/"))
     if s.startswith("artifact://"):
         rest = s[len("artifact://") :]
         name, at, version = rest.partition("@")
         if not _ARTIFACT_NAME.match(name):
             raise _fail(raw, "an artifact name uses lowercase letters, digits, '.', '_' and '-'")
-        if at and not (version.isdigit() and int(version) > 0) and version != "latest":
+        if at and not (VERSION_NUMBER.match(version) and int(version) > 0) and version != "latest":
             raise _fail(raw, f"artifact version {version!r} is not a positive integer or 'latest'")
         return ModelReference(kind=ReferenceKind.ARTIFACT, location=name, revision=version or None)
     if "://" in s and not s.startswith("hf://"):

@@ -205,7 +205,7 @@ def _parse_field(text: str, spec: _Field, position: int) -> frozenset[int]:
         token = token.strip().lower()
         if token in spec.names:
             return spec.names[token]
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise CronError(f"{where}: {token!r} is not a number; {valid}; {_SYNTAX}")
         value = int(token)
         if not spec.low <= value <= spec.high:
@@ -219,7 +219,7 @@ def _parse_field(text: str, spec: _Field, position: int) -> frozenset[int]:
         base, _, step_text = item.partition("/")
         step = 1
         if step_text or item.endswith("/"):
-            if not step_text.isdigit() or int(step_text) < 1:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) < 1:
                 raise CronError(f"{where}: step {step_text!r} must be a whole number ≥ 1")
             step = int(step_text)
         if base == "*":

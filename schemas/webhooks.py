@@ -16,9 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.jobs import JobState, JobView
+from schemas.jobs import HttpUrl, JobState, JobView
+from schemas.limits import MAX_WEBHOOK_EVENTS
 
 SECRET_PREFIX = "whsec_"
 
@@ -61,12 +62,13 @@ class WebhookSubscriptionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: AnyHttpUrl = Field(
+    url: HttpUrl = Field(
         description="where events are POSTed (http or https, a public address)",
         examples=["https://hooks.example.com/weightsmith"],
     )
     events: list[WebhookEventType] = Field(
         min_length=1,
+        max_length=MAX_WEBHOOK_EVENTS,
         description="the event types this subscription receives",
         examples=[["job.succeeded", "job.failed"]],
     )

@@ -2,8 +2,9 @@
 job ids its queue was handed, a tenant with a key) and a valid merge job body.
 
 The merge body names ``s3://models/{base,math,code}``: :func:`models_bucket` puts those
-folders in the test S3 server, and a harness made with it grants each new tenant
-``s3://models/`` (tenants read only the s3:// locations granted to them)."""
+folders (and a few more the tests name) in the test S3 server, and a harness made with it
+grants each new tenant ``s3://models/`` (tenants read only the s3:// locations granted to
+them)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,17 @@ def merge_job(recipe: dict[str, Any] | None = None, name: str = "soup") -> dict[
 MODELS_BUCKET = "models"
 
 
+MODEL_FOLDERS = ("base", "math", "code", "a", *(f"m{i}" for i in range(64)))
+_seeded: set[str] = set()  # endpoints whose models bucket is filled (once per process)
+
+
 def models_bucket(s3_server: Any) -> Any:
-    """``s3_server`` with bucket ``models`` holding the folders MERGE_RECIPE names (each a
+    """``s3_server`` with bucket ``models`` holding the folders the API tests name (each a
     placeholder weights file: the API only checks that they exist). Idempotent."""
     from infra.storage.s3 import S3ObjectStore
 
+    if s3_server.endpoint in _seeded:
+        return s3_server
     store = S3ObjectStore(
         MODELS_BUCKET,
         endpoint_url=s3_server.endpoint,
@@ -51,9 +58,11 @@ def models_bucket(s3_server: Any) -> Any:
         region=s3_server.region,
         create_bucket=True,
     )
-    for folder in ("base", "math", "code"):
-        if store.stat(f"{folder}/model.safetensors") is None:
+    present = {info.key for info in store.list("")}
+    for folder in MODEL_FOLDERS:
+        if f"{folder}/model.safetensors" not in present:
             store.put_bytes(f"{folder}/model.safetensors", b"placeholder")
+    _seeded.add(s3_server.endpoint)
     return s3_server
 
 

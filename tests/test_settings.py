@@ -72,6 +72,7 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES": "4096",
         "WEIGHTSMITH_UPLOAD_EXPIRY": "600",
         "WEIGHTSMITH_MAX_OPEN_UPLOADS": "3",
+        "WEIGHTSMITH_MAX_BODY_BYTES": "2097152",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -105,6 +106,7 @@ def test_every_variable_is_read_from_the_environment(
         20,
     )
     assert (s.max_upload_chunk_bytes, s.upload_expiry, s.max_open_uploads) == (4096, 600, 3)
+    assert s.max_body_bytes == 2 * 1024 * 1024
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

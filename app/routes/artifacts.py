@@ -38,7 +38,7 @@ _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
 PRESIGNED_URL_TTL_S = 900
 
 NamePath = Annotated[str, Path(description="artifact name", examples=["llama-ties"])]
-VersionPath = Annotated[str, Path(description="a version number, or 'latest'")]
+VersionPath = Annotated[str, Path(description="a version number, or 'latest'", examples=["1"])]
 
 
 class ArtifactVersionView(BaseModel):

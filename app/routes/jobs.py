@@ -7,17 +7,26 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.limits import CheckedBodyRoute, checked_cursor, checked_id
 from app.problems import ApiProblem, not_found
 from app.service import PrincipalDep, ServiceDep
 from app.submission import parse_job_request, submit_job
 from infra.db import InvalidCursor
 from infra.db.jobstore import MAX_PAGE_SIZE
-from schemas.jobs import JobCreate, JobKind, JobList, JobState, JobView, ProblemDetail
+from schemas.jobs import (
+    JobKind,
+    JobList,
+    JobState,
+    JobView,
+    ProblemDetail,
+    job_create_json_schema,
+)
+from schemas.limits import MAX_CURSOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=CheckedBodyRoute)
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
-_JOB_CREATE_SCHEMA = JobCreate.model_json_schema()
+_JOB_CREATE_SCHEMA = job_create_json_schema()
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
@@ -50,10 +59,22 @@ async def submit(
     response: Response,
     service: ServiceDep,
     principal: PrincipalDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+            pattern=r"^[\x20-\x7e]+$",
+            description="printable ASCII, at most 255 characters",
+        ),
+    ] = None,
 ) -> JobView:
     body = await request.body()
-    job_request = parse_job_request(body, request.headers.get("content-type"))
+    # in a thread: a YAML body of 1 MiB takes a fraction of a second to parse
+    job_request = await run_in_threadpool(
+        parse_job_request, body, request.headers.get("content-type")
+    )
     submitted = await run_in_threadpool(
         submit_job, service, principal, job_request, idempotency_key
     )
@@ -69,12 +90,15 @@ def list_jobs(
     principal: PrincipalDep,
     state: JobState | None = None,
     kind: JobKind | None = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="next_cursor of the previous page", max_length=MAX_CURSOR_CHARS),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
 ) -> JobList:
     try:
         page = service.jobs.list_jobs(
-            principal.tenant_id, state=state, kind=kind, cursor=cursor, limit=limit
+            principal.tenant_id, state=state, kind=kind, cursor=checked_cursor(cursor), limit=limit
         )
     except InvalidCursor as e:
         raise ApiProblem(422, str(e), title="Invalid cursor") from e
@@ -83,7 +107,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobView, responses={404: _PROBLEM}, summary="One job")
 def get_job(job_id: str, service: ServiceDep, principal: PrincipalDep) -> JobView:
-    job = service.jobs.get(principal.tenant_id, job_id)
+    job = service.jobs.get(principal.tenant_id, checked_id(job_id, "job"))
     if job is None:
         raise not_found(f"job {job_id!r}")
     return job.to_view()
@@ -103,7 +127,7 @@ def get_job(job_id: str, service: ServiceDep, principal: PrincipalDep) -> JobVie
 def cancel_job(
     job_id: str, response: Response, service: ServiceDep, principal: PrincipalDep
 ) -> JobView:
-    job = service.jobs.request_cancel(principal.tenant_id, job_id)
+    job = service.jobs.request_cancel(principal.tenant_id, checked_id(job_id, "job"))
     if job is None:
         raise not_found(f"job {job_id!r}")
     view = job.to_view()

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
+from app.limits import CheckedBodyRoute, checked_cursor, checked_id
 from app.problems import ApiProblem, not_found
 from app.routes.webhooks import refuse_unsafe_url
 from app.scheduling import Scheduling
@@ -17,6 +18,7 @@ from infra.db.models import Job
 from infra.db.schedules import MAX_PAGE_SIZE, Schedule, ScheduleFields, ScheduleRun
 from infra.schedules import next_run_for
 from schemas.jobs import ProblemDetail
+from schemas.limits import MAX_CURSOR_CHARS
 from schemas.schedules import (
     RunOutcome,
     ScheduleCreate,
@@ -27,9 +29,13 @@ from schemas.schedules import (
     ScheduleView,
 )
 
-router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
+router = APIRouter(prefix="/v1/schedules", tags=["schedules"], route_class=CheckedBodyRoute)
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
+_Cursor = Annotated[
+    str | None,
+    Query(description="next_cursor of the previous page", max_length=MAX_CURSOR_CHARS),
+]
 
 
 def get_scheduling(request: Request, service: ServiceDep) -> Scheduling:
@@ -147,11 +153,13 @@ def create_schedule(
 def list_schedules(
     principal: PrincipalDep,
     scheduling: SchedulingDep,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: _Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
 ) -> ScheduleList:
     try:
-        page = scheduling.store.list_schedules(principal.tenant_id, cursor=cursor, limit=limit)
+        page = scheduling.store.list_schedules(
+            principal.tenant_id, cursor=checked_cursor(cursor), limit=limit
+        )
     except InvalidCursor as e:
         raise ApiProblem(422, str(e), title="Invalid cursor") from e
     return ScheduleList(
@@ -160,7 +168,7 @@ def list_schedules(
 
 
 def _owned(scheduling: Scheduling, principal: Principal, schedule_id: str) -> Schedule:
-    schedule = scheduling.store.get(principal.tenant_id, schedule_id)
+    schedule = scheduling.store.get(principal.tenant_id, checked_id(schedule_id, "schedule"))
     if schedule is None:
         raise not_found(f"schedule {schedule_id!r}")
     return schedule
@@ -233,12 +241,12 @@ def list_runs(
     schedule_id: str,
     principal: PrincipalDep,
     scheduling: SchedulingDep,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: _Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
 ) -> ScheduleRunList:
     _owned(scheduling, principal, schedule_id)
     try:
-        page = scheduling.store.list_runs(schedule_id, cursor=cursor, limit=limit)
+        page = scheduling.store.list_runs(schedule_id, cursor=checked_cursor(cursor), limit=limit)
     except InvalidCursor as e:
         raise ApiProblem(422, str(e), title="Invalid cursor") from e
     return ScheduleRunList(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.limits import CheckedBodyRoute
 from app.service import PrincipalDep, ServiceDep
 from schemas.jobs import ProblemDetail
 from schemas.tenants import HubTokenSet, HubTokenStatus, S3GrantView, TenantView
 
-router = APIRouter(prefix="/v1/tenant", tags=["tenant"])
+router = APIRouter(prefix="/v1/tenant", tags=["tenant"], route_class=CheckedBodyRoute)
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
 

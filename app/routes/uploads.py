@@ -33,6 +33,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.limits import CheckedBodyRoute
 from app.problems import ApiProblem
 from app.service import PrincipalDep, Service, ServiceDep
 from infra.artifacts import ArtifactError
@@ -63,7 +64,7 @@ from schemas.uploads import UploadCreate, UploadFileView, UploadLimits, UploadVi
 
 log = logging.getLogger("weightsmith.api")
 
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"], route_class=CheckedBodyRoute)
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\s*$")

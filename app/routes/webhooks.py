@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 
+from app.limits import CheckedBodyRoute, checked_id
 from app.problems import ApiProblem, not_found
 from app.service import PrincipalDep, ServiceDep
 from infra.db.webhooks import MAX_DELIVERIES_PAGE, WebhookStore, WebhookSubscriptionRow
@@ -24,7 +25,7 @@ from schemas.webhooks import (
     WebhookSubscriptionList,
 )
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=CheckedBodyRoute)
 job_deliveries_router = APIRouter(prefix="/v1/jobs", tags=["webhooks"])
 
 _PROBLEM = {"model": ProblemDetail, "content": {"application/problem+json": {}}}
@@ -117,7 +118,9 @@ def signing_secret(principal: PrincipalDep, hooks: WebhookStoreDep) -> WebhookSi
 def get_subscription(
     subscription_id: str, principal: PrincipalDep, hooks: WebhookStoreDep
 ) -> WebhookSubscription:
-    row = hooks.get_subscription(principal.tenant_id, subscription_id)
+    row = hooks.get_subscription(
+        principal.tenant_id, checked_id(subscription_id, "webhook subscription")
+    )
     if row is None:
         raise not_found(f"webhook subscription {subscription_id!r}")
     return _view(row)
@@ -132,7 +135,9 @@ def get_subscription(
 def delete_subscription(
     subscription_id: str, principal: PrincipalDep, hooks: WebhookStoreDep
 ) -> Response:
-    if not hooks.delete_subscription(principal.tenant_id, subscription_id):
+    if not hooks.delete_subscription(
+        principal.tenant_id, checked_id(subscription_id, "webhook subscription")
+    ):
         raise not_found(f"webhook subscription {subscription_id!r}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -149,6 +154,7 @@ def subscription_deliveries(
     hooks: WebhookStoreDep,
     limit: _Limit = 50,
 ) -> WebhookDeliveryList:
+    checked_id(subscription_id, "webhook subscription")
     if hooks.get_subscription(principal.tenant_id, subscription_id) is None:
         raise not_found(f"webhook subscription {subscription_id!r}")
     items = hooks.deliveries_of_subscription(principal.tenant_id, subscription_id, limit=limit)
@@ -168,7 +174,7 @@ def job_deliveries(
     hooks: WebhookStoreDep,
     limit: _Limit = 50,
 ) -> WebhookDeliveryList:
-    if service.jobs.get(principal.tenant_id, job_id) is None:
+    if service.jobs.get(principal.tenant_id, checked_id(job_id, "job")) is None:
         raise not_found(f"job {job_id!r}")
     return WebhookDeliveryList(
         items=hooks.deliveries_of_job(principal.tenant_id, job_id, limit=limit)
