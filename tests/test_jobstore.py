@@ -3,6 +3,7 @@ tenant isolation, paging, API keys — on SQLite and on a real PostgreSQL alike.
 
 from __future__ import annotations
 
+import json
 import stat
 import threading
 import time
@@ -33,6 +34,7 @@ from infra.db import (
     parse_api_key,
     upgrade_database,
 )
+from infra.db.jobstore import MAX_PAGE_RECIPE_BYTES
 from infra.db.models import Base
 from infra.settings import Settings
 from schemas.jobs import (
@@ -655,6 +657,29 @@ def test_paging_returns_every_job_once_newest_first(
     # The page converts to the API's list type as is.
     listing = JobList(items=[j.to_view() for j in seen[:5]], next_cursor=cursor)
     assert JobList.model_validate_json(listing.model_dump_json()) == listing
+
+
+def test_a_page_of_large_recipes_ends_early_within_its_byte_budget(
+    store: JobStore, tenant: int, clock: Clock
+) -> None:
+    # Recipes of ~200 KiB each (under the per-recipe cap): 20 of them fill the 4 MiB budget.
+    made = []
+    for i in range(30):
+        clock.advance(seconds=1)
+        pinned = {"merge_method": "linear", "note": f"{i:03d}" + "n" * 200 * 1024}
+        made.append(store.create_job(tenant, merge_request(), recipe=pinned).job)
+    each = len(json.dumps(made[0].recipe, separators=(",", ":")))
+    per_page = MAX_PAGE_RECIPE_BYTES // each  # what fits, stored text being about this size
+    pages, seen, cursor = [], [], None
+    while True:
+        page = store.list_jobs(tenant, cursor=cursor, limit=200)
+        pages.append(len(page.jobs))
+        seen.extend(page.jobs)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert abs(pages[0] - per_page) <= 1 and sum(pages) == 30
+    assert [j.id for j in seen] == [j.id for j in reversed(made)]
 
 
 def test_listing_filters_by_state_and_kind(store: JobStore, tenant: int, clock: Clock) -> None:

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Engine, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Text, and_, cast, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -99,6 +99,8 @@ RETRY_PHASE = "retrying"
 NOT_QUEUED_PHASE = "not-queued"
 
 MAX_PAGE_SIZE = 200
+# A page of jobs ends early once its recipes (as stored) pass this many bytes.
+MAX_PAGE_RECIPE_BYTES = 4 << 20
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
@@ -711,31 +713,44 @@ class JobStore:
         cursor: str | None = None,
         limit: int = 50,
     ) -> JobPage:
-        """The tenant's jobs, newest first, ``limit`` (1…200) at a time.
+        """The tenant's jobs, newest first, ``limit`` (1…200) at a time, fewer when their
+        recipes pass :data:`MAX_PAGE_RECIPE_BYTES` (always at least one).
 
         ``next_cursor`` is None on the last page. A job created while paging appears on no
         later page (it is newer than the cursor); none is repeated or skipped.
         """
         limit = max(1, min(limit, MAX_PAGE_SIZE))
-        query = select(Job).where(Job.tenant_id == tenant_id, Job.state != PENDING)
+        conditions: list[ColumnElement[bool]] = [Job.tenant_id == tenant_id, Job.state != PENDING]
         if state is not None:
-            query = query.where(Job.state == JobState(state).value)
+            conditions.append(Job.state == JobState(state).value)
         if kind is not None:
-            query = query.where(Job.kind == JobKind(kind).value)
+            conditions.append(Job.kind == JobKind(kind).value)
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
-            query = query.where(
+            conditions.append(
                 or_(
                     Job.created_at < created_at,
                     and_(Job.created_at == created_at, Job.id < last_id),
                 )
             )
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        order = (Job.created_at.desc(), Job.id.desc())
+        # The recipes' stored sizes first: a page ends early once they pass the budget, so a
+        # tenant's large recipes never make one answer (or this process) large.
+        size = func.coalesce(func.length(cast(Job.recipe, Text)), 0)
         with self._sessions() as s:
-            jobs = list(s.scalars(query))
-        if len(jobs) <= limit:
+            heads = s.execute(
+                select(Job.id, size).where(*conditions).order_by(*order).limit(limit + 1)
+            ).all()
+            ids: list[str] = []
+            total = 0
+            for job_id, recipe_bytes in heads[:limit]:
+                total += int(recipe_bytes)
+                if ids and total > MAX_PAGE_RECIPE_BYTES:
+                    break
+                ids.append(job_id)
+            jobs = list(s.scalars(select(Job).where(Job.id.in_(ids)).order_by(*order)))
+        if len(ids) == len(heads) or not jobs:
             return JobPage(jobs, None)
-        jobs = jobs[:limit]
         return JobPage(jobs, encode_cursor(jobs[-1].created_at, jobs[-1].id))
 
     # ---- helpers -------------------------------------------------------------------------
