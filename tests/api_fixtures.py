@@ -114,28 +114,28 @@ class ApiHarness:
     ) -> ArtifactVersion:
         """Publish ``files`` (plus a manifest listing them) as the next version of ``name``."""
         folder = self.tmp / f"out-{uuid.uuid4().hex[:8]}"
-        folder.mkdir()
-        for rel, data in files.items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(data)
-        manifest = {
-            "format": "weightsmith.manifest/1",
-            "kind": "merge",
-            "seed": 1,
-            "recipe": MERGE_RECIPE,
-            "parents": [
-                {"role": "base", "reference": "org/base", "pinned": "org/base@" + "a" * 40}
-            ],
-            "files": [
-                {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                for rel, data in sorted(files.items())
-            ],
-        }
-        (folder / MANIFEST).write_text(json.dumps(manifest))
-        return publish_artifact(
-            self.service.store,
-            tenant or self.tenant,
-            name,
-            folder,
-            job_id=str(uuid.uuid4()),
-        )
+        return publish_files(self.service.store, tenant or self.tenant, name, files, folder)
+
+
+def publish_files(
+    store: Any, tenant: str, name: str, files: dict[str, bytes], folder: Path
+) -> ArtifactVersion:
+    """Publish ``files`` as the next version of ``tenant``'s artifact ``name``, with a
+    manifest listing them (written in ``folder`` first, as a job would)."""
+    folder.mkdir(parents=True)
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    manifest = {
+        "format": "weightsmith.manifest/1",
+        "kind": "merge",
+        "seed": 1,
+        "recipe": MERGE_RECIPE,
+        "parents": [{"role": "base", "reference": "org/base", "pinned": "org/base@" + "a" * 40}],
+        "files": [
+            {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for rel, data in sorted(files.items())
+        ],
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return publish_artifact(store, tenant, name, folder, job_id=str(uuid.uuid4()))

@@ -12,8 +12,6 @@ schemathesis starts the app's lifespan itself, once, the first time it calls the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 import uuid
@@ -30,10 +28,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from app.main import create_app
-from infra.artifacts import MANIFEST, publish_artifact
+from infra.artifacts import MANIFEST
 from infra.queue import InProcessQueue
 from infra.settings import Settings
-from tests.api_fixtures import MERGE_RECIPE, merge_job
+from tests.api_fixtures import MERGE_RECIPE, merge_job, publish_files
 
 JSON = "application/json"
 
@@ -100,22 +98,7 @@ def prepare_tenant(app: Any, client: Any, folder: Path, hub: Any) -> Target:
     for made in (job, hook, schedule):
         assert made.status_code in (201, 202), made.text
     files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 64}
-    folder.mkdir(parents=True)
-    for rel, data in files.items():
-        (folder / rel).write_bytes(data)
-    manifest = {
-        "format": "weightsmith.manifest/1",
-        "kind": "merge",
-        "seed": 1,
-        "recipe": MERGE_RECIPE,
-        "parents": [],
-        "files": [
-            {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for rel, data in sorted(files.items())
-        ],
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    publish_artifact(app.state.service.store, tenant, "soup", folder, job_id=str(uuid.uuid4()))
+    publish_files(app.state.service.store, tenant, "soup", files, folder)
     return Target(
         authorization=auth["Authorization"],
         known={

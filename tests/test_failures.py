@@ -17,8 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 from infra.storage import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
-from schemas.recipe import parse_recipe
-from tests.test_bad_input import HEAD, linear_recipe, refused, ta_recipe, zoo  # noqa: F401
+from schemas.recipe import RecipeError, parse_recipe
+from tests.test_bad_input import (  # noqa: F401
+    FT1_DELTA,
+    HEAD,
+    linear_recipe,
+    refused,
+    shifted,
+    ta_recipe,
+    write_model,
+    zoo,
+)
 from workers.errors import (
     CheckpointError,
     InputError,
@@ -150,7 +159,7 @@ def test_an_input_error_keeps_its_own_message_and_location() -> None:
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear"])
-def test_a_weight_no_float32_can_hold_fails_naming_the_weight_model_and_tensor(
+def test_a_weight_no_float32_can_hold_is_refused_with_the_recipe_naming_the_weight(
     zoo: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
     method: str,
@@ -164,10 +173,8 @@ def test_a_weight_no_float32_can_hold_fails_naming_the_weight_model_and_tensor(
     refused(
         zoo,
         recipe,
-        field="models[0].parameters.weight",
-        model="./models/ft1",
-        tensor=HEAD,  # the first tensor merged
-        expect=("weight = 1e+300 is beyond float32's range", "overflows"),
+        error=RecipeError,
+        expect=("models[0].parameters.weight", "largest float32", "1e+300"),
         capsys=capsys,
     )
 
@@ -179,20 +186,37 @@ def test_a_recipe_wide_parameter_no_float32_can_hold_names_the_parameter(
     refused(
         zoo,
         ta_recipe(parameters={"lambda": -1e300}),
-        field="parameters.lambda",
-        tensor=HEAD,
-        expect=("lambda = -1e+300 is beyond float32's range",),
+        error=RecipeError,
+        expect=("parameters.lambda", "largest float32", "-1e+300"),
         capsys=capsys,
     )
 
 
-def test_parameters_that_overflow_only_together_name_the_tensor(
+def test_parameters_that_overflow_only_together_are_refused_with_the_recipe(
     zoo: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # 1e20 and 1e20 are float32 numbers; their product, the scale of a task vector, is not.
     recipe = ta_recipe(parameters={"lambda": 1e20, "normalize": False})
     recipe["models"][0]["parameters"] = {"weight": 1e20}
+    refused(
+        zoo,
+        recipe,
+        error=RecipeError,
+        expect=("|λ|·|weight|", "1e+40"),
+        capsys=capsys,
+    )
+
+
+def test_values_that_overflow_only_with_the_data_fail_naming_the_tensor(
+    zoo: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Ordinary weights, but ft1's values reach 1e38: 5 × (ft1 − base) is past float32.
+    huge = {k: t * (1e38 / float(t.abs().max())) for k, t in shifted(FT1_DELTA).items()}
+    write_model(zoo / "models" / "huge", huge)
+    recipe = ta_recipe(parameters={"normalize": False})
+    recipe["models"][0] = {"model": "./models/huge", "parameters": {"weight": 5.0}}
     refused(
         zoo,
         recipe,

@@ -28,7 +28,6 @@ from sqlalchemy import event, select
 
 from app.main import create_app
 from app.service import Service
-from infra.artifacts import MANIFEST, publish_artifact
 from infra.db import ApiKeys
 from infra.db.models import Job, S3Grant, Tenant
 from infra.db.webhooks import WebhookSecretRow, WebhookSubscriptionRow
@@ -38,6 +37,7 @@ from infra.settings import Settings
 from infra.storage.s3 import S3ObjectStore
 from infra.tenancy import GrantError
 from schemas.jobs import JobCreate, JobError, JobKind, JobState
+from tests.api_fixtures import grant_models, publish_files
 from tests.hubserver import HubServer
 
 DATA_BUCKET = "tenant-data"
@@ -88,18 +88,6 @@ def data_bucket(s3: Any) -> S3ObjectStore:
     )
 
 
-def grant(service: Service, tenant: str, location: str, s3: Any) -> None:
-    service.tenants.grant_s3(
-        tenant,
-        location,
-        credentials="keys",
-        endpoint=s3.endpoint,
-        region=s3.region,
-        access_key_id=s3.access_key,
-        secret_access_key=s3.secret_key,
-    )
-
-
 def linear(*refs: str) -> dict[str, Any]:
     return {
         "merge_method": "linear",
@@ -145,30 +133,15 @@ def stack(
             bucket.put_bytes(f"{a_name}/model/{name}", data)
             bucket.put_bytes(f"{b_name}/model/{name}", data)
         bucket.put_bytes(f"{a_name}/corpus.txt", b"A's corpus\n")
-        grant(service, a_name, f"s3://{DATA_BUCKET}/{a_name}/", s3_server)
-        grant(service, b_name, f"s3://{DATA_BUCKET}/{b_name}/", s3_server)
+        grant_models(service, a_name, s3_server, f"s3://{DATA_BUCKET}/{a_name}/")
+        grant_models(service, b_name, s3_server, f"s3://{DATA_BUCKET}/{b_name}/")
         service.tenants.grant_hub_push(a_name, "a-org")
         private_sha = hub.add_repo("a-org/private", files, private_token=A_TOKEN)
         hub.add_repo("ops/internal", files, private_token=OPERATOR_TOKEN)
         hub.add_repo("public/model", files)
         assert client.put("/v1/tenant/hub-token", json={"token": A_TOKEN}, headers=a).status_code
         # A's artifact, job, schedule and webhook subscription
-        out = tmp_path / "a-out"
-        out.mkdir()
-        for name, data in files.items():
-            (out / name).write_bytes(data)
-        (out / MANIFEST).write_text(
-            json.dumps(
-                {
-                    "kind": "merge",
-                    "files": [
-                        {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-                        for n, d in sorted(files.items())
-                    ],
-                }
-            )
-        )
-        publish_artifact(service.store, a_name, "secret-model", out, job_id="a-job-1")
+        publish_files(service.store, a_name, "secret-model", files, tmp_path / "a-out")
         job = client.post(
             "/v1/jobs",
             json={
@@ -380,7 +353,7 @@ def test_the_artifact_bucket_can_never_be_granted_nor_read_through_a_grant(stack
             artifact_bucket=(store.bucket, store.endpoint),
         )
     # a grant made while another bucket was the artifact store is refused when used
-    grant(service, stack.b_name, f"s3://{s3.bucket}/{stack.artifact_prefix}/", s3)
+    grant_models(service, stack.b_name, s3, f"s3://{s3.bucket}/{stack.artifact_prefix}/")
     access = service.access(service.keys.ensure_tenant(stack.b_name).id)
     g = access.s3_grant_for(s3.bucket, f"{stack.artifact_prefix}/{stack.a_name}/secret-model/v1")
     assert g is not None
