@@ -137,9 +137,11 @@ def artifact_bucket(settings: Settings) -> ArtifactBucket | None:
     return ArtifactBucket(options["bucket"], normalize_endpoint(options.get("endpoint_url")))
 
 
-def is_artifact_bucket(settings: Settings, bucket: str, endpoint: str | None) -> bool:
+def is_artifact_bucket(settings: Settings, bucket: str) -> bool:
+    """Whether ``bucket`` is named like the artifact store's, on whatever server: one server
+    answers to several spellings (a host name, an address, a proxy), so the name decides."""
     store = artifact_bucket(settings)
-    return store is not None and store.bucket == bucket and store.endpoint == endpoint
+    return store is not None and store.bucket == bucket
 
 
 def open_granted_store(grant: S3GrantInfo, settings: Settings) -> S3ObjectStore:
@@ -148,7 +150,7 @@ def open_granted_store(grant: S3GrantInfo, settings: Settings) -> S3ObjectStore:
     from infra.storage.factory import s3_options
     from infra.storage.s3 import S3ObjectStore
 
-    if is_artifact_bucket(settings, grant.bucket, grant.endpoint):
+    if is_artifact_bucket(settings, grant.bucket):
         raise GrantError(
             f"grant {grant.location} names the artifact store's bucket, which no tenant may "
             "read directly; revoke it"

@@ -350,7 +350,15 @@ def test_the_artifact_bucket_can_never_be_granted_nor_read_through_a_grant(stack
             f"s3://{s3.bucket}/",
             credentials="store",
             endpoint=s3.endpoint,
-            artifact_bucket=(store.bucket, store.endpoint),
+            artifact_bucket=store.bucket,
+        )
+    with pytest.raises(GrantError, match="artifact store's bucket"):  # another spelling
+        service.tenants.grant_s3(
+            stack.b_name,
+            f"s3://{s3.bucket}/",
+            credentials="anonymous",
+            endpoint=s3.endpoint.replace("127.0.0.1", "localhost"),
+            artifact_bucket=store.bucket,
         )
     # a grant made while another bucket was the artifact store is refused when used
     grant_models(service, stack.b_name, s3, f"s3://{s3.bucket}/{stack.artifact_prefix}/")

@@ -153,7 +153,7 @@ def _grant_s3(tenants: Any, settings: Any, args: argparse.Namespace) -> int:
         region=args.region,
         access_key_id=args.access_key_id,
         secret_access_key=_s3_secret(args),
-        artifact_bucket=(store.bucket, store.endpoint) if store is not None else None,
+        artifact_bucket=store.bucket if store is not None else None,
     )
     at = f" at {grant.endpoint}" if grant.endpoint else ""
     print(f"tenant {args.tenant!r} may read {grant.location}{at} ({mode} credentials)")

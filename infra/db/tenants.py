@@ -204,12 +204,13 @@ class TenantStore:
         region: str | None = None,
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
-        artifact_bucket: tuple[str, str | None] | None = None,
+        artifact_bucket: str | None = None,
     ) -> S3GrantInfo:
         """Let the tenant read ``s3://bucket/prefix/`` with these credentials.
 
-        ``artifact_bucket`` is the artifact store's (bucket, normalized endpoint): a grant
-        on it is refused. A grant for the same location and endpoint is replaced.
+        ``artifact_bucket`` is the artifact store's bucket name: a grant of a bucket of that
+        name is refused, on any server (one server answers to several spellings of its
+        endpoint). A grant for the same location and endpoint is replaced.
         """
         tenant_id = self._tenant_id(name)
         bucket, key = parse_s3_location(location.strip())
@@ -221,7 +222,7 @@ class TenantStore:
             raise GrantError("credentials 'keys' need an access key id and its secret key")
         if credentials != "keys" and (access_key_id or secret_access_key):
             raise GrantError(f"credentials {credentials!r} take no access key")
-        if artifact_bucket is not None and (bucket, ep) == artifact_bucket:
+        if bucket == artifact_bucket:
             raise GrantError(
                 f"s3://{bucket}/ is the artifact store's bucket (every tenant's artifacts and "
                 "the shared cache): it cannot be granted; tenants reach their own artifacts "
