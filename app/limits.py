@@ -4,7 +4,7 @@
 
 1. A ``Content-Length`` over the route's body limit is answered 413 at once.
 2. Every ``/v1/`` request is authenticated (bearer API key) before its body is read; the
-   principal is left in the scope for :func:`app.service.current_principal`. FastAPI reads
+   principal is left in the scope for :func:`app.dependencies.current_principal`. FastAPI reads
    and parses a body parameter before it resolves any dependency, so authentication as a
    dependency alone would come too late.
 3. The body is counted as it streams in; past the limit the request is answered 413 and
@@ -30,13 +30,15 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.problems import ApiProblem, not_found, problem_response
-from app.service import PRINCIPAL_SCOPE_KEY, Service, authenticate
+from app.dependencies import PRINCIPAL_SCOPE_KEY, authenticate
+from app.problems import problem_response
 from infra.db import InvalidCursor
 from infra.db.jobstore import decode_cursor
 from infra.settings import ENV_PREFIX, Settings
 from schemas.jobs import ProblemItem
 from schemas.limits import MAX_CURSOR_CHARS, DocumentRefused, load_json_document
+from service.context import Service
+from service.errors import Problem, not_found
 
 # ---- body size ---------------------------------------------------------------------------
 
@@ -102,12 +104,12 @@ class RequestLimits:
         try:
             declared = _content_length(headers)
             if declared is not None and declared > limit:
-                raise ApiProblem(413, _too_large_detail(limit, variable))
+                raise Problem(413, _too_large_detail(limit, variable))
             if needs_api_key(scope["path"]):
                 service: Service = scope["app"].state.service
                 principal = await authenticate(service, headers.get("authorization"))
                 scope[PRINCIPAL_SCOPE_KEY] = principal
-        except ApiProblem as problem:
+        except Problem as problem:
             await _answer(scope, receive, send, problem)
             return
 
@@ -135,7 +137,7 @@ class RequestLimits:
         except BodyTooLarge as e:  # raised where no handler turned it into a response
             if started:
                 raise
-            await _answer(scope, receive, send, ApiProblem(413, str(e.detail)))
+            await _answer(scope, receive, send, Problem(413, str(e.detail)))
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -143,11 +145,11 @@ def _content_length(headers: Headers) -> int | None:
     if not values:
         return None
     if len(set(values)) != 1 or not re.fullmatch(r"[0-9]{1,19}", values[0].strip()):
-        raise ApiProblem(400, "the Content-Length header is not one whole number of bytes")
+        raise Problem(400, "the Content-Length header is not one whole number of bytes")
     return int(values[0])
 
 
-async def _answer(scope: Scope, receive: Receive, send: Send, problem: ApiProblem) -> None:
+async def _answer(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:
     """Answer before routing; the route is looked up all the same, so that request metrics
     name its template rather than '<unmatched>'."""
     route = _route_of(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
@@ -177,9 +179,9 @@ def _route_of(routes: Iterable[BaseRoute], scope: Scope) -> BaseRoute | None:
 # ---- JSON bodies ---------------------------------------------------------------------------
 
 
-def refused(e: DocumentRefused) -> ApiProblem:
+def refused(e: DocumentRefused) -> Problem:
     """The 422 for a body beyond a cap of schemas.limits, pointing at the place."""
-    return ApiProblem(
+    return Problem(
         422,
         str(e),
         title="Invalid request",
@@ -255,7 +257,7 @@ def checked_cursor(cursor: str | None) -> str | None:
         if not _ID.match(row_id):
             raise InvalidCursor("not a row id")
     except InvalidCursor:
-        raise ApiProblem(
+        raise Problem(
             422,
             f"invalid cursor {cursor[:40]!r}: pass back a next_cursor from a previous page",
             title="Invalid cursor",

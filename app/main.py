@@ -18,10 +18,10 @@ from app.limits import RequestLimits
 from app.metrics import install_metrics, log_tenant
 from app.problems import install_problem_handlers
 from app.routes import artifacts, health, jobs, schedules, tenant, uploads, webhooks
-from app.service import Service
 from infra.logging import configure_logging
 from infra.queue import JobQueue
 from infra.settings import Settings, get_settings
+from service.context import Service
 
 
 def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None) -> FastAPI:

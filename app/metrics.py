@@ -58,7 +58,7 @@ from sqlalchemy import Engine, Float, case, cast, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import weightsmith
-from app.service import PrincipalDep
+from app.dependencies import PrincipalDep
 from infra.db.models import PENDING, Job
 from infra.liveness import is_redis_url, read_worker_beats, redis_client
 from infra.logging import LogContext, current_log_context, log_context
@@ -66,7 +66,7 @@ from infra.queue import DEFAULT_QUEUE, GPU_QUEUE
 from schemas.jobs import JobKind, JobState
 
 if TYPE_CHECKING:
-    from app.service import Service
+    from service.context import Service
 
 log = logging.getLogger("weightsmith.metrics")
 

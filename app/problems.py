@@ -1,63 +1,25 @@
 """Errors as ``application/problem+json`` (RFC 9457), for every route and FastAPI's own.
 
-Routes raise :class:`ApiProblem`; the handlers installed by :func:`install_problem_handlers`
-turn it, FastAPI's request validation errors and Starlette's HTTP errors (unknown route,
-wrong method) into a :class:`schemas.jobs.ProblemDetail` body.
+Routes and the service layer raise :class:`service.errors.Problem`; the handlers installed
+by :func:`install_problem_handlers` turn it, FastAPI's request validation errors and
+Starlette's HTTP errors (unknown route, wrong method) into a
+:class:`schemas.jobs.ProblemDetail` body.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from http import HTTPStatus
-from typing import Any
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.jobs import PROBLEM_JSON, ProblemDetail, ProblemItem
+from schemas.jobs import PROBLEM_JSON, ProblemDetail
+from service.errors import Problem, phrase
 
 log = logging.getLogger("weightsmith.api")
-
-
-class ApiProblem(Exception):
-    """An error response: status, a short title, a precise detail, per-field ``errors``.
-
-    ``extra`` adds extension members (e.g. ``model``, ``job_id``); ``headers`` are sent as
-    well (``Retry-After``, ``WWW-Authenticate``).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        title: str | None = None,
-        errors: Sequence[ProblemItem] = (),
-        headers: Mapping[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.problem = ProblemDetail(
-            title=title or _phrase(status),
-            status=status,
-            detail=detail,
-            errors=list(errors),
-            **extra,
-        )
-        self.headers = dict(headers or {})
-
-    @classmethod
-    def from_detail(cls, problem: ProblemDetail, **headers: str) -> ApiProblem:
-        error = cls(problem.status, problem.detail or problem.title, headers=headers)
-        error.problem = problem
-        return error
-
-
-def not_found(what: str) -> ApiProblem:
-    return ApiProblem(404, f"{what} does not exist", title="Not found")
 
 
 def problem_response(
@@ -71,15 +33,8 @@ def problem_response(
     return JSONResponse(body, status_code=problem.status, media_type=PROBLEM_JSON, headers=headers)
 
 
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
 async def _on_api_problem(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiProblem)
+    assert isinstance(exc, Problem)
     return problem_response(exc.problem, request, exc.headers)
 
 
@@ -97,7 +52,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"method {request.method} is not allowed on {request.url.path!r}"
     else:
         detail = str(exc.detail)
-    problem = ProblemDetail(title=_phrase(exc.status_code), status=exc.status_code, detail=detail)
+    problem = ProblemDetail(title=phrase(exc.status_code), status=exc.status_code, detail=detail)
     return problem_response(problem, request, exc.headers)
 
 
@@ -112,7 +67,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiProblem, _on_api_problem)
+    app.add_exception_handler(Problem, _on_api_problem)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.problems import ApiProblem
-from app.service import Principal, Service
 from app.submission import pin_recipe, reference_locations, submit_job
 from infra.db import make_engine
 from infra.db.schedules import ScheduleStore
@@ -30,6 +28,8 @@ from infra.schedules import (
 )
 from infra.settings import Settings
 from schemas.jobs import JobCreate, JobKind
+from service.context import Principal, Service
+from service.errors import Problem
 
 log = logging.getLogger("weightsmith.schedules")
 
@@ -57,7 +57,7 @@ class ServiceSubmitter:
     ) -> dict[str, str]:
         try:
             pinned = pin_recipe(self.service, Principal(tenant_id, tenant), kind, recipe)
-        except ApiProblem as e:
+        except Problem as e:
             raise _refused(e) from e
         return dict(_references(kind, recipe, pinned))
 
@@ -68,7 +68,7 @@ class ServiceSubmitter:
             submitted = submit_job(
                 self.service, Principal(tenant_id, tenant), request, idempotency_key
             )
-        except ApiProblem as e:
+        except Problem as e:
             raise _refused(e) from e
         view = submitted.view
         return SubmittedJob(
@@ -78,7 +78,7 @@ class ServiceSubmitter:
         )
 
 
-def _refused(problem: ApiProblem) -> SubmissionRefused:
+def _refused(problem: Problem) -> SubmissionRefused:
     detail = problem.problem.detail or problem.problem.title
     return SubmissionRefused(detail, retryable=problem.problem.status >= 500)
 

@@ -29,9 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.limits import refused
-from app.problems import ApiProblem
 from app.routes.webhooks import refuse_unsafe_url
-from app.service import Principal, Service
 from infra.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -53,14 +51,6 @@ from infra.storage import (
     StorageError,
     StorageUnavailable,
 )
-from infra.tenancy import (
-    GrantError,
-    LocalPathRefused,
-    TenantAccess,
-    check_local_path,
-    open_granted_store,
-    s3_refusal,
-)
 from schemas.edit_recipe import parse_corpus_path
 from schemas.jobs import (
     ArtifactRef,
@@ -75,6 +65,10 @@ from schemas.jobs import (
 )
 from schemas.limits import DocumentRefused, load_json_document, load_yaml_document
 from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
+from schemas.tenants import GrantError, TenantAccess
+from service.context import Principal, Service
+from service.errors import Problem
+from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
 
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -93,7 +87,7 @@ class Submitted:
 
 
 def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
-    """The request body as a JobCreate; raises ApiProblem (415 or 422).
+    """The request body as a JobCreate; raises Problem (415 or 422).
 
     The body's size was checked while it was read (app.limits); here it is parsed within
     the caps of schemas.limits: nesting, string and list sizes, no YAML anchors, aliases or
@@ -106,7 +100,7 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
         elif media in YAML_TYPES:
             data = load_yaml_document(body)
         else:
-            raise ApiProblem(
+            raise Problem(
                 415,
                 f"unsupported content type {media[:100]!r}: send application/json or "
                 "application/yaml",
@@ -114,7 +108,7 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
     except DocumentRefused as e:
         raise refused(e) from None
     if not isinstance(data, dict):
-        raise ApiProblem(
+        raise Problem(
             422,
             "the body must be an object with 'kind', 'recipe' and 'artifact_name'",
             title="Invalid request",
@@ -122,7 +116,7 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
     try:
         return JobCreate.model_validate(data)
     except ValidationError as e:
-        raise ApiProblem.from_detail(ProblemDetail.from_validation_error(e)) from None
+        raise Problem.from_detail(ProblemDetail.from_validation_error(e)) from None
 
 
 def submit_job(
@@ -143,21 +137,21 @@ def submit_job(
     try:
         submission = jobs.begin_job(principal.tenant_id, request, idempotency_key=idempotency_key)
     except IdempotencyKeyReused as e:
-        raise ApiProblem(
+        raise Problem(
             422,
             f"this Idempotency-Key was already used for a different request (job {e.job_id}); "
             "use a new key for a new request",
             title="Idempotency-Key reused",
         ) from e
     except IdempotencyKeyInFlight as e:
-        raise ApiProblem(
+        raise Problem(
             409,
             "a request with this Idempotency-Key is still being processed; retry shortly",
             title="Request in progress",
             headers={"Retry-After": "1"},
         ) from e
     except ValueError as e:  # a key longer than the store allows
-        raise ApiProblem(422, f"Idempotency-Key header: {e}", title="Invalid request") from e
+        raise Problem(422, f"Idempotency-Key header: {e}", title="Invalid request") from e
     if submission.replayed:
         job = submission.job
         if job.state == JobState.FAILED and job.phase == NOT_QUEUED_PHASE:
@@ -182,7 +176,7 @@ def submit_job(
     try:
         job = jobs.activate_job(job_id, pinned)
     except JobNotPending as e:  # taken over after this request stalled past the key's timeout
-        raise ApiProblem(
+        raise Problem(
             409,
             "this submission took too long and was superseded by a retry; look the job up by "
             "retrying with the same Idempotency-Key",
@@ -215,7 +209,7 @@ def check_publish(service: Service, principal: Principal, request: JobCreate) ->
             "grant the service's token; or leave out publish.hub_repo"
         )
     if message is not None:
-        raise ApiProblem(
+        raise Problem(
             422,
             f"/publish/hub_repo: {message}",
             title="Invalid request",
@@ -301,8 +295,8 @@ def first_response(job: Job) -> JobView:
     )
 
 
-def _enqueue_problem(job_id: str) -> ApiProblem:
-    return ApiProblem(
+def _enqueue_problem(job_id: str) -> Problem:
+    return Problem(
         503,
         f"job {job_id} could not be queued: the broker is unreachable; submit it again later",
         title="Queue unavailable",
@@ -333,7 +327,7 @@ def pin_recipe(
     service: Service, principal: Principal, kind: JobKind, recipe: dict[str, Any]
 ) -> dict[str, Any]:
     """A copy of ``recipe`` with every model reference pinned, after checking that the
-    tenant may read every input it names (infra.tenancy); raises ApiProblem."""
+    tenant may read every input it names (service.tenancy); raises Problem."""
     access = service.access(principal.tenant_id)
     pinned = copy.deepcopy(recipe)
     done: dict[str, str] = {}  # the same reference twice is looked up once
@@ -359,7 +353,7 @@ def _pin_one(service: Service, access: TenantAccess, raw: str, loc: Location) ->
             return pin_hub_reference(ref, HubAccess(settings.hf_endpoint, access.hub_token))
         except HubPinError as e:
             if e.retryable:
-                raise ApiProblem(
+                raise Problem(
                     503,
                     f"{pointer}: {e.message}",
                     title="Hub unavailable",
@@ -373,9 +367,7 @@ def _pin_one(service: Service, access: TenantAccess, raw: str, loc: Location) ->
                 service.store, access.name, ref.location, ref.revision or "latest"
             )
         except StorageUnavailable as e:
-            raise ApiProblem(
-                503, f"{pointer}: the object store is unavailable: {e}", model=raw
-            ) from e
+            raise Problem(503, f"{pointer}: the object store is unavailable: {e}", model=raw) from e
         except ArtifactNotFound as e:
             raise _invalid(pointer, str(e), raw) from e
         except ArtifactError as e:
@@ -418,7 +410,7 @@ def _check_s3(
         except (GrantError, ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
             found = False
         except StorageUnavailable as e:
-            raise ApiProblem(
+            raise Problem(
                 503,
                 f"{pointer}: the S3 server of {grant.location} could not be reached; try again",
                 title="Storage unavailable",
@@ -449,15 +441,15 @@ def _check_corpus_paths(service: Service, access: TenantAccess, recipe: dict[str
             try:
                 read_manifest(service.store, access.name, loc.container, loc.version)
             except StorageUnavailable as e:
-                raise ApiProblem(
+                raise Problem(
                     503, f"{pointer}: the object store is unavailable: {e}", model=raw
                 ) from e
             except ArtifactError as e:
                 raise _invalid(pointer, str(e), raw) from e
 
 
-def _invalid(pointer: str, message: str, model: str) -> ApiProblem:
-    return ApiProblem(
+def _invalid(pointer: str, message: str, model: str) -> Problem:
+    return Problem(
         422,
         f"{pointer}: {message}",
         title="Invalid model reference",

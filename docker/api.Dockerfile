@@ -14,6 +14,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY infra ./infra
 COPY schemas ./schemas
+COPY service ./service
 COPY weightsmith ./weightsmith
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /var/lib/weightsmith weightsmith \

@@ -28,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY infra ./infra
 COPY schemas ./schemas
+COPY service ./service
 COPY weightsmith ./weightsmith
 COPY workers ./workers
 RUN pip install ".[engine]" \

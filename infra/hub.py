@@ -35,7 +35,7 @@ class HubPinError(Exception):
 
 @dataclass(frozen=True)
 class HubAccess:
-    """Where the Hub is and the token of the tenant the request is for (infra.tenancy).
+    """Where the Hub is and the token of the tenant the request is for (service.tenancy).
 
     ``token`` None means anonymous: no token at all, never one huggingface_hub would find in
     the environment (``HF_TOKEN``) or a saved login, which may be the operator's.

@@ -17,9 +17,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from app.service import Service
 from infra.artifacts import MANIFEST, ArtifactVersion, publish_artifact
 from infra.settings import Settings
+from service.context import Service
 
 MERGE_RECIPE: dict[str, Any] = {
     "merge_method": "ties",

@@ -19,8 +19,8 @@ import torch
 from infra.artifacts import publish_artifact
 from infra.settings import Settings
 from infra.storage import LocalObjectStore
-from infra.tenancy import S3GrantInfo, TenantAccess, normalize_endpoint
 from schemas.edit_recipe import parse_edit_recipe
+from schemas.tenants import S3GrantInfo, TenantAccess, normalize_endpoint
 from tests.s3server import make_store
 from workers.edit.architectures import architecture_for
 from workers.edit.covariance import (

@@ -214,8 +214,8 @@ def test_gpu_job_kinds_names_job_kinds(monkeypatch: pytest.MonkeyPatch, value: s
 
 
 def test_the_api_routes_gpu_kinds_to_the_gpu_queue() -> None:
-    from app.service import default_queue
     from infra.queue import CeleryQueue
+    from service.context import default_queue
 
     queue = default_queue(Settings(broker_url="redis://127.0.0.1:6379/0", gpu_job_kinds="edit"))
     assert isinstance(queue, CeleryQueue)

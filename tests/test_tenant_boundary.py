@@ -27,7 +27,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from app.main import create_app
-from app.service import Service
 from infra.db import ApiKeys
 from infra.db.models import Job, S3Grant, Tenant
 from infra.db.webhooks import WebhookSecretRow, WebhookSubscriptionRow
@@ -35,8 +34,9 @@ from infra.queue import InProcessQueue
 from infra.schedules import fire_schedule
 from infra.settings import Settings
 from infra.storage.s3 import S3ObjectStore
-from infra.tenancy import GrantError
 from schemas.jobs import JobCreate, JobError, JobKind, JobState
+from schemas.tenants import GrantError
+from service.context import Service
 from tests.api_fixtures import grant_models, publish_files
 from tests.hubserver import HubServer
 
@@ -340,7 +340,7 @@ def test_an_s3_input_that_is_missing_or_not_granted_gets_one_answer(stack: Stack
 
 def test_the_artifact_bucket_can_never_be_granted_nor_read_through_a_grant(stack: Stack) -> None:
     service, s3 = stack.service, stack.s3
-    from infra.tenancy import artifact_bucket, open_granted_store
+    from service.tenancy import artifact_bucket, open_granted_store
 
     store = artifact_bucket(stack.settings)
     assert store is not None and store.bucket == s3.bucket

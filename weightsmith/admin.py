@@ -44,7 +44,7 @@ def _operator(run: Callable[[Any, Any, argparse.Namespace], int]) -> Callable[..
     def command(args: argparse.Namespace) -> int:
         from infra.db.tenants import UnknownTenant
         from infra.secrets import SecretKeyError
-        from infra.tenancy import GrantError
+        from schemas.tenants import GrantError
 
         settings = settings_or_fail()
         try:
@@ -131,7 +131,7 @@ def _s3_secret(args: argparse.Namespace) -> str | None:
 @_operator
 def _grant_s3(tenants: Any, settings: Any, args: argparse.Namespace) -> int:
     """Let a tenant read an s3:// location, with credentials of that grant's own."""
-    from infra.tenancy import artifact_bucket
+    from service.tenancy import artifact_bucket
 
     modes = [args.access_key_id is not None, args.anonymous, args.store_credentials]
     if sum(modes) != 1:

@@ -32,7 +32,7 @@ directly. The job store is the source of truth:
   the next artifact version (exactly one per job, whatever crashed before: see
   ``infra.artifacts``) and records it.
 
-The job acts for its tenant only (infra.tenancy): Hub requests use the tenant's own token (or
+The job acts for its tenant only (service.tenancy): Hub requests use the tenant's own token (or
 the service's where the operator granted it, else none), ``s3://`` inputs are read with the
 credentials of the tenant's grant covering them, local paths only where allowed. The token
 goes to the Hub client only, never into the job record, an error message or a log line.
@@ -69,17 +69,11 @@ from infra.storage import (
     ObjectStore,
     StorageError,
 )
-from infra.tenancy import (
-    GrantError,
-    LocalPathRefused,
-    TenantAccess,
-    check_local_path,
-    open_granted_store,
-    s3_refusal,
-)
 from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
 from schemas.jobs import ArtifactRef, JobError, JobKind, JobState
 from schemas.references import ModelReference, ReferenceKind
+from schemas.tenants import GrantError, TenantAccess
+from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
 
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
@@ -356,7 +350,7 @@ def source_settings(
 
 
 def tenant_access(store: JobStore, settings: Settings, tenant_id: int) -> TenantAccess:
-    """The job's tenant with its grants and Hub token (infra.tenancy), secrets opened."""
+    """The job's tenant with its grants and Hub token (service.tenancy), secrets opened."""
     from infra.db.tenants import TenantStore
 
     token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
@@ -409,7 +403,7 @@ def _resolve_inputs(
     watch: _JobWatch,
 ) -> dict[str, ResolvedModel]:
     """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths,
-    each checked again against what the tenant may read (infra.tenancy)."""
+    each checked again against what the tenant may read (service.tenancy)."""
     from workers.errors import InputError
     from workers.sources import resolve_reference
 
@@ -626,7 +620,7 @@ def _fetch_corpus(
 
     ``s3://`` reads a location granted to the tenant with that grant's credentials,
     ``artifact://`` this tenant's artifacts (the file's sha256 checked against the
-    manifest), a local path only where the operator allows local paths (infra.tenancy).
+    manifest), a local path only where the operator allows local paths (service.tenancy).
     Missing or refused files fail the job (InputError)."""
     from workers.errors import InputError
     from workers.sources import SourceUnavailable

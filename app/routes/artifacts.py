@@ -16,8 +16,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from app.problems import ApiProblem, not_found
-from app.service import PrincipalDep, Service, ServiceDep
+from app.dependencies import PrincipalDep, ServiceDep
 from infra.artifacts import (
     MANIFEST,
     ArtifactError,
@@ -31,6 +30,8 @@ from infra.artifacts import (
 from infra.storage import ObjectNotFound, StorageUnavailable
 from schemas.jobs import ProblemDetail
 from schemas.references import _ARTIFACT_NAME
+from service.context import Service
+from service.errors import Problem, not_found
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -69,8 +70,8 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _unavailable(e: StorageUnavailable) -> ApiProblem:
-    return ApiProblem(503, f"the object store is unavailable: {e}", headers={"Retry-After": "5"})
+def _unavailable(e: StorageUnavailable) -> Problem:
+    return Problem(503, f"the object store is unavailable: {e}", headers={"Retry-After": "5"})
 
 
 def _resolve(service: Service, tenant: str, name: str, version: str) -> ArtifactVersion:
@@ -79,7 +80,7 @@ def _resolve(service: Service, tenant: str, name: str, version: str) -> Artifact
     except StorageUnavailable as e:
         raise _unavailable(e) from e
     except ArtifactNotFound as e:
-        raise ApiProblem(404, str(e), title="Not found") from e
+        raise Problem(404, str(e), title="Not found") from e
     except ArtifactError as e:  # a malformed version, or a tenant name unfit for artifacts
         raise not_found(f"version {version!r} of artifact {name!r}") from e
 
@@ -131,7 +132,7 @@ def manifest(
     except StorageUnavailable as e:
         raise _unavailable(e) from e
     except ArtifactNotFound as e:
-        raise ApiProblem(404, str(e), title="Not found") from e
+        raise Problem(404, str(e), title="Not found") from e
 
 
 @router.get(
@@ -174,7 +175,7 @@ def download(
         try:
             chunks = service.store.get_stream(key)
         except ObjectNotFound as e:
-            raise ApiProblem(
+            raise Problem(
                 500, f"file {path!r} is listed in the manifest but missing from the store"
             ) from e
         except StorageUnavailable as e:

@@ -10,9 +10,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app.dependencies import ServiceDep
 from app.problems import problem_response
-from app.service import Service, ServiceDep
 from schemas.jobs import ProblemDetail
+from service.context import Service
 
 router = APIRouter(tags=["health"])
 

@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_cursor, checked_id
-from app.problems import ApiProblem, not_found
-from app.service import PrincipalDep, ServiceDep
 from app.submission import parse_job_request, submit_job
 from infra.db import InvalidCursor
 from infra.db.jobstore import MAX_PAGE_SIZE
@@ -22,6 +21,7 @@ from schemas.jobs import (
     job_create_json_schema,
 )
 from schemas.limits import MAX_CURSOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS
+from service.errors import Problem, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=CheckedBodyRoute)
 
@@ -101,7 +101,7 @@ def list_jobs(
             principal.tenant_id, state=state, kind=kind, cursor=checked_cursor(cursor), limit=limit
         )
     except InvalidCursor as e:
-        raise ApiProblem(422, str(e), title="Invalid cursor") from e
+        raise Problem(422, str(e), title="Invalid cursor") from e
     return JobList(items=[job.to_view() for job in page.jobs], next_cursor=page.next_cursor)
 
 

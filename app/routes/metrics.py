@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.problems import ApiProblem
-from app.service import ServiceDep
+from app.dependencies import ServiceDep
 from schemas.jobs import ProblemDetail
+from service.errors import Problem
 
 router = APIRouter(tags=["observability"])
 
@@ -36,7 +36,7 @@ def _authorized(
         return
     given = credentials.credentials if credentials is not None else ""
     if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise ApiProblem(
+        raise Problem(
             401,
             "/metrics needs 'Authorization: Bearer <WEIGHTSMITH_METRICS_TOKEN>'",
             headers={"WWW-Authenticate": 'Bearer realm="weightsmith-metrics"'},

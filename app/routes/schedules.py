@@ -7,11 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
+from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_cursor, checked_id
-from app.problems import ApiProblem, not_found
 from app.routes.webhooks import refuse_unsafe_url
 from app.scheduling import Scheduling
-from app.service import Principal, PrincipalDep, ServiceDep
 from app.submission import check_publish, pin_recipe
 from infra.db import InvalidCursor
 from infra.db.models import Job
@@ -28,6 +27,8 @@ from schemas.schedules import (
     ScheduleUpdate,
     ScheduleView,
 )
+from service.context import Principal
+from service.errors import Problem, not_found
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"], route_class=CheckedBodyRoute)
 
@@ -87,8 +88,8 @@ def _view(scheduling: Scheduling, schedule: Schedule) -> ScheduleView:
     )
 
 
-def _sync_failed(e: Exception) -> ApiProblem:
-    return ApiProblem(
+def _sync_failed(e: Exception) -> Problem:
+    return Problem(
         503,
         f"the schedule could not be stored for the beat scheduler (Redis): "
         f"{type(e).__name__}: {e}; nothing was changed, try again later",
@@ -161,7 +162,7 @@ def list_schedules(
             principal.tenant_id, cursor=checked_cursor(cursor), limit=limit
         )
     except InvalidCursor as e:
-        raise ApiProblem(422, str(e), title="Invalid cursor") from e
+        raise Problem(422, str(e), title="Invalid cursor") from e
     return ScheduleList(
         items=[_view(scheduling, s) for s in page.schedules], next_cursor=page.next_cursor
     )
@@ -248,7 +249,7 @@ def list_runs(
     try:
         page = scheduling.store.list_runs(schedule_id, cursor=checked_cursor(cursor), limit=limit)
     except InvalidCursor as e:
-        raise ApiProblem(422, str(e), title="Invalid cursor") from e
+        raise Problem(422, str(e), title="Invalid cursor") from e
     return ScheduleRunList(
         items=[_run_view(run, job) for run, job in page.runs], next_cursor=page.next_cursor
     )

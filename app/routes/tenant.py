@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute
-from app.service import PrincipalDep, ServiceDep
 from schemas.jobs import ProblemDetail
 from schemas.tenants import HubTokenSet, HubTokenStatus, S3GrantView, TenantView
 

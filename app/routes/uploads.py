@@ -33,9 +33,8 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute
-from app.problems import ApiProblem
-from app.service import PrincipalDep, Service, ServiceDep
 from infra.artifacts import ArtifactError
 from infra.storage import StorageError, StorageUnavailable
 from infra.uploads import (
@@ -61,6 +60,8 @@ from infra.uploads import (
 )
 from schemas.jobs import ArtifactRef, ProblemDetail, ProblemItem
 from schemas.uploads import UploadCreate, UploadFileView, UploadLimits, UploadView
+from service.context import Service
+from service.errors import Problem
 
 log = logging.getLogger("weightsmith.api")
 
@@ -82,17 +83,17 @@ def _caps(service: Service) -> UploadCaps:
     return UploadCaps.from_settings(service.settings)
 
 
-def _problem(e: Exception) -> ApiProblem:
+def _problem(e: Exception) -> Problem:
     """The HTTP answer for an error of infra.uploads or the object store."""
     if isinstance(e, UploadNotFound):
-        return ApiProblem(404, str(e), title="Not found")
+        return Problem(404, str(e), title="Not found")
     if isinstance(e, UploadRefused):
-        return ApiProblem(403, str(e), title="Uploads not allowed")
+        return Problem(403, str(e), title="Uploads not allowed")
     if isinstance(e, InvalidDeclaration):
         items = [ProblemItem(detail=m, pointer=p) for p, m in e.problems]
-        return ApiProblem(422, str(e), title="Invalid request", errors=items)
+        return Problem(422, str(e), title="Invalid request", errors=items)
     if isinstance(e, TooManyUploads):
-        return ApiProblem(429, str(e), title="Too many open uploads", open_uploads=e.open_ids)
+        return Problem(429, str(e), title="Too many open uploads", open_uploads=e.open_ids)
     if isinstance(e, UploadConflict):
         extra: dict[str, Any] = {}
         headers: dict[str, str] = {}
@@ -101,11 +102,11 @@ def _problem(e: Exception) -> ApiProblem:
             headers["Upload-Offset"] = str(e.offset)
         if e.incomplete:
             extra["incomplete"] = e.incomplete
-        return ApiProblem(409, str(e), title="Conflict", headers=headers, **extra)
+        return Problem(409, str(e), title="Conflict", headers=headers, **extra)
     if isinstance(e, ChunkRejected):
         if e.too_large:
-            return ApiProblem(413, str(e), title="Chunk too large")
-        return ApiProblem(400, str(e), title="Invalid chunk")
+            return Problem(413, str(e), title="Chunk too large")
+        return Problem(400, str(e), title="Invalid chunk")
     if isinstance(e, ChecksumMismatch):
         items = [
             ProblemItem(
@@ -125,26 +126,22 @@ def _problem(e: Exception) -> ApiProblem:
             }
             for m in e.mismatches
         ]
-        return ApiProblem(
-            422, str(e), title="Checksum mismatch", errors=items, mismatches=mismatches
-        )
+        return Problem(422, str(e), title="Checksum mismatch", errors=items, mismatches=mismatches)
     if isinstance(e, StorageUnavailable):
-        return ApiProblem(
-            503, f"the object store is unavailable: {e}", headers={"Retry-After": "5"}
-        )
+        return Problem(503, f"the object store is unavailable: {e}", headers={"Retry-After": "5"})
     if isinstance(e, StorageError | ArtifactError):
         log.warning("upload request failed: %s", e)
-        return ApiProblem(503, f"the object store failed: {e}; retry", headers={"Retry-After": "5"})
+        return Problem(503, f"the object store failed: {e}; retry", headers={"Retry-After": "5"})
     if isinstance(e, OSError):  # the API's temporary directory: full or unwritable
         log.error("upload request failed on the local disk: %s", e)
-        return ApiProblem(
+        return Problem(
             503,
             f"the service could not write its temporary files ({e.strerror or e}); retry later",
             headers={"Retry-After": "30"},
         )
     if isinstance(e, UploadError):  # its record is unreadable
         log.warning("upload request failed: %s", e)
-        return ApiProblem(503, f"{e}; abort it (DELETE) and start a new upload")
+        return Problem(503, f"{e}; abort it (DELETE) and start a new upload")
     raise e
 
 
@@ -292,7 +289,7 @@ def file_offset(
         raise _problem(e) from e
     index = up.session.index_of(path)
     if index is None:
-        raise ApiProblem(404, f"upload {upload_id!r} has no file {path!r}", title="Not found")
+        raise Problem(404, f"upload {upload_id!r} has no file {path!r}", title="Not found")
     f, offset = up.session.files[index], up.offsets[index]
     response.headers["Upload-Offset"] = str(offset)
     response.headers["Upload-Length"] = str(f.size)
@@ -364,7 +361,7 @@ def _chunk_headers(request: Request, caps: UploadCaps) -> tuple[int, int | None,
     if raw_range is not None:
         m = _CONTENT_RANGE.match(raw_range)
         if m is None or int(m.group(2)) < int(m.group(1)):
-            raise ApiProblem(
+            raise Problem(
                 400,
                 f"Content-Range {raw_range[:80]!r} is not 'bytes START-END/TOTAL' with "
                 "START <= END (END inclusive)",
@@ -376,18 +373,18 @@ def _chunk_headers(request: Request, caps: UploadCaps) -> tuple[int, int | None,
     if raw_offset is not None:
         m = _OFFSET.match(raw_offset)
         if m is None:
-            raise ApiProblem(
+            raise Problem(
                 400,
                 f"Upload-Offset {raw_offset[:80]!r} is not a byte offset",
                 title="Invalid chunk",
             )
         if start is not None and int(m.group(1)) != start:
-            raise ApiProblem(
+            raise Problem(
                 400, "Upload-Offset and Content-Range disagree on the start", title="Invalid chunk"
             )
         start = int(m.group(1))
     if start is None:
-        raise ApiProblem(
+        raise Problem(
             400,
             "say where the chunk goes: 'Content-Range: bytes START-END/TOTAL' or "
             "'Upload-Offset: START' (START = the file's stored offset, see HEAD)",
@@ -397,19 +394,19 @@ def _chunk_headers(request: Request, caps: UploadCaps) -> tuple[int, int | None,
     if declared is not None and declared.strip().isdigit():
         n = int(declared)
         if n > caps.max_chunk_bytes:
-            raise ApiProblem(
+            raise Problem(
                 413,
                 f"the chunk has {n} bytes; a chunk may have at most {caps.max_chunk_bytes}",
                 title="Chunk too large",
             )
         if length is not None and n != length:
-            raise ApiProblem(
+            raise Problem(
                 400,
                 f"Content-Length {n} differs from the {length} bytes Content-Range announces",
                 title="Invalid chunk",
             )
     if length is not None and length > caps.max_chunk_bytes:
-        raise ApiProblem(
+        raise Problem(
             413,
             f"the chunk has {length} bytes; a chunk may have at most {caps.max_chunk_bytes}",
             title="Chunk too large",
@@ -453,7 +450,7 @@ async def _receive(request: Request, target: ChunkTarget) -> tuple[Path, int, st
         raise _problem(e) from e
     except ClientDisconnect as e:
         path.unlink(missing_ok=True)
-        raise ApiProblem(
+        raise Problem(
             400,
             f"the connection closed after {size} bytes of the chunk; nothing was stored: send "
             f"it again from byte {target.start}",
@@ -465,7 +462,7 @@ async def _receive(request: Request, target: ChunkTarget) -> tuple[Path, int, st
     if size == 0 or (target.length is not None and size != target.length):
         path.unlink(missing_ok=True)
         wanted = f"{target.length}" if target.length is not None else "at least 1"
-        raise ApiProblem(
+        raise Problem(
             400,
             f"the chunk's body has {size} bytes, {wanted} were announced; nothing was stored: "
             f"send it again from byte {target.start}",
@@ -475,21 +472,21 @@ async def _receive(request: Request, target: ChunkTarget) -> tuple[Path, int, st
     return path, size, digest.hexdigest()
 
 
-def _too_long(target: ChunkTarget, limit: int) -> ApiProblem:
+def _too_long(target: ChunkTarget, limit: int) -> Problem:
     if target.length is not None:
-        return ApiProblem(
+        return Problem(
             400,
             f"the chunk's body is longer than the {target.length} bytes Content-Range announces",
             title="Invalid chunk",
         )
     left = target.file.size - target.start
     if limit < left:
-        return ApiProblem(
+        return Problem(
             413,
             f"the chunk is longer than {limit} bytes, the most a chunk may have",
             title="Chunk too large",
         )
-    return ApiProblem(
+    return Problem(
         400,
         f"the chunk is longer than the {left} bytes left of file {target.file.path!r} "
         f"({target.file.size} declared)",

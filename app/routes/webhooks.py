@@ -8,9 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 
+from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_id
-from app.problems import ApiProblem, not_found
-from app.service import PrincipalDep, ServiceDep
 from infra.db.webhooks import MAX_DELIVERIES_PAGE, WebhookStore, WebhookSubscriptionRow
 from infra.settings import Settings
 from infra.webhooks import WebhookUrlRefused, check_webhook_url
@@ -24,6 +23,7 @@ from schemas.webhooks import (
     WebhookSubscriptionCreated,
     WebhookSubscriptionList,
 )
+from service.errors import Problem, not_found
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=CheckedBodyRoute)
 job_deliveries_router = APIRouter(prefix="/v1/jobs", tags=["webhooks"])
@@ -44,7 +44,7 @@ def refuse_unsafe_url(settings: Settings, url: str, pointer: str) -> None:
     try:
         check_webhook_url(url, allow_private=settings.webhook_allow_private)
     except WebhookUrlRefused as e:
-        raise ApiProblem(
+        raise Problem(
             422,
             f"{pointer}: {e}",
             title="Webhook URL refused",

@@ -1,6 +1,6 @@
 """Tenants as the operator manages them: disable/enable, Hub tokens, S3 and Hub push grants.
 
-The rules of what a grant allows live in :mod:`infra.tenancy`; this module stores them.
+The rules of what a grant allows live in :mod:`service.tenancy`; this module stores them.
 Secrets (a tenant's Hub token, a grant's secret access key) are sealed with the
 :class:`infra.secrets.SecretBox` given to the store and opened only in :meth:`access`, for
 the process that acts for the tenant.
@@ -18,18 +18,18 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import sessionmaker
 
 from infra.db.models import HubPushGrant, S3Grant, Tenant
-from infra.tenancy import (
+from schemas.tenants import (
     CREDENTIAL_MODES,
     CredentialsMode,
     GrantError,
     S3GrantInfo,
     TenantAccess,
+    check_hub_token,
     check_namespace,
     normalize_endpoint,
     normalize_prefix,
     parse_s3_location,
 )
-from schemas.tenants import check_hub_token
 
 if TYPE_CHECKING:
     from infra.secrets import SecretBox
@@ -92,7 +92,7 @@ class TenantStore:
         ]
 
     def access(self, tenant_id: int, *, operator_hub_token: str | None) -> TenantAccess:
-        """The tenant as the boundary sees it, secrets opened (see infra.tenancy)."""
+        """The tenant as the boundary sees it, secrets opened (see service.tenancy)."""
         with self._sessions() as s:
             tenant = s.get(Tenant, tenant_id)
             if tenant is None:

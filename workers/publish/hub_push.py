@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
-    from infra.tenancy import TenantAccess
+    from schemas.tenants import TenantAccess
 
 log = logging.getLogger("weightsmith.hub_push")
 

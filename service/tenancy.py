@@ -22,26 +22,16 @@ A refused ``s3://`` location gets the same answer whether it is missing or not g
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from schemas.tenants import GrantError, S3GrantInfo, normalize_endpoint
 
 if TYPE_CHECKING:
     from infra.settings import Settings
     from infra.storage.s3 import S3ObjectStore
-
-CredentialsMode = Literal["keys", "anonymous", "store"]
-CREDENTIAL_MODES: tuple[CredentialsMode, ...] = ("keys", "anonymous", "store")
-
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
-
-
-class GrantError(ValueError):
-    """A grant the operator asked for that cannot be made; the message says why."""
 
 
 def s3_refusal(raw: str) -> str:
@@ -52,71 +42,6 @@ def s3_refusal(raw: str) -> str:
         "'weightsmith tenants grant-s3'); or upload the files as an artifact "
         "('weightsmith push DIR artifact://NAME')"
     )
-
-
-# ---- S3 grants ------------------------------------------------------------------------------
-
-
-def normalize_prefix(prefix: str) -> str:
-    """A grant prefix as stored: "" for the whole bucket, else segments ending in "/"."""
-    p = prefix.strip("/")
-    if not p:
-        return ""
-    if any(seg in ("", ".", "..") for seg in p.split("/")) or "\\" in p:
-        raise GrantError(f"prefix {prefix!r}: no empty, '.' or '..' segments, no backslashes")
-    return p + "/"
-
-
-def parse_s3_location(raw: str) -> tuple[str, str]:
-    """``s3://bucket/key/prefix`` → (bucket, key) with the key checked segment by segment."""
-    if not raw.startswith("s3://"):
-        raise GrantError(f"{raw!r} is not an s3:// location (s3://BUCKET/PREFIX/)")
-    bucket, _, key = raw[len("s3://") :].partition("/")
-    if not _BUCKET.match(bucket):
-        raise GrantError(f"{raw!r}: {bucket!r} is not an S3 bucket name")
-    return bucket, key
-
-
-def normalize_endpoint(endpoint: str | None) -> str | None:
-    """``scheme://host:port`` in lower case with the port made explicit; None for AWS."""
-    if endpoint is None or not endpoint.strip():
-        return None
-    parts = urlsplit(endpoint.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise GrantError(f"endpoint {endpoint!r} must be 'http(s)://host[:port]'")
-    if parts.username or parts.password or parts.query or parts.path.strip("/"):
-        raise GrantError(
-            f"endpoint {endpoint!r}: give only scheme, host and port (credentials go in "
-            "--access-key-id and the secret)"
-        )
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
-
-
-@dataclass(frozen=True)
-class S3GrantInfo:
-    """One S3 grant with its credentials opened (``secret_access_key`` never shown)."""
-
-    id: str
-    bucket: str
-    prefix: str
-    endpoint: str | None
-    region: str | None
-    credentials: CredentialsMode
-    access_key_id: str | None = None
-    secret_access_key: str | None = field(default=None, repr=False)
-
-    @property
-    def location(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-    def covers(self, bucket: str, key: str) -> bool:
-        """True when ``s3://bucket/key`` lies under this grant (whole path segments only)."""
-        if bucket != self.bucket or any(seg in (".", "..") for seg in key.split("/")):
-            return False  # a server that normalises paths could resolve '..' elsewhere
-        if not self.prefix:
-            return True
-        return key == self.prefix.rstrip("/") or key.startswith(self.prefix)
 
 
 @dataclass(frozen=True)
@@ -178,41 +103,6 @@ def open_granted_store(grant: S3GrantInfo, settings: Settings) -> S3ObjectStore:
     return store
 
 
-# ---- what a tenant acts with ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TenantAccess:
-    """A tenant as the boundary sees it: its grants and the Hub token its jobs use."""
-
-    tenant_id: int
-    name: str
-    disabled: bool
-    # The token for the tenant's Hub requests: its own, else the operator's where granted,
-    # else None (anonymous: never an implicit token from the environment).
-    hub_token: str | None = field(default=None, repr=False)
-    hub_token_source: Literal["tenant", "operator"] | None = None
-    push_namespaces: frozenset[str] = frozenset()
-    s3_grants: tuple[S3GrantInfo, ...] = ()
-
-    def s3_grant_for(self, bucket: str, key: str) -> S3GrantInfo | None:
-        """The most specific grant covering ``s3://bucket/key``, or None."""
-        covering = [g for g in self.s3_grants if g.covers(bucket, key)]
-        return max(covering, key=lambda g: len(g.prefix), default=None)
-
-    def may_push_to(self, repo: str) -> bool:
-        return repo.split("/", 1)[0] in self.push_namespaces
-
-
-def check_namespace(namespace: str) -> str:
-    if not _NAMESPACE.match(namespace):
-        raise GrantError(
-            f"{namespace!r} is not a Hub namespace (a user or organisation name: letters, "
-            "digits, '.', '_' or '-', at most 96 characters)"
-        )
-    return namespace
-
-
 # ---- local paths ----------------------------------------------------------------------------
 
 
@@ -271,8 +161,3 @@ def check_local_path(raw: str, settings: Settings, *, must_exist: bool = True) -
     if must_exist and not resolved.exists():
         raise LocalPathRefused(f"local path {raw!r} does not exist on the service's disk")
     return resolved
-
-
-def describe_grants(grants: Iterable[S3GrantInfo]) -> list[dict[str, str | None]]:
-    """Grants as a tenant may see them: location and endpoint, never credentials."""
-    return [{"location": g.location, "endpoint": g.endpoint} for g in grants]

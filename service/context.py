@@ -1,22 +1,14 @@
-"""What the routes need, built once per app and injected with ``Depends``.
-
-:class:`Service` holds the settings, the job store, the API keys, the object store and the
-queue. It is created by :func:`app.main.create_app` at startup (after migrating the
-database) and reached from a request through ``request.app.state.service``.
-"""
+"""The service's parts, built once per process: settings, the job store, API keys, tenants,
+the object store, the queue and the secret box. The API makes one at start-up
+(:meth:`Service.start`: migrations, bootstrap key); workers and the schedule ticker connect
+to an already migrated database (:meth:`Service.connect`)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
 
-from app.problems import ApiProblem
 from infra.db import ApiKeys, JobStore, bootstrap_api_key, make_engine, upgrade_database
 from infra.db.engine import normalize_database_url
 from infra.db.tenants import TenantStore
@@ -25,9 +17,7 @@ from infra.queue import CeleryQueue, InProcessQueue, JobQueue
 from infra.secrets import SecretBox, private_directory
 from infra.settings import Settings
 from infra.storage import ObjectStore, open_store
-from infra.tenancy import TenantAccess
-
-log = logging.getLogger("weightsmith.api")
+from schemas.tenants import TenantAccess
 
 
 @dataclass
@@ -71,7 +61,7 @@ class Service:
         )
 
     def access(self, tenant_id: int) -> TenantAccess:
-        """What the tenant may name, and the Hub token its requests use (infra.tenancy)."""
+        """What the tenant may name, and the Hub token its requests use (service.tenancy)."""
         token = self.settings.hf_token
         return self.tenants.access(
             tenant_id, operator_hub_token=token.get_secret_value() if token else None
@@ -106,64 +96,3 @@ class Principal:
 
     tenant_id: int
     tenant: str
-
-
-async def get_service(request: Request) -> Service:  # async: no thread-pool hop
-    service: Service = request.app.state.service
-    return service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="ApiKey",
-    description="an API key, `wsk_<prefix>_<secret>` (`weightsmith keys create --tenant NAME`)",
-)
-
-
-PRINCIPAL_SCOPE_KEY = "weightsmith.principal"
-"""Where :class:`app.limits.RequestLimits` leaves the caller it authenticated (ASGI scope)."""
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The credentials of an ``Authorization: Bearer …`` header value, else None."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-async def authenticate(service: Service, authorization: str | None) -> Principal:
-    """The tenant owning the bearer key, or the 401 problem to answer (the key lookup is
-    a database call: it runs in the thread pool)."""
-    challenge = {"WWW-Authenticate": 'Bearer realm="weightsmith"'}
-    token = bearer_token(authorization)
-    if token is None:
-        raise ApiProblem(
-            401,
-            "this route needs an API key: send 'Authorization: Bearer wsk_…'",
-            headers=challenge,
-        )
-    tenant = await run_in_threadpool(service.keys.authenticate, token)
-    if tenant is None:
-        challenge["WWW-Authenticate"] += ', error="invalid_token"'
-        raise ApiProblem(401, "the API key is malformed, unknown or revoked", headers=challenge)
-    return Principal(tenant_id=tenant.id, tenant=tenant.name)
-
-
-async def current_principal(
-    request: Request,
-    service: ServiceDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller, as authenticated by the request middleware before the body was read.
-    (``credentials`` documents the scheme in OpenAPI; it is read again only for a route the
-    middleware does not cover, which then authenticates here.)"""
-    found = request.scope.get(PRINCIPAL_SCOPE_KEY)
-    if isinstance(found, Principal):
-        return found
-    header = f"Bearer {credentials.credentials}" if credentials is not None else None
-    return await authenticate(service, header)
-
-
-PrincipalDep = Annotated[Principal, Depends(current_principal)]
