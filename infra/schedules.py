@@ -1,6 +1,5 @@
-"""Firing schedules: the one fire function, its Celery beat (celery-redbeat) and the
-embedded ticker. Torch-free and app-independent: the API, the light Celery worker, beat and
-``weightsmith serve`` all use it.
+"""Schedules' machinery: their Celery beat (celery-redbeat) and the embedded ticker. What a
+fire does is the service layer's (:mod:`service.scheduling`).
 
 **Source of truth.** Schedules live in the database (:mod:`infra.db.schedules`). Celery beat
 reads its entries from Redis (celery-redbeat, one entry per schedule named
@@ -15,17 +14,6 @@ RedBeat holds a lock in Redis: of several beat processes one sends, the others w
 schedule gets two entries (``…<id>.dom`` and ``…<id>.dow``); a day matching both makes two
 messages for one fire time, and the fire's idempotency keeps it to one run.
 
-**A fire** (:func:`fire_schedule`) is idempotent by (schedule id, scheduled time): it claims
-a run row, then either records a skip (``only_if_inputs_changed`` and nothing changed) or
-submits an ordinary job through the API's submission path (a :class:`JobSubmitter`, which
-pins every reference) with the Idempotency-Key ``schedule:<id>:<time>``, and records the
-run. Beat passes the scheduled time; without one (a plain ``RedBeatScheduler``) the task
-takes the latest cron time at or before now.
-
-**Input fingerprint.** Each input as it resolved at fire time: a hub branch → its commit
-sha, ``artifact://name`` → its newest version. ``s3://`` and local inputs have no version
-to compare, so a schedule with any of them counts as changed at every fire (it always
-runs); the fingerprint lists them under ``unversioned``.
 """
 
 from __future__ import annotations
@@ -34,21 +22,18 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from celery.schedules import crontab
-from pydantic import ValidationError
 from redbeat import RedBeatScheduler, RedBeatSchedulerEntry
 from redbeat.decoder import RedBeatJSONEncoder
 from redbeat.schedulers import get_redis
 
-from infra.db.schedules import Schedule, ScheduleRun, ScheduleStore
-from schemas.jobs import JobCreate, JobKind
-from schemas.references import ReferenceError_, parse_reference
-from schemas.schedules import CronExpression, RunOutcome, job_request_of, parse_cron
+from infra.db.schedules import Schedule, ScheduleStore
+from schemas.schedules import CronExpression, parse_cron
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -63,164 +48,6 @@ LIGHT_QUEUE = "light"
 REDBEAT_KEY_PREFIX = "weightsmith:redbeat:"
 ENTRY_PREFIX = "weightsmith.schedule."
 RECONCILE_INTERVAL_S = 300.0
-
-
-# ---- submitting a job ---------------------------------------------------------------------
-
-
-class SubmissionRefused(Exception):
-    """The job could not be submitted; ``message`` says why (recorded on the run)."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class SubmittedJob:
-    job_id: str
-    references: dict[str, str]  # each reference as written → as pinned in the job
-    replayed: bool = False
-
-
-class JobSubmitter(Protocol):
-    """The API's submission path, as the fire function needs it (see app.scheduling)."""
-
-    def pin(
-        self, tenant_id: int, tenant: str, kind: JobKind, recipe: dict[str, Any]
-    ) -> dict[str, str]:
-        """Each model reference in ``recipe`` → pinned now. Raises SubmissionRefused."""
-        ...
-
-    def submit(
-        self, tenant_id: int, tenant: str, request: JobCreate, idempotency_key: str
-    ) -> SubmittedJob:
-        """Pin, record and queue a job (replaying an earlier one with the same key)."""
-        ...
-
-
-# ---- fingerprint --------------------------------------------------------------------------
-
-
-def input_fingerprint(references: Mapping[str, str]) -> dict[str, Any]:
-    """``{"inputs": {as written: pinned}, "unversioned": [as written, …]}``."""
-    unversioned = []
-    for raw, pinned in references.items():
-        try:
-            ref = parse_reference(pinned)
-        except ReferenceError_:
-            unversioned.append(raw)
-            continue
-        if ref.kind.value not in ("hub", "artifact") or not ref.is_pinned:
-            unversioned.append(raw)
-    return {"inputs": dict(sorted(references.items())), "unversioned": sorted(unversioned)}
-
-
-def inputs_unchanged(current: Mapping[str, Any], previous: Mapping[str, Any] | None) -> bool:
-    return (
-        previous is not None
-        and not current.get("unversioned")
-        and not previous.get("unversioned")
-        and current.get("inputs") == previous.get("inputs")
-    )
-
-
-# ---- the fire -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FireResult:
-    run: ScheduleRun | None  # None: the schedule is gone or disabled
-    duplicate: bool = False  # another delivery fired this scheduled time
-
-
-def idempotency_key(schedule_id: str, scheduled_for: datetime) -> str:
-    return f"schedule:{schedule_id}:{scheduled_for.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
-
-
-def fire_schedule(
-    store: ScheduleStore,
-    submitter: JobSubmitter,
-    schedule_id: str,
-    scheduled_for: datetime | None = None,
-) -> FireResult:
-    """Fire ``schedule_id`` for the cron time ``scheduled_for`` (default: the latest cron
-    time at or before now), at most once per (schedule, time)."""
-    found = store.get_with_tenant(schedule_id)
-    if found is None:
-        log.info("schedule %s no longer exists; nothing fired", schedule_id)
-        return FireResult(None)
-    schedule, tenant, tenant_disabled = found
-    if not schedule.enabled:
-        log.info("schedule %s is disabled; nothing fired", schedule_id)
-        return FireResult(None)
-    if tenant_disabled:
-        log.info("schedule %s: tenant %r is disabled; nothing fired", schedule_id, tenant)
-        return FireResult(None)
-    cron = parse_cron(schedule.cron)
-    now = store.now()
-    when = (
-        cron.latest_at_or_before(now)
-        if scheduled_for is None
-        else scheduled_for.astimezone(UTC).replace(second=0, microsecond=0)
-    )
-    try:
-        claim = store.claim_run(schedule_id, when)
-    except LookupError:
-        return FireResult(None)
-    if not claim.claimed:
-        log.info("schedule %s at %s was fired already (run %s)", schedule_id, when, claim.run.id)
-        return FireResult(claim.run, duplicate=True)
-    run = _fire_claimed(store, submitter, schedule, tenant, claim.run, when)
-    store.advance_next_run(schedule_id, cron.next_after(max(now, when)))
-    return FireResult(run)
-
-
-def _fire_claimed(
-    store: ScheduleStore,
-    submitter: JobSubmitter,
-    schedule: Schedule,
-    tenant: str,
-    run: ScheduleRun,
-    when: datetime,
-) -> ScheduleRun | None:
-    kind = JobKind(schedule.kind)
-    try:
-        if schedule.only_if_inputs_changed:
-            current = input_fingerprint(
-                submitter.pin(schedule.tenant_id, tenant, kind, dict(schedule.recipe))
-            )
-            previous = store.last_job_run(schedule.id, before=when)
-            if previous is not None and inputs_unchanged(current, previous.input_fingerprint):
-                return store.finish_run(
-                    run.id,
-                    RunOutcome.SKIPPED,
-                    reason=f"inputs unchanged since job {previous.job_id}",
-                    input_fingerprint=current,
-                )
-        try:
-            request = job_request_of(
-                schedule.kind, dict(schedule.recipe), schedule.artifact_name, schedule.job_options
-            )
-        except ValidationError as e:  # valid at creation; the job contract changed since
-            raise SubmissionRefused(f"the stored job body is no longer valid: {e}") from e
-        submitted = submitter.submit(
-            schedule.tenant_id, tenant, request, idempotency_key(schedule.id, when)
-        )
-    except SubmissionRefused as e:
-        log.warning("schedule %s at %s: no job: %s", schedule.id, when, e.message)
-        return store.finish_run(run.id, RunOutcome.FAILED, reason=e.message)
-    except Exception as e:  # never leave a run pending for an unexpected error
-        log.exception("schedule %s at %s: fire failed", schedule.id, when)
-        reason = f"internal error while submitting the job ({type(e).__name__}); see the logs"
-        return store.finish_run(run.id, RunOutcome.FAILED, reason=reason)
-    return store.finish_run(
-        run.id,
-        RunOutcome.JOB,
-        job_id=submitted.job_id,
-        input_fingerprint=input_fingerprint(submitted.references),
-    )
 
 
 # ---- redbeat entries ----------------------------------------------------------------------

@@ -8,7 +8,7 @@
   (``WebhookSubscriptionCreated``) carries the signing secret, shown that one time only.
 - ``WebhookDelivery`` — one message to one URL with its attempts, as the delivery logs show it.
 
-Nothing here does I/O; the URL safety check (no private addresses) is in infra.webhooks.
+Nothing here does I/O; the URL safety check (no private addresses) is in service.webhooks.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.scheduling import Scheduling
 from infra.db import Job
 from infra.db.schedules import ScheduleStore
 from infra.queue import InProcessQueue
@@ -37,6 +36,7 @@ from infra.schedules import (
 )
 from infra.settings import Settings
 from schemas.schedules import CronError, parse_cron
+from service.scheduling import Scheduling
 from tests.api_fixtures import MERGE_RECIPE, ApiHarness, models_bucket
 from tests.hubserver import HubServer
 

@@ -31,12 +31,12 @@ from infra.db import ApiKeys
 from infra.db.models import Job, S3Grant, Tenant
 from infra.db.webhooks import WebhookSecretRow, WebhookSubscriptionRow
 from infra.queue import InProcessQueue
-from infra.schedules import fire_schedule
 from infra.settings import Settings
 from infra.storage.s3 import S3ObjectStore
 from schemas.jobs import JobCreate, JobError, JobKind, JobState
 from schemas.tenants import GrantError
 from service.context import Service
+from service.scheduling import fire_schedule
 from tests.api_fixtures import grant_models, publish_files
 from tests.hubserver import HubServer
 

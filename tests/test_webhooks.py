@@ -4,7 +4,7 @@ never delivered twice by racing dispatchers; subscriptions through the API; no d
 private addresses unless the operator allows them. On SQLite and PostgreSQL.
 
 Signatures are checked with a verifier written here from the Standard Webhooks spec (plain
-hmac/hashlib), independent of infra.webhooks.
+hmac/hashlib), independent of service.webhooks.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from infra.db.webhooks import WebhookAttemptRow, WebhookMessage, WebhookStore
 from infra.queue import InProcessQueue
 from infra.secrets import SecretBox, new_key
 from infra.settings import Settings
-from infra.webhooks import (
+from schemas.jobs import ArtifactRef, JobCreate, JobError, JobKind, JobState
+from service.webhooks import (
     DispatcherLoop,
     RetryPolicy,
     WebhookDispatcher,
     WebhookUrlRefused,
     check_webhook_url,
 )
-from schemas.jobs import ArtifactRef, JobCreate, JobError, JobKind, JobState
 from tests.api_fixtures import ApiHarness, merge_job, models_bucket
 
 ROOT = Path(__file__).resolve().parent.parent

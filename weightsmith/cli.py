@@ -203,8 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker = EmbeddedWorker.from_settings(settings)
         queue = InProcessQueue(worker.submit)
         worker.start()
-        # No broker, so no beat: a ticker thread here fires the schedules (app.scheduling).
-        from app.scheduling import start_embedded_ticker
+        # No broker, so no beat: a ticker thread here fires the schedules (service.scheduling).
+        from service.scheduling import start_embedded_ticker
 
         ticker, ticker_service = start_embedded_ticker(settings, queue)
     print(

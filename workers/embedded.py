@@ -9,7 +9,7 @@ of its hands (its id was dropped, e.g. when the database failed as the job was c
 once it has waited ``worker_lost_after``. A transient failure outside the job's own run (the
 database unreachable when claiming) is retried after the heartbeat interval.
 
-Webhooks go out from a dispatcher thread (infra.webhooks.DispatcherLoop) started and stopped
+Webhooks go out from a dispatcher thread (service.webhooks.DispatcherLoop) started and stopped
 with the worker, and woken after each job, so its final event leaves at once.
 """
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
-    from infra.webhooks import DispatcherLoop
+    from service.webhooks import DispatcherLoop
 
 log = logging.getLogger("weightsmith.embedded")
 
@@ -69,7 +69,7 @@ class EmbeddedWorker:
     def from_settings(cls, settings: Settings) -> EmbeddedWorker:
         from infra.db import JobStore, make_engine
         from infra.storage import open_store
-        from infra.webhooks import DispatcherLoop
+        from service.webhooks import DispatcherLoop
 
         engine = make_engine(settings.database_url)
         return cls(

@@ -1,6 +1,6 @@
 """The light worker's task ``weightsmith.fire_schedule``: a thin adapter from a beat message
 (schedule id, scheduled time) to :func:`infra.schedules.fire_schedule`, which submits the
-job through the API's submission path (``app.scheduling``; torch-free, like this module).
+job through the API's submission path (``service.scheduling``; torch-free, like this module).
 
 Run a worker on the light queue for it: ``weightsmith worker --queues light``.
 """
@@ -17,16 +17,16 @@ from infra.schedules import FIRE_SCHEDULE_TASK
 from workers.celery_app import app
 
 if TYPE_CHECKING:
-    from app.scheduling import Scheduling
+    from service.scheduling import Scheduling
 
 log = logging.getLogger("weightsmith.tasks")
 
 
 @functools.cache
 def _scheduling_for(pid: int) -> Scheduling:
-    from app.scheduling import Scheduling, ServiceSubmitter, service_for_firing
     from infra.db.schedules import ScheduleStore
     from infra.settings import get_settings
+    from service.scheduling import Scheduling, ServiceSubmitter, service_for_firing
 
     service = service_for_firing(get_settings())
     return Scheduling(ScheduleStore(service.engine), None, ServiceSubmitter(service))

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from infra.webhooks import DELIVER_WEBHOOKS_TASK
+from service.webhooks import DELIVER_WEBHOOKS_TASK
 from workers.celery_app import DEFAULT_QUEUE, GPU_QUEUE, RUN_JOB_TASK, app
 
 if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage import ObjectStore
-    from infra.webhooks import DispatcherLoop, WebhookDispatcher
+    from service.webhooks import DispatcherLoop, WebhookDispatcher
 
 log = logging.getLogger("weightsmith.tasks")
 
@@ -93,7 +93,7 @@ def run_job(self: Any, job_id: str) -> None:
 
 @functools.cache
 def _dispatcher_for(pid: int) -> WebhookDispatcher:
-    from infra.webhooks import WebhookDispatcher
+    from service.webhooks import WebhookDispatcher
 
     ctx = _context_for(pid)
     return WebhookDispatcher.from_settings(ctx.settings, ctx.store.engine)
@@ -198,7 +198,7 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 
     from infra.db import make_engine
     from infra.settings import get_settings
-    from infra.webhooks import DispatcherLoop
+    from service.webhooks import DispatcherLoop
 
     settings = get_settings()
     # NullPool: no connection stays open in the parent, which forks new pool processes.

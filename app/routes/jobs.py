@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.bodies import parse_job_request
 from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_cursor, checked_id
-from app.submission import parse_job_request, submit_job
 from infra.db import InvalidCursor
 from infra.db.jobstore import MAX_PAGE_SIZE
 from schemas.jobs import (
@@ -22,6 +22,7 @@ from schemas.jobs import (
 )
 from schemas.limits import MAX_CURSOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS
 from service.errors import Problem, not_found
+from service.submission import submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=CheckedBodyRoute)
 

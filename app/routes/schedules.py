@@ -9,9 +9,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_cursor, checked_id
-from app.routes.webhooks import refuse_unsafe_url
-from app.scheduling import Scheduling
-from app.submission import check_publish, pin_recipe
 from infra.db import InvalidCursor
 from infra.db.models import Job
 from infra.db.schedules import MAX_PAGE_SIZE, Schedule, ScheduleFields, ScheduleRun
@@ -29,6 +26,9 @@ from schemas.schedules import (
 )
 from service.context import Principal
 from service.errors import Problem, not_found
+from service.scheduling import Scheduling
+from service.submission import check_publish, pin_recipe
+from service.webhooks import refuse_unsafe_url
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"], route_class=CheckedBodyRoute)
 

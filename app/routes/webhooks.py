@@ -1,6 +1,6 @@
 """``/v1/webhooks``: subscriptions to job events, the callback signing secret, delivery logs;
 and ``/v1/jobs/{id}/deliveries``, the deliveries of one job's events (rules in
-infra.db.webhooks; sending in infra.webhooks)."""
+infra.db.webhooks; sending in service.webhooks)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute, checked_id
 from infra.db.webhooks import MAX_DELIVERIES_PAGE, WebhookStore, WebhookSubscriptionRow
-from infra.settings import Settings
-from infra.webhooks import WebhookUrlRefused, check_webhook_url
-from schemas.jobs import ProblemDetail, ProblemItem
+from schemas.jobs import ProblemDetail
 from schemas.webhooks import (
     WebhookDeliveryList,
     WebhookEventType,
@@ -23,7 +21,8 @@ from schemas.webhooks import (
     WebhookSubscriptionCreated,
     WebhookSubscriptionList,
 )
-from service.errors import Problem, not_found
+from service.errors import not_found
+from service.webhooks import refuse_unsafe_url
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=CheckedBodyRoute)
 job_deliveries_router = APIRouter(prefix="/v1/jobs", tags=["webhooks"])
@@ -37,19 +36,6 @@ def webhook_store(service: ServiceDep) -> WebhookStore:
 
 
 WebhookStoreDep = Annotated[WebhookStore, Depends(webhook_store)]
-
-
-def refuse_unsafe_url(settings: Settings, url: str, pointer: str) -> None:
-    """422 naming ``pointer`` unless ``url`` may receive webhooks (see infra.webhooks)."""
-    try:
-        check_webhook_url(url, allow_private=settings.webhook_allow_private)
-    except WebhookUrlRefused as e:
-        raise Problem(
-            422,
-            f"{pointer}: {e}",
-            title="Webhook URL refused",
-            errors=[ProblemItem(detail=str(e), pointer=pointer)],
-        ) from e
 
 
 def _view(row: WebhookSubscriptionRow) -> WebhookSubscription:

@@ -8,7 +8,7 @@ even if the process dies a moment later. One row per event and destination (the 
 Standard Webhooks message id (``webhook-id``), and its body is fixed when written, so every
 retry sends the same bytes.
 
-**Claiming.** Dispatchers (infra.webhooks) take due rows with :meth:`WebhookStore.claim_due`:
+**Claiming.** Dispatchers (service.webhooks) take due rows with :meth:`WebhookStore.claim_due`:
 ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL, then a guarded ``UPDATE`` that pushes
 ``next_attempt_at`` a lease ahead and stamps a claim token. Two dispatchers never get the
 same row for the same attempt; if one dies mid-attempt, the row is due again when the lease

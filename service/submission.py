@@ -1,7 +1,8 @@
-"""``POST /v1/jobs`` as a procedure: parse, validate, record, pin, queue.
+"""A job submission as a procedure: validate, record, pin, queue (the API's ``POST /v1/jobs``
+and every schedule fire).
 
-1. The body (JSON, or YAML with the same fields) is validated as
-   :class:`schemas.jobs.JobCreate`; every problem comes back with a JSON Pointer into it.
+1. The request was validated as :class:`schemas.jobs.JobCreate` (the API parses the body:
+   app/bodies.py); every problem comes back with a JSON Pointer into it.
 2. With an ``Idempotency-Key``, :meth:`infra.db.JobStore.begin_job` records the job as
    pending and takes the key (a replay of an earlier identical request stops here).
 3. Every model reference in the recipe is pinned: a hub branch to its commit sha, an
@@ -26,10 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from app.limits import refused
-from app.routes.webhooks import refuse_unsafe_url
 from infra.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -60,18 +57,15 @@ from schemas.jobs import (
     JobProgress,
     JobState,
     JobView,
-    ProblemDetail,
     ProblemItem,
 )
-from schemas.limits import DocumentRefused, load_json_document, load_yaml_document
 from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
 from schemas.tenants import GrantError, TenantAccess
 from service.context import Principal, Service
 from service.errors import Problem
 from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
+from service.webhooks import refuse_unsafe_url
 
-JSON_TYPES = ("application/json",)
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 # The start of the error of a job whose message could not be queued (phase "not-queued").
 ENQUEUE_FAILED = "the job could not be queued"
 
@@ -86,44 +80,11 @@ class Submitted:
     replayed: bool
 
 
-def parse_job_request(body: bytes, content_type: str | None) -> JobCreate:
-    """The request body as a JobCreate; raises Problem (415 or 422).
-
-    The body's size was checked while it was read (app.limits); here it is parsed within
-    the caps of schemas.limits: nesting, string and list sizes, no YAML anchors, aliases or
-    tags, finite numbers.
-    """
-    media = (content_type or "application/json").split(";")[0].strip().lower()
-    try:
-        if media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
-            data = load_json_document(body)
-        elif media in YAML_TYPES:
-            data = load_yaml_document(body)
-        else:
-            raise Problem(
-                415,
-                f"unsupported content type {media[:100]!r}: send application/json or "
-                "application/yaml",
-            )
-    except DocumentRefused as e:
-        raise refused(e) from None
-    if not isinstance(data, dict):
-        raise Problem(
-            422,
-            "the body must be an object with 'kind', 'recipe' and 'artifact_name'",
-            title="Invalid request",
-        )
-    try:
-        return JobCreate.model_validate(data)
-    except ValidationError as e:
-        raise Problem.from_detail(ProblemDetail.from_validation_error(e)) from None
-
-
 def submit_job(
     service: Service, principal: Principal, request: JobCreate, idempotency_key: str | None
 ) -> Submitted:
     check_publish(service, principal, request)
-    if request.callback_url is not None:  # no private addresses (SSRF): see infra.webhooks
+    if request.callback_url is not None:  # no private addresses (SSRF): see service.webhooks
         refuse_unsafe_url(service.settings, str(request.callback_url), "/callback_url")
     jobs = service.jobs
     if idempotency_key is None:

@@ -44,7 +44,9 @@ import httpx
 import weightsmith
 from infra.db.webhooks import AttemptOutcome, ClaimedMessage, WebhookStore
 from infra.secrets import SecretBox
+from schemas.jobs import ProblemItem
 from schemas.webhooks import SECRET_PREFIX
+from service.errors import Problem
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -387,3 +389,16 @@ class DispatcherLoop:
                 log.exception("webhook dispatch round failed; trying again later")
             self._wake.wait(self.interval_s)
             self._wake.clear()
+
+
+def refuse_unsafe_url(settings: Settings, url: str, pointer: str) -> None:
+    """422 naming ``pointer`` unless ``url`` may receive webhooks (:func:`check_webhook_url`)."""
+    try:
+        check_webhook_url(url, allow_private=settings.webhook_allow_private)
+    except WebhookUrlRefused as e:
+        raise Problem(
+            422,
+            f"{pointer}: {e}",
+            title="Webhook URL refused",
+            errors=[ProblemItem(detail=str(e), pointer=pointer)],
+        ) from e
