@@ -36,7 +36,8 @@ Why this shape:
   version completely. Its file entries are unchanged.
 
 Re-submitting the same recipe with the same pinned inputs: when the job is reproducible
-(:func:`reusable_recipe_hash`: hub commits and artifact versions only, a seed), the service
+(:func:`service.reuse.reusable_recipe_hash`: hub commits and artifact versions only, a
+seed), the service
 computes that hash from the pinned recipe at submission time, calls
 :func:`find_by_recipe_hash`, and answers with the existing version instead of running the
 job; the worker passes the same hash to :func:`publish_artifact`. Otherwise the hash is
@@ -187,32 +188,6 @@ def compute_recipe_hash(
     payload = {"kind": kind, "recipe": recipe, "parents": list(parents), "seed": seed}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def reusable_recipe_hash(
-    kind: str, recipe: Mapping[str, Any], references: Iterable[str]
-) -> str | None:
-    """The hash under which a job may reuse an earlier artifact instead of running, or None
-    when its result is not determined by what it names.
-
-    ``recipe`` is the pinned recipe as stored with the job and ``references`` every model
-    reference in it. Reusable means: a merge, every reference immutable (a hub commit sha or
-    an artifact version: the pinned recipe then identifies the inputs' bytes) and a seed
-    (without one the worker draws a random seed). An ``s3://`` prefix or a local path can
-    change under the same name, so such a job always runs.
-    """
-    from schemas.references import ReferenceError_, parse_reference
-
-    if kind != "merge" or not isinstance(recipe.get("seed"), int):
-        return None
-    for raw in references:
-        try:
-            ref = parse_reference(raw)
-        except ReferenceError_:
-            return None
-        if ref.kind.value not in ("hub", "artifact") or not ref.is_pinned:
-            return None
-    return compute_recipe_hash(kind=kind, recipe=recipe, parents=[], seed=recipe["seed"])
 
 
 def manifest_recipe_hash(manifest: Mapping[str, Any]) -> str:

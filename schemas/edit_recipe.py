@@ -30,7 +30,7 @@ from schemas.limits import (
     MAX_TEXT_CHARS,
 )
 from schemas.recipe import validate_document
-from schemas.references import VERSION_NUMBER, ModelReference
+from schemas.references import VERSION_NUMBER, Location, ModelReference
 
 EditMethod = Literal["rome", "memit"]
 
@@ -380,6 +380,11 @@ class EditRecipe(BaseModel):
     on_gate_failure: Literal["fail", "publish_flagged"] = "fail"
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     output: EditOutput = Field(default_factory=EditOutput)
+
+    def references(self) -> list[tuple[Location, ModelReference]]:
+        """Every model reference of the recipe and where it stands: the edited model.
+        (Covariance corpora are files, not models: see ``covariance.paths``.)"""
+        return [(("model",), self.model)]
 
     @model_validator(mode="before")
     @classmethod

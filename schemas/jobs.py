@@ -52,6 +52,18 @@ class JobKind(StrEnum):
     EDIT = "edit"
 
 
+Recipe = MergeRecipe | EditRecipe
+RECIPE_TYPES: dict[JobKind, type[MergeRecipe] | type[EditRecipe]] = {
+    JobKind.MERGE: MergeRecipe,
+    JobKind.EDIT: EditRecipe,
+}
+
+
+def parse_job_recipe(kind: JobKind, recipe: Mapping[str, Any]) -> Recipe:
+    """The recipe of a job of ``kind``, validated (raises pydantic's ValidationError)."""
+    return RECIPE_TYPES[kind].model_validate(recipe)
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -227,10 +239,9 @@ class JobCreate(BaseModel):
             raise ValueError(
                 f"the recipe is {size} bytes as JSON; at most {MAX_RECIPE_BYTES} are accepted"
             )
-        if info.data.get("kind") is JobKind.MERGE:
-            MergeRecipe.model_validate(recipe)
-        elif info.data.get("kind") is JobKind.EDIT:
-            EditRecipe.model_validate(recipe)
+        kind = info.data.get("kind")
+        if isinstance(kind, JobKind):
+            parse_job_recipe(kind, recipe)
         return recipe
 
     @field_validator("artifact_name")

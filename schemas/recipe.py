@@ -32,7 +32,7 @@ from schemas.limits import (
     limit_error,
 )
 from schemas.methods import METHODS, MethodSpec, ParameterSpec, ParamScope
-from schemas.references import ModelReference
+from schemas.references import Location, ModelReference
 
 Scalar = float | int | bool | str
 _M = TypeVar("_M", bound=BaseModel)
@@ -173,6 +173,17 @@ class MergeRecipe(BaseModel):
         if self.base_model is None or not self.method.needs_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
+
+    def references(self) -> list[tuple[Location, ModelReference]]:
+        """Every model reference of the recipe and where it stands, in recipe order: the
+        base model, each model, the tokenizer source (when it names a model)."""
+        found: list[tuple[Location, ModelReference]] = []
+        if self.base_model is not None:
+            found.append((("base_model",), self.base_model))
+        found.extend((("models", i, "model"), m.model) for i, m in enumerate(self.models))
+        if isinstance(self.tokenizer_source, ModelReference):
+            found.append((("tokenizer_source",), self.tokenizer_source))
+        return found
 
     @property
     def base_entry(self) -> ModelEntry | None:

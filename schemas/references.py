@@ -48,6 +48,10 @@ class ReferenceKind(StrEnum):
     ARTIFACT = "artifact"
 
 
+Location = tuple[str | int, ...]
+"""Where a reference stands in a recipe: keys and list indices, e.g. ("models", 0, "model")."""
+
+
 class ReferenceError_(ValueError):
     """A model reference string that matches none of the accepted forms."""
 
@@ -98,13 +102,15 @@ class ModelReference(BaseModel):
         return str(self)
 
     @property
-    def is_pinned(self) -> bool:
-        """True when the reference cannot move: a hub commit sha or an artifact version."""
+    def is_immutable(self) -> bool:
+        """True when the reference names bytes that cannot change: a hub commit sha or an
+        artifact version number. A branch, ``latest``, an ``s3://`` prefix or a local path
+        can change under the same name."""
         if self.kind is ReferenceKind.HUB:
             return self.revision is not None and bool(COMMIT_SHA.match(self.revision))
         if self.kind is ReferenceKind.ARTIFACT:
             return self.revision is not None and bool(VERSION_NUMBER.match(self.revision))
-        return True
+        return False
 
     def with_revision(self, revision: str) -> ModelReference:
         return ModelReference(kind=self.kind, location=self.location, revision=revision)

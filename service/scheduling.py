@@ -19,7 +19,7 @@ Used by the light Celery worker (``weightsmith.fire_schedule``), the embedded ti
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -36,7 +36,7 @@ from schemas.references import ReferenceError_, parse_reference
 from schemas.schedules import RunOutcome, job_request_of, parse_cron
 from service.context import Principal, Service
 from service.errors import Problem
-from service.submission import pin_recipe, reference_locations, submit_job
+from service.submission import pin_recipe, pinned_references, submit_job
 
 log = logging.getLogger("weightsmith.schedules")
 
@@ -88,7 +88,7 @@ def input_fingerprint(references: Mapping[str, str]) -> dict[str, Any]:
         except ReferenceError_:
             unversioned.append(raw)
             continue
-        if ref.kind.value not in ("hub", "artifact") or not ref.is_pinned:
+        if not ref.is_immutable:
             unversioned.append(raw)
     return {"inputs": dict(sorted(references.items())), "unversioned": sorted(unversioned)}
 
@@ -202,20 +202,9 @@ def _fire_claimed(
 # ---- the service as the submitter -------------------------------------------------------
 
 
-def _references(
-    kind: JobKind, recipe: dict[str, Any], pinned: dict[str, Any]
-) -> Iterator[tuple[str, str]]:
-    for loc in reference_locations(kind, recipe):
-        raw: Any = recipe
-        fixed: Any = pinned
-        for part in loc:
-            raw, fixed = raw[part], fixed[part]
-        yield str(raw), str(fixed)
-
-
 class ServiceSubmitter:
     """Submits a schedule's job exactly as ``POST /v1/jobs`` would, for the tenant that owns
-    the schedule (``app.submission``: pin every reference, record, queue)."""
+    the schedule (service.submission: pin every reference, record, queue)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -227,7 +216,7 @@ class ServiceSubmitter:
             pinned = pin_recipe(self.service, Principal(tenant_id, tenant), kind, recipe)
         except Problem as e:
             raise _refused(e) from e
-        return dict(_references(kind, recipe, pinned))
+        return pinned_references(kind, recipe, pinned)
 
     def submit(
         self, tenant_id: int, tenant: str, request: JobCreate, idempotency_key: str
@@ -241,7 +230,7 @@ class ServiceSubmitter:
         view = submitted.view
         return SubmittedJob(
             job_id=view.id,
-            references=dict(_references(request.kind, request.recipe, view.recipe)),
+            references=pinned_references(request.kind, request.recipe, view.recipe),
             replayed=submitted.replayed,
         )
 

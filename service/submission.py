@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from infra.artifacts import (
     ArtifactError,
     ArtifactNotFound,
-    find_by_recipe_hash,
     read_manifest,
     resolve_artifact,
-    reusable_recipe_hash,
 )
 from infra.db import IdempotencyKeyInFlight, IdempotencyKeyReused, JobNotPending
 from infra.db.jobstore import NOT_QUEUED_PHASE, REUSED_PHASE
@@ -50,26 +49,33 @@ from infra.storage import (
 )
 from schemas.edit_recipe import parse_corpus_path
 from schemas.jobs import (
-    ArtifactRef,
     JobCreate,
     JobError,
     JobKind,
     JobProgress,
     JobState,
     JobView,
+    ProblemDetail,
     ProblemItem,
+    parse_job_recipe,
 )
-from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
+from schemas.references import (
+    Location,
+    ModelReference,
+    ReferenceError_,
+    ReferenceKind,
+    parse_reference,
+)
 from schemas.tenants import GrantError, TenantAccess
 from service.context import Principal, Service
 from service.errors import Problem
+from service.reuse import may_reuse, reuse_existing
 from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
 from service.webhooks import refuse_unsafe_url
 
 # The start of the error of a job whose message could not be queued (phase "not-queued").
 ENQUEUE_FAILED = "the job could not be queued"
 
-Location = tuple[str | int, ...]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ def submit_job(
         pinned = pin_recipe(service, principal, request.kind, request.recipe)
         job = jobs.create_job(principal.tenant_id, request, recipe=pinned).job
         return Submitted(
-            _enqueue(service, job, reuse=_may_reuse(request), tenant=principal.tenant),
+            _enqueue(service, job, reuse=may_reuse(request), tenant=principal.tenant),
             replayed=False,
         )
     try:
@@ -121,7 +127,7 @@ def submit_job(
             requeued = jobs.requeue_unqueued(job.id)
             if requeued is not None:
                 view = _enqueue(
-                    service, requeued, reuse=_may_reuse(request), tenant=principal.tenant
+                    service, requeued, reuse=may_reuse(request), tenant=principal.tenant
                 )
                 return Submitted(view, replayed=False)
             # A concurrent retry took it: answer with the job as that one left it.
@@ -144,7 +150,7 @@ def submit_job(
             title="Request superseded",
         ) from e
     return Submitted(
-        _enqueue(service, job, reuse=_may_reuse(request), tenant=principal.tenant), replayed=False
+        _enqueue(service, job, reuse=may_reuse(request), tenant=principal.tenant), replayed=False
     )
 
 
@@ -186,7 +192,7 @@ def _enqueue(service: Service, job: Job, *, reuse: bool, tenant: str) -> JobView
     and the client gets a 503: a retry with the same Idempotency-Key queues this same job
     again (submit_job), one without a key is a new submission."""
     if reuse:
-        reused = _reuse_existing(service, job, tenant)
+        reused = reuse_existing(service, job, tenant)
         if reused is not None:
             return reused.to_view()
     try:
@@ -201,33 +207,6 @@ def _enqueue(service: Service, job: Job, *, reuse: bool, tenant: str) -> JobView
                 return current.to_view()
         raise _enqueue_problem(job.id) from e
     return job.to_view()
-
-
-def _may_reuse(request: JobCreate) -> bool:
-    """A job that also pushes to the Hub runs (the push is part of what it does)."""
-    return request.reuse and not (request.publish and request.publish.hub_repo)
-
-
-def _reuse_existing(service: Service, job: Job, tenant: str) -> Job | None:
-    """The job, succeeded with an earlier version of its artifact that has the same recipe
-    hash (see infra.artifacts.reusable_recipe_hash); None when there is none to reuse."""
-    kind = JobKind(job.kind)
-    refs = [str(_get(job.recipe, loc)) for loc in reference_locations(kind, job.recipe)]
-    digest = reusable_recipe_hash(job.kind, job.recipe, refs)
-    if digest is None:
-        return None
-    try:
-        found = find_by_recipe_hash(service.store, tenant, job.artifact_name, digest)
-    except (StorageError, ArtifactError) as e:  # reuse is an optimisation: run the job
-        log.warning("job %s: recipe-hash lookup failed, running it: %s", job.id, e)
-        return None
-    if found is None:
-        return None
-    ref = ArtifactRef(name=found.name, version=found.version, uri=found.reference)
-    done = service.jobs.finish_reused(job.id, ref)
-    if done is not None:
-        log.info("job %s: reused %s (recipe hash %s)", job.id, found.reference, digest[:12])
-    return done
 
 
 def first_response(job: Job) -> JobView:
@@ -269,21 +248,6 @@ def _enqueue_problem(job_id: str) -> Problem:
 # ---- pinning ----------------------------------------------------------------------------
 
 
-def reference_locations(kind: JobKind, recipe: dict[str, Any]) -> Iterator[Location]:
-    """Where a recipe names models (as validated by schemas/: strings at these places)."""
-    if kind is JobKind.MERGE:
-        if isinstance(recipe.get("base_model"), str):
-            yield ("base_model",)
-        for i, entry in enumerate(recipe.get("models") or []):
-            if isinstance(entry, dict) and isinstance(entry.get("model"), str):
-                yield ("models", i, "model")
-        source = recipe.get("tokenizer_source")
-        if isinstance(source, str) and source != "base":
-            yield ("tokenizer_source",)
-    elif isinstance(recipe.get("model"), str):
-        yield ("model",)
-
-
 def pin_recipe(
     service: Service, principal: Principal, kind: JobKind, recipe: dict[str, Any]
 ) -> dict[str, Any]:
@@ -292,7 +256,7 @@ def pin_recipe(
     access = service.access(principal.tenant_id)
     pinned = copy.deepcopy(recipe)
     done: dict[str, str] = {}  # the same reference twice is looked up once
-    for loc in reference_locations(kind, recipe):
+    for loc, _ref in _references(kind, recipe):
         raw: str = _get(recipe, loc)
         if raw not in done:
             done[raw] = str(_pin_one(service, access, raw, loc))
@@ -407,6 +371,22 @@ def _check_corpus_paths(service: Service, access: TenantAccess, recipe: dict[str
                 ) from e
             except ArtifactError as e:
                 raise _invalid(pointer, str(e), raw) from e
+
+
+def _references(kind: JobKind, recipe: dict[str, Any]) -> list[tuple[Location, ModelReference]]:
+    """The recipe's model references and where they stand (it was validated with the request:
+    a recipe that no longer validates is refused naming what is wrong)."""
+    try:
+        return parse_job_recipe(kind, recipe).references()
+    except ValidationError as e:
+        raise Problem.from_detail(ProblemDetail.from_validation_error(e)) from None
+
+
+def pinned_references(
+    kind: JobKind, recipe: dict[str, Any], pinned: dict[str, Any]
+) -> dict[str, str]:
+    """Each reference as written in ``recipe`` → as ``pin_recipe`` pinned it in ``pinned``."""
+    return {str(_get(recipe, loc)): str(_get(pinned, loc)) for loc, _ in _references(kind, recipe)}
 
 
 def _invalid(pointer: str, message: str, model: str) -> Problem:

@@ -97,7 +97,7 @@ def test_main_resolves_to_commit_and_downloads(hub, settings, tmp_path):
 
     assert isinstance(resolved, ResolvedModel)
     assert resolved.revision == sha
-    assert resolved.pinned == ref(f"org/tiny@{sha}") and resolved.pinned.is_pinned
+    assert resolved.pinned == ref(f"org/tiny@{sha}") and resolved.pinned.is_immutable
     assert resolved.reference == ref("org/tiny")
     assert set(resolved.files) == AUX | {"model.safetensors"}
     assert resolved.path.is_dir() and sha in str(resolved.path)

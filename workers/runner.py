@@ -57,7 +57,6 @@ from infra.artifacts import (
     download_artifact,
     publish_artifact,
     resolve_artifact,
-    reusable_recipe_hash,
 )
 from infra.logging import log_context
 from infra.secrets import SecretBox
@@ -71,8 +70,9 @@ from infra.storage import (
 )
 from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
 from schemas.jobs import ArtifactRef, JobError, JobKind, JobState
-from schemas.references import ModelReference, ReferenceKind
+from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
 from schemas.tenants import GrantError, TenantAccess
+from service.reuse import reusable_recipe_hash
 from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def _run_claimed(
     parents = [str(p.get("pinned")) for p in result.manifest.get("parents", [])]
     # The hash a later submission of the same pinned recipe looks up (app/submission.py);
     # for a job that is not reproducible, one that includes the parents as resolved.
-    digest = reusable_recipe_hash(job.kind, job.recipe, parents) or compute_recipe_hash(
+    digest = _reusable_hash(job, parents) or compute_recipe_hash(
         kind=job.kind, recipe=job.recipe, parents=parents, seed=result.seed
     )
     try:
@@ -378,17 +378,19 @@ def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe:
         raise InputError("; ".join(format_validation_error(e)), field="recipe") from None
 
 
+def _reusable_hash(job: Job, parents: list[str]) -> str | None:
+    """service.reuse's hash of the job, with its parents as this worker resolved them."""
+    try:
+        pinned = [parse_reference(p) for p in parents]
+    except ReferenceError_:
+        return None
+    return reusable_recipe_hash(job.kind, job.recipe, pinned)
+
+
 def _references(recipe: MergeRecipe | EditRecipe) -> list[ModelReference]:
-    if isinstance(recipe, EditRecipe):
-        return [recipe.model]
-    refs: list[ModelReference] = []
-    if recipe.base_model is not None:
-        refs.append(recipe.base_model)
-    refs.extend(m.model for m in recipe.models)
-    if isinstance(recipe.tokenizer_source, ModelReference):
-        refs.append(recipe.tokenizer_source)
+    """The recipe's model references, each once (in recipe order)."""
     unique: dict[str, ModelReference] = {}
-    for ref in refs:
+    for _, ref in recipe.references():
         unique.setdefault(str(ref), ref)
     return list(unique.values())
 

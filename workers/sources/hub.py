@@ -377,7 +377,7 @@ def _write_manifest(
 
 def _resolve_from_cache(ref: ModelReference, settings: SourceSettings) -> ResolvedModel | None:
     """A pinned revision verified earlier, from the cache alone (the Hub is unreachable)."""
-    if not ref.is_pinned or ref.revision is None:
+    if not ref.is_immutable or ref.revision is None:
         return None
     sha = ref.revision
     try:
