@@ -13,6 +13,7 @@ reads ``HF_ENDPOINT`` once, at import. The token never appears in an error messa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from schemas.references import COMMIT_SHA, ModelReference, ReferenceKind
@@ -94,19 +95,140 @@ def _check_file_access(
         raise _translate(e, ref, access) from e
 
 
-def _translate(e: Exception, ref: ModelReference, access: HubAccess) -> HubPinError:
+# ---- one classification of the Hub's failures (pins, downloads, pushes word them) ------------
+
+
+class HubFailureKind(StrEnum):
+    GATED = "gated"  # a gated repo the token may not read
+    REPO_NOT_FOUND = "repo_not_found"  # unknown, or private and not visible to the token
+    REVISION_NOT_FOUND = "revision_not_found"
+    ENTRY_NOT_FOUND = "entry_not_found"  # a file missing at that commit
+    DISABLED = "disabled"
+    UNAUTHORIZED = "unauthorized"  # HTTP 401: no or a bad token
+    FORBIDDEN = "forbidden"  # HTTP 403
+    NOT_FOUND = "not_found"  # another HTTP 404
+    BUSY = "busy"  # 408, 409, 412, 423, 429, 5xx, or no status: try again later
+    REFUSED = "refused"  # another HTTP status
+    OFFLINE = "offline"  # huggingface_hub's offline mode
+    UNREACHABLE = "unreachable"  # the transport failed: endpoint down, DNS, timeout
+    OTHER = "other"
+
+
+_BUSY_STATUS = frozenset({408, 409, 412, 423, 429})
+
+
+@dataclass(frozen=True)
+class HubFailure:
+    """What a huggingface_hub call's exception means, whoever made the call."""
+
+    kind: HubFailureKind
+    error: BaseException  # the exception of the chain that says it
+    status: int | None = None
+    server_message: str = ""  # the Hub's own first line (X-Error-Message), if any
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in (HubFailureKind.BUSY, HubFailureKind.UNREACHABLE)
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A transport failure of any HTTP client huggingface_hub may use."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        kinds = tuple(t for n in names if isinstance(t := getattr(mod, n, None), type))
+        if kinds and isinstance(e, kinds):
+            return True
+    return False
+
+
+def classify_hub_error(e: BaseException) -> HubFailure:
+    """The kind of a failed huggingface_hub call. huggingface_hub wraps errors (an LFS
+    upload's in ``RuntimeError``, a transport's in its own): the whole ``__cause__`` chain
+    is read, an HTTP answer first, then a transport failure."""
     from huggingface_hub.errors import (
         DisabledRepoError,
         GatedRepoError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    found: BaseException = next(
+        (c for c in chain if isinstance(c, HfHubHTTPError)),
+        next((c for c in chain if is_network_error(c)), e),
+    )
+    if isinstance(found, OfflineModeIsEnabled):
+        return HubFailure(HubFailureKind.OFFLINE, found)
+    if isinstance(found, LocalEntryNotFoundError) or is_network_error(found):
+        return HubFailure(HubFailureKind.UNREACHABLE, found)
+    if not isinstance(found, HfHubHTTPError):
+        return HubFailure(HubFailureKind.OTHER, found)
+    status = found.response.status_code if found.response is not None else None
+    server = _server_message(found)
+    kind = (
+        HubFailureKind.GATED
+        if isinstance(found, GatedRepoError)
+        else HubFailureKind.REPO_NOT_FOUND
+        if isinstance(found, RepositoryNotFoundError)
+        else HubFailureKind.REVISION_NOT_FOUND
+        if isinstance(found, RevisionNotFoundError)
+        else HubFailureKind.ENTRY_NOT_FOUND
+        if isinstance(found, RemoteEntryNotFoundError)
+        else HubFailureKind.DISABLED
+        if isinstance(found, DisabledRepoError)
+        else HubFailureKind.UNAUTHORIZED
+        if status == 401
+        else HubFailureKind.FORBIDDEN
+        if status == 403
+        else HubFailureKind.NOT_FOUND
+        if status == 404
+        else HubFailureKind.BUSY
+        if status is None or status in _BUSY_STATUS or status >= 500
+        else HubFailureKind.REFUSED
+    )
+    return HubFailure(kind, found, status, server)
+
+
+def _server_message(e: Any) -> str:
+    text = getattr(e, "server_message", None) or ""
+    if not text and getattr(e, "response", None) is not None:
+        text = e.response.headers.get("X-Error-Message", "")
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def first_line(e: BaseException, *secrets: str | None) -> str:
+    """The first line of an exception's text with ``secrets`` replaced by ``***``."""
+    text = str(e)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    lines = text.strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(e).__name__
+
+
+def _translate(e: Exception, ref: ModelReference, access: HubAccess) -> HubPinError:
     repo = ref.location
     model = str(ref)
     has_token = bool(access.token)
-    if isinstance(e, GatedRepoError):
+    failure = classify_hub_error(e)
+    kind = failure.kind
+    if kind is HubFailureKind.GATED:
         why = (
             "the tenant's Hub token has no access: accept the model's conditions on its Hub "
             "page with the token's account, or store another token (PUT /v1/tenant/hub-token)"
@@ -114,44 +236,38 @@ def _translate(e: Exception, ref: ModelReference, access: HubAccess) -> HubPinEr
             else f"store a Hugging Face token with access ({_STORE_TOKEN})"
         )
         return HubPinError(f"{repo} is gated: {why}", model=model)
-    if isinstance(e, RepositoryNotFoundError):
+    if kind is HubFailureKind.REPO_NOT_FOUND:
         why = (
             "check the repo id; if it is private, the tenant's Hub token has no access"
             if has_token
             else f"check the repo id; if it is private, store a token with access ({_STORE_TOKEN})"
         )
         return HubPinError(f"repository {repo} not found on the Hub ({why})", model=model)
-    if isinstance(e, RevisionNotFoundError):
+    if kind is HubFailureKind.REVISION_NOT_FOUND:
         rev = ref.revision or DEFAULT_REVISION
         return HubPinError(
             f"revision {rev!r} not found in {repo} (check the branch, tag or commit sha)",
             model=model,
         )
-    if isinstance(e, DisabledRepoError):
+    if kind is HubFailureKind.DISABLED:
         return HubPinError(f"{repo} has been disabled on the Hub", model=model)
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            return HubPinError(
-                f"{repo} is gated or private and the Hub refused access (HTTP {status}); "
-                f"store a token with access ({_STORE_TOKEN})",
-                model=model,
-            )
-        retryable = status is None or status == 429 or status >= 500
+    if kind in (HubFailureKind.UNAUTHORIZED, HubFailureKind.FORBIDDEN):
         return HubPinError(
-            f"the Hub answered HTTP {status} for {repo}"
-            + ("; try again later" if retryable else ""),
+            f"{repo} is gated or private and the Hub refused access (HTTP {failure.status}); "
+            f"store a token with access ({_STORE_TOKEN})",
             model=model,
-            retryable=retryable,
+        )
+    if failure.status is not None or kind is HubFailureKind.BUSY:
+        return HubPinError(
+            f"the Hub answered HTTP {failure.status} for {repo}"
+            + ("; try again later" if failure.transient else ""),
+            model=model,
+            retryable=failure.transient,
         )
     # Anything else is the transport: endpoint down, DNS, timeout, offline mode.
-    text = str(e)
-    if access.token:
-        text = text.replace(access.token, "***")
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return HubPinError(
         f"the Hugging Face Hub could not be reached to pin {repo} ({type(e).__name__}: "
-        f"{first}); try again later",
+        f"{first_line(e, access.token)}); try again later",
         model=model,
         retryable=True,
     )

@@ -477,6 +477,18 @@ class JobStore:
             )
         return job is not None
 
+    def record_publish(self, job_id: str, worker_id: str, publish: Mapping[str, Any]) -> bool:
+        """Store the job's ``publish`` document (its options and, once pushed, the Hub
+        commit) while it runs for ``worker_id``. False: the job is no longer its own."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            job = s.scalar(
+                self._transition(job_id, Job.state == RUNNING, Job.worker_id == worker_id).values(
+                    publish=dict(publish), updated_at=now
+                )
+            )
+        return job is not None
+
     def is_cancel_requested(self, job_id: str) -> bool:
         """Checked by the engine between tensors: True once the job should stop."""
         with self._sessions() as s:

@@ -41,11 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
-
 from infra.artifacts import MANIFEST, ArtifactVersion, download_artifact
 from infra.db.models import Job
-from schemas.jobs import HubCommit, JobError, JobState, PublishView
+from infra.hub import HubFailureKind, classify_hub_error, first_line
+from schemas.jobs import HubCommit, JobError, PublishView
 from workers.errors import WeightsmithError
 
 if TYPE_CHECKING:
@@ -166,7 +165,8 @@ def push_job_artifact(
         artifact=artifact,
         pushed_at=datetime.now(UTC),
     )
-    if not _record_commit(store, job.id, worker_id, options, result):
+    publish = options.model_copy(update={"hub_commit": result}).model_dump(mode="json")
+    if not store.record_publish(job.id, worker_id, publish):
         log.warning("job %s: pushed %s but the job was taken over", job.id, artifact)
         return False
     log.info("job %s: pushed %s to %s@%s", job.id, artifact, target.repo, commit.sha)
@@ -302,88 +302,39 @@ def _entries(manifest: Any) -> dict[str, tuple[int, str]]:
     return {str(e["path"]): (int(e["size"]), str(e["sha256"])) for e in manifest["files"]}
 
 
-def _record_commit(
-    store: JobStore, job_id: str, worker_id: str, options: PublishView, commit: HubCommit
-) -> bool:
-    """Store the commit in the job's ``publish`` JSON, if the job is still this worker's."""
-    publish = options.model_copy(update={"hub_commit": commit}).model_dump(mode="json")
-    with store.engine.begin() as conn:
-        result = conn.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.state == JobState.RUNNING.value,
-                Job.worker_id == worker_id,
-            )
-            .values(publish=publish, updated_at=datetime.now(UTC))
-        )
-    return bool(result.rowcount == 1)
-
-
 def _classify(e: BaseException, target: HubTarget) -> tuple[bool, str]:
-    """(transient?, what went wrong and what to do) for an exception of a push."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    # huggingface_hub wraps LFS upload errors in RuntimeError("Error while uploading ..."),
-    # and HTTP clients wrap their transport's errors: look at the whole chain.
-    chain = [e]
-    while chain[-1].__cause__ is not None and len(chain) < 10:
-        chain.append(chain[-1].__cause__)
-    e = next((c for c in chain if isinstance(c, HfHubHTTPError)), None) or next(
-        (c for c in chain if _is_network_error(c)), e
-    )
+    """(transient?, what went wrong and what to do) for an exception of a push (the
+    failure's kind from infra.hub.classify_hub_error, worded for a push)."""
+    failure = classify_hub_error(e)
+    kind, status = failure.kind, failure.status
     owner = target.repo.split("/")[0]
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else None
-        server = _scrub(_server_message(e), target.token)
-        said = f": {server}" if server else ""
-        if status == 401:
-            return False, (
-                "the Hub rejected the token (HTTP 401: invalid or expired); store a valid "
-                "token with write access (PUT /v1/tenant/hub-token)"
-            )
-        if status == 403:
-            return False, (
-                f"the token may not write to {target.repo} (HTTP 403{said}); "
-                f"give it write access to '{owner}' or choose another repo"
-            )
-        if isinstance(e, RepositoryNotFoundError) or status == 404:
-            return False, (
-                f"the repo or branch '{target.branch}' was not found, or the token cannot see it "
-                f"(HTTP {status})"
-            )
-        if status is None or status in _TRANSIENT_STATUS or status >= 500:
-            return True, f"the Hub answered HTTP {status}{said}"
+    server = _scrub(failure.server_message, target.token)
+    said = f": {server}" if server else ""
+    if kind is HubFailureKind.UNAUTHORIZED:
+        return False, (
+            "the Hub rejected the token (HTTP 401: invalid or expired); store a valid "
+            "token with write access (PUT /v1/tenant/hub-token)"
+        )
+    if kind is HubFailureKind.FORBIDDEN:
+        return False, (
+            f"the token may not write to {target.repo} (HTTP 403{said}); "
+            f"give it write access to '{owner}' or choose another repo"
+        )
+    if kind in (HubFailureKind.REPO_NOT_FOUND, HubFailureKind.NOT_FOUND):
+        return False, (
+            f"the repo or branch '{target.branch}' was not found, or the token cannot see it "
+            f"(HTTP {status})"
+        )
+    if kind is HubFailureKind.BUSY:
+        return True, f"the Hub answered HTTP {status}{said}"
+    if status is not None:
         return False, f"the Hub refused the push (HTTP {status}{said})"
-    if _is_network_error(e):
-        first = _scrub(_first_line(e), target.token)
-        return True, f"the Hub is unreachable ({type(e).__name__}: {first})"
+    if kind is HubFailureKind.UNREACHABLE:
+        first = first_line(failure.error, target.token)
+        return True, f"the Hub is unreachable ({type(failure.error).__name__}: {first})"
     if isinstance(e, ValueError):  # an invalid model card, or a malformed Hub answer
-        return False, _scrub(_first_line(e), target.token)
-    return False, f"{type(e).__name__}: {_scrub(_first_line(e), target.token)}"
-
-
-def _is_network_error(e: BaseException) -> bool:
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import httpx2  # huggingface_hub 2.x's HTTP client
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        return False
-    return isinstance(e, httpx2.TransportError)
-
-
-def _server_message(e: Any) -> str:
-    text = getattr(e, "server_message", None) or ""
-    if not text and getattr(e, "response", None) is not None:
-        text = e.response.headers.get("X-Error-Message", "")
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(e).__name__
+        return False, first_line(e, target.token)
+    return False, f"{type(e).__name__}: {first_line(e, target.token)}"
 
 
 def _scrub(text: str, token: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
+from infra.hub import HubFailureKind, classify_hub_error, is_network_error
 from schemas.references import ModelReference
 from workers.errors import SourceError
 
@@ -32,24 +33,6 @@ from .verify import Expected, Mismatch, remove_cached, verify_file
 logger = logging.getLogger(__name__)
 
 DEFAULT_REVISION = "main"
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (
-        ("httpx2", ("TransportError",)),
-        ("httpx", ("TransportError",)),
-        ("requests", ("ConnectionError", "Timeout")),
-    ):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        errors.extend(getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type))
-    return tuple(errors)
-
-
-_NETWORK_ERRORS = _network_errors()
 
 
 @dataclass(frozen=True)
@@ -116,40 +99,32 @@ def _first_line(e: BaseException) -> str:
 def _raise_hub_error(
     e: BaseException, ref: ModelReference, settings: SourceSettings, *, sha: str | None = None
 ) -> NoReturn:
-    """Translate a huggingface_hub / network exception into a SourceError telling what to do."""
-    from huggingface_hub.errors import (
-        DisabledRepoError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
+    """Translate a huggingface_hub / network exception into a SourceError telling what to do
+    (the failure's kind from infra.hub.classify_hub_error, worded for a download)."""
     repo = ref.location
     has_token = bool(settings.hub_token)
+    failure = classify_hub_error(e)
+    kind = failure.kind
     gated = (
-        f"{repo} is gated or private: access needs a Hugging Face token with access to it in the "
-        "worker settings (hub_token)"
+        f"{repo} is gated or private: access needs a Hugging Face token with access to it "
+        "(the tenant's own: PUT /v1/tenant/hub-token)"
         + (
-            "; the configured token has no access (accept the model's conditions on its Hub page "
+            "; the token used has no access (accept the model's conditions on its Hub page "
             "with the token's account, or use another token)"
             if has_token
             else ""
         )
     )
-    if isinstance(e, GatedRepoError):
+    if kind in (HubFailureKind.GATED, HubFailureKind.UNAUTHORIZED, HubFailureKind.FORBIDDEN):
         _fail(ref, settings, gated, cause=e)
-    if isinstance(e, RepositoryNotFoundError):
+    if kind is HubFailureKind.REPO_NOT_FOUND:
         hint = (
-            "check the repo id, or it is private and the configured token has no access"
+            "check the repo id, or it is private and the token used has no access"
             if has_token
             else "check the repo id, or it is private: set a token"
         )
         _fail(ref, settings, f"repository {repo} not found on the Hub ({hint})", cause=e)
-    if isinstance(e, RevisionNotFoundError):
+    if kind is HubFailureKind.REVISION_NOT_FOUND:
         rev = ref.revision or DEFAULT_REVISION
         _fail(
             ref,
@@ -157,37 +132,34 @@ def _raise_hub_error(
             f"revision {rev!r} not found in {repo} (check the branch, tag or commit sha)",
             cause=e,
         )
-    if isinstance(e, DisabledRepoError):
+    if kind is HubFailureKind.DISABLED:
         _fail(ref, settings, f"{repo} has been disabled on the Hub", cause=e)
-    if isinstance(e, RemoteEntryNotFoundError):
+    if kind is HubFailureKind.ENTRY_NOT_FOUND:
         _fail(
             ref,
             settings,
             f"a file listed by the Hub is missing from {repo} at commit {sha}",
             cause=e,
         )
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            _fail(ref, settings, gated, cause=e)
-        if status == 429 or (status is not None and status >= 500):
-            _fail(
-                ref,
-                settings,
-                f"the Hub endpoint {_endpoint(settings)} answered HTTP {status} for {repo}; "
-                "try again later",
-                cause=e,
-                retryable=True,
-            )
-        _fail(ref, settings, f"the Hub answered HTTP {status} for {repo}", cause=e)
-    if isinstance(e, OfflineModeIsEnabled):
+    if kind is HubFailureKind.BUSY:
+        _fail(
+            ref,
+            settings,
+            f"the Hub endpoint {_endpoint(settings)} answered HTTP {failure.status} for {repo}; "
+            "try again later",
+            cause=e,
+            retryable=True,
+        )
+    if failure.status is not None:
+        _fail(ref, settings, f"the Hub answered HTTP {failure.status} for {repo}", cause=e)
+    if kind is HubFailureKind.OFFLINE:
         _fail(
             ref,
             settings,
             f"{repo} is not in the local cache and Hub access is disabled (HF_HUB_OFFLINE=1)",
             cause=e,
         )
-    if isinstance(e, (LocalEntryNotFoundError, *_NETWORK_ERRORS)):
+    if kind is HubFailureKind.UNREACHABLE:
         _fail(
             ref,
             settings,
@@ -447,7 +419,7 @@ def resolve_hub(ref: ModelReference, settings: SourceSettings) -> ResolvedModel:
     except Exception as e:
         snapshot = _snapshot_dir(settings, plan.repo_id, plan.sha)
         missing = [n for n in names if not (snapshot / n).is_file()]
-        if missing and not isinstance(e, _NETWORK_ERRORS) and type(e) is OSError:
+        if missing and not is_network_error(e) and type(e) is OSError:
             # huggingface_hub's size check ("Consistency check failed") is a bare OSError
             _fail(
                 ref,
