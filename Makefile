@@ -20,6 +20,7 @@ install: $(BIN)/python
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers of docs/architecture.md
 
 typecheck:
 	$(BIN)/mypy

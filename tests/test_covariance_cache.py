@@ -31,7 +31,7 @@ from workers.edit.covariance import (
     covariances,
 )
 from workers.errors import InputError
-from workers.runner import _fetch_corpus
+from workers.inputs import fetch_corpus
 
 KEY = CovarianceKey("org/model@" + "a" * 40, 3, "c" * 64, 4096)
 PROVENANCE = {"model": "org/model", "corpus_source": "text", "tokens_used": 4096}
@@ -246,7 +246,7 @@ def test_corpora_from_s3_an_artifact_and_a_local_path_arrive_byte_for_byte(s3_se
         f"s3://{CORPORA_BUCKET}/corpora/bridge.txt", "artifact://corpora@1/corpus.txt", str(local)
     )
 
-    files = _fetch_corpus(
+    files = fetch_corpus(
         recipe, settings, objects, _granted(s3_server), tmp_path / "work", _Watch()
     )
 
@@ -286,7 +286,7 @@ def test_a_missing_or_refused_corpus_is_an_input_error_naming_the_field(
     recipe = _recipe(raw)
 
     with pytest.raises(InputError) as e:
-        _fetch_corpus(recipe, settings, objects, _granted(s3_server), tmp_path / "work", _Watch())
+        fetch_corpus(recipe, settings, objects, _granted(s3_server), tmp_path / "work", _Watch())
 
     assert e.value.field == field
     assert message in str(e.value)

@@ -209,15 +209,15 @@ def slow_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     """20 ms at each of the engine's checks between tensors, so a merge of a many-tensor
     family takes seconds on any machine (a fast one merged it under a second, before a
     cancel or a 1 s time limit could act)."""
-    from workers import runner
+    from workers import watch
 
-    should_stop = runner._JobWatch.should_stop
+    should_stop = watch.JobWatch.should_stop
 
     def slow_should_stop(self: Any) -> bool:
         time.sleep(0.02)
         return should_stop(self)
 
-    monkeypatch.setattr(runner._JobWatch, "should_stop", slow_should_stop)
+    monkeypatch.setattr(watch.JobWatch, "should_stop", slow_should_stop)
 
 
 def test_cancel_while_running_ends_cancelled_and_publishes_nothing(

@@ -43,51 +43,35 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.artifacts import (
-    LATEST,
-    MANIFEST,
     ArtifactError,
     compute_recipe_hash,
-    download_artifact,
     publish_artifact,
-    resolve_artifact,
 )
 from infra.logging import log_context
-from infra.secrets import SecretBox
 from infra.storage import (
-    AccessDenied,
-    BucketNotFound,
-    InvalidKey,
-    ObjectNotFound,
     ObjectStore,
-    StorageError,
 )
-from schemas.edit_recipe import CorpusPath, EditRecipe, parse_corpus_path
+from schemas.edit_recipe import EditRecipe
 from schemas.jobs import ArtifactRef, JobError, JobKind, JobState
-from schemas.references import ModelReference, ReferenceError_, ReferenceKind, parse_reference
-from schemas.tenants import GrantError, TenantAccess
+from schemas.references import ReferenceError_, ReferenceKind, parse_reference
+from schemas.tenants import TenantAccess
 from service.reuse import reusable_recipe_hash
-from service.tenancy import LocalPathRefused, check_local_path, open_granted_store, s3_refusal
+from workers.inputs import fetch_corpus, resolve_inputs, source_settings, tenant_access
+from workers.watch import JobWatch
 
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
     from infra.settings import Settings
-    from infra.storage.s3 import S3ObjectStore
     from schemas.recipe import MergeRecipe
     from workers.edit.engine import EditGateError
-    from workers.merge.engine import Progress
     from workers.sources import ResolvedModel, SourceSettings
 
 log = logging.getLogger("weightsmith.runner")
-
-PROGRESS_INTERVAL_S = 1.0  # progress rows written at most this often (phase changes at once)
-CANCEL_POLL_INTERVAL_S = 0.25  # the cancel flag is read from the store at most this often
 
 
 class RetryLater(Exception):
@@ -130,7 +114,7 @@ def run_job(
             raise RetryLater(job_id, delay, "still running under another worker")
         log.info("job %s: attempt %d/%d on %s", job_id, job.attempts, job.max_attempts, worker_id)
 
-        watch = _JobWatch(
+        watch = JobWatch(
             store,
             job_id,
             worker_id,
@@ -170,7 +154,7 @@ def _run_claimed(
     store: JobStore,
     settings: Settings,
     object_store: ObjectStore,
-    watch: _JobWatch,
+    watch: JobWatch,
     work: Path,
     device: str,
 ) -> None:
@@ -186,7 +170,7 @@ def _run_claimed(
         sources = source_settings(settings, access, allow_pickle=allow_pickle)
         watch.report_phase("resolve")
         watch.check()
-        resolved = _resolve_inputs(recipe, sources, settings, object_store, access, work, watch)
+        resolved = resolve_inputs(recipe, sources, settings, object_store, access, work, watch)
         if isinstance(recipe, EditRecipe):
             result: Any = _edit(recipe, work, settings, object_store, access, resolved, watch)
         else:
@@ -334,30 +318,6 @@ def soft_time_limit(settings: Settings) -> float:
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def source_settings(
-    settings: Settings, access: TenantAccess, *, allow_pickle: bool
-) -> SourceSettings:
-    """How this worker resolves the job's references: the operator's hub endpoint and the
-    tenant's Hub token (its own, or the service's where granted, else none at all)."""
-    from workers.sources import SourceSettings
-
-    return SourceSettings(
-        hub_endpoint=settings.hf_endpoint,
-        hub_token=access.hub_token or False,
-        allow_local=settings.allow_local_paths,
-        allow_pickle=allow_pickle and settings.allow_pickle,
-    )
-
-
-def tenant_access(store: JobStore, settings: Settings, tenant_id: int) -> TenantAccess:
-    """The job's tenant with its grants and Hub token (service.tenancy), secrets opened."""
-    from infra.db.tenants import TenantStore
-
-    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
-    tenants = TenantStore(store.engine, SecretBox.from_settings(settings))
-    return tenants.access(tenant_id, operator_hub_token=token)
-
-
 def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe:
     from pydantic import ValidationError
 
@@ -387,144 +347,13 @@ def _reusable_hash(job: Job, parents: list[str]) -> str | None:
     return reusable_recipe_hash(job.kind, job.recipe, pinned)
 
 
-def _references(recipe: MergeRecipe | EditRecipe) -> list[ModelReference]:
-    """The recipe's model references, each once (in recipe order)."""
-    unique: dict[str, ModelReference] = {}
-    for _, ref in recipe.references():
-        unique.setdefault(str(ref), ref)
-    return list(unique.values())
-
-
-def _resolve_inputs(
-    recipe: MergeRecipe | EditRecipe,
-    sources: SourceSettings,
-    settings: Settings,
-    object_store: ObjectStore,
-    access: TenantAccess,
-    work: Path,
-    watch: _JobWatch,
-) -> dict[str, ResolvedModel]:
-    """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths,
-    each checked again against what the tenant may read (service.tenancy)."""
-    from workers.errors import InputError
-    from workers.sources import resolve_reference
-
-    resolved: dict[str, ResolvedModel] = {}
-    for i, ref in enumerate(_references(recipe)):
-        watch.check()
-        if ref.kind is ReferenceKind.ARTIFACT:
-            dest = work / f"input-{i}"
-            resolved[str(ref)] = _resolve_artifact(ref, object_store, access.name, dest)
-        elif ref.kind is ReferenceKind.S3:
-            resolved[str(ref)] = _resolve_s3(ref, settings, access, sources, work / f"input-{i}")
-        else:
-            if ref.kind is ReferenceKind.LOCAL:
-                try:
-                    check_local_path(ref.location, settings)
-                except LocalPathRefused as e:
-                    raise InputError(str(e), model=str(ref)) from None
-            resolved[str(ref)] = resolve_reference(ref, sources)
-    return resolved
-
-
-def _local_checkpoint(
-    ref: ModelReference, pinned: ModelReference, path: Path, revision: str | None
-) -> ResolvedModel:
-    """A downloaded folder as a resolved model that keeps its remote identity."""
-    from dataclasses import replace
-
-    from workers.sources import SourceSettings
-    from workers.sources.local import resolve_local
-
-    local = resolve_local(ref, SourceSettings(allow_local=True), path=path)
-    return replace(local, pinned=pinned, revision=revision)
-
-
-def _resolve_artifact(
-    ref: ModelReference, object_store: ObjectStore, tenant: str, dest: Path
-) -> ResolvedModel:
-    from workers.errors import SourceError
-
-    try:
-        # The service pins "latest" at submission; an unpinned reference is pinned here.
-        version = resolve_artifact(object_store, tenant, ref.location, ref.revision or LATEST)
-        download_artifact(object_store, tenant, ref.location, version.version, dest)
-    except ArtifactError as e:
-        raise SourceError(str(e), model=str(ref), file=e.file) from None
-    (dest / MANIFEST).unlink(missing_ok=True)  # the artifact's own record, not a model file
-    pinned = ref.with_revision(str(version.version))
-    return _local_checkpoint(ref, pinned, dest, str(version.version))
-
-
-def _granted_store(
-    raw: str,
-    bucket: str,
-    key: str,
-    settings: Settings,
-    access: TenantAccess,
-    *,
-    field: str | None = None,
-) -> S3ObjectStore:
-    """A client for ``s3://bucket/key`` with the credentials of the tenant's grant covering
-    it; InputError (the same words as at submission) when no grant covers it."""
-    from workers.errors import InputError
-
-    grant = access.s3_grant_for(bucket, key)
-    if grant is None:
-        raise InputError(s3_refusal(raw), field=field, model=None if field else raw)
-    try:
-        return open_granted_store(grant, settings)
-    except GrantError:
-        raise InputError(s3_refusal(raw), field=field, model=None if field else raw) from None
-
-
-def _resolve_s3(
-    ref: ModelReference,
-    settings: Settings,
-    access: TenantAccess,
-    sources: SourceSettings,
-    dest: Path,
-) -> ResolvedModel:
-    """Fetch a checkpoint folder from an S3 location granted to the tenant, with that
-    grant's credentials; only the files a merge needs."""
-    from workers.errors import SourceError
-    from workers.sources import SourceUnavailable, select_files
-    from workers.sources.selection import NoWeightsError
-
-    bucket, _, prefix = ref.location.partition("/")
-    remote = _granted_store(str(ref), bucket, prefix, settings, access)
-    try:
-        base = f"{prefix}/" if prefix else ""
-        listing = {info.key[len(base) :]: info for info in remote.list(base)}
-
-        def load_index(name: str) -> Any:
-            import json
-
-            return json.loads(remote.get_bytes(base + name))
-
-        selection = select_files(listing, allow_pickle=sources.allow_pickle, load_index=load_index)
-        dest.mkdir(parents=True)
-        for name in selection.files:
-            remote.download_file(base + name, dest / name)
-    except NoWeightsError as e:
-        raise SourceError(f"{ref}: {e}", model=str(ref)) from None
-    except (ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
-        raise SourceError(s3_refusal(str(ref)), model=str(ref)) from None
-    except StorageError as e:
-        raise SourceUnavailable(f"cannot read {ref}: {e}", model=str(ref)) from None
-    return _local_checkpoint(ref, ref, dest, None)
-
-
-# ---- merge ----------------------------------------------------------------------------------
-
-
 def _merge(
     recipe: MergeRecipe,
     out_dir: Path,
     sources: SourceSettings,
     resolved: dict[str, ResolvedModel],
     device: str,
-    watch: _JobWatch,
+    watch: JobWatch,
 ) -> Any:
     from workers.merge.engine import run_merge
 
@@ -540,8 +369,6 @@ def _merge(
 
 
 # ---- edit -----------------------------------------------------------------------------------
-
-MAX_CORPUS_FILE_BYTES = 1 << 30  # a covariance text file is read into memory whole
 
 
 @dataclass(frozen=True)
@@ -560,7 +387,7 @@ def _edit(
     object_store: ObjectStore,
     access: TenantAccess,
     resolved: dict[str, ResolvedModel],
-    watch: _JobWatch,
+    watch: JobWatch,
 ) -> _EditOutput:
     """Run the edit engine on the fetched model, with the shared covariance cache."""
     from workers.edit.covariance import ObjectStoreCovarianceCache
@@ -574,7 +401,7 @@ def _edit(
     corpus = None
     if recipe.covariance.source == "text":
         watch.report_phase("fetch-corpus")
-        corpus = _fetch_corpus(recipe, settings, object_store, access, work / "corpus", watch)
+        corpus = fetch_corpus(recipe, settings, object_store, access, work / "corpus", watch)
     result = run_edit(
         recipe,
         work / "out",
@@ -608,200 +435,3 @@ def _gate_failure(e: EditGateError) -> JobError:
         "(flagged in the manifest) set on_gate_failure: publish_flagged"
     )
     return JobError(message=e.message, field="gate", detail=detail, metrics=json_safe(m))
-
-
-def _fetch_corpus(
-    recipe: EditRecipe,
-    settings: Settings,
-    object_store: ObjectStore,
-    access: TenantAccess,
-    dest: Path,
-    watch: _JobWatch,
-) -> list[Path]:
-    """The covariance text files of ``covariance.paths`` as local files, in order.
-
-    ``s3://`` reads a location granted to the tenant with that grant's credentials,
-    ``artifact://`` this tenant's artifacts (the file's sha256 checked against the
-    manifest), a local path only where the operator allows local paths (service.tenancy).
-    Missing or refused files fail the job (InputError)."""
-    from workers.errors import InputError
-    from workers.sources import SourceUnavailable
-
-    dest.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    for i, raw in enumerate(recipe.covariance.paths):
-        watch.check()
-        where = f"covariance.paths[{i}]"
-        loc = parse_corpus_path(raw)  # validated with the recipe
-        target = dest / f"{i}.txt"
-        try:
-            if loc.kind == "local":
-                files.append(_local_corpus(raw, settings, where))
-                continue
-            if loc.kind == "s3":
-                _s3_corpus(raw, loc.container or "", loc.path, settings, access, target, where)
-            else:
-                _artifact_corpus(object_store, access.name, loc, target)
-        except ArtifactError as e:
-            raise InputError(f"{raw}: {e}", field=where) from None
-        except FileNotFoundError as e:
-            raise InputError(f"{raw}: {e}", field=where) from None
-        except StorageError as e:
-            raise SourceUnavailable(f"cannot read {raw}: {e}", field=where) from None
-        files.append(target)
-    return files
-
-
-def _local_corpus(raw: str, settings: Settings, where: str) -> Path:
-    from workers.errors import InputError
-
-    try:
-        path = check_local_path(raw, settings)
-    except LocalPathRefused as e:
-        raise InputError(str(e), field=where) from None
-    if not path.is_file():
-        raise InputError(f"{raw!r} is not a text file", field=where)
-    _check_corpus_size(raw, path.stat().st_size, where)
-    return path
-
-
-def _check_corpus_size(raw: str, size: int, where: str) -> None:
-    from workers.errors import InputError
-
-    if size > MAX_CORPUS_FILE_BYTES:
-        raise InputError(
-            f"{raw} has {size} bytes; a covariance text file may have at most "
-            f"{MAX_CORPUS_FILE_BYTES} (split it into several files)",
-            field=where,
-        )
-
-
-def _s3_corpus(
-    raw: str,
-    bucket: str,
-    key: str,
-    settings: Settings,
-    access: TenantAccess,
-    target: Path,
-    where: str,
-) -> None:
-    """s3://bucket/key from a location granted to the tenant; InputError, with the words
-    used at submission, when it is absent or not granted."""
-    from workers.errors import InputError
-
-    remote = _granted_store(raw, bucket, key, settings, access, field=where)
-    try:
-        info = remote.stat(key)
-        if info is not None:
-            _check_corpus_size(raw, info.size, where)
-            remote.download_file(key, target)
-    except (ObjectNotFound, BucketNotFound, AccessDenied, InvalidKey):
-        info = None
-    if info is None:
-        raise InputError(s3_refusal(raw), field=where)
-
-
-def _artifact_corpus(object_store: ObjectStore, tenant: str, loc: CorpusPath, target: Path) -> None:
-    """One file of a published artifact version, checked against its manifest's sha256."""
-    from infra.artifacts import read_manifest
-
-    assert loc.container is not None and loc.version is not None
-    manifest = read_manifest(object_store, tenant, loc.container, loc.version)
-    files = [f for f in manifest.get("files") or [] if isinstance(f, dict)]
-    entry = next((f for f in files if f.get("path") == loc.path), None)
-    if entry is None:
-        listed = ", ".join(str(f.get("path")) for f in files[:10])
-        raise FileNotFoundError(
-            f"artifact {loc.container!r} version {loc.version} has no file {loc.path!r} "
-            f"(it has: {listed})"
-        )
-    _check_corpus_size(str(loc), int(entry.get("size", 0)), "covariance.paths")
-    version = resolve_artifact(object_store, tenant, loc.container, loc.version)
-    object_store.download_file(version.prefix + loc.path, target, sha256=str(entry["sha256"]))
-
-
-class _JobWatch:
-    """Heartbeats, throttled progress and the stop signal of one running attempt."""
-
-    def __init__(
-        self,
-        store: JobStore,
-        job_id: str,
-        worker_id: str,
-        heartbeat_interval: float,
-        *,
-        time_limit_s: float,
-    ) -> None:
-        self.store = store
-        self.job_id = job_id
-        self.worker_id = worker_id
-        self.heartbeat_interval = heartbeat_interval
-        self.lost = False
-        self.timed_out = False
-        self._deadline = time.monotonic() + time_limit_s
-        self._cancel = False
-        self._last_progress = 0.0
-        self._last_phase: str | None = None
-        self._last_cancel_check = 0.0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(self.heartbeat_interval):
-            try:
-                if not self.store.heartbeat(self.job_id, self.worker_id):
-                    self.lost = True
-                    return
-            except Exception:  # a database hiccup: the next beat tries again
-                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
-
-    def _write(self, **values: Any) -> None:
-        if not self.store.update_progress(self.job_id, self.worker_id, **values):
-            self.lost = True
-
-    def report_phase(self, phase: str) -> None:
-        self._last_phase = phase
-        self._last_progress = time.monotonic()
-        self._write(phase=phase)
-
-    def report(self, p: Progress) -> None:
-        now = time.monotonic()
-        if p.phase == self._last_phase and now - self._last_progress < PROGRESS_INTERVAL_S:
-            return
-        self._last_phase = p.phase
-        self._last_progress = now
-        self._write(
-            phase=p.phase,
-            tensors_done=p.tensors_done,
-            tensors_total=p.tensors_total,
-            bytes_done=p.bytes_done,
-            bytes_total=p.bytes_total,
-        )
-
-    def should_stop(self) -> bool:
-        """The engine's cancel check: a cancel request, or the job is no longer ours."""
-        if self.lost or self._cancel or self.timed_out:
-            return True
-        now = time.monotonic()
-        if now > self._deadline:
-            self.timed_out = True
-            return True
-        if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
-            self._last_cancel_check = now
-            self._cancel = self.store.is_cancel_requested(self.job_id)
-        return self.lost or self._cancel
-
-    def check(self) -> None:
-        """Between input downloads: stop at once when cancelled or taken over."""
-        from workers.errors import CancelledError
-
-        if self.should_stop():
-            raise CancelledError("the job was cancelled")
