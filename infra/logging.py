@@ -61,14 +61,6 @@ def current_log_context() -> LogContext | None:
     return _context.get()
 
 
-def bind_job(job_id: str, *, tenant: str | None = None) -> None:
-    """From here on (in this thread or task), log records name job ``job_id``.
-
-    The worker calls it when it starts a job; the next job replaces it.
-    """
-    _context.set(LogContext(job_id=str(job_id), tenant=tenant))
-
-
 @contextmanager
 def log_context(*, job_id: str | None = None, tenant: str | None = None) -> Iterator[LogContext]:
     """A fresh context for a block (a request, a job); the previous one comes back after."""

@@ -187,10 +187,6 @@ def record_job_event(session: Session, job: Job, now: datetime) -> int:
     return len(targets)
 
 
-def record_job_events(session: Session, jobs: Sequence[Job], now: datetime) -> int:
-    return sum(record_job_event(session, job, now) for job in jobs)
-
-
 # ---- the store -----------------------------------------------------------------------------
 
 

@@ -103,10 +103,6 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def normalize_sha256(value: str | None) -> str | None:
     """Lower-case hex sha256 or None; rejects anything else early (a typo is not a digest)."""
     if value is None:

@@ -32,9 +32,6 @@ class ResolvedModel:
     def total_size(self) -> int:
         return sum(f.size for f in self.files.values())
 
-    def file_paths(self) -> dict[str, Path]:
-        return {name: self.path / name for name in self.files}
-
 
 @dataclass(frozen=True)
 class SourceSettings:
