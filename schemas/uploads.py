@@ -3,7 +3,7 @@
 - ``UploadCreate`` — the body of ``POST /v1/uploads``: the artifact name and every file the
   client will send, with its size and sha256. The rules that need no settings are checked
   here (names, path forms, digests, pickle files); the caps (file count, sizes) depend on
-  the service's settings and are checked by ``infra.uploads``.
+  the service's settings and are checked by ``service.uploads``.
 - ``UploadView`` — an upload as the API returns it: its state, each file's received offset,
   the limits a client must respect, when it expires and, once published, the artifact.
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from infra.artifacts import download_artifact, list_versions
-from infra.uploads import (
+from service.uploads import (
     LEASE_STALE_S,
     STAGING,
     UploadCaps,
@@ -703,7 +703,7 @@ def test_a_completion_that_failed_after_publishing_returns_the_same_version_on_r
 
 def test_a_chunk_that_lost_the_race_for_its_offset_is_409_and_deleted(api: ApiHarness) -> None:
     """Two PUTs validated at the same offset: the one that commits second is refused."""
-    from infra.uploads import commit_chunk, prepare_chunk
+    from service.uploads import commit_chunk, prepare_chunk
 
     store = api.service.store
     caps = UploadCaps.from_settings(api.settings)
@@ -967,7 +967,7 @@ def test_a_full_temporary_disk_is_503_and_stores_nothing(
     import errno
 
     from app.routes import uploads as upload_routes
-    from infra import uploads as upload_infra
+    from service import uploads as upload_infra
 
     def disk_full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,7 +10,7 @@ and it becomes the next version of one of its artifacts (``artifact://NAME@N``).
 3. ``POST /v1/uploads/{id}/complete`` verifies every file's size and sha256 and publishes
    the version; retrying it returns the same version.
 
-``GET`` shows an upload, ``DELETE`` aborts it. The rules live in ``infra.uploads``; this
+``GET`` shows an upload, ``DELETE`` aborts it. The rules live in ``service.uploads``; this
 module maps HTTP onto them. The chunk route streams its body to a temporary file, counting,
 and stops reading past ``WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES``: a chunk is never held in
 memory.
@@ -37,7 +37,11 @@ from app.dependencies import PrincipalDep, ServiceDep
 from app.limits import CheckedBodyRoute
 from infra.artifacts import ArtifactError
 from infra.storage import StorageError, StorageUnavailable
-from infra.uploads import (
+from schemas.jobs import ArtifactRef, ProblemDetail, ProblemItem
+from schemas.uploads import UploadCreate, UploadFileView, UploadLimits, UploadView
+from service.context import Service
+from service.errors import Problem
+from service.uploads import (
     SWEEP_EVERY_S,
     ChecksumMismatch,
     ChunkRejected,
@@ -58,10 +62,6 @@ from infra.uploads import (
     prepare_chunk,
     sweep_expired_uploads,
 )
-from schemas.jobs import ArtifactRef, ProblemDetail, ProblemItem
-from schemas.uploads import UploadCreate, UploadFileView, UploadLimits, UploadView
-from service.context import Service
-from service.errors import Problem
 
 log = logging.getLogger("weightsmith.api")
 
@@ -84,7 +84,7 @@ def _caps(service: Service) -> UploadCaps:
 
 
 def _problem(e: Exception) -> Problem:
-    """The HTTP answer for an error of infra.uploads or the object store."""
+    """The HTTP answer for an error of service.uploads or the object store."""
     if isinstance(e, UploadNotFound):
         return Problem(404, str(e), title="Not found")
     if isinstance(e, UploadRefused):
@@ -146,7 +146,7 @@ def _problem(e: Exception) -> Problem:
 
 
 async def _call(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
-    """Run an infra.uploads function in the thread pool, its errors as problems."""
+    """Run an service.uploads function in the thread pool, its errors as problems."""
     try:
         return await run_in_threadpool(fn, *args, **kwargs)
     except (UploadError, StorageError, ArtifactError, OSError) as e:
