@@ -8,7 +8,8 @@ from workers.edit.memit import Memit
 from workers.edit.rome import Rome
 from workers.edit.update import EditMethod
 
-METHODS: dict[str, EditMethod] = {m.name: m for m in (Rome(), Memit())}
+_ALL: tuple[EditMethod, ...] = (Rome(), Memit())  # typed: mypy checks each against the protocol
+METHODS: dict[str, EditMethod] = {m.name: m for m in _ALL}
 
 
 def edit_method(name: str) -> EditMethod:
