@@ -28,6 +28,7 @@ tuned on these facts. Results go to ``bench/.data/results-edit.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -47,16 +48,11 @@ from schemas.edit_recipe import EditRecipe, EditRequest, parse_edit_recipe  # no
 from tests.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
-from workers.edit.architectures import (  # noqa: E402
-    apply_delta,
-    architecture_for,
-    default_layers,
-    default_mom2_update_weight,
-    num_layers,
-)
+from workers.edit.architectures import default_mom2_update_weight  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
-from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
+from workers.edit.engine import load_model, model_revision  # noqa: E402
 from workers.edit.memit import memit_edit  # noqa: E402
+from workers.edit.methods import edit_method  # noqa: E402
 from workers.edit.metrics import (  # noqa: E402
     Probe,
     evaluate,
@@ -67,7 +63,9 @@ from workers.edit.metrics import (  # noqa: E402
 )
 from workers.edit.prompts import kept_prompts  # noqa: E402
 from workers.edit.rome import rome_edit  # noqa: E402
+from workers.edit.settings import EditSettings  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
+from workers.edit.update import EditContext  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
 FACTS = Path(__file__).with_name("edit_facts.json")
@@ -292,13 +290,14 @@ def run(work: Path) -> int:
     # -- load once; templates and covariances as the recipe defaults make them -----------
     recipe: EditRecipe = recipe_for(ckpt, candidates[0].request, args)
     resolved = resolve_reference(recipe.model, SourceSettings())
-    model, tok = _load(resolved, "smollm2")
-    arch = architecture_for(model.config)
-    depth = num_layers(arch, model.config)
-    values = _value_settings(recipe, depth)
+    target = load_model(resolved, "smollm2")
+    model, tok, arch = target.model, target.tokenizer, target.arch
+    depth = target.depth
+    # one settings object for both methods' runs (ROME's v* settings, as the recipe has them)
+    settings = EditSettings.from_recipe(recipe, target, edit_method("rome"))
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
-    default_rome_layer = default_layers("rome", depth)[0]
+    default_rome_layer = edit_method("rome").default_layers(depth)[0]
     rome_layer = default_rome_layer if args.rome_layer is None else args.rome_layer
     results["rome_layer"] = rome_layer
     sufficient = h.sufficient_loss
@@ -312,7 +311,7 @@ def run(work: Path) -> int:
     results["rome_edit_margin_default"] = h.edit_margin
     results["rome_sufficient_loss_default"] = h.sufficient_loss
     results["rome_layer_default"] = default_rome_layer
-    memit_layers = default_layers("memit", depth)
+    memit_layers = edit_method("memit").default_layers(depth)
     d_in = model.get_submodule(arch.module_name(memit_layers[0])).weight.shape[1]
     lam = args.memit_lambda or h.mom2_update_weight or default_mom2_update_weight(d_in)
     results["memit_lambda"] = lam
@@ -365,6 +364,10 @@ def run(work: Path) -> int:
     ppl0 = perplexity(model, tok, reference_sentences())
 
     # -- ROME, one fact at a time on the clean model ------------------------------------
+    context = EditContext(templates, C)
+    rome_settings = dataclasses.replace(
+        settings, layers=(rome_layer,), sufficient_loss=sufficient, edit_margin=margin
+    )
     module = model.get_submodule(arch.module_name(rome_layer))
     W0 = module.weight.detach().clone()
     rows = []
@@ -374,10 +377,9 @@ def run(work: Path) -> int:
         own_pairs = own_answer_pairs(fact)
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
-        u = rome_edit(model, tok, arch, req, rome_layer, C[rome_layer], templates, values,
-                      h.key_mode, sufficient_loss=sufficient, edit_margin=margin)  # fmt: skip
+        u = rome_edit(target, req, rome_settings, context)
         delta = delta_from_factors(u.left, u.right)
-        apply_delta(model, arch, rome_layer, delta)
+        target.apply(rome_layer, delta)
         seconds = time.perf_counter() - t
         m = evaluate(model, tok, [req], probe)
         own = own_answer_kept(own_before, prefers_first(model, tok, own_pairs))
@@ -415,6 +417,9 @@ def run(work: Path) -> int:
         layer: model.get_submodule(arch.module_name(layer)).weight.detach().clone()
         for layer in memit_layers
     }
+    memit_settings = dataclasses.replace(
+        settings, layers=tuple(memit_layers), mom2_update_weight=lam
+    )
     memit = []
     for size in sizes:
         if size > len(pool):
@@ -425,7 +430,7 @@ def run(work: Path) -> int:
         own_pairs = [pair for f in pool[:size] for pair in own_answer_pairs(f)]
         own_before = prefers_first(model, tok, own_pairs)
         t = time.perf_counter()
-        memit_edit(model, tok, arch, batch, memit_layers, C, templates, values, lam)
+        memit_edit(target, batch, memit_settings, context)
         seconds = time.perf_counter() - t
         m = evaluate(model, tok, batch, probe)
         m["neighborhood_own_answer"] = own_answer_kept(

@@ -25,6 +25,7 @@ same-object neighbors and the relation's other subjects.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -51,18 +52,20 @@ from schemas.edit_recipe import parse_edit_recipe  # noqa: E402
 from tests.smollm2 import smollm2_checkpoint  # noqa: E402
 from workers.edit import LocalCovarianceCache  # noqa: E402
 from workers.edit.algebra import delta_from_factors, rome_direction  # noqa: E402
-from workers.edit.architectures import apply_delta, architecture_for, num_layers  # noqa: E402
+from workers.edit.architectures import EditModel  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus  # noqa: E402
-from workers.edit.engine import _load, _value_settings, model_revision  # noqa: E402
+from workers.edit.engine import load_model, model_revision  # noqa: E402
+from workers.edit.methods import edit_method  # noqa: E402
 from workers.edit.metrics import evaluate, perplexity, reference_sentences  # noqa: E402
 from workers.edit.rome import (  # noqa: E402
-    RankOneUpdate,
     least_margin_scale,
     least_sufficient_scale,
     rome_edit,
     subject_keys,
 )
+from workers.edit.settings import EditSettings  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
+from workers.edit.update import EditContext, RankOneUpdate  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
 
@@ -121,9 +124,9 @@ def main() -> int:
     first = candidates[0].request.model_dump(exclude_none=True)
     recipe = parse_edit_recipe({"edit_method": "rome", "model": str(ckpt), "requests": [first]})
     resolved = resolve_reference(recipe.model, SourceSettings())
-    model, tok = _load(resolved, "smollm2")
-    arch = architecture_for(model.config)
-    values = _value_settings(recipe, num_layers(arch, model.config))
+    target = load_model(resolved, "smollm2")
+    model, tok, arch = target.model, target.tokenizer, target.arch
+    settings = EditSettings.from_recipe(recipe, target, edit_method("rome"))
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
     flags = known(model, tok, [f.request for f in candidates])
@@ -166,14 +169,14 @@ def main() -> int:
           "mean perplexity ratio | max |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     kept_rows: list[dict[str, Any]] = []
-    setup = Setup(model, tok, arch, C, templates, values, h.key_mode, ppl0)
+    setup = Setup(target, EditContext(templates, C), settings, ppl0)
     for layer in layers:
         weight = model.get_submodule(arch.module_name(layer)).weight
         original = weight.detach().clone()
         rows: dict[tuple[str, float | None], list[dict[str, Any]]] = {x: [] for x in settings}
         for r in requests:
             before = pre_edit_probe(model, tok, [r], ppl0)
-            u = rome_edit(model, tok, arch, r, layer, C[layer], templates, values, h.key_mode)
+            u = rome_edit(target, r, setup.at(layer), setup.context)
 
             nb = r.neighborhood_prompts
             if args.keep == "neighborhood" and nb:
@@ -190,7 +193,7 @@ def main() -> int:
                     )  # fmt: skip
             for setting in settings:
                 scale = setting_scale(setup, r, layer, u, setting)
-                apply_delta(model, arch, layer, scale * delta_from_factors(u.left, u.right))
+                target.apply(layer, scale * delta_from_factors(u.left, u.right))
                 m = evaluate(model, tok, [r], before)
                 rows[setting].append({k: m[k] for k in keys} | {"scale": scale})
                 with torch.no_grad():
@@ -288,25 +291,24 @@ def setting_scale(
     name, value = setting
     if value is None:
         return 1.0
+    delta = delta_from_factors(u.left, u.right)
     if name == "sufficient_loss":
-        return least_sufficient_scale(
-            s.model, s.tok, s.arch, layer, u.left, u.right, s.templates, request, value
-        )
-    return least_margin_scale(
-        s.model, s.tok, s.arch, layer, u.left, u.right, request, request.target_true, value
-    )
+        return least_sufficient_scale(s.target, layer, delta, s.context.templates, request, value)
+    return least_margin_scale(s.target, layer, delta, request, request.target_true, value)
 
 
 @dataclass(frozen=True)
 class Setup:
-    model: Any
-    tok: Any
-    arch: Any
-    C: dict[int, torch.Tensor]
-    templates: list[str]
-    values: Any
-    key_mode: Any
+    target: EditModel
+    context: EditContext  # templates and every swept layer's C
+    settings: EditSettings  # the recipe's, as resolved for the model
     ppl0: float
+
+    def at(self, layer: int) -> EditSettings:
+        """The settings of a ROME edit at ``layer``, unscaled (the sweep scales it)."""
+        return dataclasses.replace(
+            self.settings, layers=(layer,), edit_margin=None, sufficient_loss=None
+        )
 
 
 def scored(
@@ -316,21 +318,14 @@ def scored(
     None) the update with those keep_prompts and the plain update's v*."""
     if keep is not None:
         request = request.model_copy(update={"keep_prompts": keep})
-    pre = pre_edit_probe(s.model, s.tok, [request], s.ppl0)
+    model, tok = s.target.model, s.target.tokenizer
+    pre = pre_edit_probe(model, tok, [request], s.ppl0)
     update = plain
     if keep is not None:
-        update = rome_edit(
-            s.model, s.tok, s.arch, request, layer, s.C[layer], s.templates, s.values,
-            s.key_mode, value=plain.value,
-        )  # fmt: skip
-    weight = s.model.get_submodule(s.arch.module_name(layer)).weight
-    original = weight.detach().clone()
-    apply_delta(s.model, s.arch, layer, delta_from_factors(update.left, update.right))
-    try:
-        return evaluate(s.model, s.tok, [request], pre)
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
+        update = rome_edit(s.target, request, s.at(layer), s.context, value=plain.value)
+    with s.target.restored([layer]):
+        s.target.apply(layer, delta_from_factors(update.left, update.right))
+        return evaluate(model, tok, [request], pre)
 
 
 def print_kept(mode: str, rows: list[dict[str, Any]]) -> None:

@@ -15,7 +15,8 @@ from workers.edit.algebra import (
     rome_direction,
     rome_update,
 )
-from workers.edit.architectures import architecture_for, default_layers
+from workers.edit.architectures import architecture_for
+from workers.edit.methods import edit_method
 from workers.errors import InputError
 
 
@@ -87,11 +88,14 @@ def test_relative_norm_and_clamp():
 
 
 def test_default_layers_scale_the_published_settings_by_depth():
-    assert default_layers("rome", 32) == [5]
-    assert default_layers("memit", 32) == [4, 5, 6, 7, 8]
-    assert default_layers("rome", 30) == [5]
-    assert default_layers("memit", 30) == [4, 5, 6, 7, 8]
-    assert default_layers("rome", 12) == [2]
+    rome, memit = edit_method("rome"), edit_method("memit")
+    assert rome.default_layers(32) == [5]
+    assert memit.default_layers(32) == [4, 5, 6, 7, 8]
+    assert rome.default_layers(30) == [5]
+    assert memit.default_layers(30) == [4, 5, 6, 7, 8]
+    assert rome.default_layers(12) == [2]
+    # the band 4–8 of 32 at depth 12: 4·12/32 = 1.5 rounds to 2 (half to even), 8·12/32 = 3
+    assert memit.default_layers(12) == [2, 3]
 
 
 def test_unknown_architecture_is_an_error_listing_the_supported_ones():

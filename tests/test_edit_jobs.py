@@ -6,6 +6,8 @@ the covariance cache in the object store. CI time on 2 CPU cores is the constrai
 plain-text corpus (2,048 tokens, published as an artifact and read as
 ``artifact://corpora@1/corpus.txt``), 3 context templates, and the later jobs stop after
 one optimisation step (their gate is set so that any edit trips it).
+
+Slow (minutes on 2 CPU cores): ``pytest -m "not slow"`` leaves these out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from tests.api_fixtures import ApiHarness
 from tests.smollm2 import write_text_corpus
 from workers.edit.covariance import COMPUTED
 from workers.embedded import EmbeddedWorker
+
+pytestmark = pytest.mark.slow
 
 PROMPT, SUBJECT, NEW, TRUE = "The capital of Japan is", "Japan", "Paris", "Tokyo"
 CORPUS = "artifact://corpora@1/corpus.txt"

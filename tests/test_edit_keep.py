@@ -15,12 +15,11 @@ import torch
 
 from schemas.edit_recipe import EditRequest, parse_edit_recipe
 from schemas.recipe import RecipeError
-from tests.models import build_tokenizer
-from tests.tiny_edit import STRONG, TEMPLATES, tiny_model
+from tests.tiny_edit import CONTEXT, LAYER, STRONG, TEMPLATES, settings, tiny_target
 from workers.edit.algebra import delta_from_factors, memit_update, rome_direction
-from workers.edit.architectures import apply_delta, architecture_for
 from workers.edit.memit import memit_edit
 from workers.edit.rome import rome_edit
+from workers.edit.update import EditContext
 from workers.errors import InputError
 
 # --- algebra ---------------------------------------------------------------------------
@@ -106,8 +105,8 @@ KEEP = ["w1 w2 w3 w7", "w12 w6 w7 w30 w31"]
 VALUES = dataclasses.replace(STRONG, clamp_factor=4.0)
 
 
-def _model(kind: str):
-    return tiny_model(kind, output_scale=1.0)
+def _target(kind: str):
+    return tiny_target(kind, output_scale=1.0)
 
 
 @torch.no_grad()
@@ -123,38 +122,36 @@ def _max_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_a_rome_edit_leaves_the_kept_prompts_unchanged(kind):
-    model, tok = _model(kind), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = _target(kind)
+    model, tok = target.model, target.tokenizer
     request = EditRequest(prompt="w5 w6 w7 w8", subject="w8", target_new="w20")
     kept = request.model_copy(update={"keep_prompts": KEEP})
     before = _logits(model, tok, [*KEEP, request.prompt])
     changes = {}
     for name, r in (("plain", request), ("kept", kept)):
-        u = rome_edit(model, tok, arch, r, 1, None, TEMPLATES, VALUES, "consistent")
-        w = model.get_submodule(arch.module_name(1)).weight
-        original = w.detach().clone()
-        apply_delta(model, arch, 1, delta_from_factors(u.left, u.right))
-        after = _logits(model, tok, [*KEEP, request.prompt])
+        u = rome_edit(target, r, settings(values=VALUES), CONTEXT)
+        with target.restored([LAYER]):
+            target.apply(LAYER, delta_from_factors(u.left, u.right))
+            after = _logits(model, tok, [*KEEP, request.prompt])
         changes[name] = (_max_change(before[:-1], after[:-1]), _max_change(before[-1:], after[-1:]))
-        with torch.no_grad():
-            w.copy_(original)
     assert changes["plain"][0] > 1e-2, "the test needs an edit that moves the kept prompts"
     assert changes["kept"][0] < 1e-4 * changes["plain"][0] + 1e-5
     assert changes["kept"][1] > 1e-2  # the edited prompt still moves
 
 
 def test_a_memit_batch_leaves_the_kept_prompts_unchanged():
-    model, tok = _model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = _target("llama")
+    model, tok = target.model, target.tokenizer
     requests = [
         EditRequest(prompt="w5 w6 w7 w8", subject="w8", target_new="w20", keep_prompts=KEEP[:1]),
         EditRequest(prompt="w40 w41 w42", subject="w41", target_new="w21", keep_prompts=KEEP[1:]),
     ]
     before = _logits(model, tok, KEEP)
-    weights = {i: model.get_submodule(arch.module_name(i)).weight for i in (0, 1)}
+    weights = {i: target.weight(i) for i in (0, 1)}
     originals = {i: w.detach().clone() for i, w in weights.items()}
     C = {i: torch.eye(128) for i in (0, 1)}
-    memit_edit(model, tok, arch, requests, [0, 1], C, TEMPLATES, VALUES, 1.0)
+    s = settings(layers=(0, 1), values=VALUES, mom2_update_weight=1.0)
+    memit_edit(target, requests, s, EditContext(TEMPLATES, C))
     edited = sum(float((weights[i].detach() - originals[i]).abs().max()) for i in (0, 1))
     assert edited > 1e-3
     assert _max_change(before, _logits(model, tok, KEEP)) < 1e-4

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from schemas.edit_recipe import EditRequest
-from tests.models import build_tokenizer
-from tests.tiny_edit import LAYER, STRONG, TEMPLATES, tiny_model, with_delta
+from tests.tiny_edit import CONTEXT, LAYER, STRONG, settings, tiny_target, with_delta
 from workers.edit.algebra import delta_from_factors
-from workers.edit.architectures import architecture_for, edited_weight
 from workers.edit.rome import rome_edit
 
 PROMPT, SUBJECT, NEW = "w5 w6 w7 w8", "w8", "w20 w21"
@@ -42,95 +40,87 @@ def _greedy(model, tok) -> str:
     return str(tok.decode([int(model(torch.tensor([ids])).logits[0, -1].argmax())]))
 
 
-def _edited_margin(model, tok, arch, delta: torch.Tensor, true: str) -> float:
-    return with_delta(model, arch, delta, lambda: _margin(model, tok, true))
+def _edited_margin(target, delta: torch.Tensor, true: str) -> float:
+    return with_delta(target, delta, lambda: _margin(target.model, target.tokenizer, true))
 
 
-def _edit(model, tok, arch, request, edit_margin, values=STRONG, target_true=None):
-    return rome_edit(
-        model, tok, arch, request, LAYER, None, TEMPLATES, values, "consistent",
-        edit_margin=edit_margin, target_true=target_true,
-    )  # fmt: skip
+def _edit(target, request, edit_margin, values=STRONG, target_true=None):
+    s = settings(values=values, edit_margin=edit_margin)
+    return rome_edit(target, request, s, CONTEXT, target_true=target_true)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_margin(kind):
-    model, tok = tiny_model(kind), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = tiny_target(kind)
+    model, tok = target.model, target.tokenizer
     true = _greedy(model, tok)
     assert true != "w20"
     request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
-    before = edited_weight(model, arch, LAYER).detach().clone()
+    before = target.weight(LAYER).detach().clone()
 
-    full = _edit(model, tok, arch, request, None)
+    full = _edit(target, request, None)
     full_delta = delta_from_factors(full.left, full.right)
     m0 = -_margin(model, tok, true)
     assert m0 > 0  # the greedy token is preferred
-    m_full = _edited_margin(model, tok, arch, full_delta, true)
+    m_full = _edited_margin(target, full_delta, true)
     assert m_full > 0, "the test needs an edit that turns the preference"
     kappa = m_full / 2 / max(m0, 1.0)  # reachable, with room to scale down
 
-    scaled = _edit(model, tok, arch, request, kappa)
-    assert torch.equal(edited_weight(model, arch, LAYER), before)  # restored bit for bit
+    scaled = _edit(target, request, kappa)
+    assert torch.equal(target.weight(LAYER), before)  # restored bit for bit
     assert 0 < scaled.scale < 1 and full.scale == 1.0
     torch.testing.assert_close(scaled.left, scaled.scale * full.left)
     torch.testing.assert_close(scaled.right, full.right)
     needed = kappa * max(m0, 1.0)
-    assert _edited_margin(model, tok, arch, scaled.scale * full_delta, true) >= needed - 1e-4
+    assert _edited_margin(target, scaled.scale * full_delta, true) >= needed - 1e-4
     # least to the bisection's resolution: one step less does not reach the margin
-    assert _edited_margin(model, tok, arch, (scaled.scale - 2**-7) * full_delta, true) < needed
+    assert _edited_margin(target, (scaled.scale - 2**-7) * full_delta, true) < needed
 
 
 def test_without_target_true_the_margin_is_against_the_greedy_next_token():
-    model, tok = tiny_model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
-    true = _greedy(model, tok)
+    target = tiny_target("llama")
+    true = _greedy(target.model, target.tokenizer)
     given = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
     bare = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW)
-    assert _edit(model, tok, arch, bare, 3.0).scale == _edit(model, tok, arch, given, 3.0).scale
+    assert _edit(target, bare, 3.0).scale == _edit(target, given, 3.0).scale
     # the caller's target_true (the engine passes the probe's) takes precedence
     other = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true="w30")
-    assert (
-        _edit(model, tok, arch, other, 3.0, target_true=true).scale
-        == _edit(model, tok, arch, given, 3.0).scale
-    )
+    assert _edit(target, other, 3.0, target_true=true).scale == _edit(target, given, 3.0).scale
 
 
 def test_a_weakly_held_fact_is_turned_by_at_least_the_minimum_margin():
     """0 < m₀ < 1 nat counts as 1 nat: the edit makes target_new win by edit_margin nats."""
-    model, tok = tiny_model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = tiny_target("llama")
+    model, tok = target.model, target.tokenizer
     margins = {f"w{i}": -_margin(model, tok, f"w{i}") for i in range(30, 250)}
     true = min((t for t, m in margins.items() if 0 < m < 1), key=lambda t: margins[t])
     request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
-    full = _edit(model, tok, arch, request, None)
-    scaled = _edit(model, tok, arch, request, 2.0)
+    full = _edit(target, request, None)
+    scaled = _edit(target, request, 2.0)
     delta = delta_from_factors(full.left, full.right)
     assert 0 < scaled.scale < 1
-    assert _edited_margin(model, tok, arch, scaled.scale * delta, true) >= 2.0 - 1e-4
-    assert _edited_margin(model, tok, arch, (scaled.scale - 2**-7) * delta, true) < 2.0
+    assert _edited_margin(target, scaled.scale * delta, true) >= 2.0 - 1e-4
+    assert _edited_margin(target, (scaled.scale - 2**-7) * delta, true) < 2.0
 
 
 def test_a_fact_the_model_does_not_hold_keeps_the_whole_update():
     """m₀ ≤ 0 (target_new already preferred): the margin cannot size the edit."""
-    model, tok = tiny_model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = tiny_target("llama")
     true = "w30"
-    assert _margin(model, tok, true) >= 0
+    assert _margin(target.model, target.tokenizer, true) >= 0
     request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
-    full = _edit(model, tok, arch, request, None)
-    kept = _edit(model, tok, arch, request, 2.0)
+    full = _edit(target, request, None)
+    kept = _edit(target, request, 2.0)
     assert kept.scale == 1.0
     torch.testing.assert_close(kept.left, full.left)
 
 
 def test_an_unreachable_margin_keeps_the_whole_update():
-    model, tok = tiny_model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
-    true = _greedy(model, tok)
+    target = tiny_target("llama")
+    true = _greedy(target.model, target.tokenizer)
     request = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=NEW, target_true=true)
     weak = dataclasses.replace(STRONG, steps=1, lr=0.01)
-    full = _edit(model, tok, arch, request, None, weak)
-    kept = _edit(model, tok, arch, request, 100.0, weak)
+    full = _edit(target, request, None, weak)
+    kept = _edit(target, request, 100.0, weak)
     assert kept.scale == 1.0
     torch.testing.assert_close(kept.left, full.left)

@@ -3,6 +3,10 @@
 The model knows "The capital of Japan is" → " Tokyo". Settings are the recipe defaults
 except where CI time on 2 CPU cores demands less: 5 sampled context templates instead of
 20, and the keys' covariance from a small plain-text corpus (no sampling from the model).
+The model is loaded once for the module (``smol``): every edit runs on it and run_edit
+restores its weights bit for bit.
+
+Slow (minutes on 2 CPU cores): ``pytest -m "not slow"`` leaves these out.
 """
 
 from __future__ import annotations
@@ -15,17 +19,21 @@ import pytest
 import torch
 
 from schemas.edit_recipe import parse_edit_recipe
+from schemas.references import parse_reference
 from tests.smollm2 import write_text_corpus
 from weightsmith.cli import main as cli_main
-from workers.edit import LocalCovarianceCache, run_edit
+from workers.edit import EditGateError, LocalCovarianceCache, run_edit
 from workers.edit.algebra import rome_direction
-from workers.edit.architectures import architecture_for
+from workers.edit.architectures import EditModel
+from workers.edit.checkpoint import EDIT_DIR, FACTORS
 from workers.edit.covariance import CovarianceKey
-from workers.edit.engine import EDIT_DIR, FACTORS, EditGateError, _load, model_revision
+from workers.edit.engine import load_model, model_revision
 from workers.edit.rome import subject_keys
 from workers.edit.templates import context_templates
 from workers.sources import SourceSettings, resolve_reference
 from workers.tensors import CheckpointReader
+
+pytestmark = pytest.mark.slow
 
 LAYER = 5
 NEIGHBORHOOD = [
@@ -50,6 +58,12 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cov_cache(tmp_path_factory):
     return LocalCovarianceCache(tmp_path_factory.mktemp("covariance"))
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2) -> EditModel:
+    """SmolLM2, loaded once for the module's edits."""
+    return load_model(resolve_reference(parse_reference(str(smollm2)), SourceSettings()), "smollm2")
 
 
 def _recipe(smollm2: Path, corpus: Path, **overrides):
@@ -81,10 +95,9 @@ def _recipe(smollm2: Path, corpus: Path, **overrides):
 
 
 @pytest.fixture(scope="module")
-def rome_edit(smollm2, corpus, cov_cache, tmp_path_factory):
+def rome_edit(smollm2, smol, corpus, cov_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("rome") / "edited"
-    result = run_edit(_recipe(smollm2, corpus), out, cache=cov_cache)
-    return result
+    return run_edit(_recipe(smollm2, corpus), out, cache=cov_cache, loaded=smol)
 
 
 def _sha256(path: Path) -> str:
@@ -101,13 +114,13 @@ def test_rome_makes_the_new_target_preferred_without_collateral_damage(rome_edit
     assert 0 < m["relative_update_norm"][str(LAYER)] < 0.5
 
 
-def test_a_sufficient_loss_scales_the_same_update_down(rome_edit, smollm2, corpus, cov_cache):
+def test_a_sufficient_loss_scales_the_same_update_down(rome_edit, smollm2, smol, corpus, cov_cache):
     """The default edit (edit_margin 2) and a sufficient_loss edit are the same whole update
     (same v* and u: same recipe, seed, templates) scaled by different factors: their norms
     divided by the reported scales agree, and the fact takes with both."""
     (default_scale,) = rome_edit.metrics["update_scale"]
     recipe = _recipe(smollm2, corpus, hyperparameters={"sufficient_loss": 0.5})
-    m = run_edit(recipe, None, cache=cov_cache).metrics
+    m = run_edit(recipe, None, cache=cov_cache, loaded=smol).metrics
     (scale,) = m["update_scale"]
     assert 0 < scale < 1 and scale != default_scale
     default = rome_edit.metrics["relative_update_norm"][str(LAYER)]
@@ -118,14 +131,14 @@ def test_a_sufficient_loss_scales_the_same_update_down(rome_edit, smollm2, corpu
 
 
 def test_a_smaller_edit_margin_takes_a_smaller_share_of_the_same_update(
-    rome_edit, smollm2, corpus, cov_cache
+    rome_edit, smollm2, smol, corpus, cov_cache
 ):
     """A small edit_margin (turn the preference by a quarter of the margin the model held)
     scales the same whole update down further than the default 2 (which this edit, with
     CI's 5 templates and small corpus, may not reach), and the fact still takes."""
     (default_scale,) = rome_edit.metrics["update_scale"]
     recipe = _recipe(smollm2, corpus, hyperparameters={"edit_margin": 0.25})
-    m = run_edit(recipe, None, cache=cov_cache).metrics
+    m = run_edit(recipe, None, cache=cov_cache, loaded=smol).metrics
     (scale,) = m["update_scale"]
     assert 0 < scale < default_scale
     default = rome_edit.metrics["relative_update_norm"][str(LAYER)]
@@ -169,7 +182,9 @@ def test_revert_restores_the_original_bit_for_bit(rome_edit, smollm2, tmp_path):
         assert _sha256(out / name) == _sha256(smollm2 / name), name
 
 
-def test_destructive_settings_trip_the_gate_and_write_nothing(smollm2, corpus, cov_cache, tmp_path):
+def test_destructive_settings_trip_the_gate_and_write_nothing(
+    smollm2, smol, corpus, cov_cache, tmp_path
+):
     recipe = _recipe(
         smollm2,
         corpus,
@@ -188,26 +203,25 @@ def test_destructive_settings_trip_the_gate_and_write_nothing(smollm2, corpus, c
     )
     out = tmp_path / "edited"
     with pytest.raises(EditGateError) as e:
-        run_edit(recipe, out, cache=cov_cache)
+        run_edit(recipe, out, cache=cov_cache, loaded=smol)
     assert not out.exists()
     assert e.value.metrics["gate"]["failures"]
     assert "perplexity ratio" in str(e.value) or "‖ΔW‖/‖W‖" in str(e.value)
 
 
 def test_first_token_subject_has_a_far_smaller_denominator_with_original_keys(
-    smollm2, corpus, cov_cache, rome_edit
+    smollm2, smol, corpus, cov_cache, rome_edit
 ):
     # the covariance of LAYER was cached by the rome_edit fixture
     resolved = resolve_reference(_recipe(smollm2, corpus).model, SourceSettings())
-    model, tok = _load(resolved, "smollm2")
-    arch = architecture_for(model.config)
+    model, tok = smol.model, smol.tokenizer
     key = next(r["key"] for r in rome_edit.manifest["covariance"] if r["key"]["layer"] == LAYER)
     hit = cov_cache.get(CovarianceKey(**key))
     assert hit is not None and key["model_revision"] == model_revision(resolved)
     templates = context_templates(model, tok, [(5, 5)], seed=0)
     # "Japan" is one token, at position 0 of the bare prompt
     keys = subject_keys(
-        model, tok, arch.module_name(LAYER), templates, "Japan is a country in", "Japan"
+        model, tok, smol.arch.module_name(LAYER), templates, "Japan is a country in", "Japan"
     )
     u = rome_direction(keys.k_bar, hit[0])  # unit norm
     consistent = abs(float(u @ keys.k_bar))
@@ -215,7 +229,7 @@ def test_first_token_subject_has_a_far_smaller_denominator_with_original_keys(
     assert original < 0.1 * consistent
 
 
-def test_memit_edits_ten_facts_at_once(smollm2, corpus, cov_cache):
+def test_memit_edits_ten_facts_at_once(smollm2, smol, corpus, cov_cache):
     facts = [
         ("The capital of Japan is", "Japan", "Paris", "Tokyo"),
         ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
@@ -251,7 +265,7 @@ def test_memit_edits_ten_facts_at_once(smollm2, corpus, cov_cache):
             "covariance": {"source": "text", "paths": [str(corpus)], "tokens": 2048},
         }
     )
-    result = run_edit(recipe, None, cache=cov_cache)
+    result = run_edit(recipe, None, cache=cov_cache, loaded=smol)
     m = result.metrics
     assert m["efficacy"] >= 0.9
     assert m["neighborhood"] >= 0.9
@@ -267,31 +281,33 @@ KEEP = [
 
 
 @torch.no_grad()
-def _kept_logit_change(reference, updates) -> float:
+def _kept_logit_change(target: EditModel, updates) -> float:
     """Max |Δ logit| over every position of the KEEP prompts, plain forward passes before and
-    after adding the updates to a freshly loaded model."""
-    model, tok = _load(resolve_reference(reference, SourceSettings()), "smollm2")
-    arch = architecture_for(model.config)
+    after adding the updates to the unedited model (its weights restored afterwards)."""
+    model, tok = target.model, target.tokenizer
     ids = [torch.tensor([tok(p).input_ids]) for p in KEEP]
     before = [model(x).logits for x in ids]
-    for u in updates:
-        w = model.get_submodule(arch.module_name(u.layer)).weight
-        w += torch.outer(u.left, u.right)
-    return max(float((model(x).logits - b).abs().max()) for x, b in zip(ids, before, strict=True))
+    with target.restored({u.layer for u in updates}):
+        for u in updates:
+            w = model.get_submodule(target.arch.module_name(u.layer)).weight
+            w += torch.outer(u.left, u.right)
+        after = [model(x).logits for x in ids]
+    return max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
 
 
-def test_kept_prompts_keep_their_predictions(rome_edit, smollm2, corpus, cov_cache):
+def test_kept_prompts_keep_their_predictions(rome_edit, smollm2, smol, corpus, cov_cache):
     """The same edit with keep_prompts: it still takes, and the kept prompts' logits are
     unchanged (float32 rounding), where the plain edit moves them. (The constraint costs
     some generality: the kept keys share the paraphrases' "The capital of" context, so not
     every paraphrase is asserted.)"""
     recipe = _recipe(smollm2, corpus)
     request = recipe.requests[0].model_copy(update={"keep_prompts": KEEP})
-    result = run_edit(recipe.model_copy(update={"requests": [request]}), None, cache=cov_cache)
+    kept_recipe = recipe.model_copy(update={"requests": [request]})
+    result = run_edit(kept_recipe, None, cache=cov_cache, loaded=smol)
     m = result.metrics
     assert m["efficacy"] == 1.0 and m["gate"]["passed"]
     assert (m["keep_unchanged"], m["keep_prompts"]) == (1.0, 3)
-    plain = _kept_logit_change(recipe.model, rome_edit.updates)
-    kept = _kept_logit_change(recipe.model, result.updates)
+    plain = _kept_logit_change(smol, rome_edit.updates)
+    kept = _kept_logit_change(smol, result.updates)
     assert plain > 0.05, "the test needs an edit that moves the kept prompts"
     assert kept < 1e-3

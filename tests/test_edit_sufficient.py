@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from schemas.edit_recipe import EditRequest
-from tests.models import build_tokenizer
-from tests.tiny_edit import LAYER, STRONG, TEMPLATES, tiny_model, with_delta
+from tests.tiny_edit import CONTEXT, LAYER, STRONG, TEMPLATES, settings, tiny_target, with_delta
 from workers.edit.algebra import delta_from_factors
-from workers.edit.architectures import architecture_for, edited_weight
 from workers.edit.rome import rome_edit
 
 REQUEST = EditRequest(prompt="w5 w6 w7 w8", subject="w8", target_new="w20")
@@ -35,46 +33,43 @@ def _nll(model, tok, request: EditRequest) -> float:
     return worst
 
 
-def _edited_nll(model, tok, arch, delta: torch.Tensor) -> float:
-    return with_delta(model, arch, delta, lambda: _nll(model, tok, REQUEST))
+def _edited_nll(target, delta: torch.Tensor) -> float:
+    return with_delta(target, delta, lambda: _nll(target.model, target.tokenizer, REQUEST))
 
 
-def _edit(model, tok, arch, sufficient_loss, values=STRONG):
+def _edit(target, sufficient_loss, values=STRONG):
     return rome_edit(
-        model, tok, arch, REQUEST, LAYER, None, TEMPLATES, values, "consistent",
-        sufficient_loss=sufficient_loss,
-    )  # fmt: skip
+        target, REQUEST, settings(values=values, sufficient_loss=sufficient_loss), CONTEXT
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_update_is_scaled_to_the_least_multiple_that_reaches_the_loss(kind):
-    model, tok = tiny_model(kind), build_tokenizer()
-    arch = architecture_for(model.config)
-    before = edited_weight(model, arch, LAYER).detach().clone()
+    target = tiny_target(kind)
+    before = target.weight(LAYER).detach().clone()
 
-    full = _edit(model, tok, arch, None)
+    full = _edit(target, None)
     full_delta = delta_from_factors(full.left, full.right)
-    loss_before = _nll(model, tok, REQUEST)
-    loss_full = _edited_nll(model, tok, arch, full_delta)
+    loss_before = _nll(target.model, target.tokenizer, REQUEST)
+    loss_full = _edited_nll(target, full_delta)
     assert loss_full < loss_before / 4, "the test needs an edit that overshoots"
-    target = (loss_full + loss_before) / 4  # reachable, with room to scale down
+    sufficient = (loss_full + loss_before) / 4  # reachable, with room to scale down
 
-    scaled = _edit(model, tok, arch, target)
-    assert torch.equal(edited_weight(model, arch, LAYER), before)  # restored bit for bit
+    scaled = _edit(target, sufficient)
+    assert torch.equal(target.weight(LAYER), before)  # restored bit for bit
     assert 0 < scaled.scale < 1 and full.scale == 1.0
     torch.testing.assert_close(scaled.left, scaled.scale * full.left)
     torch.testing.assert_close(scaled.right, full.right)
-    assert _edited_nll(model, tok, arch, scaled.scale * full_delta) <= target
+    assert _edited_nll(target, scaled.scale * full_delta) <= sufficient
     # least to the bisection's resolution: one step less does not reach the loss
-    assert _edited_nll(model, tok, arch, (scaled.scale - 2**-7) * full_delta) > target
+    assert _edited_nll(target, (scaled.scale - 2**-7) * full_delta) > sufficient
 
 
 def test_an_unreachable_loss_keeps_the_whole_update():
-    model, tok = tiny_model("llama"), build_tokenizer()
-    arch = architecture_for(model.config)
+    target = tiny_target("llama")
     weak = dataclasses.replace(STRONG, steps=1, lr=0.01)
-    full = _edit(model, tok, arch, None, weak)
-    loss_full = _edited_nll(model, tok, arch, delta_from_factors(full.left, full.right))
-    kept = _edit(model, tok, arch, loss_full / 2, weak)
+    full = _edit(target, None, weak)
+    loss_full = _edited_nll(target, delta_from_factors(full.left, full.right))
+    kept = _edit(target, loss_full / 2, weak)
     assert kept.scale == 1.0
     torch.testing.assert_close(kept.left, full.left)

@@ -4,16 +4,22 @@ overshoot, and the value optimisation has no early stop."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from tests.models import gpt2_config, llama_config
-from workers.edit.architectures import apply_delta, edited_weight
+from tests.models import build_tokenizer, gpt2_config, llama_config
+from workers.edit.architectures import EditModel, architecture_for
+from workers.edit.settings import EditSettings
+from workers.edit.update import EditContext
 from workers.edit.values import ValueSettings
 
 LAYER = 1
 OUTPUT_SCALE = 50.0
 TEMPLATES = ["{}", "w9 w10 . {}", "w11 . {}"]
+CONTEXT = EditContext(TEMPLATES)  # no covariances: the tests edit with u = k̄ (C = I)
 # a strong edit: no early stop, so v* overshoots what the target needs
 STRONG = ValueSettings(
     steps=10,
@@ -39,13 +45,23 @@ def tiny_model(kind: str, output_scale: float = OUTPUT_SCALE):
     return model.eval()
 
 
-def with_delta(model, arch, delta: torch.Tensor, measure):
+def tiny_target(kind: str, output_scale: float = OUTPUT_SCALE) -> EditModel:
+    """:func:`tiny_model` with the tests' word-level tokenizer, as the model under edit."""
+    model = tiny_model(kind, output_scale)
+    return EditModel(model, build_tokenizer(), architecture_for(model.config))
+
+
+def settings(**changes: Any) -> EditSettings:
+    """ROME at LAYER with STRONG values, consistent keys, u = k̄ and no scaling, with
+    ``changes``."""
+    base = EditSettings(
+        layers=(LAYER,), values=STRONG, key_mode="consistent", mom2_adjustment=False
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def with_delta(target: EditModel, delta: torch.Tensor, measure):
     """``measure()`` on the model with ``delta`` added to LAYER's weight, then restored."""
-    w = edited_weight(model, arch, LAYER)
-    original = w.detach().clone()
-    apply_delta(model, arch, LAYER, delta)
-    try:
+    with target.restored([LAYER]):
+        target.apply(LAYER, delta)
         return measure()
-    finally:
-        with torch.no_grad():
-            w.copy_(original)

@@ -1,22 +1,21 @@
-"""ROME / MEMIT knowledge edits (docs/editing.md, specs/editing.md).
+"""ROME / MEMIT knowledge edits (docs/editing.md).
 
 ``run_edit`` turns an ``EditRecipe`` into an edited checkpoint; ``revert_edit`` gives the
-original back bit for bit. The update algebra lives in ``algebra`` as pure functions of
-tensors; the architecture table in ``architectures``.
+original back bit for bit. The phases of a run are in ``engine``, the methods in ``rome``
+and ``memit`` (looked up by name in ``methods``), the update algebra in ``algebra`` as pure
+functions of tensors, the architecture table in ``architectures``, the edited checkpoint
+on disk in ``checkpoint``.
 """
 
-from workers.edit.architectures import ARCHITECTURES, EditArchitecture, architecture_for
-from workers.edit.covariance import CovarianceCache, CovarianceKey, LocalCovarianceCache
-from workers.edit.engine import EditResult, revert_edit, run_edit
+from workers.edit.checkpoint import revert_edit
+from workers.edit.covariance import CovarianceCache, LocalCovarianceCache
+from workers.edit.engine import EditGateError, EditResult, run_edit
 
 __all__ = [
-    "ARCHITECTURES",
     "CovarianceCache",
-    "CovarianceKey",
-    "EditArchitecture",
+    "EditGateError",
     "EditResult",
     "LocalCovarianceCache",
-    "architecture_for",
     "revert_edit",
     "run_edit",
 ]

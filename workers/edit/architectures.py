@@ -1,12 +1,15 @@
 """Where an edit writes, per architecture: one table, no guessing.
 
 The edited weight is the MLP output projection of a layer; its input at the subject's last
-token is the key, its output the value (ROME §3, MEMIT §4). Default layers follow EasyEdit's
-Llama settings (ROME layer 5 of 32, MEMIT layers 4–8 of 32) scaled to the model's depth.
+token is the key, its output the value (ROME §3, MEMIT §4). Each method's default layers
+are the published ones for Llama-2-7B (32 layers) scaled to the model's depth
+(:func:`scaled_layer`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,11 @@ class EditArchitecture:
     def block_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
 
+    def oriented(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` moved between nn.Linear's [d_out, d_in] and the stored orientation: a
+        transpose for Conv1D (its own inverse), ``t`` itself otherwise."""
+        return t.T if self.transposed else t
+
 
 ARCHITECTURES: tuple[EditArchitecture, ...] = (
     EditArchitecture(
@@ -55,11 +63,8 @@ ARCHITECTURES: tuple[EditArchitecture, ...] = (
     ),
 )
 
-# Reference depth and layers of the published defaults (Llama-2-7B, 32 layers).
+# Depth of the model the published default layers are for (Llama-2-7B).
 _REFERENCE_DEPTH = 32
-_ROME_LAYER = 5
-_MEMIT_BAND = (4, 8)
-
 
 # MEMIT's λ for Llama-2-7B, whose down_proj keys are 11,008 wide.
 _REFERENCE_LAMBDA = 15000.0
@@ -87,16 +92,10 @@ def num_layers(arch: EditArchitecture, config: Any) -> int:
     return int(getattr(config, arch.num_layers_key))
 
 
-def _scaled(layer: int, depth: int) -> int:
+def scaled_layer(layer: int, depth: int) -> int:
+    """A published layer index of the 32-layer Llama-2-7B at the same relative depth of a
+    model with ``depth`` layers."""
     return min(depth - 1, max(0, round(layer * depth / _REFERENCE_DEPTH)))
-
-
-def default_layers(method: str, depth: int) -> list[int]:
-    """ROME: one layer at 5/32 of the depth; MEMIT: the band 4–8 of 32, scaled."""
-    if method == "rome":
-        return [_scaled(_ROME_LAYER, depth)]
-    lo, hi = (_scaled(x, depth) for x in _MEMIT_BAND)
-    return list(range(lo, hi + 1))
 
 
 def default_mom2_update_weight(d_in: int) -> float:
@@ -109,14 +108,42 @@ def default_mom2_update_weight(d_in: int) -> float:
     return _REFERENCE_LAMBDA * d_in / _REFERENCE_KEY_WIDTH
 
 
-def edited_weight(model: Any, arch: EditArchitecture, layer: int) -> torch.nn.Parameter:
-    """The weight an edit of ``layer`` writes."""
-    w: torch.nn.Parameter = model.get_submodule(arch.module_name(layer)).weight
-    return w
+@dataclass(frozen=True)
+class EditModel:
+    """The model under edit: a transformers causal LM (float32, eval mode), its tokenizer
+    and its row of the architecture table."""
 
+    model: Any
+    tokenizer: Any
+    arch: EditArchitecture
 
-@torch.no_grad()
-def apply_delta(model: Any, arch: EditArchitecture, layer: int, delta: torch.Tensor) -> None:
-    """W += ΔW in place (ΔW in [d_out, d_in]; transposed for Conv1D)."""
-    w = edited_weight(model, arch, layer)
-    w.add_((delta.T if arch.transposed else delta).to(w.dtype))
+    @property
+    def depth(self) -> int:
+        return num_layers(self.arch, self.model.config)
+
+    def weight(self, layer: int) -> torch.nn.Parameter:
+        """The weight an edit of ``layer`` writes, in its stored orientation."""
+        w: torch.nn.Parameter = self.model.get_submodule(self.arch.module_name(layer)).weight
+        return w
+
+    def key_width(self, layer: int) -> int:
+        """d_in of the edited module of ``layer``: the width of its keys."""
+        return int(self.arch.oriented(self.weight(layer)).shape[1])
+
+    @torch.no_grad()
+    def apply(self, layer: int, delta: torch.Tensor) -> None:
+        """W += ΔW in place (ΔW in nn.Linear orientation, [d_out, d_in])."""
+        w = self.weight(layer)
+        w.add_(self.arch.oriented(delta).to(w.dtype))
+
+    @contextmanager
+    def restored(self, layers: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Copies of the weights of ``layers`` (stored orientation); whatever happens inside,
+        the weights are copied back on exit, bit for bit."""
+        originals = {layer: self.weight(layer).detach().clone() for layer in layers}
+        try:
+            yield originals
+        finally:
+            with torch.no_grad():
+                for layer, w in originals.items():
+                    self.weight(layer).copy_(w)

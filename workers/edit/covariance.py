@@ -30,10 +30,12 @@ import weightsmith
 from workers.edit.architectures import EditArchitecture
 from workers.edit.prompts import pad_id
 from workers.edit.tracing import StopForward
+from workers.errors import CancelledError, InputError
 from workers.publish.output import sha256_file
 
 if TYPE_CHECKING:
     from infra.storage import ObjectStore
+    from schemas.edit_recipe import CovarianceSource
 
 log = logging.getLogger("weightsmith.edit.covariance")
 
@@ -133,7 +135,7 @@ class ObjectStoreCovarianceCache:
             return None
         except ValueError:
             log.warning("covariance cache %s: unreadable provenance; recomputing", folder)
-            self._drop(folder)
+            self._delete(folder)
             return None
         if not isinstance(meta, dict) or meta.get("key") != asdict(key):
             return None  # a hash-prefix collision: not ours
@@ -146,7 +148,7 @@ class ObjectStoreCovarianceCache:
                 C = load_file(str(path))["C"]
             except (IntegrityError, ObjectNotFound, KeyError, ValueError) as e:
                 log.warning("covariance cache %s: bad entry (%s); recomputing", folder, e)
-                self._drop(folder)
+                self._delete(folder)
                 return None
         return C, meta
 
@@ -190,9 +192,6 @@ class ObjectStoreCovarianceCache:
         except StorageError:
             log.warning("covariance cache: could not delete %s", key)
 
-    def _drop(self, folder: str) -> None:
-        self._delete(folder)
-
 
 def default_cache_dir() -> Path:
     env = os.environ.get("WEIGHTSMITH_CACHE")
@@ -210,7 +209,7 @@ class Corpus:
 
     description: str
     corpus_hash: str
-    batches: Any  # callable () -> Iterator[tuple[ids, mask]]
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (ids, mask) batches
     source: str = "text"  # the recipe's covariance.source
     seed: int | None = None  # model_samples only
 
@@ -301,6 +300,41 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def recipe_corpus(
+    source: CovarianceSource,
+    model: Any,
+    tokenizer: Any,
+    *,
+    base_dir: Path | None = None,
+    corpus_files: Sequence[Path] | None = None,
+) -> Corpus:
+    """The corpus of the recipe's ``covariance`` section: text sampled from the model, the
+    files the service fetched for ``paths`` (``corpus_files``, in order), or else the local
+    files of ``paths`` (relative to ``base_dir``). InputError naming ``covariance.paths[i]``
+    for a missing file or a reference only the service resolves."""
+    if source.source == "model_samples":
+        return sampled_corpus(model, tokenizer, seed=source.seed, max_length=source.max_length)
+    if corpus_files is not None:  # fetched by the service (s3://, artifact://, local)
+        return text_corpus(
+            tokenizer, corpus_files, max_length=source.max_length, labels=source.paths
+        )
+    files = []
+    for i, p in enumerate(source.paths):
+        if "://" in p:
+            raise InputError(
+                f"{p!r} resolves only inside the weightsmith service (submit the recipe as a "
+                "job) or use a local path",
+                field=f"covariance.paths[{i}]",
+            )
+        path = Path(p).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise InputError(f"no such text file: {path}", field=f"covariance.paths[{i}]")
+        files.append(path)
+    return text_corpus(tokenizer, files, max_length=source.max_length)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -321,8 +355,6 @@ def accumulate_covariance(
     """C for each layer over the first ``tokens`` counted tokens of the corpus (one pass for
     all layers). Returns ({layer: C}, tokens actually used). ``cancelled`` is checked
     between batches."""
-    from workers.errors import CancelledError
-
     sums: dict[int, torch.Tensor] = {}
     mask_now: dict[str, torch.Tensor] = {}
     last = max(layers)

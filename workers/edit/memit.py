@@ -17,13 +17,17 @@ import torch
 
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, memit_update
-from workers.edit.architectures import EditArchitecture, apply_delta
+from workers.edit.architectures import EditModel, scaled_layer
 from workers.edit.prompts import collate, kept_prompts, pad_id, subject_prompt
-from workers.edit.rome import RankOneUpdate, prompt_keys
+from workers.edit.rome import prompt_keys
+from workers.edit.settings import EditSettings
 from workers.edit.tracing import input_and_output
-from workers.edit.values import ValueSettings, optimise_value
+from workers.edit.update import EditContext, RankOneUpdate, steps_per_request
+from workers.edit.values import optimise_value
+from workers.errors import CancelledError
 
 ROWS_PER_PASS = 64
+PUBLISHED_BAND = (4, 8)  # the edited layers of Llama-2-7B's 32 (MEMIT paper, EasyEdit)
 
 
 def keys_and_outputs(
@@ -54,41 +58,38 @@ def keys_and_outputs(
 
 
 def memit_edit(
-    model: Any,
-    tokenizer: Any,
-    arch: EditArchitecture,
+    target: EditModel,
     requests: list[EditRequest],
-    layers: list[int],
-    C: dict[int, torch.Tensor],
-    templates: list[str],
-    values: ValueSettings,
-    lam: float,
+    settings: EditSettings,
+    context: EditContext,
     *,
     cancelled: Callable[[], bool] | None = None,
 ) -> list[RankOneUpdate]:
-    """Rank-one factors per request and layer. The model is edited in place as the layers
-    are processed (keys of layer l+1 are read on the model with layer l already edited);
-    the caller restores the weights if it wants the original back. The keys of every
-    request's ``keep_prompts`` are held fixed at each layer (ΔW_l k = 0; they see the
-    same, unchanged, earlier layers). ``cancelled`` is checked
-    before each request's optimisation and each layer (raises CancelledError)."""
-    from workers.errors import CancelledError
+    """Rank-one factors per request and layer of ``settings.layers``, with λ =
+    ``settings.mom2_update_weight`` and C = ``context.covariances``. The model is edited in
+    place as the layers are processed (keys of layer l+1 are read on the model with layer l
+    already edited); the caller restores the weights if it wants the original back. The
+    keys of every request's ``keep_prompts`` are held fixed at each layer (ΔW_l k = 0; they
+    see the same, unchanged, earlier layers). ``cancelled`` is checked before each
+    request's optimisation and each layer (raises CancelledError)."""
+    lam = settings.mom2_update_weight
+    if lam is None:
+        raise ValueError("MEMIT needs λ (settings.mom2_update_weight)")
 
     def check() -> None:
         if cancelled is not None and cancelled():
             raise CancelledError("the job was cancelled")
 
-    last = max(layers)
-    block = arch.block_name(last)
+    model, tokenizer, arch = target.model, target.tokenizer, target.arch
+    templates, layers = context.templates, settings.layers
+    block = arch.block_name(max(layers))
     kept = kept_prompts(requests)
     targets = []
     steps = []
     for r in requests:
         check()
-        v = optimise_value(
-            model, tokenizer, block, templates, r.prompt, r.subject, r.target_new, values
-        )
-        targets.append(v.v_init + v.delta)
+        v = optimise_value(model, tokenizer, block, templates, r, settings.values)
+        targets.append(v.v_star)
         steps.append(v.steps)
     Z = torch.stack(targets, dim=1)  # [d_model, m]
 
@@ -100,8 +101,8 @@ def memit_edit(
         )
         R = (Z - current) / (len(layers) - i)
         keep = prompt_keys(model, tokenizer, arch.module_name(layer), kept) if kept else None
-        left, right = memit_update(R, K, C[layer], lam, keep)
-        apply_delta(model, arch, layer, delta_from_factors(left, right))
+        left, right = memit_update(R, K, context.covariances[layer], lam, keep)
+        target.apply(layer, delta_from_factors(left, right))
         for j in range(len(requests)):
             updates.append(
                 RankOneUpdate(
@@ -115,3 +116,37 @@ def memit_edit(
                 )
             )
     return updates
+
+
+class Memit:
+    """MEMIT as an edit method (``edit_method: memit``): a batch of requests over a band of
+    layers."""
+
+    name = "memit"
+
+    def default_layers(self, depth: int) -> list[int]:
+        lo, hi = (scaled_layer(x, depth) for x in PUBLISHED_BAND)
+        return list(range(lo, hi + 1))
+
+    def needs_covariance(self, settings: EditSettings) -> bool:
+        return True
+
+    def update(
+        self,
+        target: EditModel,
+        requests: list[EditRequest],
+        settings: EditSettings,
+        context: EditContext,
+        *,
+        targets_true: list[str],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[RankOneUpdate]:
+        return memit_edit(target, requests, settings, context, cancelled=cancelled)
+
+    def metrics(self, updates: list[RankOneUpdate], settings: EditSettings) -> dict[str, Any]:
+        return {
+            "denominator": [],  # uᵀk is ROME's; kept as an empty list for one metrics shape
+            "relative_denominator": [],
+            "v_steps": steps_per_request(updates),
+            "mom2_update_weight": settings.mom2_update_weight,
+        }

@@ -1,4 +1,4 @@
-"""What an edit did (specs/editing.md, "Metrics"): efficacy and paraphrase success
+"""What an edit did (docs/editing.md, "Metrics and the gate"): efficacy and paraphrase success
 (P(target_new) > P(target_true), mean per-token log-probability), neighborhood specificity
 (share of neighborhood prompts whose preference is unchanged), perplexity on fixed
 reference sentences before and after (the "Butterfly Effect" surrogate for collapse)."""

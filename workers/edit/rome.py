@@ -13,35 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import delta_from_factors, rome_direction, rome_update
-from workers.edit.architectures import EditArchitecture, apply_delta, edited_weight
+from workers.edit.architectures import EditModel, scaled_layer
 from workers.edit.metrics import greedy_next_token, mean_log_probs
 from workers.edit.prompts import Batch, Prompt, collate, encode, pad_id, subject_prompt
+from workers.edit.settings import EditSettings
 from workers.edit.tracing import log_probs_at, module_io
-from workers.edit.values import OptimisedValue, ValueSettings, optimise_value, rewrite_prompts
+from workers.edit.update import EditContext, RankOneUpdate, steps_per_request
+from workers.edit.values import OptimisedValue, optimise_value, rewrite_prompts
 from workers.errors import InputError
 
 MIN_MARGIN = 1.0  # nats: the least m₀ an edit_margin multiplies (weakly held facts)
-
-
-@dataclass(frozen=True)
-class RankOneUpdate:
-    """ΔW = left · rightᵀ (nn.Linear orientation) for one request at one layer."""
-
-    request: int
-    layer: int
-    left: torch.Tensor  # [d_out]
-    right: torch.Tensor  # [d_in]
-    denominator: float  # uᵀk used (ROME); NaN for MEMIT
-    relative_denominator: float  # uᵀk / (‖u‖‖k‖)
-    steps: int = 0
-    scale: float = 1.0  # sufficient-edit factor on v* − Wk (1: the whole optimised update)
-    value: OptimisedValue | None = None  # ROME's v* (reusable for the same request and layer)
+PUBLISHED_LAYER = 5  # the edited layer of Llama-2-7B's 32 (EasyEdit's setting)
 
 
 @dataclass(frozen=True)
@@ -76,62 +64,48 @@ def prompt_keys(model: Any, tokenizer: Any, module_name: str, prompts: list[str]
 
 
 def rome_edit(
-    model: Any,
-    tokenizer: Any,
-    arch: EditArchitecture,
+    target: EditModel,
     request: EditRequest,
-    layer: int,
-    C: torch.Tensor | None,
-    templates: list[str],
-    values: ValueSettings,
-    key_mode: Literal["consistent", "original"],
+    settings: EditSettings,
+    context: EditContext,
+    *,
     index: int = 0,
-    sufficient_loss: float | None = None,
     value: OptimisedValue | None = None,
-    edit_margin: float | None = None,
     target_true: str | None = None,
 ) -> RankOneUpdate:
-    """The rank-one update of one request (the model is not changed). With ``edit_margin``
-    the update is scaled down to the least multiple that turns the prompt's preference
-    around by that many times the margin the model held (:func:`least_margin_scale`;
-    ``target_true``: default the request's, else the model's greedy next token); with
-    ``sufficient_loss``, to the least multiple that still reaches that loss
-    (:func:`least_sufficient_scale`; it takes precedence). The keys of
-    ``request.keep_prompts`` are held fixed (uᵀk = 0 for each,
-    :func:`~workers.edit.algebra.rome_direction`). ``value``: v* of an earlier call for the
-    same request, layer and templates (it does not depend on u), to compare settings without
+    """The rank-one update of one request at ``settings.layer`` (the model is not changed).
+
+    u = C⁻¹k̄ with C = ``context.covariances[layer]`` (u = k̄ without mom2_adjustment); the
+    keys of ``request.keep_prompts`` are held fixed (uᵀk = 0 for each,
+    :func:`~workers.edit.algebra.rome_direction`). The update is then scaled down by
+    ``settings.sufficient_loss`` or ``settings.edit_margin`` (:func:`update_scale`;
+    ``target_true``: what the margin is measured against, default the request's, else the
+    model's greedy next token). ``index``: the request's position in the recipe (named in
+    errors and in the factors' names). ``value``: v* of an earlier call for the same
+    request, layer and templates (it does not depend on u), to compare settings without
     optimising it again."""
-    module = arch.module_name(layer)
+    layer = settings.layer
+    module = target.arch.module_name(layer)
+    model, tokenizer, templates = target.model, target.tokenizer, context.templates
     keys = subject_keys(model, tokenizer, module, templates, request.prompt, request.subject)
     keep = None
     if request.keep_prompts:
         keep = prompt_keys(model, tokenizer, module, request.keep_prompts)
+    C = context.covariances[layer] if settings.mom2_adjustment else None
     try:
         u = rome_direction(keys.k_bar, C, keep)
     except InputError as e:
         raise InputError(e.message, field=f"requests[{index}].keep_prompts") from e
     if value is None:
-        value = optimise_value(
-            model, tokenizer, module, templates, request.prompt, request.subject,
-            request.target_new, values,
-        )  # fmt: skip
-    if key_mode == "consistent":
-        k, w_k, v_star = keys.k_bar, keys.w_k_bar, value.v_init + value.delta
+        value = optimise_value(model, tokenizer, module, templates, request, settings.values)
+    if settings.key_mode == "consistent":
+        k, w_k, v_star = keys.k_bar, keys.w_k_bar, value.v_star
     else:
         k, w_k, v_star = keys.k0, keys.w_k0, value.v_init_unprefixed + value.delta
     left, right = rome_update(v_star, w_k, u, k)
-    scale = 1.0
-    if sufficient_loss is not None:
-        scale = least_sufficient_scale(
-            model, tokenizer, arch, layer, left, right, templates, request, sufficient_loss
-        )
-    elif edit_margin is not None:
-        true = target_true or request.target_true
-        if true is None:
-            true = greedy_next_token(model, tokenizer, request.prompt)
-        scale = least_margin_scale(
-            model, tokenizer, arch, layer, left, right, request, true, edit_margin
-        )
+    scale = update_scale(
+        target, layer, delta_from_factors(left, right), request, settings, templates, target_true
+    )
     if scale != 1.0:
         left = left * scale
     denominator = float(torch.dot(u.double(), k.double()))
@@ -148,6 +122,32 @@ def rome_edit(
     )
 
 
+def update_scale(
+    target: EditModel,
+    layer: int,
+    delta: torch.Tensor,
+    request: EditRequest,
+    settings: EditSettings,
+    templates: list[str],
+    target_true: str | None = None,
+) -> float:
+    """The factor ROME puts on its whole update ``delta`` at ``layer``: with
+    ``sufficient_loss`` the least that still reaches that loss
+    (:func:`least_sufficient_scale`; it takes precedence), with ``edit_margin`` the least
+    that turns the prompt's preference around by that many times the margin the model held
+    (:func:`least_margin_scale`), else 1."""
+    if settings.sufficient_loss is not None:
+        return least_sufficient_scale(
+            target, layer, delta, templates, request, settings.sufficient_loss
+        )
+    if settings.edit_margin is None:
+        return 1.0
+    true = target_true or request.target_true
+    if true is None:
+        true = greedy_next_token(target.model, target.tokenizer, request.prompt)
+    return least_margin_scale(target, layer, delta, request, true, settings.edit_margin)
+
+
 @torch.no_grad()
 def worst_rewrite_nll(model: Any, batch: Batch) -> float:
     """The largest, over the rewrite prompts, of the mean per-token NLL of the target."""
@@ -161,8 +161,7 @@ def worst_rewrite_nll(model: Any, batch: Batch) -> float:
 
 @torch.no_grad()
 def least_scale(
-    model: Any,
-    arch: EditArchitecture,
+    target: EditModel,
     layer: int,
     delta: torch.Tensor,
     reached: Callable[[], bool],
@@ -171,15 +170,14 @@ def least_scale(
     """The least a in (0, 1] such that ``reached()`` holds on the model edited by a·delta, by
     bisection to 2⁻ⁱᵗᵉʳᵃᵗⁱᵒⁿˢ (``reached`` is taken to be monotone in a); 1 when it does not
     hold for the whole update. The weight is restored bit for bit."""
-    w = edited_weight(model, arch, layer)
-    original = w.detach().clone()
+    w = target.weight(layer)
+    with target.restored([layer]) as originals:
 
-    def holds(a: float) -> bool:
-        w.copy_(original)
-        apply_delta(model, arch, layer, a * delta)
-        return reached()
+        def holds(a: float) -> bool:
+            w.copy_(originals[layer])
+            target.apply(layer, a * delta)
+            return reached()
 
-    try:
         if not holds(1.0):
             return 1.0
         lo, hi = 0.0, 1.0
@@ -190,38 +188,34 @@ def least_scale(
             else:
                 lo = mid
         return hi
-    finally:
-        w.copy_(original)
 
 
 @torch.no_grad()
 def least_sufficient_scale(
-    model: Any,
-    tokenizer: Any,
-    arch: EditArchitecture,
+    target: EditModel,
     layer: int,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    delta: torch.Tensor,
     templates: list[str],
     request: EditRequest,
     sufficient_loss: float,
     iterations: int = 7,
 ) -> float:
-    """The least a in (0, 1] such that on the model edited by a·ΔW (ΔW = left·rightᵀ) every
-    rewrite prompt (the request's prompt after each context template) has a mean target NLL
-    ≤ sufficient_loss (:func:`least_scale`).
+    """The least a in (0, 1] such that on the model edited by a·ΔW every rewrite prompt (the
+    request's prompt after each context template) has a mean target NLL ≤ sufficient_loss
+    (:func:`least_scale`).
 
     The v* optimisation stops only when the loss over all the prefixed prompts is tiny, which
     leaves most edits far stronger than the fact needs; the excess is what spills onto
     subjects whose keys resemble this one's (ΔW k' = (uᵀk'/uᵀk̄)·(v* − Wk̄)). The edit is
     measured on the model itself (the real ΔW at every prompt's own key), not on δ."""
+    tokenizer = target.tokenizer
     prompts = rewrite_prompts(
         tokenizer, templates, request.prompt, request.subject, request.target_new
     )
     batch = collate(prompts, pad_id(tokenizer))
     return least_scale(
-        model, arch, layer, delta_from_factors(left, right),
-        lambda: worst_rewrite_nll(model, batch) <= sufficient_loss, iterations,
+        target, layer, delta,
+        lambda: worst_rewrite_nll(target.model, batch) <= sufficient_loss, iterations,
     )  # fmt: skip
 
 
@@ -234,12 +228,9 @@ def preference_margin(model: Any, tokenizer: Any, prompt: str, new: str, true: s
 
 @torch.no_grad()
 def least_margin_scale(
-    model: Any,
-    tokenizer: Any,
-    arch: EditArchitecture,
+    target: EditModel,
     layer: int,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    delta: torch.Tensor,
     request: EditRequest,
     target_true: str,
     edit_margin: float,
@@ -254,14 +245,49 @@ def least_margin_scale(
     With edit_margin 1 the edit turns the preference around by as much as the model held
     it; the whole optimised update often moves the margin by two to four times m₀, and a
     subject with a similar key gets that excess times uᵀk'/uᵀk̄."""
-    m0 = -preference_margin(model, tokenizer, request.prompt, request.target_new, target_true)
+
+    def margin() -> float:
+        return preference_margin(
+            target.model, target.tokenizer, request.prompt, request.target_new, target_true
+        )
+
+    m0 = -margin()
     if m0 <= 0:
         return 1.0  # the model does not hold target_true over target_new: nothing to measure
     needed = edit_margin * max(m0, MIN_MARGIN)
-    return least_scale(
-        model, arch, layer, delta_from_factors(left, right),
-        lambda: preference_margin(
-            model, tokenizer, request.prompt, request.target_new, target_true
-        ) >= needed,
-        iterations,
-    )  # fmt: skip
+    return least_scale(target, layer, delta, lambda: margin() >= needed, iterations)
+
+
+class Rome:
+    """ROME as an edit method (``edit_method: rome``): one request, one layer."""
+
+    name = "rome"
+
+    def default_layers(self, depth: int) -> list[int]:
+        return [scaled_layer(PUBLISHED_LAYER, depth)]
+
+    def needs_covariance(self, settings: EditSettings) -> bool:
+        return settings.mom2_adjustment
+
+    def update(
+        self,
+        target: EditModel,
+        requests: list[EditRequest],
+        settings: EditSettings,
+        context: EditContext,
+        *,
+        targets_true: list[str],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[RankOneUpdate]:
+        (request,) = requests  # the recipe holds rome to one request
+        update = rome_edit(target, request, settings, context, target_true=targets_true[0])
+        target.apply(update.layer, delta_from_factors(update.left, update.right))
+        return [update]
+
+    def metrics(self, updates: list[RankOneUpdate], settings: EditSettings) -> dict[str, Any]:
+        return {
+            "denominator": [u.denominator for u in updates],
+            "relative_denominator": [u.relative_denominator for u in updates],
+            "v_steps": steps_per_request(updates),
+            "update_scale": [u.scale for u in updates],
+        }

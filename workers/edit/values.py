@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from schemas.edit_recipe import EditRequest
 from workers.edit.algebra import clamp_norm
 from workers.edit.prompts import (
     Batch,
@@ -32,6 +33,8 @@ KL_TEMPLATE = "{} is a"
 
 @dataclass(frozen=True)
 class ValueSettings:
+    """The v* optimisation's part of the edit settings (``EditSettings.values``)."""
+
     steps: int
     lr: float
     weight_decay: float
@@ -47,7 +50,6 @@ class OptimisedValue:
     v_init_unprefixed: torch.Tensor  # the clean output for the bare prompt (template "{}")
     delta: torch.Tensor
     steps: int
-    losses: tuple[float, ...]
 
     @property
     def v_star(self) -> torch.Tensor:
@@ -76,14 +78,13 @@ def optimise_value(
     tokenizer: Any,
     module_name: str,
     templates: list[str],
-    prompt: str,
-    subject: str,
-    target: str,
+    request: EditRequest,
     s: ValueSettings,
 ) -> OptimisedValue:
-    """Optimise δ at ``module_name``'s output (ROME: the MLP projection; MEMIT: the block)."""
+    """Optimise δ at ``module_name``'s output (ROME: the MLP projection; MEMIT: the block)
+    so that the model continues the request's prompt with its target_new."""
     assert templates[0] == "{}", "the first context template is the bare prompt"
-    batch = rewrite_batch(tokenizer, templates, prompt, subject, target)
+    batch = rewrite_batch(tokenizer, templates, request.prompt, request.subject, request.target_new)
     # δ sits at the subject position: the prompts run from there on, after a cached prefix
     split = split_at_subject(batch, pad_id(tokenizer))
     prefix = prefix_cache(model, split)
@@ -101,7 +102,6 @@ def optimise_value(
     opt = torch.optim.Adam([delta], lr=s.lr)
     max_norm = s.clamp_factor * float(v_init.norm())
     init_kl: torch.Tensor | None = None
-    losses: list[float] = []
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -120,7 +120,6 @@ def optimise_value(
             kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(-1).mean()
             decay = s.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + s.kl_factor * kl + decay
-            losses.append(float(loss.detach()))
             if float(loss.detach()) < s.early_stop_loss:
                 break
             opt.zero_grad()
@@ -137,5 +136,4 @@ def optimise_value(
         v_init_unprefixed=outs[0],
         delta=delta.detach().clone(),
         steps=steps,
-        losses=tuple(losses),
     )
