@@ -419,7 +419,7 @@ def _edit(
 def _gate_failure(e: EditGateError) -> JobError:
     """The job's error for an edit stopped by its safety gate: what tripped, and every
     metric (efficacy, neighborhood, perplexity ratio, ‖ΔW‖/‖W‖, denominators)."""
-    from workers.edit.engine import json_safe
+    from workers.edit.checkpoint import json_safe
 
     m = e.metrics
     summary = ", ".join(

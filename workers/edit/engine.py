@@ -26,7 +26,7 @@ import torch
 from schemas.edit_recipe import EditRecipe
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
-from workers.edit.checkpoint import check_out_dir, json_safe, write_edited_checkpoint
+from workers.edit.checkpoint import check_out_dir, write_edited_checkpoint
 from workers.edit.covariance import (
     CovarianceCache,
     LocalCovarianceCache,
@@ -47,7 +47,6 @@ __all__ = [
     "EditGateError",
     "EditResult",
     "gate_failures",
-    "json_safe",  # workers/runner.py imports it from here
     "load_model",
     "model_revision",
     "run_edit",
