@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,66 @@ def test_a_service_that_keeps_answering_503_exits_1(run: Any) -> None:
     code, _, err = run(busy, "artifacts")
     assert code == 1 and "503" in error_line(err)
     assert len(busy.requests) == 4  # the first try and three retries
+
+
+# -- the operator's commands, on a SQLite database ---------------------------------------------
+
+
+@pytest.fixture
+def operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``operator(*argv)`` runs an operator command on a fresh embedded-default database."""
+    from infra.settings import get_settings
+
+    for name in [k for k in os.environ if k.startswith("WEIGHTSMITH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WEIGHTSMITH_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+
+    def invoke(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield invoke
+    get_settings.cache_clear()
+
+
+def test_tenants_list_and_show_json_name_the_grants_and_never_a_secret(
+    operator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert operator("keys", "create", "--tenant", "acme")[0] == 0
+    monkeypatch.setenv("WEIGHTSMITH_GRANT_SECRET_ACCESS_KEY", "grant-secret-value")
+    granted = operator(
+        "tenants",
+        "grant-s3",
+        "--tenant",
+        "acme",
+        "s3://datasets/acme/",
+        "--access-key-id",
+        "AKIDEXAMPLE",
+        "--endpoint",
+        "http://127.0.0.1:9",
+    )
+    assert granted[0] == 0, granted
+    assert operator("tenants", "grant-hub-push", "--tenant", "acme", "acme-org")[0] == 0
+
+    code, out, _ = operator("tenants", "list", "--json")
+    assert code == 0
+    (listed,) = json.loads(out)
+    assert (listed["name"], listed["state"], listed["hub_token"]) == ("acme", "active", None)
+    assert listed["created_at"].startswith("20")  # ISO 8601
+
+    code, out, _ = operator("tenants", "show", "acme", "--json")
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["hub_push_namespaces"] == ["acme-org"]
+    assert shown["s3_grants"] == [
+        {"location": "s3://datasets/acme/", "endpoint": "http://127.0.0.1:9", "credentials": "keys"}
+    ]
+    assert "grant-secret-value" not in out
+
+    code, _, err = operator("tenants", "show", "nobody", "--json")
+    assert code == 2 and "no tenant named 'nobody'" in error_line(err)
