@@ -2,7 +2,8 @@
 
 Run it with ``uvicorn --factory app.main:create_app`` (settings from the environment), or
 through ``weightsmith serve``, which passes an in-process queue its embedded worker
-listens on. OpenAPI: ``/docs`` and ``/openapi.json``.
+listens on. OpenAPI: ``/docs`` (Swagger UI), ``/redoc`` and ``/openapi.json``; the docs'
+scripts and styles are served from the package, so they work offline.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 import weightsmith
@@ -22,6 +24,8 @@ from infra.logging import configure_logging
 from infra.queue import JobQueue
 from infra.settings import Settings, get_settings
 from service.context import Service
+
+DOCS_ASSETS_URL = "/docs-assets"  # Swagger UI and ReDoc files, served by the app itself
 
 
 def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None) -> FastAPI:
@@ -41,11 +45,14 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         finally:
             await run_in_threadpool(service.close)
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts and styles from the app (files of the
+    # fastapi-offline package), not from a CDN: an offline deployment shows its docs too.
+    app = FastAPIOffline(
         title="weightsmith",
         version=weightsmith.__version__,
         summary="Merge and patch LLM checkpoints; publish immutable, versioned artifacts.",
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
     )
     install_problem_handlers(app)
     app.include_router(health.router)

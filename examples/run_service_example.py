@@ -1,18 +1,18 @@
-"""End-to-end example of the service on its embedded default (no external servers).
+"""End-to-end example of the service on its embedded default (``make example``), offline.
 
-Builds a tiny Llama and two fine-tunes, starts ``weightsmith serve`` (SQLite, a local
-artifact directory, the in-process worker) on a free port, submits a TIES merge job over
-HTTP with the bootstrap API key, follows its progress, downloads the published artifact,
-checks every file's sha256 against the manifest, then loads the merge in transformers and
-generates. Runs offline in about a minute.
+Builds a tiny Llama and two fine-tunes, starts a plain ``weightsmith serve`` (SQLite, a
+local artifact directory, the in-process worker; no setting changed) on a free port, and
+then, with the bootstrap API key and the Python client: pushes the three model folders as
+artifacts (a plain ``serve`` refuses local paths in recipes), submits the TIES recipe of
+examples/ties.yaml — the same merge as ``make example-cli`` — with its model paths replaced
+by those artifacts, follows the job, downloads the published version (every sha256
+checked), and lets the merged model continue a prompt. Takes about a minute.
 
     python -m examples.run_service_example [--workdir .example]
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -23,7 +23,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from examples.run_example import prepare_workdir
+import yaml
+
+from examples.tiny_models import PROMPT, continue_text, prepare_workdir
+from weightsmith.client import Client, job_artifact_reference
+
+RECIPE = Path(__file__).resolve().parent / "ties.yaml"  # the one recipe of both examples
+FAMILY = ("base", "math", "code")
 
 
 def _free_port() -> int:
@@ -32,44 +38,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Client:
-    def __init__(self, base: str, key: str | None = None) -> None:
-        self.base = base
-        self.key = key
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if self.key:
-            req.add_header("Authorization", f"Bearer {self.key}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def json(self, method: str, path: str, body: Any = None) -> Any:
-        status, raw = self.request(method, path, body)
-        if status >= 400:
-            raise SystemExit(f"{method} {path} → {status}: {raw.decode()}")
-        return json.loads(raw)
-
-
 def main() -> int:
     work = prepare_workdir(__doc__)
-
     port = _free_port()
-    env = {
-        **os.environ,
-        "WEIGHTSMITH_DATA_DIR": str(work / "service"),
-        # the example's inputs are local directories; a production server keeps this off
-        "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
-    }
-    env.pop("WEIGHTSMITH_BROKER_URL", None)
-    env.pop("WEIGHTSMITH_DATABASE_URL", None)
-    env.pop("WEIGHTSMITH_OBJECT_STORE_URL", None)
+    # A plain embedded default: no WEIGHTSMITH_* setting but where its data goes.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")}
+    env["WEIGHTSMITH_DATA_DIR"] = str(work / "service")
     print(f"$ weightsmith serve --port {port}   (embedded default: SQLite, local artifacts)")
     log = (work / "serve.log").open("w")
     server = subprocess.Popen(
@@ -79,7 +53,12 @@ def main() -> int:
         stderr=subprocess.STDOUT,
     )
     try:
-        return _run(Client(f"http://127.0.0.1:{port}"), work, server)
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(url, work, server)
+        key = (work / "service" / "bootstrap-api-key").read_text().strip()
+        print(f"server up; bootstrap key {key[:15]}… (from {work}/service/bootstrap-api-key)")
+        with Client(url, key) as ws:
+            return _run(ws, work)
     finally:
         server.terminate()
         try:
@@ -89,75 +68,66 @@ def main() -> int:
         log.close()
 
 
-def _run(client: Client, work: Path, server: subprocess.Popen[bytes]) -> int:
+def _wait_until_up(url: str, work: Path, server: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 120
     while True:
         if server.poll() is not None:
             print((work / "serve.log").read_text())
             raise SystemExit("the server exited during start-up (log above)")
         try:
-            if client.request("GET", "/healthz")[0] == 200:
-                break
-        except OSError:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
             raise SystemExit("the server did not answer /healthz within 120 s")
         time.sleep(0.3)
-    client.key = (work / "service" / "bootstrap-api-key").read_text().strip()
-    print(f"server up; bootstrap key {client.key[:15]}… (from {work}/service/bootstrap-api-key)")
 
-    models = work / "models"
-    job = client.json(
-        "POST",
-        "/v1/jobs",
-        {
-            "kind": "merge",
-            "artifact_name": "tiny-ties",
-            "recipe": {
-                "merge_method": "ties",
-                "base_model": str(models / "base"),
-                "models": [
-                    {"model": str(models / "math"), "parameters": {"weight": 1.0, "density": 0.5}},
-                    {"model": str(models / "code"), "parameters": {"weight": 0.7, "density": 0.5}},
-                ],
-                "dtype": "bfloat16",
-                "seed": 7,
-            },
-        },
-    )
-    print(f"POST /v1/jobs → {job['state']} job {job['id']}")
-    while job["state"] in ("queued", "running"):
-        time.sleep(0.5)
-        job = client.json("GET", f"/v1/jobs/{job['id']}")
-        p = job.get("progress") or {}
-        print(
-            f"  {job['state']:9} {p.get('phase') or '':10} "
-            f"{p.get('tensors_done') or 0}/{p.get('tensors_total') or 0} tensors"
-        )
-    if job["state"] != "succeeded":
-        raise SystemExit(f"job ended {job['state']}: {json.dumps(job.get('error'))}")
-    art = job["artifact"]
-    print(f"published {art['uri']}")
 
-    manifest = client.json("GET", f"/v1/artifacts/{art['name']}/versions/{art['version']}")
-    dest = work / "downloaded"
-    dest.mkdir()
-    for f in manifest["files"]:
-        status, raw = client.request(
-            "GET", f"/v1/artifacts/{art['name']}/versions/{art['version']}/files/{f['path']}"
-        )
-        if status != 200 or hashlib.sha256(raw).hexdigest() != f["sha256"]:
-            raise SystemExit(f"{f['path']}: download failed or sha256 differs")
-        (dest / f["path"]).write_bytes(raw)
-    print(f"downloaded {len(manifest['files'])} files to {dest}, every sha256 verified")
+def _run(ws: Client, work: Path) -> int:
+    pushed: dict[str, str] = {}
+    for name in FAMILY:
+        folder = work / "models" / name
+        version = ws.upload(folder, f"tiny-{name}")  # = weightsmith push FOLDER tiny-NAME
+        pushed[f"./models/{name}"] = version.reference
+        print(f"pushed {folder} as {version.reference}")
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    recipe = on_the_service(yaml.safe_load(RECIPE.read_text()), pushed)
+    job = ws.submit_job("merge", recipe, "tiny-ties")
+    print(f"submitted {RECIPE.name} (its models: the artifacts above): job {job.id} {job.state}")
 
-    model = AutoModelForCausalLM.from_pretrained(dest)
-    ids = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False)
-    print("merged model generates:", ids.tolist()[0])
+    def show(j: Any) -> None:
+        p = j.progress
+        tensors = f" {p.tensors_done}/{p.tensors_total} tensors" if p.tensors_total else ""
+        print(f"  {j.state:9} {p.phase or '-'}{tensors}")
+
+    job = ws.wait(job.id, on_progress=show, interval_s=0.5)
+    if job.state != "succeeded":
+        raise SystemExit(f"job ended {job.state}: {job.error}")
+    reference = job_artifact_reference(job)
+    print(f"published {reference}")
+
+    dest = ws.download(str(reference), work / "downloaded")  # checks every file's sha256
+    files = sum(1 for p in dest.iterdir() if p.name != "manifest.json")
+    print(f"downloaded {files} files to {dest}, every sha256 verified")
+    print(f"merged model continues {PROMPT!r}: {continue_text(dest)!r}")
     return 0
+
+
+def on_the_service(recipe: dict[str, Any], pushed: dict[str, str]) -> dict[str, Any]:
+    """The recipe with each local model path replaced by the artifact pushed from it."""
+
+    def swap(path: str) -> str:
+        if path not in pushed:
+            raise SystemExit(f"{RECIPE.name} names {path!r}, which the example did not push")
+        return pushed[path]
+
+    out = dict(recipe)
+    if "base_model" in out:
+        out["base_model"] = swap(out["base_model"])
+    out["models"] = [{**m, "model": swap(m["model"])} for m in out["models"]]
+    return out
 
 
 if __name__ == "__main__":

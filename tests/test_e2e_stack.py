@@ -38,6 +38,8 @@ from tests.hubserver import HubServer
 from tests.pg import fresh_database
 from tests.reference_merge import reference_merge
 
+pytestmark = pytest.mark.slow  # the whole stack: a Celery worker process, Redis, PostgreSQL
+
 REDIS_URL = os.environ.get("TEST_E2E_REDIS_URL", "redis://127.0.0.1:6379/7")
 ROOT = Path(__file__).resolve().parent.parent
 HF_TOKEN = "hf_e2e_" + secrets.token_hex(8)  # the tenant's own

@@ -26,6 +26,7 @@ from weightsmith.client import Client
 pytestmark = pytest.mark.slow  # a server and CLI subprocesses
 
 server = test_cli_client.server  # weightsmith serve, once for this module
+hub_server = test_cli_client.hub_server  # the test Hub that server reads from
 
 
 def sha256(path: Path) -> str:

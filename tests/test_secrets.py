@@ -155,6 +155,7 @@ def operator_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_tenants_commands_grant_show_disable_and_refuse_bad_grants(
     operator_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -208,6 +209,7 @@ def test_tenants_commands_grant_show_disable_and_refuse_bad_grants(
         engine.dispose()
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_secrets_rotate_reseals_everything_under_a_new_first_key(
     operator_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -233,6 +235,7 @@ def test_secrets_rotate_reseals_everything_under_a_new_first_key(
         engine.dispose()
 
 
+@pytest.mark.slow  # a serve process and CLI subprocesses
 def test_hub_token_set_reads_the_token_from_stdin_and_tenant_shows_it_is_used(
     tmp_path: Path,
 ) -> None:

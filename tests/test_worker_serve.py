@@ -13,12 +13,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.test_runner import linear
+
+pytestmark = pytest.mark.slow  # a `weightsmith serve` process, CLI subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,15 +44,19 @@ def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) ->
 
 
 @contextmanager
-def running_serve(workdir: Path, *, timeout: float = 60) -> Iterator[tuple[str, Path]]:
-    """``weightsmith serve`` in a subprocess (data under ``workdir/data``, local paths allowed),
-    up and answering /healthz; yields its URL and its log file, and stops it after."""
+def running_serve(
+    workdir: Path, *, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, Path]]:
+    """``weightsmith serve`` in a subprocess (data under ``workdir/data``, local paths allowed,
+    ``env`` added to its environment), up and answering /healthz; yields its URL and its log
+    file, and stops it after. ``timeout`` bounds the start only."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
         "WEIGHTSMITH_DATA_DIR": str(workdir / "data"),
         "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
         "PYTHONPATH": str(ROOT),
+        **(env or {}),
     }
     log = workdir / "serve.log"
     with log.open("wb") as out:

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, read, list and cancel jobs (rules in app.submission and JobStore)."""
+"""``/v1/jobs``: submit, read, list and cancel jobs (rules in service.submission and JobStore)."""
 
 from __future__ import annotations
 

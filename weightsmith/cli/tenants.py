@@ -1,11 +1,11 @@
-"""The operator's commands: tenants (grants, disable), secret keys; and a tenant's own Hub
-token (``weightsmith hub-token``, through the API).
+"""The operator's commands: ``tenants`` (grants, disable/enable) and ``secrets`` (the keys
+that encrypt stored secrets).
 
-``weightsmith tenants …`` and ``weightsmith secrets …`` act on the configured database
-directly (``WEIGHTSMITH_DATABASE_URL``, ``WEIGHTSMITH_SECRET_KEYS``): they are for whoever
-runs the service, not for tenants. Secrets are never taken as command-line arguments (they
-would land in the shell history and the process list): an S3 secret key comes from an
-environment variable or a prompt, a Hub token from a prompt or standard input.
+They act on the configured database directly (``WEIGHTSMITH_DATABASE_URL``,
+``WEIGHTSMITH_SECRET_KEYS``): they are for whoever runs the service, not for tenants (a
+tenant's own view is ``weightsmith tenant``, :mod:`weightsmith.cli.account`). Secrets are
+never taken as command-line arguments (they would land in the shell history and the process
+list): an S3 secret key comes from an environment variable or a prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from weightsmith.cli_common import EXIT_INPUT, fail, settings_or_fail
+from weightsmith.cli.common import (
+    EXIT_INPUT,
+    add_json_option,
+    fail,
+    print_json,
+    settings_or_fail,
+    when,
+)
 
 GRANT_SECRET_ENV = "WEIGHTSMITH_GRANT_SECRET_ACCESS_KEY"
 
@@ -57,22 +64,34 @@ def _operator(run: Callable[[Any, Any, argparse.Namespace], int]) -> Callable[..
     return command
 
 
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
-
-
 @_operator
 def _list(tenants: Any, settings: Any, args: argparse.Namespace) -> int:
     """List tenants."""
-    rows = tenants.list()
-    if not rows:
+    found = tenants.list()
+
+    def hub_token(t: Any) -> str | None:
+        return "own" if t.hub_token_set_at else ("service" if t.use_operator_hub_token else None)
+
+    if args.json:
+        print_json(
+            [
+                {
+                    "name": t.name,
+                    "state": "disabled" if t.disabled_at else "active",
+                    "hub_token": hub_token(t),
+                    "created_at": t.created_at,
+                }
+                for t in found
+            ]
+        )
+        return 0
+    if not found:
         print("no tenants")
         return 0
     print(f"{'NAME':30} {'STATE':9} {'HUB TOKEN':10} CREATED")
-    for t in rows:
+    for t in found:
         state = "disabled" if t.disabled_at else "active"
-        token = "own" if t.hub_token_set_at else ("service" if t.use_operator_hub_token else "-")
-        print(f"{t.name:30} {state:9} {token:10} {_when(t.created_at)}")
+        print(f"{t.name:30} {state:9} {hub_token(t) or '-':10} {when(t.created_at)}")
     return 0
 
 
@@ -86,6 +105,20 @@ def _show(tenants: Any, settings: Any, args: argparse.Namespace) -> int:
         raise UnknownTenant(args.name)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     access = tenants.access(match[0].id, operator_hub_token=token)
+    if args.json:  # never the token itself: only where it comes from
+        print_json(
+            {
+                "name": access.name,
+                "state": "disabled" if access.disabled else "active",
+                "hub_token": access.hub_token_source,
+                "hub_push_namespaces": sorted(access.push_namespaces),
+                "s3_grants": [
+                    {"location": g.location, "endpoint": g.endpoint, "credentials": g.credentials}
+                    for g in access.s3_grants
+                ],
+            }
+        )
+        return 0
     print(f"tenant:     {access.name} ({'disabled' if access.disabled else 'active'})")
     print(f"hub token:  {access.hub_token_source or 'none (public repositories only)'}")
     print(f"hub push:   {', '.join(sorted(access.push_namespaces)) or '-'}")
@@ -200,6 +233,7 @@ def _service_hub_token(tenants: Any, settings: Any, args: argparse.Namespace) ->
 
 
 def cmd_secrets_new_key(args: argparse.Namespace) -> int:
+    """Print a new random key for WEIGHTSMITH_SECRET_KEYS (put it first to rotate)."""
     from infra.secrets import new_key
 
     print(new_key())
@@ -228,71 +262,30 @@ def cmd_secrets_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- a tenant's own Hub token, through the API ---------------------------------------------
+def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Register ``tenants`` and ``secrets``."""
 
+    def command(group: Any, name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help, description=func.__doc__, formatter_class=formatter)
+        p.set_defaults(func=func)
+        return p
 
-def _read_token(args: argparse.Namespace) -> str:
-    if not sys.stdin.isatty():
-        return sys.stdin.readline().strip()
-    return getpass.getpass("Hugging Face token: ").strip()
-
-
-def _hub_token_set(client: Any, args: argparse.Namespace) -> int:
-    """Store your Hugging Face token with the service (read from a prompt or stdin)."""
-    token = _read_token(args)
-    if not token:
-        return fail("no token given (type it at the prompt, or pipe it on stdin)", EXIT_INPUT)
-    client.set_hub_token(token)
-    print("stored your Hugging Face token (encrypted); your jobs' Hub pulls and pushes use it")
-    return 0
-
-
-def _hub_token_clear(client: Any, args: argparse.Namespace) -> int:
-    """Forget your Hugging Face token."""
-    client.clear_hub_token()
-    print("your Hugging Face token is forgotten")
-    return 0
-
-
-def _tenant(client: Any, args: argparse.Namespace) -> int:
-    """Show what your tenant may name: s3:// grants, Hub push namespaces, token status."""
-    view = client.get_tenant()
-    token = view.hub_token
-    used = {"tenant": "yours", "operator": "the service's", None: "none"}[token.used]
-    print(f"tenant:     {view.name}")
-    print(f"hub token:  {used}" + (f" (set {_when(token.set_at)})" if token.configured else ""))
-    print(f"hub push:   {', '.join(view.hub_push_namespaces) or '-'}")
-    for grant in view.s3_grants:
-        print(f"s3 grant:   {grant.location}" + (f" at {grant.endpoint}" if grant.endpoint else ""))
-    if not view.s3_grants:
-        print("s3 grant:   -")
-    print(f"local paths: {'allowed' if view.local_paths else 'refused'}")
-    return 0
-
-
-def add_commands(
-    sub: Any,
-    remote: Callable[[str, str], argparse.ArgumentParser],
-    as_command: Callable[[Callable[[Any, argparse.Namespace], int]], Callable[..., int]],
-) -> None:
-    """Register ``tenants``, ``secrets``, ``hub-token`` and ``tenant`` on the CLI's parser.
-    ``remote`` makes a subcommand that talks to the service, ``as_command`` wraps its body."""
-    t = sub.add_parser("tenants", help="operator: tenants, their grants, disable/enable")
+    t = sub.add_parser(
+        "tenants", help="operator: tenants, their grants, disable/enable", formatter_class=formatter
+    )
     tsub = t.add_subparsers(dest="tenants_command", required=True)
-    tl = tsub.add_parser("list", help="list tenants")
-    tl.set_defaults(func=_list)
-    ts = tsub.add_parser("show", help="a tenant's grants and Hub token status")
-    ts.add_argument("name")
-    ts.set_defaults(func=_show)
+    tl = command(tsub, "list", "list tenants", _list)
+    add_json_option(tl, "the tenants")
+    ts = command(tsub, "show", "a tenant's grants and Hub token status", _show)
+    ts.add_argument("name", help="the tenant's name")
+    add_json_option(ts, "the tenant's grants")
     for name, func, text in (
         ("disable", _disable, "stop a tenant's keys, schedules and webhooks"),
         ("enable", _enable, "enable a disabled tenant"),
     ):
-        p = tsub.add_parser(name, help=text)
-        p.add_argument("name")
-        p.set_defaults(func=func)
-    g = tsub.add_parser("grant-s3", help="let a tenant read an s3:// location")
-    g.add_argument("--tenant", required=True)
+        command(tsub, name, text, func).add_argument("name", help="the tenant's name")
+    g = command(tsub, "grant-s3", "let a tenant read an s3:// location", _grant_s3)
+    g.add_argument("--tenant", required=True, help="the tenant's name")
     g.add_argument("location", help="s3://BUCKET/PREFIX/ (the prefix and everything under it)")
     g.add_argument("--endpoint", help="S3 server URL (default: the artifact store's, else AWS)")
     g.add_argument("--region", help="the bucket's region")
@@ -303,38 +296,28 @@ def add_commands(
         action="store_true",
         help="read with the artifact store's credentials (another bucket on its server)",
     )
-    g.set_defaults(func=_grant_s3)
-    r = tsub.add_parser("revoke-s3", help="withdraw an s3:// grant")
-    r.add_argument("--tenant", required=True)
-    r.add_argument("location")
-    r.set_defaults(func=_revoke_s3)
+    r = command(tsub, "revoke-s3", "withdraw an s3:// grant", _revoke_s3)
+    r.add_argument("--tenant", required=True, help="the tenant's name")
+    r.add_argument("location", help="the granted location, exactly as granted")
     for name, func, text in (
         ("grant-hub-push", _grant_hub_push, "let a tenant push to a Hub user/organisation"),
         ("revoke-hub-push", _revoke_hub_push, "withdraw a Hub push grant"),
     ):
-        p = tsub.add_parser(name, help=text)
-        p.add_argument("--tenant", required=True)
+        p = command(tsub, name, text, func)
+        p.add_argument("--tenant", required=True, help="the tenant's name")
         p.add_argument("namespace", help="a Hub user or organisation name")
-        p.set_defaults(func=func)
-    h = tsub.add_parser(
-        "grant-hub-token", help="let a tenant use the service's Hub token (WEIGHTSMITH_HF_TOKEN)"
+    h = command(
+        tsub,
+        "grant-hub-token",
+        "let a tenant use the service's Hub token (WEIGHTSMITH_HF_TOKEN)",
+        _service_hub_token,
     )
-    h.add_argument("--tenant", required=True)
+    h.add_argument("--tenant", required=True, help="the tenant's name")
     h.add_argument("--revoke", action="store_true", help="withdraw it instead")
-    h.set_defaults(func=_service_hub_token)
 
-    s = sub.add_parser("secrets", help="operator: keys that encrypt stored secrets")
+    s = sub.add_parser(
+        "secrets", help="operator: keys that encrypt stored secrets", formatter_class=formatter
+    )
     ssub = s.add_subparsers(dest="secrets_command", required=True)
-    sn = ssub.add_parser("new-key", help="print a new key for WEIGHTSMITH_SECRET_KEYS")
-    sn.set_defaults(func=cmd_secrets_new_key)
-    sr = ssub.add_parser("rotate", help="re-seal every stored secret with the first key")
-    sr.set_defaults(func=cmd_secrets_rotate)
-
-    ht = remote("hub-token", "store or forget your Hugging Face token with the service")
-    htsub = ht.add_subparsers(dest="hub_token_command", required=True)
-    hs = htsub.add_parser("set", help="store it (typed at a prompt, or piped on stdin)")
-    hs.set_defaults(func=as_command(_hub_token_set))
-    hc = htsub.add_parser("clear", help="forget it")
-    hc.set_defaults(func=as_command(_hub_token_clear))
-    tv = remote("tenant", "show what your tenant may name (grants, Hub token)")
-    tv.set_defaults(func=as_command(_tenant))
+    command(ssub, "new-key", "print a new key for WEIGHTSMITH_SECRET_KEYS", cmd_secrets_new_key)
+    command(ssub, "rotate", "re-seal every stored secret with the first key", cmd_secrets_rotate)

@@ -1,0 +1,163 @@
+"""Local commands: ``merge`` and ``edit`` run the engine in this process, on local files or
+Hub models, with no service. They import torch when they run (never at ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from weightsmith.cli.common import EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, fail
+from weightsmith.cli.progress import ProgressBar
+
+_R = TypeVar("_R")
+
+
+def load_recipe(path: Path, parse: Callable[[str], _R]) -> _R | int:
+    """The validated recipe in ``path``, or the exit code after a one-line error."""
+    from schemas.recipe import RecipeError
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        return fail(f"cannot read recipe {str(path)!r}: {e.strerror}", EXIT_INPUT)
+    try:
+        return parse(text)
+    except RecipeError as e:
+        return fail(f"recipe {str(path)!r}: {e}", EXIT_INPUT)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the models of a recipe into a new checkpoint folder."""
+    from schemas.recipe import parse_recipe
+
+    path = Path(args.recipe)
+    recipe = load_recipe(path, parse_recipe)
+    if isinstance(recipe, int):
+        return recipe
+
+    from workers.errors import InputError, WeightsmithError
+    from workers.merge.engine import run_merge
+    from workers.sources import SourceSettings
+
+    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
+    settings = SourceSettings(allow_pickle=recipe.allow_pickle, hub_token=None)
+    try:
+        result = run_merge(
+            recipe,
+            Path(args.out),
+            seed=args.seed,
+            device=args.device,
+            sources=settings,
+            base_dir=path.resolve().parent,
+            progress=bar,
+        )
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    finally:
+        bar.close()
+    total = result.manifest["timings"].get("total_s", 0.0)
+    print(
+        f"merged {recipe.merge_method} into {result.out_dir} (seed {result.seed}, "
+        f"{len(result.manifest['files'])} files, {total:.1f} s)"
+    )
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """ROME/MEMIT edit from a recipe, or --revert of an edited checkpoint."""
+    out = Path(args.out)
+    if args.revert is not None:
+        if args.recipe is not None:
+            return fail("give either a recipe or --revert DIR, not both", EXIT_INPUT)
+        return _revert(Path(args.revert), out)
+    if args.recipe is None:
+        return fail("an edit needs a recipe (or --revert DIR)", EXIT_INPUT)
+
+    from schemas.edit_recipe import parse_edit_recipe
+
+    path = Path(args.recipe)
+    recipe = load_recipe(path, parse_edit_recipe)
+    if isinstance(recipe, int):
+        return recipe
+
+    import json
+
+    from workers.edit import LocalCovarianceCache, run_edit
+    from workers.edit.engine import EditGateError
+    from workers.errors import InputError, WeightsmithError
+
+    cache = LocalCovarianceCache(args.cache_dir) if args.cache_dir else None
+    try:
+        result = run_edit(recipe, out, base_dir=path.resolve().parent, cache=cache)
+    except EditGateError as e:
+        print(json.dumps(e.metrics, indent=2, default=str), file=sys.stderr)
+        return fail(str(e), EXIT_FAILURE)
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    m = result.metrics
+    flag = "" if result.gate_passed else " [FLAGGED: " + "; ".join(m["gate"]["failures"]) + "]"
+    print(
+        f"edited {recipe.model} with {recipe.edit_method} into {out}: efficacy "
+        f"{m['efficacy']:.2f}, paraphrase {m['paraphrase']:.2f}, neighborhood "
+        f"{m['neighborhood']:.2f}, perplexity ratio {m['perplexity_ratio']:.3f}{flag}"
+    )
+    return 0
+
+
+def _revert(edited: Path, out: Path) -> int:
+    from workers.edit import revert_edit
+    from workers.errors import InputError, WeightsmithError
+
+    try:
+        revert_edit(edited, out)
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    print(f"reverted {edited} into {out} (bit for bit)")
+    return 0
+
+
+def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Register ``merge`` and ``edit``."""
+    m = sub.add_parser(
+        "merge",
+        help="run a merge recipe locally (no service needed)",
+        description=cmd_merge.__doc__,
+        formatter_class=formatter,
+    )
+    m.add_argument("recipe", help="recipe YAML (mergekit vocabulary, docs/recipes.md)")
+    m.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    m.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
+    m.add_argument("--device", default="cpu", help="where to compute: cpu or cuda")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser(
+        "edit",
+        help="ROME/MEMIT knowledge edit from a recipe, or revert one",
+        description=cmd_edit.__doc__,
+        formatter_class=formatter,
+    )
+    e.add_argument("recipe", nargs="?", help="edit recipe YAML (docs/editing.md)")
+    e.add_argument("--out", required=True, help="output directory (must not exist)")
+    e.add_argument(
+        "--revert", metavar="EDITED_DIR", help="write the unedited parent of EDITED_DIR instead"
+    )
+    e.add_argument(
+        "--cache-dir",
+        help="covariance cache folder (default: $WEIGHTSMITH_CACHE/covariance, else "
+        "~/.cache/weightsmith/covariance)",
+    )
+    e.set_defaults(func=cmd_edit)
