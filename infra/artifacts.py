@@ -64,6 +64,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from infra.storage.base import (
     IntegrityError,
     InvalidKey,
@@ -72,9 +74,10 @@ from infra.storage.base import (
     ObjectStore,
     StorageError,
     check_key,
+    sha256_file,
 )
+from schemas.manifests import MANIFEST, ArtifactRecord, Manifest, ManifestFile
 
-MANIFEST = "manifest.json"
 LATEST = "latest"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")  # as artifact:// names in schemas
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -204,13 +207,6 @@ def manifest_recipe_hash(manifest: Mapping[str, Any]) -> str:
 # -- reading the output directory ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _FileEntry:
-    path: str
-    size: int
-    sha256: str
-
-
 def _load_local_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / MANIFEST
     try:
@@ -228,31 +224,58 @@ def _load_local_manifest(out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _file_entries(manifest: Mapping[str, Any], where: str) -> list[_FileEntry]:
-    """The manifest's file list, checked: safe relative paths, no duplicates, hex digests."""
-    raw = manifest.get("files")
-    if not isinstance(raw, list) or not raw:
-        raise ManifestError(f"{where}: 'files' must be a non-empty list", file=MANIFEST)
-    entries: list[_FileEntry] = []
-    seen: set[str] = set()
-    for item in raw:
-        try:
-            entry = _FileEntry(str(item["path"]), int(item["size"]), str(item["sha256"]).lower())
+def _file_entries(manifest: Mapping[str, Any], where: str) -> list[ManifestFile]:
+    """The manifest's file list, checked (schemas.manifests: safe relative paths, no
+    duplicates, hex digests; and keys this store accepts)."""
+    try:
+        files = Manifest.model_validate(manifest).files
+        for entry in files:
             check_key(entry.path)
-        except (KeyError, TypeError, ValueError, InvalidKey) as e:
-            raise ManifestError(f"{where}: bad file entry {item!r}: {e}", file=MANIFEST) from e
-        if entry.path == MANIFEST or entry.path in seen or not _HASH.match(entry.sha256):
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc, msg = first["loc"], str(first["msg"]).removeprefix("Value error, ")
+        raw = manifest.get("files")
+        if (
+            len(loc) >= 2
+            and loc[0] == "files"
+            and isinstance(loc[1], int)
+            and isinstance(raw, list)
+        ):
             raise ManifestError(
-                f"{where}: file entry {item!r} is the manifest itself, a duplicate, or has no "
-                "hex sha256",
-                file=entry.path,
-            )
-        seen.add(entry.path)
-        entries.append(entry)
-    return entries
+                f"{where}: bad file entry {raw[loc[1]]!r}: {msg}", file=MANIFEST
+            ) from None
+        what = ".".join(str(p) for p in loc) or "the manifest"
+        raise ManifestError(f"{where}: {what}: {msg}", file=MANIFEST) from None
+    except InvalidKey as e:
+        raise ManifestError(f"{where}: {e}", file=MANIFEST) from None
+    return files
 
 
-def _check_local_files(out_dir: Path, entries: Iterable[_FileEntry]) -> None:
+def folder_files(
+    folder: Path, *, known: Mapping[str, tuple[int, str]] | None = None
+) -> list[ManifestFile]:
+    """Every file under ``folder`` but its manifest, sorted, with size and sha256 (``known``:
+    (size, sha256) already computed while writing, by relative path)."""
+    files = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix()
+        if rel in (MANIFEST, MANIFEST + ".tmp"):
+            continue
+        size, digest = known[rel] if known and rel in known else (f.stat().st_size, sha256_file(f))
+        files.append(ManifestFile(path=rel, size=size, sha256=digest))
+    return files
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` atomically, after every other file of the folder (a
+    reader never sees half of it); returns the document written."""
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, folder / MANIFEST)
+    return manifest.document()
+
+
+def _check_local_files(out_dir: Path, entries: Iterable[ManifestFile]) -> None:
     """Fail before taking a version number if a listed file is missing or has another size."""
     for e in entries:
         path = out_dir / e.path
@@ -303,15 +326,15 @@ def publish_artifact(
     version = allocate_version(store, tenant, name, job_id=job_id)
     prefix = version_prefix(tenant, name, version)
     published = dict(manifest)
-    published["artifact"] = {
-        "tenant": tenant,
-        "name": name,
-        "version": version,
-        "reference": f"artifact://{name}@{version}",
-        "job_id": job_id,
-        "recipe_hash": digest,
-        "published_at": _now(),
-    }
+    published["artifact"] = ArtifactRecord(
+        tenant=tenant,
+        name=name,
+        version=version,
+        reference=f"artifact://{name}@{version}",
+        job_id=job_id,
+        recipe_hash=digest,
+        published_at=_now(),
+    ).model_dump(mode="json")
     try:
         _upload_files(store, prefix, out_dir, entries)
         # The commit: from here on this version is the job's, and a retry finishes it.
@@ -396,7 +419,7 @@ def _highest_number(store: ObjectStore, tenant: str, name: str) -> int:
 
 
 def _upload_files(
-    store: ObjectStore, prefix: str, out_dir: Path, entries: Sequence[_FileEntry]
+    store: ObjectStore, prefix: str, out_dir: Path, entries: Sequence[ManifestFile]
 ) -> None:
     for e in entries:
         try:
@@ -630,7 +653,7 @@ def download_artifact(
 
 
 def _download_one(
-    store: ObjectStore, pinned: ArtifactVersion, e: _FileEntry, staging: Path, label: str
+    store: ObjectStore, pinned: ArtifactVersion, e: ManifestFile, staging: Path, label: str
 ) -> None:
     target = staging / e.path
     target.parent.mkdir(parents=True, exist_ok=True)

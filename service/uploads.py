@@ -54,7 +54,6 @@ from typing import Any
 
 import weightsmith
 from infra.artifacts import (
-    MANIFEST,
     ArtifactError,
     ArtifactVersion,
     check_name,
@@ -63,6 +62,7 @@ from infra.artifacts import (
     publish_artifact,
     read_manifest,
     version_prefix,
+    write_manifest,
 )
 from infra.settings import Settings
 from infra.storage.base import (
@@ -74,6 +74,7 @@ from infra.storage.base import (
     StorageError,
     check_key,
 )
+from schemas.manifests import MANIFEST_FORMAT, Manifest
 from schemas.uploads import UPLOAD_ID, UploadCreate, UploadFile, UploadState
 
 log = logging.getLogger("weightsmith.uploads")
@@ -784,22 +785,24 @@ def _assemble_and_publish(store: ObjectStore, up: Upload, work_dir: Path | None)
                 _delete_quietly(store, f"{session.prefix}part/{m.index:05d}/")
             raise ChecksumMismatch(mismatches)
         files = [f.model_dump() for f in session.files]
-        manifest = {
-            "format": "weightsmith.manifest/1",
-            "kind": "upload",
-            "name": session.artifact_name,
-            **({"description": session.description} if session.description else {}),
-            "code_version": weightsmith.__version__,
-            "created_at": _iso(_now(None)),
-            "upload": {
-                "id": session.id,
-                "uploaded_by": {"tenant": session.tenant},
-                "created_at": _iso(session.created_at),
-            },
-            "parents": [],
-            "files": files,
-        }
-        (root / MANIFEST).write_bytes(_dumps(manifest))
+        manifest = Manifest.model_validate(
+            {
+                "format": MANIFEST_FORMAT,
+                "kind": "upload",
+                "name": session.artifact_name,
+                **({"description": session.description} if session.description else {}),
+                "code_version": weightsmith.__version__,
+                "created_at": _iso(_now(None)),
+                "upload": {
+                    "id": session.id,
+                    "uploaded_by": {"tenant": session.tenant},
+                    "created_at": _iso(session.created_at),
+                },
+                "parents": [],
+                "files": files,
+            }
+        )
+        write_manifest(root, manifest)
         digest = compute_recipe_hash(kind="upload", recipe={"files": files}, parents=[], seed=None)
         return publish_artifact(
             store,

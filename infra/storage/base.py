@@ -103,6 +103,15 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The lower-case hex sha256 of a file, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def normalize_sha256(value: str | None) -> str | None:
     """Lower-case hex sha256 or None; rejects anything else early (a typo is not a digest)."""
     if value is None:

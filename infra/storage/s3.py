@@ -54,6 +54,7 @@ from infra.storage.base import (
     check_prefix,
     integrity_message,
     normalize_sha256,
+    sha256_file,
 )
 
 MiB = 1 << 20
@@ -258,7 +259,7 @@ class S3ObjectStore(ObjectStore):
     def _put_single(
         self, key: str, full: str, path: Path, size: int, expected: str | None
     ) -> ObjectInfo:
-        digest = expected or _sha256_file(path)
+        digest = expected or sha256_file(path)
         what = f"uploading {str(path)!r} to {key!r}"
         try:
             with path.open("rb") as body, self._errors(what):
@@ -499,11 +500,3 @@ class _BodyReader(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from schemas.manifests import MANIFEST, Manifest, ManifestFile
 from schemas.references import ReferenceError_, ReferenceKind, parse_reference
 from weightsmith.client.errors import (
     ClientError,
@@ -43,7 +44,6 @@ from weightsmith.client.transport import (
     same_origin,
 )
 
-MANIFEST = "manifest.json"
 LATEST = "latest"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -86,13 +86,6 @@ class _FileReport:
             self.callback(
                 DownloadProgress(self.file, self.before + n, self.total, self.index, self.count)
             )
-
-
-@dataclass(frozen=True)
-class ManifestFile:
-    path: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -296,24 +289,15 @@ def _pinned_version(manifest: Mapping[str, Any], wanted: str, name: str) -> int:
 
 
 def _manifest_files(manifest: Mapping[str, Any], label: str) -> list[ManifestFile]:
-    """The manifest's files, checked: a server must not make us write outside the target."""
+    """The manifest's files, checked (schemas.manifests): a server must not make us write
+    outside the target."""
     raw = manifest.get("files")
     if not isinstance(raw, list) or not raw:
         raise DownloadError(f"{label}: the manifest lists no files")
-    files: list[ManifestFile] = []
-    for item in raw:
-        try:
-            entry = ManifestFile(str(item["path"]), int(item["size"]), str(item["sha256"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DownloadError(f"{label}: bad manifest entry {item!r}: {e}") from None
-        parts = entry.path.split("/")
-        unsafe = (
-            entry.path.startswith("/")
-            or "\\" in entry.path
-            or any(p in ("", ".", "..") for p in parts)
-            or entry.path == MANIFEST
-        )
-        if unsafe or entry.size < 0 or not _SHA256.match(entry.sha256):
-            raise DownloadError(f"{label}: unsafe or malformed manifest entry {item!r}")
-        files.append(entry)
-    return files
+    try:  # only the files: what a download needs, whatever else this server records
+        return Manifest.model_validate({"files": raw}).files
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise DownloadError(
+            f"{label}: unsafe or malformed manifest entry at {where}: {e.errors()[0]['msg']}"
+        ) from None

@@ -28,15 +28,17 @@ from typing import Any
 import torch
 
 import weightsmith
+from infra.artifacts import folder_files
+from infra.artifacts import write_manifest as write_manifest_file
+from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
+from schemas.manifests import MANIFEST, MANIFEST_FORMAT, Manifest
 from workers.edit.architectures import EditArchitecture
 from workers.edit.update import RankOneUpdate, layer_deltas
 from workers.errors import InputError, WeightsmithError
-from workers.publish.output import sha256_file
 from workers.sources import ResolvedModel
 from workers.tensors import CheckpointReader
 
-MANIFEST = "manifest.json"
 EDIT_DIR = "edit"
 FACTORS = "factors.safetensors"
 ORIGINAL = "original.safetensors"
@@ -97,31 +99,32 @@ def write_manifest(
     then the provenance (name, seed, code version, parent, recipe), the edited tensors, the
     parent's files, ``timings`` and the sha256 of every file in ``folder``. Strict JSON
     (non-finite metrics as null: the API serves it as is). Returns it."""
-    manifest = {
-        **record,
-        "name": recipe.output.name or f"{recipe.edit_method} edit of {recipe.model}",
-        "seed": recipe.seed,
-        "code_version": weightsmith.__version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parents": [
+    manifest = Manifest.model_validate(
+        json_safe(
             {
-                "role": "base",
-                "reference": str(resolved.reference),
-                "pinned": str(resolved.pinned),
-                "revision": resolved.revision,
+                **record,
+                "format": MANIFEST_FORMAT,
+                "name": recipe.output.name or f"{recipe.edit_method} edit of {recipe.model}",
+                "seed": recipe.seed,
+                "code_version": weightsmith.__version__,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "parents": [
+                    {
+                        "role": "base",
+                        "reference": str(resolved.reference),
+                        "pinned": str(resolved.pinned),
+                        "revision": resolved.revision,
+                    }
+                ],
+                "recipe": recipe.model_dump(mode="json", exclude_none=True),
+                "edited_tensors": edited_tensors,
+                "parent_files": parent_files,
+                "timings": timings,
+                "files": [f.model_dump() for f in folder_files(folder)],
             }
-        ],
-        "recipe": recipe.model_dump(mode="json", exclude_none=True),
-        "edited_tensors": edited_tensors,
-        "parent_files": parent_files,
-        "timings": timings,
-        "files": _file_entries(folder),
-    }
-    manifest = json_safe(manifest)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    tmp.rename(folder / MANIFEST)
-    return dict(manifest)
+        )
+    )
+    return write_manifest_file(folder, manifest)
 
 
 def json_safe(value: Any) -> Any:
@@ -263,12 +266,3 @@ def _publish(staging: Path, out: Path) -> None:
     if out.exists():
         out.rmdir()  # empty, checked before
     staging.rename(out)
-
-
-def _file_entries(root: Path) -> list[dict[str, Any]]:
-    out = []
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            rel = f.relative_to(root).as_posix()
-            out.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
-    return out

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 import weightsmith
+from infra.storage.base import sha256_file
 from workers.edit.architectures import EditArchitecture
 from workers.edit.prompts import pad_id
 from workers.edit.tracing import StopForward
 from workers.errors import CancelledError, InputError
-from workers.publish.output import sha256_file
 
 if TYPE_CHECKING:
     from infra.storage import ObjectStore

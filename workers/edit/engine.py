@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
@@ -40,7 +41,6 @@ from workers.edit.settings import EditSettings
 from workers.edit.templates import context_templates
 from workers.edit.update import EditContext, EditMethod, RankOneUpdate, layer_deltas
 from workers.errors import CancelledError, InputError, WeightsmithError
-from workers.publish.output import sha256_file
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 
 __all__ = [

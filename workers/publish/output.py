@@ -7,7 +7,6 @@ sha256, so its presence marks a complete artifact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -18,21 +17,14 @@ from typing import Any
 import yaml
 
 import weightsmith
+from infra.artifacts import folder_files, write_manifest
+from schemas.manifests import MANIFEST_FORMAT, Manifest, ManifestParent
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
 from workers.sources import ResolvedModel
 from workers.sources.selection import TOKENIZER_FILES, TOKENIZER_PATTERNS
 
-MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _has_lm_head(staging: Path) -> bool:
@@ -121,16 +113,6 @@ def model_card(recipe: MergeRecipe, parents: list[ResolvedModel], title: str) ->
     return "\n".join(lines)
 
 
-def _file_entries(staging: Path, known: dict[str, tuple[int, str]]) -> list[dict[str, Any]]:
-    out = []
-    for f in sorted(staging.iterdir()):
-        if f.name == MANIFEST or not f.is_file():
-            continue
-        size, digest = known.get(f.name) or (f.stat().st_size, sha256_file(f))
-        out.append({"path": f.name, "size": size, "sha256": digest})
-    return out
-
-
 def finalize_output(
     staging: Path,
     *,
@@ -162,30 +144,27 @@ def finalize_output(
     timings = dict(timings)
     timings["publish_s"] = time.perf_counter() - publish_started
     timings["total_s"] = time.perf_counter() - started
-    manifest: dict[str, Any] = {
-        "format": "weightsmith.manifest/1",
-        "kind": "merge",
-        "name": title,
-        "method": recipe.merge_method,
-        "seed": seed,
-        "code_version": weightsmith.__version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parents": [
-            {
-                "role": "base" if p is base else "model",
-                "reference": str(p.reference),
-                "pinned": str(p.pinned),
-                "revision": p.revision,
-            }
+    manifest = Manifest(
+        format=MANIFEST_FORMAT,
+        kind="merge",
+        name=title,
+        method=recipe.merge_method,
+        seed=seed,
+        code_version=weightsmith.__version__,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        parents=[
+            ManifestParent(
+                role="base" if p is base else "model",
+                reference=str(p.reference),
+                pinned=str(p.pinned),
+                revision=p.revision,
+            )
             for p in parents
         ],
-        "recipe": recipe.model_dump(mode="json", exclude_none=True),
-        "tokenizer_files": tokenizer_files,
-        "notes": notes,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "files": _file_entries(staging, writer_digests),
-    }
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(staging / MANIFEST)
-    return manifest
+        recipe=recipe.model_dump(mode="json", exclude_none=True),
+        tokenizer_files=tokenizer_files,
+        notes=notes,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        files=folder_files(staging, known=writer_digests),
+    )
+    return write_manifest(staging, manifest)
