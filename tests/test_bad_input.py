@@ -309,6 +309,22 @@ def test_della_error_names_the_recipe_position_when_the_base_is_listed_in_models
     assert "models[1]" not in str(exc)
 
 
+def test_della_top_level_density_out_of_range_points_there_and_names_the_model(
+    zoo: Path, capsys
+) -> None:
+    # density 0.1 set for every model: the first fine-tuned entry (models[1], after the base)
+    # is named, the setting to change is the top-level one
+    recipe = ta_recipe(merge_method="della", parameters={"density": 0.1})
+    recipe["models"].insert(0, {"model": "./models/base"})
+    refused(
+        zoo,
+        recipe,
+        error=RecipeError,
+        expect=("parameters.density: della needs", "density 0.1, epsilon 0.15 for models[1]"),
+        capsys=capsys,
+    )
+
+
 def test_della_gradient_out_of_range_at_one_layer_is_refused_by_the_engine(
     zoo: Path, capsys
 ) -> None:
