@@ -552,6 +552,46 @@ def test_embedding_rows_mismatch_without_vocab_size_in_config_mentions_vocabular
     )
 
 
+def _wider(delta: float) -> dict[str, torch.Tensor]:
+    """The zoo's tensors for a model of hidden size 12 instead of 8 (same vocabulary)."""
+    wide = {EMBED: (32, 12), DOWN0: (12, 16), DOWN1: (12, 16), NORM: (12,), HEAD: (32, 12)}
+    return {name: torch.full(shape, delta) for name, shape in wide.items()}
+
+
+def test_hidden_size_mismatch_in_config_is_named_as_such_not_as_vocabularies(
+    zoo: Path, capsys
+) -> None:
+    write_model(zoo / "models" / "ft1", _wider(FT1_DELTA), config={**CONFIG, "hidden_size": 12})
+    exc = refused(
+        zoo,
+        ta_recipe(),
+        model="./models/ft1",
+        field="models[0].model",
+        expect=("hidden size 12 differs from 8", "different widths"),
+        capsys=capsys,
+    )
+    assert "vocabular" not in str(exc)
+
+
+def test_embedding_width_mismatch_without_config_is_named_as_hidden_sizes(
+    zoo: Path, capsys
+) -> None:
+    # Same vocabulary (32 rows), other width: the first tensor that differs, in the file's
+    # order, is the output head (vocabulary × hidden, like the embedding).
+    no_sizes = {k: v for k, v in CONFIG.items() if k not in ("vocab_size", "hidden_size")}
+    write_model(zoo / "models" / "base", base_tensors(), config=no_sizes)
+    write_model(zoo / "models" / "ft1", _wider(FT1_DELTA), config=no_sizes)
+    exc = refused(
+        zoo,
+        ta_recipe(),
+        model="./models/ft1",
+        tensor=HEAD,
+        expect=("(32, 12)", "(32, 8)", "hidden sizes differ"),
+        capsys=capsys,
+    )
+    assert "vocabular" not in str(exc)
+
+
 @pytest.mark.parametrize(
     ("which", "name", "bad"),
     [

@@ -109,12 +109,12 @@ def plan_tensors(
 
 
 def _check_configs(reference: InputModel, models: list[InputModel]) -> None:
-    """Vocabulary size from config.json, where the configs say it."""
+    """Vocabulary size and hidden size from config.json, where the configs say them."""
     ref_cfg = read_config(reference.resolved.path)
-    ref_vocab = _config_int(ref_cfg, _VOCAB_KEYS)
+    ref_vocab, ref_width = _config_int(ref_cfg, _VOCAB_KEYS), _config_int(ref_cfg, _WIDTH_KEYS)
     for m in models:
         cfg = read_config(m.resolved.path)
-        vocab = _config_int(cfg, _VOCAB_KEYS)
+        vocab, width = _config_int(cfg, _VOCAB_KEYS), _config_int(cfg, _WIDTH_KEYS)
         if ref_vocab is not None and vocab is not None and vocab != ref_vocab:
             raise InputError(
                 f"vocabulary size {vocab} differs from {ref_vocab} of {reference.label!r}; "
@@ -123,9 +123,17 @@ def _check_configs(reference: InputModel, models: list[InputModel]) -> None:
                 model=m.label,
                 field=f"{m.role}.model",
             )
+        if ref_width is not None and width is not None and width != ref_width:
+            raise InputError(
+                f"hidden size {width} differs from {ref_width} of {reference.label!r}: models "
+                "of different widths are different architectures and cannot be merged",
+                model=m.label,
+                field=f"{m.role}.model",
+            )
 
 
 _VOCAB_KEYS = ("vocab_size", "n_vocab")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
 def _config_int(cfg: dict[str, Any], keys: tuple[str, ...]) -> int | None:
@@ -139,9 +147,11 @@ def _config_int(cfg: dict[str, Any], keys: tuple[str, ...]) -> int | None:
 
 
 def _mismatch_hint(name: str, shape: tuple[int, ...], ref: tuple[int, ...]) -> str:
-    """What a shape mismatch of an embedding or output head means."""
-    if not _is_embedding(name):
+    """What a shape mismatch of an embedding or output head means: (vocabulary, hidden)."""
+    if not _is_embedding(name) or len(shape) != 2 or len(ref) != 2:
         return ""
+    if shape[1] != ref[1]:
+        return " — the hidden sizes differ; models of different widths cannot be merged"
     return " — the vocabularies differ; merging them needs a tokenizer plan"
 
 
