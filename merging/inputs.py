@@ -44,7 +44,6 @@ class Block:
     ) -> None:
         self.start, self.stop, self.shape = start, stop, shape
         self._read_base, self._read, self._reused = read_base, read, reused
-        self._base_raw: torch.Tensor | None = None
         self._base32: torch.Tensor | None = None
 
     @property
@@ -56,11 +55,9 @@ class Block:
         return self._read_base is not None
 
     def base_raw(self) -> torch.Tensor:
-        """θ0 as stored."""
+        """θ0 as stored (like ``raw``, read again on every call of a whole-tensor block)."""
         assert self._read_base is not None, "the method has no base model"
-        if self._base_raw is None:
-            self._base_raw = self._read_base()
-        return self._base_raw
+        return self._read_base()
 
     def raw(self, j: int) -> torch.Tensor:
         """θj as stored: element-wise methods accumulate it into float32 directly."""
@@ -78,7 +75,8 @@ class Block:
 
     def tau(self, j: int) -> torch.Tensor:
         """τj = θj − θ0 in float32, a tensor of its own."""
-        return self.theta(j).sub_(self.base32())
+        base = self.base32()  # first: the engine reads ahead in the order θ0, θ1, θ2, ...
+        return self.theta(j).sub_(base)
 
 
 @dataclass

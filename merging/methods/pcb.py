@@ -165,13 +165,20 @@ class Pcb(MergeMethod):
     def merge_block(self, x: TensorInputs, b: Block) -> torch.Tensor:
         if x.count == 0:
             return b.base32().clone()
-        taus = [b.tau(j).reshape(-1) for j in range(x.count)]
-        total = taus[0].clone()
-        for t in taus[1:]:
-            total += t
+        # Each τj is needed twice, for Σj τj and then on its own: a streamed block keeps
+        # them (small buffers), a whole tensor makes them again to hold one at a time.
+        kept = None if x.whole else [b.tau(j).reshape(-1) for j in range(x.count)]
+
+        def tau_of(j: int) -> torch.Tensor:
+            return kept[j] if kept is not None else b.tau(j).reshape(-1)
+
+        total = kept[0].clone() if kept is not None else tau_of(0)
+        for j in range(1, x.count):
+            total += tau_of(j)
         num = torch.zeros_like(total)
         den = torch.zeros_like(total)
-        for j, tau in enumerate(taus):
+        for j in range(x.count):
+            tau = tau_of(j)
             if x.shared["scope"] == "global":
                 lo, hi, threshold, top = x.stats["pcb_bounds"][x.model_indices[j]]
             else:
