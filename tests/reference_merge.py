@@ -65,7 +65,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pcb": {"weight": 1.0, "density": 0.1, "clip_ratio": 0.0001, "scope": "global"},
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
-    "nearswap": {"t": None},
 }
 SPARSE_FAMILY = {
     # method: (sparsify, sign consensus)
@@ -352,11 +351,6 @@ def reference_merge(
         elif method == "model_stock":
             merged = _model_stock(base.sd[name], [m.sd[name] for m in inputs],
                                   bool(shared("filter_wise", name)))  # fmt: skip
-        elif method == "nearswap":
-            (other,) = inputs
-            tau = other.sd[name].to(F32) - base.sd[name].to(F32)
-            w = torch.where(tau == 0, 1.0, float(shared("t", name)) / tau.double().abs())
-            merged = base.sd[name].double() + w.clamp(0, 1) * tau.double()
         elif method == "slerp":
             (other,) = inputs
             merged = slerp(float(shared("t", name)), base.sd[name], other.sd[name])

@@ -154,7 +154,6 @@ LLAMA_CASES = {
     "slerp": lambda f: recipe("slerp", f, models(f, "ft1"), {"t": 0.3}),
     "slerp_gradient": lambda f: recipe("slerp", f, models(f, "base", "ft2"), {
         "t": [0.0, 0.3, 0.7, 1.0]}),
-    "nearswap": lambda f: recipe("nearswap", f, models(f, "ft1"), {"t": [0.001, 0.01]}),
 }  # fmt: skip
 
 SMALL_CASES = {
@@ -187,7 +186,6 @@ BF16_CASES = {
     "pcb": lambda f: recipe("pcb", f, models(f, "ft1", "ft2"), {"density": 0.2}, **F32_OUT),
     "model_stock": lambda f: recipe("model_stock", f, models(f, "ft1", "ft2"), **F32_OUT),
     "slerp": lambda f: recipe("slerp", f, models(f, "ft1"), {"t": 0.4}, **F32_OUT),
-    "nearswap": lambda f: recipe("nearswap", f, models(f, "ft1"), {"t": 0.002}, **F32_OUT),
 }  # fmt: skip
 
 CASES = [
