@@ -187,13 +187,11 @@ class Pcb(MergeMethod):
                 )
             weight = x.params[j]["weight"]
             for start in range(0, tau.numel(), WORK_CHUNK):
-                t = tau[start : start + WORK_CHUNK]
-                score = pcb_score(
-                    pcb_balance(t, total[start : start + WORK_CHUNK], x.count, lo, hi),
-                    threshold,
-                    top,
-                )
+                chunk = slice(start, start + WORK_CHUNK)
+                t = tau[chunk]
+                score = pcb_score(pcb_balance(t, total[chunk], x.count, lo, hi), threshold, top)
                 clipped = torch.sign(t).mul_(t.abs().clamp_(lo, hi))
-                num[start : start + WORK_CHUNK] += clipped.mul_(score).mul_(weight)
-                den[start : start + WORK_CHUNK] += score
+                # add_ on the views: `num[chunk] += …` would copy the sum back once more
+                num[chunk].add_(clipped.mul_(score).mul_(weight))
+                den[chunk].add_(score)
         return num.div_(den.clamp_(min=1e-12)).reshape(b.shape).add_(b.base32())
