@@ -8,9 +8,10 @@ into place only when complete. Peak memory is the inputs of one tensor (plus flo
 copies), never the model; a method whose math is element-wise gets each tensor a block at a
 time, so its memory is a few blocks.
 
-The roles: plan.py (what to write), inputs.py (reading the inputs), parameters.py (the
-recipe's values per tensor), progress.py, passes.py (statistics passes) and, here, the run
-and the merge of one tensor with the checks of its result.
+The roles: plan.py (what to write), inputs.py (the input models), reading.py (reading
+their tensors), parameters.py (the recipe's values per tensor), progress.py, passes.py
+(statistics passes) and, here, the run and the merge of one tensor with the checks of its
+result.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from merging.inputs import TensorInputs
 from merging.method import MergeInputError
 from schemas.recipe import MergeRecipe
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
-from workers.merge.inputs import InputReader, open_inputs, tokenizer_source
+from workers.merge.inputs import open_inputs, tokenizer_source
 from workers.merge.parameters import ParameterResolver
 from workers.merge.passes import ModelPasses
 from workers.merge.plan import PlannedTensor, num_layers, plan_tensors
 from workers.merge.progress import Progress, ProgressCallback, ProgressTracker
+from workers.merge.reading import InputReader
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.writer import ShardedWriter, TensorSpec
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from merging.inputs import TensorInputs
-from workers.merge.inputs import InputReader
 from workers.merge.parameters import ParameterResolver
 from workers.merge.progress import ProgressTracker
+from workers.merge.reading import InputReader
 
 
 class ModelPasses:

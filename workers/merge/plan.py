@@ -13,16 +13,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
+from workers.merge.inputs import InputModel
 from workers.tensors.safetensors_format import DTYPES
-
-if TYPE_CHECKING:
-    from workers.merge.inputs import InputModel
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
