@@ -27,6 +27,7 @@ WORKDIR /opt/weightsmith
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY infra ./infra
+COPY merging ./merging
 COPY schemas ./schemas
 COPY service ./service
 COPY weightsmith ./weightsmith

@@ -36,6 +36,8 @@ from yaml.events import AliasEvent, Event, MappingStartEvent, SequenceStartEvent
 from yaml.nodes import Node
 from yaml.resolver import Resolver
 
+from merging.parameters import FLOAT32_MAX  # noqa: F401  (re-exported: the largest float32)
+
 # ---- the caps ------------------------------------------------------------------------------
 
 MAX_NESTING_DEPTH = 32
@@ -90,8 +92,6 @@ MAX_CURSOR_CHARS = 256
 """Characters of a list ``cursor``."""
 MAX_INTEGER = 2**63
 """Integers in a body lie in (−2⁶³, 2⁶³): a 64-bit column or seed holds them."""
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest finite float32: merges compute in float32, so no factor may exceed it."""
 
 # ---- refusing with a location --------------------------------------------------------------
 

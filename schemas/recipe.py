@@ -1,6 +1,8 @@
 """The merge recipe: mergekit's YAML vocabulary plus weightsmith's extensions.
 
-A recipe is validated here once, by the API, the CLI and the worker alike. Parameter values
+A recipe is validated here once, by the API, the CLI and the worker alike, against the
+methods' own declarations (merging/methods/: parameters and any rule of a method's own,
+read without torch); every error points at the field to change. Parameter values
 follow mergekit: a scalar, a per-layer gradient list, or a list of ``{filter, value}``
 entries where the first entry whose filter is a substring of the tensor name wins
 (``*`` or no filter matches everything). Precedence, highest first: the model's own
@@ -22,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from merging import METHODS
+from merging.method import MergeMethod, ModelSettings, RecipeRuleError, RecipeSettings
+from merging.parameters import ParameterSpec, ParamScope
 from schemas.limits import (
     FLOAT32_MAX,
     MAX_FILTER_CHARS,
@@ -31,7 +36,6 @@ from schemas.limits import (
     MAX_SHARD_BYTES,
     limit_error,
 )
-from schemas.methods import METHODS, MethodSpec, ParameterSpec, ParamScope
 from schemas.references import Location, ModelReference
 
 Scalar = float | int | bool | str
@@ -153,18 +157,23 @@ class MergeRecipe(BaseModel):
     def _reject_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             if "slices" in data:
-                raise ValueError(
-                    "slices: layer slicing is not supported; list whole models under 'models'"
+                raise limit_error(
+                    "MergeRecipe",
+                    ("slices",),
+                    "layer slicing is not supported; list whole models under 'models'",
                 )
             method = data.get("merge_method")
             if isinstance(method, str) and method not in METHODS:
-                raise ValueError(
-                    f"merge_method: unknown method {method!r}; valid: {', '.join(METHODS)}"
+                raise limit_error(
+                    "MergeRecipe",
+                    ("merge_method",),
+                    f"unknown method {method!r}; valid: {', '.join(METHODS)}",
+                    method,
                 )
         return data
 
     @property
-    def method(self) -> MethodSpec:
+    def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
 
     @property
@@ -202,9 +211,11 @@ class MergeRecipe(BaseModel):
     def _check_against_method(self) -> MergeRecipe:
         spec = self.method
         if spec.needs_base and self.base_model is None:
-            raise ValueError(
-                f"base_model: method {spec.name!r} needs a base model (the task vectors are "
-                "differences from it)"
+            raise limit_error(
+                "MergeRecipe",
+                ("base_model",),
+                f"method {spec.name!r} needs a base model (the task vectors are differences "
+                "from it)",
             )
         n = len(self.fine_tuned)
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
@@ -215,8 +226,10 @@ class MergeRecipe(BaseModel):
                 if spec.max_models is None
                 else f"{spec.min_models} to {spec.max_models}"
             )
-            raise ValueError(
-                f"models: {spec.name!r} needs {want} model(s) besides the base, got {n}"
+            raise limit_error(
+                "MergeRecipe",
+                ("models",),
+                f"{spec.name!r} needs {want} model(s) besides the base, got {n}",
             )
         if self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype:
             raise ValueError(
@@ -227,11 +240,23 @@ class MergeRecipe(BaseModel):
         for at, params in self._scopes():
             self._check_parameters(at, params)
         self._check_float32_range()
-        if self.merge_method == "slerp" and not self._has_setting("t"):
-            raise ValueError("parameters.t: slerp needs the interpolation factor t in [0, 1]")
-        self._check_della()
-        self._check_global_scope()
+        try:
+            spec.check_recipe(self._settings())
+        except RecipeRuleError as e:
+            raise limit_error("MergeRecipe", e.location, e.message) from None
         return self
+
+    def _settings(self) -> RecipeSettings:
+        """The parameter settings as written, for the method's own rules."""
+        fine = {id(e) for e in self.fine_tuned}
+        return RecipeSettings(
+            method=self.method,
+            parameters=self.parameters or {},
+            models=tuple(
+                ModelSettings(i, m.parameters or {}, id(m) in fine)
+                for i, m in enumerate(self.models)
+            ),
+        )
 
     def _scopes(self) -> list[tuple[tuple[str | int, ...], dict[str, ParameterSetting] | None]]:
         """Each parameters mapping with its location in the recipe."""
@@ -342,25 +367,6 @@ class MergeRecipe(BaseModel):
             "in, so its result would overflow: use weights and lambda of ordinary size",
         )
 
-    def _check_global_scope(self) -> None:
-        """A whole-model threshold needs one density per model, not one per tensor."""
-        if not (self.parameters and self.parameters.get("scope") == "global"):
-            return
-        scopes = [("parameters", self.parameters)] + [
-            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
-        ]
-        for where, params in scopes:
-            if params and "density" in params and not isinstance(params["density"], Scalar):
-                raise ValueError(
-                    f"{where}.density: with scope: global the density is one value per model "
-                    "(no gradient or filter list)"
-                )
-
-    def _has_setting(self, name: str) -> bool:
-        return bool(self.parameters and name in self.parameters) or any(
-            m.parameters and name in m.parameters for m in self.models
-        )
-
     def _check_parameters(
         self, at: tuple[str | int, ...], params: dict[str, ParameterSetting] | None
     ) -> None:
@@ -404,25 +410,6 @@ class MergeRecipe(BaseModel):
             ):
                 raise limit_error("MergeRecipe", loc, "a gradient list needs numeric values")
 
-    def _check_della(self) -> None:
-        if self.merge_method not in ("della", "della_linear"):
-            return
-        # Checked on scalar settings here; gradient values are checked per tensor by the engine.
-        spec = self.method
-        fine = {id(e) for e in self.fine_tuned}
-        for i, entry in enumerate(self.models):
-            if id(entry) not in fine:  # the base listed among the models: not checked
-                continue
-            d = _scalar_setting(entry.parameters, self.parameters, "density", spec)
-            e = _scalar_setting(entry.parameters, self.parameters, "epsilon", spec)
-            if d is None or e is None or d >= 1:
-                continue
-            if not (d - e > 0 and d + e <= 1):
-                raise ValueError(
-                    f"models[{i}]: della needs 0 < density − epsilon and density + epsilon ≤ 1; "
-                    f"got density {d:g}, epsilon {e:g}"
-                )
-
 
 def _covers_every_tensor(setting: ParameterSetting) -> bool:
     """False for a filter list that some tensor may match no entry of (then the next level
@@ -441,20 +428,6 @@ def _scalars(setting: ParameterSetting) -> list[Scalar]:
             out.extend(_scalars(s))
         return out
     return [setting]
-
-
-def _scalar_setting(
-    own: dict[str, ParameterSetting] | None,
-    top: dict[str, ParameterSetting] | None,
-    name: str,
-    spec: MethodSpec,
-) -> float | None:
-    for scope in (own, top):
-        if scope and name in scope:
-            v = scope[name]
-            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-    p = spec.parameter(name)
-    return None if p is None else p.default
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,23 @@
 """A second, deliberately simple implementation of every merge method.
 
-Written from docs (``/work/shared/specs/merge-methods.md``) alone, independently of the
-engine in ``workers/merge``: whole state dicts in memory, dense tensors, one obvious code
-path per method. The engine's tests compare its streamed, sharded output with this.
+Written from the method descriptions (docs/merge-methods.md) alone, independently of the
+methods in ``merging/methods`` and the engine in ``workers/merge``: whole state dicts in
+memory, dense tensors, one obvious code path per method. The engine's tests compare its
+streamed, sharded output with this.
 
 Precision: task vectors and every *discrete* decision (ranks, top-k, thresholds, sign
-election, keep masks) use float32 exactly as the spec prescribes ("All arithmetic in
-float32"), so that an engine following the spec makes the same decisions bit for bit;
+election, keep masks) use float32 as the description prescribes ("All math in float32"),
+so that an engine following it makes the same decisions bit for bit;
 the continuous mixing afterwards is done in float64 (more exact than the engine, differing
 only by float32 rounding). PCB is computed entirely in float32 because its output jumps
 when an entry crosses a threshold.
 
-The RNG protocol (``workers/merge/randomness.py``) is re-implemented here from its
+The RNG protocol (``merging/randomness.py``) is re-implemented here from its
 docstring so that a change to it shows up as a test failure.
 
 Only local references (absolute or relative paths, ``file://``) are supported.
 
-Conventions where the spec leaves a choice (each one is exercised by a test):
+Conventions where the description leaves a choice (each one is exercised by a test):
 
 - TIES top-k per tensor keeps exactly k: |τ| sorted descending with a stable sort, the
   earlier flat index wins among equal magnitudes (mergekit's ``argsort(descending)[:k]``).
@@ -48,8 +49,8 @@ from schemas.recipe import parse_recipe
 F32 = torch.float32
 F64 = torch.float64
 
-# Method defaults, copied from the spec (NOT imported from schemas.methods, so that a
-# changed default there is caught by the engine tests).
+# Method defaults, copied from docs/recipes.md (NOT imported from the methods' declarations
+# in merging/, so that a changed default there is caught by the engine tests).
 _COMMON = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "rescale": False}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"weight": 1.0, "normalize": True},
@@ -129,7 +130,7 @@ def local_path(ref: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters (mergekit's rules, as in the spec)
+# Parameters (mergekit's rules, as docs/recipes.md states them)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
 
@@ -186,7 +187,7 @@ def resolve(
 
 
 # ---------------------------------------------------------------------------------------------
-# Randomness (re-implemented from workers/merge/randomness.py's docstring)
+# Randomness (re-implemented from merging/randomness.py's docstring)
 
 
 def tensor_seed(seed: int, model_index: int, tensor_name: str) -> int:
@@ -443,8 +444,9 @@ def _sparse_family(method, name, base, inputs, per_model, shared, seed, global_m
 def _ties_global_masks(base, fine, float_names, top, defaults):
     """scope: global — top density fraction of |τ| over all float tensors of each model.
 
-    The spec computes "the exact global k-th value" (k = max(1, int(density·N)) over the N
-    float entries of the model) and keeps |τ| ≥ that value, as the TIES paper's code does:
+    docs/merge-methods.md: each model's exact k-th largest |τ| over all its parameters
+    (k = max(1, int(density·N)) over the N float entries of the model), keeping |τ| ≥ that
+    value, as the TIES paper's code does:
     entries equal to the k-th value are all kept (so more than k when there are ties at the
     cut; per tensor scope keeps exactly k instead, see topk_mask).
     """
@@ -480,7 +482,8 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def pcb_delta(T: torch.Tensor, lam: torch.Tensor, density: float, clip: float) -> torch.Tensor:
-    """The six steps of the spec on an n×d float32 matrix of task vectors; the merged delta.
+    """The steps of docs/merge-methods.md ("PCB") on an n×d float32 matrix of task vectors;
+    the merged delta.
 
     ``lam`` is λ, broadcastable to T (n×1 or n×d).
     """

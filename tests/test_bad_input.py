@@ -309,6 +309,22 @@ def test_della_error_names_the_recipe_position_when_the_base_is_listed_in_models
     assert "models[1]" not in str(exc)
 
 
+def test_della_top_level_density_out_of_range_points_there_and_names_the_model(
+    zoo: Path, capsys
+) -> None:
+    # density 0.1 set for every model: the first fine-tuned entry (models[1], after the base)
+    # is named, the setting to change is the top-level one
+    recipe = ta_recipe(merge_method="della", parameters={"density": 0.1})
+    recipe["models"].insert(0, {"model": "./models/base"})
+    refused(
+        zoo,
+        recipe,
+        error=RecipeError,
+        expect=("parameters.density: della needs", "density 0.1, epsilon 0.15 for models[1]"),
+        capsys=capsys,
+    )
+
+
 def test_della_gradient_out_of_range_at_one_layer_is_refused_by_the_engine(
     zoo: Path, capsys
 ) -> None:
@@ -534,6 +550,46 @@ def test_embedding_rows_mismatch_without_vocab_size_in_config_mentions_vocabular
         expect=("(40, 8)", "(32, 8)", "vocabularies differ", "tokenizer"),
         capsys=capsys,
     )
+
+
+def _wider(delta: float) -> dict[str, torch.Tensor]:
+    """The zoo's tensors for a model of hidden size 12 instead of 8 (same vocabulary)."""
+    wide = {EMBED: (32, 12), DOWN0: (12, 16), DOWN1: (12, 16), NORM: (12,), HEAD: (32, 12)}
+    return {name: torch.full(shape, delta) for name, shape in wide.items()}
+
+
+def test_hidden_size_mismatch_in_config_is_named_as_such_not_as_vocabularies(
+    zoo: Path, capsys
+) -> None:
+    write_model(zoo / "models" / "ft1", _wider(FT1_DELTA), config={**CONFIG, "hidden_size": 12})
+    exc = refused(
+        zoo,
+        ta_recipe(),
+        model="./models/ft1",
+        field="models[0].model",
+        expect=("hidden size 12 differs from 8", "different widths"),
+        capsys=capsys,
+    )
+    assert "vocabular" not in str(exc)
+
+
+def test_embedding_width_mismatch_without_config_is_named_as_hidden_sizes(
+    zoo: Path, capsys
+) -> None:
+    # Same vocabulary (32 rows), other width: the first tensor that differs, in the file's
+    # order, is the output head (vocabulary × hidden, like the embedding).
+    no_sizes = {k: v for k, v in CONFIG.items() if k not in ("vocab_size", "hidden_size")}
+    write_model(zoo / "models" / "base", base_tensors(), config=no_sizes)
+    write_model(zoo / "models" / "ft1", _wider(FT1_DELTA), config=no_sizes)
+    exc = refused(
+        zoo,
+        ta_recipe(),
+        model="./models/ft1",
+        tensor=HEAD,
+        expect=("(32, 12)", "(32, 8)", "hidden sizes differ"),
+        capsys=capsys,
+    )
+    assert "vocabular" not in str(exc)
 
 
 @pytest.mark.parametrize(

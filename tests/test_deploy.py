@@ -367,6 +367,19 @@ def test_the_api_image_installs_neither_torch_nor_the_engine() -> None:
     assert "--factory" in cmd and "app.main:create_app" in cmd
 
 
+def test_the_images_copy_every_package_they_install() -> None:
+    # pip installs what pyproject's package list names from the copied tree: a package left
+    # uncopied is missing at run time only. The API image leaves out workers/ (never imported).
+    import tomllib
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in find["packages"]["find"]["include"]}
+    for name, left_out in (("api.Dockerfile", {"workers"}), ("worker.Dockerfile", set())):
+        steps = instructions(ROOT / "docker" / name)
+        copied = {a.split()[0].strip("./") for w, a in steps if w == "COPY"}
+        assert packages - left_out <= copied, f"{name} copies none of {packages - copied}"
+
+
 def test_the_worker_image_has_cuda_torch_and_the_engine() -> None:
     path = ROOT / "docker" / "worker.Dockerfile"
     steps = instructions(path)

@@ -462,6 +462,47 @@ def test_merge_recipe_string_and_list_caps_point_at_the_field(
     assert pointers(assert_problem(post_json(api, "/v1/jobs", merge_job(recipe)), 422)) == [pointer]
 
 
+def _merge(method: str, *models: dict[str, Any], **top: Any) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "merge_method": method,
+        "base_model": "s3://models/base",
+        "models": [{"model": f"s3://models/m{i}", **m} for i, m in enumerate(models)],
+    }
+    return {**recipe, "parameters": top} if top else recipe
+
+
+@pytest.mark.parametrize(
+    ("recipe", "pointer", "words"),
+    [
+        (_merge("average", {}), "/recipe/merge_method", "unknown method 'average'; valid:"),
+        ({**_merge("linear", {}), "slices": []}, "/recipe/slices", "not supported"),
+        ({"merge_method": "ties", "models": [{"model": "s3://models/a"}]}, "/recipe/base_model",
+         "needs a base model"),
+        (_merge("model_stock", {}), "/recipe/models", "at least 2 model(s)"),
+        (_merge("slerp", {}), "/recipe/parameters/t", "slerp needs the interpolation factor"),
+        # DELLA's density ± epsilon: the model's own setting, else the top level's
+        (_merge("della", {}, {"parameters": {"density": 0.9, "epsilon": 0.2}}),
+         "/recipe/models/1/parameters/density", "got density 0.9, epsilon 0.2"),
+        (_merge("della", {}, {"parameters": {"epsilon": 0.3}}, density=0.8),
+         "/recipe/models/1/parameters/epsilon", "got density 0.8, epsilon 0.3"),
+        (_merge("della", {}, density=0.1), "/recipe/parameters/density",
+         "got density 0.1, epsilon 0.15 for models[0]"),
+        # a whole-model threshold takes one density per model
+        (_merge("ties", {"parameters": {"density": [0.2, 0.4]}}, scope="global"),
+         "/recipe/models/0/parameters/density", "one value per model"),
+        (_merge("ties", {}, scope="global", density=[{"filter": "mlp", "value": 0.2}]),
+         "/recipe/parameters/density", "one value per model"),
+    ],
+)  # fmt: skip
+def test_recipe_rules_of_a_method_point_at_the_field(
+    api: ApiHarness, recipe: dict[str, Any], pointer: str, words: str
+):
+    body = assert_problem(post_json(api, "/v1/jobs", merge_job(recipe)), 422)
+    assert pointers(body) == [pointer]
+    assert words in body["errors"][0]["detail"]
+    assert jobs_of(api) == []
+
+
 def edit_job(**changes: Any) -> dict[str, Any]:
     request = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"}
     recipe = {"edit_method": "memit", "model": "s3://models/base", "requests": [request]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merging.selection import RankRangeStream, rank_range_mask
 from tests.reference_merge import reference_merge
 from tests.test_merge_methods import (
     BF16_CASES,
@@ -21,7 +22,6 @@ from tests.test_merge_methods import (
     engine,
 )
 from workers.merge import blocks
-from workers.merge.selection import RankRangeStream, rank_range_mask
 
 STREAMED_LLAMA = [
     "linear",

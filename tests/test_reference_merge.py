@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merging import randomness
 from tests.reference_merge import (
     breadcrumbs_mask,
     della_probabilities,
@@ -27,7 +28,6 @@ from tests.reference_merge import (
     topk_mask,
     uniform,
 )
-from workers.merge import randomness
 
 R2 = math.sqrt(0.5)
 

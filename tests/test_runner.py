@@ -485,20 +485,20 @@ def test_a_programming_error_fails_at_once_naming_class_and_tensor_but_no_secret
 ) -> None:
     from pydantic import SecretStr
 
-    from workers.merge import methods
+    from merging import METHODS
 
     token = "hf_" + secrets.token_hex(16)
     service.settings = service.settings.model_copy(update={"hf_token": SecretStr(token)})
     broken = "model.layers.1.mlp.up_proj.weight"
-    linear_fn = methods.METHOD_FUNCTIONS["linear"]
+    method = METHODS["linear"]
+    merge = method.merge
 
-    def buggy(x: Any) -> torch.Tensor:
+    def buggy(x: Any) -> Any:
         if x.name == broken:
             raise exc(f"{token} at {service.work_root}/secret/path")
-        return linear_fn(x)
+        return merge(x)
 
-    monkeypatch.setitem(methods.METHOD_FUNCTIONS, "linear", buggy)
-    monkeypatch.delitem(methods.BLOCKED_FUNCTIONS, "linear")  # the whole-tensor path
+    monkeypatch.setattr(method, "merge", buggy)
     job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
 
     service.run(job_id)

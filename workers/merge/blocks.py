@@ -12,7 +12,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
@@ -24,42 +23,8 @@ READ_AHEAD_BLOCKS = 0
 
 # reads elements [start, start + out.numel()) of one input's flattened tensor into ``out``
 ReadInto = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Block:
-    """Elements [start, stop) of the flattened tensor of every input, as stored (e.g. fp16).
-
-    The raw tensors are views of buffers that are reused for a later block: use them only
-    until the next block is asked for, and never hand them out (``theta``/``tau``/``base32``
-    return fresh float32 tensors).
-    """
-
-    start: int
-    stop: int
-    base_raw: torch.Tensor | None
-    raws: list[torch.Tensor]
-    _base32: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def count(self) -> int:
-        return self.stop - self.start
-
-    def base32(self) -> torch.Tensor:
-        """θ0 of this block in float32, computed once per block (a method that modifies it
-        must not use it again)."""
-        assert self.base_raw is not None
-        if self._base32 is None:
-            self._base32 = self.base_raw.to(torch.float32, copy=True)
-        return self._base32
-
-    def theta(self, j: int) -> torch.Tensor:
-        """A fresh float32 copy of θj on this block."""
-        return self.raws[j].to(torch.float32, copy=True)
-
-    def tau(self, j: int) -> torch.Tensor:
-        """τj = θj − θ0 on this block, fresh float32."""
-        return self.theta(j).sub_(self.base32())
+# elements [start, stop) of every input (the base first, if any), as views of reused buffers
+Stretch = tuple[int, int, list[torch.Tensor]]
 
 
 def block_ranges(numel: int, block: int | None = None) -> list[tuple[int, int]]:
@@ -74,11 +39,12 @@ def stream_blocks(
     models: list[ReadInto],
     *,
     depth: int | None = None,
-) -> Iterator[Block]:
+) -> Iterator[Stretch]:
     """Blocks of every input's flattened tensor, in order, read ``depth`` blocks ahead.
 
     Each input has ``depth + 1`` reused buffers of one block, so memory is a few blocks per
-    input. A tensor of a single block is read synchronously (no thread).
+    input: a block's views are valid until the next one is asked for. A tensor of a single
+    block is read synchronously (no thread).
     """
     sources = ([base] if base is not None else []) + models
     ranges = block_ranges(numel)
@@ -88,7 +54,7 @@ def stream_blocks(
         bufs = [torch.empty(size, dtype=dtype) for _ in sources]
         for start, end in ranges:
             views = [read(start, b[: end - start]) for read, b in zip(sources, bufs, strict=True)]
-            yield _block((start, end), views, base is not None)
+            yield start, end, views
         return
     size = ranges[0][1] - ranges[0][0]
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
@@ -121,16 +87,10 @@ def stream_blocks(
             bufs, views, error = ready.get()
             if error is not None:
                 raise error
-            yield _block(r, views, base is not None)
+            yield r[0], r[1], views
             # the consumer is done with this block: its buffers can take a later one
             free.put(bufs)
     finally:
         stop.set()
         free.put([])  # wake the reader if it waits for a buffer
         thread.join()
-
-
-def _block(r: tuple[int, int], views: list[torch.Tensor], has_base: bool) -> Block:
-    if has_base:
-        return Block(r[0], r[1], views[0], views[1:])
-    return Block(r[0], r[1], None, views)

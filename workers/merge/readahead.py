@@ -40,7 +40,8 @@ class ReadAhead:
             except BaseException as e:  # handed to the consumer, who raises it in context
                 item = (None, e)
             with self._cond:
-                self._ready[i] = item
+                if i >= self._next_to_serve:  # else the consumer went past it while it was read
+                    self._ready[i] = item
                 self._cond.notify_all()
 
     def get(self, key: Hashable) -> Any:

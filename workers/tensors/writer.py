@@ -156,11 +156,6 @@ class ShardedWriter:
         return sum(s.nbytes for s in self._specs)
 
     @property
-    def shard_paths(self) -> list[Path]:
-        """The shard files the plan will produce, in order."""
-        return list(self._paths)
-
-    @property
     def digests(self) -> dict[str, tuple[int, str]]:
         """File name -> (size, sha256 hex) of every finished file, hashed as it was written,
         so that a manifest needs no second pass over the output."""

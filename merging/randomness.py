@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from merging.lazy_torch import torch
 
 
 def tensor_seed(seed: int, model_index: int, tensor_name: str) -> int:

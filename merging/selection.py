@@ -5,7 +5,8 @@ values' sign bit set, is an unsigned integer that sorts exactly like the values.
 histogram of its high 16 bits (65,536 counters) finds the bucket holding rank k; a second
 histogram of the low 16 bits of the members of that bucket gives the exact value. The
 histograms can be accumulated chunk by chunk, so the k-th value of a whole model is found
-in two streaming passes with O(65,536) memory (see shared spec "Exact global k-th value").
+in two streaming passes with O(65,536) memory (docs/merge-methods.md, "Whole-model
+statistics in bounded memory").
 The same two steps on one tensor are several times faster than a sort or torch.kthvalue.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
+from merging.lazy_torch import torch
 
 _BUCKETS = 1 << 16
 _SMALL = 1 << 18  # below this many elements, sorting beats the histograms

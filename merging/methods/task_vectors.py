@@ -1,0 +1,516 @@
+"""The sparse task-vector family: TIES, DARE, Model Breadcrumbs, DELLA and their variants.
+
+Every variant computes θ0 + λ·mixed from the sparsified task vectors τi' = sparsify(τi):
+with sign consensus (TIES elect + disjoint merge) s = sign(Σ wi·τi') with 0 counted as +,
+mi = [sign(wi·τi') = s], mixed = Σ mi·wi·τi' (÷ Σ mi·wi with ``normalize``); without it,
+mixed = Σ wi·τi' (÷ Σ wi). A variant is data, three choices:
+
+- a :class:`Sparsification`: which entries of τi survive (TIES' top-k by magnitude, DARE's
+  random drop, Breadcrumbs' rank band, DELLA's rank-weighted random drop);
+- ``consensus``: whether signs are elected;
+- :class:`Rescale`: what the survivors are scaled by (L1-norm matching, 1/density, none).
+
+A new variant is one more entry of ``VARIANTS``; a new sparsification, one more class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from merging.inputs import WORK_CHUNK, Block, TensorInputs
+from merging.lazy_torch import torch
+from merging.method import (
+    MergeInputError,
+    MergeMethod,
+    RecipeRuleError,
+    RecipeSettings,
+    as_number,
+    is_scalar,
+    register,
+)
+from merging.parameters import (
+    INT8_MASK,
+    LAMBDA,
+    ParameterSpec,
+    ParamScope,
+    density,
+    normalize,
+    rescale,
+    weight,
+)
+from merging.randomness import uniform
+from merging.selection import RankRangeStream, rank_range_mask
+from merging.statistics import (
+    WholeModel,
+    WholeModelStatistic,
+    select_per_model,
+    task_vector_magnitudes,
+)
+
+# ---- sparsifications ---------------------------------------------------------------------------
+
+
+class Sparsification(ABC):
+    """How a task vector is thinned: a keep mask per model, on each block of the tensor.
+
+    Called only where the model's density is below 1 (density 1 keeps everything).
+    """
+
+    parameters: tuple[ParameterSpec, ...] = ()  # what it adds to the family's parameters
+
+    def check_recipe(self, recipe: RecipeSettings) -> None:  # noqa: B027 (optional hook)
+        """Rules of its own over a recipe (RecipeRuleError at the field to change)."""
+
+    def whole_model_statistic(self, shared: Mapping[str, Any]) -> WholeModelStatistic | None:
+        return None
+
+    def whole_tensor(self, shared: Mapping[str, Any]) -> bool:
+        """Whether the masks need the tensor whole (rows, random draws of its shape)."""
+        return True
+
+    def prepare(self, x: TensorInputs) -> tuple[list[Any], bool]:
+        """Per-model state for ``keep``, after any passes over the tensor's blocks, and
+        whether those passes checked the inputs for NaN/Inf."""
+        return [None] * x.count, False
+
+    @abstractmethod
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        """Which entries of model j's τ (this block of it) survive: a bool mask, or one that
+        multiplies like it."""
+
+
+def _random_keep(
+    x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
+) -> torch.Tensor:
+    """Bernoulli(p) keep mask from the seeded per-(model, tensor) draws (merging/randomness.py)."""
+    return uniform(x.seed, x.model_indices[j], x.name, tau.shape).to(tau.device) < p
+
+
+class RankWindow(Sparsification):
+    """Keep the entries whose rank of |τ| lies in a window of a stable sort (equal values
+    ranked by position, the lower flat index first, in either direction).
+
+    On a streamed tensor the window's boundaries are found exactly by radix select over the
+    blocks first (RankRangeStream: two extra read passes instead of holding the tensor); a
+    tensor held whole is ranked at once (rank_range_mask).
+    """
+
+    @abstractmethod
+    def window(self, n: int, p: Mapping[str, Any]) -> tuple[int, int, bool]:
+        """(lo, hi, descending): the ranks [lo, hi) of |τ| kept, for density < 1."""
+
+    def prepare(self, x: TensorInputs) -> tuple[list[Any], bool]:
+        windows: list[Any] = []
+        for j in range(x.count):
+            lo, hi, descending = self.window(x.numel, x.params[j])
+            windows.append(
+                (lo, hi, descending)
+                if x.whole
+                else RankRangeStream(x.numel, lo, hi, descending=descending)
+            )
+        selecting = {
+            j: w
+            for j, w in enumerate(windows)
+            if isinstance(w, RankRangeStream) and w.needs_selection
+        }
+        if not selecting:
+            return windows, False
+        for b in x.blocks():  # the exact boundaries of every model's window: two radix passes
+            for j, w in selecting.items():
+                w.observe_high(b.tau(j).abs_())
+        for w in selecting.values():
+            w.end_high()
+        for b in x.blocks(check=False):
+            for j, w in selecting.items():
+                w.observe_low(b.tau(j).abs_())
+        for w in selecting.values():
+            w.end_low()
+        return windows, True
+
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        if isinstance(state, RankRangeStream):
+            return state.mask(tau.abs())
+        lo, hi, descending = state
+        return rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
+
+
+_TIES_SCOPE = ParameterSpec(
+    "scope",
+    str,
+    "tensor",
+    ParamScope.SHARED,
+    "tensor: top-k per tensor (mergekit); global: top-k over the whole model (TIES paper)",
+    choices=("tensor", "global"),
+    per_tensor=False,
+)
+
+
+class MagnitudeTopK(RankWindow):
+    """TIES trim: keep the k = max(1, int(density·N)) largest |τ| of the tensor (ties: lower
+    index first). ``scope: global`` (TIES paper) keeps |τ| ≥ the model's k-th largest over
+    all its parameters (TiesGlobal): entries at the threshold are all kept, as the official
+    code's |τ| >= k-th value."""
+
+    parameters = (_TIES_SCOPE,)
+
+    def check_recipe(self, recipe: RecipeSettings) -> None:
+        """A whole-model threshold needs one density per model, not one per tensor."""
+        if recipe.parameters.get("scope") != "global":
+            return
+        scopes = [(("parameters",), recipe.parameters)] + [
+            (("models", m.position, "parameters"), m.parameters) for m in recipe.models
+        ]
+        for where, params in scopes:
+            if "density" in params and not is_scalar(params["density"]):
+                raise RecipeRuleError(
+                    (*where, "density"),
+                    "with scope: global the density is one value per model (no gradient or "
+                    "filter list)",
+                )
+
+    def whole_model_statistic(self, shared: Mapping[str, Any]) -> WholeModelStatistic | None:
+        return TiesGlobal() if shared.get("scope") == "global" else None
+
+    def whole_tensor(self, shared: Mapping[str, Any]) -> bool:
+        return False
+
+    def window(self, n: int, p: Mapping[str, Any]) -> tuple[int, int, bool]:
+        if p["density"] <= 0 or n == 0:
+            return 0, 0, True
+        return 0, max(1, int(p["density"] * n)), True
+
+    def prepare(self, x: TensorInputs) -> tuple[list[Any], bool]:
+        if x.shared.get("scope") == "global":
+            return [x.stats["ties_threshold"][i] for i in x.model_indices], False
+        return super().prepare(x)
+
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        if x.shared.get("scope") == "global":
+            return tau.abs() >= state
+        return super().keep(x, j, state, tau)
+
+
+class TiesGlobal(WholeModelStatistic):
+    """TIES paper trim: per model, the magnitude of its k-th largest |τ| over all parameters,
+    k = max(1, int(density·N))."""
+
+    passes = 2
+
+    def compute(self, model: WholeModel) -> dict[str, Any]:
+        sizes = model.float_sizes()
+        ranks: dict[int, list[int]] = {}
+        thresholds: dict[int, float] = {}
+        for i, p in model.model_parameters().items():
+            n = sizes[i]
+            if p["density"] >= 1 or n == 0:
+                thresholds[i] = 0.0  # keeps everything (density 1 never asks)
+            elif p["density"] <= 0:
+                thresholds[i] = float("inf")
+            else:
+                ranks[i] = [n - max(1, int(p["density"] * n)) + 1]
+        if ranks:
+            selected = select_per_model(model, ranks, task_vector_magnitudes, "statistics")
+            thresholds.update({i: v for i, (v,) in selected.items()})
+        return {"ties_threshold": thresholds}
+
+
+class RankBand(RankWindow):
+    """Model Breadcrumbs: drop the top ``gamma`` and the bottom (1 − density − gamma) by |τ|.
+
+    Ranks of |τ| ascending over N entries: keep = int(density·N), top = int(gamma·N),
+    bottom = max(0, N − keep − top); ranks [bottom, bottom + keep) survive. With
+    ``scope: row`` the rule is applied to each row along the last dimension (official code).
+    """
+
+    parameters = (
+        ParameterSpec(
+            "gamma",
+            float,
+            0.01,
+            ParamScope.MODEL,
+            "fraction of largest-magnitude entries dropped",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        ParameterSpec(
+            "scope",
+            str,
+            "tensor",
+            ParamScope.SHARED,
+            "tensor: rank the flattened tensor (mergekit); row: rank each row (official code)",
+            choices=("tensor", "row"),
+            per_tensor=False,
+        ),
+    )
+
+    def whole_tensor(self, shared: Mapping[str, Any]) -> bool:
+        return shared.get("scope") == "row"
+
+    def window(self, n: int, p: Mapping[str, Any]) -> tuple[int, int, bool]:
+        keep, top = int(p["density"] * n), int(p["gamma"] * n)
+        bottom = max(0, n - keep - top)
+        return bottom, bottom + keep, False
+
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        if x.shared.get("scope") == "row" and tau.dim() >= 2:
+            rows = tau.reshape(-1, tau.shape[-1])
+            masks = []
+            for r in rows:
+                lo, hi, descending = self.window(r.numel(), x.params[j])
+                masks.append(
+                    rank_range_mask(r.abs(), lo, hi, descending=descending, nonnegative=True)
+                )
+            return torch.stack(masks).reshape(tau.shape)
+        return super().keep(x, j, state, tau)
+
+
+class RandomDrop(Sparsification):
+    """DARE: keep each entry with probability ``density`` (seeded draws of the tensor's shape)."""
+
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        return _random_keep(x, j, tau, x.params[j]["density"])
+
+
+class RankedRandomDrop(Sparsification):
+    """DELLA MagPrune: keep with probability p = (density − ε) + 2ε·rn, rn the normalised rank
+    of |τ| in its row; needs 0 < density − ε and density + ε ≤ 1."""
+
+    parameters = (
+        ParameterSpec(
+            "epsilon",
+            float,
+            0.15,
+            ParamScope.MODEL,
+            "spread of DELLA's keep probabilities",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+
+    def check_recipe(self, recipe: RecipeSettings) -> None:
+        """density ± ε must be a probability, checked here on scalar settings; a gradient
+        is checked per tensor by ``keep``. The error points at the model's own setting (of
+        density, else epsilon), else at the top level's."""
+        for m in (m for m in recipe.models if m.fine_tuned):
+            d_setting, d_at = recipe.setting(m, "density")
+            e_setting, e_at = recipe.setting(m, "epsilon")
+            d, e = as_number(d_setting), as_number(e_setting)
+            if d is None or e is None or d >= 1 or (d - e > 0 and d + e <= 1):
+                continue
+            places = [at for at in (d_at, e_at) if at is not None]
+            own = [at for at in places if at[0] == "models"]
+            whose = "" if own else f" for models[{m.position}]"
+            raise RecipeRuleError(
+                (own or places)[0],
+                "della needs 0 < density − epsilon and density + epsilon ≤ 1; got density "
+                f"{d:g}, epsilon {e:g}{whose}",
+            )
+
+    def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        d, eps = x.params[j]["density"], x.params[j]["epsilon"]
+        if not (d - eps > 0 and d + eps <= 1):
+            raise MergeInputError(
+                f"della needs 0 < density − epsilon and density + epsilon ≤ 1; got density "
+                f"{d:g}, epsilon {eps:g}",
+                field="parameters.epsilon",
+            )
+        return _random_keep(x, j, tau, della_keep_probability(tau, d, eps))
+
+
+def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """p = (density − ε) + 2ε·rn, rn the normalised rank of |τ| in its row (stable sort)."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
+    cols = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
+    rn = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.zeros_like(rows)
+    return ((density - epsilon) + 2 * epsilon * rn).reshape(tau.shape)
+
+
+# ---- rescaling and sign consensus --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """How the surviving entries are scaled: its ``rescale`` switch (with its default) and,
+    where there is a choice, ``rescale_mode``. L1 matches the full task vector's L1 norm
+    (mergekit), which needs the tensor whole; inverse_p divides by the density (DARE paper)."""
+
+    default: bool
+    modes: tuple[str, ...] = ("l1",)
+
+    @property
+    def parameters(self) -> tuple[ParameterSpec, ...]:
+        if len(self.modes) == 1:
+            return (rescale(self.default),)
+        mode = ParameterSpec(
+            "rescale_mode",
+            str,
+            "l1",
+            ParamScope.SHARED,
+            "l1: match the L1 norm (mergekit); inverse_p: divide by density (DARE paper)",
+            choices=self.modes,
+            per_tensor=False,
+        )
+        return rescale(self.default), mode
+
+    def mode(self, shared: Mapping[str, Any]) -> str | None:
+        return shared.get("rescale_mode", "l1") if shared.get("rescale") else None
+
+
+def l1_rescale(before: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale the kept entries (in place) so their L1 norm matches ``before``, the full task
+    vector's (mergekit's rescale)."""
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept.mul_(before / after)
+
+
+def sign_consensus(
+    deltas: list[torch.Tensor], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES elect + disjoint merge: s = sign(Σ Di) (0 counts as +), mi = [sign(Di) = s];
+    returns (Σ mi·Di, Σ mi·wi). Works in cache-sized chunks; the Di are consumed (zeroed)."""
+    shape = deltas[0].shape
+    flat = [d.reshape(-1) for d in deltas]
+    n = flat[0].numel()
+    mixed = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
+    divisor = torch.empty_like(mixed)
+    for start in range(0, n, WORK_CHUNK):
+        blk = [d[start : start + WORK_CHUNK] for d in flat]
+        total = blk[0].clone()
+        for d in blk[1:]:
+            total += d
+        positive = total >= 0
+        m = mixed[start : start + WORK_CHUNK].zero_()
+        div = divisor[start : start + WORK_CHUNK].zero_()
+        for d, w in zip(blk, weights, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)  # a zero never agrees
+            m += d.mul_(agree)
+            div += agree * w
+    return mixed.reshape(shape), divisor.reshape(shape)
+
+
+# ---- the family --------------------------------------------------------------------------------
+
+
+class TaskVectorMethod(MergeMethod):
+    """One variant of the family: a sparsification, sign consensus or not, a rescale."""
+
+    def __init__(
+        self,
+        name: str,
+        title: str,
+        reference: str,
+        sparsify: Sparsification,
+        *,
+        consensus: bool,
+        normalize_default: bool,
+        rescaling: Rescale | None,
+    ) -> None:
+        self.name, self.title, self.reference = name, title, reference
+        self.sparsify, self.consensus, self.rescaling = sparsify, consensus, rescaling
+        self.parameters = (
+            weight(),
+            density(),
+            LAMBDA,
+            normalize(normalize_default),
+            INT8_MASK,
+            *(rescaling.parameters if rescaling else ()),
+            *sparsify.parameters,
+        )
+
+    def check_recipe(self, recipe: RecipeSettings) -> None:
+        self.sparsify.check_recipe(recipe)
+
+    def whole_model_statistic(self, shared: Mapping[str, Any]) -> WholeModelStatistic | None:
+        return self.sparsify.whole_model_statistic(shared)
+
+    def whole_tensor(self, shared: Mapping[str, Any]) -> bool:
+        return self.sparsify.whole_tensor(shared) or self._rescale(shared) == "l1"
+
+    def _rescale(self, shared: Mapping[str, Any]) -> str | None:
+        return self.rescaling.mode(shared) if self.rescaling else None
+
+    def merge(self, x: TensorInputs) -> Iterator[torch.Tensor]:
+        states, checked = self.sparsify.prepare(x)
+        for b in x.blocks(check=not checked):
+            yield self.merge_block_with(x, b, states)
+
+    def merge_block_with(self, x: TensorInputs, b: Block, states: list[Any]) -> torch.Tensor:
+        if x.count == 0:
+            return b.base32().clone()
+        weights = [p["weight"] for p in x.params]
+        divisor: torch.Tensor | float
+        if self.consensus:
+            deltas = [self.sparse_tau(x, b, j, states[j]).mul_(weights[j]) for j in range(x.count)]
+            mixed, divisor = sign_consensus(deltas, weights)
+            del deltas
+            divisor[divisor == 0] = 1.0
+        else:
+            mixed = torch.zeros_like(b.base32())
+            for j in range(x.count):
+                mixed.add_(self.sparse_tau(x, b, j, states[j]), alpha=weights[j])
+            divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+        if x.shared["normalize"]:
+            mixed /= divisor
+        return mixed.mul_(x.shared["lambda"]).add_(b.base32())
+
+    def sparse_tau(self, x: TensorInputs, b: Block, j: int, state: Any) -> torch.Tensor:
+        """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj."""
+        tau = b.tau(j)
+        p = x.params[j]
+        if p["density"] >= 1:
+            return tau
+        mode = self._rescale(x.shared)
+        l1 = tau.abs().sum() if mode == "l1" else None
+        tau.mul_(self.sparsify.keep(x, j, state, tau))
+        if mode == "inverse_p":
+            return tau.div_(p["density"]) if p["density"] > 0 else tau
+        return tau if l1 is None else l1_rescale(l1, tau)
+
+
+_TIES = "https://arxiv.org/abs/2306.01708"
+_DARE = "https://arxiv.org/abs/2311.03099"
+_BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+_DELLA = "https://arxiv.org/abs/2406.11617"
+_DARE_RESCALE = Rescale(default=True, modes=("l1", "inverse_p"))
+
+VARIANTS = (
+    # name, title, paper, sparsification, consensus, normalize default, rescale
+    TaskVectorMethod(
+        "ties", "TIES", _TIES, MagnitudeTopK(),
+        consensus=True, normalize_default=True, rescaling=Rescale(default=False),
+    ),
+    TaskVectorMethod(
+        "dare_linear", "Linear DARE", _DARE, RandomDrop(),
+        consensus=False, normalize_default=False, rescaling=_DARE_RESCALE,
+    ),
+    TaskVectorMethod(
+        "dare_ties", "DARE TIES", _DARE, RandomDrop(),
+        consensus=True, normalize_default=False, rescaling=_DARE_RESCALE,
+    ),
+    TaskVectorMethod(
+        "breadcrumbs", "Model Breadcrumbs", _BREADCRUMBS, RankBand(),
+        consensus=False, normalize_default=False, rescaling=None,
+    ),
+    TaskVectorMethod(
+        "breadcrumbs_ties", "Model Breadcrumbs with TIES", _BREADCRUMBS, RankBand(),
+        consensus=True, normalize_default=False, rescaling=None,
+    ),
+    TaskVectorMethod(
+        "della", "DELLA", _DELLA, RankedRandomDrop(),
+        consensus=True, normalize_default=True, rescaling=Rescale(default=True),
+    ),
+    TaskVectorMethod(
+        "della_linear", "Linear DELLA", _DELLA, RankedRandomDrop(),
+        consensus=False, normalize_default=False, rescaling=Rescale(default=True),
+    ),
+)  # fmt: skip
+for _variant in VARIANTS:
+    register(_variant)

@@ -1,0 +1,84 @@
+"""Statistics over whole models, gathered in extra streaming passes before the merge.
+
+A method that needs one (``scope: global`` TIES, PCB) returns a :class:`WholeModelStatistic`
+from ``MergeMethod.whole_model_statistic``; the engine runs it against a :class:`WholeModel`,
+its view of the merge, and hands the result to every tensor's merge as ``TensorInputs.stats``.
+Each pass reads every float tensor once, one tensor at a time and block by block; exact order
+statistics come from radix select (two passes: high then low 16 bits), so memory is
+O(65,536) counters per model whatever the model size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from merging.selection import RadixSelect
+
+if TYPE_CHECKING:
+    from merging.inputs import Block, TensorInputs
+    from merging.lazy_torch import torch
+
+
+class WholeModel(Protocol):
+    """The engine's view of a merge, for statistics over every parameter of each model."""
+
+    def float_sizes(self) -> dict[int, int]:
+        """Float parameters each fine-tuned model has (by model index), from the headers."""
+        ...
+
+    def model_parameters(self) -> dict[int, dict[str, Any]]:
+        """Each fine-tuned model's parameters (by model index). A whole-model statistic
+        takes one value per model, so they are resolved for the first tensor."""
+        ...
+
+    def shared_parameters(self) -> dict[str, Any]:
+        """The shared parameters, resolved for the first tensor."""
+        ...
+
+    def tensors(self, phase: str) -> Iterator[TensorInputs]:
+        """One pass: every float tensor's inputs in turn (read them with ``blocks()``);
+        ``phase`` is what the job's progress shows meanwhile."""
+        ...
+
+
+class WholeModelStatistic(ABC):
+    passes: int  # reads of every float tensor it makes (for the progress totals)
+
+    @abstractmethod
+    def compute(self, model: WholeModel) -> dict[str, Any]:
+        """The statistics, handed to each tensor's merge as ``TensorInputs.stats``."""
+
+
+# values(x, block) -> (model index, values of that model in this block) for each model
+BlockValues = Callable[["TensorInputs", "Block"], Iterable[tuple[int, "torch.Tensor"]]]
+
+
+def select_per_model(
+    model: WholeModel, ranks: dict[int, list[int]], values: BlockValues, phase: str
+) -> dict[int, list[float]]:
+    """Exact k-th smallest values (1-based ``ranks`` per model index) of ``values`` over
+    the whole model, in two streaming passes (the inputs are never held whole)."""
+    sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
+    for x in model.tensors(f"{phase} (1/2)"):
+        for b in x.blocks():
+            for i, v in values(x, b):
+                if i in sel:
+                    sel[i].observe_high(v)
+    for s in sel.values():
+        s.end_high()
+    for x in model.tensors(f"{phase} (2/2)"):
+        for b in x.blocks(check=False):
+            for i, v in values(x, b):
+                if i in sel:
+                    sel[i].observe_low(v)
+    for s in sel.values():
+        s.end_low()
+    return {i: s.values for i, s in sel.items()}
+
+
+def task_vector_magnitudes(x: TensorInputs, b: Block) -> Iterator[tuple[int, torch.Tensor]]:
+    """|τj| of every model on this block."""
+    for j in range(x.count):
+        yield x.model_indices[j], b.tau(j).abs_()

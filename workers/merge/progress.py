@@ -1,0 +1,42 @@
+"""Progress of a merge, reported to the caller (the job record shows it while it runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str  # resolve, statistics, merge, publish
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class ProgressTracker:
+    """Counts tensors and input bytes over every pass (statistics passes, then the merge)."""
+
+    def __init__(self, report: ProgressCallback, tensors_total: int, bytes_total: int) -> None:
+        self.report = report
+        self.tensors_total = tensors_total
+        self.bytes_total = bytes_total
+        self.tensors_done = 0
+        self.bytes_done = 0
+
+    def advance(self, phase: str, nbytes: int) -> None:
+        """One more tensor of ``nbytes`` input bytes is through ``phase``."""
+        self.tensors_done += 1
+        self.bytes_done += nbytes
+        self.report(
+            Progress(
+                phase, self.tensors_done, self.tensors_total, self.bytes_done, self.bytes_total
+            )
+        )
+
+    def publishing(self, tensors: int) -> None:
+        self.report(Progress("publish", tensors, tensors, self.bytes_done, self.bytes_total))

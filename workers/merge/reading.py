@@ -1,0 +1,188 @@
+"""Reading the inputs' tensors for a method, onto the compute device.
+
+:class:`InputReader` hands a method one tensor of every input: whole (each input read when
+the method first asks for it, from a read-ahead thread that follows the order of the pass)
+or streamed in blocks into reused buffers (workers/merge/blocks.py). Either way every input
+is checked for NaN/Inf once, and a damaged checkpoint is named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from merging.inputs import Block
+from workers.errors import InputError
+from workers.merge import blocks as streaming
+from workers.merge.inputs import InputModel
+from workers.merge.plan import PlannedTensor
+from workers.merge.readahead import ReadAhead
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf. aminmax propagates NaN and is ~15× faster than isfinite().all()."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def _stretch_block(start: int, stop: int, views: list[torch.Tensor], *, has_base: bool) -> Block:
+    """A streamed block over the views of the reused buffers (the base's first, if any)."""
+    base_view = views[0] if has_base else None
+    model_views = views[1:] if has_base else views
+    return Block(
+        start,
+        stop,
+        (stop - start,),
+        (lambda: base_view) if base_view is not None else None,
+        model_views.__getitem__,
+        reused=True,
+    )
+
+
+class InputReader:
+    """Reads the inputs' tensors for the passes of one merge, onto the compute device."""
+
+    def __init__(
+        self,
+        base: InputModel | None,
+        models: list[InputModel],
+        plan: dict[str, PlannedTensor],
+        device: torch.device,
+    ) -> None:
+        self.base = base
+        self.models = models
+        self.plan = plan
+        self.device = device
+        self.readahead: ReadAhead | None = None
+
+    def holders(self, name: str) -> list[InputModel]:
+        """The fine-tuned models that have tensor ``name``, in recipe order."""
+        return [m for m in self.models if m.index in self.plan[name].holders]
+
+    def inputs_of(self, name: str) -> list[InputModel]:
+        """The base (if any) and the holders of tensor ``name``."""
+        return ([self.base] if self.base is not None else []) + self.holders(name)
+
+    def input_bytes(self, name: str) -> int:
+        total = self.base.reader.info(name).nbytes if self.base and name in self.base.reader else 0
+        return total + sum(m.reader.info(name).nbytes for m in self.models if name in m.reader)
+
+    # -- whole tensors -----------------------------------------------------------------------
+
+    def reading(self, names: list[str]) -> ReadAhead:
+        """Start reading whole tensors ahead for a pass over ``names`` (a context manager)."""
+        self.readahead = ReadAhead(self._read_order(names), self._read_input)
+        return self.readahead
+
+    def _read_order(self, names: list[str]) -> list[tuple[int, str]]:
+        """The order a pass reads inputs in: per tensor the base, then each holder."""
+        order: list[tuple[int, str]] = []
+        for name in names:
+            p = self.plan[name]
+            if self.base is not None:
+                order.append((-1, name))
+            if p.is_float:
+                order += [(i, name) for i in p.holders]
+            elif self.base is None and p.holders:
+                order.append((p.holders[0], name))
+        return order
+
+    def _read_input(self, key: tuple[int, str]) -> torch.Tensor:
+        i, name = key
+        inp = self.base if i < 0 else self.models[i]
+        assert inp is not None
+        return inp.reader.read(name)
+
+    def read(self, inp: InputModel, name: str) -> torch.Tensor:
+        """The stored tensor on the CPU: from the read-ahead when it is next in the order."""
+        key = (-1 if inp.index is None else inp.index, name)
+        return self.readahead.get(key) if self.readahead else self._read_input(key)
+
+    def _load(self, inp: InputModel, name: str, check: bool) -> torch.Tensor:
+        """The stored tensor on the compute device, checked for NaN/Inf when asked."""
+        t = self.read(inp, name).to(self.device)
+        if check and t.is_floating_point() and not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(
+                f"contains {bad} NaN or infinite value(s); refusing to merge a damaged checkpoint",
+                model=inp.label,
+                tensor=name,
+            )
+        return t
+
+    # -- the blocks a method reads -----------------------------------------------------------
+
+    def blocks(self, name: str, *, whole: bool) -> Callable[..., Iterator[Block]]:
+        """``TensorInputs.blocks`` for tensor ``name``: the whole tensor as one block, or its
+        flattened elements streamed a block at a time. Every input is checked for NaN/Inf
+        on the first pass that asks for it."""
+        p = self.plan[name]
+        base, holders = self.base, self.holders(name)
+        checked: set[int] = set()  # whole: the inputs already checked (-1: the base)
+        passes_checked = [False]  # streamed: whether a checking pass has run
+
+        def whole_tensor(check: bool = True) -> Iterator[Block]:
+            def load(i: int, inp: InputModel) -> torch.Tensor:
+                t = self._load(inp, name, check=check and i not in checked)
+                if check:
+                    checked.add(i)
+                return t
+
+            read_base = (lambda: load(-1, base)) if base is not None else None
+            yield Block(0, p.numel, p.shape, read_base, lambda j: load(j, holders[j]), reused=False)
+
+        def streamed(check: bool = True) -> Iterator[Block]:
+            check, passes_checked[0] = check and not passes_checked[0], passes_checked[0] or check
+            inputs = ([base] if base is not None else []) + holders
+            for start, stop, views in streaming.stream_blocks(
+                p.numel,
+                p.dtype,
+                self._block_reader(base, name) if base is not None else None,
+                [self._block_reader(m, name) for m in holders],
+            ):
+                if check:
+                    for inp, raw in zip(inputs, views, strict=True):
+                        if not all_finite(raw):
+                            self.raise_not_finite(inp, name)
+                yield _stretch_block(start, stop, views, has_base=base is not None)
+
+        return whole_tensor if whole else streamed
+
+    def _block_reader(
+        self, inp: InputModel, name: str
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            return inp.reader.read_into(name, start, out).to(self.device)
+
+        return read
+
+    # -- naming a damaged input --------------------------------------------------------------
+
+    def raise_not_finite(self, inp: InputModel, name: str) -> None:
+        """InputError naming ``inp`` and how many non-finite values its tensor has."""
+        bad = 0
+        for start, stop in streaming.block_ranges(inp.reader.info(name).numel):
+            t = inp.reader.read_into(
+                name, start, torch.empty(stop - start, dtype=inp.reader.info(name).torch_dtype)
+            )
+            bad += int((~torch.isfinite(t)).sum())
+        raise InputError(
+            f"contains {bad} NaN or infinite value(s); refusing to merge a damaged checkpoint",
+            model=inp.label,
+            tensor=name,
+        )
+
+    def is_finite(self, inp: InputModel, name: str) -> bool:
+        """Whether input ``inp``'s tensor ``name`` has no NaN or Inf (read block by block)."""
+        info = inp.reader.info(name)
+        if not info.torch_dtype.is_floating_point:
+            return True
+        for start, stop in streaming.block_ranges(info.numel):
+            t = inp.reader.read_into(name, start, torch.empty(stop - start, dtype=info.torch_dtype))
+            if not all_finite(t):
+                return False
+        return True
