@@ -172,6 +172,28 @@ def test_a_successful_job_publishes_a_verified_artifact_that_loads(
     assert list(service.work_root.iterdir()) == []  # the work directory is gone
 
 
+def test_the_manifest_timings_count_the_whole_attempt_downloads_included(
+    service: Service, llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infra.artifacts import read_manifest
+    from workers import runner
+
+    fetch = runner.resolve_inputs
+
+    def slow_fetch(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # a download that takes this long
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "resolve_inputs", slow_fetch)
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    service.run(job_id)
+
+    assert service.job(job_id).state == JobState.SUCCEEDED
+    timings = read_manifest(service.objects, TENANT, "soup", 1)["timings"]
+    assert timings["resolve_s"] >= 0.5  # resolving and fetching the inputs
+    assert timings["total_s"] >= timings["resolve_s"] + timings["merge_s"]
+
+
 def test_a_corrupt_input_fails_the_job_with_what_and_where(
     service: Service, llama_family: dict[str, Path], tmp_path: Path
 ) -> None:

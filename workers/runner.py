@@ -365,6 +365,7 @@ def _merge(
         progress=watch.report,
         cancelled=watch.should_stop,
         resolved=resolved,
+        started=watch.started,
     )
 
 
@@ -411,6 +412,7 @@ def _edit(
         cache=ObjectStoreCovarianceCache(object_store),
         progress=watch.report_phase,
         cancelled=watch.should_stop,
+        started=watch.started,
     )
     assert result.out_dir is not None
     return _EditOutput(result.out_dir, result.manifest, recipe.seed)

@@ -36,6 +36,9 @@ class JobWatch:
         self.heartbeat_interval = heartbeat_interval
         self.lost = False
         self.timed_out = False
+        self.started = (
+            time.perf_counter()
+        )  # the attempt's start: the manifest's timings count from it
         self._deadline = time.monotonic() + time_limit_s
         self._cancel = False
         self._last_progress = 0.0

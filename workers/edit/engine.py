@@ -86,8 +86,12 @@ def run_edit(
     progress: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     loaded: EditModel | None = None,
+    started: float | None = None,
 ) -> EditResult:
     """Edit, measure, gate and (when ``out`` is given) write the edited checkpoint.
+
+    ``started``: the ``time.perf_counter()`` at which the work began (a job's attempt, its
+    downloads included), from which the manifest's ``timings.total_s`` counts; default now.
 
     The service passes what it already fetched: ``resolved`` (the model), ``revision`` (its
     identity for the covariance cache; default :func:`model_revision`) and ``corpus_files``
@@ -99,7 +103,7 @@ def run_edit(
 
     Raises EditGateError when the gate fails and the recipe says ``on_gate_failure: fail``.
     """
-    phases = _Phases(progress, cancelled)
+    phases = _Phases(progress, cancelled, started)
     if out is not None:
         check_out_dir(out)
     method = edit_method(recipe.edit_method)
@@ -330,11 +334,14 @@ class _Phases:
     starts, ``cancelled()`` checked before it, its duration as ``{name}_s``."""
 
     def __init__(
-        self, progress: Callable[[str], None] | None, cancelled: Callable[[], bool] | None
+        self,
+        progress: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+        started: float | None = None,
     ) -> None:
         self._progress = progress
         self.cancelled = cancelled
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() if started is None else started
         self._running: tuple[str, float] | None = None
         self.timings: dict[str, float] = {}
 

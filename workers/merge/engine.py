@@ -67,17 +67,21 @@ def run_merge(
     progress: ProgressCallback | None = None,
     cancelled: Callable[[], bool] | None = None,
     resolved: dict[str, ResolvedModel] | None = None,
+    started: float | None = None,
 ) -> MergeResult:
     """Merge per ``recipe`` into ``out_dir`` (which must not exist or be empty).
 
     ``seed`` overrides the recipe's seed; with neither, a random seed is drawn and recorded.
     ``resolved`` may map reference strings to already resolved models (the service pins and
-    fetches inputs itself). On any failure nothing is left at ``out_dir``.
+    fetches inputs itself). ``started``: the ``time.perf_counter()`` at which the work began
+    (a job's attempt, its downloads included): the manifest's ``timings`` count from it
+    (``resolve_s`` is then resolving and fetching the inputs, ``total_s`` everything up to the
+    manifest); default now. On any failure nothing is left at ``out_dir``.
     """
     from workers.publish.output import finalize_output
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(
