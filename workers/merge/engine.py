@@ -136,7 +136,7 @@ def run_merge(
             writer.abort()
             raise
         timings["merge_s"] = time.perf_counter() - t2
-        merge.progress.publishing(len(specs))
+        merge.progress.publishing()
         t3 = time.perf_counter()
         manifest = finalize_output(
             staging,

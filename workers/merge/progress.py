@@ -38,5 +38,11 @@ class ProgressTracker:
             )
         )
 
-    def publishing(self, tensors: int) -> None:
-        self.report(Progress("publish", tensors, tensors, self.bytes_done, self.bytes_total))
+    def publishing(self) -> None:
+        """The tensors are all through; the folder's last files are being written. The
+        counters stay where every pass left them (they never go back)."""
+        self.report(
+            Progress(
+                "publish", self.tensors_done, self.tensors_total, self.bytes_done, self.bytes_total
+            )
+        )
