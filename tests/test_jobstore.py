@@ -323,6 +323,20 @@ def test_claim_starts_a_queued_job_once(store: JobStore, tenant: int, clock: Clo
     assert after is not None and (after.attempts, after.worker_id) == (1, "w1")
 
 
+def test_a_claimed_job_says_it_is_starting_and_a_new_attempt_starts_its_counters_over(
+    store: JobStore, tenant: int, clock: Clock
+) -> None:
+    job = queued_job(store, tenant)
+    claimed = store.claim(job.id, "w1")
+    assert claimed is not None and claimed.to_view().progress.phase == "starting"
+    store.update_progress(job.id, "w1", phase="merge", tensors_done=7, tensors_total=9)
+    clock.advance(seconds=LOST_AFTER.total_seconds() + 1)  # w1 is lost: w2 takes it over
+    again = store.claim(job.id, "w2")
+    assert again is not None and again.attempts == 2
+    progress = again.to_view().progress
+    assert (progress.phase, progress.tensors_done, progress.tensors_total) == ("starting", 0, None)
+
+
 def test_claim_is_exactly_once_under_concurrency(store: JobStore, tenant: int) -> None:
     for _ in range(3):
         job = queued_job(store, tenant)

@@ -194,6 +194,29 @@ def test_the_manifest_timings_count_the_whole_attempt_downloads_included(
     assert timings["total_s"] >= timings["resolve_s"] + timings["merge_s"]
 
 
+def test_a_running_job_says_what_it_does_from_the_start_inputs_and_their_bytes_included(
+    service: Service, llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[dict[str, Any]] = []
+    update = service.store.update_progress
+
+    def recorded(job_id: str, worker_id: str, **values: Any) -> bool:
+        writes.append({k: v for k, v in values.items() if v is not None})
+        return update(job_id, worker_id, **values)
+
+    monkeypatch.setattr(service.store, "update_progress", recorded)
+    job_id = service.submit(linear(llama_family["ft1"], llama_family["ft2"]))
+    service.run(job_id)
+
+    phases = [w["phase"] for w in writes if "phase" in w]
+    assert phases[0] == "resolve" and "download" in phases and phases[-1] == "publish"
+    downloads = [w["bytes_done"] for w in writes if w.get("phase") == "download"]
+    sizes = [sum(f.stat().st_size for f in llama_family[n].iterdir()) for n in ("ft1", "ft2")]
+    # 0 before the first input, then after each: the inputs' files (weights, config, …)
+    assert downloads[0] == 0 and downloads == sorted(downloads)
+    assert 0 < downloads[-1] <= sum(sizes)
+
+
 def test_a_corrupt_input_fails_the_job_with_what_and_where(
     service: Service, llama_family: dict[str, Path], tmp_path: Path
 ) -> None:

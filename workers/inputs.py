@@ -81,7 +81,10 @@ def resolve_inputs(
     from workers.sources import resolve_reference
 
     resolved: dict[str, ResolvedModel] = {}
-    for i, ref in enumerate(references(recipe)):
+    refs = references(recipe)
+    fetched = 0
+    for i, ref in enumerate(refs):
+        watch.report_inputs(i, len(refs), fetched)
         watch.check()
         if ref.kind is ReferenceKind.ARTIFACT:
             dest = work / f"input-{i}"
@@ -95,6 +98,8 @@ def resolve_inputs(
                 except LocalPathRefused as e:
                     raise InputError(str(e), model=str(ref)) from None
             resolved[str(ref)] = resolve_reference(ref, sources)
+        fetched += resolved[str(ref)].total_size
+    watch.report_inputs(len(refs), len(refs), fetched)
     return resolved
 
 

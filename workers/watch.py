@@ -73,6 +73,14 @@ class JobWatch:
         self._last_progress = time.monotonic()
         self._write(phase=phase)
 
+    def report_inputs(self, fetched: int, total: int, nbytes: int) -> None:
+        """``fetched`` of the job's ``total`` inputs are on local disk, ``nbytes`` in all
+        (phase ``download``; written at once: inputs are few and slow)."""
+        self._last_phase = "download"
+        self._last_progress = time.monotonic()
+        self._write(phase="download", tensors_done=0, bytes_done=nbytes, bytes_total=None)
+        log.info("inputs: %d/%d fetched, %d bytes", fetched, total, nbytes)
+
     def report(self, p: Progress) -> None:
         now = time.monotonic()
         if p.phase == self._last_phase and now - self._last_progress < PROGRESS_INTERVAL_S:

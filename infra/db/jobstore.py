@@ -92,6 +92,8 @@ FAILED = JobState.FAILED.value
 CANCELLED = JobState.CANCELLED.value
 # The phase of a job answered with an existing artifact instead of running (finish_reused).
 REUSED_PHASE = "reused"
+# The phase of a job just claimed by a worker, before it reports what it is doing.
+STARTING_PHASE = "starting"
 # The phase of a queued job whose last attempt failed transiently (release_for_retry).
 RETRY_PHASE = "retrying"
 # The phase of a job failed because its message could not be queued (fail_unqueued): the
@@ -399,6 +401,13 @@ class JobStore:
                     heartbeat_at=now,
                     started_at=func.coalesce(Job.started_at, now),
                     updated_at=now,
+                    # what a running job shows until its worker reports more: a new attempt
+                    # starts its counters over
+                    phase=STARTING_PHASE,
+                    tensors_done=0,
+                    tensors_total=None,
+                    bytes_done=0,
+                    bytes_total=None,
                 )
             )
             if job is not None:

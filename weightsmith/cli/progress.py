@@ -60,6 +60,8 @@ def progress_text(job: Any) -> str:
         parts.append(f"{p.tensors_done}/{p.tensors_total} tensors")
     if p.bytes_total:
         parts.append(f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}")
+    elif p.bytes_done:  # inputs being fetched: their sizes are known one at a time
+        parts.append(human_bytes(p.bytes_done))
     return " ".join(parts)
 
 
