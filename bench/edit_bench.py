@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from schemas.edit_recipe import EditRecipe, EditRequest, parse_edit_recipe  # noqa: E402
-from tests.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
+from testbed.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
 from workers.edit.architectures import default_mom2_update_weight  # noqa: E402

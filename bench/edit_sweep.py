@@ -49,7 +49,7 @@ from bench.edit_bench import (  # noqa: E402
     round_robin,
 )
 from schemas.edit_recipe import parse_edit_recipe  # noqa: E402
-from tests.smollm2 import smollm2_checkpoint  # noqa: E402
+from testbed.smollm2 import smollm2_checkpoint  # noqa: E402
 from workers.edit import LocalCovarianceCache  # noqa: E402
 from workers.edit.algebra import delta_from_factors, rome_direction  # noqa: E402
 from workers.edit.architectures import EditModel  # noqa: E402

@@ -14,74 +14,19 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from infra.queue import RUN_JOB_TASK, CeleryQueue, InProcessQueue, JobQueue, QueueUnavailable
-from infra.settings import Settings
-from schemas.jobs import PROBLEM_JSON, JobCreate, JobKind
-from tests.api_fixtures import MERGE_RECIPE, ApiHarness, merge_job, models_bucket
-from tests.hubserver import HubServer
-
-MakeApi = Callable[..., ApiHarness]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def make_api(tmp_path: Path, database_url: str, s3_server: Any) -> Iterator[MakeApi]:
-    """Start an app with these settings overrides; stopped after. Its queue records the ids
-    it is handed, unless one is given or ``queue_from_settings`` (Celery with a broker)."""
-    stack: list[TestClient] = []
-
-    def make(
-        *, queue: JobQueue | None = None, queue_from_settings: bool = False, **overrides: Any
-    ) -> ApiHarness:
-        enqueued: list[str] = []
-        values: dict[str, Any] = {
-            "data_dir": tmp_path / "data",
-            "database_url": database_url,
-            "object_store_url": f"file://{tmp_path}/artifacts",
-            "broker_url": None,
-            "hf_endpoint": None,
-            "hf_token": None,
-            "bootstrap_api_key": None,
-            "bootstrap_key_file": None,
-            "allow_local_paths": False,
-            **overrides,
-        }
-        settings = Settings(**values)
-        if queue is None and not queue_from_settings:
-            queue = InProcessQueue(enqueued.append)
-        app = create_app(settings, queue=queue)
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        stack.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
-        harness.tenant, harness.headers = harness.new_tenant()
-        return harness
-
-    yield make
-    for client in reversed(stack):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def api(make_api: MakeApi) -> ApiHarness:
-    return make_api()
+from infra.queue import RUN_JOB_TASK, CeleryQueue, InProcessQueue, QueueUnavailable
+from schemas.jobs import JobCreate, JobKind
+from testbed.api import MERGE_RECIPE, ApiHarness, merge_job
+from testbed.hub import HubServer
+from tests.support.api import MakeApi, assert_problem
 
 
 def _closed_port() -> int:
@@ -90,15 +35,6 @@ def _closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def assert_problem(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM_JSON)
-    body = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    return body
 
 
 # ---- import hygiene --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The whole API under generated requests (schemathesis, from its own /openapi.json): no
 request makes a server error, and the service still works afterwards.
 
-The app runs in-process on SQLite with a local Hub endpoint (see tests/api_fuzzing.py for
+The app runs in-process on SQLite with a local Hub endpoint (see testbed/fuzzing.py for
 the settings and the objects made first, so that part of the requests name things that
 exist). bench/api_fuzz.py runs longer campaigns, on PostgreSQL too.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from schemathesis.python import asgi
 
-from tests.api_fuzzing import fuzz_api, fuzzed_app, prepare_tenant
-from tests.hubserver import HubServer
+from testbed.fuzzing import fuzz_api, fuzzed_app, prepare_tenant
+from testbed.hub import HubServer
 
 FUZZ_REQUESTS = 2000
 

@@ -38,7 +38,8 @@ from infra.artifacts import (
     sweep_incomplete,
 )
 from infra.storage import LocalObjectStore, ObjectStore
-from tests.s3server import S3Server, make_store
+from testbed.s3 import S3Server
+from tests.support.stores import make_store
 
 MiB = 1 << 20
 T = "acme"  # tenant

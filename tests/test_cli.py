@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_bad_input import CONFIG, SHAPES, base_tensors, shifted, tree, write_model
+from tests.support.handmade import CONFIG, SHAPES, base_tensors, shifted, tree, write_model
 
 pytestmark = pytest.mark.slow  # subprocesses
 

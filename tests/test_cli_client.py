@@ -14,22 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import yaml
 
-from tests.hubserver import HubServer
-from tests.test_runner import build_many_tensor_family, linear, tensors, ties
-from tests.test_worker_serve import free_port, running_serve
-from weightsmith.client import Client
+from tests.support.checkpoints import build_many_tensor_family, linear, tensors, ties
+from tests.support.serve import HOLD_LIMIT_S, HeldHub, Server, free_port, write_recipe
 
 pytestmark = pytest.mark.slow  # a server and CLI subprocesses
 
@@ -37,104 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TENANT = "default"  # the bootstrap key's tenant
 
 
-@dataclass
-class Server:
-    url: str
-    key: str
-    data_dir: Path
-    log: Path
-
-    def cli(
-        self, *args: str, url: str | None = None, token: str | None = None, cwd: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "weightsmith", *args],
-            env=self.env(url, token),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-    def env(self, url: str | None = None, token: str | None = None) -> dict[str, str]:
-        return {
-            **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
-            "WEIGHTSMITH_URL": url or self.url,
-            "WEIGHTSMITH_TOKEN": token or self.key,
-            "PYTHONPATH": str(ROOT),
-        }
-
-    def client(self) -> Client:
-        return Client(self.url, self.key)
-
-    def stored(self, name: str, version: int) -> Path:
-        """The version's folder in the service's local object store."""
-        return self.data_dir / "artifacts" / TENANT / name / f"v{version}"
-
-
-class HeldHub(HubServer):
-    """A Hub whose file downloads wait while it is held: a job fetching a model from it stays
-    running, deterministically, until the test lets it go (no sleeps, no race with the
-    worker). ``arrived`` is set once a download waits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = threading.Event()
-        self.open.set()
-        self.arrived = threading.Event()
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        self.arrived.clear()
-        self.open.clear()
-        try:
-            yield
-        finally:
-            self.open.set()
-
-    def _injected_failure(self, path: str) -> int | None:
-        if "/resolve/" in path and not self.open.is_set():
-            self.arrived.set()
-            self.open.wait(timeout=HOLD_LIMIT_S)
-        return super()._injected_failure(path)
-
-
-HOLD_LIMIT_S = 600  # only a failing test holds this long; the Hub client waits as long
-HUB_ENV = {
-    # the held download must outlast the test's steps however loaded the machine is
-    "HF_HUB_DOWNLOAD_TIMEOUT": str(HOLD_LIMIT_S),
-    "HF_HUB_ETAG_TIMEOUT": str(HOLD_LIMIT_S),
-    "HF_HUB_DISABLE_XET": "1",  # the test Hub speaks Git LFS only
-    "HF_HUB_OFFLINE": "0",
-}
-
-
-@pytest.fixture(scope="module")
-def hub_server() -> Iterator[HeldHub]:
-    with HeldHub() as hub:
-        yield hub
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, hub_server: HeldHub) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("served")
-    env = {**HUB_ENV, "HF_ENDPOINT": hub_server.url, "HF_HUB_CACHE": str(root / "hf-cache")}
-    with running_serve(root, timeout=90, env=env) as (url, log):
-        key = (root / "data" / "bootstrap-api-key").read_text().strip()
-        yield Server(url, key, root / "data", log)
-
-
 @pytest.fixture(scope="module")
 def many_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A Llama-shaped family with many tensors: a merge of it runs for seconds."""
     return build_many_tensor_family(tmp_path_factory.mktemp("many"), layers=48)
-
-
-def write_recipe(folder: Path, name: str, recipe: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def sha256(path: Path) -> str:

@@ -1,7 +1,7 @@
 """The covariance cache in object storage (workers.edit.covariance.ObjectStoreCovarianceCache)
 and the covariance corpora a service job reads (s3://, artifact://, local paths).
 
-Runs against the local object store and a real S3 server (SeaweedFS, tests/s3server.py);
+Runs against the local object store and a real S3 server (SeaweedFS, testbed/s3.py);
 the model is a tiny random Llama built in the test, so nothing here is slow.
 """
 
@@ -21,7 +21,7 @@ from infra.settings import Settings
 from infra.storage import LocalObjectStore
 from schemas.edit_recipe import parse_edit_recipe
 from schemas.tenants import S3GrantInfo, TenantAccess, normalize_endpoint
-from tests.s3server import make_store
+from tests.support.stores import make_store
 from workers.edit.architectures import architecture_for
 from workers.edit.covariance import (
     COMPUTED,

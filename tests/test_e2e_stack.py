@@ -34,9 +34,9 @@ from app.main import create_app
 from infra.queue import RUN_JOB_TASK, InProcessQueue
 from infra.secrets import new_key
 from infra.settings import Settings
-from tests.hubserver import HubServer
-from tests.pg import fresh_database
-from tests.reference_merge import reference_merge
+from testbed.hub import HubServer
+from testbed.postgres import fresh_database
+from tests.support.reference_merge import reference_merge
 
 pytestmark = pytest.mark.slow  # the whole stack: a Celery worker process, Redis, PostgreSQL
 

@@ -1,5 +1,5 @@
 """Edit jobs through the service: POST /v1/jobs → embedded worker → artifact, on the real
-SmolLM2-135M (tests/smollm2.py), with SQLite and the local object store.
+SmolLM2-135M (testbed/smollm2.py), with SQLite and the local object store.
 
 One app and one worker serve the whole module; the jobs run one after the other and share
 the covariance cache in the object store. CI time on 2 CPU cores is the constraint: a small
@@ -28,8 +28,8 @@ from app.main import create_app
 from infra.queue import InProcessQueue
 from infra.settings import Settings
 from schemas.jobs import PROBLEM_JSON, JobState
-from tests.api_fixtures import ApiHarness
-from tests.smollm2 import write_text_corpus
+from testbed.api import ApiHarness
+from testbed.smollm2 import write_text_corpus
 from workers.edit.covariance import COMPUTED
 from workers.embedded import EmbeddedWorker
 

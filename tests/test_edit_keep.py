@@ -15,7 +15,7 @@ import torch
 
 from schemas.edit_recipe import EditRequest, parse_edit_recipe
 from schemas.recipe import RecipeError
-from tests.tiny_edit import CONTEXT, LAYER, STRONG, TEMPLATES, settings, tiny_target
+from tests.support.tiny_edit import CONTEXT, LAYER, STRONG, TEMPLATES, settings, tiny_target
 from workers.edit.algebra import delta_from_factors, memit_update, rome_direction
 from workers.edit.memit import memit_edit
 from workers.edit.rome import rome_edit

@@ -1,4 +1,4 @@
-"""ROME and MEMIT on a real model (SmolLM2-135M-Instruct, tests/smollm2.py).
+"""ROME and MEMIT on a real model (SmolLM2-135M-Instruct, testbed/smollm2.py).
 
 The model knows "The capital of Japan is" → " Tokyo". Settings are the recipe defaults
 except where CI time on 2 CPU cores demands less: 5 sampled context templates instead of
@@ -20,7 +20,7 @@ import torch
 
 from schemas.edit_recipe import parse_edit_recipe
 from schemas.references import parse_reference
-from tests.smollm2 import write_text_corpus
+from testbed.smollm2 import write_text_corpus
 from weightsmith.cli import main as cli_main
 from workers.edit import EditGateError, LocalCovarianceCache, run_edit
 from workers.edit.algebra import rome_direction

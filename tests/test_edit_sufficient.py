@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from schemas.edit_recipe import EditRequest
-from tests.tiny_edit import CONTEXT, LAYER, STRONG, TEMPLATES, settings, tiny_target, with_delta
+from tests.support.tiny_edit import (
+    CONTEXT,
+    LAYER,
+    STRONG,
+    TEMPLATES,
+    settings,
+    tiny_target,
+    with_delta,
+)
 from workers.edit.algebra import delta_from_factors
 from workers.edit.rome import rome_edit
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from infra.storage import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
 from schemas.recipe import RecipeError, parse_recipe
-from tests.test_bad_input import (  # noqa: F401
+from tests.support.handmade import (
     FT1_DELTA,
     HEAD,
     linear_recipe,
@@ -26,7 +26,6 @@ from tests.test_bad_input import (  # noqa: F401
     shifted,
     ta_recipe,
     write_model,
-    zoo,
 )
 from workers.errors import (
     CheckpointError,
@@ -160,7 +159,7 @@ def test_an_input_error_keeps_its_own_message_and_location() -> None:
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear"])
 def test_a_weight_no_float32_can_hold_is_refused_with_the_recipe_naming_the_weight(
-    zoo: Path,  # noqa: F811
+    zoo: Path,
     capsys: pytest.CaptureFixture[str],
     method: str,
 ) -> None:
@@ -180,7 +179,7 @@ def test_a_weight_no_float32_can_hold_is_refused_with_the_recipe_naming_the_weig
 
 
 def test_a_recipe_wide_parameter_no_float32_can_hold_names_the_parameter(
-    zoo: Path,  # noqa: F811
+    zoo: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     refused(
@@ -193,7 +192,7 @@ def test_a_recipe_wide_parameter_no_float32_can_hold_names_the_parameter(
 
 
 def test_parameters_that_overflow_only_together_are_refused_with_the_recipe(
-    zoo: Path,  # noqa: F811
+    zoo: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # 1e20 and 1e20 are float32 numbers; their product, the scale of a task vector, is not.
@@ -209,7 +208,7 @@ def test_parameters_that_overflow_only_together_are_refused_with_the_recipe(
 
 
 def test_values_that_overflow_only_with_the_data_fail_naming_the_tensor(
-    zoo: Path,  # noqa: F811
+    zoo: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Ordinary weights, but ft1's values reach 1e38: 5 × (ft1 − base) is past float32.
@@ -228,7 +227,7 @@ def test_values_that_overflow_only_with_the_data_fail_naming_the_tensor(
 
 
 def test_a_result_beyond_float16_is_refused_naming_the_output_dtype(
-    zoo: Path,  # noqa: F811
+    zoo: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # lm_head of ft2 reaches 255/64 + 1.5 ≈ 5.48: × 12000 is ≈ 65700, past float16's 65504.
@@ -247,7 +246,7 @@ def test_a_result_beyond_float16_is_refused_naming_the_output_dtype(
     )
 
 
-def test_the_same_result_is_published_as_bfloat16_and_float32(zoo: Path) -> None:  # noqa: F811
+def test_the_same_result_is_published_as_bfloat16_and_float32(zoo: Path) -> None:
     for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         recipe = linear_recipe(str(zoo / "models" / "ft2"))
         recipe["models"][0]["parameters"] = {"weight": 12000.0}

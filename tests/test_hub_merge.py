@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from schemas.recipe import parse_recipe
-from tests.reference_merge import reference_merge
+from tests.support.reference_merge import reference_merge
 from workers.merge.engine import run_merge
 from workers.sources import SourceSettings
 

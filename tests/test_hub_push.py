@@ -1,7 +1,7 @@
 """Pushing a job's artifact to the Hugging Face Hub (``publish.hub_repo``).
 
 Jobs run through the real runner with tiny real models; the Hub is the local endpoint of
-tests/hubserver.py, driven by the real huggingface_hub client (create_repo, preupload, the
+testbed/hub.py, driven by the real huggingface_hub client (create_repo, preupload, the
 LFS batch API, commit), and what was pushed is downloaded back with huggingface_hub.
 """
 
@@ -31,8 +31,8 @@ from infra.secrets import SecretBox
 from infra.settings import Settings
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState, PublishOptions
-from tests.api_fixtures import grant_models, merge_job, models_bucket
-from tests.hubserver import HubServer
+from testbed.api import grant_models, merge_job, models_bucket
+from testbed.hub import HubServer
 from workers.publish import hub_push
 from workers.publish.hub_push import (
     HUB_MANIFEST,

@@ -7,7 +7,7 @@ import json
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,7 +47,7 @@ from schemas.jobs import (
     JobView,
     ProblemDetail,
 )
-from tests.pg import fresh_database
+from testbed.postgres import fresh_database
 
 LOST_AFTER = timedelta(seconds=60)
 PENDING_TIMEOUT = timedelta(seconds=30)
@@ -85,25 +85,6 @@ def merge_request(name: str = "soup", weight: float = 0.5, **extra: Any) -> JobC
         artifact_name=name,
         **extra,
     )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    upgrade_database(db_url)
-    eng = make_engine(db_url)
-    if eng.dialect.name == "postgresql":  # one database per session: start each test empty
-        with eng.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE jobs, api_keys, tenants RESTART IDENTITY CASCADE")
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
@@ -784,7 +765,7 @@ def test_the_key_cache_checks_secrets_and_honours_revocation(engine: Engine, clo
     assert cached.authenticate(second) is None
 
 
-def test_keys_are_stored_hashed(keys: ApiKeys, engine: Engine, db_url: str) -> None:
+def test_keys_are_stored_hashed(keys: ApiKeys, engine: Engine, database_url: str) -> None:
     plaintexts = [keys.create_key("acme") for _ in range(3)]
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT * FROM api_keys")).all()
@@ -794,9 +775,9 @@ def test_keys_are_stored_hashed(keys: ApiKeys, engine: Engine, db_url: str) -> N
         prefix, secret = parse_api_key(plaintext)
         assert prefix in dump  # the public part is there for lookup …
         assert secret not in dump  # … the secret is not, in any column
-    if db_url.startswith("sqlite:///"):  # nor anywhere in the database's files
+    if database_url.startswith("sqlite:///"):  # nor anywhere in the database's files
         engine.dispose()
-        db = Path(db_url.removeprefix("sqlite:///"))
+        db = Path(database_url.removeprefix("sqlite:///"))
         raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
         assert all(parse_api_key(p)[1].encode() not in raw for p in plaintexts)
         assert parse_api_key(plaintexts[0])[0].encode() in raw

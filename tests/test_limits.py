@@ -2,11 +2,10 @@
 body is read, parsing caps (nesting, YAML anchors, string and list sizes, finite numbers),
 malformed path segments and query parameters, and the attacks of issue #14 replayed.
 
-API tests run the real app on SQLite and PostgreSQL (fixtures of tests/test_api.py). Bodies
+API tests run the real app on SQLite and PostgreSQL (fixtures of tests/conftest.py). Bodies
 are streamed to the app at the ASGI level where it matters how much of them was read.
 """
 
-# ruff: noqa: F811  (the fixtures api, make_api come from tests/test_api.py)
 from __future__ import annotations
 
 import json
@@ -37,14 +36,8 @@ from schemas.limits import (
     load_json_document,
     load_yaml_document,
 )
-from tests.api_fixtures import MERGE_RECIPE, ApiHarness, merge_job
-from tests.test_api import (  # noqa: F401 (fixtures)
-    MakeApi,
-    api,
-    assert_problem,
-    database_url,
-    make_api,
-)
+from testbed.api import MERGE_RECIPE, ApiHarness, merge_job
+from tests.support.api import MakeApi, assert_problem
 
 MiB = 1 << 20
 

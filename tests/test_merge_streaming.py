@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from merging.selection import RankRangeStream, rank_range_mask
-from tests.reference_merge import reference_merge
-from tests.test_merge_methods import (
+from tests.support.merge_cases import (
     BF16_CASES,
     LLAMA_CASES,
     SEED,
     assert_matches_reference,
     engine,
 )
+from tests.support.reference_merge import reference_merge
 from workers.merge import blocks
 
 STREAMED_LLAMA = [

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from schemas.recipe import parse_recipe
-from tests.models import VOCAB_SIZE
-from tests.reference_merge import load_checkpoint
+from tests.support.models import VOCAB_SIZE
+from tests.support.reference_merge import load_checkpoint
 from workers.merge.engine import run_merge
 
 INPUT_IDS = torch.tensor([[1, 17, 42, 99, 5, 230]])

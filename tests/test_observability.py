@@ -46,8 +46,8 @@ from infra.queue import InProcessQueue
 from infra.secrets import new_key
 from infra.settings import Settings
 from schemas.jobs import JobCreate, JobKind
-from tests.api_fixtures import MERGE_RECIPE
-from tests.pg import fresh_database
+from testbed.api import MERGE_RECIPE
+from testbed.postgres import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/9"  # this module's own Redis database
@@ -91,11 +91,10 @@ def metrics_db() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    url: str = request.getfixturevalue("metrics_db")
+@pytest.fixture
+def postgres_url(metrics_db: str) -> str:
+    """``database_url``'s PostgreSQL database here: this module's own, its jobs table empty."""
+    url = metrics_db
     engine = make_engine(url)
     upgrade_database(engine)
     with engine.begin() as conn:  # every test starts from an empty jobs table

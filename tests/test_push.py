@@ -17,16 +17,11 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from tests import test_cli_client
-from tests.test_cli_client import Server, write_recipe
-from tests.test_runner import linear, tensors
-from tests.test_worker_serve import free_port
+from tests.support.checkpoints import linear, tensors
+from tests.support.serve import Server, free_port, write_recipe
 from weightsmith.client import Client
 
 pytestmark = pytest.mark.slow  # a server and CLI subprocesses
-
-server = test_cli_client.server  # weightsmith serve, once for this module
-hub_server = test_cli_client.hub_server  # the test Hub that server reads from
 
 
 def sha256(path: Path) -> str:

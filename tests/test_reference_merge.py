@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from merging import randomness
-from tests.reference_merge import (
+from tests.support.reference_merge import (
     breadcrumbs_mask,
     della_probabilities,
     evaluate,

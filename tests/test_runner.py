@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from infra.artifacts import download_artifact, list_versions
 from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
 from infra.settings import Settings
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
+from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, tensors, ties
 from workers.runner import RetryLater, run_job
 
 TENANT = "acme"
@@ -82,61 +82,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
     engine.dispose()
 
 
-def linear(a: Path | str, b: Path | str, seed: int = 1) -> dict[str, Any]:
-    return {
-        "merge_method": "linear",
-        "models": [
-            {"model": str(a), "parameters": {"weight": 0.5}},
-            {"model": str(b), "parameters": {"weight": 0.5}},
-        ],
-        "seed": seed,
-    }
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder, whatever its sharding."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def build_many_tensor_family(root: Path, layers: int) -> dict[str, Path]:
-    """A Llama-shaped checkpoint with many tensors, so that a TIES merge takes seconds."""
-    from transformers import LlamaForCausalLM
-
-    from tests.models import llama_config, save_tokenizer
-
-    config = llama_config(num_hidden_layers=layers, hidden_size=128, intermediate_size=256)
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
-    family = {}
-    for seed, name in enumerate(("base", "ft1", "ft2")):
-        g = torch.Generator().manual_seed(seed)
-        target = root / name
-        target.mkdir(parents=True)
-        tensors = {n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}
-        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(str(target))
-        save_tokenizer(target)
-        family[name] = target
-    return family
-
-
-def ties(family: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "merge_method": "ties",
-        "base_model": str(family["base"]),
-        "models": [
-            {"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": str(family["ft2"]), "parameters": {"weight": 1.0, "density": 0.5}},
-        ],
-        "seed": 3,
-    }
 
 
 def test_a_successful_job_publishes_a_verified_artifact_that_loads(
@@ -456,21 +403,6 @@ def test_an_unreachable_source_is_retried_then_fails_on_the_last_attempt(
 
 
 # ---- permanent failures fail at once ----------------------------------------------------------
-
-
-def huge_finetune(source: Path, dest: Path, peak: float = 1e38) -> Path:
-    """``source`` with every tensor scaled so its largest magnitude is ``peak`` (float32
-    still holds it): a merge with ordinary weights then overflows in the data, which no
-    check of the recipe alone can foresee."""
-    dest.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.suffix == ".safetensors":
-            tensors = load_file(str(f))
-            scaled = {k: t / float(t.abs().max() or 1) * peak for k, t in tensors.items()}
-            save_file(scaled, str(dest / f.name), metadata={"format": "pt"})
-        else:
-            shutil.copy(f, dest / f.name)
-    return dest
 
 
 def test_a_merge_that_overflows_fails_on_its_first_attempt_naming_the_tensor(

@@ -4,7 +4,7 @@ with celery-redbeat in a real Redis (DB 5): entries follow the API, reconcile he
 flushed Redis, and two beats send one fire.
 
 Runs with real components: SQLite and PostgreSQL, Redis at 127.0.0.1:6379/5, the local Hub
-endpoint of tests/hubserver.py. No timing is asserted.
+endpoint of testbed/hub.py. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
 from infra.db import Job
 from infra.db.schedules import ScheduleStore
-from infra.queue import InProcessQueue
 from infra.schedules import (
     FIRE_SCHEDULE_TASK,
     LIGHT_QUEUE,
@@ -34,68 +30,18 @@ from infra.schedules import (
     entry_name,
     redbeat_config,
 )
-from infra.settings import Settings
 from schemas.schedules import CronError, parse_cron
 from service.scheduling import Scheduling
-from tests.api_fixtures import MERGE_RECIPE, ApiHarness, models_bucket
-from tests.hubserver import HubServer
+from testbed.api import MERGE_RECIPE, ApiHarness
+from testbed.hub import HubServer
+from tests.support.api import MakeApi
 
 REDIS_URL = "redis://127.0.0.1:6379/5"
 T0 = datetime(2026, 3, 2, 3, 0, tzinfo=UTC)  # a Monday, 03:00 UTC
 
-MakeApi = Callable[..., ApiHarness]
-
 
 def schedule_body(**overrides: Any) -> dict[str, Any]:
     return {"cron": "0 3 * * *", "recipe": MERGE_RECIPE, "artifact_name": "nightly", **overrides}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def make_api(tmp_path: Path, database_url: str, s3_server: Any) -> Iterator[MakeApi]:
-    """Start the real app with these settings overrides; its queue records job ids."""
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> ApiHarness:
-        enqueued: list[str] = []
-        settings = Settings(
-            **{
-                "data_dir": tmp_path / "data",
-                "database_url": database_url,
-                "object_store_url": f"file://{tmp_path}/artifacts",
-                "broker_url": None,
-                "hf_endpoint": None,
-                "hf_token": None,
-                "bootstrap_api_key": None,
-                "bootstrap_key_file": None,
-                **overrides,
-            }
-        )
-        client = TestClient(
-            create_app(settings, queue=InProcessQueue(enqueued.append)),
-            raise_server_exceptions=False,
-        )
-        client.__enter__()
-        clients.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
-        harness.tenant, harness.headers = harness.new_tenant()
-        return harness
-
-    yield make
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def api(make_api: MakeApi) -> ApiHarness:
-    return make_api()
 
 
 @pytest.fixture

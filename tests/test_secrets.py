@@ -239,7 +239,7 @@ def test_secrets_rotate_reseals_everything_under_a_new_first_key(
 def test_hub_token_set_reads_the_token_from_stdin_and_tenant_shows_it_is_used(
     tmp_path: Path,
 ) -> None:
-    from tests.test_worker_serve import running_serve
+    from tests.support.serve import running_serve
 
     with running_serve(tmp_path) as (base, _log):
         key = (tmp_path / "data" / "bootstrap-api-key").read_text().strip()

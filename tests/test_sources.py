@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from schemas.references import ModelReference, ReferenceKind
-from tests.hubserver import HubServer
+from testbed.hub import HubServer
 from workers.errors import SourceError
 from workers.sources import (
     ResolvedModel,

@@ -1,5 +1,5 @@
 """The object store (infra.storage): the same contract on a local directory and on a real S3
-server (SeaweedFS, tests/s3server.py).
+server (SeaweedFS, testbed/s3.py).
 
 Round trips including multipart uploads (5 MiB parts, S3's minimum, to stay fast), sha256
 verification on upload and download (a rejected write leaves nothing), conditional creates
@@ -30,7 +30,8 @@ from infra.storage import (
     redact_url,
     s3_options,
 )
-from tests.s3server import S3Server, make_store
+from testbed.s3 import S3Server
+from tests.support.stores import make_store
 
 MiB = 1 << 20
 PART = 5 * MiB

@@ -37,20 +37,12 @@ from schemas.jobs import JobCreate, JobError, JobKind, JobState
 from schemas.tenants import GrantError
 from service.context import Service
 from service.scheduling import fire_schedule
-from tests.api_fixtures import grant_models, publish_files
-from tests.hubserver import HubServer
+from testbed.api import grant_models, publish_files
+from testbed.hub import HubServer
 
 DATA_BUCKET = "tenant-data"
 A_TOKEN = "hf_tenantAsOwnToken0123456789"
 OPERATOR_TOKEN = "hf_operatorTokenNeverLent987654"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/data/jobs.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
 
 
 @dataclass

@@ -31,14 +31,9 @@ from service.uploads import (
     sweep_expired_uploads,
     upload_prefix,
 )
-from tests import test_api
-from tests.api_fixtures import ApiHarness
-from tests.test_api import MakeApi, assert_problem
+from testbed.api import ApiHarness
+from tests.support.api import MakeApi, assert_problem
 from weightsmith.client import Client, LocalFilesError, UploadError
-
-# The API harness of test_api.py: the real app, once on SQLite and once on PostgreSQL.
-database_url = test_api.database_url
-make_api = test_api.make_api
 
 SMALL_CHUNK = 16  # bytes: files of a few dozen bytes take several chunks
 
@@ -736,7 +731,7 @@ def test_on_s3_an_uploaded_checkpoint_is_pinned_and_merged_as_an_artifact_input(
 ) -> None:
     import torch
 
-    from tests.test_runner import linear, tensors
+    from tests.support.checkpoints import linear, tensors
     from workers.runner import run_job
 
     prefix = f"uploads-{secrets.token_hex(4)}"

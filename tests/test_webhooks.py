@@ -27,13 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
-from app.main import create_app
 from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
 from infra.db.webhooks import WebhookAttemptRow, WebhookMessage, WebhookStore
-from infra.queue import InProcessQueue
 from infra.secrets import SecretBox, new_key
 from infra.settings import Settings
 from schemas.jobs import ArtifactRef, JobCreate, JobError, JobKind, JobState
@@ -44,7 +41,8 @@ from service.webhooks import (
     WebhookUrlRefused,
     check_webhook_url,
 )
-from tests.api_fixtures import ApiHarness, merge_job, models_bucket
+from testbed.api import merge_job
+from tests.support.api import MakeApi
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = {
@@ -154,25 +152,6 @@ def receiver() -> Iterator[Receiver]:
 # ---- database, store, dispatchers ------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    upgrade_database(db_url)
-    eng = make_engine(db_url)
-    if eng.dialect.name == "postgresql":  # one database per session: start each test empty
-        with eng.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE jobs, api_keys, tenants RESTART IDENTITY CASCADE")
-    yield eng
-    eng.dispose()
-
-
 @pytest.fixture
 def jobs(engine: Engine) -> JobStore:
     return JobStore(engine, max_attempts=3, worker_lost_after=timedelta(seconds=60))
@@ -278,14 +257,14 @@ def test_a_transition_writes_its_event_to_the_outbox_even_if_no_dispatcher_runs(
 
 
 def test_the_event_is_committed_with_the_transition_by_a_process_that_dies_right_after(
-    db_url: str, engine: Engine, tenant: int
+    database_url: str, engine: Engine, tenant: int
 ) -> None:
     code = f"""
 import os
 from datetime import timedelta
 from infra.db import JobStore, make_engine
 from schemas.jobs import ArtifactRef, JobCreate
-store = JobStore(make_engine({db_url!r}), max_attempts=3, worker_lost_after=timedelta(60))
+store = JobStore(make_engine({database_url!r}), max_attempts=3, worker_lost_after=timedelta(60))
 job = store.create_job({tenant}, JobCreate.model_validate({{
     "kind": "merge", "recipe": {RECIPE!r}, "artifact_name": "soup",
     "callback_url": "https://hooks.example.com/x"}})).job
@@ -447,7 +426,7 @@ def test_an_unreachable_receiver_is_recorded_as_an_error_without_status(
 
 
 def test_two_dispatchers_racing_deliver_each_message_once(
-    db_url: str,
+    database_url: str,
     jobs: JobStore,
     hooks: WebhookStore,
     tenant: int,
@@ -458,7 +437,7 @@ def test_two_dispatchers_racing_deliver_each_message_once(
     hooks.create_subscription(tenant, receiver.url, ["job.queued"])
     for _ in range(24):
         jobs.create_job(tenant, job_request())
-    engines = [make_engine(db_url), make_engine(db_url)]
+    engines = [make_engine(database_url), make_engine(database_url)]
     dispatchers = [make_dispatcher(on=e, concurrency=3) for e in engines]
     barrier = threading.Barrier(2)
     counts: list[int] = [0, 0]
@@ -617,40 +596,6 @@ def test_a_url_that_turned_private_is_refused_at_delivery(
 
 
 # ---- the API -----------------------------------------------------------------------------------
-
-MakeApi = Callable[..., ApiHarness]
-
-
-@pytest.fixture
-def make_api(tmp_path: Path, db_url: str, s3_server: Any) -> Iterator[MakeApi]:
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> ApiHarness:
-        enqueued: list[str] = []
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            database_url=db_url,
-            object_store_url=f"file://{tmp_path}/artifacts",
-            broker_url=None,
-            hf_endpoint=None,
-            hf_token=None,
-            bootstrap_api_key=None,
-            bootstrap_key_file=None,
-            **overrides,
-        )
-        client = TestClient(
-            create_app(settings, queue=InProcessQueue(enqueued.append)),
-            raise_server_exceptions=False,
-        )
-        client.__enter__()
-        clients.append(client)
-        harness = ApiHarness(client, settings, enqueued, tmp_path, models=models_bucket(s3_server))
-        harness.tenant, harness.headers = harness.new_tenant()
-        return harness
-
-    yield make
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
 
 
 def test_subscriptions_are_created_listed_and_deleted_with_the_secret_shown_once(
@@ -823,7 +768,7 @@ def test_job_states_and_event_types_agree() -> None:
 def test_a_job_run_by_the_embedded_worker_calls_back_when_it_finishes(
     tmp_path: Path, receiver: Receiver, llama_family: dict[str, Path]
 ) -> None:
-    from tests.test_runner import linear
+    from tests.support.checkpoints import linear
     from workers.embedded import EmbeddedWorker
 
     settings = Settings(

@@ -27,8 +27,8 @@ from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
 from infra.queue import RUN_JOB_TASK
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
-from tests.pg import fresh_database
-from tests.test_runner import build_many_tensor_family, huge_finetune, linear, ties
+from testbed.postgres import fresh_database
+from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, ties
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from infra.queue import InProcessQueue
 from infra.settings import Settings
 from infra.storage import open_store
 from schemas.jobs import JobCreate, JobKind, JobState
-from tests.test_runner import linear
+from tests.support.checkpoints import linear
 from workers.embedded import EmbeddedWorker
 
 TENANT = "acme"

@@ -5,32 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.test_runner import linear
+from tests.support.checkpoints import linear
+from tests.support.serve import running_serve
 
 pytestmark = pytest.mark.slow  # a `weightsmith serve` process, CLI subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> Any:
@@ -41,52 +32,6 @@ def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) ->
         request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
-
-
-@contextmanager
-def running_serve(
-    workdir: Path, *, timeout: float = 60, env: Mapping[str, str] | None = None
-) -> Iterator[tuple[str, Path]]:
-    """``weightsmith serve`` in a subprocess (data under ``workdir/data``, local paths allowed,
-    ``env`` added to its environment), up and answering /healthz; yields its URL and its log
-    file, and stops it after. ``timeout`` bounds the start only."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSMITH_")},
-        "WEIGHTSMITH_DATA_DIR": str(workdir / "data"),
-        "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
-        "PYTHONPATH": str(ROOT),
-        **(env or {}),
-    }
-    log = workdir / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "weightsmith", "serve", "--port", str(port)],
-            cwd=workdir,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
-        yield url, log
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def test_serve_writes_a_private_bootstrap_key_file_shows_only_its_prefix_and_runs_a_job(

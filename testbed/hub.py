@@ -37,8 +37,9 @@ It also takes pushes, answering what ``HfApi.create_repo``, ``create_branch`` an
   file sent as a regular file is refused, as by the Hub. The new commit is then served by the
   read API above.
 
-There is no Xet storage here: the ``hub`` fixture sets ``HF_HUB_DISABLE_XET`` (huggingface_hub 2.x
-picks Xet on the client side whenever ``hf_xet`` is installed), so uploads use plain LFS.
+There is no Xet storage here: the ``hub`` fixture (tests/conftest.py) sets
+``HF_HUB_DISABLE_XET`` (huggingface_hub 2.x picks Xet on the client side whenever ``hf_xet``
+is installed), so uploads use plain LFS.
 
 Every request is recorded (``HubServer.requests``) so tests can check which files were fetched.
 
@@ -61,7 +62,7 @@ import re
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,9 +70,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-import pytest
-
-__all__ = ["HubServer", "RequestRecord", "hub"]
+__all__ = ["HubServer", "RequestRecord"]
 
 # Extensions the Hub's default .gitattributes stores with Git LFS (subset) and the size above
 # which any file goes to LFS.
@@ -173,7 +172,7 @@ class HubServer:
     def __init__(self, *, lfs_redirect: bool = False, tree_page_size: int = 1000) -> None:
         self.lfs_redirect = lfs_redirect
         self.tree_page_size = tree_page_size
-        self.cache_dir: Path | None = None  # set by the ``hub`` fixture
+        self.cache_dir: Path | None = None  # set by the ``hub`` fixture (tests/conftest.py)
         self._repos: dict[str, _Repo] = {}
         self._requests: list[RequestRecord] = []
         self._failures: list[list[Any]] = []  # [path substring, status, remaining or None]
@@ -1073,47 +1072,3 @@ class _Handler(BaseHTTPRequestHandler):
                 "hookOutput": "",
             }
         )
-
-
-@pytest.fixture
-def hub(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[HubServer]:
-    """A running fake Hub; ``HF_ENDPOINT`` and huggingface_hub's import-time constants point at it.
-
-    huggingface_hub reads ``HF_ENDPOINT`` (and the cache location) once, at import: the fixture
-    sets the variable for subprocesses and patches ``huggingface_hub.constants`` for code that
-    relies on the defaults. Code under test should still pass ``endpoint=hub.url`` explicitly.
-    ``hub.cache_dir`` is an empty HF cache directory (also the patched default), and tokens from
-    the environment or a saved login are hidden. Xet is turned off (uploads go through LFS).
-    """
-    server = HubServer().start()
-    cache_dir = tmp_path_factory.mktemp("hf-cache")
-    server.cache_dir = cache_dir
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # this endpoint speaks Git LFS only
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - the server itself needs no huggingface_hub
-        constants = None  # type: ignore[assignment]
-    if constants is not None:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        token_dir = tmp_path_factory.mktemp("hf-token")
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_dir / "token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(token_dir / "stored_tokens"))
-    try:
-        yield server
-    finally:
-        server.stop()

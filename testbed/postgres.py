@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
+from testbed import Unavailable
 
 ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -36,22 +36,14 @@ def fresh_database(prefix: str = "weightsmith_test") -> Iterator[str]:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except OperationalError as e:
         admin.dispose()
-        pytest.fail(
+        raise Unavailable(
             f"PostgreSQL is not reachable at {admin_url.render_as_string()} ({e.orig}). "
             "Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main "
-            "start) or set TEST_POSTGRES_URL.",
-            pytrace=False,
-        )
+            "start) or set TEST_POSTGRES_URL."
+        ) from None
     try:
         yield admin_url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """URL of an empty PostgreSQL database that lives for the test session."""
-    with fresh_database() as url:
-        yield url

@@ -31,7 +31,7 @@ from app.main import create_app
 from infra.artifacts import MANIFEST
 from infra.queue import InProcessQueue
 from infra.settings import Settings
-from tests.api_fixtures import MERGE_RECIPE, merge_job, publish_files
+from testbed.api import MERGE_RECIPE, merge_job, publish_files
 
 JSON = "application/json"
 
@@ -153,14 +153,14 @@ def fuzz_api(
     """
     known, bodies = known or {}, bodies or {}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     campaign = Campaign()
     start = time.perf_counter()
     round_ = 0
     while campaign.requests < requests:
         # Hypothesis stops early where a schema allows few distinct requests (/healthz):
         # rounds with new seeds go on until the budget is spent.
-        passes = []
+        passes: list[tuple[Any, GenerationMode, dict[str, Any]]] = []
         for operation in operations:
             label = f"{operation.method.upper()} {operation.path}"
             names = re.findall(r"\{(\w+)\}", operation.path)

