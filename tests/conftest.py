@@ -148,7 +148,8 @@ def engine(database_url: str) -> Iterator[Engine]:
 def make_api(tmp_path: Path, database_url: str, s3_server: S3Server) -> Iterator[MakeApi]:
     """Start the real app with these settings overrides (stopped after), on the test's
     database, local artifacts and no Hub. Its queue records the ids it is handed, unless
-    one is given (``queue=``) or ``queue_from_settings`` (Celery with a broker). Each
+    one is given (``queue=``) or ``queue_from_settings`` (Celery with a broker); a
+    ``settings_class`` may add settings of its own. Each
     harness has a tenant of its own, granted ``s3://models/`` (testbed/api.py)."""
     from fastapi.testclient import TestClient
 
@@ -160,7 +161,11 @@ def make_api(tmp_path: Path, database_url: str, s3_server: S3Server) -> Iterator
     stack: list[TestClient] = []
 
     def make(
-        *, queue: JobQueue | None = None, queue_from_settings: bool = False, **overrides: Any
+        *,
+        queue: JobQueue | None = None,
+        queue_from_settings: bool = False,
+        settings_class: type[Settings] = Settings,
+        **overrides: Any,
     ) -> ApiHarness:
         enqueued: list[str] = []
         values: dict[str, Any] = {
@@ -175,7 +180,7 @@ def make_api(tmp_path: Path, database_url: str, s3_server: S3Server) -> Iterator
             "allow_local_paths": False,
             **overrides,
         }
-        settings = Settings(**values)
+        settings = settings_class(**values)
         if queue is None and not queue_from_settings:
             queue = InProcessQueue(enqueued.append)
         client = TestClient(create_app(settings, queue=queue), raise_server_exceptions=False)

@@ -198,8 +198,7 @@ def test_a_route_in_body_limits_takes_the_larger_limit_its_setting_names(
 
     rule = limits.BodyLimit("POST", re.compile(r"^/v1/jobs$"), "big_body_bytes")
     monkeypatch.setattr(limits, "BODY_LIMITS", [rule])
-    monkeypatch.setattr("tests.test_api.Settings", WithBigBodies)
-    api = make_api()
+    api = make_api(settings_class=WithBigBodies)
     body = json.dumps({**merge_job(), "padding": " " * (2 * MiB)})
     # 2 MiB passes this route's limit (the body is then refused for its unknown field) …
     r = post_text(api, body, "application/json")
