@@ -116,7 +116,12 @@ def postgres_url(pg_url: str) -> str:
     return pg_url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL run of each such test is marked slow: `make test-fast` checks the logic on
+# SQLite, `make test` (CI) runs both databases.
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=DATABASES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The test runs once per database: a new SQLite file in the data directory, then
     PostgreSQL (``postgres_url``)."""

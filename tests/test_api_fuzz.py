@@ -18,6 +18,8 @@ from schemathesis.python import asgi
 from testbed.fuzzing import fuzz_api, fuzzed_app, prepare_tenant
 from testbed.hub import HubServer
 
+pytestmark = pytest.mark.slow  # a campaign of thousands of requests
+
 FUZZ_REQUESTS = 2000
 
 

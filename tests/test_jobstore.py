@@ -147,7 +147,7 @@ def in_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
 # ---- migrations -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_migrations_build_the_schema_from_scratch_matching_the_models(
     backend: str, tmp_path: Path
 ) -> None:

@@ -30,6 +30,8 @@ from schemas.jobs import JobCreate, JobKind, JobState
 from testbed.postgres import fresh_database
 from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, ties
 
+pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
 LOST_AFTER_S = 3
