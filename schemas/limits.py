@@ -52,6 +52,8 @@ MAX_RECIPE_BYTES = 256 * 1024
 """A recipe as stored: the bytes of its canonical JSON (sorted keys, no spaces, UTF-8)."""
 MAX_MODELS_PER_RECIPE = 64
 """Entries of a merge recipe's ``models`` (the worker holds one tensor of each at a time)."""
+MAX_SLICES = 256
+"""Entries of a merge recipe's ``slices`` (each holds at most MAX_MODELS_PER_RECIPE sources)."""
 MAX_SETTING_ITEMS = 256
 """Entries of one parameter's gradient or ``{filter, value}`` list."""
 MAX_FILTER_CHARS = 256

@@ -12,6 +12,7 @@ entries where the first entry whose filter is a substring of the tensor name win
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
@@ -30,10 +31,12 @@ from merging.parameters import ParameterSpec, ParamScope
 from schemas.limits import (
     FLOAT32_MAX,
     MAX_FILTER_CHARS,
+    MAX_LAYER_INDEX,
     MAX_MODELS_PER_RECIPE,
     MAX_NAME_CHARS,
     MAX_SETTING_ITEMS,
     MAX_SHARD_BYTES,
+    MAX_SLICES,
     limit_error,
 )
 from schemas.references import Location, ModelReference
@@ -73,6 +76,65 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelReference
     parameters: Parameters = None
+
+
+class SliceSource(BaseModel):
+    """One model's layers [start, end) in a slice (mergekit's ``layer_range``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelReference
+    layer_range: tuple[
+        Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)],
+        Annotated[int, Field(ge=1, le=MAX_LAYER_INDEX + 1)],
+    ]
+    parameters: Parameters = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[1] <= v[0]:
+            raise ValueError(
+                f"[{v[0]}, {v[1]}] is empty: a layer range is [first, end) with end > first"
+            )
+        return v
+
+    @property
+    def layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class OutputSlice(BaseModel):
+    """Consecutive output layers, each merged from one layer of every source (mergekit's
+    ``slices`` entry): output layer k of the slice comes from layer ``layer_range[0] + k``
+    of each source."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1, max_length=MAX_MODELS_PER_RECIPE)
+    base_model: ModelReference | None = None
+    parameters: Parameters = None
+
+    @property
+    def layers(self) -> int:
+        return self.sources[0].layers
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Inputs merged together: the recipe's ``models``, or one slice's ``sources``. Each
+    entry has ``model`` and ``parameters``; ``parameters`` of the group (a slice's own) come
+    between an entry's and the top level's in precedence."""
+
+    at: Location  # where the entries are: ("models",) or ("slices", i, "sources")
+    entries: tuple[ModelEntry | SliceSource, ...]
+    parameters: dict[str, ParameterSetting] | None
+    parameters_at: Location | None  # where ``parameters`` is written (None: no group level)
+    base: ModelReference | None
+
+    def fine_tuned(self, method: MergeMethod) -> list[ModelEntry | SliceSource]:
+        """The non-base entries, in order (an entry naming the base is the base)."""
+        if self.base is None or not method.needs_base:
+            return list(self.entries)
+        return [e for e in self.entries if e.model != self.base]
 
 
 _SIZE = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
@@ -142,6 +204,7 @@ class MergeRecipe(BaseModel):
     merge_method: Annotated[str, Field(json_schema_extra={"enum": list(METHODS)})]
     base_model: ModelReference | None = None
     models: list[ModelEntry] = Field(default_factory=list, max_length=MAX_MODELS_PER_RECIPE)
+    slices: list[OutputSlice] | None = Field(default=None, min_length=1, max_length=MAX_SLICES)
     parameters: Parameters = None
     dtype: DType | None = None
     out_dtype: DType | None = None
@@ -156,11 +219,18 @@ class MergeRecipe(BaseModel):
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            if "slices" in data:
+            if data.get("slices") is not None and data.get("models"):
                 raise limit_error(
                     "MergeRecipe",
                     ("slices",),
-                    "layer slicing is not supported; list whole models under 'models'",
+                    "a recipe lists either whole 'models' or layer 'slices', not both",
+                )
+            if "modules" in data:
+                raise limit_error(
+                    "MergeRecipe",
+                    ("modules",),
+                    "per-module recipes (multimodal models) are not supported; use 'models' "
+                    "or 'slices'",
                 )
             method = data.get("merge_method")
             if isinstance(method, str) and method not in METHODS:
@@ -183,13 +253,36 @@ class MergeRecipe(BaseModel):
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
+    def groups(self) -> list[InputGroup]:
+        """The inputs merged together: the ``models``, or each slice's ``sources``."""
+        if self.slices is None:
+            return [InputGroup(("models",), tuple(self.models), None, None, self.base_model)]
+        return [
+            InputGroup(
+                ("slices", i, "sources"),
+                tuple(s.sources),
+                s.parameters,
+                ("slices", i, "parameters"),
+                s.base_model or self.base_model,
+            )
+            for i, s in enumerate(self.slices)
+        ]
+
     def references(self) -> list[tuple[Location, ModelReference]]:
         """Every model reference of the recipe and where it stands, in recipe order: the
-        base model, each model, the tokenizer source (when it names a model)."""
+        base model, each model (or each slice's base and sources), the tokenizer source
+        (when it names a model)."""
         found: list[tuple[Location, ModelReference]] = []
         if self.base_model is not None:
             found.append((("base_model",), self.base_model))
         found.extend((("models", i, "model"), m.model) for i, m in enumerate(self.models))
+        for i, piece in enumerate(self.slices or ()):
+            if piece.base_model is not None:
+                found.append((("slices", i, "base_model"), piece.base_model))
+            found.extend(
+                (("slices", i, "sources", j, "model"), src.model)
+                for j, src in enumerate(piece.sources)
+            )
         if isinstance(self.tokenizer_source, ModelReference):
             found.append((("tokenizer_source",), self.tokenizer_source))
         return found
@@ -210,27 +303,14 @@ class MergeRecipe(BaseModel):
     @model_validator(mode="after")
     def _check_against_method(self) -> MergeRecipe:
         spec = self.method
-        if spec.needs_base and self.base_model is None:
+        if self.slices is None and not self.models:
             raise limit_error(
-                "MergeRecipe",
-                ("base_model",),
-                f"method {spec.name!r} needs a base model (the task vectors are differences "
-                "from it)",
+                "MergeRecipe", ("models",), "list the models to merge (or layer 'slices')"
             )
-        n = len(self.fine_tuned)
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            want = (
-                f"exactly {spec.min_models}"
-                if spec.max_models == spec.min_models
-                else f"at least {spec.min_models}"
-                if spec.max_models is None
-                else f"{spec.min_models} to {spec.max_models}"
-            )
-            raise limit_error(
-                "MergeRecipe",
-                ("models",),
-                f"{spec.name!r} needs {want} model(s) besides the base, got {n}",
-            )
+        if self.slices is not None:
+            self._check_slices()
+        for group in self.groups():
+            self._check_group(group)
         if self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype:
             raise ValueError(
                 f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
@@ -240,29 +320,132 @@ class MergeRecipe(BaseModel):
         for at, params in self._scopes():
             self._check_parameters(at, params)
         self._check_float32_range()
-        try:
-            spec.check_recipe(self._settings())
-        except RecipeRuleError as e:
-            raise limit_error("MergeRecipe", e.location, e.message) from None
+        for group in self.groups():
+            try:
+                spec.check_recipe(self._settings(group))
+            except RecipeRuleError as e:
+                raise limit_error(
+                    "MergeRecipe", self._locate(group, e.location), e.message
+                ) from None
         return self
 
-    def _settings(self) -> RecipeSettings:
-        """The parameter settings as written, for the method's own rules."""
-        fine = {id(e) for e in self.fine_tuned}
+    def _check_group(self, group: InputGroup) -> None:
+        """The method's base and model count, for the models or one slice."""
+        spec = self.method
+        if spec.needs_base and group.base is None:
+            raise limit_error(
+                "MergeRecipe",
+                ("base_model",),
+                f"method {spec.name!r} needs a base model (the task vectors are differences "
+                "from it)",
+            )
+        if group.parameters_at is not None and spec.needs_base:
+            assert group.base is not None
+            if all(e.model != group.base for e in group.entries):
+                raise limit_error(
+                    "MergeRecipe",
+                    group.at,
+                    f"the base model {str(group.base)!r} must be one of the slice's sources: "
+                    "its layers are the base of this slice's tensors",
+                )
+        n = len(group.fine_tuned(spec))
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = (
+                f"exactly {spec.min_models}"
+                if spec.max_models == spec.min_models
+                else f"at least {spec.min_models}"
+                if spec.max_models is None
+                else f"{spec.min_models} to {spec.max_models}"
+            )
+            what = "model(s)" if group.parameters_at is None else "source(s)"
+            besides = " besides the base" if spec.needs_base else ""
+            raise limit_error(
+                "MergeRecipe",
+                group.at if group.parameters_at is not None else ("models",),
+                f"{spec.name!r} needs {want} {what}{besides}, got {n}",
+            )
+
+    def _check_slices(self) -> None:
+        """Sources of a slice span as many layers; few distinct models; no whole-model
+        statistics (they are statistics of whole models, which slices are not)."""
+        assert self.slices is not None
+        distinct: set[str] = set()
+        for i, piece in enumerate(self.slices):
+            n = piece.layers
+            for j, src in enumerate(piece.sources):
+                distinct.add(str(src.model))
+                if src.layers != n:
+                    raise limit_error(
+                        "MergeRecipe",
+                        ("slices", i, "sources", j, "layer_range"),
+                        f"spans {src.layers} layers but the slice's first source spans {n}: "
+                        "every source of a slice gives one layer to each output layer",
+                        list(src.layer_range),
+                    )
+            if piece.base_model is not None:
+                distinct.add(str(piece.base_model))
+        if len(distinct) > MAX_MODELS_PER_RECIPE:
+            raise limit_error(
+                "MergeRecipe",
+                ("slices",),
+                f"the slices name {len(distinct)} different models; at most "
+                f"{MAX_MODELS_PER_RECIPE} are accepted",
+            )
+        defaults = {p.name: p.default for p in self.method.parameters}
+        for group in self.groups():
+            shared = {**defaults, **(self.parameters or {}), **(group.parameters or {})}
+            if self.method.whole_model_statistic(shared) is None:
+                continue
+            if "scope" in (group.parameters or {}) and group.parameters_at is not None:
+                loc: Location = (*group.parameters_at, "scope")
+            elif "scope" in (self.parameters or {}):
+                loc = ("parameters", "scope")
+            else:
+                loc = ("merge_method",)
+            raise limit_error(
+                "MergeRecipe",
+                loc,
+                f"{self.merge_method!r} with these settings computes statistics over whole "
+                "models, which slices are not: merge whole models (models:), or use a "
+                "per-tensor scope",
+            )
+
+    def _settings(self, group: InputGroup) -> RecipeSettings:
+        """The parameter settings as written, for the method's own rules: a slice's
+        parameters count as the top level's (``_locate`` maps the locations back)."""
+        fine = {id(e) for e in group.fine_tuned(self.method)}
         return RecipeSettings(
             method=self.method,
-            parameters=self.parameters or {},
+            parameters={**(self.parameters or {}), **(group.parameters or {})},
             models=tuple(
-                ModelSettings(i, m.parameters or {}, id(m) in fine)
-                for i, m in enumerate(self.models)
+                ModelSettings(i, e.parameters or {}, id(e) in fine)
+                for i, e in enumerate(group.entries)
             ),
         )
 
+    @staticmethod
+    def _locate(group: InputGroup, loc: Location) -> Location:
+        """A method rule's location (relative to ``models`` and the top level) in the recipe."""
+        if group.parameters_at is None:
+            return loc
+        if loc and loc[0] == "models":
+            return (*group.at, *loc[1:])
+        if len(loc) >= 2 and loc[0] == "parameters" and loc[1] in (group.parameters or {}):
+            return (*group.parameters_at, *loc[1:])
+        return loc
+
     def _scopes(self) -> list[tuple[tuple[str | int, ...], dict[str, ParameterSetting] | None]]:
         """Each parameters mapping with its location in the recipe."""
-        return [(("parameters",), self.parameters)] + [
-            (("models", i, "parameters"), m.parameters) for i, m in enumerate(self.models)
+        scopes: list[tuple[tuple[str | int, ...], dict[str, ParameterSetting] | None]] = [
+            (("parameters",), self.parameters)
         ]
+        for group in self.groups():
+            if group.parameters_at is not None:
+                scopes.append((group.parameters_at, group.parameters))
+            scopes += [
+                ((*group.at, i, "parameters"), e.parameters) for i, e in enumerate(group.entries)
+            ]
+        return scopes
 
     def _check_setting_sizes(self) -> None:
         """Gradient and filter lists are short (a value per layer at most) and filters are
@@ -296,11 +479,14 @@ class MergeRecipe(BaseModel):
                             "are accepted",
                         )
 
-    def _magnitudes(self, i: int | None, name: str) -> list[float]:
-        """|value| of every number parameter ``name`` may take for model ``i`` (None: the
-        top level only), in precedence order: its own setting, the top level's, the default.
-        A filter list whose entries may all miss a tensor falls through to the next."""
-        scopes = [self.parameters] if i is None else [self.models[i].parameters, self.parameters]
+    def _magnitudes(self, group: InputGroup, i: int | None, name: str) -> list[float]:
+        """|value| of every number parameter ``name`` may take for entry ``i`` of ``group``
+        (None: the shared level only), in precedence order: its own setting, the group's,
+        the top level's, the default. A filter list whose entries may all miss a tensor
+        falls through to the next."""
+        scopes = [group.parameters, self.parameters]
+        if i is not None:
+            scopes.insert(0, group.entries[i].parameters)
         found: list[float] = []
         for scope in scopes:
             if not scope or name not in scope:
@@ -327,20 +513,27 @@ class MergeRecipe(BaseModel):
         factors summing past the largest float32 (3.4e38), the float32 sum overflows for
         inputs of magnitude 1, and a factor past it is infinite in float32 on its own; any
         ordinary recipe (weights and λ near 1) is far inside the bound. Each value a
-        setting may take (gradients, filter lists) counts at its largest.
+        setting may take (gradients, filter lists) counts at its largest; each slice is a
+        merge of its own.
         """
         spec = self.method
         if spec.parameter("weight") is None:
             return  # model_stock, slerp: convex combinations, nothing to overflow
-        lam = max(self._magnitudes(None, "lambda"), default=1.0)
-        inverse_p = (self.parameters or {}).get("rescale_mode") == "inverse_p"
-        fine = {id(e) for e in self.fine_tuned}
-        factors: list[tuple[float, int, str]] = []  # factor, model, the setting driving it
-        for i in (i for i, m in enumerate(self.models) if id(m) in fine):
-            weight = max(self._magnitudes(i, "weight"), default=1.0)
+        for group in self.groups():
+            self._check_group_range(group)
+
+    def _check_group_range(self, group: InputGroup) -> None:
+        spec = self.method
+        lam = max(self._magnitudes(group, None, "lambda"), default=1.0)
+        shared = {**(self.parameters or {}), **(group.parameters or {})}
+        inverse_p = shared.get("rescale_mode") == "inverse_p"
+        fine = {id(e) for e in group.fine_tuned(spec)}
+        factors: list[tuple[float, int, str]] = []  # factor, entry, the setting driving it
+        for i in (i for i, e in enumerate(group.entries) if id(e) in fine):
+            weight = max(self._magnitudes(group, i, "weight"), default=1.0)
             scale = 1.0
             if inverse_p:
-                densities = [d for d in self._magnitudes(i, "density") if 0 < d < 1]
+                densities = [d for d in self._magnitudes(group, i, "density") if 0 < d < 1]
                 scale = 1 / min(densities) if densities else 1.0
             factors.append((weight * scale, i, "density" if scale > weight else "weight"))
         if not factors:
@@ -349,11 +542,18 @@ class MergeRecipe(BaseModel):
         if total <= FLOAT32_MAX:
             return
         largest, i, name = max(factors)
-        own = self.models[i].parameters
+        own = group.entries[i].parameters
         if lam > largest:
-            loc: tuple[str | int, ...] = ("parameters", "lambda")
+            in_group = group.parameters_at is not None and "lambda" in (group.parameters or {})
+            loc: tuple[str | int, ...] = (
+                (*group.parameters_at, "lambda")
+                if in_group and group.parameters_at
+                else ("parameters", "lambda")
+            )
         elif own and name in own:
-            loc = ("models", i, "parameters", name)
+            loc = (*group.at, i, "parameters", name)
+        elif group.parameters_at is not None and name in (group.parameters or {}):
+            loc = (*group.parameters_at, name)
         else:
             loc = ("parameters", name)
         what = "|λ|·|weight|" if spec.parameter("lambda") is not None else "|weight|"
@@ -374,7 +574,9 @@ class MergeRecipe(BaseModel):
         if not params:
             return
         spec = self.method
-        top_level = at == ("parameters",)
+        top_level = at == ("parameters",) or (
+            at[0] == "slices" and at[-1] == "parameters" and len(at) == 3
+        )
         for name, setting in params.items():
             loc = (*at, name)
             p = spec.parameter(name)
@@ -387,7 +589,8 @@ class MergeRecipe(BaseModel):
                 raise limit_error(
                     "MergeRecipe",
                     loc,
-                    f"{name!r} applies to the whole merge; set it under the top-level 'parameters'",
+                    f"{name!r} applies to the whole merge; set it under the top-level "
+                    "'parameters'" + (" or a slice's 'parameters'" if self.slices else ""),
                 )
             if not p.per_tensor and not isinstance(setting, Scalar):
                 raise limit_error(

@@ -65,6 +65,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pcb": {"weight": 1.0, "density": 0.1, "clip_ratio": 0.0001, "scope": "global"},
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
+    "passthrough": {"scale": 1.0},
 }
 SPARSE_FAMILY = {
     # method: (sparsify, sign consensus)
@@ -302,7 +303,7 @@ def reference_merge(
     base: _Model | None = None
     fine: list[_Model] = []
     base_path = local_path(recipe["base_model"]) if recipe.get("base_model") else None
-    needs_base = method != "linear"
+    needs_base = method not in ("linear", "passthrough")
     if needs_base:
         assert base_path is not None
         base = _Model(str(base_path), None, None)
@@ -354,6 +355,9 @@ def reference_merge(
         elif method == "slerp":
             (other,) = inputs
             merged = slerp(float(shared("t", name)), base.sd[name], other.sd[name])
+        elif method == "passthrough":
+            (only,) = inputs
+            merged = only.sd[name].double() * float(per_model(only, "scale", name))
         else:
             raise NotImplementedError(method)
         out[name] = merged.to(_output_dtype(recipe, ref_t.dtype))

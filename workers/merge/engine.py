@@ -33,7 +33,7 @@ from merging.inputs import TensorInputs
 from merging.method import MergeInputError
 from schemas.recipe import MergeRecipe
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
-from workers.merge.inputs import open_inputs, tokenizer_source
+from workers.merge.inputs import open_merge_inputs, tokenizer_source
 from workers.merge.parameters import ParameterResolver
 from workers.merge.passes import ModelPasses
 from workers.merge.plan import PlannedTensor, num_layers, plan_tensors
@@ -103,13 +103,16 @@ def run_merge(
     exit_stack = contextlib.ExitStack()
     try:
         report(Progress("resolve", 0, 0, 0, 0))
-        inputs = open_inputs(recipe, settings, base_dir, resolved or {})
+        opened = open_merge_inputs(recipe, settings, base_dir, resolved or {})
+        inputs = opened.inputs
         timings["resolve_s"] = time.perf_counter() - t0
         base = next((i for i in inputs if i.role == "base"), None)
         models = [i for i in inputs if i.role != "base"]
         tokenizer_src = tokenizer_source(recipe, inputs, settings, base_dir, resolved or {})
         plan = plan_tensors(recipe, base, models)
-        params = ParameterResolver(recipe, num_layers(base or models[0], plan))
+        params = ParameterResolver(
+            recipe, num_layers(base or models[0], plan), layout=opened.layout
+        )
         out_dtype = _DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         specs = [TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()]
         merge = _Merge(
@@ -143,8 +146,9 @@ def run_merge(
             recipe=recipe,
             seed=run_seed,
             base=base.resolved if base else None,
-            models=[m.resolved for m in models],
-            config_source=(base or models[0]).resolved.path,
+            models=[r for r in opened.parents if base is None or r is not base.resolved],
+            config_source=opened.config_source.path,
+            config_updates=opened.layout.config_updates if opened.layout else None,
             tokenizer_source=tokenizer_src,
             written=shards,
             writer_digests=writer.digests,

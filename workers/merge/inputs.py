@@ -5,29 +5,57 @@ Their tensors are read by workers/merge/reading.py.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from schemas.recipe import MergeRecipe
 from schemas.references import ModelReference
+from workers.errors import InputError
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
 from workers.tensors.reader import CheckpointReader
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.merge.slices import SliceLayout
+    from workers.tensors.safetensors_format import TensorInfo
+
+
+class TensorSource(Protocol):
+    """What the engine reads an input's tensors through: a checkpoint's reader, or a view
+    of one under other names (a slice's source, workers/merge/slices.py)."""
+
+    label: str
+    names: list[str]
+
+    def info(self, name: str) -> TensorInfo: ...
+    def __contains__(self, name: object) -> bool: ...
+    def read(self, name: str) -> torch.Tensor: ...
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor: ...
+    def close(self) -> None: ...
 
 
 @dataclass
 class InputModel:
     """One input model: its recipe role, resolved location and open reader."""
 
-    role: str  # "base" or f"models[{i}]"
+    role: str  # "base", f"models[{i}]" or f"slices[{i}].sources[{j}]"
     entry_params: dict[str, Any] | None
     resolved: ResolvedModel
-    reader: CheckpointReader
+    reader: TensorSource
     index: int | None  # position among fine-tuned models (None for the base)
 
     @property
     def label(self) -> str:
         return str(self.resolved.reference)
+
+    def source_name(self, name: str) -> str:
+        """The input's own name of output tensor ``name`` (they differ in a slice's
+        source, whose layers are renumbered)."""
+        source_name = getattr(self.reader, "source_name", None)
+        return name if source_name is None else str(source_name(name))
 
 
 def resolve(
@@ -72,6 +100,58 @@ def open_inputs(
             inp.reader.close()
         raise
     return out
+
+
+@dataclass
+class OpenedInputs:
+    inputs: list[InputModel]
+    layout: SliceLayout | None  # for a sliced recipe
+    config_source: ResolvedModel  # whose config.json the output's is made from
+    parents: list[ResolvedModel]  # every model read from, each once, the base first
+
+
+def open_merge_inputs(
+    recipe: MergeRecipe,
+    settings: SourceSettings,
+    base_dir: Path | None,
+    resolved: dict[str, ResolvedModel],
+) -> OpenedInputs:
+    """The inputs of a merge, whole models or slices, opened for reading."""
+    if recipe.slices is None:
+        inputs = open_inputs(recipe, settings, base_dir, resolved)
+        base = next((i for i in inputs if i.role == "base"), None)
+        return OpenedInputs(
+            inputs, None, (base or inputs[0]).resolved, [i.resolved for i in inputs]
+        )
+    from workers.merge.slices import open_sliced
+
+    sliced = open_sliced(
+        recipe,
+        lambda ref: resolve(ref, settings, base_dir, resolved),
+        lambda r: _open_reader(r, recipe),
+        read_config,
+    )
+    out: list[InputModel] = []
+    if sliced.base is not None:
+        reader, r = sliced.base
+        out.append(InputModel("base", None, r, reader, None))
+    for index, (role, params, reader, r) in enumerate(sliced.models):
+        out.append(InputModel(role, params, r, reader, index))
+    parents: dict[str, ResolvedModel] = {}
+    for inp in out:
+        parents.setdefault(str(inp.resolved.reference), inp.resolved)
+    return OpenedInputs(out, sliced.layout, sliced.config_source, list(parents.values()))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"config.json is not valid JSON: {e}", file=str(cfg_path)) from None
+    return data if isinstance(data, dict) else {}
 
 
 def _open_reader(r: ResolvedModel, recipe: MergeRecipe) -> CheckpointReader:

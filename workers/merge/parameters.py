@@ -7,7 +7,7 @@ setting; this applies it to every parameter the method declares).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merging.method import MergeMethod
 from merging.parameters import FLOAT32_MAX, ParamScope
@@ -15,30 +15,48 @@ from schemas.recipe import MergeRecipe, layer_position, resolve_parameter
 from workers.merge.inputs import InputModel
 from workers.merge.plan import layer_of
 
+if TYPE_CHECKING:
+    from workers.merge.slices import SliceLayout
+
 
 class ParameterResolver:
-    def __init__(self, recipe: MergeRecipe, num_layers: int) -> None:
+    """Parameters per tensor. With slices (``layout``), a slice's ``parameters`` come
+    between a source's and the top level's, gradients run over the slice's layers, and a
+    source's filters match its own tensor names (mergekit's resolution)."""
+
+    def __init__(
+        self, recipe: MergeRecipe, num_layers: int, layout: SliceLayout | None = None
+    ) -> None:
         self.recipe = recipe
         self.method: MergeMethod = recipe.method
         self.num_layers = num_layers
+        self.layout = layout
 
     def _t(self, name: str) -> float:
+        if self.layout is not None:
+            return self.layout.t(name)
         return layer_position(layer_of(name), self.num_layers)
+
+    def _shared_scopes(self, name: str) -> list[Any]:
+        if self.layout is None:
+            return [self.recipe.parameters]
+        return [self.layout.slice_parameters(name), self.recipe.parameters]
 
     def shared(self, name: str) -> dict[str, Any]:
         """The shared parameters for tensor ``name``."""
-        t = self._t(name)
+        t, scopes = self._t(name), self._shared_scopes(name)
         return {
-            p.name: resolve_parameter(p, [self.recipe.parameters], name, t)
+            p.name: resolve_parameter(p, scopes, name, t)
             for p in self.method.parameters
             if p.scope is ParamScope.SHARED
         }
 
     def for_model(self, m: InputModel, name: str) -> dict[str, Any]:
         """Model ``m``'s own parameters for tensor ``name``."""
-        t = self._t(name)
+        t, scopes = self._t(name), [m.entry_params, *self._shared_scopes(name)]
+        own = m.source_name(name)
         return {
-            p.name: resolve_parameter(p, [m.entry_params, self.recipe.parameters], name, t)
+            p.name: resolve_parameter(p, scopes, own, t)
             for p in self.method.parameters
             if p.scope is ParamScope.MODEL
         }

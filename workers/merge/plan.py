@@ -8,18 +8,16 @@ tensor data is read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
-from workers.merge.inputs import InputModel
+from workers.merge.inputs import InputModel, read_config
 from workers.tensors.safetensors_format import DTYPES
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -155,17 +153,6 @@ def _mismatch_hint(name: str, shape: tuple[int, ...], ref: tuple[int, ...]) -> s
 
 def _is_embedding(name: str) -> bool:
     return any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
-    if not cfg_path.is_file():
-        return {}
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"config.json is not valid JSON: {e}", file=str(cfg_path)) from None
-    return data if isinstance(data, dict) else {}
 
 
 def num_layers(first: InputModel, plan: dict[str, PlannedTensor]) -> int:

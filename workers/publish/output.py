@@ -32,13 +32,17 @@ def _has_lm_head(staging: Path) -> bool:
     return any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in index["weight_map"])
 
 
-def write_config(source: Path, staging: Path, out_dtype: str | None) -> None:
-    """config.json of the base with its dtype and tie_word_embeddings made true to the output."""
+def write_config(
+    source: Path, staging: Path, out_dtype: str | None, updates: dict[str, Any] | None = None
+) -> None:
+    """config.json of the base with its dtype and tie_word_embeddings made true to the
+    output, and ``updates`` (a sliced merge's layer count and per-layer lists) applied."""
     src_dir = source if source.is_dir() else source.parent
     cfg_path = src_dir / "config.json"
     if not cfg_path.is_file():
         return
     cfg = json.loads(cfg_path.read_text())
+    cfg.update(updates or {})
     if out_dtype:
         keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
         for k in keys:
@@ -121,6 +125,7 @@ def finalize_output(
     base: ResolvedModel | None,
     models: list[ResolvedModel],
     config_source: Path,
+    config_updates: dict[str, Any] | None = None,
     tokenizer_source: Path | None,
     written: Iterable[Path],
     writer_digests: dict[str, tuple[int, str]],
@@ -132,7 +137,7 @@ def finalize_output(
 ) -> dict[str, Any]:
     """Write config, tokenizer, model card and (last) the manifest; return the manifest."""
     del written  # the writer's digests cover exactly the files it wrote
-    write_config(config_source, staging, out_dtype)
+    write_config(config_source, staging, out_dtype, config_updates)
     tokenizer_files = copy_tokenizer(tokenizer_source, staging)
     if tokenizer_source is not None and not tokenizer_files and recipe.tokenizer_source:
         raise InputError(
