@@ -179,7 +179,7 @@ class MergeRecipe(BaseModel):
     @property
     def fine_tuned(self) -> list[ModelEntry]:
         """The non-base inputs, in recipe order (an entry equal to base_model is the base)."""
-        if self.base_model is None or not self.method.needs_base:
+        if self.base_model is None or not self.method.uses_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
