@@ -105,9 +105,17 @@ class MergeMethod:
     title: str
     reference: str  # the paper (or page) the math follows
     needs_base: bool = True
+    # a base the recipe may give or not (mergekit's BasePolicy.OPTIONAL: nuslerp, multislerp
+    # work on task vectors with one, on the models without); needs_base is False then
+    optional_base: bool = False
     min_models: int = 1  # fine-tuned (non-base) inputs
     max_models: int | None = None
     parameters: tuple[ParameterSpec, ...] = ()
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a recipe's ``base_model`` is read (required, or optional and given)."""
+        return self.needs_base or self.optional_base
 
     def parameter(self, name: str) -> ParameterSpec | None:
         return next((p for p in self.parameters if p.name == name), None)

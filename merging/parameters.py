@@ -34,6 +34,7 @@ class ParameterSpec:
     # per-layer gradients and {filter, value} lists are allowed unless the value must be
     # the same for the whole model (global statistics, variant switches)
     per_tensor: bool = True
+    integer: bool = False  # a whole number (an iteration count), given as an int or x.0
 
     def check(self, value: Any) -> Any:
         """Validate one scalar; return it converted. Raises ValueError saying what is valid."""
@@ -62,6 +63,8 @@ class ParameterSpec:
                 f"must lie within ±{FLOAT32_MAX:.4g} (the largest float32, which the merge "
                 f"computes in), got {v:g}"
             )
+        if self.integer and not v.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
         if self.minimum is not None and v < self.minimum:
             raise ValueError(f"must be ≥ {self.minimum:g}, got {v:g}")
         if self.maximum is not None and v > self.maximum:

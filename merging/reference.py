@@ -29,6 +29,12 @@ def _models(m: MergeMethod) -> str:
     return f"{m.min_models} to {m.max_models}"
 
 
+def _base(m: MergeMethod) -> str:
+    if m.needs_base:
+        return "required"
+    return "optional" if m.optional_base else "not used"
+
+
 def _default(p: ParameterSpec) -> str:
     if p.default is None:
         return "required"
@@ -46,8 +52,7 @@ def methods_reference() -> str:
         out += [
             f"### `{m.name}` — {m.title}",
             "",
-            f"{m.reference} · base model: {'required' if m.needs_base else 'not used'} · "
-            f"fine-tuned models: {_models(m)}",
+            f"{m.reference} · base model: {_base(m)} · fine-tuned models: {_models(m)}",
             "",
             "| parameter | where | default | meaning |",
             "|---|---|---|---|",

@@ -132,7 +132,7 @@ class InputGroup:
 
     def fine_tuned(self, method: MergeMethod) -> list[ModelEntry | SliceSource]:
         """The non-base entries, in order (an entry naming the base is the base)."""
-        if self.base is None or not method.needs_base:
+        if self.base is None or not method.uses_base:
             return list(self.entries)
         return [e for e in self.entries if e.model != self.base]
 
@@ -249,7 +249,7 @@ class MergeRecipe(BaseModel):
     @property
     def fine_tuned(self) -> list[ModelEntry]:
         """The non-base inputs, in recipe order (an entry equal to base_model is the base)."""
-        if self.base_model is None or not self.method.needs_base:
+        if self.base_model is None or not self.method.uses_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
@@ -339,15 +339,18 @@ class MergeRecipe(BaseModel):
                 f"method {spec.name!r} needs a base model (the task vectors are differences "
                 "from it)",
             )
-        if group.parameters_at is not None and spec.needs_base:
-            assert group.base is not None
-            if all(e.model != group.base for e in group.entries):
-                raise limit_error(
-                    "MergeRecipe",
-                    group.at,
-                    f"the base model {str(group.base)!r} must be one of the slice's sources: "
-                    "its layers are the base of this slice's tensors",
-                )
+        in_slice = group.parameters_at is not None and spec.uses_base
+        if (
+            in_slice
+            and group.base is not None
+            and all(e.model != group.base for e in group.entries)
+        ):
+            raise limit_error(
+                "MergeRecipe",
+                group.at,
+                f"the base model {str(group.base)!r} must be one of the slice's sources: "
+                "its layers are the base of this slice's tensors",
+            )
         n = len(group.fine_tuned(spec))
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
             want = (

@@ -84,7 +84,9 @@ def models(f: dict[str, Path], *names: str, params: list[dict | None] | None = N
 
 def recipe(method: str, f: dict[str, Path], entries, parameters=None, **extra):
     r: dict[str, Any] = {"merge_method": method, "models": entries}
-    if method != "linear" or extra.pop("with_base", False):
+    with_base = extra.pop("with_base", False)
+    without_base = extra.pop("without_base", False)
+    if (method != "linear" and not without_base) or with_base:
         r["base_model"] = str(f["base"])
     if parameters:
         r["parameters"] = parameters
@@ -147,6 +149,31 @@ LLAMA_CASES = {
     "slerp": lambda f: recipe("slerp", f, models(f, "ft1"), {"t": 0.3}),
     "slerp_gradient": lambda f: recipe("slerp", f, models(f, "base", "ft2"), {
         "t": [0.0, 0.3, 0.7, 1.0]}),
+    "nearswap": lambda f: recipe("nearswap", f, models(f, "ft1"), {"t": [0.0005, 0.005]}),
+    "nuslerp": lambda f: recipe("nuslerp", f, models(
+        f, "ft1", "ft2", params=[{"weight": 0.3}, {"weight": [0.2, 0.9]}])),
+    "nuslerp_without_base": lambda f: recipe("nuslerp", f, models(
+        f, "ft1", "ft3", params=[{"weight": 0.6}, {"weight": 0.4}]), without_base=True),
+    "nuslerp_rows": lambda f: recipe("nuslerp", f, models(f, "ft2", "ft3"), {
+        "nuslerp_flatten": False, "weight": 0.5}),
+    "nuslerp_columns_base_listed": lambda f: recipe("nuslerp", f, models(
+        f, "base", "ft1", "ft2", params=[None, {"weight": 2.0}, {"weight": 1.0}]), {
+        "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "multislerp": lambda f: recipe("multislerp", f, models(
+        f, *FT3, params=[{"weight": 0.5}, {"weight": 0.3}, {"weight": [0.1, 0.6]}])),
+    "multislerp_without_base": lambda f: recipe("multislerp", f, models(
+        f, "ft1", "ft2", params=[{"weight": 0.7}, {"weight": 0.2}]),
+        {"normalize_weights": False}, without_base=True),
+    "karcher": lambda f: recipe("karcher", f, models(f, *FT3), without_base=True),
+    "karcher_with_base": lambda f: recipe("karcher", f, models(f, "ft1", "ft2"), {
+        "max_iter": 3, "tol": 1e-6}),
+    "sce": lambda f: recipe("sce", f, models(f, *FT3), {"select_topk": 0.3}),
+    "sce_all": lambda f: recipe("sce", f, models(f, "ft1", "ft2")),
+    "arcee_fusion": lambda f: recipe("arcee_fusion", f, models(f, "ft1")),
+    "ram": lambda f: recipe("ram", f, models(f, *FT3), {"epsilon": 0.0005}),
+    "ram_default": lambda f: recipe("ram", f, models(f, "ft1", "ft2")),
+    "ramplus_tl": lambda f: recipe("ramplus_tl", f, models(f, *FT3), {
+        "epsilon": 0.0005, "r": 0.5, "alpha": 0.3}),
 }  # fmt: skip
 
 SMALL_CASES = {
@@ -155,6 +182,11 @@ SMALL_CASES = {
     "task_arithmetic": lambda f: recipe("task_arithmetic", f, models(
         f, "ft1", "ft2", params=[{"weight": [1.0, 0.2]}, {"weight": 0.5}]), {"lambda": 0.7}),
     "slerp": lambda f: recipe("slerp", f, models(f, "ft1"), {"t": [0.2, 0.6]}),
+    "nearswap": lambda f: recipe("nearswap", f, models(f, "ft1"), {"t": 0.001}),
+    "ramplus_tl": lambda f: recipe("ramplus_tl", f, models(f, "ft1", "ft2"), {
+        "epsilon": 0.0005}),
+    "nuslerp": lambda f: recipe("nuslerp", f, models(f, "ft1", "ft2"), {
+        "nuslerp_flatten": False}),
 }  # fmt: skip
 
 # bf16 inputs, float32 output (so the comparison stays tight): the task vectors are coarse,
@@ -179,4 +211,14 @@ BF16_CASES = {
     "pcb": lambda f: recipe("pcb", f, models(f, "ft1", "ft2"), {"density": 0.2}, **F32_OUT),
     "model_stock": lambda f: recipe("model_stock", f, models(f, "ft1", "ft2"), **F32_OUT),
     "slerp": lambda f: recipe("slerp", f, models(f, "ft1"), {"t": 0.4}, **F32_OUT),
+    "nearswap": lambda f: recipe("nearswap", f, models(f, "ft1"), {"t": 0.002}, **F32_OUT),
+    "nuslerp": lambda f: recipe("nuslerp", f, models(f, "ft1", "ft2"), **F32_OUT),
+    "multislerp": lambda f: recipe("multislerp", f, models(f, "ft1", "ft2"), **F32_OUT),
+    "karcher": lambda f: recipe("karcher", f, models(f, "ft1", "ft2"), **F32_OUT),
+    "sce": lambda f: recipe("sce", f, models(f, "ft1", "ft2"), {"select_topk": 0.5},
+                        **F32_OUT),
+    "arcee_fusion": lambda f: recipe("arcee_fusion", f, models(f, "ft1"), **F32_OUT),
+    "ram": lambda f: recipe("ram", f, models(f, "ft1", "ft2"), **F32_OUT),
+    "ramplus_tl": lambda f: recipe("ramplus_tl", f, models(f, "ft1", "ft2"), {
+        "epsilon": 0.001}, **F32_OUT),
 }  # fmt: skip

@@ -66,7 +66,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
     "passthrough": {"scale": 1.0},
+    "nearswap": {"t": None},
+    "nuslerp": {"weight": 1.0, "nuslerp_flatten": True, "nuslerp_row_wise": False},
+    "multislerp": {"weight": 1.0, "normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "sce": {"select_topk": 1.0, "int8_mask": False},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
+# methods that use base_model when the recipe gives one (karcher: as one more input)
+OPTIONAL_BASE = {"nuslerp", "multislerp", "karcher"}
 SPARSE_FAMILY = {
     # method: (sparsify, sign consensus)
     "ties": ("magnitude", True),
@@ -303,7 +313,9 @@ def reference_merge(
     base: _Model | None = None
     fine: list[_Model] = []
     base_path = local_path(recipe["base_model"]) if recipe.get("base_model") else None
-    needs_base = method not in ("linear", "passthrough")
+    needs_base = method not in ("linear", "passthrough") and (
+        method not in OPTIONAL_BASE or base_path is not None
+    )
     if needs_base:
         assert base_path is not None
         base = _Model(str(base_path), None, None)
@@ -358,6 +370,32 @@ def reference_merge(
         elif method == "passthrough":
             (only,) = inputs
             merged = only.sd[name].double() * float(per_model(only, "scale", name))
+        elif method == "nearswap":
+            (other,) = inputs
+            merged = nearswap(float(shared("t", name)), base.sd[name], other.sd[name])
+        elif method == "nuslerp":
+            merged = _nuslerp(name, base, inputs, per_model, shared)
+        elif method == "multislerp":
+            w = [float(per_model(m, "weight", name)) for m in inputs]
+            merged = multislerp([m.sd[name] for m in inputs], w,
+                                base.sd[name] if base is not None else None,
+                                bool(shared("normalize_weights", name)),
+                                float(shared("eps", name)))  # fmt: skip
+        elif method == "karcher":
+            points = [m.sd[name] for m in inputs] + ([base.sd[name]] if base else [])
+            merged = karcher(points, int(shared("max_iter", name)), float(shared("tol", name)))
+        elif method == "sce":
+            merged = sce(base.sd[name], [m.sd[name] for m in inputs],
+                         float(shared("select_topk", name)))  # fmt: skip
+        elif method == "arcee_fusion":
+            (other,) = inputs
+            merged = arcee_fusion(base.sd[name], other.sd[name])
+        elif method in ("ram", "ramplus_tl"):
+            plus = None
+            if method == "ramplus_tl":
+                plus = (float(shared("r", name)), float(shared("alpha", name)))
+            merged = ram(base.sd[name], [m.sd[name] for m in inputs],
+                         float(shared("epsilon", name)), plus)  # fmt: skip
         else:
             raise NotImplementedError(method)
         out[name] = merged.to(_output_dtype(recipe, ref_t.dtype))
@@ -600,3 +638,184 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         s = math.sin(omega)
         out = (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
     return out.reshape(v0.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods of mergekit 0.1.5 beyond the task-vector family, written from their formulas in
+# docs/merge-methods.md (float64 mixing; float32 for the discrete decisions)
+
+
+def nearswap(t: float, theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor:
+    """w = clamp(t / max(|θ1 − θ0|, 1e-6), 0, 1); w·θ1 + (1 − w)·θ0."""
+    a, b = theta0.double(), theta1.double()
+    w = (t / (b - a).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * b + (1 - w) * a
+
+
+def _nuslerp_pair(t: float, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """slerp of the rows of two 2-D float64 matrices, unnormalised vectors interpolated."""
+    n1 = v1.norm(dim=1, keepdim=True).clamp(min=1e-7)
+    n2 = v2.norm(dim=1, keepdim=True).clamp(min=1e-7)
+    cos = ((v1 / n1) * (v2 / n2)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    out = torch.empty_like(v1)
+    for i in range(v1.shape[0]):
+        c = float(cos[i])
+        if 1 - c * c <= 1e-16:
+            out[i] = (1 - t) * v1[i] + t * v2[i]
+        else:
+            om = math.acos(c)
+            s = math.sin(om)
+            out[i] = (math.sin((1 - t) * om) / s) * v1[i] + (math.sin(t * om) / s) * v2[i]
+    return out
+
+
+def _nuslerp(name, base, inputs, per_model, shared) -> torch.Tensor:
+    m1, m2 = inputs
+    w1, w2 = float(per_model(m1, "weight", name)), float(per_model(m2, "weight", name))
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    th0 = base.sd[name].to(F32) if base is not None else None
+    # task vectors in float32 (the description's rule), the rest in float64
+    v1, v2 = (m.sd[name].to(F32) - th0 if th0 is not None else m.sd[name] for m in inputs)
+    v1, v2 = v1.double(), v2.double()
+    shape = v1.shape
+    if shared("nuslerp_flatten", name) or v1.dim() <= 1:
+        out = _nuslerp_pair(t, v1.reshape(1, -1), v2.reshape(1, -1)).reshape(shape)
+    elif shared("nuslerp_row_wise", name):  # vectors along the first dimension
+        a = v1.movedim(0, -1)
+        b = v2.movedim(0, -1)
+        rows = _nuslerp_pair(t, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+        out = rows.reshape(a.shape).movedim(-1, 0)
+    else:
+        out = _nuslerp_pair(t, _rows(v1), _rows(v2)).reshape(shape)
+    return out + th0.double() if th0 is not None else out
+
+
+def multislerp(
+    thetas: list[torch.Tensor],
+    weights: list[float],
+    theta0: torch.Tensor | None,
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
+    """Weighted mean direction, tangent-space interpolation, exponential map, mean norm."""
+    if len(thetas) == 1:
+        return thetas[0].double()
+    shape = thetas[0].shape
+    if theta0 is not None:
+        vs = [(th.to(F32) - theta0.to(F32)).double().flatten() for th in thetas]
+    else:
+        vs = [th.double().flatten() for th in thetas]
+    w = [wi / sum(weights) for wi in weights] if normalize_weights else list(weights)
+    norms = [float(v.norm()) for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms, strict=True)]
+    mean = sum(wi * u for wi, u in zip(w, units, strict=True))
+    if float(mean.norm()) < eps:
+        assert len(vs) == 2, "multislerp refuses antipodal models beyond two"
+        out = w[0] * vs[0] + w[1] * vs[1]
+    else:
+        mean = mean / mean.norm()
+        tangent = sum(wi * (u - (u @ mean) * mean) for wi, u in zip(w, units, strict=True))
+        g = float(tangent.norm()) + eps
+        out = math.cos(g) * mean + (math.sin(g) / g) * tangent
+        out = out * sum(wi * n for wi, n in zip(w, norms, strict=True))
+    out = out.reshape(shape)
+    return out + theta0.double() if theta0 is not None else out
+
+
+def karcher(points: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """(Σ ‖θi‖ / N)·m, m the Karcher mean of the directions θi/‖θi‖, in float64."""
+    shape = points[0].shape
+    if len(points) == 1:
+        return points[0].double()
+    xs = [p.double().flatten() for p in points]
+    alpha = 1.0 / len(xs)
+    norms = [float(x.norm()) for x in xs]
+    valid = [(x / n) for x, n in zip(xs, norms, strict=True) if n > tol]
+    if not valid:
+        return torch.zeros(shape, dtype=F64)
+    a = 1.0 / len(valid)  # equal weights renormalised over the valid inputs
+    mean = sum(a * u for u in valid)
+    mean = valid[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        g = torch.zeros_like(mean)
+        for u in valid:
+            c = max(-1.0, min(1.0, float(mean @ u)))
+            om = math.acos(c)
+            if om < tol:
+                continue
+            g = g + a * (om / math.sin(om)) * (u - c * mean)
+        gn = float(g.norm())
+        if gn < tol:
+            break
+        mean = math.cos(gn) * mean + math.sin(gn) * (g / gn)
+        if float(mean.norm()) > tol:
+            mean = mean / mean.norm()
+    return (sum(alpha * n for n in norms) * mean).reshape(shape)
+
+
+def sce(theta0: torch.Tensor, thetas: list[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """Select (variance top-k), Calculate (mean-square weights), Erase (sign election)."""
+    base = theta0.to(F32)
+    taus = [th.to(F32) - base for th in thetas]  # float32: they decide the masks
+    n = len(taus)
+    if select_topk < 1:
+        var = torch.stack(taus).var(dim=0, unbiased=False)  # float32, as it decides the mask
+        k = int(float(torch.tensor(int((var != 0).sum()), dtype=F32) * select_topk))
+        # exactly the k largest variances, the earlier index first among equals
+        order = torch.sort(var.flatten(), descending=True, stable=True).indices
+        keep = torch.zeros(var.numel(), dtype=torch.bool)
+        if select_topk > 0:
+            keep[order[:k]] = True
+        keep = keep.reshape(var.shape)
+        taus = [t * keep for t in taus]
+    ms = [float(t.double().pow(2).mean()) for t in taus]
+    total = sum(ms)
+    w = [1.0 / n] * n if abs(total) < 1e-6 else [m / total for m in ms]
+    s = torch.where(sum(t.double() for t in taus) >= 0, 1.0, -1.0)
+    agree = [torch.sign(t) == s for t in taus]
+    num = sum(wi * mk.double() * t.double() for wi, mk, t in zip(w, agree, taus, strict=True))
+    den = sum(wi * mk.double() for wi, mk in zip(w, agree, strict=True))
+    return base.double() + num / den.clamp(min=1e-6)
+
+
+def arcee_fusion(theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor:
+    """θ0 + τ·[I ≥ Q2 + 1.5·(Q3 − Q1)], I = |τ|·KL(softmax θ1 ‖ softmax θ0) per row (float32,
+    the decision)."""
+    a, b = theta0.to(F32), theta1.to(F32)
+    ra, rb = _rows(a), _rows(b)  # rows along the last dim; a 1-D tensor is one row
+    p = torch.softmax(rb, dim=1) + 1e-8
+    q = torch.softmax(ra, dim=1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=1, keepdim=True)
+    scores = ((rb - ra).abs() * kl).flatten()
+    srt = scores.sort().values
+    n = scores.numel()
+    q1, q2, q3 = (srt[int(float(torch.tensor(q, dtype=F32) * (n - 1)))] for q in (0.25, 0.5, 0.75))
+    keep = (scores >= q2 + 1.5 * (q3 - q1)).reshape(a.shape)
+    return a.double() + (b.double() - a.double()) * keep
+
+
+def ram(
+    theta0: torch.Tensor,
+    thetas: list[torch.Tensor],
+    epsilon: float,
+    plus: tuple[float, float] | None,
+) -> torch.Tensor:
+    """θ0 + Σ mi·τi·(λi·[c = 1] + [c > 1]/c); λi = 1 for RAM, 1 + r·clamp(Si/max(Ui, ε), 0, α)
+    for RAM+ (tensor-local), ``plus`` = (r, α)."""
+    base = theta0.to(F32)
+    taus = [th.to(F32) - base for th in thetas]
+    masks = [t.abs() > epsilon for t in taus]
+    c = sum(m.long() for m in masks)
+    lams = [1.0] * len(taus)
+    if plus is not None:
+        r, alpha = plus
+        for i, m in enumerate(masks):
+            shared_i = int((m & (c > 1)).sum())
+            unique_i = int((m & (c == 1)).sum())
+            rho = shared_i / max(unique_i, epsilon)
+            lams[i] = 1 + r * min(max(rho, 0.0), alpha)
+    out = base.double().clone()
+    for t, m, lam in zip(taus, masks, lams, strict=True):
+        d = t.double() * m
+        out += torch.where(c > 1, d / c.clamp(min=1), d * lam)
+    return out

@@ -78,7 +78,7 @@ def open_inputs(
     """The base (when the method uses one) and the fine-tuned models, opened for reading."""
     out: list[InputModel] = []
     try:
-        if recipe.base_model is not None and recipe.method.needs_base:
+        if recipe.base_model is not None and recipe.method.uses_base:
             entry = recipe.base_entry
             r = resolve(recipe.base_model, settings, base_dir, resolved)
             out.append(

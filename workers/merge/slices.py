@@ -174,9 +174,9 @@ def _build(
     view: Callable[[dict[str, tuple[Any, str]]], SlicedReader],
     read_config: Callable[[Path], dict[str, Any]],
 ) -> SlicedInputs:
-    needs_base = recipe.method.needs_base
+    uses_base = recipe.method.uses_base
     first = slices[0]
-    template_ref = (first.base_model or recipe.base_model) if needs_base else None
+    template_ref = (first.base_model or recipe.base_model) if uses_base else None
     template_ref = template_ref or first.sources[0].model
     template, template_reader = model(template_ref)
     out_prefix = _layer_prefix(template_reader, str(template_ref), ("slices",))
@@ -226,7 +226,7 @@ def _build(
     base_ref: Any = None
     models: list[tuple[str, dict[str, Any] | None, SlicedReader, ResolvedModel]] = []
     for i, piece in enumerate(slices):
-        slice_base = (piece.base_model or recipe.base_model) if needs_base else None
+        slice_base = (piece.base_model or recipe.base_model) if uses_base else None
         n = piece.layers
         base_taken = False  # a base listed twice in a slice: the second is an input
         for j, src in enumerate(piece.sources):
