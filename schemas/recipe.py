@@ -152,6 +152,16 @@ class MergeRecipe(BaseModel):
 
     _norm_dtypes = field_validator("dtype", "out_dtype", mode="before")(_dtype)
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_without_adapter(cls, v: Any) -> Any:
+        if isinstance(v, ModelReference) and v.adapter is not None:
+            raise ValueError(
+                "a LoRA adapter has no tokenizer of its own to take: name the model alone "
+                f"({v.base}), or 'base'"
+            )
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
@@ -185,11 +195,14 @@ class MergeRecipe(BaseModel):
 
     def references(self) -> list[tuple[Location, ModelReference]]:
         """Every model reference of the recipe and where it stands, in recipe order: the
-        base model, each model, the tokenizer source (when it names a model)."""
+        base model, each model, the tokenizer source (when it names a model). A
+        ``BASE+ADAPTER`` reference counts as its two parts, each fetched, pinned and checked
+        on its own, at its location plus ``"base"`` or ``"adapter"``."""
         found: list[tuple[Location, ModelReference]] = []
         if self.base_model is not None:
-            found.append((("base_model",), self.base_model))
-        found.extend((("models", i, "model"), m.model) for i, m in enumerate(self.models))
+            found += self.base_model.parts(("base_model",))
+        for i, m in enumerate(self.models):
+            found += m.model.parts(("models", i, "model"))
         if isinstance(self.tokenizer_source, ModelReference):
             found.append((("tokenizer_source",), self.tokenizer_source))
         return found

@@ -60,11 +60,14 @@ from schemas.jobs import (
     parse_job_recipe,
 )
 from schemas.references import (
+    PARTS,
     Location,
     ModelReference,
     ReferenceError_,
     ReferenceKind,
     parse_reference,
+    part_of,
+    with_part,
 )
 from schemas.tenants import GrantError, TenantAccess
 from service.context import Principal, Service
@@ -401,11 +404,15 @@ def _invalid(pointer: str, message: str, model: str) -> Problem:
 
 def _get(doc: Any, loc: Location) -> Any:
     for part in loc:
-        doc = doc[part]
+        # a location ending in "base"/"adapter" is that part of a BASE+ADAPTER string
+        doc = part_of(doc, str(part)) if isinstance(doc, str) else doc[part]
     return doc
 
 
 def _set(doc: Any, loc: Location, value: Any) -> None:
+    if loc and loc[-1] in PARTS and isinstance(_get(doc, loc[:-1]), str):
+        _set(doc, loc[:-1], with_part(_get(doc, loc[:-1]), str(loc[-1]), value))
+        return
     for part in loc[:-1]:
         doc = doc[part]
     doc[loc[-1]] = value

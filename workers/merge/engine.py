@@ -153,6 +153,7 @@ def run_merge(
             timings=timings,
             started=t0,
             publish_started=t3,
+            adapters=[(i.resolved, i.adapter) for i in inputs if i.adapter is not None],
         )
         if out_dir.exists():
             out_dir.rmdir()

@@ -1,6 +1,8 @@
 """The input models of a merge: the base and the fine-tuned models, resolved and opened.
 
-Their tensors are read by workers/merge/reading.py.
+Their tensors are read by workers/merge/reading.py. A ``BASE+ADAPTER`` input is opened as
+its base checkpoint with the LoRA adapter applied as each tensor is read
+(workers/tensors/lora.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from schemas.recipe import MergeRecipe
 from schemas.references import ModelReference
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
+from workers.tensors.lora import LoraCheckpointReader
 from workers.tensors.reader import CheckpointReader
 
 
@@ -21,12 +24,15 @@ class InputModel:
 
     role: str  # "base" or f"models[{i}]"
     entry_params: dict[str, Any] | None
-    resolved: ResolvedModel
-    reader: CheckpointReader
+    resolved: ResolvedModel  # the checkpoint (of BASE+ADAPTER: BASE)
+    reader: CheckpointReader | LoraCheckpointReader
     index: int | None  # position among fine-tuned models (None for the base)
+    adapter: ResolvedModel | None = None  # of BASE+ADAPTER: the LoRA adapter
 
     @property
     def label(self) -> str:
+        if self.adapter is not None:
+            return f"{self.resolved.reference}+{self.adapter.reference}"
         return str(self.resolved.reference)
 
 
@@ -52,10 +58,16 @@ def open_inputs(
     try:
         if recipe.base_model is not None and recipe.method.needs_base:
             entry = recipe.base_entry
-            r = resolve(recipe.base_model, settings, base_dir, resolved)
             out.append(
-                InputModel(
-                    "base", entry.parameters if entry else None, r, _open_reader(r, recipe), None
+                _open_input(
+                    "base",
+                    recipe.base_model,
+                    entry.parameters if entry else None,
+                    None,
+                    recipe,
+                    settings,
+                    base_dir,
+                    resolved,
                 )
             )
         fine = {id(e) for e in recipe.fine_tuned}
@@ -63,15 +75,48 @@ def open_inputs(
         for pos, entry in enumerate(recipe.models):
             if id(entry) not in fine:
                 continue
-            r = resolve(entry.model, settings, base_dir, resolved)
-            reader = _open_reader(r, recipe)
-            out.append(InputModel(f"models[{pos}]", entry.parameters, r, reader, index))
+            out.append(
+                _open_input(
+                    f"models[{pos}]",
+                    entry.model,
+                    entry.parameters,
+                    index,
+                    recipe,
+                    settings,
+                    base_dir,
+                    resolved,
+                )
+            )
             index += 1
     except BaseException:
         for inp in out:
             inp.reader.close()
         raise
     return out
+
+
+def _open_input(
+    role: str,
+    ref: ModelReference,
+    params: dict[str, Any] | None,
+    index: int | None,
+    recipe: MergeRecipe,
+    settings: SourceSettings,
+    base_dir: Path | None,
+    resolved: dict[str, ResolvedModel],
+) -> InputModel:
+    """One input: its checkpoint opened, with its LoRA adapter applied for BASE+ADAPTER."""
+    r = resolve(ref.base, settings, base_dir, resolved)
+    reader = _open_reader(r, recipe)
+    if ref.adapter is None:
+        return InputModel(role, params, r, reader, index)
+    try:
+        adapter = resolve(ref.adapter, settings, base_dir, resolved)
+        lora = LoraCheckpointReader(reader, adapter.path, label=f"{r.reference}+{ref.adapter}")
+    except BaseException:
+        reader.close()
+        raise
+    return InputModel(role, params, r, lora, index, adapter)
 
 
 def _open_reader(r: ResolvedModel, recipe: MergeRecipe) -> CheckpointReader:
