@@ -373,3 +373,37 @@ def test_a_bad_adapter_fails_the_merge_naming_it(llama_base: Path, tmp_path: Pat
         engine(recipe, tmp_path / "out")
     assert info.value.model == f"{llama_base}+{adapter}"
     assert "adapter_config.json" in str(info.value)
+
+
+# ---- through the API: each part checked and pinned as any reference -----------------------------
+
+
+def lora_job(*refs: str) -> dict[str, object]:
+    return {
+        "kind": "merge",
+        "artifact_name": "lora-soup",
+        "recipe": {"merge_method": "linear", "models": [{"model": r} for r in refs], "seed": 1},
+    }
+
+
+def test_submission_pins_both_parts_and_refuses_an_ungranted_s3_adapter(api) -> None:
+    api.publish("my-lora", {"adapter_model.safetensors": b"x", "adapter_config.json": b"{}"})
+    # an adapter on s3:// outside the tenant's grants (s3://models/): 422 at the adapter part
+    r = api.submit(lora_job("s3://models/base+s3://elsewhere/lora", "s3://models/a"))
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["errors"][0]["pointer"] == "/recipe/models/0/model/adapter"
+    assert "s3://elsewhere/lora" in body["detail"] and "models/0/model/adapter" in body["detail"]
+    # a base that is not granted is named as the base part
+    r = api.submit(lora_job("s3://elsewhere/base+artifact://my-lora", "s3://models/a"))
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["pointer"] == "/recipe/models/0/model/base"
+    # another tenant's artifact as the adapter: not found for this one
+    _, other = api.new_tenant()
+    r = api.submit(lora_job("s3://models/base+artifact://my-lora", "s3://models/a"), headers=other)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["pointer"] == "/recipe/models/0/model/adapter"
+    # granted base, own artifact adapter: accepted, the artifact pinned to its version
+    r = api.submit(lora_job("s3://models/base+artifact://my-lora", "s3://models/a"))
+    assert r.status_code == 202, r.text
+    assert r.json()["recipe"]["models"][0]["model"] == "s3://models/base+artifact://my-lora@1"
