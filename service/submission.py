@@ -5,7 +5,8 @@ and every schedule fire).
    app/bodies.py); every problem comes back with a JSON Pointer into it.
 2. With an ``Idempotency-Key``, :meth:`infra.db.JobStore.begin_job` records the job as
    pending and takes the key (a replay of an earlier identical request stops here).
-3. Every model reference in the recipe is pinned: a hub branch to its commit sha, an
+3. Every model reference in the recipe (each part of a ``BASE+ADAPTER``) is pinned: a hub
+   branch to its commit sha, an
    ``artifact://name`` to a version number. Local paths are refused unless the operator
    allows them. If a reference cannot be pinned the pending job is abandoned (freeing the
    key for a corrected retry) and the client gets a 422 naming the field and model.
