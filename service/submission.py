@@ -6,10 +6,10 @@ and every schedule fire).
 2. With an ``Idempotency-Key``, :meth:`infra.db.JobStore.begin_job` records the job as
    pending and takes the key (a replay of an earlier identical request stops here).
 3. Every model reference in the recipe (each part of a ``BASE+ADAPTER``) is pinned: a hub
-   branch to its commit sha, an
-   ``artifact://name`` to a version number. Local paths are refused unless the operator
-   allows them. If a reference cannot be pinned the pending job is abandoned (freeing the
-   key for a corrected retry) and the client gets a 422 naming the field and model.
+   branch to its commit sha, an ``artifact://name`` to a version number. Local paths are
+   refused unless the operator allows them. If a reference cannot be pinned the pending job
+   is abandoned (freeing the key for a corrected retry) and the client gets a 422 naming the
+   field and model.
 4. :meth:`~infra.db.JobStore.activate_job` stores the pinned recipe (state ``queued``) and
    the job id goes on the queue. Without a key there is nothing to hold while pinning, so
    the job is recorded queued in one step (:meth:`~infra.db.JobStore.create_job`).
