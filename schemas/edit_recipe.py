@@ -381,6 +381,17 @@ class EditRecipe(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     output: EditOutput = Field(default_factory=EditOutput)
 
+    @field_validator("model")
+    @classmethod
+    def _model_without_adapter(cls, v: ModelReference) -> ModelReference:
+        if v.adapter is not None:
+            raise ValueError(
+                "an edit applies to one checkpoint; a LoRA adapter (BASE+ADAPTER) is a merge "
+                f"input only: merge {v} first (e.g. a linear merge of it alone), then edit the "
+                "artifact"
+            )
+        return v
+
     def references(self) -> list[tuple[Location, ModelReference]]:
         """Every model reference of the recipe and where it stands: the edited model.
         (Covariance corpora are files, not models: see ``covariance.paths``.)"""

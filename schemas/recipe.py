@@ -215,6 +215,16 @@ class MergeRecipe(BaseModel):
 
     _norm_dtypes = field_validator("dtype", "out_dtype", mode="before")(_dtype)
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_without_adapter(cls, v: Any) -> Any:
+        if isinstance(v, ModelReference) and v.adapter is not None:
+            raise ValueError(
+                "a LoRA adapter has no tokenizer of its own to take: name the model alone "
+                f"({v.base}), or 'base'"
+            )
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
@@ -271,18 +281,19 @@ class MergeRecipe(BaseModel):
     def references(self) -> list[tuple[Location, ModelReference]]:
         """Every model reference of the recipe and where it stands, in recipe order: the
         base model, each model (or each slice's base and sources), the tokenizer source
-        (when it names a model)."""
+        (when it names a model). A ``BASE+ADAPTER`` reference counts as its two parts, each
+        fetched, pinned and checked on its own, at its location plus ``"base"`` or
+        ``"adapter"``."""
         found: list[tuple[Location, ModelReference]] = []
         if self.base_model is not None:
-            found.append((("base_model",), self.base_model))
-        found.extend((("models", i, "model"), m.model) for i, m in enumerate(self.models))
+            found += self.base_model.parts(("base_model",))
+        for i, m in enumerate(self.models):
+            found += m.model.parts(("models", i, "model"))
         for i, piece in enumerate(self.slices or ()):
             if piece.base_model is not None:
-                found.append((("slices", i, "base_model"), piece.base_model))
-            found.extend(
-                (("slices", i, "sources", j, "model"), src.model)
-                for j, src in enumerate(piece.sources)
-            )
+                found += piece.base_model.parts(("slices", i, "base_model"))
+            for j, src in enumerate(piece.sources):
+                found += src.model.parts(("slices", i, "sources", j, "model"))
         if isinstance(self.tokenizer_source, ModelReference):
             found.append((("tokenizer_source",), self.tokenizer_source))
         return found

@@ -5,10 +5,11 @@ and every schedule fire).
    app/bodies.py); every problem comes back with a JSON Pointer into it.
 2. With an ``Idempotency-Key``, :meth:`infra.db.JobStore.begin_job` records the job as
    pending and takes the key (a replay of an earlier identical request stops here).
-3. Every model reference in the recipe is pinned: a hub branch to its commit sha, an
-   ``artifact://name`` to a version number. Local paths are refused unless the operator
-   allows them. If a reference cannot be pinned the pending job is abandoned (freeing the
-   key for a corrected retry) and the client gets a 422 naming the field and model.
+3. Every model reference in the recipe (each part of a ``BASE+ADAPTER``) is pinned: a hub
+   branch to its commit sha, an ``artifact://name`` to a version number. Local paths are
+   refused unless the operator allows them. If a reference cannot be pinned the pending job
+   is abandoned (freeing the key for a corrected retry) and the client gets a 422 naming the
+   field and model.
 4. :meth:`~infra.db.JobStore.activate_job` stores the pinned recipe (state ``queued``) and
    the job id goes on the queue. Without a key there is nothing to hold while pinning, so
    the job is recorded queued in one step (:meth:`~infra.db.JobStore.create_job`).
@@ -60,11 +61,14 @@ from schemas.jobs import (
     parse_job_recipe,
 )
 from schemas.references import (
+    PARTS,
     Location,
     ModelReference,
     ReferenceError_,
     ReferenceKind,
     parse_reference,
+    part_of,
+    with_part,
 )
 from schemas.tenants import GrantError, TenantAccess
 from service.context import Principal, Service
@@ -401,11 +405,15 @@ def _invalid(pointer: str, message: str, model: str) -> Problem:
 
 def _get(doc: Any, loc: Location) -> Any:
     for part in loc:
-        doc = doc[part]
+        # a location ending in "base"/"adapter" is that part of a BASE+ADAPTER string
+        doc = part_of(doc, str(part)) if isinstance(doc, str) else doc[part]
     return doc
 
 
 def _set(doc: Any, loc: Location, value: Any) -> None:
+    if loc and loc[-1] in PARTS and isinstance(_get(doc, loc[:-1]), str):
+        _set(doc, loc[:-1], with_part(_get(doc, loc[:-1]), str(loc[-1]), value))
+        return
     for part in loc[:-1]:
         doc = doc[part]
     doc[loc[-1]] = value

@@ -213,7 +213,8 @@ def test_linear_weights_summing_to_zero_with_normalize_are_refused(zoo: Path, ca
     [
         ("models[0].model", "not a model", "'org/name'"),
         ("models[0].model", "ftp://host/model", "unknown scheme 'ftp'"),
-        ("base_model", "org/model+adapter", "LoRA"),
+        ("base_model", "org/model+adapter", "its adapter 'adapter': a hub repository id"),
+        ("models[0].model", "org/a+org/b+org/c", "at most one '+'"),
         ("models[1].model", "", "empty"),
     ],
 )

@@ -498,3 +498,35 @@ def test_qwen2_and_mistral_frankenmerges_load_and_keep_each_layers_tensors(
 
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+def test_a_slice_source_may_be_a_lora_adapter_on_its_base(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.support.lora import build_lora_adapter, peft_merged
+
+    base = llama_family["base"]
+    adapter = build_lora_adapter(
+        base, tmp_path / "adapter", 3, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]
+    )
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [src(base, 0, 2)]},
+            {"sources": [{"model": f"{base}+{adapter}", "layer_range": [1, 4]}]},
+        ],
+    }
+
+    result = run_merge(parse_recipe(recipe), tmp_path / "out", seed=SEED)
+
+    out, merged, b = tensors(tmp_path / "out"), peft_merged(base, adapter), load_checkpoint(base)
+    for k, i in ((2, 1), (3, 2), (4, 3)):  # output layers 2-4: the adapted layers 1-3
+        for rest in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"):
+            torch.testing.assert_close(
+                out[layer(rest, k)], merged[layer(rest, i)], rtol=1e-6, atol=1e-7
+            )
+    assert torch.equal(
+        out[layer("self_attn.q_proj.weight", 1)], b[layer("self_attn.q_proj.weight", 1)]
+    )
+    parents = [(p["role"], p["reference"]) for p in result.manifest["parents"]]
+    assert parents == [("model", str(base)), ("adapter", str(adapter))]

@@ -157,6 +157,14 @@ def run_merge(
             timings=timings,
             started=t0,
             publish_started=t3,
+            # one entry per (checkpoint, adapter): a slice's sources repeat them
+            adapters=list(
+                {
+                    (str(i.resolved.reference), str(i.adapter.reference)): (i.resolved, i.adapter)
+                    for i in inputs
+                    if i.adapter is not None
+                }.values()
+            ),
         )
         if out_dir.exists():
             out_dir.rmdir()

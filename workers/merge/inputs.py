@@ -1,6 +1,8 @@
 """The input models of a merge: the base and the fine-tuned models, resolved and opened.
 
-Their tensors are read by workers/merge/reading.py.
+Their tensors are read by workers/merge/reading.py. A ``BASE+ADAPTER`` input is opened as
+its base checkpoint with the LoRA adapter applied as each tensor is read
+(workers/tensors/lora.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from schemas.recipe import MergeRecipe
 from schemas.references import ModelReference
 from workers.errors import InputError
 from workers.sources import ResolvedModel, SourceSettings, resolve_reference
+from workers.tensors.lora import LoraCheckpointReader
 from workers.tensors.reader import CheckpointReader
 
 if TYPE_CHECKING:
@@ -43,12 +46,15 @@ class InputModel:
 
     role: str  # "base", f"models[{i}]" or f"slices[{i}].sources[{j}]"
     entry_params: dict[str, Any] | None
-    resolved: ResolvedModel
+    resolved: ResolvedModel  # the checkpoint (of BASE+ADAPTER: BASE)
     reader: TensorSource
     index: int | None  # position among fine-tuned models (None for the base)
+    adapter: ResolvedModel | None = None  # of BASE+ADAPTER: the LoRA adapter
 
     @property
     def label(self) -> str:
+        if self.adapter is not None:
+            return f"{self.resolved.reference}+{self.adapter.reference}"
         return str(self.resolved.reference)
 
     def source_name(self, name: str) -> str:
@@ -80,10 +86,16 @@ def open_inputs(
     try:
         if recipe.base_model is not None and recipe.method.uses_base:
             entry = recipe.base_entry
-            r = resolve(recipe.base_model, settings, base_dir, resolved)
             out.append(
-                InputModel(
-                    "base", entry.parameters if entry else None, r, _open_reader(r, recipe), None
+                _open_input(
+                    "base",
+                    recipe.base_model,
+                    entry.parameters if entry else None,
+                    None,
+                    recipe,
+                    settings,
+                    base_dir,
+                    resolved,
                 )
             )
         fine = {id(e) for e in recipe.fine_tuned}
@@ -91,9 +103,18 @@ def open_inputs(
         for pos, entry in enumerate(recipe.models):
             if id(entry) not in fine:
                 continue
-            r = resolve(entry.model, settings, base_dir, resolved)
-            reader = _open_reader(r, recipe)
-            out.append(InputModel(f"models[{pos}]", entry.parameters, r, reader, index))
+            out.append(
+                _open_input(
+                    f"models[{pos}]",
+                    entry.model,
+                    entry.parameters,
+                    index,
+                    recipe,
+                    settings,
+                    base_dir,
+                    resolved,
+                )
+            )
             index += 1
     except BaseException:
         for inp in out:
@@ -125,18 +146,21 @@ def open_merge_inputs(
         )
     from workers.merge.slices import open_sliced
 
-    sliced = open_sliced(
-        recipe,
-        lambda ref: resolve(ref, settings, base_dir, resolved),
-        lambda r: _open_reader(r, recipe),
-        read_config,
-    )
+    adapters: dict[str, ResolvedModel] = {}
+
+    def open_model(ref: ModelReference) -> tuple[ResolvedModel, TensorSource]:
+        opened = _open_input("", ref, None, None, recipe, settings, base_dir, resolved)
+        if opened.adapter is not None:
+            adapters[str(ref)] = opened.adapter
+        return opened.resolved, opened.reader
+
+    sliced = open_sliced(recipe, open_model, read_config)
     out: list[InputModel] = []
     if sliced.base is not None:
-        reader, r = sliced.base
-        out.append(InputModel("base", None, r, reader, None))
-    for index, (role, params, reader, r) in enumerate(sliced.models):
-        out.append(InputModel(role, params, r, reader, index))
+        reader, r, ref = sliced.base
+        out.append(InputModel("base", None, r, reader, None, adapters.get(str(ref))))
+    for index, (role, params, reader, r, ref) in enumerate(sliced.models):
+        out.append(InputModel(role, params, r, reader, index, adapters.get(str(ref))))
     parents: dict[str, ResolvedModel] = {}
     for inp in out:
         parents.setdefault(str(inp.resolved.reference), inp.resolved)
@@ -152,6 +176,30 @@ def read_config(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise InputError(f"config.json is not valid JSON: {e}", file=str(cfg_path)) from None
     return data if isinstance(data, dict) else {}
+
+
+def _open_input(
+    role: str,
+    ref: ModelReference,
+    params: dict[str, Any] | None,
+    index: int | None,
+    recipe: MergeRecipe,
+    settings: SourceSettings,
+    base_dir: Path | None,
+    resolved: dict[str, ResolvedModel],
+) -> InputModel:
+    """One input: its checkpoint opened, with its LoRA adapter applied for BASE+ADAPTER."""
+    r = resolve(ref.base, settings, base_dir, resolved)
+    reader = _open_reader(r, recipe)
+    if ref.adapter is None:
+        return InputModel(role, params, r, reader, index)
+    try:
+        adapter = resolve(ref.adapter, settings, base_dir, resolved)
+        lora = LoraCheckpointReader(reader, adapter.path, label=f"{r.reference}+{ref.adapter}")
+    except BaseException:
+        reader.close()
+        raise
+    return InputModel(role, params, r, lora, index, adapter)
 
 
 def _open_reader(r: ResolvedModel, recipe: MergeRecipe) -> CheckpointReader:

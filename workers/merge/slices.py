@@ -114,19 +114,20 @@ class SlicedInputs:
     """The inputs of a sliced merge: the base (a view over each slice's base source), one
     input per non-base source of each slice, and the layout."""
 
-    base: tuple[SlicedReader, ResolvedModel] | None
-    models: list[tuple[str, dict[str, Any] | None, SlicedReader, ResolvedModel]]
+    base: tuple[SlicedReader, ResolvedModel, Any] | None  # the view, its model, reference
+    models: list[tuple[str, dict[str, Any] | None, SlicedReader, ResolvedModel, Any]]
     layout: SliceLayout
     config_source: ResolvedModel
 
 
 def open_sliced(
     recipe: MergeRecipe,
-    resolve: Callable[[Any], ResolvedModel],
-    open_reader: Callable[[ResolvedModel], CheckpointReader],
+    open_model: Callable[[Any], tuple[ResolvedModel, Any]],
     read_config: Callable[[Path], dict[str, Any]],
 ) -> SlicedInputs:
-    """Open every model the slices name once and build the views of each slice's sources."""
+    """Open every model the slices name once (``open_model``: its resolved location and a
+    reader, one that applies the LoRA adapter of a BASE+ADAPTER reference) and build the
+    views of each slice's sources."""
     assert recipe.slices is not None
     real: dict[str, tuple[ResolvedModel, CheckpointReader]] = {}
     users: dict[str, int] = {}
@@ -134,8 +135,7 @@ def open_sliced(
     def model(ref: Any) -> tuple[ResolvedModel, CheckpointReader]:
         key = str(ref)
         if key not in real:
-            r = resolve(ref)
-            real[key] = (r, open_reader(r))
+            real[key] = open_model(ref)
         return real[key]
 
     def view(names: dict[str, tuple[Any, str]]) -> SlicedReader:
@@ -224,7 +224,7 @@ def _build(
     offset = 0
     base_names: dict[str, tuple[Any, str]] = {}
     base_ref: Any = None
-    models: list[tuple[str, dict[str, Any] | None, SlicedReader, ResolvedModel]] = []
+    models: list[tuple[str, dict[str, Any] | None, SlicedReader, ResolvedModel, Any]] = []
     for i, piece in enumerate(slices):
         slice_base = (piece.base_model or recipe.base_model) if uses_base else None
         n = piece.layers
@@ -261,13 +261,13 @@ def _build(
             resolved, _ = model(src.model)
             role = f"slices[{i}].sources[{j}]"
             sourced = {out: (src.model, name) for out, name in names.items()}
-            models.append((role, src.parameters, view(sourced), resolved))
+            models.append((role, src.parameters, view(sourced), resolved, src.model))
         offset += n
     layout.layers = offset
     layout.config_updates = _config_updates(read_config(template.path), slices, read_config, model)
     base = None
     if base_ref is not None:
-        base = (view(base_names), model(base_ref)[0])
+        base = (view(base_names), model(base_ref)[0], base_ref)
     return SlicedInputs(base, models, layout, template)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,11 @@ def finalize_output(
     timings: dict[str, float],
     started: float,
     publish_started: float,
+    adapters: Sequence[tuple[ResolvedModel, ResolvedModel]] = (),
 ) -> dict[str, Any]:
-    """Write config, tokenizer, model card and (last) the manifest; return the manifest."""
+    """Write config, tokenizer, model card and (last) the manifest; return the manifest.
+    ``adapters``: (checkpoint, LoRA adapter applied to it) of each BASE+ADAPTER input, listed
+    among the parents with role ``adapter``."""
     del written  # the writer's digests cover exactly the files it wrote
     write_config(config_source, staging, out_dtype, config_updates)
     tokenizer_files = copy_tokenizer(tokenizer_source, staging)
@@ -145,7 +148,9 @@ def finalize_output(
         )
     parents = ([base] if base else []) + models
     title = recipe.output.name or f"{recipe.merge_method} merge"
-    (staging / "README.md").write_text(model_card(recipe, parents, title))
+    (staging / "README.md").write_text(
+        model_card(recipe, parents + [a for _, a in adapters], title)
+    )
     timings = dict(timings)
     timings["publish_s"] = time.perf_counter() - publish_started
     timings["total_s"] = time.perf_counter() - started
@@ -165,6 +170,16 @@ def finalize_output(
                 revision=p.revision,
             )
             for p in parents
+        ]
+        + [
+            ManifestParent(
+                role="adapter",
+                reference=str(a.reference),
+                pinned=str(a.pinned),
+                revision=a.revision,
+                applied_to=str(to.reference),
+            )
+            for to, a in adapters
         ],
         recipe=recipe.model_dump(mode="json", exclude_none=True),
         tokenizer_files=tokenizer_files,

@@ -21,7 +21,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
-CONFIG_FILES = frozenset({"config.json", "generation_config.json"})
+# adapter_config.json: a PEFT LoRA adapter named as the ADAPTER of BASE+ADAPTER
+CONFIG_FILES = frozenset({"config.json", "generation_config.json", "adapter_config.json"})
 TOKENIZER_FILES = frozenset(
     {
         "tokenizer.json",
