@@ -98,6 +98,26 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # weightsmith's pcb takes density as a shared (top-level) parameter
     "pcb": {"model": {"weight": 1.0}, "shared": {"density": 0.1}, "mergekit": False},
+    # layer slices: the LazyMergekit slerp template over base and ft1, every layer …
+    "slerp_slices": {
+        "method": "slerp",
+        "slices": "two_models_all_layers",
+        "shared": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "mergekit": True,
+    },
+    # … and a depth up-scaling frankenmerge: base layers [0, 3L/4) then ft1's [L/4, L)
+    "passthrough_slices": {
+        "method": "passthrough",
+        "slices": "depth_up_scaling",
+        "shared": {},
+        "mergekit": True,
+    },
 }
 DEFAULT_METHODS = "task_arithmetic,ties,breadcrumbs,pcb"
 
@@ -1127,7 +1147,35 @@ def _yaml_scalar(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid YAML double-quoted scalar
 
 
+def write_sliced_recipe(path: Path, key: str, base: Path, finetunes: list[Path]) -> None:
+    """A ``slices`` recipe (as JSON, which YAML readers take as it is)."""
+    r = RECIPES[key]
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    b, f = str(base.resolve()), str(finetunes[0].resolve())
+    if r["slices"] == "two_models_all_layers":
+        slices = [
+            {"sources": [{"model": b, "layer_range": [0, layers]},
+                         {"model": f, "layer_range": [0, layers]}]}
+        ]  # fmt: skip
+    else:
+        cut = max(1, (3 * layers) // 4)
+        slices = [
+            {"sources": [{"model": b, "layer_range": [0, cut]}]},
+            {"sources": [{"model": f, "layer_range": [layers - cut, layers]}]},
+        ]
+    recipe: dict[str, Any] = {"merge_method": r["method"], "slices": slices}
+    if r["method"] != "passthrough":
+        recipe["base_model"] = b
+    if r["shared"]:
+        recipe["parameters"] = r["shared"]
+    recipe.update({"dtype": "float16", "out_dtype": "float16"})
+    path.write_text(json.dumps(recipe, indent=1) + "\n")
+
+
 def write_recipe(path: Path, method: str, base: Path, finetunes: list[Path]) -> None:
+    if "slices" in RECIPES[method]:
+        write_sliced_recipe(path, method, base, finetunes)
+        return
     r = RECIPES[method]
     lines = [f"merge_method: {method}", f"base_model: {_yaml_scalar(base.resolve())}", "models:"]
     for ft in finetunes:
