@@ -264,9 +264,9 @@ class TokenizerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: Literal["union", "base"] | ModelReference = "union"
-    tokens: (
-        Annotated[dict[str, TokenEmbedding], Field(max_length=MAX_TOKENIZER_TOKENS)] | None
-    ) = None
+    tokens: Annotated[dict[str, TokenEmbedding], Field(max_length=MAX_TOKENIZER_TOKENS)] | None = (
+        None
+    )
     pad_to_multiple_of: int | None = Field(default=None, ge=1, le=2**20)
 
     @field_validator("tokens")
@@ -506,6 +506,13 @@ class MergeRecipe(BaseModel):
             )
         inputs = {str(r): r for r in self.input_references()}
         for tok, emb in (self.tokenizer.tokens or {}).items():
+            if emb.force and emb.source is None:
+                raise limit_error(
+                    "MergeRecipe",
+                    ("tokenizer", "tokens", tok, "force"),
+                    "a forced token needs a 'source' (a model, a model_token row or zero) to "
+                    "take its rows from",
+                )
             model = emb.source_model
             if model is not None and str(model) not in inputs:
                 at: Location = ("tokenizer", "tokens", tok, "source")
