@@ -50,7 +50,9 @@ def _task_arithmetic(r, fam, names, weights, out_vocab, rows, tokens=None, tok_n
             )
         else:
             al = {n: ck[n][t].float() for n in order}
-        expected[t] = al["base"] + sum(w * (al[n] - al["base"]) for n, w in zip(names, weights))
+        expected[t] = al["base"] + sum(
+            w * (al[n] - al["base"]) for n, w in zip(names, weights, strict=True)
+        )
     return expected
 
 
@@ -93,7 +95,7 @@ def test_vocabularies_of_different_sizes_merge_with_the_mean_of_shared_rows(fam,
         "merge_method": "linear",
         "models": [
             {"model": str(fam[n]), "parameters": {"weight": w}}
-            for n, w in zip(names, [0.5, 0.3, 0.2])
+            for n, w in zip(names, [0.5, 0.3, 0.2], strict=True)
         ],
         "tokenizer": {"source": "union", "pad_to_multiple_of": 100},
     }
@@ -106,7 +108,7 @@ def test_vocabularies_of_different_sizes_merge_with_the_mean_of_shared_rows(fam,
     ck = {n: load_checkpoint(fam[n]) for n in names}
     for t in VOCAB_TENSORS:
         al = expected_rows(vocab, rows, [(n, _vocab(fam[n]), ck[n][t].float()) for n in names])
-        want = sum(w * al[n] for n, w in zip(names, [0.5, 0.3, 0.2]))
+        want = sum(w * al[n] for n, w in zip(names, [0.5, 0.3, 0.2], strict=True))
         torch.testing.assert_close(out[t], want, **TOL)
     # the model loads with its new vocabulary and the tokenizer encodes the union's tokens
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
