@@ -64,6 +64,10 @@ MAX_URL_CHARS = 2048
 """Characters of a webhook or callback URL."""
 MAX_NAME_CHARS = 200
 """Characters of a display name (``output.name``)."""
+MAX_TOKEN_CHARS = 256
+"""Characters of a token named in a recipe's ``tokenizer.tokens``."""
+MAX_TOKENIZER_TOKENS = 1000
+"""Entries of a recipe's ``tokenizer.tokens``."""
 MAX_TEXT_CHARS = 2000
 """Characters of an edit request's prompt, subject, target or listed prompt."""
 MAX_EDIT_REQUESTS = 1000

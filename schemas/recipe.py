@@ -19,7 +19,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,6 +39,9 @@ from schemas.limits import (
     MAX_SETTING_ITEMS,
     MAX_SHARD_BYTES,
     MAX_SLICES,
+    MAX_STRING_CHARS,
+    MAX_TOKEN_CHARS,
+    MAX_TOKENIZER_TOKENS,
     limit_error,
 )
 from schemas.references import Location, ModelReference
@@ -196,6 +201,90 @@ class OutputOptions(BaseModel):
         return parse_size(v)
 
 
+class ModelTokenSource(BaseModel):
+    """A token's row taken from one input's own embedding (mergekit's ``model_token``): the
+    row of its token ``token`` or its row ``token_id`` (exactly one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: ModelReference
+    token_id: int | None = Field(default=None, ge=0, lt=2**31)
+    token: str | None = Field(default=None, max_length=MAX_TOKEN_CHARS)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' (a token of the model) or 'token_id'")
+        return self
+
+
+def _token_source_kind(v: Any) -> str:
+    """Which form a token's ``source`` is in: a mapping with ``kind``, else a model."""
+    if isinstance(v, dict):
+        return "kind=zero" if v.get("kind") == "zero" else "kind=model_token"
+    if isinstance(v, ZeroSource):
+        return "kind=zero"
+    return "kind=model_token" if isinstance(v, ModelTokenSource) else "kind=model"
+
+
+class ZeroSource(BaseModel):
+    """A row of zeros (mergekit's ``zero``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """Where a token's embedding and output-head rows come from for the inputs that lack it
+    (or, with ``force``, for every input): a model's row of that token, a ``model_token``
+    row, or zeros. Without ``source`` the automatic rule applies (docs/recipes.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: (
+        Annotated[
+            Annotated[ModelTokenSource, Tag("kind=model_token")]
+            | Annotated[ZeroSource, Tag("kind=zero")]
+            | Annotated[ModelReference, Tag("kind=model")],
+            Discriminator(_token_source_kind),
+        ]
+        | None
+    ) = None
+    force: bool = False
+
+    @property
+    def source_model(self) -> ModelReference | None:
+        if isinstance(self.source, ModelTokenSource):
+            return self.source.model
+        return self.source if isinstance(self.source, ModelReference) else None
+
+
+class TokenizerOptions(BaseModel):
+    """mergekit's ``tokenizer:``: the output vocabulary (``source``), tokens to add or whose
+    rows to set (``tokens``) and the row count rounded up to a multiple."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["union", "base"] | ModelReference = "union"
+    tokens: Annotated[dict[str, TokenEmbedding], Field(max_length=MAX_TOKENIZER_TOKENS)] | None = (
+        None
+    )
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=2**20)
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_names(cls, v: dict[str, TokenEmbedding] | None) -> Any:
+        for tok in v or {}:
+            if not tok or len(tok) > MAX_TOKEN_CHARS:
+                raise ValueError(
+                    f"{tok[:40]!r}: a token is 1 to {MAX_TOKEN_CHARS} characters, got {len(tok)}"
+                )
+        return v
+
+
+# mergekit's bundled chat templates (LGPL-3.0, not shipped here): named so that the error
+# can say what to write instead.
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
 class MergeRecipe(BaseModel):
     """What to merge and how. See docs/recipes.md for every field."""
 
@@ -208,7 +297,9 @@ class MergeRecipe(BaseModel):
     parameters: Parameters = None
     dtype: DType | None = None
     out_dtype: DType | None = None
-    tokenizer_source: Literal["base"] | ModelReference | None = None
+    tokenizer_source: Literal["base", "union"] | ModelReference | None = None
+    tokenizer: TokenizerOptions | None = None
+    chat_template: str | None = Field(default=None, max_length=MAX_STRING_CHARS)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     allow_pickle: bool = False
     output: OutputOptions = Field(default_factory=OutputOptions)
@@ -224,6 +315,37 @@ class MergeRecipe(BaseModel):
                 f"({v.base}), or 'base'"
             )
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        """mergekit's forms: ``auto`` (the template most inputs have) or a Jinja template;
+        its bundled named templates are not shipped here."""
+        if v is None or v == "auto":
+            return v
+        if v in MERGEKIT_TEMPLATE_NAMES:
+            raise ValueError(
+                f"the named template {v!r} is one of mergekit's bundled files, which weightsmith "
+                "does not ship: write the Jinja template itself here, or 'auto' (the template "
+                "most input models have)"
+            )
+        if len(v) < 20 or "{" not in v:
+            raise ValueError(
+                "a chat template is 'auto' (the template most input models have) or a Jinja "
+                "template (at least 20 characters, with '{'); got "
+                f"{v[:40]!r}"
+            )
+        return v
+
+    @property
+    def vocabulary(self) -> TokenizerOptions | None:
+        """The output vocabulary plan (``tokenizer``, or ``tokenizer_source`` alone), or None
+        when the inputs' embeddings are merged row for row as stored."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerOptions(source=self.tokenizer_source)
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -296,7 +418,28 @@ class MergeRecipe(BaseModel):
                 found += src.model.parts(("slices", i, "sources", j, "model"))
         if isinstance(self.tokenizer_source, ModelReference):
             found.append((("tokenizer_source",), self.tokenizer_source))
+        if self.tokenizer is not None:
+            if isinstance(self.tokenizer.source, ModelReference):
+                found.append((("tokenizer", "source"), self.tokenizer.source))
+            for tok, emb in (self.tokenizer.tokens or {}).items():
+                at: Location = ("tokenizer", "tokens", tok, "source")
+                if isinstance(emb.source, ModelTokenSource):
+                    found += emb.source.model.parts((*at, "model"))
+                elif isinstance(emb.source, ModelReference):
+                    found += emb.source.parts(at)
         return found
+
+    def input_references(self) -> list[ModelReference]:
+        """The models whose tensors are merged: the base, the models or every slice's
+        sources (mergekit's referenced models), each once, in recipe order."""
+        seen: dict[str, ModelReference] = {}
+        for ref in [
+            *([self.base_model] if self.base_model is not None else []),
+            *(m.model for m in self.models),
+            *(src.model for piece in self.slices or () for src in piece.sources),
+        ]:
+            seen.setdefault(str(ref), ref)
+        return list(seen.values())
 
     @property
     def base_entry(self) -> ModelEntry | None:
@@ -327,6 +470,7 @@ class MergeRecipe(BaseModel):
                 f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
                 "set one of them"
             )
+        self._check_tokenizer()
         self._check_setting_sizes()
         for at, params in self._scopes():
             self._check_parameters(at, params)
@@ -339,6 +483,47 @@ class MergeRecipe(BaseModel):
                     "MergeRecipe", self._locate(group, e.location), e.message
                 ) from None
         return self
+
+    def _check_tokenizer(self) -> None:
+        """Not both ``tokenizer_source`` and ``tokenizer`` (as mergekit); a tokenizer taken
+        from a model is a model's own (no adapter); a token's rows come from an input."""
+        if self.tokenizer is None:
+            return
+        if self.tokenizer_source is not None:
+            raise limit_error(
+                "MergeRecipe",
+                ("tokenizer",),
+                "set either 'tokenizer_source' or 'tokenizer' (whose 'source' says the same), "
+                "not both",
+            )
+        src = self.tokenizer.source
+        if isinstance(src, ModelReference) and src.adapter is not None:
+            raise limit_error(
+                "MergeRecipe",
+                ("tokenizer", "source"),
+                "a LoRA adapter has no tokenizer of its own to take: name the model alone "
+                f"({src.base}), 'base' or 'union'",
+            )
+        inputs = {str(r): r for r in self.input_references()}
+        for tok, emb in (self.tokenizer.tokens or {}).items():
+            if emb.force and emb.source is None:
+                raise limit_error(
+                    "MergeRecipe",
+                    ("tokenizer", "tokens", tok, "force"),
+                    "a forced token needs a 'source' (a model, a model_token row or zero) to "
+                    "take its rows from",
+                )
+            model = emb.source_model
+            if model is not None and str(model) not in inputs:
+                at: Location = ("tokenizer", "tokens", tok, "source")
+                if isinstance(emb.source, ModelTokenSource):
+                    at = (*at, "model")
+                raise limit_error(
+                    "MergeRecipe",
+                    at,
+                    f"{str(model)!r} is not an input of the merge: a token's rows come from "
+                    f"one of {', '.join(repr(k) for k in inputs)}",
+                )
 
     def _check_group(self, group: InputGroup) -> None:
         """The method's base and model count, for the models or one slice."""
@@ -713,7 +898,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif isinstance(part, str) and (
-            part.startswith(("function-", "union[", "literal["))
+            part.startswith(("function-", "union[", "literal[", "kind="))
             or part in ("str", "int", "float", "bool", "list[", "FilterValue", "ModelReference")
         ):
             continue

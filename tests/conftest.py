@@ -300,3 +300,12 @@ def llama_alt_tokenizer(llama_family, tmp_path_factory):
         shared_seed=11 * 1000,
         tokenizer_variant=1,
     )
+
+
+@pytest.fixture(scope="session")
+def llama_small_vocab(llama_family, tmp_path_factory):
+    """llama_family's ft2 cut to a vocabulary of 200 tokens of its own (tokenizer variant 2,
+    config vocab_size 200): a fine-tune whose vocabulary differs in size. Returns its Path."""
+    return _models().build_resized_finetune(
+        llama_family["ft2"], tmp_path_factory.mktemp("llama_small_vocab") / "ft_small", 200, 2
+    )

@@ -280,3 +280,14 @@ def weight_map(model_dir: Path) -> dict[str, str]:
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+
+
+def build_resized_finetune(source: Path, target: Path, rows: int, variant: int) -> Path:
+    """A copy of ``source`` whose vocabulary has ``rows`` tokens (embedding and output head
+    cut or grown to ``rows``, config vocab_size with them) with tokenizer ``variant`` of that
+    size: a fine-tune whose vocabulary differs in size and content."""
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model.resize_token_embeddings(rows)
+    _save(model.eval(), Path(target), None)
+    save_tokenizer(Path(target), rows, variant)
+    return Path(target)

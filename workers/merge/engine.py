@@ -33,12 +33,13 @@ from merging.inputs import TensorInputs
 from merging.method import MergeInputError
 from schemas.recipe import MergeRecipe
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
-from workers.merge.inputs import open_merge_inputs, tokenizer_source
+from workers.merge.inputs import open_merge_inputs, resolve, tokenizer_source
 from workers.merge.parameters import ParameterResolver
 from workers.merge.passes import ModelPasses
 from workers.merge.plan import PlannedTensor, num_layers, plan_tensors
 from workers.merge.progress import Progress, ProgressCallback, ProgressTracker
 from workers.merge.reading import InputReader
+from workers.merge.vocabulary import build_vocabulary, mergekit_order, vocab_size_key
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.writer import ShardedWriter, TensorSpec
 
@@ -109,15 +110,29 @@ def run_merge(
         base = next((i for i in inputs if i.role == "base"), None)
         models = [i for i in inputs if i.role != "base"]
         tokenizer_src = tokenizer_source(recipe, inputs, settings, base_dir, resolved or {})
-        plan = plan_tensors(recipe, base, models)
+        vocabulary = None
+        config_updates = dict(opened.layout.config_updates) if opened.layout else {}
+        if recipe.vocabulary is not None:
+            vocabulary = build_vocabulary(
+                recipe,
+                {
+                    str(ref): resolve(ref.base, settings, base_dir, resolved or {}).path
+                    for ref in recipe.input_references()
+                },
+                str(recipe.base_model) if recipe.base_model is not None else None,
+                tokenizer_src,
+            )
+            config_updates[vocab_size_key(opened.config_source.path)] = vocabulary.rows
+        plan = plan_tensors(recipe, base, models, vocabulary.rows if vocabulary else None)
         params = ParameterResolver(
             recipe, num_layers(base or models[0], plan), layout=opened.layout
         )
         out_dtype = _DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         specs = [TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()]
-        merge = _Merge(
-            recipe, InputReader(base, models, plan, dev), params, run_seed, report, is_cancelled
+        reader = InputReader(
+            base, models, plan, dev, vocabulary=vocabulary, input_order=mergekit_order(recipe)
         )
+        merge = _Merge(recipe, reader, params, run_seed, report, is_cancelled)
         threads = torch.get_num_threads()
         torch.set_num_threads(_compute_threads(threads))
         exit_stack.callback(torch.set_num_threads, threads)
@@ -148,8 +163,9 @@ def run_merge(
             base=base.resolved if base else None,
             models=[r for r in opened.parents if base is None or r is not base.resolved],
             config_source=opened.config_source.path,
-            config_updates=opened.layout.config_updates if opened.layout else None,
+            config_updates=config_updates or None,
             tokenizer_source=tokenizer_src,
+            tokenizer=vocabulary.tokenizer if vocabulary else None,
             written=shards,
             writer_digests=writer.digests,
             out_dtype=recipe.output_dtype,
@@ -296,7 +312,11 @@ class _Merge:
 
     def streamed(self, name: str) -> bool:
         """Whether the merge pass streams this tensor block by block."""
-        return self.plan[name].is_float and not self.method.whole_tensor(self.params.shared(name))
+        return (
+            self.plan[name].is_float
+            and not self.reader.aligns(name)
+            and not self.method.whole_tensor(self.params.shared(name))
+        )
 
     def statistics(self) -> dict[str, Any]:
         """The method's whole-model statistics (extra passes), or {} when it needs none."""

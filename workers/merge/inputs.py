@@ -213,8 +213,10 @@ def tokenizer_source(
     base_dir: Path | None,
     resolved: dict[str, ResolvedModel],
 ) -> Path | None:
-    src = recipe.tokenizer_source
-    if src is None or src == "base":
+    """The folder the output's tokenizer comes from: a model the tokenizer plan names, else
+    the base (the first model without one)."""
+    src = recipe.vocabulary.source if recipe.vocabulary is not None else None
+    if not isinstance(src, ModelReference):
         first = next((i for i in inputs if i.role == "base"), inputs[0] if inputs else None)
         return first.resolved.path if first else None
     assert isinstance(src, ModelReference)

@@ -18,6 +18,7 @@ import torch
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
 from workers.merge.inputs import InputModel, read_config
+from workers.merge.vocabulary import is_vocabulary_tensor
 from workers.tensors.safetensors_format import DTYPES
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -44,11 +45,16 @@ class PlannedTensor:
 
 
 def plan_tensors(
-    recipe: MergeRecipe, base: InputModel | None, models: list[InputModel]
+    recipe: MergeRecipe,
+    base: InputModel | None,
+    models: list[InputModel],
+    vocab_rows: int | None = None,
 ) -> dict[str, PlannedTensor]:
-    """Output tensors with shapes and holders, checked from headers only (no data read)."""
+    """Output tensors with shapes and holders, checked from headers only (no data read).
+    ``vocab_rows``: the output vocabulary's row count under a tokenizer plan (the tensors
+    with a vocabulary axis then have it, and the inputs' vocabularies may differ)."""
     reference = base or models[0]
-    _check_configs(reference, models)
+    _check_configs(reference, models, vocabulary_plan=vocab_rows is not None)
     if base is not None:
         names = list(base.reader.names)
     else:
@@ -65,12 +71,21 @@ def plan_tensors(
             else next(m for m in models if name in m.reader)
         )
         info = ref_in.reader.info(name)
+        aligned = vocab_rows is not None and is_vocabulary_tensor(name) and len(info.shape) >= 1
         holders = []
         for m in models:
             if name not in m.reader:
                 continue
             mi = m.reader.info(name)
-            if tuple(mi.shape) != tuple(info.shape):
+            if aligned and tuple(mi.shape[1:]) != tuple(info.shape[1:]):
+                raise InputError(
+                    f"shape {tuple(mi.shape)} differs from {tuple(info.shape)} in "
+                    f"{ref_in.label!r} beyond the vocabulary axis — the hidden sizes differ; "
+                    "models of different widths cannot be merged",
+                    model=m.label,
+                    tensor=name,
+                )
+            if not aligned and tuple(mi.shape) != tuple(info.shape):
                 raise InputError(
                     f"shape {tuple(mi.shape)} differs from {tuple(info.shape)} in "
                     f"{ref_in.label!r}{_mismatch_hint(name, tuple(mi.shape), tuple(info.shape))}",
@@ -86,7 +101,11 @@ def plan_tensors(
                 )
             assert m.index is not None
             holders.append(m.index)
-        plan[name] = PlannedTensor(tuple(info.shape), info.dtype, tuple(holders), base is not None)
+        shape = tuple(info.shape)
+        if aligned:
+            assert vocab_rows is not None
+            shape = (vocab_rows, *shape[1:])
+        plan[name] = PlannedTensor(shape, info.dtype, tuple(holders), base is not None)
     if base is not None:
         for m in models:
             extra = [n for n in m.reader.names if n not in base.reader]
@@ -104,18 +123,26 @@ def plan_tensors(
     return plan
 
 
-def _check_configs(reference: InputModel, models: list[InputModel]) -> None:
-    """Vocabulary size and hidden size from config.json, where the configs say them."""
+def _check_configs(
+    reference: InputModel, models: list[InputModel], *, vocabulary_plan: bool
+) -> None:
+    """Vocabulary size (unless a tokenizer plan aligns the vocabularies) and hidden size
+    from config.json, where the configs say them."""
     ref_cfg = read_config(reference.resolved.path)
     ref_vocab, ref_width = _config_int(ref_cfg, _VOCAB_KEYS), _config_int(ref_cfg, _WIDTH_KEYS)
     for m in models:
         cfg = read_config(m.resolved.path)
         vocab, width = _config_int(cfg, _VOCAB_KEYS), _config_int(cfg, _WIDTH_KEYS)
-        if ref_vocab is not None and vocab is not None and vocab != ref_vocab:
+        if (
+            not vocabulary_plan
+            and ref_vocab is not None
+            and vocab is not None
+            and vocab != ref_vocab
+        ):
             raise InputError(
                 f"vocabulary size {vocab} differs from {ref_vocab} of {reference.label!r}; "
-                "merging models with different vocabularies needs a tokenizer plan, which "
-                "weightsmith does not support yet: merge models that share a tokenizer",
+                "merging models with different vocabularies needs a tokenizer plan: set "
+                "'tokenizer_source' (base, union or a model) or 'tokenizer'",
                 model=m.label,
                 field=f"{m.role}.model",
             )
@@ -148,7 +175,10 @@ def _mismatch_hint(name: str, shape: tuple[int, ...], ref: tuple[int, ...]) -> s
         return ""
     if shape[1] != ref[1]:
         return " — the hidden sizes differ; models of different widths cannot be merged"
-    return " — the vocabularies differ; merging them needs a tokenizer plan"
+    return (
+        " — the vocabularies differ; merging them needs a tokenizer plan ('tokenizer_source' "
+        "or 'tokenizer')"
+    )
 
 
 def _is_embedding(name: str) -> bool:

@@ -9,6 +9,7 @@ is checked for NaN/Inf once, and a damaged checkpoint is named.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,6 +20,7 @@ from workers.merge import blocks as streaming
 from workers.merge.inputs import InputModel
 from workers.merge.plan import PlannedTensor
 from workers.merge.readahead import ReadAhead
+from workers.merge.vocabulary import OutputVocabulary, is_vocabulary_tensor
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -43,6 +45,13 @@ def _stretch_block(start: int, stop: int, views: list[torch.Tensor], *, has_base
     )
 
 
+def _model_label(inp: InputModel, name: str) -> str:
+    """The reference (as written) of the model that input ``inp``'s tensor ``name`` is
+    from: a slice's source view may draw tensors from several models."""
+    model_label = getattr(inp.reader, "model_label", None)
+    return str(model_label(name)) if model_label is not None else inp.label
+
+
 class InputReader:
     """Reads the inputs' tensors for the passes of one merge, onto the compute device."""
 
@@ -52,12 +61,46 @@ class InputReader:
         models: list[InputModel],
         plan: dict[str, PlannedTensor],
         device: torch.device,
+        vocabulary: OutputVocabulary | None = None,
+        input_order: list[str] | None = None,
     ) -> None:
         self.base = base
         self.models = models
         self.plan = plan
         self.device = device
         self.readahead: ReadAhead | None = None
+        # a tokenizer plan: the tensors with a vocabulary axis are read aligned to it
+        self.vocabulary = vocabulary
+        self.input_order = input_order or []  # model labels in mergekit's order of inputs
+        self._aligned: tuple[str, dict[int, torch.Tensor]] = ("", {})
+        self._aligned_lock = threading.Lock()
+
+    def aligns(self, name: str) -> bool:
+        """Whether tensor ``name`` is read with its rows moved to the output vocabulary (it
+        is then read whole, never streamed from the files)."""
+        return self.vocabulary is not None and is_vocabulary_tensor(name)
+
+    def aligned(self, key: int, name: str) -> torch.Tensor:
+        """Input ``key``'s (-1: the base) tensor ``name`` in the output vocabulary. All the
+        inputs' are made together (a row an input lacks may come from another) and each is
+        handed out once, so at most one such set is held."""
+        assert self.vocabulary is not None
+        with self._aligned_lock:
+            held, tensors = self._aligned
+            if held != name or key not in tensors:
+                inputs = self.inputs_of(name)
+                labels = [_model_label(inp, name) for inp in inputs]
+                rank = {label: i for i, label in reversed(list(enumerate(self.input_order)))}
+                order = sorted(range(len(inputs)), key=lambda k: rank.get(labels[k], len(rank)))
+                rows = self.vocabulary.align(
+                    name, [(labels[k], inputs[k].reader.read(name)) for k in order]
+                )
+                tensors = {
+                    -1 if inputs[k].index is None else int(inputs[k].index or 0): t
+                    for k, t in zip(order, rows, strict=True)
+                }
+                self._aligned = (name, tensors)
+            return tensors.pop(key)
 
     def holders(self, name: str) -> list[InputModel]:
         """The fine-tuned models that have tensor ``name``, in recipe order."""
@@ -93,6 +136,8 @@ class InputReader:
 
     def _read_input(self, key: tuple[int, str]) -> torch.Tensor:
         i, name = key
+        if self.aligns(name):
+            return self.aligned(i, name)
         inp = self.base if i < 0 else self.models[i]
         assert inp is not None
         return inp.reader.read(name)
@@ -155,6 +200,18 @@ class InputReader:
     def _block_reader(
         self, inp: InputModel, name: str
     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        if self.aligns(name):
+            whole: list[torch.Tensor] = []
+
+            def read_aligned(start: int, out: torch.Tensor) -> torch.Tensor:
+                if not whole:
+                    key = -1 if inp.index is None else inp.index
+                    whole.append(self.aligned(key, name).reshape(-1))
+                out.copy_(whole[0][start : start + out.numel()])
+                return out.to(self.device)
+
+            return read_aligned
+
         def read(start: int, out: torch.Tensor) -> torch.Tensor:
             return inp.reader.read_into(name, start, out).to(self.device)
 

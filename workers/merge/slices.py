@@ -71,6 +71,10 @@ class SlicedReader:
     def source_name(self, name: str) -> str:
         return self._source[name][1]
 
+    def model_label(self, name: str) -> str:
+        """The reference (as written) of the model tensor ``name`` comes from."""
+        return str(self._source[name][0].label)
+
     def info(self, name: str) -> TensorInfo:
         reader, source = self._source[name]
         return reader.info(source)

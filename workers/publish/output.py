@@ -75,6 +75,39 @@ def copy_tokenizer(source: Path | None, staging: Path) -> list[str]:
     return copied
 
 
+def save_tokenizer(tokenizer: Any, chat_template: str | None, staging: Path) -> list[str]:
+    """Write ``tokenizer`` (a transformers tokenizer: a merge's output vocabulary, or the
+    source's to give it a chat template) with ``chat_template`` set, as mergekit does;
+    returns the files written."""
+    before = set(p.name for p in staging.iterdir())
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(staging))
+    return sorted(p.name for p in staging.iterdir() if p.name not in before)
+
+
+def output_chat_template(recipe: MergeRecipe, tokenizer_dirs: list[Path]) -> str | None:
+    """The recipe's ``chat_template``: its Jinja text, or for ``auto`` the template most
+    inputs' tokenizers have (mergekit's plurality rule; None when none has one)."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    if recipe.chat_template is None or recipe.chat_template != "auto":
+        return recipe.chat_template
+    found = []
+    for d in tokenizer_dirs:
+        try:
+            template = AutoTokenizer.from_pretrained(str(d)).chat_template
+        except Exception:  # mergekit skips a model whose tokenizer does not load
+            continue
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            found.append(str(template).strip())
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
 def _parent_ref(r: ResolvedModel) -> str:
     return str(r.pinned)
 
@@ -128,6 +161,7 @@ def finalize_output(
     config_updates: dict[str, Any] | None = None,
     tokenizer_source: Path | None,
     written: Iterable[Path],
+    tokenizer: Any = None,
     writer_digests: dict[str, tuple[int, str]],
     out_dtype: str | None,
     notes: list[str],
@@ -138,15 +172,31 @@ def finalize_output(
 ) -> dict[str, Any]:
     """Write config, tokenizer, model card and (last) the manifest; return the manifest.
     ``adapters``: (checkpoint, LoRA adapter applied to it) of each BASE+ADAPTER input, listed
-    among the parents with role ``adapter``."""
+    among the parents with role ``adapter``. ``tokenizer``: the output vocabulary's
+    tokenizer under a tokenizer plan (written instead of copying the source's files)."""
     del written  # the writer's digests cover exactly the files it wrote
     write_config(config_source, staging, out_dtype, config_updates)
-    tokenizer_files = copy_tokenizer(tokenizer_source, staging)
+    parents = ([base] if base else []) + models
+    template = None
+    if recipe.chat_template is not None:
+        dirs = [p.path if p.path.is_dir() else p.path.parent for p in parents]
+        template = output_chat_template(recipe, dirs)
+    if tokenizer is not None:
+        tokenizer_files = save_tokenizer(tokenizer, template, staging)
+    elif template is not None and tokenizer_source is not None:
+        # mergekit loads the source's tokenizer and writes it again with the template
+        from transformers import AutoTokenizer
+
+        src_dir = tokenizer_source if tokenizer_source.is_dir() else tokenizer_source.parent
+        tokenizer_files = save_tokenizer(
+            AutoTokenizer.from_pretrained(str(src_dir)), template, staging
+        )
+    else:
+        tokenizer_files = copy_tokenizer(tokenizer_source, staging)
     if tokenizer_source is not None and not tokenizer_files and recipe.tokenizer_source:
         raise InputError(
             f"no tokenizer files found in {str(tokenizer_source)!r}", field="tokenizer_source"
         )
-    parents = ([base] if base else []) + models
     title = recipe.output.name or f"{recipe.merge_method} merge"
     (staging / "README.md").write_text(
         model_card(recipe, parents + [a for _, a in adapters], title)
