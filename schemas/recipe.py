@@ -30,6 +30,7 @@ from pydantic import (
 from merging import METHODS
 from merging.method import MergeMethod, ModelSettings, RecipeRuleError, RecipeSettings
 from merging.parameters import ParameterSpec, ParamScope
+from schemas.chat_templates import NAMED_TEMPLATES
 from schemas.limits import (
     FLOAT32_MAX,
     MAX_FILTER_CHARS,
@@ -319,15 +320,17 @@ class MergeRecipe(BaseModel):
     @field_validator("chat_template")
     @classmethod
     def _chat_template(cls, v: str | None) -> str | None:
-        """mergekit's forms: ``auto`` (the template most inputs have) or a Jinja template;
-        its bundled named templates are not shipped here."""
+        """mergekit's forms: ``auto`` (the template most inputs have), a named template
+        (schemas/chat_templates.py), or a Jinja template."""
         if v is None or v == "auto":
+            return v
+        if v in NAMED_TEMPLATES:
             return v
         if v in MERGEKIT_TEMPLATE_NAMES:
             raise ValueError(
-                f"the named template {v!r} is one of mergekit's bundled files, which weightsmith "
-                "does not ship: write the Jinja template itself here, or 'auto' (the template "
-                "most input models have)"
+                f"the named template {v!r} is not one weightsmith has; named templates: "
+                f"{', '.join(sorted(NAMED_TEMPLATES))}; or write the Jinja template itself "
+                "here, or 'auto' (the template most input models have)"
             )
         if len(v) < 20 or "{" not in v:
             raise ValueError(

@@ -185,6 +185,33 @@ def test_chat_template_jinja_and_auto(fam, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "auto")).chat_template is None
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("chatml", "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                   "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>assistant\n"),
+        ("llama3", "{bos}<|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+        ("mistral", "{bos}[INST] be brief\n\nhi [/INST]hello{eos}"),
+        ("alpaca", "be brief\n\n### Instruction:\nhi\n\n### Response:\nhello{eos}\n\n"
+                   "### Response:\n"),
+    ],
+)  # fmt: skip
+def test_a_named_chat_template_is_written_and_renders_its_format(fam, tmp_path, name, expected):
+    r = _ta_recipe(fam, ["ft1"], [0.5], chat_template=name)
+    engine(r, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == expected.format(bos=tok.bos_token, eos=tok.eos_token)
+
+
 # -- bad recipes and inputs ------------------------------------------------------------------
 
 
@@ -213,7 +240,7 @@ def test_chat_template_jinja_and_auto(fam, tmp_path):
         ),
         ({"tokenizer": {"pad_to_multiple_of": 0}}, "tokenizer.pad_to_multiple_of"),
         ({"tokenizer": {"source": "org/a+org/l"}}, "tokenizer.source: a LoRA adapter"),
-        ({"chat_template": "chatml"}, "chat_template: the named template 'chatml'"),
+        ({"chat_template": "exaone"}, "chat_template: the named template 'exaone' is not one"),
         ({"chat_template": "hello"}, "chat_template: a chat template is 'auto'"),
     ],
 )

@@ -18,6 +18,7 @@ import yaml
 
 import weightsmith
 from infra.artifacts import folder_files, write_manifest
+from schemas.chat_templates import NAMED_TEMPLATES
 from schemas.manifests import MANIFEST_FORMAT, Manifest, ManifestParent
 from schemas.recipe import MergeRecipe
 from workers.errors import InputError
@@ -93,6 +94,8 @@ def output_chat_template(recipe: MergeRecipe, tokenizer_dirs: list[Path]) -> str
 
     from transformers import AutoTokenizer
 
+    if recipe.chat_template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[recipe.chat_template]
     if recipe.chat_template is None or recipe.chat_template != "auto":
         return recipe.chat_template
     found = []
