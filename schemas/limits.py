@@ -52,6 +52,11 @@ MAX_RECIPE_BYTES = 256 * 1024
 """A recipe as stored: the bytes of its canonical JSON (sorted keys, no spaces, UTF-8)."""
 MAX_MODELS_PER_RECIPE = 64
 """Entries of a merge recipe's ``models`` (the worker holds one tensor of each at a time)."""
+MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+"""Characters of a merge recipe's ``chat_template`` (real templates with tool calling run to
+several thousand characters): the one string longer than MAX_STRING_CHARS."""
+LONG_STRINGS = {"chat_template": MAX_CHAT_TEMPLATE_CHARS}
+"""Mapping keys whose string value may be longer than MAX_STRING_CHARS, with their limit."""
 MAX_SLICES = 256
 """Entries of a merge recipe's ``slices`` (each holds at most MAX_MODELS_PER_RECIPE sources)."""
 MAX_SETTING_ITEMS = 256
@@ -187,7 +192,9 @@ def check_document(document: Any, at: Location = ()) -> None:
                     raise DocumentRefused(json_pointer(loc), f"a key {problem}")
                 stack.append((item, (*loc, key), depth))
         elif isinstance(value, str):
-            problem = check_string(value)
+            key = loc[-1] if loc else None
+            limit = LONG_STRINGS.get(key, MAX_STRING_CHARS) if isinstance(key, str) else None
+            problem = check_string(value, limit or MAX_STRING_CHARS)
             if problem is not None:
                 raise DocumentRefused(json_pointer(loc), problem)
         elif isinstance(value, bool) or value is None:

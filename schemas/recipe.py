@@ -33,6 +33,7 @@ from merging.parameters import ParameterSpec, ParamScope
 from schemas.chat_templates import NAMED_TEMPLATES
 from schemas.limits import (
     FLOAT32_MAX,
+    MAX_CHAT_TEMPLATE_CHARS,
     MAX_FILTER_CHARS,
     MAX_LAYER_INDEX,
     MAX_MODELS_PER_RECIPE,
@@ -40,7 +41,6 @@ from schemas.limits import (
     MAX_SETTING_ITEMS,
     MAX_SHARD_BYTES,
     MAX_SLICES,
-    MAX_STRING_CHARS,
     MAX_TOKEN_CHARS,
     MAX_TOKENIZER_TOKENS,
     limit_error,
@@ -300,7 +300,7 @@ class MergeRecipe(BaseModel):
     out_dtype: DType | None = None
     tokenizer_source: Literal["base", "union"] | ModelReference | None = None
     tokenizer: TokenizerOptions | None = None
-    chat_template: str | None = Field(default=None, max_length=MAX_STRING_CHARS)
+    chat_template: str | None = Field(default=None, max_length=MAX_CHAT_TEMPLATE_CHARS)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     allow_pickle: bool = False
     output: OutputOptions = Field(default_factory=OutputOptions)

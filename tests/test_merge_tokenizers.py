@@ -279,3 +279,17 @@ def test_different_vocabulary_sizes_need_a_tokenizer_plan(fam, tmp_path):
     r = _ta_recipe(fam, ["ft1", "small"], [0.5, 0.5])
     with pytest.raises(InputError, match="set 'tokenizer_source'"):
         run_merge(parse_recipe(r), tmp_path / "out")
+
+
+def test_a_long_chat_template_passes_the_body_walk_but_not_past_its_own_limit():
+    from schemas.limits import MAX_CHAT_TEMPLATE_CHARS, DocumentRefused, check_document
+
+    template = "{{ messages[0]['content'] }}" + " " * 10_000
+    check_document({"recipe": {"chat_template": template}})  # past 4096: allowed here
+    with pytest.raises(DocumentRefused) as info:
+        check_document({"recipe": {"name": template}})
+    assert info.value.pointer == "/recipe/name"
+    with pytest.raises(DocumentRefused):
+        check_document({"chat_template": "{" + " " * MAX_CHAT_TEMPLATE_CHARS})
+    r = {"merge_method": "linear", "models": [{"model": "org/a"}], "chat_template": template}
+    assert parse_recipe(r).chat_template == template
