@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -280,3 +281,27 @@ def weight_map(model_dir: Path) -> dict[str, str]:
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+def build_lora_adapter(base: Path, target: Path, seed: int, **config: Any) -> Path:
+    """A PEFT LoRA adapter of the model in ``base``, saved in ``target`` as users publish them
+    (``save_pretrained``); ``init_lora_weights=False`` draws A and B at random (PEFT's default
+    makes B zero, so ΔW would prove nothing); ``config`` are
+    ``peft.LoraConfig`` fields (r, lora_alpha, target_modules, use_rslora, …)."""
+    from peft import LoraConfig, get_peft_model
+
+    config.setdefault("init_lora_weights", False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        peft_model = get_peft_model(model, LoraConfig(**config))
+        # modules_to_save start as copies of the base: change them so replacing shows
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.data += 0.01 * torch.randn_like(p)
+    peft_model.save_pretrained(str(target), safe_serialization=True)
+    return target
