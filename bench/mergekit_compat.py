@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,13 +42,14 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from merge_bench import DEFAULT_MERGEKIT_VENV, ensure_mergekit  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from merge_bench import DEFAULT_MERGEKIT_VENV, ensure_mergekit  # noqa: E402
 from schemas.recipe import RecipeError, parse_recipe  # noqa: E402
 from testbed.compat import RECIPES, CompatRecipe, build_families  # noqa: E402
 from workers.merge.engine import run_merge  # noqa: E402
 
+_LAYER = re.compile(r"^(.*?(?:layers|h)\.)(\d+)(\..+)$")
 DEFAULT_DATA_DIR = BENCH_DIR / ".data" / "compat-set"
 SEED = 1
 ULP_TOL = {torch.float32: 4.0, torch.float16: 1.0, torch.bfloat16: 1.0}
@@ -81,17 +83,62 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def ulps(ours: torch.Tensor, mk: torch.Tensor) -> float:
-    """max |ours − mk| in units in the last place of the output dtype, at the larger of the
-    two magnitudes (the spacing of the dtype's normal range below its smallest normal)."""
+def ulps(ours: torch.Tensor, mk: torch.Tensor, operand: torch.Tensor | None = None) -> float:
+    """max |ours − mk| in units in the last place of the output dtype, at the largest
+    magnitude among the two results and ``operand`` (the largest input magnitude at that
+    position, where the inputs line up with the output: rounding is relative to the
+    operands, and a result that cancels to near 0 would otherwise count huge ulps)."""
     info = torch.finfo(mk.dtype)
     a, b = ours.double(), mk.double()
-    big = torch.maximum(a.abs(), b.abs()).clamp(min=info.tiny)
+    big = torch.maximum(a.abs(), b.abs())
+    if operand is not None:
+        big = torch.maximum(big, operand.double())
+    big = big.clamp(min=info.tiny)
     spacing = torch.exp2(torch.floor(torch.log2(big))) * info.eps
     return float(((a - b).abs() / spacing).max()) if a.numel() else 0.0
 
 
-def compare(ours: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> dict[str, Any]:
+def operands(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per tensor name, the largest magnitude over the inputs at each position, for a
+    ``models`` recipe (a slice's inputs do not line up with the output by name)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, t: torch.Tensor) -> None:
+        if not t.is_floating_point():
+            return
+        mag = t.double().abs()
+        if name not in out:
+            out[name] = mag
+        elif out[name].shape == mag.shape:
+            out[name] = torch.maximum(out[name], mag)
+
+    if not recipe.get("slices"):
+        refs = [recipe.get("base_model")] + [m["model"] for m in recipe.get("models") or []]
+        for ref in {r.split("+")[0] for r in refs if r}:
+            for name, t in load_tensors(Path(ref)).items():
+                add(name, t)
+        return out
+    # slices: output layer offset + k comes from layer first + k of each of the slice's
+    # sources; tensors outside the layers from every source
+    offset = 0
+    for piece in recipe["slices"]:
+        for src in piece["sources"]:
+            first, end = src["layer_range"]
+            for name, t in load_tensors(Path(src["model"].split("+")[0])).items():
+                m = _LAYER.match(name)
+                if m is None:
+                    add(name, t)
+                elif first <= int(m.group(2)) < end:
+                    add(f"{m.group(1)}{int(m.group(2)) - first + offset}{m.group(3)}", t)
+        offset += piece["sources"][0]["layer_range"][1] - piece["sources"][0]["layer_range"][0]
+    return out
+
+
+def compare(
+    ours: dict[str, torch.Tensor],
+    mk: dict[str, torch.Tensor],
+    scale: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     res: dict[str, Any] = {"only_ours": sorted(set(ours) - set(mk))}
     res["only_mk"] = sorted(set(mk) - set(ours))
     res["shape"] = sorted(n for n in set(ours) & set(mk) if ours[n].shape != mk[n].shape)
@@ -107,7 +154,8 @@ def compare(ours: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> dict[
         if a.shape != b.shape or not b.is_floating_point():
             continue
         d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        u = ulps(a.to(b.dtype), b)
+        op = (scale or {}).get(n)
+        u = ulps(a.to(b.dtype), b, op if op is not None and op.shape == b.shape else None)
         if d > worst:
             worst, worst_name = d, n
         worst_ulp = max(worst_ulp, u)
@@ -123,7 +171,7 @@ def run_ours(recipe: dict[str, Any], out: Path) -> tuple[str, str]:
         return "refused", str(e).splitlines()[0][:200]
     try:
         run_merge(parsed, out, seed=SEED)
-    except Exception as e:  # noqa: BLE001 - reported, the bench goes on
+    except Exception as e:
         return "failed", f"{type(e).__name__}: {e}"[:200]
     return "ok", ""
 
@@ -152,7 +200,8 @@ def verdict(c: CompatRecipe, ours: str, mk: str, cmp: dict[str, Any] | None) -> 
         return "failed in mergekit"
     assert cmp is not None
     if not cmp["same_layout"]:
-        return "layout differs"
+        only_dtype = not (cmp["only_ours"] or cmp["only_mk"] or cmp["shape"])
+        return "dtype differs (documented)" if only_dtype and c.difference else "layout differs"
     if c.random:
         return "same layout"
     if cmp["within_tol"]:
@@ -198,7 +247,7 @@ def main() -> int:
         cmp = None
         layers: dict[str, Any] = {}
         if ours == "ok" and mk == "ok":
-            cmp = compare(load_tensors(work / "ours"), load_tensors(work / "mk"))
+            cmp = compare(load_tensors(work / "ours"), load_tensors(work / "mk"), operands(recipe))
             for side in ("ours", "mk"):
                 cfg = json.loads((work / side / "config.json").read_text())
                 layers[side] = cfg.get("num_hidden_layers", cfg.get("n_layer"))

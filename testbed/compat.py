@@ -79,7 +79,11 @@ _FP_MATH = "mergekit computes this method in the working dtype (fp16/bf16), we i
 
 RECIPES: tuple[CompatRecipe, ...] = (
     # ---- mergekit 0.1.5 examples/ ---------------------------------------------------------
-    _r("ex_linear", "mergekit examples/linear.yml", "llama-fp16", """
+    _r(
+        "ex_linear",
+        "mergekit examples/linear.yml",
+        "llama-fp16",
+        """
 models:
   - model: $ft1
     parameters: {weight: 1.0}
@@ -89,8 +93,13 @@ models:
     parameters: {weight: 0.5}
 merge_method: linear
 dtype: float16
-"""),
-    _r("ex_ties", "mergekit examples/ties.yml", "llama-fp16", """
+""",
+    ),
+    _r(
+        "ex_ties",
+        "mergekit examples/ties.yml",
+        "llama-fp16",
+        """
 models:
   - model: $ft1
     parameters:
@@ -113,8 +122,14 @@ parameters:
   normalize: true
   int8_mask: true
 dtype: float16
-""", difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order"),
-    _r("ex_bio_merge", "mergekit examples/bio-merge.yml", "llama-fp16", """
+""",
+        difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order",
+    ),
+    _r(
+        "ex_bio_merge",
+        "mergekit examples/bio-merge.yml",
+        "llama-fp16",
+        """
 models:
   - model: $ft1
     parameters: {density: 0.5, weight: 0.5}
@@ -126,8 +141,14 @@ parameters:
   normalize: false
   int8_mask: true
 dtype: float16
-""", difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order"),
-    _r("ex_gradient_slerp", "mergekit examples/gradient-slerp.yml", "llama-fp16", """
+""",
+        difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order",
+    ),
+    _r(
+        "ex_gradient_slerp",
+        "mergekit examples/gradient-slerp.yml",
+        "llama-fp16",
+        """
 slices:
   - sources:
       - model: $ft1
@@ -144,8 +165,13 @@ parameters:
       value: [1, 0.5, 0.7, 0.3, 0]
     - value: 0.5
 dtype: float16
-"""),
-    _r("ex_orcamini_platy", "mergekit examples/orcamini-platy-44layer.yml", "llama-fp16", """
+""",
+    ),
+    _r(
+        "ex_orcamini_platy",
+        "mergekit examples/orcamini-platy-44layer.yml",
+        "llama-fp16",
+        """
 slices:
   - sources:
     - model: $ft1
@@ -155,17 +181,29 @@ slices:
       layer_range: [1, 4]
 merge_method: passthrough
 dtype: float16
-""", layers=6),
-    _r("ex_arcee_fusion", "mergekit examples/arcee_fusion.yml", "llama-bf16", """
+""",
+        layers=6,
+    ),
+    _r(
+        "ex_arcee_fusion",
+        "mergekit examples/arcee_fusion.yml",
+        "llama-bf16",
+        """
 models:
   - model: $ft1
   - model: $ft2
 merge_method: arcee_fusion
 base_model: $ft1
 dtype: bfloat16
-""", difference=_FP_MATH),
+""",
+        difference=_FP_MATH + "; mergekit writes it in float32 without out_dtype",
+    ),
     # ---- LazyMergekit templates (mlabonne) ------------------------------------------------
-    _r("lazy_slerp", "LazyMergekit SLERP template", "llama-bf16", """
+    _r(
+        "lazy_slerp",
+        "LazyMergekit SLERP template",
+        "llama-bf16",
+        """
 slices:
   - sources:
       - model: $ft1
@@ -182,8 +220,13 @@ parameters:
       value: [1, 0.5, 0.7, 0.3, 0]
     - value: 0.5
 dtype: bfloat16
-"""),
-    _r("lazy_ties", "LazyMergekit TIES template", "llama-fp16", """
+""",
+    ),
+    _r(
+        "lazy_ties",
+        "LazyMergekit TIES template",
+        "llama-fp16",
+        """
 models:
   - model: $base
     # no parameters necessary for base model
@@ -196,8 +239,14 @@ base_model: $base
 parameters:
   normalize: true
 dtype: float16
-""", difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order"),
-    _r("lazy_dare_ties", "LazyMergekit DARE TIES template", "llama-bf16", """
+""",
+        difference=_FP_MATH + "; equal |τ| at the top-k cut kept in another order",
+    ),
+    _r(
+        "lazy_dare_ties",
+        "LazyMergekit DARE TIES template",
+        "llama-bf16",
+        """
 models:
   - model: $base
     # No parameters necessary for base model
@@ -212,8 +261,14 @@ base_model: $base
 parameters:
   int8_mask: true
 dtype: bfloat16
-""", random=True),
-    _r("lazy_passthrough", "LazyMergekit passthrough template", "llama-bf16", """
+""",
+        random=True,
+    ),
+    _r(
+        "lazy_passthrough",
+        "LazyMergekit passthrough template",
+        "llama-bf16",
+        """
 slices:
   - sources:
     - model: $ft1
@@ -223,8 +278,14 @@ slices:
       layer_range: [2, 4]
 merge_method: passthrough
 dtype: bfloat16
-""", layers=6),
-    _r("lazy_model_stock", "LazyMergekit Model Stock template", "llama-bf16", """
+""",
+        layers=6,
+    ),
+    _r(
+        "lazy_model_stock",
+        "LazyMergekit Model Stock template",
+        "llama-bf16",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -232,8 +293,14 @@ models:
 merge_method: model_stock
 base_model: $base
 dtype: bfloat16
-""", difference=_FP_MATH + "; t clamped to [0, 1]"),
-    _r("lazy_della", "LazyMergekit DELLA template", "llama-bf16", """
+""",
+        difference=_FP_MATH + "; t clamped to [0, 1]",
+    ),
+    _r(
+        "lazy_della",
+        "LazyMergekit DELLA template",
+        "llama-bf16",
+        """
 models:
   - model: $base
   - model: $ft1
@@ -247,10 +314,15 @@ parameters:
   int8_mask: true
   lambda: 1.0
 dtype: bfloat16
-""", random=True),
+""",
+        random=True,
+    ),
     # ---- frankenmerges ----------------------------------------------------------------------
-    _r("franken_depth_upscale", "SOLAR depth up-scaling (passthrough, overlapping ranges)",
-       "llama", """
+    _r(
+        "franken_depth_upscale",
+        "SOLAR depth up-scaling (passthrough, overlapping ranges)",
+        "llama",
+        """
 slices:
   - sources:
     - model: $base
@@ -260,8 +332,14 @@ slices:
       layer_range: [1, 4]
 merge_method: passthrough
 dtype: float32
-""", layers=6),
-    _r("franken_interleave", "Goliath-style interleaved frankenmerge", "llama", """
+""",
+        layers=6,
+    ),
+    _r(
+        "franken_interleave",
+        "Goliath-style interleaved frankenmerge",
+        "llama",
+        """
 slices:
   - sources:
     - model: $ft1
@@ -274,9 +352,14 @@ slices:
       layer_range: [2, 4]
 merge_method: passthrough
 dtype: float32
-""", layers=6),
-    _r("franken_scaled", "passthrough with scale 0 on the repeated layers' output projections",
-       "llama", """
+""",
+        layers=6,
+    ),
+    _r(
+        "franken_scaled",
+        "passthrough with scale 0 on the repeated layers' output projections",
+        "llama",
+        """
 slices:
   - sources:
     - model: $ft1
@@ -293,8 +376,14 @@ slices:
           - value: 1.0
 merge_method: passthrough
 dtype: float32
-""", layers=6),
-    _r("franken_linear_slices", "per-range linear merge over slices", "llama", """
+""",
+        layers=6,
+    ),
+    _r(
+        "franken_linear_slices",
+        "per-range linear merge over slices",
+        "llama",
+        """
 slices:
   - sources:
     - model: $ft1
@@ -312,9 +401,14 @@ slices:
       parameters: {weight: 0.8}
 merge_method: linear
 dtype: float32
-"""),
+""",
+    ),
     # ---- the other methods, float32 -------------------------------------------------------
-    _r("task_arithmetic", "task arithmetic with lambda and a filtered weight", "llama", """
+    _r(
+        "task_arithmetic",
+        "task arithmetic with lambda and a filtered weight",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {weight: 0.5}
@@ -328,8 +422,13 @@ base_model: $base
 parameters:
   lambda: 0.8
 dtype: float32
-"""),
-    _r("ties_f32", "TIES, float32 checkpoints", "llama", """
+""",
+    ),
+    _r(
+        "ties_f32",
+        "TIES, float32 checkpoints",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {density: 0.5, weight: 1.0}
@@ -340,8 +439,13 @@ models:
 merge_method: ties
 base_model: $base
 dtype: float32
-"""),
-    _r("breadcrumbs_ties", "Model Breadcrumbs with TIES", "llama", """
+""",
+    ),
+    _r(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs with TIES",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {density: 0.9, gamma: 0.01, weight: 0.5}
@@ -350,8 +454,13 @@ models:
 merge_method: breadcrumbs_ties
 base_model: $base
 dtype: float32
-"""),
-    _r("dare_linear", "DARE linear", "llama", """
+""",
+    ),
+    _r(
+        "dare_linear",
+        "DARE linear",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {density: 0.5, weight: 0.5}
@@ -360,8 +469,14 @@ models:
 merge_method: dare_linear
 base_model: $base
 dtype: float32
-""", random=True),
-    _r("nearswap", "NearSwap", "llama", """
+""",
+        random=True,
+    ),
+    _r(
+        "nearswap",
+        "NearSwap",
+        "llama",
+        """
 models:
   - model: $ft1
 merge_method: nearswap
@@ -369,8 +484,13 @@ base_model: $base
 parameters:
   t: 0.001
 dtype: float32
-"""),
-    _r("nuslerp", "NuSLERP with a base", "llama", """
+""",
+    ),
+    _r(
+        "nuslerp",
+        "NuSLERP with a base",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {weight: 0.3}
@@ -379,8 +499,13 @@ models:
 merge_method: nuslerp
 base_model: $base
 dtype: float32
-"""),
-    _r("multislerp", "Multi-SLERP with a base", "llama", """
+""",
+    ),
+    _r(
+        "multislerp",
+        "Multi-SLERP with a base",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {weight: 0.5}
@@ -391,8 +516,13 @@ models:
 merge_method: multislerp
 base_model: $base
 dtype: float32
-"""),
-    _r("karcher", "Karcher mean", "llama", """
+""",
+    ),
+    _r(
+        "karcher",
+        "Karcher mean",
+        "llama",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -401,8 +531,13 @@ merge_method: karcher
 parameters:
   max_iter: 10
 dtype: float32
-"""),
-    _r("sce", "SCE", "llama", """
+""",
+    ),
+    _r(
+        "sce",
+        "SCE",
+        "llama",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -412,8 +547,13 @@ base_model: $base
 parameters:
   select_topk: 0.5
 dtype: float32
-"""),
-    _r("ramplus_tl", "RAM+ (tensor-local)", "llama", """
+""",
+    ),
+    _r(
+        "ramplus_tl",
+        "RAM+ (tensor-local)",
+        "llama",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -425,8 +565,13 @@ parameters:
   r: 0.5
   alpha: 0.3
 dtype: float32
-"""),
-    _r("gpt2_slerp", "SLERP of a GPT-2 (tied embeddings)", "gpt2", """
+""",
+    ),
+    _r(
+        "gpt2_slerp",
+        "SLERP of a GPT-2 (tied embeddings)",
+        "gpt2",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -435,9 +580,14 @@ base_model: $ft1
 parameters:
   t: 0.3
 dtype: float32
-""", layers=3),
-    _r("linear_with_base", "linear with a base_model not listed among the models", "llama",
-       """
+""",
+        layers=3,
+    ),
+    _r(
+        "linear_with_base",
+        "linear with a base_model not listed among the models",
+        "llama",
+        """
 models:
   - model: $ft1
   - model: $ft2
@@ -446,9 +596,14 @@ base_model: $base
 parameters:
   weight: 0.5
 dtype: float32
-"""),
+""",
+    ),
     # ---- LoRA inputs ----------------------------------------------------------------------
-    _r("lora_linear", "linear of a BASE+LORA input and a fine-tune", "llama", """
+    _r(
+        "lora_linear",
+        "linear of a BASE+LORA input and a fine-tune",
+        "llama",
+        """
 models:
   - model: $base+$lora1
     parameters: {weight: 0.6}
@@ -456,8 +611,13 @@ models:
     parameters: {weight: 0.4}
 merge_method: linear
 dtype: float32
-"""),
-    _r("lora_task_arithmetic", "task arithmetic of BASE+LORA inputs", "llama", """
+""",
+    ),
+    _r(
+        "lora_task_arithmetic",
+        "task arithmetic of BASE+LORA inputs",
+        "llama",
+        """
 models:
   - model: $base+$lora1
     parameters: {weight: 1.0}
@@ -466,9 +626,14 @@ models:
 merge_method: task_arithmetic
 base_model: $base
 dtype: float32
-"""),
+""",
+    ),
     # ---- different vocabularies (pending) -------------------------------------------------
-    _r("vocab_union", "linear with tokenizer_source: union", "llama", """
+    _r(
+        "vocab_union",
+        "linear with tokenizer_source: union",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {weight: 0.5}
@@ -477,9 +642,14 @@ models:
 merge_method: linear
 tokenizer_source: union
 dtype: float32
-""", pending=_VOCAB),
-    _r("vocab_tokenizer_block", "TIES with a tokenizer: block (union, a token's source)",
-       "llama", """
+""",
+        pending=_VOCAB,
+    ),
+    _r(
+        "vocab_tokenizer_block",
+        "TIES with a tokenizer: block (union, a token's source)",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {density: 0.5, weight: 0.5}
@@ -493,9 +663,14 @@ tokenizer:
     <s>:
       source: $base
 dtype: float32
-""", pending=_VOCAB),
-    _r("vocab_source_model", "tokenizer_source naming a model with another vocabulary",
-       "llama", """
+""",
+        pending=_VOCAB,
+    ),
+    _r(
+        "vocab_source_model",
+        "tokenizer_source naming a model with another vocabulary",
+        "llama",
+        """
 models:
   - model: $ft1
     parameters: {weight: 0.5}
@@ -504,8 +679,10 @@ models:
 merge_method: linear
 tokenizer_source: $alt1
 dtype: float32
-""", pending=_VOCAB + " (mergekit permutes the embeddings to that vocabulary; we copy "
-        "its tokenizer files only)"),
+""",
+        pending=_VOCAB + " (mergekit permutes the embeddings to that vocabulary; we copy "
+        "its tokenizer files only)",
+    ),
 )
 
 

@@ -80,7 +80,7 @@ def save_tokenizer(target: Path, vocab_size: int = VOCAB_SIZE, variant: int = 0)
 
 
 def llama_config(**overrides: object) -> LlamaConfig:
-    kw: dict[str, object] = dict(
+    kw: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -98,7 +98,7 @@ def llama_config(**overrides: object) -> LlamaConfig:
 
 
 def gpt2_config(**overrides: object) -> GPT2Config:
-    kw: dict[str, object] = dict(
+    kw: dict[str, Any] = dict(
         n_embd=64,
         n_layer=3,
         n_head=4,
@@ -136,7 +136,7 @@ def build_llama_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config())
-    _save(model.to(dtype).eval(), target, max_shard_size)
+    _save(model.to(dtype).eval(), target, max_shard_size)  # type: ignore[arg-type]
     save_tokenizer(target, VOCAB_SIZE, tokenizer_variant)
     return target
 

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from schemas.recipe import RecipeError, parse_recipe
+from testbed.compat import RECIPES, CompatRecipe
 from tests.support.lora import peft_merged
 from tests.support.merge_cases import ATOL, RTOL, assert_matches_reference, engine
 from tests.support.reference_merge import reference_merge
 from tests.support.reference_slices import reference_sliced_merge
-from testbed.compat import RECIPES, CompatRecipe
 
 SEED = 7
 

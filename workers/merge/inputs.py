@@ -120,7 +120,13 @@ def open_inputs(
             # merged as one more model, with the top-level parameters (schemas/recipe.py)
             out.append(
                 _open_input(
-                    "base_model", recipe.base_model, None, index, recipe, settings, base_dir,
+                    "base_model",
+                    recipe.base_model,
+                    None,
+                    index,
+                    recipe,
+                    settings,
+                    base_dir,
                     resolved,
                 )
             )
