@@ -42,6 +42,7 @@ class CompatRecipe:
     and dtypes only. ``pending``: weightsmith refuses it for now, for the reason given.
     ``layers``: the output's layer count. ``difference``: a documented, deliberate
     difference from mergekit that the comparison may show (docs/merge-methods.md).
+    ``ulp_tol``: float32 rounding allowed against mergekit, in ulps of the operands.
     """
 
     name: str
@@ -52,6 +53,7 @@ class CompatRecipe:
     random: bool = False
     pending: str | None = None
     difference: str | None = None
+    ulp_tol: float = 4.0  # float32 outputs: the rounding allowed, in ulps of the operands
 
     def render(self, paths: dict[str, Path], **overrides: Any) -> dict[str, Any]:
         """The recipe with the family's paths filled in (``overrides`` set top-level keys;
@@ -532,6 +534,7 @@ parameters:
   max_iter: 10
 dtype: float32
 """,
+        ulp_tol=8.0,  # ten fixed-point steps, each rounded in float32: the rounding compounds
     ),
     _r(
         "sce",
