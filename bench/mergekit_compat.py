@@ -99,6 +99,20 @@ def ulps(ours: torch.Tensor, mk: torch.Tensor, operand: torch.Tensor | None = No
     return float(((a - b).abs() / spacing).max()) if a.numel() else 0.0
 
 
+def input_tensors(ref: str) -> dict[str, torch.Tensor]:
+    """The tensors of an input; for BASE+ADAPTER, PEFT's own merge (``merge_and_unload``)."""
+    if "+" not in ref:
+        return load_tensors(Path(ref))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = ref.split("+")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    state = merged.state_dict()
+    return {n: state[n].detach() for n in load_tensors(Path(base)) if n in state}
+
+
 def operands(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Per tensor name, the largest magnitude over the inputs at each position, for a
     ``models`` recipe (a slice's inputs do not line up with the output by name)."""
@@ -115,8 +129,8 @@ def operands(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     if not recipe.get("slices"):
         refs = [recipe.get("base_model")] + [m["model"] for m in recipe.get("models") or []]
-        for ref in {r.split("+")[0] for r in refs if r}:
-            for name, t in load_tensors(Path(ref)).items():
+        for ref in {r for r in refs if r}:
+            for name, t in input_tensors(ref).items():
                 add(name, t)
         return out
     # slices: output layer offset + k comes from layer first + k of each of the slice's
@@ -125,7 +139,7 @@ def operands(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
     for piece in recipe["slices"]:
         for src in piece["sources"]:
             first, end = src["layer_range"]
-            for name, t in load_tensors(Path(src["model"].split("+")[0])).items():
+            for name, t in input_tensors(src["model"]).items():
                 m = _LAYER.match(name)
                 if m is None:
                     add(name, t)
