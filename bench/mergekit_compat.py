@@ -220,6 +220,8 @@ def verdict(c: CompatRecipe, ours: str, mk: str, cmp: dict[str, Any] | None) -> 
         return "dtype differs (documented)" if only_dtype and c.difference else "layout differs"
     if c.random:
         return "same layout"
+    if c.pending:
+        return "pending (" + ("identical" if cmp["within_tol"] else "differs") + ")"
     if cmp["within_tol"]:
         return "identical"
     return "differs (documented)" if c.difference else "differs"
