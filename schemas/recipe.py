@@ -382,16 +382,33 @@ class MergeRecipe(BaseModel):
         return METHODS[self.merge_method]
 
     @property
+    def base_as_model(self) -> bool:
+        """Whether ``base_model`` is merged as one more model: mergekit 0.1.5's planner
+        (``plan.py``, ``normalize_config``) adds a base that ``models`` does not list to the
+        inputs of every method, so a method that takes no base (``linear``,
+        ``passthrough``) merges it like the listed models, with the top-level parameters.
+        Not with ``slices``, whose sources are the inputs as listed."""
+        return (
+            self.slices is None
+            and self.base_model is not None
+            and not self.method.uses_base
+            and all(m.model != self.base_model for m in self.models)
+        )
+
+    @property
     def fine_tuned(self) -> list[ModelEntry]:
-        """The non-base inputs, in recipe order (an entry equal to base_model is the base)."""
+        """The non-base inputs, in recipe order (an entry equal to base_model is the base);
+        then the base itself where it is merged as one more model (``base_as_model``)."""
         if self.base_model is None or not self.method.uses_base:
-            return list(self.models)
+            extra = [ModelEntry(model=self.base_model)] if self.base_as_model else []
+            return list(self.models) + extra
         return [m for m in self.models if m.model != self.base_model]
 
     def groups(self) -> list[InputGroup]:
         """The inputs merged together: the ``models``, or each slice's ``sources``."""
         if self.slices is None:
-            return [InputGroup(("models",), tuple(self.models), None, None, self.base_model)]
+            entries = tuple(self.fine_tuned) if self.base_as_model else tuple(self.models)
+            return [InputGroup(("models",), entries, None, None, self.base_model)]
         return [
             InputGroup(
                 ("slices", i, "sources"),
@@ -468,6 +485,8 @@ class MergeRecipe(BaseModel):
             self._check_slices()
         for group in self.groups():
             self._check_group(group)
+        if self.base_as_model:
+            self._check_base_as_model()
         if self.output.dtype and self.out_dtype and self.output.dtype != self.out_dtype:
             raise ValueError(
                 f"output.dtype ({self.output.dtype}) and out_dtype ({self.out_dtype}) disagree; "
@@ -561,10 +580,16 @@ class MergeRecipe(BaseModel):
             )
             what = "model(s)" if group.parameters_at is None else "source(s)"
             besides = " besides the base" if spec.needs_base else ""
+            counted = ""
+            if group.parameters_at is None and self.base_as_model:
+                counted = (
+                    " (base_model counts: models does not list it, so it is merged as one "
+                    "more model, as mergekit does; remove base_model or list it)"
+                )
             raise limit_error(
                 "MergeRecipe",
                 group.at if group.parameters_at is not None else ("models",),
-                f"{spec.name!r} needs {want} {what}{besides}, got {n}",
+                f"{spec.name!r} needs {want} {what}{besides}, got {n}{counted}",
             )
 
     def _check_slices(self) -> None:
@@ -610,6 +635,23 @@ class MergeRecipe(BaseModel):
                 f"{self.merge_method!r} with these settings computes statistics over whole "
                 "models, which slices are not: merge whole models (models:), or use a "
                 "per-tensor scope",
+            )
+
+    def _check_base_as_model(self) -> None:
+        """mergekit gives the added base only the top-level parameters and refuses a recipe
+        where they set no weight for it; where the listed models set their own weights, the
+        default weight (1) would be a silent guess, so it is refused here too."""
+        spec = self.method
+        top = self.parameters or {}
+        own = [i for i, m in enumerate(self.models) if "weight" in (m.parameters or {})]
+        if spec.parameter("weight") is not None and own and "weight" not in top:
+            raise limit_error(
+                "MergeRecipe",
+                ("base_model",),
+                f"{spec.name!r} merges base_model {str(self.base_model)!r} as one more model "
+                "(as mergekit does when models does not list it), and no weight applies to "
+                f"it while models[{own[0]}] sets its own: list the base among models with "
+                "its weight, set a top-level parameters.weight, or remove base_model",
             )
 
     def _settings(self, group: InputGroup) -> RecipeSettings:

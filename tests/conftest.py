@@ -236,14 +236,14 @@ def zoo(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiny real checkpoints for the merge tests (builders in tests/support/models.py). Each fixture
+# Tiny real checkpoints for the merge tests (builders in testbed/tiny_models.py). Each fixture
 # returns {"base": Path, "ft1": Path, ...}; fine-tunes are the base plus seeded noise.
-# tests.support.models is imported lazily: it pulls in transformers, which tests without models
+# testbed.tiny_models is imported lazily: it pulls in transformers, which tests without models
 # should not pay for.
 
 
 def _models():
-    from tests.support import models
+    from testbed import tiny_models as models
 
     return models
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas.edit_recipe import EditMethod, EditRecipe, parse_edit_recipe
-from tests.support.models import save_tokenizer
+from testbed.tiny_models import save_tokenizer
 from tests.support.tiny_edit import tiny_model
 from workers.edit import EditGateError, LocalCovarianceCache, revert_edit, run_edit
 from workers.edit.architectures import default_mom2_update_weight

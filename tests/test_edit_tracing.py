@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from tests.support.models import PAD_ID, VOCAB_SIZE, gpt2_config, llama_config
+from testbed.tiny_models import PAD_ID, VOCAB_SIZE, gpt2_config, llama_config
 from workers.edit.prompts import Prompt, collate, split_at_subject
 from workers.edit.tracing import add_to_output, log_probs_at, module_io, prefix_cache
 
@@ -116,7 +116,7 @@ def test_memit_batched_keys_equal_each_request_read_alone():
     """keys_and_outputs (requests batched, ragged) against rome.subject_keys, one request
     at a time."""
     from schemas.edit_recipe import EditRequest
-    from tests.support.models import build_tokenizer
+    from testbed.tiny_models import build_tokenizer
     from workers.edit.memit import keys_and_outputs
     from workers.edit.rome import subject_keys
 

@@ -17,17 +17,16 @@ from pydantic import ValidationError
 from schemas.edit_recipe import EditRecipe
 from schemas.recipe import RecipeError, parse_recipe
 from schemas.references import ReferenceError_, parse_reference
+from testbed.tiny_models import build_gpt2_base, build_llama_base, build_lora_adapter
 from tests.support.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    build_lora_adapter,
     edit_adapter_config,
     peft_merged,
     rename_adapter_tensors,
     replace_adapter_tensor,
 )
 from tests.support.merge_cases import engine
-from tests.support.models import build_gpt2_base, build_llama_base
 from workers.errors import CheckpointError
 from workers.merge.blocks import block_ranges
 from workers.tensors.lora import LoraCheckpointReader

@@ -1,6 +1,6 @@
 """The merge engine against the reference merge (tests/support/reference_merge.py), per method.
 
-Every case runs the engine on tiny real checkpoints (tests/support/models.py), reads every output
+Every case runs the engine on tiny real checkpoints (testbed/tiny_models.py), reads every output
 tensor back through model.safetensors.index.json with the safetensors library, and compares
 it with the dense in-memory reference. Tolerances are float32 rounding: the reference mixes
 in float64, the engine in float32. Random methods use the same seeded protocol in both, so

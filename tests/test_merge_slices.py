@@ -503,7 +503,8 @@ def test_qwen2_and_mistral_frankenmerges_load_and_keep_each_layers_tensors(
 def test_a_slice_source_may_be_a_lora_adapter_on_its_base(
     llama_family: dict[str, Path], tmp_path: Path
 ) -> None:
-    from tests.support.lora import build_lora_adapter, peft_merged
+    from testbed.tiny_models import build_lora_adapter
+    from tests.support.lora import peft_merged
 
     base = llama_family["base"]
     adapter = build_lora_adapter(

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from schemas.recipe import parse_recipe
-from tests.support.models import VOCAB_SIZE
+from testbed.tiny_models import VOCAB_SIZE
 from tests.support.reference_merge import load_checkpoint
 from workers.merge.engine import run_merge
 

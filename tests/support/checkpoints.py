@@ -35,7 +35,7 @@ def build_many_tensor_family(root: Path, layers: int) -> dict[str, Path]:
     """A Llama-shaped checkpoint with many tensors, so that a TIES merge takes seconds."""
     from transformers import LlamaForCausalLM
 
-    from tests.support.models import llama_config, save_tokenizer
+    from testbed.tiny_models import llama_config, save_tokenizer
 
     config = llama_config(num_hidden_layers=layers, hidden_size=128, intermediate_size=256)
     with torch.device("meta"):

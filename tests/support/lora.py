@@ -1,4 +1,4 @@
-"""Real PEFT LoRA adapters for the tiny models of tests/support/models.py, and PEFT's own
+"""Real PEFT LoRA adapters for the tiny models of testbed/tiny_models.py, and PEFT's own
 merge of them (``merge_and_unload``): the independent expectation of ``BASE+ADAPTER``.
 
 Adapters are made with ``peft.get_peft_model`` and saved with ``save_pretrained``, exactly
@@ -13,28 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def build_lora_adapter(base: Path, target: Path, seed: int, **config: Any) -> Path:
-    """A LoRA adapter of the model in ``base``, saved in ``target``; ``config`` are
-    ``peft.LoraConfig`` fields (r, lora_alpha, target_modules, use_rslora, …)."""
-    config.setdefault("init_lora_weights", False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(str(base))
-        peft_model = get_peft_model(model, LoraConfig(**config))
-        # modules_to_save start as copies of the base: change them so replacing shows
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                p.data += 0.01 * torch.randn_like(p)
-    peft_model.save_pretrained(str(target), safe_serialization=True)
-    return target
 
 
 def peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:

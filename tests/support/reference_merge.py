@@ -323,6 +323,11 @@ def reference_merge(
         if needs_base and local_path(entry["model"]) == base_path:
             continue  # the base listed among the models is the base, not a fine-tune
         fine.append(_Model(entry["model"], entry.get("parameters"), len(fine)))
+    listed = {local_path(e["model"].split("+")[0]) for e in recipe.get("models") or []}
+    if base_path is not None and not needs_base and base_path not in listed:
+        # mergekit's planner adds an unlisted base_model to every method's inputs: one
+        # more model for those that take no base, with only the top-level parameters
+        fine.append(_Model(str(base_path), None, len(fine)))
 
     first = base if base is not None else fine[0]
     n_layers = num_layers(load_config(first.path))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from tests.support.models import build_tokenizer, gpt2_config, llama_config
+from testbed.tiny_models import build_tokenizer, gpt2_config, llama_config
 from workers.edit.architectures import EditModel, architecture_for
 from workers.edit.settings import EditSettings
 from workers.edit.update import EditContext

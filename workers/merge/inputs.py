@@ -116,6 +116,20 @@ def open_inputs(
                 )
             )
             index += 1
+        if recipe.base_as_model and recipe.base_model is not None:
+            # merged as one more model, with the top-level parameters (schemas/recipe.py)
+            out.append(
+                _open_input(
+                    "base_model",
+                    recipe.base_model,
+                    None,
+                    index,
+                    recipe,
+                    settings,
+                    base_dir,
+                    resolved,
+                )
+            )
     except BaseException:
         for inp in out:
             inp.reader.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -79,7 +80,7 @@ def save_tokenizer(target: Path, vocab_size: int = VOCAB_SIZE, variant: int = 0)
 
 
 def llama_config(**overrides: object) -> LlamaConfig:
-    kw: dict[str, object] = dict(
+    kw: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -97,7 +98,7 @@ def llama_config(**overrides: object) -> LlamaConfig:
 
 
 def gpt2_config(**overrides: object) -> GPT2Config:
-    kw: dict[str, object] = dict(
+    kw: dict[str, Any] = dict(
         n_embd=64,
         n_layer=3,
         n_head=4,
@@ -135,7 +136,7 @@ def build_llama_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config())
-    _save(model.to(dtype).eval(), target, max_shard_size)
+    _save(model.to(dtype).eval(), target, max_shard_size)  # type: ignore[arg-type]
     save_tokenizer(target, VOCAB_SIZE, tokenizer_variant)
     return target
 
@@ -291,3 +292,27 @@ def build_resized_finetune(source: Path, target: Path, rows: int, variant: int) 
     _save(model.eval(), Path(target), None)
     save_tokenizer(Path(target), rows, variant)
     return Path(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+def build_lora_adapter(base: Path, target: Path, seed: int, **config: Any) -> Path:
+    """A PEFT LoRA adapter of the model in ``base``, saved in ``target`` as users publish them
+    (``save_pretrained``); ``init_lora_weights=False`` draws A and B at random (PEFT's default
+    makes B zero, so ΔW would prove nothing); ``config`` are
+    ``peft.LoraConfig`` fields (r, lora_alpha, target_modules, use_rslora, …)."""
+    from peft import LoraConfig, get_peft_model
+
+    config.setdefault("init_lora_weights", False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        peft_model = get_peft_model(model, LoraConfig(**config))
+        # modules_to_save start as copies of the base: change them so replacing shows
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.data += 0.01 * torch.randn_like(p)
+    peft_model.save_pretrained(str(target), safe_serialization=True)
+    return target
