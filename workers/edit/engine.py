@@ -113,9 +113,10 @@ def run_edit(
                 recipe.model, sources or SourceSettings(), base_dir=base_dir
             )
         target = loaded or load_model(resolved, str(recipe.model))
+        method.check_model(target)
         settings = EditSettings.from_recipe(recipe, target, method)
         revision = revision or model_revision(resolved)
-    with target.restored(settings.layers) as originals:
+    with target.restored(settings.layers) as originals, target.cancel_points(cancelled):
         computed = _compute(
             recipe,
             method,
