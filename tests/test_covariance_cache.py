@@ -120,7 +120,7 @@ def _corpus() -> Corpus:
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 64, (4, 12), generator=g) for _ in range(3)]
 
-    def batches() -> Any:
+    def batches(_sampled: Any = None) -> Any:  # a text-like corpus: no sampling steps
         for ids in rows:
             yield ids, torch.ones_like(ids)
 

@@ -314,3 +314,103 @@ def test_a_model_loaded_once_serves_several_edits_and_comes_back_bit_for_bit(
 def test_every_edit_method_of_the_recipe_has_one_engine_method():
     assert set(METHODS) == set(typing.get_args(EditMethod))
     assert all(name == method.name for name, method in METHODS.items())
+
+
+def test_the_covariance_phase_reports_sampling_then_statistics_in_tokens(checkpoints, tmp_path):
+    # one sampled batch of 16 rows × 16 tokens (a start word + 15 sampled), all counted
+    sampled = {"source": "model_samples", "tokens": 256, "max_length": 16}
+    recipe = _with_covariance(_recipe(checkpoints["llama"], tmp_path), sampled)
+    events: list[tuple[str, int, int]] = []
+
+    run_edit(
+        recipe,
+        None,
+        cache=LocalCovarianceCache(tmp_path / "cache"),
+        covariance_progress=lambda p: events.append((p.step, p.tokens_done, p.tokens_total)),
+    )
+
+    sampling = [("sampling", 16 * length, 256) for length in range(2, 17)]
+    assert events == [*sampling, ("statistics", 0, 256), ("statistics", 256, 256)]
+
+
+def _with_covariance(recipe: EditRecipe, covariance: dict[str, Any]) -> EditRecipe:
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return parse_edit_recipe({**data, "covariance": covariance})
+
+
+class _CancelAt:
+    """A cancel flag raised by the test itself at a chosen moment; counts the checks made
+    once it is raised (the first must stop the job)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.checks_after = 0
+
+    def __call__(self) -> bool:
+        if self.raised:
+            self.checks_after += 1
+        return self.raised
+
+
+@pytest.mark.parametrize(
+    ("source", "step"), [("model_samples", "sampling"), ("text", "statistics")]
+)
+def test_a_cancel_during_the_covariance_stops_at_the_next_check_and_restores_the_weights(
+    checkpoints, corpus, tmp_path, source, step
+):
+    resolved = resolve_reference(_recipe(checkpoints["llama"], corpus).model, SourceSettings())
+    target = load_model(resolved, "tiny")
+    weights = {k: v.clone() for k, v in target.model.state_dict().items()}
+    cov = {"source": source, "tokens": 512, "max_length": 32}
+    if source == "text":
+        cov["paths"] = [str(corpus)]
+    recipe = _with_covariance(_recipe(checkpoints["llama"], corpus), cov)
+    cancel = _CancelAt()
+    events: list[str] = []
+
+    def progress(p: Any) -> None:
+        events.append(p.step)
+        if p.step == step:
+            cancel.raised = True
+
+    with pytest.raises(CancelledError):
+        run_edit(
+            recipe,
+            tmp_path / "edited",
+            cache=LocalCovarianceCache(tmp_path / "cache"),
+            resolved=resolved,
+            loaded=target,
+            cancelled=cancel,
+            covariance_progress=progress,
+        )
+
+    assert cancel.checks_after == 1 and events[-1] == step
+    assert events.count(step) == 1  # nothing more was sampled or counted
+    assert not (tmp_path / "edited").exists()
+    state = target.model.state_dict()
+    assert all(torch.equal(state[k], w) for k, w in weights.items())
+
+
+def test_a_cancel_during_the_value_optimisation_stops_at_the_next_layer(
+    checkpoints, corpus, cache, tmp_path
+):
+    seen: list[str] = []
+    cancel = _CancelAt()
+    forwards = []
+
+    def cancelled() -> bool:
+        if seen[-1:] == ["edit"]:
+            forwards.append(1)
+            cancel.raised = cancel.raised or len(forwards) == 20  # some steps into v*
+        return cancel()
+
+    with pytest.raises(CancelledError):
+        run_edit(
+            _recipe(checkpoints["llama"], corpus),
+            tmp_path / "edited",
+            cache=cache,
+            progress=seen.append,
+            cancelled=cancelled,
+        )
+
+    assert seen[-1] == "edit" and cancel.checks_after == 1

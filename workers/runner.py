@@ -412,6 +412,7 @@ def _edit(
         cache=ObjectStoreCovarianceCache(object_store),
         progress=watch.report_phase,
         cancelled=watch.should_stop,
+        covariance_progress=watch.report_covariance,
         started=watch.started,
     )
     assert result.out_dir is not None

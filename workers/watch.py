@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from infra.db import JobStore
+    from workers.edit.covariance import CovarianceProgress
     from workers.merge.engine import Progress
 
 log = logging.getLogger("weightsmith.runner")
@@ -94,6 +95,24 @@ class JobWatch:
             bytes_done=p.bytes_done,
             bytes_total=p.bytes_total,
         )
+
+    def report_covariance(self, p: CovarianceProgress) -> None:
+        """An edit's covariance phase, as ``phase`` "covariance:{step} {done}/{total}
+        tokens" (step: sampling or statistics; throttled like :meth:`report`, a change of
+        step written at once). The token counts ride in the phase text: the progress row's
+        counters are tensors and bytes."""
+        now = time.monotonic()
+        step = f"covariance:{p.step}"
+        if (
+            self._last_phase is not None
+            and self._last_phase.startswith(step + " ")
+            and now - self._last_progress < PROGRESS_INTERVAL_S
+        ):
+            return
+        phase = f"{step} {p.tokens_done}/{p.tokens_total} tokens"
+        self._last_phase = phase
+        self._last_progress = now
+        self._write(phase=phase)
 
     def should_stop(self) -> bool:
         """The engine's cancel check: a cancel request, or the job is no longer ours."""

@@ -4,18 +4,25 @@ The edited weight is the MLP output projection of a layer; its input at the subj
 token is the key, its output the value (ROME §3, MEMIT §4). Each method's default layers
 are the published ones for Llama-2-7B (32 layers) scaled to the model's depth
 (:func:`scaled_layer`).
+
+Each row is one module layout; the model types that share it are listed on it (names as
+transformers 5 builds the ``*ForCausalLM`` classes). Phi-3 fuses gate/up and q/k/v, but its
+down projection, the edited module, is a plain nn.Linear whose input is the key, as in
+Llama. Gemma-2, Gemma-3 (text) and OLMo-2 normalise the MLP's output before adding it to
+the residual stream (``post_mlp_norm``): ROME's algebra is about the projection's output
+and still holds; MEMIT's spreading of a residual-stream target does not (docs/editing.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from workers.errors import InputError
+from workers.errors import CancelledError, InputError
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class EditArchitecture:
     mlp_out: str  # the edited module
     transposed: bool  # weight stored [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
     num_layers_key: str  # config attribute with the number of layers
+    # the norm applied to the edited module's output before the residual add, if any
+    post_mlp_norm: str | None = None
 
     def module_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
@@ -47,11 +56,23 @@ class EditArchitecture:
 ARCHITECTURES: tuple[EditArchitecture, ...] = (
     EditArchitecture(
         name="llama",
-        model_types=("llama", "mistral", "qwen2"),
+        # Llama 1–3.x (RoPE scaling changes attention only), Mistral, Qwen2, Qwen3 (q/k
+        # norms), Gemma (scaled embeddings, (1 + w) norms), Phi-3 (fused gate_up_proj)
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"),
         blocks="model.layers",
         mlp_out="model.layers.{}.mlp.down_proj",
         transposed=False,
         num_layers_key="num_hidden_layers",
+    ),
+    EditArchitecture(
+        name="post-norm",
+        # the MLP output goes through post_feedforward_layernorm before the residual add
+        model_types=("gemma2", "gemma3_text", "olmo2"),
+        blocks="model.layers",
+        mlp_out="model.layers.{}.mlp.down_proj",
+        transposed=False,
+        num_layers_key="num_hidden_layers",
+        post_mlp_norm="model.layers.{}.post_feedforward_layernorm",
     ),
     EditArchitecture(
         name="gpt2",
@@ -60,6 +81,16 @@ ARCHITECTURES: tuple[EditArchitecture, ...] = (
         mlp_out="transformer.h.{}.mlp.c_proj",
         transposed=True,
         num_layers_key="n_layer",
+    ),
+    EditArchitecture(
+        name="gpt_neox",
+        # Pythia and GPT-NeoX: the MLP (dense_4h_to_h, with a bias) and attention read the
+        # same residual in parallel by default; either way the MLP output is added as is
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        transposed=False,
+        num_layers_key="num_hidden_layers",
     ),
 )
 
@@ -135,6 +166,27 @@ class EditModel:
         """W += ΔW in place (ΔW in nn.Linear orientation, [d_out, d_in])."""
         w = self.weight(layer)
         w.add_(self.arch.oriented(delta).to(w.dtype))
+
+    @contextmanager
+    def cancel_points(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:
+        """While active, ``cancelled()`` is checked before every decoder layer's forward
+        (CancelledError when it says so): every forward pass of an edit (sampling,
+        statistics, v* optimisation, probes) stops within one layer's compute."""
+        if cancelled is None:
+            yield
+            return
+
+        def check(_m: Any, _args: tuple[Any, ...]) -> None:
+            if cancelled():
+                raise CancelledError("the job was cancelled")
+
+        blocks = self.model.get_submodule(self.arch.blocks)
+        handles = [block.register_forward_pre_hook(check) for block in blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextmanager
     def restored(self, layers: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:

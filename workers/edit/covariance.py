@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -42,6 +42,18 @@ log = logging.getLogger("weightsmith.edit.covariance")
 _START_WORDS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "There", "After", "I")
 SAMPLING_TOP_K = 50
 SAMPLE_BATCH = 16
+STATISTIC_ROWS = 512  # tokens per slice of Σaᵀa, with a cancel check between slices
+
+
+@dataclass(frozen=True)
+class CovarianceProgress:
+    """Where the covariance phase is: ``sampling`` (the model generating its corpus) or
+    ``statistics`` (the forward passes that accumulate C), and how many of the
+    ``tokens_total`` tokens C needs are done (sampled or counted into C)."""
+
+    step: Literal["sampling", "statistics"]
+    tokens_done: int
+    tokens_total: int
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,9 @@ class Corpus:
 
     description: str
     corpus_hash: str
-    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (ids, mask) batches
+    # (ids, mask) batches; the argument, when given, is told each step of a sampled batch
+    # how many tokens the batch has so far (a text corpus has no such steps)
+    batches: Callable[[Callable[[int], None] | None], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     source: str = "text"  # the recipe's covariance.source
     seed: int | None = None  # model_samples only
 
@@ -218,7 +232,9 @@ def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) ->
     """Text sampled from the model (top-k 50, seeded) from a few plain start words."""
     spec = f"model_samples/v1 seed={seed} max_length={max_length} top_k={SAMPLING_TOP_K}"
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        sampled: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         starts = _single_token_starts(tokenizer)
         g = 0
         while True:
@@ -236,11 +252,29 @@ def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) ->
                     max_new_tokens=max_length - 1,
                     min_new_tokens=max_length - 1,
                     pad_token_id=pad_id(tokenizer),
+                    stopping_criteria=_step_watch(sampled),
                 )
             yield out, torch.ones_like(out)
             g += 1
 
     return Corpus(spec, hashlib.sha256(spec.encode()).hexdigest(), batches, "model_samples", seed)
+
+
+def _step_watch(sampled: Callable[[int], None] | None) -> Any:
+    """Stopping criteria that never stop generation but tell ``sampled`` the batch's token
+    count after each generated token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if sampled is None:
+        return None
+    told = sampled
+
+    class _Watch(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
+            told(input_ids.numel())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    return StoppingCriteriaList([_Watch()])
 
 
 def _single_token_starts(tokenizer: Any) -> list[int]:
@@ -273,7 +307,9 @@ def text_corpus(
         h.update(f.read_bytes())
     names = ", ".join(labels if labels is not None else [f.name for f in files])
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        _sampled: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows: list[list[int]] = []
         for f in files:
             for para in f.read_text(encoding="utf-8").split("\n\n"):
@@ -351,21 +387,35 @@ def accumulate_covariance(
     corpus: Corpus,
     tokens: int,
     cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[CovarianceProgress], None] | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """C for each layer over the first ``tokens`` counted tokens of the corpus (one pass for
     all layers). Returns ({layer: C}, tokens actually used). ``cancelled`` is checked
-    between batches."""
+    between batches and between slices of STATISTIC_ROWS tokens of each Σaᵀa (the forward
+    passes themselves check it per layer: ``EditModel.cancel_points``); ``progress`` is told
+    the step and the tokens done after each sampled token and each batch."""
     sums: dict[int, torch.Tensor] = {}
     mask_now: dict[str, torch.Tensor] = {}
     last = max(layers)
+    n = 0
+
+    def check() -> None:
+        if cancelled is not None and cancelled():
+            raise CancelledError("the job was cancelled")
+
+    def report(step: Literal["sampling", "statistics"], done: int) -> None:
+        if progress is not None:
+            progress(CovarianceProgress(step, min(done, tokens), tokens))
 
     def make_hook(layer: int) -> Any:
         def hook(_m: Any, args: tuple[Any, ...]) -> None:
             if "m" not in mask_now:  # the corpus generator's own forward passes
                 return
             a = args[0][mask_now["m"]].float()
-            s = a.T @ a
-            sums[layer] = sums[layer] + s if layer in sums else s
+            for i in range(0, a.shape[0], STATISTIC_ROWS):
+                check()
+                s = a[i : i + STATISTIC_ROWS].T @ a[i : i + STATISTIC_ROWS]
+                sums[layer] = sums[layer] + s if layer in sums else s
             if layer == last:
                 raise StopForward
 
@@ -375,11 +425,14 @@ def accumulate_covariance(
         model.get_submodule(arch.module_name(layer)).register_forward_pre_hook(make_hook(layer))
         for layer in layers
     ]
-    n = 0
+
+    def sampled(count: int) -> None:  # the batch being sampled has ``count`` tokens so far
+        report("sampling", n + count)
+
     try:
-        for ids, mask in corpus.batches():
-            if cancelled is not None and cancelled():
-                raise CancelledError("the job was cancelled")
+        for ids, mask in corpus.batches(sampled):
+            check()
+            report("statistics", n)
             # keep whole rows until the budget is reached, then a partial row
             budget = tokens - n
             counted = mask.bool().clone()
@@ -393,6 +446,7 @@ def accumulate_covariance(
             finally:
                 del mask_now["m"]
             n += int(counted.sum())
+            report("statistics", n)
             if n >= tokens:
                 break
     finally:
@@ -414,6 +468,7 @@ def covariances(
     cache: CovarianceCache | None,
     model_label: str | None = None,
     cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[CovarianceProgress], None] | None = None,
 ) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]]]:
     """C per layer, from the cache where present, computed (and cached) otherwise.
     Returns the matrices and one provenance record per layer (``"cache": "hit"`` or
@@ -431,7 +486,9 @@ def covariances(
         records.append({**hit[1], "cache": "hit"})
     if missing:
         started = time.perf_counter()
-        computed, n = accumulate_covariance(model, arch, missing, corpus, tokens, cancelled)
+        computed, n = accumulate_covariance(
+            model, arch, missing, corpus, tokens, cancelled, progress
+        )
         seconds = time.perf_counter() - started
         COMPUTED["passes"] += 1
         COMPUTED["layers"] += len(missing)

@@ -30,6 +30,7 @@ from workers.edit.architectures import EditModel, architecture_for
 from workers.edit.checkpoint import check_out_dir, write_edited_checkpoint
 from workers.edit.covariance import (
     CovarianceCache,
+    CovarianceProgress,
     LocalCovarianceCache,
     covariances,
     default_cache_dir,
@@ -85,6 +86,7 @@ def run_edit(
     corpus_files: Sequence[Path] | None = None,
     progress: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    covariance_progress: Callable[[CovarianceProgress], None] | None = None,
     loaded: EditModel | None = None,
     started: float | None = None,
 ) -> EditResult:
@@ -98,8 +100,11 @@ def run_edit(
     (the covariance text files of ``covariance.paths``, in order). ``loaded``: the model of
     ``resolved`` already loaded (:func:`load_model`), for callers that edit one model many
     times; its weights are restored bit for bit before this returns. ``progress(phase)`` is
-    called as each phase starts; ``cancelled()`` is checked between phases, corpus batches
-    and MEMIT requests (raises CancelledError).
+    called as each phase starts; ``covariance_progress`` as the covariance phase samples
+    and counts tokens (:class:`CovarianceProgress`). ``cancelled()`` is checked between
+    phases, before every decoder layer's forward pass (sampling, statistics, v*
+    optimisation, probes, metrics), between slices of the covariance statistic, corpus
+    batches and MEMIT requests (raises CancelledError; the weights are restored).
 
     Raises EditGateError when the gate fails and the recipe says ``on_gate_failure: fail``.
     """
@@ -113,9 +118,10 @@ def run_edit(
                 recipe.model, sources or SourceSettings(), base_dir=base_dir
             )
         target = loaded or load_model(resolved, str(recipe.model))
+        method.check_model(target)
         settings = EditSettings.from_recipe(recipe, target, method)
         revision = revision or model_revision(resolved)
-    with target.restored(settings.layers) as originals:
+    with target.restored(settings.layers) as originals, target.cancel_points(cancelled):
         computed = _compute(
             recipe,
             method,
@@ -126,6 +132,7 @@ def run_edit(
             cache=cache,
             base_dir=base_dir,
             corpus_files=corpus_files,
+            covariance_progress=covariance_progress,
         )
         metrics = _measure(recipe, method, target, settings, computed, originals, phases)
     failures = _gate(recipe, metrics)
@@ -199,6 +206,7 @@ def _compute(
     cache: CovarianceCache | None,
     base_dir: Path | None,
     corpus_files: Sequence[Path] | None,
+    covariance_progress: Callable[[CovarianceProgress], None] | None = None,
 ) -> _Computed:
     """Templates, covariances, the pre-edit probe, then the method's update, applied to
     ``target`` in place."""
@@ -225,6 +233,7 @@ def _compute(
                 cache=cache if cache is not None else LocalCovarianceCache(default_cache_dir()),
                 model_label=str(recipe.model),
                 cancelled=phases.cancelled,
+                progress=covariance_progress,
             )
     context = EditContext(templates, C)
     with phases.step("probe"):

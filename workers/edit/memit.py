@@ -24,7 +24,7 @@ from workers.edit.settings import EditSettings
 from workers.edit.tracing import input_and_output
 from workers.edit.update import EditContext, RankOneUpdate, steps_per_request
 from workers.edit.values import optimise_value
-from workers.errors import CancelledError
+from workers.errors import CancelledError, InputError
 
 ROWS_PER_PASS = 64
 PUBLISHED_BAND = (4, 8)  # the edited layers of Llama-2-7B's 32 (MEMIT paper, EasyEdit)
@@ -130,6 +130,22 @@ class Memit:
 
     def needs_covariance(self, settings: EditSettings) -> bool:
         return True
+
+    def check_model(self, target: EditModel) -> None:
+        """MEMIT asks each layer's MLP output to move the residual stream by R/(layers
+        left), which holds only where that output is added to it as is. A post-MLP norm
+        (Gemma-2/3, OLMo-2) is not linear, and RMS-normalised outputs cannot be moved by an
+        arbitrary R, so the spread would miss its target."""
+        arch = target.arch
+        if arch.post_mlp_norm is not None:
+            model_type = getattr(target.model.config, "model_type", arch.name)
+            raise InputError(
+                f"memit cannot edit {model_type!r}: its MLP output passes through "
+                f"{arch.post_mlp_norm.format('L')} before the residual stream, so MEMIT's "
+                "residual target cannot be spread over the layers; use edit_method 'rome' "
+                "(one request, exact for this architecture)",
+                field="edit_method",
+            )
 
     def update(
         self,

@@ -269,6 +269,10 @@ class Rome:
     def needs_covariance(self, settings: EditSettings) -> bool:
         return settings.mom2_adjustment
 
+    def check_model(self, target: EditModel) -> None:
+        """Every architecture of the table: W'k̄ = v* holds for the projection's output,
+        whatever follows it (v* is optimised through it)."""
+
     def update(
         self,
         target: EditModel,

@@ -173,11 +173,14 @@ def log_probs_at(
         hs = base(**inputs, use_cache=use_cache, output_hidden_states=True).hidden_states
         h = _final_norm(base)(hs[loss_layer + 1][rows, pos])
     logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2: the model's own logits are cap · tanh(logits / cap)
+        logits = cap * torch.tanh(logits / cap)
     return torch.log_softmax(logits, dim=-1)
 
 
 def _final_norm(base: Any) -> Any:
-    for name in ("norm", "ln_f", "final_layernorm"):
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
         if hasattr(base, name):
             return getattr(base, name)
     raise ValueError(f"no final norm found on {type(base).__name__}")

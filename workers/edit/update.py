@@ -73,6 +73,11 @@ class EditMethod(Protocol):
         """Whether the update uses the keys' second moment C."""
         ...
 
+    def check_model(self, target: EditModel) -> None:
+        """InputError (field ``edit_method``) when the method cannot edit this model's
+        architecture; checked before any work."""
+        ...
+
     def update(
         self,
         target: EditModel,
