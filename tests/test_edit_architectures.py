@@ -20,8 +20,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from schemas.edit_recipe import EditRecipe, parse_edit_recipe
-from tests.support.edit_families import FAMILIES, build_family_checkpoint
-from tests.support.models import (
+from testbed.tiny_models import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -29,6 +28,7 @@ from tests.support.models import (
     build_tokenizer,
     save_tokenizer,
 )
+from tests.support.edit_families import FAMILIES, build_family_checkpoint
 from workers.edit import LocalCovarianceCache, run_edit
 from workers.edit.architectures import EditModel, architecture_for
 from workers.edit.checkpoint import EDIT_DIR, FACTORS
@@ -187,6 +187,8 @@ def test_a_rome_edit_writes_only_the_mlp_output_projection_and_the_prompt_then_p
     assert _mean_log_prob(new, tok, prompt, target_new) > _mean_log_prob(new, tok, prompt, true)
 
 
+# the ROME edit above covers every family in make test-fast; the MEMIT batch runs in make test
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in POST_NORM])
 def test_memit_edits_both_requests_of_a_batch(checkpoints, corpus, cache, family):
     parent = checkpoints[family]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import transformers
 
-from tests.support.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_tokenizer
+from testbed.tiny_models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_tokenizer
 
 OUTPUT_SCALE = 50.0
 # Gemma-2 caps its logits at ±30 (tanh): × 50 would saturate the cap, and its gradient
