@@ -4,6 +4,8 @@
 - :mod:`testbed.s3`: a SeaweedFS S3 server (``start_server``);
 - :mod:`testbed.postgres`: fresh PostgreSQL databases (``fresh_database``);
 - :mod:`testbed.smollm2`: the real SmolLM2-135M checkpoint and a text corpus;
+- :mod:`testbed.tiny_models`: tiny real checkpoints (Llama, GPT-2) and PEFT adapters;
+- :mod:`testbed.compat`: the mergekit compatibility set (recipes shaped like real ones);
 - :mod:`testbed.api`: the real app in process (``ApiHarness``) and a valid merge job;
 - :mod:`testbed.fuzzing`: the schemathesis campaign against the API.
 
