@@ -363,3 +363,35 @@ def test_a_layer_beyond_the_depth_is_refused_before_any_trace(checkpoint, corpus
     with pytest.raises(InputError) as e:
         run_edit(auto, None, trace_cache=LocalTraceCache(tmp_path), progress=seen.append)
     assert e.value.field == "hyperparameters.v_loss_layer" and seen == ["load"]
+
+
+def test_the_cli_edits_at_the_traced_layer_and_keeps_the_trace_in_its_cache_dir(
+    checkpoint, corpus, tmp_path, capsys
+):
+    from weightsmith.cli import main
+
+    recipe = {
+        "edit_method": "rome",
+        "model": str(checkpoint),
+        "requests": FACTS[:1],
+        "hyperparameters": {
+            "v_num_grad_steps": 2,
+            "context_template_counts": [[1, 3]],
+            "trace_samples": SETTINGS.samples,
+            "trace_noise": SETTINGS.noise,
+            "mom2_adjustment": False,
+        },
+        "seed": SETTINGS.seed,
+        "on_gate_failure": "publish_flagged",
+    }
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps(recipe))
+    cache_dir = tmp_path / "cache"
+
+    code = main(["edit", str(path), "--out", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
+
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    layers = manifest["layers"]
+    assert f"at layers {layers} (auto)" in capsys.readouterr().out
+    assert len(list((cache_dir / "trace").glob("*.json"))) == 1

@@ -112,7 +112,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     m = result.metrics
     flag = "" if result.gate_passed else " [FLAGGED: " + "; ".join(m["gate"]["failures"]) + "]"
     print(
-        f"edited {recipe.model} with {recipe.edit_method} into {out}: efficacy "
+        f"edited {recipe.model} with {recipe.edit_method} at layers {m['layers']} "
+        f"({m['layer_choice']}) into {out}: efficacy "
         f"{m['efficacy']:.2f}, paraphrase {m['paraphrase']:.2f}, neighborhood "
         f"{m['neighborhood']:.2f}, perplexity ratio {m['perplexity_ratio']:.3f}{flag}"
     )

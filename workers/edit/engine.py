@@ -1,6 +1,9 @@
 """Run an edit recipe end to end, in named phases:
 
-1. **load**: resolve and load the model, resolve the settings (:class:`EditSettings`);
+1. **load**: resolve and load the model, check its layer indices; with ``layers: auto`` a
+   **trace** step follows (``workers.edit.causal_trace``: the layers where the causal
+   effect of the MLP at the subject's last token peaks), then the settings
+   (:class:`EditSettings`) are resolved;
 2. **compute**: context templates, the keys' covariances (when the method needs them), the
    pre-edit probe, the method's update, applied to the loaded model;
 3. **measure**: the metrics of the edited model against the probe;
