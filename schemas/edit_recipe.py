@@ -112,8 +112,9 @@ DEFAULT_EDIT_MARGIN = 2.0
 
 
 class EditHyperparameters(BaseModel):
-    """Defaults follow EasyEdit's Llama settings (ROME) and the MEMIT paper, with layers
-    scaled by depth. ``None`` means "the architecture's default for this model"."""
+    """Defaults follow EasyEdit's Llama settings (ROME) and the MEMIT paper. The layers are
+    chosen by a causal trace by default (``auto``); ``layers: null`` is the published layers
+    scaled by depth. ``None`` elsewhere means "the default for this model"."""
 
     model_config = _NUMBERS
 
