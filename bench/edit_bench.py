@@ -286,11 +286,12 @@ def run(work: Path) -> int:
     # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------
     # empty unless --cache-dir: the first edit builds C
     cache = LocalCovarianceCache(args.cache_dir or work / "covariance")
+    traces = LocalTraceCache((args.cache_dir or work) / "trace")  # layers: auto
     results["cache_given"] = args.cache_dir is not None
     runs = {}
     for label, request in (("cold", candidates[0].request), ("warm", candidates[1].request)):
         t = time.perf_counter()
-        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache)
+        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache, trace_cache=traces)
         wall = time.perf_counter() - t
         runs[label] = {"wall_s": wall, **result.manifest["timings"]}
         print(f"ROME via run_edit, {label} covariance: {wall:.1f} s {runs[label]}", flush=True)
@@ -355,7 +356,6 @@ def run(work: Path) -> int:
     revision = model_revision(resolved)
     chosen: dict[str, int] = {}
     if "auto" in modes:
-        traces = LocalTraceCache((args.cache_dir or work) / "trace")
         trace_settings = TraceSettings(h.trace_samples, h.trace_noise, recipe.seed)
         t = time.perf_counter()
         for fact in facts[:n_facts]:
