@@ -19,6 +19,10 @@ Figures (see bench/README.md):
   ``workers/edit/reference_sentences.txt``, each edit applied alone to the clean model.
   MEMIT batches report the same over their requests.
 
+``--compare-layers`` runs the ROME quality loop three times on the same facts: ``layers:
+auto`` (each fact's own causal trace, ``workers.edit.causal_trace``), fixed layer 1, and the
+depth-scaled default (layer 5 of 32 → 5 of SmolLM2's 30), and prints them side by side.
+
 Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``,
 ``--edit-margin`` and ``--sufficient-loss`` change the layer and the scaling of the update
 in the ROME quality run; ``edit_sweep.py`` compares them on held-out facts); nothing is
@@ -35,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ from testbed.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
 from workers.edit.architectures import default_mom2_update_weight  # noqa: E402
+from workers.edit.causal_trace import LocalTraceCache, TraceSettings, choose_layers  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
 from workers.edit.engine import load_model, model_revision  # noqa: E402
 from workers.edit.memit import memit_edit  # noqa: E402
@@ -224,9 +230,14 @@ def run(work: Path) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--rome-layer",
-        type=int,
         default=None,
-        help="layer of the ROME quality sweep (default: the recipe default, 5 of 32 scaled)",
+        help="layer of the ROME quality sweep: an index, 'auto' (each fact's causal trace) "
+        "or 'default' (5 of 32 scaled to the depth; the default)",
+    )
+    p.add_argument(
+        "--compare-layers",
+        action="store_true",
+        help="the ROME quality sweep with layers auto, 1 and the scaled default, side by side",
     )
     p.add_argument(
         "--edit-margin",
@@ -275,11 +286,12 @@ def run(work: Path) -> int:
     # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------
     # empty unless --cache-dir: the first edit builds C
     cache = LocalCovarianceCache(args.cache_dir or work / "covariance")
+    traces = LocalTraceCache((args.cache_dir or work) / "trace")  # layers: auto
     results["cache_given"] = args.cache_dir is not None
     runs = {}
     for label, request in (("cold", candidates[0].request), ("warm", candidates[1].request)):
         t = time.perf_counter()
-        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache)
+        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache, trace_cache=traces)
         wall = time.perf_counter() - t
         runs[label] = {"wall_s": wall, **result.manifest["timings"]}
         print(f"ROME via run_edit, {label} covariance: {wall:.1f} s {runs[label]}", flush=True)
@@ -294,12 +306,18 @@ def run(work: Path) -> int:
     model, tok, arch = target.model, target.tokenizer, target.arch
     depth = target.depth
     # one settings object for both methods' runs (ROME's v* settings, as the recipe has them)
-    settings = EditSettings.from_recipe(recipe, target, edit_method("rome"))
+    rome = edit_method("rome")
+    default_rome_layer = rome.default_layers(depth)[0]
+    settings = EditSettings.from_recipe(recipe, target, rome, [default_rome_layer])
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
-    default_rome_layer = edit_method("rome").default_layers(depth)[0]
-    rome_layer = default_rome_layer if args.rome_layer is None else args.rome_layer
+    modes = ["auto", "1", "default"] if args.compare_layers else [args.rome_layer or "default"]
+    for mode in modes:
+        if mode not in ("auto", "default") and not mode.isdigit():
+            p.error(f"--rome-layer: {mode!r} is not a layer index, 'auto' or 'default'")
+    rome_layer: int | str = mode_layer(modes[0], default_rome_layer)
     results["rome_layer"] = rome_layer
+    results["rome_layer_modes"] = modes
     sufficient = h.sufficient_loss
     if args.sufficient_loss is not None:
         sufficient = None if args.sufficient_loss == "none" else float(args.sufficient_loss)
@@ -315,33 +333,6 @@ def run(work: Path) -> int:
     d_in = model.get_submodule(arch.module_name(memit_layers[0])).weight.shape[1]
     lam = args.memit_lambda or h.mom2_update_weight or default_mom2_update_weight(d_in)
     results["memit_lambda"] = lam
-    cov = recipe.covariance
-    corpus = (
-        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length)
-        if cov.source == "model_samples"
-        else text_corpus(tok, [args.corpus], max_length=cov.max_length)
-    )
-    tokens = cov.tokens or cov_tokens
-    revision = model_revision(resolved)
-    t = time.perf_counter()
-    C, records = covariances(
-        model, arch, sorted({default_rome_layer, rome_layer, *memit_layers}), corpus, tokens,
-        model_revision=revision, cache=cache,
-    )  # fmt: skip
-    memit_cov_s = time.perf_counter() - t
-    built = [r["key"]["layer"] for r in records if r["cache"] == "miss"]
-    results["covariance"] = {
-        "tokens": tokens,
-        "source": cov.source,
-        "rome_layer": default_rome_layer,
-        "rome_layer_build_s": runs["cold"]["covariance_s"],
-        "memit_layers": memit_layers,
-        "memit_extra_layers_built": built,
-        "memit_extra_build_s": memit_cov_s,
-    }
-    print(f"covariance: {results['covariance']}", flush=True)
-    save(args.out, results)
-
     # -- which facts the model knows ---------------------------------------------------------
     flags = known(model, tok, [f.request for f in candidates])
     # ROME quality: facts the model knows that have a neighborhood (other subjects with the
@@ -361,53 +352,70 @@ def run(work: Path) -> int:
     results["facts_known"] = sum(flags)
     results["facts_known_with_neighborhood"] = len(facts)
     results["facts_candidates"] = len(candidates)
+    # -- layers: auto: each fact's causal trace chooses its layer --------------------------
+    revision = model_revision(resolved)
+    chosen: dict[str, int] = {}
+    if "auto" in modes:
+        trace_settings = TraceSettings(h.trace_samples, h.trace_noise, recipe.seed)
+        t = time.perf_counter()
+        for fact in facts[:n_facts]:
+            choice = choose_layers(
+                target, [fact.request], trace_settings, rome.layers_at,
+                model_revision=revision, cache=traces,
+            )  # fmt: skip
+            chosen[fact.request.prompt] = choice.layers[0]
+            print(f"trace {fact.request.prompt!r}: layer {choice.peak} {choice.cache}", flush=True)
+        results["trace_s"] = time.perf_counter() - t
+        results["auto_layers"] = chosen
+    fixed = {int(mode_layer(m, default_rome_layer)) for m in modes if m != "auto"}
+    rome_layers = sorted({default_rome_layer, *fixed, *chosen.values()})
+
+    cov = recipe.covariance
+    corpus = (
+        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length)
+        if cov.source == "model_samples"
+        else text_corpus(tok, [args.corpus], max_length=cov.max_length)
+    )
+    tokens = cov.tokens or cov_tokens
+    t = time.perf_counter()
+    C, records = covariances(
+        model, arch, sorted({*rome_layers, *memit_layers}), corpus, tokens,
+        model_revision=revision, cache=cache,
+    )  # fmt: skip
+    memit_cov_s = time.perf_counter() - t
+    built = [r["key"]["layer"] for r in records if r["cache"] == "miss"]
+    results["covariance"] = {
+        "tokens": tokens,
+        "source": cov.source,
+        "rome_layer": default_rome_layer,
+        "rome_layer_build_s": runs["cold"]["covariance_s"],
+        "memit_layers": memit_layers,
+        "memit_extra_layers_built": built,
+        "memit_extra_build_s": memit_cov_s,
+    }
+    print(f"covariance: {results['covariance']}", flush=True)
+    save(args.out, results)
+
     ppl0 = perplexity(model, tok, reference_sentences())
 
     # -- ROME, one fact at a time on the clean model ------------------------------------
     context = EditContext(templates, C)
-    rome_settings = dataclasses.replace(
-        settings, layers=(rome_layer,), sufficient_loss=sufficient, edit_margin=margin
-    )
-    module = model.get_submodule(arch.module_name(rome_layer))
-    W0 = module.weight.detach().clone()
-    rows = []
-    for i, fact in enumerate(facts[:n_facts]):
-        req = fact.request
-        probe = pre_edit_probe(model, tok, [req], ppl0)
-        own_pairs = own_answer_pairs(fact)
-        own_before = prefers_first(model, tok, own_pairs)
-        t = time.perf_counter()
-        u = rome_edit(target, req, rome_settings, context)
-        delta = delta_from_factors(u.left, u.right)
-        target.apply(rome_layer, delta)
-        seconds = time.perf_counter() - t
-        m = evaluate(model, tok, [req], probe)
-        own = own_answer_kept(own_before, prefers_first(model, tok, own_pairs))
-        with torch.no_grad():
-            module.weight.copy_(W0)
-        row = {
-            "relation": fact.relation,
-            "prompt": req.prompt,
-            "target_new": req.target_new,
-            "seconds": seconds,
-            "steps": u.steps,
-            "scale": u.scale,
-            "efficacy": m["efficacy"],
-            "paraphrase": m["paraphrase"],
-            "neighborhood": m["neighborhood"],
-            "neighborhood_own_answer": own,
-            "perplexity_ratio": m["perplexity_ratio"],
-            "relative_update_norm": relative_norm(delta, W0),
+    by_mode = {}
+    for mode in modes:
+        layer_of = {
+            f.request.prompt: chosen[f.request.prompt]
+            if mode == "auto"
+            else int(mode_layer(mode, default_rome_layer))
+            for f in facts[:n_facts]
         }
-        rows.append(row)
-        print(
-            f"[{i + 1}/{min(n_facts, len(facts))}] {req.prompt!r} -> {req.target_new!r}: "
-            f"{seconds:.1f} s, {u.steps} steps, eff {m['efficacy']:.0f}, para "
-            f"{m['paraphrase']:.0f}, neigh {m['neighborhood']:.2f} (own answer {fmt(own, 2)}), "
-            f"ppl× {m['perplexity_ratio']:.4f}",
-            flush=True,
+        print(f"ROME quality, layers {mode}", flush=True)
+        rows = rome_quality(
+            target, facts[:n_facts], layer_of, settings, context, sufficient, margin, ppl0
         )
-    results["rome"] = rows
+        by_mode[mode] = rows
+        results["rome_modes"] = by_mode
+        save(args.out, results)
+    results["rome"] = by_mode[modes[0]]
     save(args.out, results)
 
     # -- MEMIT batches -----------------------------------------------------------------------
@@ -453,6 +461,70 @@ def run(work: Path) -> int:
     return 0
 
 
+def mode_layer(mode: str, default: int) -> int | str:
+    """The layer of a --rome-layer mode: an index, the default's, or "auto"."""
+    return default if mode == "default" else mode if mode == "auto" else int(mode)
+
+
+def rome_quality(
+    target: Any,
+    facts: list[Fact],
+    layer_of: dict[str, int],
+    settings: EditSettings,
+    context: EditContext,
+    sufficient: float | None,
+    margin: float | None,
+    ppl0: float,
+) -> list[dict[str, Any]]:
+    """Each fact edited alone on the clean model at ``layer_of[prompt]``, measured, undone."""
+    model, tok, arch = target.model, target.tokenizer, target.arch
+    rows = []
+    for i, fact in enumerate(facts):
+        req = fact.request
+        layer = layer_of[req.prompt]
+        rome_settings = dataclasses.replace(
+            settings, layers=(layer,), sufficient_loss=sufficient, edit_margin=margin
+        )
+        module = model.get_submodule(arch.module_name(layer))
+        W0 = module.weight.detach().clone()
+        probe = pre_edit_probe(model, tok, [req], ppl0)
+        own_pairs = own_answer_pairs(fact)
+        own_before = prefers_first(model, tok, own_pairs)
+        t = time.perf_counter()
+        u = rome_edit(target, req, rome_settings, context)
+        delta = delta_from_factors(u.left, u.right)
+        target.apply(layer, delta)
+        seconds = time.perf_counter() - t
+        m = evaluate(model, tok, [req], probe)
+        own = own_answer_kept(own_before, prefers_first(model, tok, own_pairs))
+        with torch.no_grad():
+            module.weight.copy_(W0)
+        row = {
+            "relation": fact.relation,
+            "prompt": req.prompt,
+            "target_new": req.target_new,
+            "layer": layer,
+            "seconds": seconds,
+            "steps": u.steps,
+            "scale": u.scale,
+            "efficacy": m["efficacy"],
+            "paraphrase": m["paraphrase"],
+            "neighborhood": m["neighborhood"],
+            "neighborhood_own_answer": own,
+            "perplexity_ratio": m["perplexity_ratio"],
+            "relative_update_norm": relative_norm(delta, W0),
+        }
+        rows.append(row)
+        print(
+            f"[{i + 1}/{len(facts)}] {req.prompt!r} -> {req.target_new!r} at layer {layer}: "
+            f"{seconds:.1f} s, {u.steps} steps, eff {m['efficacy']:.0f}, para "
+            f"{m['paraphrase']:.0f}, neigh {m['neighborhood']:.2f} (own answer {fmt(own, 2)}), "
+            f"ppl× {m['perplexity_ratio']:.4f}",
+            flush=True,
+        )
+    return rows
+
+
 def save(path: Path, results: dict[str, Any]) -> None:
     """After each stage, so an interrupted run keeps what it measured."""
     path.write_text(json.dumps(results, indent=2) + "\n")
@@ -487,7 +559,9 @@ def report(r: dict[str, Any]) -> None:
     print(line.format(f"ROME run_edit, {first}: whole call (s)", fmt(cold["wall_s"], 1), ""))
     print(line.format("ROME run_edit, warm covariance: whole call (s)", fmt(warm["wall_s"], 1), ""))
     edit_only = warm["templates_s"] + warm["covariance_s"] + warm["edit_s"]
-    print(line.format("ROME run_edit, warm: templates + C lookup + update (s)",
+    if "trace_s" in warm:  # layers: auto (the default)
+        edit_only += warm["trace_s"]
+    print(line.format("ROME run_edit, warm: (trace +) templates + C lookup + update (s)",
                       fmt(edit_only, 1), f"≤ {TARGETS['warm ROME edit (s)']}"))  # fmt: skip
     if secs:
         print(line.format(f"ROME update, warm, median of {len(secs)} (s)",
@@ -524,6 +598,25 @@ def report(r: dict[str, Any]) -> None:
                       fmt(mean("neighborhood_own_answer")), ""))  # fmt: skip
     print(line.format("ROME mean perplexity ratio", fmt(mean("perplexity_ratio"), 4),
                       f"≤ {TARGETS['perplexity ratio']}"))  # fmt: skip
+    modes = r.get("rome_modes", {})
+    if len(modes) > 1:
+        print()
+        print("| ROME layers | layers used | efficacy | paraphrase | neighborhood | own answer "
+              "| mean ppl× | update median (s) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for mode, mrows in modes.items():
+
+            def avg(k: str, mrows: list[dict[str, Any]] = mrows) -> float | None:
+                v = [x[k] for x in mrows if x.get(k) is not None]
+                return statistics.fmean(v) if v else None
+
+            used = Counter(x["layer"] for x in mrows)
+            used_s = ", ".join(f"{k}×{n}" for k, n in sorted(used.items()))
+            print(f"| {mode} | {used_s} | {fmt(avg('efficacy'))} | {fmt(avg('paraphrase'))} | "
+                  f"{fmt(avg('neighborhood'))} | {fmt(avg('neighborhood_own_answer'))} | "
+                  f"{fmt(avg('perplexity_ratio'), 4)} | "
+                  f"{fmt(statistics.median(x['seconds'] for x in mrows), 1)} |")  # fmt: skip
+        print()
     for m in r.get("memit", []):
         quality = (
             f"{fmt(m['efficacy'])} / {fmt(m['paraphrase'])} / "

@@ -126,7 +126,8 @@ def main() -> int:
     resolved = resolve_reference(recipe.model, SourceSettings())
     target = load_model(resolved, "smollm2")
     model, tok, arch = target.model, target.tokenizer, target.arch
-    settings = EditSettings.from_recipe(recipe, target, edit_method("rome"))
+    rome = edit_method("rome")  # the layers are set per sweep entry below
+    settings = EditSettings.from_recipe(recipe, target, rome, rome.default_layers(target.depth))
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
     flags = known(model, tok, [f.request for f in candidates])

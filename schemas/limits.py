@@ -83,6 +83,8 @@ MAX_LAYERS = 256
 """Entries of ``hyperparameters.layers``."""
 MAX_LAYER_INDEX = 1023
 """Largest layer index a recipe may name."""
+MAX_TRACE_SAMPLES = 100
+"""Noise draws per prompt of an edit's causal trace (``hyperparameters.trace_samples``)."""
 MAX_CONTEXT_TEMPLATES = 16
 """Entries of ``hyperparameters.context_template_counts``."""
 MAX_TEMPLATE_COUNT = 100

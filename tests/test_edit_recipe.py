@@ -23,6 +23,7 @@ def test_a_minimal_recipe_gets_the_documented_defaults():
     h = r.hyperparameters
     assert (h.v_num_grad_steps, h.v_lr, h.v_weight_decay, h.kl_factor) == (25, 0.5, 1e-3, 0.0625)
     assert h.mom2_adjustment and h.key_mode == "consistent" and h.layers is None
+    assert (h.trace_samples, h.trace_noise) == (10, 3.0)
     assert r.clamp_norm_factor == 4.0
     assert h.sufficient_loss is None
     assert h.edit_margin == 2.0  # the update scaled to turn the preference by 2 × m₀

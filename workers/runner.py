@@ -391,6 +391,7 @@ def _edit(
     watch: JobWatch,
 ) -> _EditOutput:
     """Run the edit engine on the fetched model, with the shared covariance cache."""
+    from workers.edit.causal_trace import ObjectStoreTraceCache
     from workers.edit.covariance import ObjectStoreCovarianceCache
     from workers.edit.engine import run_edit
 
@@ -410,6 +411,7 @@ def _edit(
         revision=revision,
         corpus_files=corpus,
         cache=ObjectStoreCovarianceCache(object_store),
+        trace_cache=ObjectStoreTraceCache(object_store),
         progress=watch.report_phase,
         cancelled=watch.should_stop,
         covariance_progress=watch.report_covariance,

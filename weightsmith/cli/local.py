@@ -90,12 +90,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import json
 
     from workers.edit import LocalCovarianceCache, run_edit
+    from workers.edit.causal_trace import LocalTraceCache
     from workers.edit.engine import EditGateError
     from workers.errors import InputError, WeightsmithError
 
     cache = LocalCovarianceCache(args.cache_dir) if args.cache_dir else None
+    traces = LocalTraceCache(Path(args.cache_dir) / "trace") if args.cache_dir else None
     try:
-        result = run_edit(recipe, out, base_dir=path.resolve().parent, cache=cache)
+        result = run_edit(
+            recipe, out, base_dir=path.resolve().parent, cache=cache, trace_cache=traces
+        )
     except EditGateError as e:
         print(json.dumps(e.metrics, indent=2, default=str), file=sys.stderr)
         return fail(str(e), EXIT_FAILURE)
@@ -108,7 +112,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     m = result.metrics
     flag = "" if result.gate_passed else " [FLAGGED: " + "; ".join(m["gate"]["failures"]) + "]"
     print(
-        f"edited {recipe.model} with {recipe.edit_method} into {out}: efficacy "
+        f"edited {recipe.model} with {recipe.edit_method} at layers {m['layers']} "
+        f"({m['layer_choice']}) into {out}: efficacy "
         f"{m['efficacy']:.2f}, paraphrase {m['paraphrase']:.2f}, neighborhood "
         f"{m['neighborhood']:.2f}, perplexity ratio {m['perplexity_ratio']:.3f}{flag}"
     )
@@ -157,7 +162,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     e.add_argument(
         "--cache-dir",
-        help="covariance cache folder (default: $WEIGHTSMITH_CACHE/covariance, else "
-        "~/.cache/weightsmith/covariance)",
+        help="covariance cache folder, its trace/ subfolder the causal traces of layers: "
+        "auto (default: $WEIGHTSMITH_CACHE/covariance and …/trace, else "
+        "~/.cache/weightsmith/covariance and …/trace)",
     )
     e.set_defaults(func=cmd_edit)

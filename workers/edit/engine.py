@@ -1,6 +1,9 @@
 """Run an edit recipe end to end, in named phases:
 
-1. **load**: resolve and load the model, resolve the settings (:class:`EditSettings`);
+1. **load**: resolve and load the model, check its layer indices; with ``layers: auto`` a
+   **trace** step follows (``workers.edit.causal_trace``: the layers where the causal
+   effect of the MLP at the subject's last token peaks), then the settings
+   (:class:`EditSettings`) are resolved;
 2. **compute**: context templates, the keys' covariances (when the method needs them), the
    pre-edit probe, the method's update, applied to the loaded model;
 3. **measure**: the metrics of the edited model against the probe;
@@ -27,6 +30,13 @@ from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
+from workers.edit.causal_trace import (
+    LocalTraceCache,
+    TraceCache,
+    TraceSettings,
+    choose_layers,
+    default_trace_cache_dir,
+)
 from workers.edit.checkpoint import check_out_dir, write_edited_checkpoint
 from workers.edit.covariance import (
     CovarianceCache,
@@ -38,7 +48,7 @@ from workers.edit.covariance import (
 )
 from workers.edit.methods import edit_method
 from workers.edit.metrics import Probe, evaluate, probe
-from workers.edit.settings import EditSettings
+from workers.edit.settings import EditSettings, check_layers
 from workers.edit.templates import context_templates
 from workers.edit.update import EditContext, EditMethod, RankOneUpdate, layer_deltas
 from workers.errors import CancelledError, InputError, WeightsmithError
@@ -81,6 +91,7 @@ def run_edit(
     base_dir: Path | None = None,
     sources: SourceSettings | None = None,
     cache: CovarianceCache | None = None,
+    trace_cache: TraceCache | None = None,
     resolved: ResolvedModel | None = None,
     revision: str | None = None,
     corpus_files: Sequence[Path] | None = None,
@@ -106,6 +117,10 @@ def run_edit(
     optimisation, probes, metrics), between slices of the covariance statistic, corpus
     batches and MEMIT requests (raises CancelledError; the weights are restored).
 
+    With ``layers: auto`` a "trace" phase after "load" chooses the layers
+    (``workers.edit.causal_trace``), its prompts' traces kept in ``trace_cache`` (default:
+    a local directory, :func:`~workers.edit.causal_trace.default_trace_cache_dir`).
+
     Raises EditGateError when the gate fails and the recipe says ``on_gate_failure: fail``.
     """
     phases = _Phases(progress, cancelled, started)
@@ -119,8 +134,24 @@ def run_edit(
             )
         target = loaded or load_model(resolved, str(recipe.model))
         method.check_model(target)
-        settings = EditSettings.from_recipe(recipe, target, method)
+        check_layers(recipe, target.depth)  # before any work, the trace's included
         revision = revision or model_revision(resolved)
+    choice = None
+    h = recipe.hyperparameters
+    if h.layers == "auto":
+        with phases.step("trace"):
+            choice = choose_layers(
+                target,
+                recipe.requests,
+                TraceSettings(h.trace_samples, h.trace_noise, recipe.seed),
+                method.layers_at,
+                model_revision=revision,
+                cache=trace_cache if trace_cache is not None else _default_trace_cache(),
+                cancelled=phases.cancelled,
+            )
+    settings = EditSettings.from_recipe(
+        recipe, target, method, choice.layers if choice is not None else None
+    )
     with target.restored(settings.layers) as originals, target.cancel_points(cancelled):
         computed = _compute(
             recipe,
@@ -135,6 +166,9 @@ def run_edit(
             covariance_progress=covariance_progress,
         )
         metrics = _measure(recipe, method, target, settings, computed, originals, phases)
+    metrics["layers"] = list(settings.layers)
+    metrics["layer_choice"] = _layer_choice(recipe)
+    metrics["causal_trace"] = choice.record() if choice is not None else None
     failures = _gate(recipe, metrics)
     record = _edit_record(recipe, target, settings, computed, metrics, failures)
     if out is None:
@@ -168,6 +202,17 @@ def load_model(resolved: ResolvedModel, label: str) -> EditModel:
             model=label,
         ) from e
     return EditModel(model.eval(), tokenizer, architecture_for(model.config, model=label))
+
+
+def _default_trace_cache() -> TraceCache:
+    return LocalTraceCache(default_trace_cache_dir())
+
+
+def _layer_choice(recipe: EditRecipe) -> str:
+    """How the edited layers were set: "auto" (causal trace), "fixed" (a list), or
+    "scaled_default" (null: the published layers scaled to the depth)."""
+    layers = recipe.hyperparameters.layers
+    return "auto" if layers == "auto" else "scaled_default" if layers is None else "fixed"
 
 
 def model_revision(resolved: ResolvedModel) -> str:
@@ -328,6 +373,8 @@ def _edit_record(
         "flagged": bool(failures),
         "metrics": metrics,
         "layers": list(settings.layers),
+        "layer_choice": _layer_choice(recipe),
+        "causal_trace": metrics["causal_trace"],
         "architecture": target.arch.name,
         "context_templates": computed.context.templates,
         "covariance": computed.covariance_records,

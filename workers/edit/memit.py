@@ -128,6 +128,13 @@ class Memit:
         lo, hi = (scaled_layer(x, depth) for x in PUBLISHED_BAND)
         return list(range(lo, hi + 1))
 
+    def layers_at(self, peak: int, depth: int) -> list[int]:
+        """A band as wide as the default one, starting at the peak (moved down to end at
+        the last layer when it would run past it)."""
+        width = len(self.default_layers(depth))
+        start = max(0, min(peak, depth - width))
+        return list(range(start, start + width))
+
     def needs_covariance(self, settings: EditSettings) -> bool:
         return True
 

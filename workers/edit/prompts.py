@@ -125,6 +125,23 @@ def encode(
     return ids, last
 
 
+def subject_span(tokenizer: Any, prompt: str, subject: str) -> tuple[list[int], int, int]:
+    """Token ids of the prompt (with the tokenizer's special tokens) and the first and last
+    index of the tokens overlapping the subject's first occurrence."""
+    at = prompt.find(subject)
+    if at < 0:
+        raise InputError(f"subject {subject!r} does not occur in {prompt!r}", field="requests")
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    inside = [
+        i
+        for i, (a, b) in enumerate(enc["offset_mapping"])
+        if b > a and a < at + len(subject) and b > at
+    ]
+    if not inside:
+        raise InputError(f"subject {subject!r} of {prompt!r} has no token", field="requests")
+    return list(enc["input_ids"]), inside[0], inside[-1]
+
+
 def subject_prompt(
     tokenizer: Any,
     template: str,

@@ -266,6 +266,9 @@ class Rome:
     def default_layers(self, depth: int) -> list[int]:
         return [scaled_layer(PUBLISHED_LAYER, depth)]
 
+    def layers_at(self, peak: int, depth: int) -> list[int]:
+        return [peak]
+
     def needs_covariance(self, settings: EditSettings) -> bool:
         return settings.mom2_adjustment
 

@@ -8,6 +8,7 @@ width), and every layer index checked against its depth.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -45,24 +46,28 @@ class EditSettings:
         return self.layers[0]
 
     @classmethod
-    def from_recipe(cls, recipe: EditRecipe, target: EditModel, method: EditMethod) -> EditSettings:
+    def from_recipe(
+        cls,
+        recipe: EditRecipe,
+        target: EditModel,
+        method: EditMethod,
+        chosen: Sequence[int] | None = None,
+    ) -> EditSettings:
         """The recipe's hyperparameters for ``target``; InputError naming the field when a
-        layer index does not exist in the model."""
+        layer index does not exist in the model. ``chosen``: the layers a causal trace chose
+        (required for ``layers: auto``)."""
         h = recipe.hyperparameters
         depth = target.depth
-        layers = h.layers or method.default_layers(depth)
-        bad = [x for x in layers if x >= depth]
-        if bad:
-            raise InputError(
-                f"layer(s) {bad} do not exist: the model has {depth} layers (0–{depth - 1})",
-                field="hyperparameters.layers",
-            )
+        check_layers(recipe, depth)
+        if chosen is not None:
+            layers = list(chosen)
+        elif h.layers == "auto":
+            raise ValueError("layers: auto needs the layers chosen by the causal trace")
+        elif h.layers is None:
+            layers = method.default_layers(depth)
+        else:
+            layers = list(h.layers)
         loss_layer = h.v_loss_layer
-        if loss_layer is not None and loss_layer >= depth:
-            raise InputError(
-                f"layer {loss_layer} does not exist: the model has {depth} layers (0–{depth - 1})",
-                field="hyperparameters.v_loss_layer",
-            )
         values = ValueSettings(
             steps=h.v_num_grad_steps,
             lr=h.v_lr,
@@ -82,4 +87,23 @@ class EditSettings:
             sufficient_loss=h.sufficient_loss,
             mom2_update_weight=h.mom2_update_weight
             or default_mom2_update_weight(target.key_width(layers[0])),
+        )
+
+
+def check_layers(recipe: EditRecipe, depth: int) -> None:
+    """InputError naming the field for a layer index (``hyperparameters.layers`` or
+    ``v_loss_layer``) that a model of ``depth`` layers does not have."""
+    h = recipe.hyperparameters
+    if isinstance(h.layers, list):
+        bad = [x for x in h.layers if x >= depth]
+        if bad:
+            raise InputError(
+                f"layer(s) {bad} do not exist: the model has {depth} layers (0–{depth - 1})",
+                field="hyperparameters.layers",
+            )
+    loss_layer = h.v_loss_layer
+    if loss_layer is not None and loss_layer >= depth:
+        raise InputError(
+            f"layer {loss_layer} does not exist: the model has {depth} layers (0–{depth - 1})",
+            field="hyperparameters.v_loss_layer",
         )

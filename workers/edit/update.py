@@ -69,6 +69,10 @@ class EditMethod(Protocol):
         """The edited layers when the recipe names none, for a model of ``depth`` layers."""
         ...
 
+    def layers_at(self, peak: int, depth: int) -> list[int]:
+        """The edited layers for ``layers: auto`` when the causal trace peaks at ``peak``."""
+        ...
+
     def needs_covariance(self, settings: EditSettings) -> bool:
         """Whether the update uses the keys' second moment C."""
         ...
