@@ -406,3 +406,33 @@ def test_submission_pins_both_parts_and_refuses_an_ungranted_s3_adapter(api) -> 
     r = api.submit(lora_job("s3://models/base+artifact://my-lora", "s3://models/a"))
     assert r.status_code == 202, r.text
     assert r.json()["recipe"]["models"][0]["model"] == "s3://models/base+artifact://my-lora@1"
+
+
+# ---- a job on a worker ------------------------------------------------------------------------
+
+
+def test_a_merge_job_with_a_lora_input_runs_on_a_worker_and_lists_the_adapter(
+    llama_base: Path, tmp_path: Path
+) -> None:
+    """The worker's path: the job store, input fetching (each part of BASE+ADAPTER
+    resolved), the merge and the published artifact, whose weights are PEFT's merge."""
+    from tests.support.checkpoints import tensors
+    from tests.support.jobs import run_local_job
+
+    adapter = adapter_for(llama_base, tmp_path)
+    want = peft_merged(llama_base, adapter)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": f"{llama_base}+{adapter}"}],
+        "dtype": "float32",
+    }
+
+    job, folder = run_local_job(tmp_path, recipe, "adapted")
+
+    assert folder is not None, job.error
+    out = tensors(folder)
+    for name in want:
+        torch.testing.assert_close(out[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    roles = [(p["role"], p["reference"]) for p in manifest["parents"]]
+    assert roles == [("model", str(llama_base)), ("adapter", str(adapter))]

@@ -531,3 +531,26 @@ def test_a_slice_source_may_be_a_lora_adapter_on_its_base(
     )
     parents = [(p["role"], p["reference"]) for p in result.manifest["parents"]]
     assert parents == [("model", str(base)), ("adapter", str(adapter))]
+
+
+def test_a_sliced_merge_job_runs_on_a_worker_and_publishes_the_stacked_layers(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.support.jobs import run_local_job
+
+    base, ft1 = llama_family["base"], llama_family["ft1"]
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [src(base, 0, 2)]}, {"sources": [src(ft1, 1, 4)]}],
+    }
+
+    job, folder = run_local_job(tmp_path, recipe, "stacked")
+
+    assert folder is not None, job.error
+    out, b, f = tensors(folder), load_checkpoint(base), load_checkpoint(ft1)
+    name = "mlp.down_proj.weight"
+    assert torch.equal(out[layer(name, 1)], b[layer(name, 1)])
+    assert torch.equal(out[layer(name, 2)], f[layer(name, 1)])
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 5
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [p["reference"] for p in manifest["parents"]] == [str(base), str(ft1)]
