@@ -937,7 +937,9 @@ class RecipeError(ValueError):
         super().__init__("; ".join(problems))
 
 
-def _format_location(loc: tuple[Any, ...]) -> str:
+def format_location(loc: tuple[Any, ...]) -> str:
+    """A location as the recipe field it names: ("slices", 0, "sources") → slices[0].sources
+    (pydantic's own union and type steps left out)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -955,7 +957,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 def format_validation_error(err: ValidationError) -> list[str]:
     seen: dict[str, str] = {}
     for e in err.errors():
-        where = _format_location(tuple(e["loc"]))
+        where = format_location(tuple(e["loc"]))
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"

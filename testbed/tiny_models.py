@@ -316,3 +316,14 @@ def build_lora_adapter(base: Path, target: Path, seed: int, **config: Any) -> Pa
                 p.data += 0.01 * torch.randn_like(p)
     peft_model.save_pretrained(str(target), safe_serialization=True)
     return target
+
+
+def write_word_corpus(path: Path, paragraphs: int) -> Path:
+    """A text corpus in the tiny tokenizer's words (w4 … w249), seeded: ``paragraphs``
+    paragraphs of 60 words, for an edit's key covariance."""
+    import random
+
+    rng = random.Random(0)
+    text = [" ".join(f"w{rng.randrange(4, 250)}" for _ in range(60)) for _ in range(paragraphs)]
+    path.write_text("\n\n".join(text) + "\n")
+    return path

@@ -10,7 +10,6 @@ architecture table under test.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from testbed.tiny_models import (
     VOCAB_SIZE,
     build_tokenizer,
     save_tokenizer,
+    write_word_corpus,
 )
 from tests.support.edit_families import FAMILIES, build_family_checkpoint
 from workers.edit import LocalCovarianceCache, run_edit
@@ -94,11 +94,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("families_corpus") / "corpus.txt"
-    paragraphs = [" ".join(f"w{rng.randrange(4, 250)}" for _ in range(60)) for _ in range(20)]
-    path.write_text("\n\n".join(paragraphs) + "\n")
-    return path
+    return write_word_corpus(tmp_path_factory.mktemp("families_corpus") / "corpus.txt", 20)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ run_edit end to end with auto, fixed and scaled-default layers, and the refusals
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,13 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from schemas.edit_recipe import EditRecipe, parse_edit_recipe
 from schemas.recipe import RecipeError
-from testbed.tiny_models import build_tokenizer, gpt2_config, llama_config, save_tokenizer
+from testbed.tiny_models import (
+    build_tokenizer,
+    gpt2_config,
+    llama_config,
+    save_tokenizer,
+    write_word_corpus,
+)
 from tests.support.reference_trace import reference_trace
 from workers.edit import LocalCovarianceCache, run_edit
 from workers.edit.architectures import EditModel, architecture_for
@@ -235,11 +240,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("trace_corpus") / "corpus.txt"
-    paragraphs = [" ".join(f"w{rng.randrange(4, 250)}" for _ in range(60)) for _ in range(40)]
-    path.write_text("\n\n".join(paragraphs) + "\n")
-    return path
+    return write_word_corpus(tmp_path_factory.mktemp("trace_corpus") / "corpus.txt", 40)
 
 
 def _recipe(model: Path, corpus: Path, method: str, **hyperparameters: Any) -> EditRecipe:

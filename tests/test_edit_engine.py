@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import typing
 from pathlib import Path
@@ -25,7 +24,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas.edit_recipe import EditMethod, EditRecipe, parse_edit_recipe
-from testbed.tiny_models import save_tokenizer
+from testbed.tiny_models import save_tokenizer, write_word_corpus
 from tests.support.tiny_edit import tiny_model
 from workers.edit import EditGateError, LocalCovarianceCache, revert_edit, run_edit
 from workers.edit.architectures import default_mom2_update_weight
@@ -74,11 +73,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.txt"
-    paragraphs = [" ".join(f"w{rng.randrange(4, 250)}" for _ in range(60)) for _ in range(40)]
-    path.write_text("\n\n".join(paragraphs) + "\n")
-    return path
+    return write_word_corpus(tmp_path_factory.mktemp("tiny_corpus") / "corpus.txt", 40)
 
 
 @pytest.fixture(scope="module")

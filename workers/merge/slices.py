@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from schemas.recipe import MergeRecipe, OutputSlice, ParameterSetting
+from schemas.recipe import MergeRecipe, OutputSlice, ParameterSetting, format_location
 from workers.errors import InputError
 from workers.sources import ResolvedModel
 from workers.tensors.reader import CheckpointReader
@@ -182,13 +182,13 @@ def _build(
     first = slices[0]
     template_ref = (first.base_model or recipe.base_model) if uses_base else None
     template_ref = template_ref or first.sources[0].model
-    template, template_reader = model(template_ref)
-    out_prefix = _layer_prefix(template_reader, str(template_ref), ("slices",))
+    template = model(template_ref)[0]
     layout = SliceLayout(list(slices))
 
     layered: dict[str, dict[int, dict[str, str]]] = {}  # model -> layer -> rest -> name
     outside: dict[str, dict[str, str]] = {}  # model -> name -> 'before' | 'after'
     counts: dict[str, int] = {}
+    prefixes: dict[str, str] = {}  # model -> its layers' prefix ("model.layers.")
 
     def survey(ref: Any, at: tuple[str | int, ...]) -> None:
         key = str(ref)
@@ -201,6 +201,7 @@ def _build(
             parts = split_layer(name)
             if parts is not None:
                 by_layer.setdefault(parts[1], {})[parts[2]] = name
+                prefixes.setdefault(key, parts[0])
                 continue
             where = outside_position(name)
             if where is None:
@@ -211,7 +212,7 @@ def _build(
                     "Qwen2 and GPT-2; merge whole models (models:) for this architecture",
                     model=key,
                     tensor=name,
-                    field=_field(at),
+                    field=format_location(at),
                 )
             placed[name] = where
         if not by_layer:
@@ -220,10 +221,15 @@ def _build(
                 "be sliced; merge whole models (models:) for this architecture",
                 model=key,
                 tensor=reader.names[0] if reader.names else None,
-                field=_field(at),
+                field=format_location(at),
             )
         layered[key], outside[key] = by_layer, placed
         counts[key] = _layer_count(read_config(resolved.path)) or max(by_layer) + 1
+
+    # the output's layers are named as the template's (the config's model) are
+    template_at = next(j for j, src in enumerate(first.sources) if src.model == template_ref)
+    survey(template_ref, ("slices", 0, "sources", template_at, "layer_range"))
+    out_prefix = prefixes[str(template_ref)]
 
     offset = 0
     base_names: dict[str, tuple[Any, str]] = {}
@@ -243,7 +249,7 @@ def _build(
                     f"layer_range [{start}, {end}] reaches past the model's {counts[key]} "
                     f"layers (0 to {counts[key] - 1})",
                     model=key,
-                    field=_field(at),
+                    field=format_location(at),
                 )
             names: dict[str, str] = {}
             for k in range(n):
@@ -273,26 +279,6 @@ def _build(
     if base_ref is not None:
         base = (view(base_names), model(base_ref)[0], base_ref)
     return SlicedInputs(base, models, layout, template)
-
-
-def _field(at: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in at:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _layer_prefix(reader: CheckpointReader, label: str, at: tuple[str | int, ...]) -> str:
-    for name in reader.names:
-        parts = split_layer(name)
-        if parts is not None:
-            return parts[0]
-    raise InputError(
-        "has no tensors in numbered layers (…layers.N…, …h.N…), so its layers cannot be "
-        "sliced; merge whole models (models:) for this architecture",
-        model=label,
-        field=_field(at),
-    )
 
 
 def _layer_count(cfg: dict[str, Any]) -> int | None:
