@@ -3,8 +3,9 @@
 The REST API, the job store and the worker all speak these models; nothing here does I/O.
 
 - ``JobCreate`` — the body of ``POST /v1/jobs``: ``{"kind", "recipe", "artifact_name",
-  "callback_url"?}``. A ``merge`` recipe is validated against :class:`schemas.recipe.MergeRecipe`
-  here, so a bad recipe is refused with the location of each problem (``recipe.models[0].model``).
+  "callback_url"?}``. The recipe is validated here against the kind's recipe model
+  (:data:`RECIPE_TYPES`: a merge, an edit, a LoRA extraction), so a bad recipe is refused with
+  the location of each problem (``recipe.models[0].model``).
 - ``JobView`` — one job as the API returns it: state, progress, timestamps, attempts, the
   error (what was wrong and where) or the published artifact, and the recipe with every
   reference pinned (hub commit sha, artifact version).
@@ -41,6 +42,7 @@ from schemas.limits import (
     check_document,
     limit_error,
 )
+from schemas.lora_recipe import ExtractLoraRecipe
 from schemas.recipe import MergeRecipe
 from schemas.references import _ARTIFACT_NAME, _REVISION  # the one rule for each
 
@@ -50,12 +52,19 @@ PROBLEM_JSON = "application/problem+json"
 class JobKind(StrEnum):
     MERGE = "merge"
     EDIT = "edit"
+    EXTRACT_LORA = "extract_lora"
 
 
-Recipe = MergeRecipe | EditRecipe
-RECIPE_TYPES: dict[JobKind, type[MergeRecipe] | type[EditRecipe]] = {
+Recipe = MergeRecipe | EditRecipe | ExtractLoraRecipe
+RECIPE_TYPES: dict[JobKind, type[MergeRecipe] | type[EditRecipe] | type[ExtractLoraRecipe]] = {
     JobKind.MERGE: MergeRecipe,
     JobKind.EDIT: EditRecipe,
+    JobKind.EXTRACT_LORA: ExtractLoraRecipe,
+}
+_RECIPE_DOCS = {
+    JobKind.MERGE: "docs/recipes.md",
+    JobKind.EDIT: "docs/editing.md",
+    JobKind.EXTRACT_LORA: "docs/extract-lora.md",
 }
 
 
@@ -111,23 +120,21 @@ def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _recipe_json_schema(schema: dict[str, Any]) -> None:
     # The recipe is kept as a mapping (its hash identifies the request); on the wire it is a
-    # merge or an edit recipe, which the OpenAPI document says.
-    schema["anyOf"] = [
-        inline_refs(MergeRecipe.model_json_schema()),
-        inline_refs(EditRecipe.model_json_schema()),
-    ]
+    # recipe of one of the kinds, which the OpenAPI document says.
+    schema["anyOf"] = [inline_refs(recipe.model_json_schema()) for recipe in RECIPE_TYPES.values()]
 
 
 def job_create_json_schema() -> dict[str, Any]:
-    """The body of ``POST /v1/jobs`` as one self-contained JSON Schema: a merge job (kind
-    ``merge``, a merge recipe) or an edit job, for the OpenAPI document."""
+    """The body of ``POST /v1/jobs`` as one self-contained JSON Schema: one variant per job
+    kind (``merge`` with a merge recipe, ``edit``, ``extract_lora``), for the OpenAPI
+    document."""
     variants = []
-    for kind, recipe in ((JobKind.MERGE, MergeRecipe), (JobKind.EDIT, EditRecipe)):
+    for kind, recipe in RECIPE_TYPES.items():
         schema = inline_refs(JobCreate.model_json_schema())
         schema["properties"]["kind"] = {"type": "string", "enum": [kind.value]}
         schema["properties"]["recipe"] = {
             **inline_refs(recipe.model_json_schema()),
-            "description": f"a {kind.value} recipe (docs/recipes.md, docs/editing.md)",
+            "description": f"a {kind.value} recipe ({_RECIPE_DOCS[kind]})",
         }
         variants.append(schema)
     return {"oneOf": variants}
@@ -202,7 +209,8 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     recipe: dict[str, Any] = Field(
-        description="a merge recipe (see docs/recipes.md) or an edit recipe, as a JSON object",
+        description="a merge recipe (see docs/recipes.md), an edit recipe (docs/editing.md) "
+        "or a LoRA extraction recipe (docs/extract-lora.md), as a JSON object",
         json_schema_extra=_recipe_json_schema,
     )
     artifact_name: str = Field(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from infra.db import JobStore
     from infra.settings import Settings
     from infra.storage.s3 import S3ObjectStore
+    from schemas.lora_recipe import ExtractLoraRecipe
     from schemas.recipe import MergeRecipe
     from workers.sources import ResolvedModel, SourceSettings
     from workers.watch import JobWatch
@@ -58,7 +59,7 @@ def tenant_access(store: JobStore, settings: Settings, tenant_id: int) -> Tenant
     return tenants.access(tenant_id, operator_hub_token=token)
 
 
-def references(recipe: MergeRecipe | EditRecipe) -> list[ModelReference]:
+def references(recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe) -> list[ModelReference]:
     """The recipe's model references, each once (in recipe order)."""
     unique: dict[str, ModelReference] = {}
     for _, ref in recipe.references():
@@ -67,7 +68,7 @@ def references(recipe: MergeRecipe | EditRecipe) -> list[ModelReference]:
 
 
 def resolve_inputs(
-    recipe: MergeRecipe | EditRecipe,
+    recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe,
     sources: SourceSettings,
     settings: Settings,
     object_store: ObjectStore,

@@ -19,6 +19,9 @@ directly. The job store is the source of truth:
   the covariance cache in the object store (shared by all jobs: docs/editing.md) and publish
   the edited checkpoint the same way. A safety-gate failure fails the job with the metrics in
   its error and publishes nothing, unless the recipe says ``on_gate_failure: publish_flagged``.
+- **LoRA extractions** (``kind: extract_lora``) resolve the base and the fine-tune like a
+  merge's inputs and run ``workers.extract`` (one tensor of each at a time, cancel checked
+  between tensors); the adapter folder is published the same way.
 - **Outcome.** Only what is known to be transient is retried (``workers.errors.is_transient``:
   an unreachable or failing source, the Hub, the object store, the database, the network, no
   memory or disk left): the job goes back to ``queued`` with the attempt's error and
@@ -57,7 +60,9 @@ from infra.storage import (
     ObjectStore,
 )
 from schemas.edit_recipe import EditRecipe
-from schemas.jobs import ArtifactRef, JobError, JobKind, JobState
+from schemas.jobs import RECIPE_TYPES, ArtifactRef, JobError, JobState
+from schemas.lora_recipe import ExtractLoraRecipe
+from schemas.recipe import MergeRecipe
 from schemas.references import ReferenceError_, ReferenceKind, parse_reference
 from schemas.tenants import TenantAccess
 from service.reuse import reusable_recipe_hash
@@ -67,7 +72,6 @@ from workers.watch import JobWatch
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
     from infra.settings import Settings
-    from schemas.recipe import MergeRecipe
     from workers.edit.engine import EditGateError
     from workers.sources import ResolvedModel, SourceSettings
 
@@ -165,14 +169,17 @@ def _run_claimed(
         access = tenant_access(store, settings, job.tenant_id)
         tenant = access.name
         recipe = _parse_recipe(job)
-        # an edit loads its model with transformers: never from pickle weights
-        allow_pickle = not isinstance(recipe, EditRecipe) and recipe.allow_pickle
+        # an edit loads its model with transformers and an extraction reads safetensors
+        # only: never pickle weights
+        allow_pickle = isinstance(recipe, MergeRecipe) and recipe.allow_pickle
         sources = source_settings(settings, access, allow_pickle=allow_pickle)
         watch.report_phase("resolve")
         watch.check()
         resolved = resolve_inputs(recipe, sources, settings, object_store, access, work, watch)
         if isinstance(recipe, EditRecipe):
             result: Any = _edit(recipe, work, settings, object_store, access, resolved, watch)
+        elif isinstance(recipe, ExtractLoraRecipe):
+            result = _extract_lora(recipe, work / "out", sources, resolved, device, watch)
         else:
             result = _merge(recipe, work / "out", sources, resolved, device, watch)
     except CancelledError:
@@ -318,16 +325,13 @@ def soft_time_limit(settings: Settings) -> float:
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe:
+def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe | ExtractLoraRecipe:
     from pydantic import ValidationError
 
-    from schemas.recipe import MergeRecipe, format_validation_error
+    from schemas.recipe import format_validation_error
     from workers.errors import InputError
 
-    kinds: dict[str, type[MergeRecipe] | type[EditRecipe]] = {
-        JobKind.MERGE.value: MergeRecipe,
-        JobKind.EDIT.value: EditRecipe,
-    }
+    kinds = {kind.value: recipe for kind, recipe in RECIPE_TYPES.items()}
     model = kinds.get(job.kind)
     if model is None:
         valid = ", ".join(kinds)
@@ -358,6 +362,28 @@ def _merge(
     from workers.merge.engine import run_merge
 
     return run_merge(
+        recipe,
+        out_dir,
+        device=device,
+        sources=sources,
+        progress=watch.report,
+        cancelled=watch.should_stop,
+        resolved=resolved,
+        started=watch.started,
+    )
+
+
+def _extract_lora(
+    recipe: ExtractLoraRecipe,
+    out_dir: Path,
+    sources: SourceSettings,
+    resolved: dict[str, ResolvedModel],
+    device: str,
+    watch: JobWatch,
+) -> Any:
+    from workers.extract import run_extract_lora
+
+    return run_extract_lora(
         recipe,
         out_dir,
         device=device,
