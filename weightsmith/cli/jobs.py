@@ -23,7 +23,7 @@ from weightsmith.cli.progress import JobWatch, progress_text
 from weightsmith.cli.remote import Remote
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("merge", "edit")
+JOB_KINDS = ("merge", "edit", "extract_lora")
 
 
 def _read_job_recipe(path: Path) -> dict[str, Any] | int:
@@ -40,8 +40,8 @@ def _read_job_recipe(path: Path) -> dict[str, Any] | int:
         return fail(f"recipe {str(path)!r} is not valid YAML: {e}", EXIT_INPUT)
     if not isinstance(data, dict):
         return fail(
-            f"recipe {str(path)!r} must be a mapping with 'merge_method' (a merge) or "
-            "'edit_method' (an edit)",
+            f"recipe {str(path)!r} must be a mapping with 'merge_method' (a merge), "
+            "'edit_method' (an edit) or 'base' and 'model' (a LoRA extraction)",
             EXIT_INPUT,
         )
     return data
@@ -56,8 +56,11 @@ def _job_kind(recipe: dict[str, Any], given: str | None, path: Path) -> str | in
         return "merge"
     if "edit_method" in recipe:
         return "edit"
+    if "base" in recipe and "model" in recipe:
+        return "extract_lora"
     return fail(
-        f"recipe {str(path)!r} has neither merge_method nor edit_method; pass --kind merge|edit",
+        f"recipe {str(path)!r} has neither merge_method nor edit_method nor base and model; "
+        "pass --kind merge|edit|extract_lora",
         EXIT_INPUT,
     )
 
@@ -222,11 +225,12 @@ def _stops_where(kind: str) -> str:
 def add_commands(remote: Remote) -> None:
     """Register ``submit``, ``jobs``, ``job`` and ``cancel``."""
     sm = remote.command("submit", "submit a recipe to the service (--wait to follow it)", _submit)
-    sm.add_argument("recipe", help="merge or edit recipe YAML")
+    sm.add_argument("recipe", help="merge, edit or LoRA extraction recipe YAML")
     sm.add_argument(
         "--kind",
         choices=JOB_KINDS,
-        help="the job's kind (default: from the recipe: merge_method or edit_method)",
+        help="the job's kind (default: from the recipe: merge_method, edit_method, or base "
+        "and model for extract_lora)",
     )
     sm.add_argument("--name", help="artifact name (default: the recipe file's stem)")
     sm.add_argument("--wait", action="store_true", help="follow the job; exit 0 if it succeeds")

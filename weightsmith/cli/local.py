@@ -1,5 +1,6 @@
-"""Local commands: ``merge`` and ``edit`` run the engine in this process, on local files or
-Hub models, with no service. They import torch when they run (never at ``--help``)."""
+"""Local commands: ``merge``, ``edit`` and ``extract-lora`` run the engine in this process, on
+local files or Hub models, with no service. They import torch when they run (never at
+``--help``)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,47 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    """Extract a PEFT LoRA adapter (base + ΔW ≈ base + B·A) from a fine-tune and its base."""
+    from schemas.lora_recipe import parse_extract_lora_recipe
+
+    path = Path(args.recipe)
+    recipe = load_recipe(path, parse_extract_lora_recipe)
+    if isinstance(recipe, int):
+        return recipe
+
+    from workers.errors import InputError, WeightsmithError
+    from workers.extract import run_extract_lora
+    from workers.sources import SourceSettings
+
+    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        result = run_extract_lora(
+            recipe,
+            Path(args.out),
+            device=args.device,
+            sources=SourceSettings(hub_token=None),
+            base_dir=path.resolve().parent,
+            progress=bar,
+        )
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    finally:
+        bar.close()
+    s = result.metrics["summary"]
+    print(
+        f"extracted a LoRA adapter into {result.out_dir}: {s['decomposed_modules']} modules, "
+        f"r {s['r']}{' (per-module ranks differ)' if s['ranks_differ'] else ''}, relative "
+        f"error at most {s['max_relative_error']:.3g}, "
+        f"{len(result.metrics['modules_to_save'])} modules saved whole"
+    )
+    return 0
+
+
 def _revert(edited: Path, out: Path) -> int:
     from workers.edit import revert_edit
     from workers.errors import InputError, WeightsmithError
@@ -135,7 +177,7 @@ def _revert(edited: Path, out: Path) -> int:
 
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
-    """Register ``merge`` and ``edit``."""
+    """Register ``merge``, ``edit`` and ``extract-lora``."""
     m = sub.add_parser(
         "merge",
         help="run a merge recipe locally (no service needed)",
@@ -167,3 +209,15 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "~/.cache/weightsmith/covariance and …/trace)",
     )
     e.set_defaults(func=cmd_edit)
+
+    x = sub.add_parser(
+        "extract-lora",
+        help="turn a fine-tune into a PEFT LoRA adapter of its base (truncated SVD of ΔW)",
+        description=cmd_extract_lora.__doc__,
+        formatter_class=formatter,
+    )
+    x.add_argument("recipe", help="extraction recipe YAML (docs/extract-lora.md)")
+    x.add_argument("--out", required=True, help="adapter directory (must not exist, or be empty)")
+    x.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_extract_lora)
