@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     requests: list[EditRequest] = without_edited_neighbors(pool[:n])
     print(
         f"SmolLM2 at {ckpt}; threads {torch.get_num_threads()}; {len(requests)} edits "
-        f"({sum(flags[: len(requests)])} known before) in batches of {args.batch}; layers "
+        f"({min(len(requests), sum(flags))} known before) in batches of {args.batch}; layers "
         f"{layers}",
         flush=True,
     )
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         "quick": args.quick,
         "layers": layers,
         "threads": torch.get_num_threads(),
+        "known_before": min(len(requests), sum(flags)),
         "covariance_s": time.perf_counter() - t,
         "nullspace_threshold": h.nullspace_threshold,
         "alphaedit_l2": h.alphaedit_l2,
