@@ -1,4 +1,4 @@
-"""The edit recipe: ROME / MEMIT knowledge edits of one model (docs/editing.md).
+"""The edit recipe: ROME / MEMIT / AlphaEdit knowledge edits of one model (docs/editing.md).
 
 Validated once here (no torch) for the API, the CLI and the worker. What only the model can
 tell — the number of layers, the architecture — is checked by the worker at run time.
@@ -33,7 +33,12 @@ from schemas.limits import (
 from schemas.recipe import validate_document
 from schemas.references import VERSION_NUMBER, Location, ModelReference
 
-EditMethod = Literal["rome", "memit"]
+EditMethod = Literal["rome", "memit", "alphaedit"]
+EDIT_METHODS: tuple[str, ...] = ("rome", "memit", "alphaedit")
+# AlphaEdit's published settings (Fang et al. 2025; the reference code's hparams for GPT-2 XL,
+# GPT-J and Llama-3-8B): eigenvalues of C below the threshold span the null space
+DEFAULT_NULLSPACE_THRESHOLD = 2e-2
+DEFAULT_ALPHAEDIT_L2 = 10.0
 
 
 MAX_KEEP_PROMPTS = MAX_PROMPTS_PER_REQUEST
@@ -205,6 +210,26 @@ class EditHyperparameters(BaseModel):
             le=FLOAT32_MAX,
             description="MEMIT λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹. Default: the MEMIT paper's 15,000 "
             "for Llama's 11,008-wide keys, scaled by the model's key width d_in",
+        ),
+    ] = None
+    nullspace_threshold: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=FLOAT32_MAX,
+            description="alphaedit: the null space of the preserved keys is spanned by the "
+            "eigenvectors of C whose eigenvalue is below this (absolute, C = the keys' "
+            "uncentered second moment); the update is projected onto it. Default 2e-2 (the "
+            "paper's). Not for rome or memit",
+        ),
+    ] = None
+    alphaedit_l2: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=FLOAT32_MAX,
+            description="alphaedit: the weight of ‖ΔP‖² in Δ = R K₁ᵀP(KₚKₚᵀP + K₁K₁ᵀP + "
+            "l2·I)⁻¹; default 10 (the paper's code). Not for rome or memit",
         ),
     ] = None
     memit_clamp_norm_factor: Annotated[
@@ -388,7 +413,7 @@ class GateThresholds(BaseModel):
         Field(
             gt=0,
             le=FLOAT32_MAX,
-            description="‖ΔW‖/‖W‖ per layer; default 0.5 for ROME, 0.5 for MEMIT",
+            description="‖ΔW‖/‖W‖ per layer; default 0.5 (ROME, MEMIT and AlphaEdit)",
         ),
     ] = None
     min_denominator: Annotated[
@@ -402,7 +427,7 @@ class EditOutput(BaseModel):
     name: Annotated[str | None, Field(max_length=MAX_NAME_CHARS)] = None
 
 
-DEFAULT_MAX_RELATIVE_UPDATE = {"rome": 0.5, "memit": 0.5}
+DEFAULT_MAX_RELATIVE_UPDATE = {"rome": 0.5, "memit": 0.5, "alphaedit": 0.5}
 
 
 class EditRecipe(BaseModel):
@@ -443,8 +468,10 @@ class EditRecipe(BaseModel):
     def _known_method(cls, data: Any) -> Any:
         if isinstance(data, dict):
             m = data.get("edit_method")
-            if isinstance(m, str) and m not in ("rome", "memit"):
-                raise ValueError(f"edit_method: unknown method {m!r}; valid: rome, memit")
+            if isinstance(m, str) and m not in EDIT_METHODS:
+                raise ValueError(
+                    f"edit_method: unknown method {m!r}; valid: {', '.join(EDIT_METHODS)}"
+                )
         return data
 
     @model_validator(mode="after")
@@ -480,10 +507,22 @@ class EditRecipe(BaseModel):
             for name in ("sufficient_loss", "edit_margin"):
                 if name in h.model_fields_set and getattr(h, name) is not None:
                     raise ValueError(
-                        f"hyperparameters.{name}: applies to rome only; memit spreads its "
-                        "update over layers and keeps the whole update"
+                        f"hyperparameters.{name}: applies to rome only; {self.edit_method} "
+                        "spreads its update over layers and keeps the whole update"
                     )
             h.edit_margin = None  # the rome default does not apply
+        h = self.hyperparameters
+        if self.edit_method == "alphaedit":
+            if h.nullspace_threshold is None:
+                h.nullspace_threshold = DEFAULT_NULLSPACE_THRESHOLD
+            if h.alphaedit_l2 is None:
+                h.alphaedit_l2 = DEFAULT_ALPHAEDIT_L2
+        else:
+            for name in ("nullspace_threshold", "alphaedit_l2"):
+                if getattr(h, name) is not None:
+                    raise ValueError(
+                        f"hyperparameters.{name}: applies to alphaedit only, not {self.edit_method}"
+                    )
         edited = {r.prompt.strip(): i for i, r in enumerate(self.requests)}
         for i, r in enumerate(self.requests):
             for j, p in enumerate(r.keep_prompts):

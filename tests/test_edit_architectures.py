@@ -207,22 +207,24 @@ def test_memit_edits_both_requests_of_a_batch(checkpoints, corpus, cache, family
         ), fact
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
 @pytest.mark.parametrize("family", list(POST_NORM))
 def test_memit_on_a_post_norm_family_is_refused_naming_the_norm_before_any_work(
-    checkpoints, corpus, cache, family
+    checkpoints, corpus, cache, family, method
 ):
+    # AlphaEdit spreads MEMIT's residual over the same layers: refused for the same reason
     seen: list[str] = []
     with pytest.raises(InputError) as e:
         _run(
             family,
-            _recipe(checkpoints[family], corpus, "memit"),
+            _recipe(checkpoints[family], corpus, method),
             None,
             cache=cache,
             progress=seen.append,
         )
 
     assert e.value.field == "edit_method"
-    assert f"memit cannot edit {family!r}" in str(e.value)
+    assert f"{method} cannot edit {family!r}" in str(e.value)
     assert POST_NORM[family] in str(e.value) and "use edit_method 'rome'" in str(e.value)
     assert seen == ["load"]
 

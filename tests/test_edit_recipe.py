@@ -40,6 +40,21 @@ def test_memit_defaults():
     assert r.hyperparameters.edit_margin is None  # a rome setting: memit keeps its update
 
 
+def test_alphaedit_defaults_are_the_papers():
+    r = parse_edit_recipe(_with(edit_method="alphaedit"))
+    h = r.hyperparameters
+    # the reference code's hparams for GPT-2 XL, GPT-J and Llama-3-8B
+    assert (h.nullspace_threshold, h.alphaedit_l2) == (2e-2, 10.0)
+    assert r.clamp_norm_factor == 0.75  # MEMIT's z clamp
+    assert h.edit_margin is None and r.max_relative_update == 0.5
+
+
+def test_rome_and_memit_leave_the_alphaedit_settings_unset():
+    for method in ("rome", "memit"):
+        h = parse_edit_recipe(_with(edit_method=method)).hyperparameters
+        assert h.nullspace_threshold is None and h.alphaedit_l2 is None
+
+
 def test_rome_takes_a_sufficient_loss_in_place_of_the_default_edit_margin():
     r = parse_edit_recipe(_with(hyperparameters={"sufficient_loss": 0.5}))
     assert r.hyperparameters.sufficient_loss == 0.5
@@ -68,7 +83,34 @@ def test_rome_takes_an_edit_margin_or_none_for_the_whole_update():
             _with(requests=[{"prompt": "Japan is", "subject": "Japan", "target_new": " "}]),
             "requests[0].target_new: must not be empty",
         ),
-        (_with(edit_method="pmet"), "edit_method: unknown method 'pmet'; valid: rome, memit"),
+        (
+            _with(edit_method="pmet"),
+            "edit_method: unknown method 'pmet'; valid: rome, memit, alphaedit",
+        ),
+        (
+            _with(edit_method="memit", hyperparameters={"nullspace_threshold": 0.02}),
+            "hyperparameters.nullspace_threshold: applies to alphaedit only, not memit",
+        ),
+        (
+            _with(hyperparameters={"alphaedit_l2": 10}),
+            "hyperparameters.alphaedit_l2: applies to alphaedit only, not rome",
+        ),
+        (
+            _with(edit_method="alphaedit", hyperparameters={"nullspace_threshold": 0}),
+            "hyperparameters.nullspace_threshold: Input should be greater than 0",
+        ),
+        (
+            _with(edit_method="alphaedit", hyperparameters={"nullspace_threshold": "inf"}),
+            "hyperparameters.nullspace_threshold: Input should be a finite number",
+        ),
+        (
+            _with(edit_method="alphaedit", hyperparameters={"alphaedit_l2": -1}),
+            "hyperparameters.alphaedit_l2: Input should be greater than 0",
+        ),
+        (
+            _with(edit_method="alphaedit", hyperparameters={"edit_margin": 2}),
+            "hyperparameters.edit_margin: applies to rome only; alphaedit spreads",
+        ),
         (_with(hyperparameters={"layers": [-1]}), "hyperparameters.layers: layer indices"),
         (_with(hyperparameters={"layers": [3, 4]}), "rome edits exactly one layer"),
         (_with(requests=[BASE["requests"][0]] * 2), "requests: rome edits one fact per run"),

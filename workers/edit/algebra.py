@@ -1,4 +1,4 @@
-"""The update algebra of ROME and MEMIT as pure functions of tensors.
+"""The update algebra of ROME, MEMIT and AlphaEdit as pure functions of tensors.
 
 Weights are in nn.Linear orientation, W: [d_out, d_in], keys k ∈ R^{d_in}, values
 v ∈ R^{d_out}; a GPT-2 Conv1D weight is the transpose (the caller transposes ΔW).
@@ -98,6 +98,57 @@ def memit_update(
     Kd = K.double()
     M = lam * C.double() + Kd @ Kd.T
     A = restricted(M, torch.linalg.solve(M, Kd), keep)
+    return R.double().float(), A.float()
+
+
+def nullspace_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P = Û Ûᵀ (Fang et al. 2025, §3.2), float64 [d_in, d_in]: Û the
+    eigenvectors of C = K₀K₀ᵀ (the preserved keys' second moment) whose eigenvalue is below
+    ``threshold``. P k ≈ 0 for the keys that C was accumulated from (to the threshold), so an
+    update ΔW = ΔW P leaves their outputs where they were. (The reference code takes the
+    SVD of C; C is symmetric positive semi-definite, so its eigenvectors are the same.)"""
+    eigenvalues, U = torch.linalg.eigh(C.double())
+    small = U[:, eigenvalues < threshold]
+    return small @ small.T
+
+
+def without_keys(P: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The projector P with the directions P k of the kept keys (``keep``, [d_in, p]) taken
+    out: P' = P − Q Qᵀ, Q an orthonormal basis of P·keep. Q lies in P's range, so P' is
+    again an orthogonal projector, and P' k = 0 for each kept key."""
+    if keep is None or keep.shape[1] == 0:
+        return P
+    Pk = P @ keep.to(P)
+    if float(Pk.norm()) == 0.0:
+        return P
+    Q = key_basis(Pk)
+    return P - Q @ Q.T
+
+
+def alphaedit_update(
+    R: torch.Tensor,
+    K1: torch.Tensor,
+    P: torch.Tensor,
+    Kp: torch.Tensor | None,
+    l2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit (Fang et al. 2025, eq. 14 with the reference code's l2 weight):
+    Δ = R K₁ᵀ P (Kₚ Kₚᵀ P + K₁ K₁ᵀ P + l2·I)⁻¹, solved in float64.
+
+    R: [d_out, m] residuals, K1: [d_in, m] the new keys, P: [d_in, d_in] the null-space
+    projector, Kp: [d_in, p] the keys of earlier edits (None: none). Δ = Δ P holds exactly
+    (Δ(S P + l2 I) = R K₁ᵀ P gives Δ = (R K₁ᵀ − Δ S) P / l2), so the keys P maps to 0 keep
+    their outputs. Returns (R, A) with ΔW = R Aᵀ, A = (P S + l2 I)⁻¹ P K₁ (S = K₁K₁ᵀ + KₚKₚᵀ,
+    symmetric): one rank-one factor pair per request, as :func:`memit_update`."""
+    Pd = P.double()
+    K = K1.to(Pd)
+    S = K @ K.T
+    if Kp is not None and Kp.shape[1]:
+        Kpd = Kp.to(Pd)
+        S = S + Kpd @ Kpd.T
+    eye = torch.eye(Pd.shape[0], dtype=Pd.dtype, device=Pd.device)
+    A = torch.linalg.solve(Pd @ S + l2 * eye, Pd @ K)
+    A = Pd @ A  # A lies in P's range already; this keeps ΔW = ΔW P to the last bit of float64
     return R.double().float(), A.float()
 
 

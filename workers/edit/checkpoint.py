@@ -9,6 +9,8 @@ Output directory of an edit:
   orientation) — enough to re-apply the edit to another revision of the model;
 - ``edit/original.safetensors``: the edited tensors as they were, for an exact revert
   (W + ΔW − ΔW is not W in floating point);
+- ``edit/history.safetensors``: the edit history, the parent's plus this edit (requests and
+  keys per layer: ``workers.edit.history``), read by the next edit of this checkpoint;
 - ``manifest.json`` (last, :func:`write_manifest`): recipe, parent, metrics, gate,
   covariance provenance and the sha256 of every file, the parent's files included.
 """
@@ -34,6 +36,7 @@ from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
 from schemas.manifests import MANIFEST, MANIFEST_FORMAT, Manifest
 from workers.edit.architectures import EditArchitecture
+from workers.edit.history import EditHistory
 from workers.edit.update import RankOneUpdate, layer_deltas
 from workers.errors import InputError, WeightsmithError
 from workers.sources import ResolvedModel
@@ -59,16 +62,20 @@ def write_edited_checkpoint(
     updates: list[RankOneUpdate],
     record: dict[str, Any],
     timings: Callable[[], dict[str, float]],
+    *,
+    history: EditHistory | None = None,
 ) -> dict[str, Any]:
     """Write the edited checkpoint to ``out`` through a staging directory renamed into place
     last (nothing is left behind on failure). ``record``: what the edit did (the manifest's
-    first fields); ``timings()``: the run's timings as of the manifest. Returns the
-    manifest."""
+    first fields); ``timings()``: the run's timings as of the manifest; ``history``: the
+    edit history to write beside the weights. Returns the manifest."""
     staging = _staging(out)
     try:
         parent_files = _copy_parent(resolved, staging)
         edited = _write_edited_tensors(staging, arch, updates, label=str(recipe.model))
         _write_factors(staging, arch, updates)
+        if history is not None:
+            history.write(staging)
         manifest = write_manifest(
             staging,
             record,

@@ -46,6 +46,7 @@ from workers.edit.covariance import (
     default_cache_dir,
     recipe_corpus,
 )
+from workers.edit.history import EditHistory, read_history
 from workers.edit.methods import edit_method
 from workers.edit.metrics import Probe, evaluate, probe
 from workers.edit.settings import EditSettings, check_layers
@@ -135,6 +136,8 @@ def run_edit(
         target = loaded or load_model(resolved, str(recipe.model))
         method.check_model(target)
         check_layers(recipe, target.depth)  # before any work, the trace's included
+        history = read_history(resolved.path, model=str(recipe.model))
+        history.check(target, model=str(recipe.model))
         revision = revision or model_revision(resolved)
     choice = None
     h = recipe.hyperparameters
@@ -164,19 +167,29 @@ def run_edit(
             base_dir=base_dir,
             corpus_files=corpus_files,
             covariance_progress=covariance_progress,
+            history=history,
         )
         metrics = _measure(recipe, method, target, settings, computed, originals, phases)
     metrics["layers"] = list(settings.layers)
     metrics["layer_choice"] = _layer_choice(recipe)
     metrics["causal_trace"] = choice.record() if choice is not None else None
     failures = _gate(recipe, metrics)
+    history = history.extended(recipe.edit_method, recipe.requests, computed.updates)
     record = _edit_record(recipe, target, settings, computed, metrics, failures)
+    record["edit_history"] = history.summary()
     if out is None:
         manifest = {**record, "timings": phases.rounded()}
         return EditResult(None, manifest, metrics, not failures, computed.updates)
     with phases.step("write"):
         manifest = write_edited_checkpoint(
-            out, recipe, resolved, target.arch, computed.updates, record, phases.so_far
+            out,
+            recipe,
+            resolved,
+            target.arch,
+            computed.updates,
+            record,
+            phases.so_far,
+            history=history,
         )
     manifest["timings"] = phases.rounded()
     return EditResult(out, manifest, metrics, not failures, computed.updates)
@@ -252,9 +265,10 @@ def _compute(
     base_dir: Path | None,
     corpus_files: Sequence[Path] | None,
     covariance_progress: Callable[[CovarianceProgress], None] | None = None,
+    history: EditHistory | None = None,
 ) -> _Computed:
     """Templates, covariances, the pre-edit probe, then the method's update, applied to
-    ``target`` in place."""
+    ``target`` in place. ``history``: the input model's edit history (AlphaEdit's Kₚ)."""
     model, tokenizer = target.model, target.tokenizer
     h = recipe.hyperparameters
     with phases.step("templates"):
@@ -280,7 +294,7 @@ def _compute(
                 cancelled=phases.cancelled,
                 progress=covariance_progress,
             )
-    context = EditContext(templates, C)
+    context = EditContext(templates, C, history or EditHistory.empty())
     with phases.step("probe"):
         before = probe(model, tokenizer, recipe.requests)
     with phases.step("edit"):
@@ -317,6 +331,8 @@ def _measure(
             for layer in sorted(deltas)
         }
         metrics.update(method.metrics(computed.updates, settings))
+        metrics.update(computed.context.notes)
+        metrics["earlier_edits"] = len(computed.context.history.edits)
     return metrics
 
 

@@ -57,6 +57,12 @@ def keys_and_outputs(
     return torch.cat(keys).T, torch.cat(outs).T
 
 
+# (layer, R [d_out, m], K [d_in, m], kept keys [d_in, p] or None) → (left, right) factors
+LayerSolve = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 def memit_edit(
     target: EditModel,
     requests: list[EditRequest],
@@ -64,6 +70,7 @@ def memit_edit(
     context: EditContext,
     *,
     cancelled: Callable[[], bool] | None = None,
+    solve: LayerSolve | None = None,
 ) -> list[RankOneUpdate]:
     """Rank-one factors per request and layer of ``settings.layers``, with λ =
     ``settings.mom2_update_weight`` and C = ``context.covariances``. The model is edited in
@@ -71,10 +78,17 @@ def memit_edit(
     already edited); the caller restores the weights if it wants the original back. The
     keys of every request's ``keep_prompts`` are held fixed at each layer (ΔW_l k = 0; they
     see the same, unchanged, earlier layers). ``cancelled`` is checked before each
-    request's optimisation and each layer (raises CancelledError)."""
-    lam = settings.mom2_update_weight
-    if lam is None:
-        raise ValueError("MEMIT needs λ (settings.mom2_update_weight)")
+    request's optimisation and each layer (raises CancelledError). ``solve``: the per-layer
+    update in place of MEMIT's (AlphaEdit's null-space constrained one)."""
+    if solve is None:
+        lam = settings.mom2_update_weight
+        if lam is None:
+            raise ValueError("MEMIT needs λ (settings.mom2_update_weight)")
+
+        def solve(
+            layer: int, R: torch.Tensor, K: torch.Tensor, keep: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return memit_update(R, K, context.covariances[layer], lam, keep)
 
     def check() -> None:
         if cancelled is not None and cancelled():
@@ -101,7 +115,7 @@ def memit_edit(
         )
         R = (Z - current) / (len(layers) - i)
         keep = prompt_keys(model, tokenizer, arch.module_name(layer), kept) if kept else None
-        left, right = memit_update(R, K, context.covariances[layer], lam, keep)
+        left, right = solve(layer, R, K, keep)
         target.apply(layer, delta_from_factors(left, right))
         for j in range(len(requests)):
             updates.append(
@@ -113,6 +127,7 @@ def memit_edit(
                     denominator=float("nan"),
                     relative_denominator=float("nan"),
                     steps=steps[j],
+                    key=K[:, j].clone(),
                 )
             )
     return updates
@@ -147,7 +162,7 @@ class Memit:
         if arch.post_mlp_norm is not None:
             model_type = getattr(target.model.config, "model_type", arch.name)
             raise InputError(
-                f"memit cannot edit {model_type!r}: its MLP output passes through "
+                f"{self.name} cannot edit {model_type!r}: its MLP output passes through "
                 f"{arch.post_mlp_norm.format('L')} before the residual stream, so MEMIT's "
                 "residual target cannot be spread over the layers; use edit_method 'rome' "
                 "(one request, exact for this architecture)",

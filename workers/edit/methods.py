@@ -4,11 +4,13 @@ entry here, and its name in ``schemas.edit_recipe.EditMethod``."""
 
 from __future__ import annotations
 
+from workers.edit.alphaedit import AlphaEdit
 from workers.edit.memit import Memit
 from workers.edit.rome import Rome
 from workers.edit.update import EditMethod
 
-_ALL: tuple[EditMethod, ...] = (Rome(), Memit())  # typed: mypy checks each against the protocol
+# typed: mypy checks each against the protocol
+_ALL: tuple[EditMethod, ...] = (Rome(), Memit(), AlphaEdit())
 METHODS: dict[str, EditMethod] = {m.name: m for m in _ALL}
 
 

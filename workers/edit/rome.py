@@ -119,6 +119,7 @@ def rome_edit(
         steps=value.steps,
         scale=scale,
         value=value,
+        key=k.detach().clone(),
     )
 
 

@@ -37,6 +37,8 @@ class EditSettings:
     edit_margin: float | None = None  # ROME: the update scaled to turn the preference by κ·m₀
     sufficient_loss: float | None = None  # ROME: … or to reach this NLL (takes precedence)
     mom2_update_weight: float | None = None  # MEMIT's λ
+    nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of C below span P
+    alphaedit_l2: float | None = None  # AlphaEdit: the weight of ‖ΔP‖²
 
     @property
     def layer(self) -> int:
@@ -87,6 +89,8 @@ class EditSettings:
             sufficient_loss=h.sufficient_loss,
             mom2_update_weight=h.mom2_update_weight
             or default_mom2_update_weight(target.key_width(layers[0])),
+            nullspace_threshold=h.nullspace_threshold,
+            alphaedit_l2=h.alphaedit_l2,
         )
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from workers.edit.algebra import delta_from_factors
+from workers.edit.history import EditHistory
 
 if TYPE_CHECKING:
     from schemas.edit_recipe import EditRequest
@@ -22,11 +23,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class EditContext:
     """What the engine derives from the model before an update: the context templates
-    (``"{}"`` first; keys and values are averaged over them) and the keys' second moment C
-    per layer (empty where the method needs none)."""
+    (``"{}"`` first; keys and values are averaged over them), the keys' second moment C
+    per layer (empty where the method needs none) and the input model's edit history (the
+    requests and keys of the edits that produced it; empty for an unedited model)."""
 
     templates: list[str]
     covariances: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    history: EditHistory = field(default_factory=lambda: EditHistory.empty())
+    notes: dict[str, Any] = field(default_factory=dict)  # what the method reports (metrics)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class RankOneUpdate:
     steps: int = 0
     scale: float = 1.0  # ROME's edit_margin / sufficient_loss factor (1: the whole update)
     value: OptimisedValue | None = None  # ROME's v* (reusable for the same request and layer)
+    key: torch.Tensor | None = None  # [d_in] the key the update writes (for the edit history)
 
 
 def layer_deltas(updates: Sequence[RankOneUpdate]) -> dict[int, torch.Tensor]:
