@@ -38,7 +38,7 @@ def uniform_chunks(
     """The same draws as ``uniform`` over the flattened shape, ``chunk`` at a time into one
     reused buffer (each chunk valid until the next is asked for): the generator hands out
     its stream in order, so consecutive draws of n1 then n2 values are the draws of n1 + n2
-    (tests/test_merge_methods.py checks it)."""
+    (tests/test_merge_streaming.py checks it)."""
     g = generator(seed, model_index, tensor_name)
     buf = torch.empty(min(numel, chunk), dtype=torch.float32)
     for start in range(0, numel, chunk):
