@@ -280,11 +280,12 @@ class RankRangeStream:
             if p0 < p1:
                 self._groups.append([g.value, p0, p1, 0, g.equal])
 
-    def mask(self, x: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The in-range mask of the next block (blocks must come in order, each once), as
         ``dtype``: bool, or 0/1 in a float dtype (to multiply by: the comparisons then write
         floats, several times faster than bool results on the CPU)."""
         flat = x.reshape(-1)
+        dtype = torch.bool if dtype is None else dtype  # (not a default: torch loads lazily)
         if self._all is not None:
             return torch.full_like(flat, self._all, dtype=dtype)
         mask = torch.empty_like(flat, dtype=dtype)
