@@ -88,11 +88,34 @@ CHILD_ENV = {
 }
 
 # Recipes: per-model parameters, shared parameters. "mergekit": whether mergekit 0.1.5 has it.
+# "method": the merge_method when the key is not one (a variant's settings under its own key).
 RECIPES: dict[str, dict[str, Any]] = {
+    # the streaming floor of the sparsifying methods (issue 18): the same inputs, element-wise
+    # (the unlisted base_model is merged as a fourth model, so one weight for all four)
+    "linear": {"model": {}, "shared": {"weight": 1.0}, "mergekit": True},
     "task_arithmetic": {"model": {"weight": 0.3}, "shared": {}, "mergekit": True},
     "ties": {"model": {"density": 0.5, "weight": 1.0}, "shared": {}, "mergekit": True},
+    # the TIES paper's top-k over the whole model (two statistics passes; not in mergekit)
+    "ties_global": {
+        "method": "ties",
+        "model": {"density": 0.5, "weight": 1.0},
+        "shared": {"scope": "global"},
+        "mergekit": False,
+    },
     "breadcrumbs": {
         "model": {"density": 0.9, "gamma": 0.01, "weight": 0.3},
+        "shared": {},
+        "mergekit": True,
+    },
+    "breadcrumbs_ties": {
+        "model": {"density": 0.9, "gamma": 0.01, "weight": 0.3},
+        "shared": {},
+        "mergekit": True,
+    },
+    "dare_ties": {"model": {"density": 0.5, "weight": 1.0}, "shared": {}, "mergekit": True},
+    "dare_linear": {"model": {"density": 0.5, "weight": 0.3}, "shared": {}, "mergekit": True},
+    "della": {
+        "model": {"density": 0.5, "epsilon": 0.1, "weight": 1.0},
         "shared": {},
         "mergekit": True,
     },
@@ -1177,7 +1200,11 @@ def write_recipe(path: Path, method: str, base: Path, finetunes: list[Path]) -> 
         write_sliced_recipe(path, method, base, finetunes)
         return
     r = RECIPES[method]
-    lines = [f"merge_method: {method}", f"base_model: {_yaml_scalar(base.resolve())}", "models:"]
+    lines = [
+        f"merge_method: {r.get('method', method)}",
+        f"base_model: {_yaml_scalar(base.resolve())}",
+        "models:",
+    ]
     for ft in finetunes:
         lines.append(f"  - model: {_yaml_scalar(ft.resolve())}")
         if r["model"]:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merging import inputs as merging_inputs
+from merging.methods import task_vectors
+from merging.randomness import uniform, uniform_chunks
 from merging.selection import RankRangeStream, rank_range_mask
 from tests.support.merge_cases import (
     BF16_CASES,
@@ -74,6 +77,95 @@ def test_rank_window_over_blocks_equals_the_whole_tensor_mask(descending):
         got = torch.cat([window.mask(p) for p in parts])
         want = rank_range_mask(x, lo, hi, descending=descending, nonnegative=True)
         assert torch.equal(got, want), (lo, hi)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Cache-sized chunks of a few thousand elements: whole-tensor methods (DARE and DELLA
+    draws, L1 norms, sign consensus) then work on every test tensor in many chunks."""
+    monkeypatch.setattr(merging_inputs, "WORK_CHUNK", 3001)
+    monkeypatch.setattr(task_vectors, "WORK_CHUNK", 3001)
+
+
+CHUNKED = ["ties", "dare_ties", "dare_ties_inverse_p", "dare_linear", "breadcrumbs_ties_row",
+           "della", "della_linear"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CHUNKED)
+def test_merge_in_small_chunks_matches_reference(case, llama_family, small_chunks, tmp_path):
+    r = LLAMA_CASES[case](llama_family)
+    _, out = engine(r, tmp_path / "out", seed=SEED)
+    assert_matches_reference(out, reference_merge(r, SEED), out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize(("numel", "chunk"), [(10_000, 7), (10_000, 4096), (4096, 4096), (5, 9)])
+def test_draws_in_chunks_are_the_draws_of_the_whole_tensor(numel, chunk):
+    whole = uniform(11, 2, "model.layers.0.mlp.up_proj.weight", torch.Size([numel]))
+    parts = [
+        c.clone() for c in uniform_chunks(11, 2, "model.layers.0.mlp.up_proj.weight", numel, chunk)
+    ]
+    assert [p.numel() for p in parts[:-1]] == [chunk] * (len(parts) - 1)
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def _plain_sign_consensus(deltas, weights):
+    """TIES elect + disjoint merge as written (bool masks, where): the reference."""
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total += d
+    positive = total >= 0
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for d, w in zip(deltas, weights, strict=True):
+        agree = torch.where(positive, d > 0, d < 0)
+        mixed += d * agree
+        divisor += agree * w
+    divisor[divisor == 0] = 1.0
+    return mixed, divisor
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_sign_consensus_equals_the_plain_masked_sum(count):
+    gen = torch.Generator().manual_seed(3)
+    n = 10_007
+    # few distinct values: many zeros, sums that cancel to exactly 0, equal magnitudes
+    deltas = [
+        torch.randint(-3, 4, (n,), generator=gen).to(torch.float32) * 0.25 for _ in range(count)
+    ]
+    deltas[0][:50] = 0.0
+    weights = [1.0, -1.0, 0.5][:count]  # 1 − 1 = 0: weights that cancel where both agree
+    want_mixed, want_div = _plain_sign_consensus([d.clone() for d in deltas], weights)
+    mixed, div = task_vectors.sign_consensus([d.clone() for d in deltas], weights)
+    assert div is not None
+    assert torch.equal(mixed, want_mixed)
+    assert torch.equal(task_vectors.nonzero_divisor(div), want_div)
+    only_mixed, none = task_vectors.sign_consensus(
+        [d.clone() for d in deltas], weights, divisor=False
+    )
+    assert none is None and torch.equal(only_mixed, want_mixed)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_rank_window_float_mask_equals_the_bool_mask(descending):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 30, (40_000,), generator=gen).to(torch.float32)  # many ties
+    n = x.numel()
+    for lo, hi in [(0, 1234), (777, 30_000), (39_000, n), (0, n), (10, 10)]:
+        windows = [RankRangeStream(n, lo, hi, descending=descending) for _ in range(2)]
+        parts = [x[s : s + 1009] for s in range(0, n, 1009)]
+        for w in windows:
+            if w.needs_selection:
+                for p in parts:
+                    w.observe_high(p)
+                w.end_high()
+                for p in parts:
+                    w.observe_low(p)
+                w.end_low()
+        as_bool = torch.cat([windows[0].mask(p) for p in parts])
+        as_float = torch.cat([windows[1].mask(p, dtype=torch.float32) for p in parts])
+        assert as_float.dtype == torch.float32
+        assert torch.equal(as_float, as_bool.to(torch.float32)), (lo, hi)
+        assert torch.equal(as_bool, rank_range_mask(x, lo, hi, descending=descending)), (lo, hi)
 
 
 def test_streamed_merge_with_read_ahead_thread(llama_family, small_blocks, monkeypatch, tmp_path):

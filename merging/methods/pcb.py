@@ -26,8 +26,9 @@ from merging.statistics import (
 )
 
 
-def _normalize(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    return (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+def _normalize_(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """(v − lo) / (hi − lo), in place (0 where hi ≤ lo)."""
+    return v.sub_(lo).div_(hi - lo) if hi > lo else v.zero_()
 
 
 def pcb_balance(
@@ -39,14 +40,14 @@ def pcb_balance(
     cancels in the final ratio), A_i = clamp(|τ_i|, lo_i, hi_i); inter_i = tanh(τ_i ⊙ Σj τj).
     """
     a = tau.abs().clamp_(lo, hi)
-    intra = _normalize(a, lo, hi).square_().sub_(1).mul_(n).exp_()
-    return intra.mul_(torch.tanh(tau * total))
+    intra = _normalize_(a, lo, hi).square_().sub_(1).mul_(n).exp_()
+    return intra.mul_(torch.mul(tau, total).tanh_())
 
 
 def pcb_score(balance: torch.Tensor, threshold: float, top: float) -> torch.Tensor:
     """S_i (step 5): normalize(clamp(B, t, max)); entries at or below the (1 − r) quantile t
     get 0 (the reference code clamps and normalizes; nothing is zeroed before)."""
-    return _normalize(balance.clamp_(threshold, top), threshold, top)
+    return _normalize_(balance.clamp_(threshold, top), threshold, top)
 
 
 def pcb_clip_ranks(d: int, clip: float) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from merging.parameters import (
     rescale,
     weight,
 )
-from merging.randomness import uniform
+from merging.randomness import uniform, uniform_chunks
 from merging.selection import RankRangeStream, rank_range_mask
 from merging.statistics import (
     WholeModel,
@@ -78,15 +78,39 @@ class Sparsification(ABC):
 
     @abstractmethod
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
-        """Which entries of model j's τ (this block of it) survive: a bool mask, or one that
-        multiplies like it."""
+        """Which entries of model j's τ (this block of it) survive: 1/0 in τ's float dtype
+        (comparisons written into a float buffer: a bool mask is several times slower to
+        make and to multiply by on the CPU)."""
+
+    def sparsify_(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        """τ with the dropped entries zeroed, in place."""
+        return tau.mul_(self.keep(x, j, state, tau))
 
 
 def _random_keep(
     x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
 ) -> torch.Tensor:
     """Bernoulli(p) keep mask from the seeded per-(model, tensor) draws (merging/randomness.py)."""
-    return uniform(x.seed, x.model_indices[j], x.name, tau.shape).to(tau.device) < p
+    draws = uniform(x.seed, x.model_indices[j], x.name, tau.shape).to(tau.device)
+    return torch.lt(draws, p, out=draws)  # 1.0 where draw < p, in the draws' buffer
+
+
+def _drop_at_random_(
+    x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
+) -> torch.Tensor:
+    """``tau.mul_(_random_keep(...))`` a cache-sized chunk at a time: the same draws (one
+    generator, drawn in order), without a float32 copy of the tensor's draws or mask."""
+    flat = tau.reshape(-1)
+    probability = p.reshape(-1) if isinstance(p, torch.Tensor) else p
+    chunks = uniform_chunks(x.seed, x.model_indices[j], x.name, flat.numel(), WORK_CHUNK)
+    for start, draws in zip(range(0, flat.numel(), WORK_CHUNK), chunks, strict=True):
+        stop = start + draws.numel()
+        if isinstance(probability, torch.Tensor):
+            keep = torch.lt(draws.to(tau.device), probability[start:stop])
+        else:
+            keep = torch.lt(draws, probability, out=draws).to(tau.device)
+        flat[start:stop].mul_(keep)
+    return tau
 
 
 class RankWindow(Sparsification):
@@ -132,9 +156,10 @@ class RankWindow(Sparsification):
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         if isinstance(state, RankRangeStream):
-            return state.mask(tau.abs())
+            return state.mask(tau.abs(), dtype=tau.dtype)
         lo, hi, descending = state
-        return rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
+        mask = rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
+        return mask.to(tau.dtype)
 
 
 _TIES_SCOPE = ParameterSpec(
@@ -189,7 +214,8 @@ class MagnitudeTopK(RankWindow):
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         if x.shared.get("scope") == "global":
-            return tau.abs() >= state
+            magnitude = tau.abs()
+            return torch.ge(magnitude, state, out=magnitude)
         return super().keep(x, j, state, tau)
 
 
@@ -263,7 +289,7 @@ class RankBand(RankWindow):
                 masks.append(
                     rank_range_mask(r.abs(), lo, hi, descending=descending, nonnegative=True)
                 )
-            return torch.stack(masks).reshape(tau.shape)
+            return torch.stack(masks).reshape(tau.shape).to(tau.dtype)
         return super().keep(x, j, state, tau)
 
 
@@ -272,6 +298,9 @@ class RandomDrop(Sparsification):
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         return _random_keep(x, j, tau, x.params[j]["density"])
+
+    def sparsify_(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        return _drop_at_random_(x, j, tau, x.params[j]["density"])
 
 
 class RankedRandomDrop(Sparsification):
@@ -310,6 +339,12 @@ class RankedRandomDrop(Sparsification):
             )
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        return _random_keep(x, j, tau, self._probability(x, j, tau))
+
+    def sparsify_(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
+        return _drop_at_random_(x, j, tau, self._probability(x, j, tau))
+
+    def _probability(self, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.Tensor:
         d, eps = x.params[j]["density"], x.params[j]["epsilon"]
         if not (d - eps > 0 and d + eps <= 1):
             raise MergeInputError(
@@ -317,7 +352,7 @@ class RankedRandomDrop(Sparsification):
                 f"{d:g}, epsilon {eps:g}",
                 field="parameters.epsilon",
             )
-        return _random_keep(x, j, tau, della_keep_probability(tau, d, eps))
+        return della_keep_probability(tau, d, eps)
 
 
 def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -362,38 +397,75 @@ class Rescale:
         return shared.get("rescale_mode", "l1") if shared.get("rescale") else None
 
 
-def l1_rescale(before: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def l1_norm(x: torch.Tensor) -> float:
+    """Σ|x|, a cache-sized chunk at a time (no full-size |x| temporary), summed in float64."""
+    flat = x.reshape(-1)
+    scratch = torch.empty(min(flat.numel(), WORK_CHUNK), dtype=x.dtype, device=x.device)
+    total = 0.0
+    for start in range(0, flat.numel(), WORK_CHUNK):
+        part = flat[start : start + WORK_CHUNK]
+        total += float(torch.abs(part, out=scratch[: part.numel()]).sum())
+    return total
+
+
+def l1_rescale(before: float, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale the kept entries (in place) so their L1 norm matches ``before``, the full task
     vector's (mergekit's rescale)."""
-    after = kept.abs().sum()
+    after = l1_norm(kept)
     if before < eps or after < eps:
         return kept
     return kept.mul_(before / after)
 
 
 def sign_consensus(
-    deltas: list[torch.Tensor], weights: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    deltas: list[torch.Tensor], weights: list[float], *, divisor: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES elect + disjoint merge: s = sign(Σ Di) (0 counts as +), mi = [sign(Di) = s];
-    returns (Σ mi·Di, Σ mi·wi). Works in cache-sized chunks; the Di are consumed (zeroed)."""
+    returns (Σ mi·Di, Σ mi·wi), the second only when ``divisor`` (else None). Works in
+    cache-sized chunks; the Di are consumed (overwritten).
+
+    All in float32 arithmetic (a comparison written as 0/1 into a float32 buffer, never a
+    bool tensor: bool results, ``where`` and bool masks are many times slower on the CPU):
+    with s = ±1, mi·Di = s·max(s·Di, 0), and a sum of values that all have the sign s is s
+    times the sum of their magnitudes, rounding included, so Σ mi·Di is the same float32
+    value as the plain masked sum in the same order.
+    """
     shape = deltas[0].shape
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()
     mixed = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
-    divisor = torch.empty_like(mixed)
+    div = torch.empty_like(mixed) if divisor else None
+    sign = torch.empty(min(n, WORK_CHUNK), dtype=mixed.dtype, device=mixed.device)
     for start in range(0, n, WORK_CHUNK):
         blk = [d[start : start + WORK_CHUNK] for d in flat]
-        total = blk[0].clone()
-        for d in blk[1:]:
-            total += d
-        positive = total >= 0
-        m = mixed[start : start + WORK_CHUNK].zero_()
-        div = divisor[start : start + WORK_CHUNK].zero_()
-        for d, w in zip(blk, weights, strict=True):
-            agree = torch.where(positive, d > 0, d < 0)  # a zero never agrees
-            m += d.mul_(agree)
-            div += agree * w
-    return mixed.reshape(shape), divisor.reshape(shape)
+        m = mixed[start : start + WORK_CHUNK]
+        s = sign[: m.numel()]
+        if len(blk) > 1:
+            torch.add(blk[0], blk[1], out=m)
+        else:
+            m.copy_(blk[0])
+        for d in blk[2:]:
+            m += d
+        torch.ge(m, 0, out=s)  # 1 where Σ Di >= 0 (NaN: 0), else 0 ...
+        s.mul_(2).sub_(1)  # ... as ±1
+        m.zero_()
+        for j, d in enumerate(blk):
+            r = d.mul_(s).clamp_(min=0)  # |Di| where it has the elected sign, else 0
+            m += r
+            if div is not None:
+                div_blk = div[start : start + WORK_CHUNK]
+                if j == 0:
+                    div_blk.zero_()
+                div_blk.add_(torch.gt(r, 0, out=d), alpha=weights[j])  # d: free now
+        m.mul_(s)
+    return mixed.reshape(shape), None if div is None else div.reshape(shape)
+
+
+def nonzero_divisor(divisor: torch.Tensor) -> torch.Tensor:
+    """``divisor`` with its zeros (no model agreed, or weights that cancel) replaced by 1, in
+    place: + (1 − sign|divisor|), which adds exactly 0 elsewhere (faster than a bool mask)."""
+    ones = torch.abs(divisor).sign_().neg_().add_(1)
+    return divisor.add_(ones)
 
 
 # ---- the family --------------------------------------------------------------------------------
@@ -449,9 +521,9 @@ class TaskVectorMethod(MergeMethod):
         divisor: torch.Tensor | float
         if self.consensus:
             deltas = [self.sparse_tau(x, b, j, states[j]).mul_(weights[j]) for j in range(x.count)]
-            mixed, divisor = sign_consensus(deltas, weights)
+            mixed, div = sign_consensus(deltas, weights, divisor=x.shared["normalize"])
             del deltas
-            divisor[divisor == 0] = 1.0
+            divisor = 1.0 if div is None else nonzero_divisor(div)
         else:
             mixed = torch.zeros_like(b.base32())
             for j in range(x.count):
@@ -468,8 +540,8 @@ class TaskVectorMethod(MergeMethod):
         if p["density"] >= 1:
             return tau
         mode = self._rescale(x.shared)
-        l1 = tau.abs().sum() if mode == "l1" else None
-        tau.mul_(self.sparsify.keep(x, j, state, tau))
+        l1 = l1_norm(tau) if mode == "l1" else None
+        self.sparsify.sparsify_(x, j, state, tau)
         if mode == "inverse_p":
             return tau.div_(p["density"]) if p["density"] > 0 else tau
         return tau if l1 is None else l1_rescale(l1, tau)
