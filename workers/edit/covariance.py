@@ -272,7 +272,7 @@ def _step_watch(sampled: Callable[[int], None] | None) -> Any:
     class _Watch(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
             told(input_ids.numel())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Watch()])
 
