@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from infra.settings import Settings, get_settings
 from schemas.edit_recipe import EditRecipe, parse_edit_recipe
+from testbed.smollm2 import write_text_corpus
 from testbed.tiny_models import save_tokenizer, write_word_corpus
 from tests.support.jobs import run_local_job
 from tests.support.tiny_edit import tiny_model
@@ -377,10 +378,67 @@ def test_a_float32_checkpoint_is_edited_in_float32_on_cuda_close_to_the_cpu(
     gpu = run_edit(recipe, None, cache=LocalCovarianceCache(tmp_path / "b"), device="cuda")
     assert gpu.manifest["compute"] == {"device": "cuda:0", "dtype": "float32"}
     (u_cpu,), (u_gpu,) = cpu.updates, gpu.updates
-    # float32 on both: only the order of summation differs (TF32 is off for matmuls)
+    # float32 on both: the kernels sum in other orders (1e-6 relative; TF32 is off), which
+    # Adam's sign-like steps amplify as they do bf16's rounding (0.8 % → 7 % above); 2 %
+    # bounds that and fails a GPU edit that went the bf16 way by mistake
     delta_cpu = torch.outer(u_cpu.left, u_cpu.right)
     delta_gpu = torch.outer(u_gpu.left.cpu(), u_gpu.right.cpu())
-    assert _relative_difference(delta_gpu, delta_cpu) < 1e-3
+    assert _relative_difference(delta_gpu, delta_cpu) < 0.02
+
+
+def _smollm2_bf16_edit(smollm2: Path, tmp_path: Path) -> tuple[EditRecipe, Path]:
+    """A bf16 copy of SmolLM2 (as it is published) and a ROME recipe on it: a known fact,
+    the plain-text corpus for C (the same tokens on every device), no sampled templates,
+    the whole optimised update."""
+    bf16 = tmp_path / "smollm2-bf16"
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.bfloat16)
+    model.save_pretrained(str(bf16))
+    AutoTokenizer.from_pretrained(str(smollm2)).save_pretrained(str(bf16))
+    corpus = write_text_corpus(tmp_path / "corpus.txt")
+    recipe = parse_edit_recipe(
+        {
+            "edit_method": "rome",
+            "model": str(bf16),
+            "requests": [JAPAN],
+            "hyperparameters": {"layers": [5], "context_template_counts": [], "edit_margin": None},
+            "covariance": {
+                "source": "text",
+                "paths": [str(corpus)],
+                "tokens": 4000,
+                "max_length": 64,
+            },
+            "on_gate_failure": "publish_flagged",
+        }
+    )
+    return recipe, bf16
+
+
+JAPAN = {
+    "prompt": "The capital of Japan is",
+    "subject": "Japan",
+    "target_new": "Paris",
+    "target_true": "Tokyo",
+}
+# ‖ΔW_bf16 − ΔW_f32‖ / ‖ΔW_f32‖ on SmolLM2 (30 layers, 15 Adam steps before the early stop
+# on both): measured 0.115 on the CPU (cos 0.9965 between the left factors, 0.9971 between
+# the right ones: each factor's direction alone is √(2(1 − cos)) ≈ 8 % away). 0.25 allows
+# about twice that for a GPU's bf16 kernels; a wrong path (a lost gradient, another layer's
+# key, a stale C) is O(1) away.
+SMOLLM2_TOLERANCE = 0.25
+
+
+@pytest.mark.slow
+def test_a_smollm2_edit_loaded_in_bf16_takes_and_stays_close_to_the_float32_edit(
+    smollm2, tmp_path
+) -> None:
+    recipe, _ = _smollm2_bf16_edit(smollm2, tmp_path)
+    f32 = run_edit(recipe, None, cache=LocalCovarianceCache(tmp_path / "a"))
+    bf16 = run_edit(recipe, None, cache=LocalCovarianceCache(tmp_path / "b"), dtype=torch.bfloat16)
+    assert bf16.manifest["compute"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert bf16.metrics["efficacy"] == 1.0 == f32.metrics["efficacy"]
+    (a,), (b,) = f32.updates, bf16.updates
+    delta_f32, delta_bf16 = torch.outer(a.left, a.right), torch.outer(b.left, b.right)
+    assert _relative_difference(delta_bf16, delta_f32) < SMOLLM2_TOLERANCE
 
 
 @pytest.mark.gpu
@@ -388,35 +446,14 @@ def test_a_float32_checkpoint_is_edited_in_float32_on_cuda_close_to_the_cpu(
 def test_a_smollm2_rome_edit_on_cuda_in_bf16_takes_and_matches_the_cpu_edit(
     smollm2, tmp_path
 ) -> None:
-    bf16 = tmp_path / "smollm2-bf16"
-    AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.bfloat16).save_pretrained(
-        str(bf16)
-    )
-    AutoTokenizer.from_pretrained(str(smollm2)).save_pretrained(str(bf16))
-    recipe = parse_edit_recipe(
-        {
-            "edit_method": "rome",
-            "model": str(bf16),
-            "requests": [
-                {
-                    "prompt": "The capital of Japan is",
-                    "subject": "Japan",
-                    "target_new": "Paris",
-                    "target_true": "Tokyo",
-                }
-            ],
-            "hyperparameters": {"layers": [5], "context_template_counts": []},
-            "covariance": {"tokens": 2000, "max_length": 64},
-            "on_gate_failure": "publish_flagged",
-        }
-    )
+    recipe, _ = _smollm2_bf16_edit(smollm2, tmp_path)
     cpu = run_edit(recipe, None, cache=LocalCovarianceCache(tmp_path / "a"), device="cpu")
+    torch.cuda.reset_peak_memory_stats()
     gpu = run_edit(recipe, None, cache=LocalCovarianceCache(tmp_path / "b"), device="cuda")
     assert gpu.manifest["compute"] == {"device": "cuda:0", "dtype": "bfloat16"}
+    assert torch.cuda.max_memory_allocated() > 0  # it did compute on the GPU
     assert gpu.metrics["efficacy"] == 1.0 == cpu.metrics["efficacy"]
-    (u_cpu,), (u_gpu,) = cpu.updates, gpu.updates
-    delta_cpu = torch.outer(u_cpu.left, u_cpu.right)
-    delta_gpu = torch.outer(u_gpu.left.cpu(), u_gpu.right.cpu())
-    # the covariance is sampled on each device (other samples), so C differs by sampling
-    # noise as well as by precision
-    assert _relative_difference(delta_gpu, delta_cpu) < 0.25
+    (a,), (b,) = cpu.updates, gpu.updates
+    delta_cpu = torch.outer(a.left, a.right)
+    delta_gpu = torch.outer(b.left.cpu(), b.right.cpu())
+    assert _relative_difference(delta_gpu, delta_cpu) < SMOLLM2_TOLERANCE
