@@ -326,7 +326,11 @@ def run(work: Path) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
         result = run_edit(
-            recipe_for(ckpt, request, args), None, cache=cache, trace_cache=traces, device=device
+            recipe_for(ckpt, request, args),
+            None,
+            cache=cache,
+            trace_cache=traces,
+            device=str(device),
         )
         wall = time.perf_counter() - t
         runs[label] = {"wall_s": wall, **result.manifest["timings"]}
