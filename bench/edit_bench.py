@@ -1,4 +1,4 @@
-"""ROME / MEMIT on SmolLM2-135M-Instruct (CPU): speed and edit quality.
+"""ROME / MEMIT on SmolLM2-135M-Instruct (CPU; a GPU with --device): speed and edit quality.
 
     python bench/edit_bench.py             # the full run (defaults of the edit recipe)
     python bench/edit_bench.py --quick     # smoke run: 3 facts, small corpus, MEMIT of 3
@@ -18,6 +18,12 @@ Figures (see bench/README.md):
   still beats target_new, and the perplexity ratio on
   ``workers/edit/reference_sentences.txt``, each edit applied alone to the clean model.
   MEMIT batches report the same over their requests.
+
+``--device cuda`` (or ``auto``) runs everything on a GPU: the run_edit timings, with peak GPU
+memory, and a warm run_edit on the CPU in the same run as the baseline of their ratio; with
+``--bf16-checkpoint`` the model is a bfloat16 copy of the checkpoint (as published models are
+stored), so on the GPU it computes in bf16 (docs/editing.md, "On a GPU"). The quality
+figures then come from the GPU's edits.
 
 ``--compare-layers`` runs the ROME quality loop three times on the same facts: ``layers:
 auto`` (each fact's own causal trace, ``workers.edit.causal_trace``), fixed layer 1, and the
@@ -51,6 +57,7 @@ import torch  # noqa: E402
 
 from schemas.edit_recipe import EditRecipe, EditRequest, parse_edit_recipe  # noqa: E402
 from testbed.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
+from workers.devices import resolve_device  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
 from workers.edit.architectures import default_mom2_update_weight  # noqa: E402
@@ -72,6 +79,7 @@ from workers.edit.rome import rome_edit  # noqa: E402
 from workers.edit.settings import EditSettings  # noqa: E402
 from workers.edit.templates import context_templates  # noqa: E402
 from workers.edit.update import EditContext  # noqa: E402
+from workers.errors import InputError  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
 FACTS = Path(__file__).with_name("edit_facts.json")
@@ -257,6 +265,17 @@ def run(work: Path) -> int:
         default=None,
         help="MEMIT λ (default: the recipe default, 15000 · d_in / 11008)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the edits compute: cpu, cuda[:N] or auto (on a GPU: peak GPU memory, and a "
+        "warm CPU run_edit as the baseline)",
+    )
+    p.add_argument(
+        "--bf16-checkpoint",
+        action="store_true",
+        help="edit a bfloat16 copy of the checkpoint (a GPU then loads and computes in bf16)",
+    )
     p.add_argument("--out", type=Path, default=DATA / "results-edit.json")
     p.add_argument("--report", type=Path, help="only print the table of a results JSON")
     p.add_argument(
@@ -274,14 +293,27 @@ def run(work: Path) -> int:
     n_facts = args.facts if args.facts is not None else (3 if args.quick else 50)
     memit = args.memit if args.memit is not None else ("3" if args.quick else "10,100")
     sizes = [int(x) for x in memit.split(",") if x]
+    try:
+        device = resolve_device(args.device, field="--device")
+    except InputError as e:
+        p.error(str(e))
+    gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     args.corpus = write_text_corpus(work / "corpus.txt")
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "quick": args.quick}
+    results: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if gpu else None,
+    }
 
     ckpt = smollm2_checkpoint()
+    if args.bf16_checkpoint:
+        ckpt = bf16_copy(ckpt, work / "smollm2-bf16")
+    results["checkpoint_dtype"] = "bfloat16" if args.bf16_checkpoint else "float32"
     candidates = round_robin(candidate_facts())
-    print(f"SmolLM2-135M at {ckpt}; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"SmolLM2-135M at {ckpt}; torch threads {torch.get_num_threads()}; {device}", flush=True)
 
     # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------
     # empty unless --cache-dir: the first edit builds C
@@ -290,11 +322,31 @@ def run(work: Path) -> int:
     results["cache_given"] = args.cache_dir is not None
     runs = {}
     for label, request in (("cold", candidates[0].request), ("warm", candidates[1].request)):
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        result = run_edit(recipe_for(ckpt, request, args), None, cache=cache, trace_cache=traces)
+        result = run_edit(
+            recipe_for(ckpt, request, args),
+            None,
+            cache=cache,
+            trace_cache=traces,
+            device=str(device),
+        )
         wall = time.perf_counter() - t
         runs[label] = {"wall_s": wall, **result.manifest["timings"]}
+        runs[label]["compute"] = result.manifest["compute"]
+        if gpu:
+            runs[label]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         print(f"ROME via run_edit, {label} covariance: {wall:.1f} s {runs[label]}", flush=True)
+    if gpu:  # the baseline: the warm edit again, on the CPU (C and the trace are cached)
+        t = time.perf_counter()
+        result = run_edit(
+            recipe_for(ckpt, candidates[1].request, args), None, cache=cache,
+            trace_cache=traces, device="cpu",
+        )  # fmt: skip
+        wall = time.perf_counter() - t
+        runs["warm_cpu"] = {"wall_s": wall, **result.manifest["timings"]}
+        print(f"ROME via run_edit, warm, on the CPU: {wall:.1f} s {runs['warm_cpu']}", flush=True)
     results["rome_run_edit"] = runs
     save(args.out, results)
     cov_tokens = result.manifest["covariance"][0]["tokens_used"]
@@ -302,7 +354,7 @@ def run(work: Path) -> int:
     # -- load once; templates and covariances as the recipe defaults make them -----------
     recipe: EditRecipe = recipe_for(ckpt, candidates[0].request, args)
     resolved = resolve_reference(recipe.model, SourceSettings())
-    target = load_model(resolved, "smollm2")
+    target = load_model(resolved, "smollm2", device=device)
     model, tok, arch = target.model, target.tokenizer, target.arch
     depth = target.depth
     # one settings object for both methods' runs (ROME's v* settings, as the recipe has them)
@@ -461,6 +513,15 @@ def run(work: Path) -> int:
     return 0
 
 
+def bf16_copy(ckpt: Path, out: Path) -> Path:
+    """The checkpoint with its weights stored in bfloat16 (and its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(out))
+    return out
+
+
 def mode_layer(mode: str, default: int) -> int | str:
     """The layer of a --rome-layer mode: an index, the default's, or "auto"."""
     return default if mode == "default" else mode if mode == "auto" else int(mode)
@@ -542,7 +603,8 @@ def report(r: dict[str, Any]) -> None:
     warm = r["rome_run_edit"]["warm"]
     cold = r["rome_run_edit"]["cold"]
     print()
-    print(f"## Edit bench (SmolLM2-135M, CPU, {r['threads']} torch threads)" +
+    where = r.get("gpu_name") or "CPU"
+    print(f"## Edit bench (SmolLM2-135M, {where}, {r['threads']} torch threads)" +
           (" — QUICK" if r["quick"] else ""))  # fmt: skip
     print()
     print("| figure | value | target |")
@@ -558,6 +620,19 @@ def report(r: dict[str, Any]) -> None:
     first = "first edit, C from --cache-dir (not cold)" if r.get("cache_given") else "cold C"
     print(line.format(f"ROME run_edit, {first}: whole call (s)", fmt(cold["wall_s"], 1), ""))
     print(line.format("ROME run_edit, warm covariance: whole call (s)", fmt(warm["wall_s"], 1), ""))
+    if "compute" in warm:
+        c = warm["compute"]
+        print(line.format("ROME run_edit computed on", f"{c['device']}, {c['dtype']}", ""))
+    for label, run in (("first", cold), ("warm", warm)):
+        if "peak_gpu_bytes" in run:
+            peak = run["peak_gpu_bytes"] / 2**30
+            print(line.format(f"ROME run_edit, {label}: peak GPU memory (GiB)", fmt(peak, 2), ""))
+    cpu = r["rome_run_edit"].get("warm_cpu")
+    if cpu:
+        print(line.format("ROME run_edit, warm, same edit on the CPU (s)", fmt(cpu["wall_s"], 1),
+                          ""))  # fmt: skip
+        print(line.format("ROME run_edit, warm: CPU / GPU time", fmt(cpu["wall_s"] / warm["wall_s"],
+                          1), ""))  # fmt: skip
     edit_only = warm["templates_s"] + warm["covariance_s"] + warm["edit_s"]
     if "trace_s" in warm:  # layers: auto (the default)
         edit_only += warm["trace_s"]

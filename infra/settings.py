@@ -49,6 +49,12 @@ artifact directory (the "embedded default"); production sets the URLs.
     Comma-separated job kinds (``merge``, ``edit``) the API sends to the ``gpu`` queue, where
     GPU workers listen (``weightsmith worker --queues gpu``); the others go to ``default``.
     Default: none (everything on ``default``).
+``WEIGHTSMITH_WORKER_DEVICE``
+    Where a worker computes the jobs it takes from the ``gpu`` queue, and every job of the
+    in-process worker of ``weightsmith serve``: ``auto`` (``cuda`` when torch sees a CUDA
+    GPU, else ``cpu``), ``cpu``, ``cuda`` or ``cuda:N``. Jobs from the other queues compute on
+    the CPU. ``cuda`` on a machine without a GPU stops ``serve`` at start and fails a Celery
+    worker's GPU jobs before any work, naming this variable. Default ``auto``.
 ``WEIGHTSMITH_AUTH_CACHE_SECONDS``
     How long the API may trust its memory of an API key it has looked up (saves a database
     round trip per request); a key revoked by another process stops working within this
@@ -131,6 +137,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.devices import check_device_name
+
 ENV_PREFIX = "WEIGHTSMITH_"
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^@/\s]*@")
@@ -186,6 +194,7 @@ class Settings(BaseSettings):
     worker_heartbeat_interval: int = Field(default=30, ge=1)
     worker_lost_after: int = Field(default=300, ge=1)
     gpu_job_kinds: str = Field(default="", pattern=r"^(|(merge|edit)(,(merge|edit))*)$")
+    worker_device: str = "auto"
     auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     webhook_allow_private: bool = False
     webhook_timeout: float = Field(default=10.0, gt=0, le=300)
@@ -221,6 +230,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_case(cls, v: Any) -> Any:
         return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("worker_device", mode="before")
+    @classmethod
+    def _device_name(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:
+            return check_device_name(v.strip().lower())
+        except ValueError as e:
+            raise ValueError(f"{ENV_PREFIX}WORKER_DEVICE: {e}") from None
 
     @field_validator("data_dir")
     @classmethod

@@ -24,6 +24,24 @@ if TYPE_CHECKING:
 
     from testbed.api import ApiHarness
 
+# ---- markers --------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where torch sees a CUDA GPU (skipped, not failed,
+    elsewhere); torch is imported only when such a test was collected."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 # ---- the real servers ----------------------------------------------------------------------
 
 

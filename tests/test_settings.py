@@ -53,6 +53,7 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL": "10",
         "WEIGHTSMITH_WORKER_LOST_AFTER": "60",
         "WEIGHTSMITH_GPU_JOB_KINDS": "merge,edit",
+        "WEIGHTSMITH_WORKER_DEVICE": "CUDA:0",
         "WEIGHTSMITH_AUTH_CACHE_SECONDS": "0.5",
         "WEIGHTSMITH_WEBHOOK_ALLOW_PRIVATE": "true",
         "WEIGHTSMITH_WEBHOOK_TIMEOUT": "3",
@@ -89,6 +90,7 @@ def test_every_variable_is_read_from_the_environment(
     assert (s.max_attempts, s.job_hard_time_limit, s.visibility_timeout) == (5, 7200, 9000)
     assert (s.worker_heartbeat_interval, s.worker_lost_after) == (10, 60)
     assert s.gpu_kinds == {"merge", "edit"}
+    assert s.worker_device == "cuda:0"  # a name only: whether the GPU exists is checked later
     assert s.auth_cache_seconds == 0.5
     assert s.webhook_allow_private and s.webhook_timeout == 3
     assert s.webhook_retry_delays_s == (1.0, 10.0, 60.0)

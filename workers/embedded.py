@@ -77,6 +77,7 @@ class EmbeddedWorker:
             store=JobStore.from_settings(settings, engine),
             object_store=open_store(settings.object_store_url),
             work_root=settings.data_dir / "work",
+            device=settings.worker_device,
             webhooks=DispatcherLoop.from_settings(settings, engine),
         )
 

@@ -77,6 +77,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weightsmith.runner")
 
+# where a worker's device comes from (the embedded worker; a Celery worker's gpu queue)
+DEVICE_SETTING = "WEIGHTSMITH_WORKER_DEVICE"
+
 
 class RetryLater(Exception):
     """Run this job's message again after ``delay_s`` seconds (nothing was recorded)."""
@@ -103,6 +106,10 @@ def run_job(
     work_root: Path | None = None,
 ) -> None:
     """Run job ``job_id`` to its end, or do nothing if it is not this call's to run.
+
+    ``device``: where the job computes (``WEIGHTSMITH_WORKER_DEVICE`` for the embedded
+    worker and a Celery worker's gpu queue; ``workers.devices``); a device this machine does
+    not have fails the job before any work, naming the setting.
 
     Raises :class:`RetryLater` when the message should be handled again later; every other
     outcome is recorded in the job store. ``work_root`` is where the per-job work directory
@@ -162,10 +169,13 @@ def _run_claimed(
     work: Path,
     device: str,
 ) -> None:
+    from workers.devices import resolve_device
     from workers.edit.engine import EditGateError
     from workers.errors import CancelledError
 
     try:
+        # the worker's device (WEIGHTSMITH_WORKER_DEVICE), checked before any work
+        compute = str(resolve_device(device, field=DEVICE_SETTING))
         access = tenant_access(store, settings, job.tenant_id)
         tenant = access.name
         recipe = _parse_recipe(job)
@@ -177,11 +187,13 @@ def _run_claimed(
         watch.check()
         resolved = resolve_inputs(recipe, sources, settings, object_store, access, work, watch)
         if isinstance(recipe, EditRecipe):
-            result: Any = _edit(recipe, work, settings, object_store, access, resolved, watch)
+            result: Any = _edit(
+                recipe, work, settings, object_store, access, resolved, watch, compute
+            )
         elif isinstance(recipe, ExtractLoraRecipe):
-            result = _extract_lora(recipe, work / "out", sources, resolved, device, watch)
+            result = _extract_lora(recipe, work / "out", sources, resolved, compute, watch)
         else:
-            result = _merge(recipe, work / "out", sources, resolved, device, watch)
+            result = _merge(recipe, work / "out", sources, resolved, compute, watch)
     except CancelledError:
         if watch.lost:
             raise _LostJob from None
@@ -415,6 +427,7 @@ def _edit(
     access: TenantAccess,
     resolved: dict[str, ResolvedModel],
     watch: JobWatch,
+    device: str,
 ) -> _EditOutput:
     """Run the edit engine on the fetched model, with the shared covariance cache."""
     from workers.edit.causal_trace import ObjectStoreTraceCache
@@ -442,6 +455,7 @@ def _edit(
         cancelled=watch.should_stop,
         covariance_progress=watch.report_covariance,
         started=watch.started,
+        device=device,
     )
     assert result.out_dir is not None
     return _EditOutput(result.out_dir, result.manifest, recipe.seed)

@@ -69,7 +69,8 @@ def run_job(self: Any, job_id: str) -> None:
 
     ctx = _context()
     queue = (self.request.delivery_info or {}).get("routing_key")
-    device = "cuda" if queue == GPU_QUEUE else "cpu"
+    # the gpu queue's jobs compute where WEIGHTSMITH_WORKER_DEVICE says (default auto)
+    device = ctx.settings.worker_device if queue == GPU_QUEUE else "cpu"
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
     try:
         run(

@@ -1,4 +1,4 @@
-"""A merge job run on a worker in process: SQLite job store, local artifacts, local paths
+"""A merge or edit job run on a worker in process: SQLite job store, local artifacts, local paths
 allowed; the job's record and its published artifact downloaded (every sha256 checked)."""
 
 from __future__ import annotations
@@ -9,9 +9,17 @@ from typing import Any
 TENANT = "acme"
 
 
-def run_local_job(tmp_path: Path, recipe: dict[str, Any], name: str) -> tuple[Any, Path | None]:
-    """Run a merge job with ``recipe`` through ``workers.runner.run_job``; returns the job
-    record and the downloaded version 1 of ``name`` (None unless the job succeeded)."""
+def run_local_job(
+    tmp_path: Path,
+    recipe: dict[str, Any],
+    name: str,
+    *,
+    kind: str = "merge",
+    device: str = "cpu",
+) -> tuple[Any, Path | None]:
+    """Run a ``kind`` job with ``recipe`` through ``workers.runner.run_job`` on ``device`` (as
+    the worker's WEIGHTSMITH_WORKER_DEVICE would give it); returns the job record and the
+    downloaded version 1 of ``name`` (None unless the job succeeded)."""
     from infra.artifacts import download_artifact
     from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
     from infra.settings import Settings
@@ -31,7 +39,7 @@ def run_local_job(tmp_path: Path, recipe: dict[str, Any], name: str) -> tuple[An
         store = JobStore.from_settings(settings, engine)
         tenant = ApiKeys(engine).ensure_tenant(TENANT).id
         objects = LocalObjectStore(tmp_path / "artifacts")
-        request = JobCreate(kind=JobKind.MERGE, recipe=recipe, artifact_name=name)
+        request = JobCreate(kind=JobKind(kind), recipe=recipe, artifact_name=name)
         job = store.create_job(tenant, request).job
         (tmp_path / "work").mkdir(exist_ok=True)
         run_job(
@@ -40,6 +48,7 @@ def run_local_job(tmp_path: Path, recipe: dict[str, Any], name: str) -> tuple[An
             settings=settings,
             object_store=objects,
             worker_id="w1",
+            device=device,
             work_root=tmp_path / "work",
         )
         done = store.get(tenant, job.id)

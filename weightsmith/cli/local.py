@@ -99,7 +99,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     traces = LocalTraceCache(Path(args.cache_dir) / "trace") if args.cache_dir else None
     try:
         result = run_edit(
-            recipe, out, base_dir=path.resolve().parent, cache=cache, trace_cache=traces
+            recipe,
+            out,
+            base_dir=path.resolve().parent,
+            cache=cache,
+            trace_cache=traces,
+            device=args.device,
         )
     except EditGateError as e:
         print(json.dumps(e.metrics, indent=2, default=str), file=sys.stderr)
@@ -187,7 +192,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     m.add_argument("recipe", help="recipe YAML (mergekit vocabulary, docs/recipes.md)")
     m.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     m.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
-    m.add_argument("--device", default="cpu", help="where to compute: cpu or cuda")
+    m.add_argument("--device", default="cpu", help="where to compute: cpu, cuda or cuda:N, or auto")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_merge)
 
@@ -207,6 +212,12 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         help="covariance cache folder, its trace/ subfolder the causal traces of layers: "
         "auto (default: $WEIGHTSMITH_CACHE/covariance and …/trace, else "
         "~/.cache/weightsmith/covariance and …/trace)",
+    )
+    e.add_argument(
+        "--device",
+        default="auto",
+        help="where to compute: auto (cuda when a CUDA GPU is visible, else cpu), cpu, cuda "
+        "or cuda:N; on a GPU the model is loaded in its stored dtype (docs/editing.md)",
     )
     e.set_defaults(func=cmd_edit)
 

@@ -72,6 +72,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The API; without a broker also its in-process worker, which runs one job at a time,
     and a ticker that fires the schedules."""
     settings = settings_or_fail()
+    if settings.embedded_worker:  # a device this machine lacks stops here, not every job
+        from workers.devices import resolve_device
+        from workers.errors import InputError
+        from workers.runner import DEVICE_SETTING
+
+        try:
+            resolve_device(settings.worker_device, field=DEVICE_SETTING)
+        except InputError as e:
+            return fail(str(e), EXIT_INPUT)
     try:
         from app.main import create_app
     except ImportError as e:

@@ -23,7 +23,7 @@ def restricted(M: torch.Tensor, X: torch.Tensor, keep: torch.Tensor | None) -> t
     if keep is None or keep.shape[1] == 0:
         return X
     P = key_basis(keep)
-    MiP = torch.linalg.solve(M.double(), P)
+    MiP = torch.linalg.solve(M.to(P.device, torch.float64), P)
     return X - MiP @ torch.linalg.solve(P.T @ MiP, P.T @ X)
 
 
@@ -51,11 +51,11 @@ def rome_direction(
 
     Returned in float32 with unit norm: the scale of u cancels in ΔW = (v* − Wk) uᵀ / (uᵀk)."""
     k = k_bar.double()
-    free = k if C is None else torch.linalg.solve(C.double(), k)
+    free = k if C is None else torch.linalg.solve(C.to(k.device, torch.float64), k)
     if keep is None:
         u = free
     else:
-        M = torch.eye(k.shape[0], dtype=torch.float64) if C is None else C
+        M = torch.eye(k.shape[0], dtype=torch.float64, device=k.device) if C is None else C
         u = restricted(M, free[:, None], keep)[:, 0]
     norm = float(u.norm())
     if not math.isfinite(norm) or norm <= 1e-12 * float(free.norm()):
@@ -96,7 +96,7 @@ def memit_update(
     (:func:`restricted`): the least-squares update under the constraint ΔW P = 0.
     """
     Kd = K.double()
-    M = lam * C.double() + Kd @ Kd.T
+    M = lam * C.to(Kd.device, torch.float64) + Kd @ Kd.T
     A = restricted(M, torch.linalg.solve(M, Kd), keep)
     return R.double().float(), A.float()
 

@@ -141,12 +141,24 @@ def default_mom2_update_weight(d_in: int) -> float:
 
 @dataclass(frozen=True)
 class EditModel:
-    """The model under edit: a transformers causal LM (float32, eval mode), its tokenizer
-    and its row of the architecture table."""
+    """The model under edit: a transformers causal LM (eval mode; float32 on the CPU, its
+    stored dtype on a GPU: ``workers.edit.engine.load_dtype``), its tokenizer and its row of
+    the architecture table."""
 
     model: Any
     tokenizer: Any
     arch: EditArchitecture
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes; every tensor the edit makes goes there."""
+        return torch.device(self.model.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        dtype: torch.dtype = self.model.dtype
+        return dtype
 
     @property
     def depth(self) -> int:
@@ -163,9 +175,11 @@ class EditModel:
 
     @torch.no_grad()
     def apply(self, layer: int, delta: torch.Tensor) -> None:
-        """W += ΔW in place (ΔW in nn.Linear orientation, [d_out, d_in])."""
+        """W ← W + ΔW in place (ΔW in nn.Linear orientation, [d_out, d_in]), added in float32
+        and rounded once to W's dtype: the same bytes the written checkpoint gets for a
+        bf16/fp16 model (``workers.edit.checkpoint``); for float32 weights, W + ΔW itself."""
         w = self.weight(layer)
-        w.add_(self.arch.oriented(delta).to(w.dtype))
+        w.copy_((w.float() + self.arch.oriented(delta).to(w.device, torch.float32)).to(w.dtype))
 
     @contextmanager
     def cancel_points(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:

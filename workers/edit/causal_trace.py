@@ -185,10 +185,10 @@ def trace_prompt(
 
         return hook
 
-    one = collate([Prompt(ids=ids, subject_pos=last)], pad_id(tokenizer))
+    one = collate([Prompt(ids=ids, subject_pos=last)], pad_id(tokenizer), model.device)
     handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(mlp)]
     try:
-        lp = log_probs_at(model, one, torch.tensor([0]), torch.tensor([end]))[0]
+        lp = log_probs_at(model, one, one.rows, torch.tensor([end], device=one.device))[0]
     finally:
         for h in handles:
             h.remove()
@@ -208,8 +208,9 @@ def trace_prompt(
     probs = torch.zeros(len(plan), dtype=torch.float64)
     for start in range(0, len(plan), ROWS_PER_PASS):
         chunk = plan[start : start + ROWS_PER_PASS]
-        restore = torch.tensor([layer for layer, _ in chunk])
-        draws = noise[torch.tensor([j for _, j in chunk])]
+        restore = torch.tensor([layer for layer, _ in chunk], device=one.device)
+        # drawn on the CPU (the same noise on every device), used where the model is
+        draws = noise[torch.tensor([j for _, j in chunk])].to(one.device)
         batch = Batch(
             one.input_ids.expand(len(chunk), -1),
             one.attention_mask.expand(len(chunk), -1),
@@ -251,7 +252,7 @@ def _corrupted_probs(
 
     def corrupt(_m: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[:, first : last + 1] += draws.to(out.dtype)
+        out[:, first : last + 1] += draws.to(out.device, out.dtype)
         return out
 
     def restorer(layer: int) -> Any:
@@ -270,11 +271,12 @@ def _corrupted_probs(
     handles += [m.register_forward_hook(restorer(i)) for i, m in enumerate(mlp)]
     try:
         n = len(restore)
-        lp = log_probs_at(model, batch, torch.arange(n), torch.full((n,), end))
+        rows = torch.arange(n, device=batch.device)
+        lp = log_probs_at(model, batch, rows, torch.full_like(rows, end))
     finally:
         for h in handles:
             h.remove()
-    return lp[:, token].double().exp()
+    return lp[:, token].double().exp().cpu()
 
 
 # ---- the cache -------------------------------------------------------------------------------

@@ -226,7 +226,9 @@ def _write_edited_tensors(
             info = reader.info(name)
             w = reader.read(name)
             originals[name] = w
-            touched.append((info, (w.float() + arch.oriented(delta)).to(w.dtype)))
+            # ΔW comes from the model's device; the parent's bytes are read on the CPU
+            new = w.float() + arch.oriented(delta).to(w.device, torch.float32)
+            touched.append((info, new.to(w.dtype)))
     for info, new in touched:
         _overwrite(info, new)
     (staging / EDIT_DIR).mkdir(exist_ok=True)
@@ -239,8 +241,8 @@ def _write_factors(staging: Path, arch: EditArchitecture, updates: list[RankOneU
 
     factors = {}
     for u in updates:
-        factors[f"request{u.request}.layer{u.layer}.left"] = u.left.contiguous()
-        factors[f"request{u.request}.layer{u.layer}.right"] = u.right.contiguous()
+        factors[f"request{u.request}.layer{u.layer}.left"] = u.left.cpu().contiguous()
+        factors[f"request{u.request}.layer{u.layer}.right"] = u.right.cpu().contiguous()
     layers = list(dict.fromkeys(u.layer for u in updates))
     save_file(
         factors,

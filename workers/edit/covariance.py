@@ -28,6 +28,7 @@ import torch
 
 import weightsmith
 from infra.storage.base import sha256_file
+from workers.devices import seeded
 from workers.edit.architectures import EditArchitecture
 from workers.edit.prompts import pad_id
 from workers.edit.tracing import StopForward
@@ -239,9 +240,8 @@ def sampled_corpus(model: Any, tokenizer: Any, *, seed: int, max_length: int) ->
         g = 0
         while True:
             rows = [starts[(g * SAMPLE_BATCH + i) % len(starts)] for i in range(SAMPLE_BATCH)]
-            ids = torch.tensor(rows).unsqueeze(1)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + g)
+            ids = torch.tensor(rows, device=model.device).unsqueeze(1)
+            with seeded(seed + g, model.device):
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -272,7 +272,7 @@ def _step_watch(sampled: Callable[[int], None] | None) -> Any:
     class _Watch(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
             told(input_ids.numel())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Watch()])
 
@@ -438,9 +438,10 @@ def accumulate_covariance(
             counted = mask.bool().clone()
             flat = counted.flatten().cumsum(0).reshape(counted.shape)
             counted &= flat <= budget
-            mask_now["m"] = counted
+            device = model.device  # the corpus's batches come from the CPU (text files)
+            mask_now["m"] = counted.to(device)
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except StopForward:
                 pass
             finally:

@@ -28,6 +28,7 @@ import torch
 
 from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
+from workers.devices import resolve_device
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
 from workers.edit.causal_trace import (
@@ -59,6 +60,7 @@ __all__ = [
     "EditGateError",
     "EditResult",
     "gate_failures",
+    "load_dtype",
     "load_model",
     "model_revision",
     "run_edit",
@@ -101,6 +103,8 @@ def run_edit(
     covariance_progress: Callable[[CovarianceProgress], None] | None = None,
     loaded: EditModel | None = None,
     started: float | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> EditResult:
     """Edit, measure, gate and (when ``out`` is given) write the edited checkpoint.
 
@@ -122,9 +126,16 @@ def run_edit(
     (``workers.edit.causal_trace``), its prompts' traces kept in ``trace_cache`` (default:
     a local directory, :func:`~workers.edit.causal_trace.default_trace_cache_dir`).
 
+    ``device``: where the edit computes (``auto``, ``cpu``, ``cuda``, ``cuda:N``;
+    ``workers.devices.resolve_device``), checked before any work; the model is loaded there in
+    ``dtype``, default :func:`load_dtype` (float32 on the CPU, the stored dtype on a GPU).
+    Every tensor the edit makes follows the model's device. Both are ignored for ``loaded``,
+    which computes where and as it was loaded.
+
     Raises EditGateError when the gate fails and the recipe says ``on_gate_failure: fail``.
     """
     phases = _Phases(progress, cancelled, started)
+    compute_device = resolve_device(device)
     if out is not None:
         check_out_dir(out)
     method = edit_method(recipe.edit_method)
@@ -133,7 +144,9 @@ def run_edit(
             resolved = resolve_reference(
                 recipe.model, sources or SourceSettings(), base_dir=base_dir
             )
-        target = loaded or load_model(resolved, str(recipe.model))
+        target = loaded or load_model(
+            resolved, str(recipe.model), device=compute_device, dtype=dtype
+        )
         method.check_model(target)
         check_layers(recipe, target.depth)  # before any work, the trace's included
         history = read_history(resolved.path, model=str(recipe.model))
@@ -198,15 +211,25 @@ def run_edit(
 # ---- load ------------------------------------------------------------------------------------
 
 
-def load_model(resolved: ResolvedModel, label: str) -> EditModel:
-    """The model in float32 with its tokenizer and architecture row; InputError naming the
-    model when transformers cannot load it or its architecture is not editable."""
+def load_model(
+    resolved: ResolvedModel,
+    label: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> EditModel:
+    """The model on ``device`` in ``dtype`` (default :func:`load_dtype`) with its tokenizer
+    and architecture row; InputError naming the model when transformers cannot load it or
+    its architecture is not editable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device = torch.device(device)
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolved.path), dtype=dtype if dtype is not None else load_dtype(device)
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
     except (OSError, ValueError) as e:
         raise InputError(
@@ -214,7 +237,24 @@ def load_model(resolved: ResolvedModel, label: str) -> EditModel:
             f"tokenizer next to the weights): {str(e).splitlines()[0]}",
             model=label,
         ) from e
+    if dtype is None and model.dtype not in COMPUTE_DTYPES:
+        model = model.float()  # stored in float64 or an integer format: compute in float32
+    model = model.to(device)  # type: ignore[arg-type]  # (transformers' stubs want a model)
     return EditModel(model.eval(), tokenizer, architecture_for(model.config, model=label))
+
+
+# The dtypes the model under edit computes in (the precision policy: docs/editing.md, "On a
+# GPU"). Statistics and solves do not follow the model: C is accumulated in float32, the
+# update's solves run in float64, keys, values and log-probabilities are read out in float32.
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def load_dtype(device: torch.device) -> torch.dtype | str:
+    """The dtype the model under edit is loaded in on ``device``: float32 on the CPU (CPU
+    kernels in bf16/fp16 are slow, and float32 keeps results as they always were), the
+    stored dtype ("auto": bf16 or fp16 as the checkpoint has it) on a GPU, so that a 7B
+    model takes 14 GB rather than 28."""
+    return torch.float32 if device.type == "cpu" else "auto"
 
 
 def _default_trace_cache() -> TraceCache:
@@ -294,7 +334,12 @@ def _compute(
                 cancelled=phases.cancelled,
                 progress=covariance_progress,
             )
-    context = EditContext(templates, C, history or EditHistory.empty())
+    # a cached C comes from the CPU: the update's solves run where the model is
+    context = EditContext(
+        templates,
+        {layer: c.to(target.device) for layer, c in C.items()},
+        history or EditHistory.empty(),
+    )
     with phases.step("probe"):
         before = probe(model, tokenizer, recipe.requests)
     with phases.step("edit"):
@@ -395,6 +440,10 @@ def _edit_record(
         "context_templates": computed.context.templates,
         "covariance": computed.covariance_records,
         "model_revision": computed.revision,
+        "compute": {
+            "device": str(target.device),
+            "dtype": str(target.dtype).removeprefix("torch."),
+        },
     }
 
 

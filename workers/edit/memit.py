@@ -48,7 +48,7 @@ def keys_and_outputs(
         prompts = [
             subject_prompt(tokenizer, t, r.prompt, r.subject) for r in chunk for t in templates
         ]
-        batch = collate(prompts, pad_id(tokenizer))
+        batch = collate(prompts, pad_id(tokenizer), model.device)
         k, z = input_and_output(
             model, key_module, output_module, batch, batch.rows, batch.subject_pos
         )

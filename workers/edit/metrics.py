@@ -41,11 +41,12 @@ def mean_log_probs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> 
         prompts = [
             scoring_prompt(tokenizer, p, target_token_ids(tokenizer, p, t)) for p, t in chunk
         ]
-        batch = collate(prompts, pad_id(tokenizer))
+        batch = collate(prompts, pad_id(tokenizer), model.device)
         rows, pos, labels = batch.target_index()
         lp = log_probs_at(model, batch, rows, pos).gather(1, labels[:, None])[:, 0]
-        sums = torch.zeros(len(chunk)).index_add_(0, rows, lp)
-        out += (sums / torch.tensor([len(p.target_ids) for p in prompts])).tolist()
+        sums = torch.zeros(len(chunk), device=lp.device).index_add_(0, rows, lp)
+        counts = torch.tensor([len(p.target_ids) for p in prompts], device=lp.device)
+        out += (sums / counts).tolist()
     return out
 
 
@@ -55,7 +56,9 @@ def next_tokens(model: Any, tokenizer: Any, prompts: list[str]) -> list[int]:
     out: list[int] = []
     for i in range(0, len(prompts), BATCH):
         batch = collate(
-            [scoring_prompt(tokenizer, p, [0]) for p in prompts[i : i + BATCH]], pad_id(tokenizer)
+            [scoring_prompt(tokenizer, p, [0]) for p in prompts[i : i + BATCH]],
+            pad_id(tokenizer),
+            model.device,
         )
         rows, pos, _ = batch.target_index()
         out += log_probs_at(model, batch, rows, pos).argmax(1).tolist()
@@ -64,9 +67,9 @@ def next_tokens(model: Any, tokenizer: Any, prompts: list[str]) -> list[int]:
 
 @torch.no_grad()
 def greedy_next_token(model: Any, tokenizer: Any, prompt: str) -> str:
-    batch = collate([scoring_prompt(tokenizer, prompt, [0])], pad_id(tokenizer))
-    pos = torch.tensor([batch.prompts[0].target_pos[0]])
-    lp = log_probs_at(model, batch, torch.tensor([0]), pos)
+    batch = collate([scoring_prompt(tokenizer, prompt, [0])], pad_id(tokenizer), model.device)
+    rows, pos, _ = batch.target_index()
+    lp = log_probs_at(model, batch, rows, pos)
     return str(tokenizer.decode([int(lp[0].argmax())])).strip()
 
 
@@ -81,7 +84,7 @@ def perplexity(model: Any, tokenizer: Any, sentences: list[str]) -> float:
                    target_ids=tuple(r[1:]))
             for r in rows
         ]  # fmt: skip
-        batch = collate(prompts, pad_id(tokenizer))
+        batch = collate(prompts, pad_id(tokenizer), model.device)
         r, p, labels = batch.target_index()
         lp = log_probs_at(model, batch, r, p).gather(1, labels[:, None])
         nll -= float(lp.sum())

@@ -26,17 +26,23 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Batch:
+    """Token ids on the model's device; the index tensors it derives are made there too."""
+
     input_ids: torch.Tensor  # [B, T], right-padded
     attention_mask: torch.Tensor  # [B, T]
     prompts: tuple[Prompt, ...]
 
     @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
     def rows(self) -> torch.Tensor:
-        return torch.arange(len(self.prompts))
+        return torch.arange(len(self.prompts), device=self.device)
 
     @property
     def subject_pos(self) -> torch.Tensor:
-        return torch.tensor([p.subject_pos for p in self.prompts])
+        return torch.tensor([p.subject_pos for p in self.prompts], device=self.device)
 
     def target_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, label) of every target token of every prompt."""
@@ -45,7 +51,11 @@ class Batch:
             rows += [i] * len(p.target_pos)
             pos += list(p.target_pos)
             labels += list(p.target_ids)
-        return torch.tensor(rows), torch.tensor(pos), torch.tensor(labels)
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return index(rows), index(pos), index(labels)
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,8 @@ class SplitBatch:
 
     @property
     def position_ids(self) -> torch.Tensor:
-        return self.prefix_len[:, None] + torch.arange(self.suffix_ids.shape[1])[None, :]
+        width = self.suffix_ids.shape[1]
+        return self.prefix_len[:, None] + torch.arange(width, device=self.prefix_len.device)[None]
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -75,7 +86,7 @@ class SplitBatch:
 
 def split_at_subject(batch: Batch, pad: int) -> SplitBatch:
     """``batch`` cut before each row's subject position (suffix position 0 is the subject's
-    last token)."""
+    last token), on the batch's device."""
     starts = [p.subject_pos for p in batch.prompts]
     if min(starts) < 0:
         raise ValueError("every row needs a subject position")
@@ -91,7 +102,8 @@ def split_at_subject(batch: Batch, pad: int) -> SplitBatch:
         prefix_mask[i, :s] = 1
         suffix[i, : len(p.ids) - s] = torch.tensor(p.ids[s:], dtype=torch.long)
         suffix_mask[i, : len(p.ids) - s] = 1
-    return SplitBatch(prefix, prefix_mask, suffix, suffix_mask, torch.tensor(starts))
+    parts = (prefix, prefix_mask, suffix, suffix_mask, torch.tensor(starts))
+    return SplitBatch(*(t.to(batch.device) for t in parts))
 
 
 def target_token_ids(tokenizer: Any, prompt: str, target: str) -> list[int]:
@@ -184,7 +196,8 @@ def scoring_prompt(tokenizer: Any, prompt: str, target_ids: list[int]) -> Prompt
 
 
 def collate(prompts: list[Prompt], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Right-padded batch: positions of real tokens are the same as unpadded."""
+    """Right-padded batch on ``device`` (the model's): positions of real tokens are the same
+    as unpadded."""
     width = max(len(p.ids) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

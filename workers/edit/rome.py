@@ -45,7 +45,7 @@ def subject_keys(
 ) -> SubjectKeys:
     """Keys and outputs of the module at the subject's last token, per template."""
     prompts = [subject_prompt(tokenizer, t, prompt, subject) for t in templates]
-    batch = collate(prompts, pad_id(tokenizer))
+    batch = collate(prompts, pad_id(tokenizer), model.device)
     keys, outs = module_io(model, module_name, batch, batch.rows, batch.subject_pos)
     return SubjectKeys(keys.mean(0), outs.mean(0), keys[0], outs[0])
 
@@ -56,9 +56,9 @@ def prompt_keys(model: Any, tokenizer: Any, module_name: str, prompts: list[str]
     an update with ΔW k = 0 for all of them leaves these prompts' whole forward pass, and so
     their predictions, unchanged."""
     encoded = [Prompt(ids=encode(tokenizer, p)[0], subject_pos=-1) for p in prompts]
-    batch = collate(encoded, pad_id(tokenizer))
-    rows = torch.tensor([i for i, p in enumerate(encoded) for _ in p.ids])
-    pos = torch.tensor([j for p in encoded for j in range(len(p.ids))])
+    batch = collate(encoded, pad_id(tokenizer), model.device)
+    rows = torch.tensor([i for i, p in enumerate(encoded) for _ in p.ids], device=batch.device)
+    pos = torch.tensor([j for p in encoded for j in range(len(p.ids))], device=batch.device)
     keys, _ = module_io(model, module_name, batch, rows, pos)
     return keys.T
 
@@ -155,8 +155,8 @@ def worst_rewrite_nll(model: Any, batch: Batch) -> float:
     rows, pos, labels = batch.target_index()
     nll = -log_probs_at(model, batch, rows, pos).gather(1, labels[:, None])[:, 0].double()
     n = len(batch.prompts)
-    per_prompt = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, nll)
-    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, torch.ones_like(nll))
+    per_prompt = torch.zeros(n, dtype=torch.float64, device=nll.device).index_add_(0, rows, nll)
+    counts = torch.zeros_like(per_prompt).index_add_(0, rows, torch.ones_like(nll))
     return float((per_prompt / counts).max())
 
 
@@ -213,7 +213,7 @@ def least_sufficient_scale(
     prompts = rewrite_prompts(
         tokenizer, templates, request.prompt, request.subject, request.target_new
     )
-    batch = collate(prompts, pad_id(tokenizer))
+    batch = collate(prompts, pad_id(tokenizer), target.device)
     return least_scale(
         target, layer, delta,
         lambda: worst_rewrite_nll(target.model, batch) <= sufficient_loss, iterations,

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from workers.devices import seeded
 from workers.edit.prompts import pad_id
 
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -18,7 +19,8 @@ def context_templates(
     model: Any, tokenizer: Any, counts: list[tuple[int, int]], seed: int
 ) -> list[str]:
     """["{}"] + for each (n, length): n prefixes of ``length`` sampled tokens (top-k 5,
-    seeded, the global RNG untouched), each followed by ". {}"."""
+    seeded, the global RNG untouched), each followed by ". {}". Sampled on the model's
+    device: a GPU's generator draws other prefixes than the CPU's for the same seed."""
     templates = ["{}"]
     for g, (n, length) in enumerate(counts):
         if n == 0:
@@ -27,9 +29,8 @@ def context_templates(
         enc = [tokenizer(w)["input_ids"] for w in starts]
         for width in sorted({len(e) for e in enc}):
             idx = [i for i, e in enumerate(enc) if len(e) == width]
-            ids = torch.tensor([enc[i] for i in idx])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1000 + g * 100 + width)
+            ids = torch.tensor([enc[i] for i in idx], device=model.device)
+            with seeded(seed * 1000 + g * 100 + width, model.device):
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),

@@ -65,12 +65,17 @@ def rewrite_prompts(
 
 
 def rewrite_batch(
-    tokenizer: Any, templates: list[str], prompt: str, subject: str, target: str
+    tokenizer: Any,
+    templates: list[str],
+    prompt: str,
+    subject: str,
+    target: str,
+    device: torch.device | str = "cpu",
 ) -> Batch:
-    """The rewrite prompts (one per template) then the KL prompt, last."""
+    """The rewrite prompts (one per template) then the KL prompt, last, on ``device``."""
     prompts = rewrite_prompts(tokenizer, templates, prompt, subject, target)
     prompts.append(subject_prompt(tokenizer, "{}", KL_TEMPLATE.format(subject), subject))
-    return collate(prompts, pad_id(tokenizer))
+    return collate(prompts, pad_id(tokenizer), device)
 
 
 def optimise_value(
@@ -84,7 +89,9 @@ def optimise_value(
     """Optimise δ at ``module_name``'s output (ROME: the MLP projection; MEMIT: the block)
     so that the model continues the request's prompt with its target_new."""
     assert templates[0] == "{}", "the first context template is the bare prompt"
-    batch = rewrite_batch(tokenizer, templates, request.prompt, request.subject, request.target_new)
+    batch = rewrite_batch(
+        tokenizer, templates, request.prompt, request.subject, request.target_new, model.device
+    )
     # δ sits at the subject position: the prompts run from there on, after a cached prefix
     split = split_at_subject(batch, pad_id(tokenizer))
     prefix = prefix_cache(model, split)
@@ -95,8 +102,9 @@ def optimise_value(
     v_init = outs[:n_rewrite].mean(0)
     t_rows, t_pos, labels = batch.target_index()
     t_pos = t_pos - split.prefix_len[t_rows]
-    q_rows = torch.cat([t_rows, torch.tensor([n_rewrite])])
-    q_pos = torch.cat([t_pos, torch.tensor([0])])
+    kl_row = torch.tensor([n_rewrite], device=batch.device)
+    q_rows = torch.cat([t_rows, kl_row])
+    q_pos = torch.cat([t_pos, torch.zeros_like(kl_row)])
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)

@@ -217,7 +217,7 @@ def run_extract_lora(
     """Extract the adapter per ``recipe`` into ``out_dir`` (which must not exist or be
     empty); on any failure nothing is left there. ``resolved``: references already fetched
     (the service's worker); ``started``: ``time.perf_counter()`` when the work began."""
-    from workers.merge.engine import _check_device
+    from workers.devices import resolve_device
 
     t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
@@ -225,7 +225,7 @@ def run_extract_lora(
         raise InputError(
             f"output directory {str(out_dir)!r} already exists and is not empty", field="out"
         )
-    dev = _check_device(device)
+    dev = resolve_device(device)
     settings = sources or SourceSettings()
     report = progress or (lambda _p: None)
     is_cancelled = cancelled or (lambda: False)

@@ -32,6 +32,7 @@ import torch
 from merging.inputs import TensorInputs
 from merging.method import MergeInputError
 from schemas.recipe import MergeRecipe
+from workers.devices import resolve_device
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
 from workers.merge.inputs import open_merge_inputs, resolve, tokenizer_source
 from workers.merge.parameters import ParameterResolver
@@ -91,7 +92,7 @@ def run_merge(
     run_seed = seed if seed is not None else recipe.seed
     if run_seed is None:
         run_seed = random.SystemRandom().randrange(2**63)
-    dev = _check_device(device)
+    dev = resolve_device(device)
     settings = sources or SourceSettings(allow_pickle=recipe.allow_pickle)
     report = progress or (lambda _p: None)
     is_cancelled = cancelled or (lambda: False)
@@ -231,22 +232,6 @@ def overflow_limit(dtype: torch.dtype) -> float:
         return math.inf  # the merge computes in float32: it cannot exceed float32 or wider
     info = torch.finfo(dtype)
     return float(info.max) / (2 - float(info.eps)) * (2 - float(info.eps) / 2)
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(
-            f"unknown device {device!r}; use cpu or cuda[:N]", field="device"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "device 'cuda' was asked for but no CUDA GPU is available; use cpu", field="device"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"unsupported device {device!r}; use cpu or cuda", field="device")
-    return dev
 
 
 def _output_dtype(p: PlannedTensor, out_dtype: torch.dtype | None) -> torch.dtype:
