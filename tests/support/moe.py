@@ -1,0 +1,123 @@
+"""MoE assembly fixtures and independent expectations (workers/moe).
+
+- Experts are seeded fine-tunes of one tiny Llama base (testbed.tiny_models.build_finetune).
+- Each expert's domain is a handful of words of the tiny tokenizer that no other domain uses,
+  so a router row made from its prompts is close to those words' representations and far
+  from the other domains' (meaningful routing on an untrained model).
+- ``reference_hidden_gates`` / ``reference_cheap_embed_gates`` recompute the routers with a
+  plain float64 loop over the prompts (transformers' ``output_hidden_states`` of the base, or
+  its embedding rows), written from mergekit's definition, not from workers/moe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from testbed.tiny_models import build_finetune
+
+WEIGHTS = "model.safetensors"
+# three words per domain: w10… for expert 0, w100… for expert 1, w200… for expert 2
+DOMAINS = [[f"w{10 + k}" for k in range(3)], [f"w{100 + k}" for k in range(3)]]
+DOMAINS.append([f"w{200 + k}" for k in range(3)])
+
+
+def domain_prompts(domain: int, n: int = 4) -> list[str]:
+    """``n`` prompts of the domain's words in rotating orders."""
+    words = DOMAINS[domain]
+    return [" ".join(words[(i + j) % len(words)] for j in range(6)) for i in range(n)]
+
+
+def build_experts(base: Path, folder: Path, count: int) -> list[Path]:
+    return [
+        build_finetune(base, folder / f"expert{i}", seed=100 + i, rel_noise=0.2)
+        for i in range(count)
+    ]
+
+
+def moe_recipe(base: Path, experts: list[Path], **extra: Any) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "base_model": str(base),
+        "experts": [
+            {"source_model": str(e), "positive_prompts": domain_prompts(i)}
+            for i, e in enumerate(experts)
+        ],
+    }
+    recipe.update(extra)
+    return recipe
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any], name: str = "moe.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def load_output(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _ids(tokenizer: Any, prompt: str) -> list[int]:
+    return [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / max(float(v.norm()), 1e-8)
+
+
+def reference_hidden_gates(base: Path, experts: list[dict[str, Any]]) -> torch.Tensor:
+    """(layers, experts, hidden) float64: per layer, the unit vector of (mean over positive
+    prompts of the mean over their tokens of the input of that layer) minus the same over the
+    negative prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float64).eval()
+    layers = model.config.num_hidden_layers
+
+    def layer_means(prompts: list[str]) -> list[torch.Tensor]:
+        sums = [torch.zeros(model.config.hidden_size, dtype=torch.float64)] * layers
+        for p in prompts:
+            with torch.no_grad():
+                hs = model(torch.tensor([_ids(tokenizer, p)]), output_hidden_states=True)
+            for layer in range(layers):
+                # hidden_states[layer] is what enters decoder layer `layer`
+                sums[layer] = sums[layer] + hs.hidden_states[layer][0].mean(dim=0)
+        return [s / len(prompts) for s in sums]
+
+    rows = []
+    for e in experts:
+        pos = layer_means(e["positive_prompts"])
+        neg = layer_means(e["negative_prompts"]) if e.get("negative_prompts") else None
+        rows.append(
+            [_unit(pos[i] - (neg[i] if neg else 0)) for i in range(layers)]  # type: ignore[operator]
+        )
+    return torch.stack([torch.stack([rows[e][i] for e in range(len(rows))]) for i in range(layers)])
+
+
+def reference_cheap_embed_gates(base: Path, experts: list[dict[str, Any]]) -> torch.Tensor:
+    """(experts, hidden) float64: unit(unit(Σ embeddings of the positive prompts' tokens) −
+    unit(Σ of the negative ones'))."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    embed = load_file(str(base / WEIGHTS))["model.embed_tokens.weight"].double()
+
+    def summed(prompts: list[str]) -> torch.Tensor:
+        total = torch.zeros(embed.shape[1], dtype=torch.float64)
+        for p in prompts:
+            for t in _ids(tokenizer, p):
+                total += embed[t]
+        return _unit(total)
+
+    rows = []
+    for e in experts:
+        v = summed(e["positive_prompts"])
+        if e.get("negative_prompts"):
+            v = v - summed(e["negative_prompts"])
+        rows.append(_unit(v))
+    return torch.stack(rows)
