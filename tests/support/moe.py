@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from testbed.tiny_models import build_finetune
+from testbed.tiny_models import build_finetune, llama_config, save_tokenizer
 
 WEIGHTS = "model.safetensors"
 # three words per domain: w10… for expert 0, w100… for expert 1, w200… for expert 2
@@ -38,6 +38,16 @@ def build_experts(base: Path, folder: Path, count: int) -> list[Path]:
         build_finetune(base, folder / f"expert{i}", seed=100 + i, rel_noise=0.2)
         for i in range(count)
     ]
+
+
+def build_llama_variant(target: Path, seed: int, **config: Any) -> Path:
+    """A tiny Llama with ``config`` overrides (e.g. another intermediate_size)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(llama_config(**config))
+    model.save_pretrained(str(target), safe_serialization=True)
+    save_tokenizer(target)
+    return target
 
 
 def moe_recipe(base: Path, experts: list[Path], **extra: Any) -> dict[str, Any]:

@@ -57,7 +57,6 @@ __all__ = ["MoeResult", "run_moe"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MLP = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+))\.mlp\.(?P<proj>\w+)\.(?P<kind>\w+)$")
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _DEGENERATE_CONDITION = 5.0  # mergekit's warning threshold (warn_degenerate_gates)
 
 
@@ -199,14 +198,6 @@ def _check_architectures(base: _Opened, experts: list[_Opened]) -> str:
                 field=e.role,
                 model=e.label,
             )
-        for key in _SHAPE_KEYS:
-            if key in base.config and e.config.get(key) != base.config[key]:
-                raise InputError(
-                    f"config {key} = {e.config.get(key)!r} differs from the base's "
-                    f"{base.config[key]!r}; experts must have the base's shapes",
-                    field=e.role,
-                    model=e.label,
-                )
     return OUTPUT_ARCHITECTURES[model_type]
 
 
