@@ -18,8 +18,9 @@ hidden) float32 tensor whose slice ``[l]`` is layer l's ``block_sparse_moe.gate.
   normalised; the row is (e(positive) − e(negative)) / ‖ · ‖₂, the same for every layer.
 - ``random``: standard normal entries from a generator seeded with the recipe's ``seed``.
 
-Only ``hidden`` loads a whole model: the base, once, in its own dtype (memory: its size on
-disk plus one prompt's activations); the means accumulate in float64.
+Only ``hidden`` loads a whole model: the base, once — in its stored dtype on a GPU, in float32
+on the CPU (memory: its parameters at that width plus one prompt's activations); the means
+accumulate in float64.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def cheap_embed_gates(
             field="gate_mode",
             model=base.label,
         )
-    embed = base.read(names[0]).to(torch.float64)
+    embed = base.read(names[0])  # stored dtype: only the prompts' rows go to float64
     rows = embed.shape[0]
 
     def embedded(prompts: Sequence[str], field: str) -> torch.Tensor:
@@ -103,7 +104,7 @@ def cheap_embed_gates(
                     field=f"{field}[{j}]",
                     tensor=names[0],
                 )
-            total += embed[ids].sum(dim=0)
+            total += embed[ids].to(torch.float64).sum(dim=0)
         return _normalised(total)
 
     out = []
@@ -129,7 +130,10 @@ def hidden_gates(
 
     folder = base_path if base_path.is_dir() else base_path.parent
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+        # the stored dtype on a GPU; float32 on the CPU, whose half-precision matmuls are
+        # many times slower (and the means are accumulated in float64 either way)
+        dtype = "auto" if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         model.to(device)  # type: ignore[arg-type]
     except Exception as err:  # transformers raises many kinds for a model it cannot build
         raise InputError(
