@@ -1,7 +1,7 @@
 """The mixture-of-experts recipe: dense fine-tunes of one base assembled into a Mixtral MoE
-(docs/moe.md), in mergekit-moe's vocabulary (``base_model``, ``experts`` with
-``source_model`` / ``positive_prompts`` / ``negative_prompts``, ``gate_mode``,
-``experts_per_token``, ``dtype``, ``shared_experts``).
+(Llama/Mistral inputs) or a Qwen2-MoE (Qwen2 inputs) (docs/moe.md), in mergekit-moe's
+vocabulary (``base_model``, ``experts`` with ``source_model`` / ``positive_prompts`` /
+``negative_prompts``, ``gate_mode``, ``experts_per_token``, ``dtype``, ``shared_experts``).
 
 Validated once here (no torch) for the API, the CLI and the worker. What only the models can
 tell — their architecture, whether an expert's MLP has the base's shapes — is checked by the
@@ -26,9 +26,11 @@ MoeDtype = Literal["float32", "float16", "bfloat16"]
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 Prompts = Annotated[list[Prompt], Field(max_length=MAX_EXPERT_PROMPTS)]
 
-OUTPUT_ARCHITECTURES = {"llama": "Mixtral", "mistral": "Mixtral"}
-"""Input model_type → the MoE architecture built from it. Qwen2 (→ Qwen2-MoE, the one with
-shared experts) is not built yet: the worker refuses it naming these."""
+OUTPUT_ARCHITECTURES = {"llama": "Mixtral", "mistral": "Mixtral", "qwen2": "Qwen2-MoE"}
+"""Input model_type → the MoE architecture built from it (the worker refuses any other,
+naming these). Only Qwen2-MoE has a shared expert, and always exactly one."""
+SHARED_EXPERTS = {"Mixtral": 0, "Qwen2-MoE": 1}
+"""How many ``shared_experts`` each output architecture takes."""
 
 
 class MoeExpert(BaseModel):
@@ -82,12 +84,11 @@ class MoeRecipe(BaseModel):
         default=None,
         description="dtype of every output tensor; default the base model's (config.json)",
     )
-    shared_experts: Annotated[list[MoeExpert] | None, Field(max_length=MAX_MODELS_PER_RECIPE)] = (
-        Field(
-            default=None,
-            description="experts every token uses: only a Qwen2-MoE output has them, which "
-            "weightsmith does not build yet (Mixtral has none): refused when given",
-        )
+    shared_experts: Annotated[list[MoeExpert] | None, Field(max_length=1)] = Field(
+        default=None,
+        description="the expert every token also uses, gated by its own sigmoid router: "
+        "exactly one for Qwen2 inputs (a Qwen2-MoE output), none for Llama/Mistral (Mixtral "
+        "has no shared expert)",
     )
     seed: Annotated[
         int, Field(ge=0, lt=2**63, description="seed of the random routers (gate_mode random)")
@@ -102,11 +103,6 @@ class MoeRecipe(BaseModel):
                 f"experts_per_token: {self.experts_per_token} is more than the {n} expert(s) "
                 f"given; it must be between 1 and {n}"
             )
-        if self.shared_experts:
-            raise ValueError(
-                "shared_experts: the supported output architecture, Mixtral (from Llama or "
-                "Mistral inputs), has no shared experts; leave shared_experts out"
-            )
         if self.base_model.adapter is not None and self.gate_mode == "hidden":
             raise ValueError(
                 "base_model: a BASE+ADAPTER base cannot make hidden-state routers (the base "
@@ -115,10 +111,10 @@ class MoeRecipe(BaseModel):
             )
         if self.gate_mode == "random":
             return self
-        for i, e in enumerate(self.experts):
+        for field, e in self.gated():
             if not e.positive_prompts:
                 raise ValueError(
-                    f"experts[{i}].positive_prompts: gate_mode {self.gate_mode} makes each "
+                    f"{field}.positive_prompts: gate_mode {self.gate_mode} makes each "
                     "router row from its expert's prompts: give at least one (or use "
                     "gate_mode random)"
                 )
@@ -131,12 +127,20 @@ class MoeRecipe(BaseModel):
             )
         return self
 
+    def gated(self) -> list[tuple[str, MoeExpert]]:
+        """Every expert that gets a router row, with its field: the routed experts, then the
+        shared ones (whose rows are their sigmoid gates)."""
+        out = [(f"experts[{i}]", e) for i, e in enumerate(self.experts)]
+        return out + [(f"shared_experts[{i}]", e) for i, e in enumerate(self.shared_experts or [])]
+
     def references(self) -> list[tuple[Location, ModelReference]]:
         """Every model reference of the recipe and where it stands: the base, then each
         expert's source model (a ``BASE+ADAPTER`` reference as its two parts)."""
         refs = [*self.base_model.parts(("base_model",))]
         for i, e in enumerate(self.experts):
             refs += e.source_model.parts(("experts", i, "source_model"))
+        for i, e in enumerate(self.shared_experts or []):
+            refs += e.source_model.parts(("shared_experts", i, "source_model"))
         return refs
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, MixtralForCausalLM
+from transformers import AutoTokenizer, MixtralForCausalLM, Qwen2MoeForCausalLM
 
 from schemas.moe_recipe import parse_moe_recipe
 from schemas.recipe import RecipeError
@@ -25,6 +25,7 @@ from tests.support.moe import (
     WEIGHTS,
     build_experts,
     build_llama_variant,
+    build_qwen2_base,
     domain_prompts,
     load_output,
     moe_recipe,
@@ -215,6 +216,83 @@ def test_dtype_sets_every_tensor_and_the_config(
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+# ---- Qwen2 → Qwen2-MoE --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    tmp = tmp_path_factory.mktemp("moe-qwen")
+    base = build_qwen2_base(tmp / "base", seed=9)
+    return base, build_experts(base, tmp, 3)  # two routed experts and the shared one
+
+
+def qwen_recipe(base: Path, experts: list[Path], **extra: Any) -> dict[str, Any]:
+    recipe = moe_recipe(base, experts[:2], **extra)
+    shared = {"source_model": str(experts[2]), "positive_prompts": domain_prompts(2)}
+    recipe["shared_experts"] = [shared]
+    return recipe
+
+
+def test_qwen2_experts_make_a_qwen2_moe_that_loads_and_generates(
+    qwen_models: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = qwen_models
+    recipe = qwen_recipe(base, experts)
+    result = assemble(recipe, tmp_path / "moe")
+    assert result.metrics["architecture"] == "Qwen2-MoE" and result.metrics["shared_experts"] == 1
+    got = load_output(tmp_path / "moe")
+    base_t = load_file(str(base / WEIGHTS))
+    sources = [load_file(str(e / WEIGHTS)) for e in experts]
+    want_gates = reference_hidden_gates(base, [*recipe["experts"], *recipe["shared_experts"]])
+    expected = {n: t for n, t in base_t.items() if ".mlp." not in n}
+    assert any(n.endswith("q_proj.bias") for n in expected)  # Qwen2's biases, from the base
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}.mlp."
+        for proj in MLP.values():
+            for e in range(2):
+                expected[f"{p}experts.{e}.{proj}.weight"] = sources[e][f"{p}{proj}.weight"]
+            expected[f"{p}shared_expert.{proj}.weight"] = sources[2][f"{p}{proj}.weight"]
+        gate, shared_gate = got[p + "gate.weight"].double(), got[p + "shared_expert_gate.weight"]
+        assert torch.allclose(gate, want_gates[layer, :2], atol=1e-6, rtol=0), layer
+        assert torch.allclose(shared_gate.double(), want_gates[layer, 2:], atol=1e-6, rtol=0)
+    assert set(got) - set(expected) == {
+        f"model.layers.{i}.mlp.{g}.weight"
+        for i in range(LAYERS)
+        for g in ("gate", "shared_expert_gate")
+    }
+    for name, want in expected.items():
+        assert torch.equal(got[name], want), name
+
+    model, info = Qwen2MoeForCausalLM.from_pretrained(
+        str(tmp_path / "moe"), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    c = model.config
+    assert (c.num_experts, c.num_experts_per_tok, c.decoder_sparse_step) == (2, 2, 1)
+    assert c.moe_intermediate_size == c.shared_expert_intermediate_size == 128
+    mlp = model.model.layers[1].mlp
+    p = "model.layers.1.mlp."
+    assert torch.equal(
+        mlp.experts.gate_up_proj[1],
+        torch.cat([sources[1][p + "gate_proj.weight"], sources[1][p + "up_proj.weight"]]),
+    )
+    assert torch.equal(mlp.shared_expert.down_proj.weight, sources[2][p + "down_proj.weight"])
+    ids = torch.tensor([[1, 14, 15, 16]])
+    generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+
+
+def test_qwen2_needs_exactly_one_shared_expert(
+    qwen_models: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = qwen_models
+    with pytest.raises(InputError) as err:
+        assemble(moe_recipe(base, experts[:2]), tmp_path / "moe")
+    assert err.value.field == "shared_experts"
+    assert "qwen2 inputs make a Qwen2-MoE, which has exactly one shared expert" in str(err.value)
+    assert not (tmp_path / "moe").exists()
+
+
 # ---- progress and cancel ---------------------------------------------------------------------
 
 
@@ -255,8 +333,12 @@ def test_bad_recipes_are_refused_naming_the_field(models: tuple[Path, list[Path]
         (moe_recipe(base, experts, experts_per_token=0), "experts_per_token: Input should be"),
         (moe_recipe(base, experts, gate_mode="hidden_last"), "gate_mode: Input should be"),
         (
+            moe_recipe(base, experts, shared_experts=[{"source_model": str(experts[0])}] * 2),
+            "shared_experts: List should have at most 1 item",
+        ),
+        (
             moe_recipe(base, experts, shared_experts=[{"source_model": str(experts[0])}]),
-            "shared_experts: the supported output architecture, Mixtral",
+            "shared_experts[0].positive_prompts: gate_mode hidden makes each",
         ),
         (moe_recipe(base, []), "experts: List should have at least 1 item"),
         (moe_recipe(base, experts, architecture="mixtral"), "architecture: unknown field"),
@@ -304,21 +386,20 @@ def test_an_unsupported_architecture_is_refused_listing_the_supported_ones(
         assemble(moe_recipe(gpt2, experts[:2]), tmp_path / "moe")
     assert err.value.field == "base_model"
     assert "model_type 'gpt2' cannot be assembled" in str(err.value)
-    assert "supported: llama (→ Mixtral), mistral (→ Mixtral)" in str(err.value)
+    assert "supported: llama (→ Mixtral), mistral (→ Mixtral), qwen2 (→ Qwen2-MoE)" in str(
+        err.value
+    )
 
     with pytest.raises(InputError) as err:
         assemble(moe_recipe(base, [experts[0], gpt2]), tmp_path / "moe")
     assert err.value.field == "experts[1].source_model"
     assert "differs from the base's 'llama'" in str(err.value)
 
-    qwen = tmp_path / "qwen"
-    qwen.mkdir()
-    for f in base.iterdir():
-        (qwen / f.name).write_bytes(f.read_bytes())
-    config = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
-    with pytest.raises(InputError, match=r"Qwen2-MoE output is not built yet\); supported: llama"):
-        assemble(moe_recipe(qwen, experts[:2]), tmp_path / "moe")
+    shared = [{"source_model": str(experts[2]), "positive_prompts": ["w1"]}]
+    with pytest.raises(InputError) as err:
+        assemble(moe_recipe(base, experts[:2], shared_experts=shared), tmp_path / "moe")
+    assert err.value.field == "shared_experts"
+    assert "llama inputs make a Mixtral, which has no shared expert" in str(err.value)
     assert not (tmp_path / "moe").exists()
 
 

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from testbed.tiny_models import build_finetune, llama_config, save_tokenizer
 
@@ -50,6 +58,41 @@ def build_llama_variant(target: Path, seed: int, **config: Any) -> Path:
     return target
 
 
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer: the 256 byte symbols, no merges, <|endoftext|> (id 256)
+    and no BOS — transformers loads a qwen2 model's tokenizer as Qwen2Tokenizer whatever
+    tokenizer_config.json says, so the tiny word-level tokenizer cannot be used."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    end = "<|endoftext|>"
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=end, pad_token=end)
+
+
+def build_qwen2_base(target: Path, seed: int) -> Path:
+    """A tiny Qwen2 (q/k/v biases, untied lm_head) with a byte-level Qwen2 tokenizer."""
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=257,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=256,
+        pad_token_id=256,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        for layer in model.model.layers:  # nonzero biases, so copying them is visible
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.02)
+    model.save_pretrained(str(target), safe_serialization=True)
+    qwen2_tokenizer().save_pretrained(str(target))
+    return target
+
+
 def moe_recipe(base: Path, experts: list[Path], **extra: Any) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "base_model": str(base),
@@ -76,7 +119,9 @@ def load_output(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _ids(tokenizer: Any, prompt: str) -> list[int]:
-    return [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    """BOS, when the tokenizer has one, then the prompt's tokens (mergekit's tokenization)."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *tokenizer.encode(prompt, add_special_tokens=False)]
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -88,7 +133,7 @@ def reference_hidden_gates(base: Path, experts: list[dict[str, Any]]) -> torch.T
     prompts of the mean over their tokens of the input of that layer) minus the same over the
     negative prompts."""
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64).eval()
     layers = model.config.num_hidden_layers
 
     def layer_means(prompts: list[str]) -> list[torch.Tensor]:

@@ -163,8 +163,9 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_moe(args: argparse.Namespace) -> int:
-    """Assemble a Mixtral mixture of experts: attention, norms and embeddings from the base,
-    each expert's MLPs from a fine-tune, routers initialised from the experts' prompts."""
+    """Assemble a mixture of experts (Mixtral from Llama/Mistral, Qwen2-MoE from Qwen2):
+    attention, norms and embeddings from the base, each expert's MLPs from a fine-tune,
+    routers initialised from the experts' prompts."""
     from schemas.moe_recipe import parse_moe_recipe
 
     path = Path(args.recipe)
@@ -267,7 +268,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
     moe = sub.add_parser(
         "moe",
-        help="assemble a Mixtral mixture of experts from dense fine-tunes of one base",
+        help="assemble a Mixtral / Qwen2-MoE mixture of experts from fine-tunes of one base",
         description=cmd_moe.__doc__,
         formatter_class=formatter,
     )

@@ -1,21 +1,27 @@
-"""MoE assembly: dense fine-tunes of one Llama/Mistral base as the experts of a Mixtral model,
-one tensor at a time (mergekit-moe's Mixtral output, mergekit/moe/mixtral.py).
+"""MoE assembly: dense fine-tunes of one base as the experts of a mixture-of-experts model, one
+tensor at a time — Llama/Mistral → Mixtral (mergekit/moe/mixtral.py), Qwen2 → Qwen2-MoE
+(mergekit/moe/qwen.py).
 
-- Every tensor but the MLPs comes from ``base_model`` (attention, norms, embeddings,
-  lm_head), cast to the output dtype.
-- Layer l's MLP of expert e comes from ``experts[e].source_model``: ``mlp.gate_proj`` →
-  ``block_sparse_moe.experts.e.w1``, ``mlp.up_proj`` → ``…w3``, ``mlp.down_proj`` → ``…w2``
-  (Mixtral's layout on the Hub, which transformers, vLLM and llama.cpp read).
-- Layer l's router ``block_sparse_moe.gate.weight`` (experts × hidden) is row e = expert e's
-  vector from workers/moe/router.py (``gate_mode``), written before the layer's experts.
-- ``config.json`` is a MixtralConfig made from the base's (``num_local_experts`` = the
-  experts, ``num_experts_per_tok`` = ``experts_per_token``, no sliding window); the base's
-  tokenizer and generation config are copied.
+- Every tensor but the MLPs comes from ``base_model`` (attention and its Qwen2 biases, norms,
+  embeddings, lm_head), cast to the output dtype.
+- Layer l's MLP of expert e comes from ``experts[e].source_model``. Mixtral: ``mlp.gate_proj``
+  → ``block_sparse_moe.experts.e.w1``, ``mlp.up_proj`` → ``…w3``, ``mlp.down_proj`` →
+  ``…w2`` (Mixtral's layout on the Hub, which transformers, vLLM and llama.cpp read).
+  Qwen2-MoE: ``mlp.experts.e.<proj>``, and the shared expert's MLP ``mlp.shared_expert.<proj>``.
+- Layer l's router (Mixtral ``block_sparse_moe.gate.weight``, Qwen2-MoE ``mlp.gate.weight``;
+  experts × hidden) is row e = expert e's vector from workers/moe/router.py (``gate_mode``);
+  Qwen2-MoE's ``mlp.shared_expert_gate.weight`` (1 × hidden) is the shared expert's vector.
+  They are written before the layer's experts.
+- ``config.json`` is the base's as a MixtralConfig / Qwen2MoeConfig (experts,
+  ``num_experts_per_tok`` = ``experts_per_token``, no sliding window; Qwen2-MoE: every layer
+  sparse, expert and shared-expert sizes = the dense intermediate_size, normalised top-k);
+  the base's tokenizer and generation config are copied.
 
 Checked before anything is written, each error naming the field, model and tensor: the base
-is Llama or Mistral (the supported ones are listed otherwise), every expert has the base's
-model_type and its MLP tensors the base's shapes, no tensor is one Mixtral has no place for
-(a bias). Memory: one tensor at a time, plus the base model once for ``gate_mode hidden``.
+is Llama, Mistral or Qwen2 (the supported ones are listed otherwise), shared_experts fits the
+output (none for Mixtral, exactly one for Qwen2-MoE), every expert has the base's model_type
+and its MLP tensors the base's shapes, no tensor is one the output has no place for (a bias
+Mixtral lacks). Memory: one tensor at a time, plus the base model once for ``gate_mode hidden``.
 Output: shards + index, config, tokenizer, a model card and the manifest (last), with the
 routers' condition numbers per layer. On any failure nothing is left in ``out_dir``.
 """
@@ -40,7 +46,7 @@ import weightsmith
 from infra.artifacts import folder_files
 from infra.artifacts import write_manifest as write_manifest_file
 from schemas.manifests import MANIFEST_FORMAT, Manifest
-from schemas.moe_recipe import OUTPUT_ARCHITECTURES, MoeRecipe
+from schemas.moe_recipe import OUTPUT_ARCHITECTURES, SHARED_EXPERTS, MoeRecipe
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
 from workers.merge.inputs import TensorSource, read_config, resolve
@@ -100,25 +106,91 @@ def _open(
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """Where the MoE parts of layer ``prefix`` (``model.layers.N``) go in one architecture."""
+
+    architecture: str
+    router: str  # the router's name, formatted with prefix
+    expert: str  # an expert's MLP weight, formatted with prefix, e (index) and proj
+    shared: str | None  # the shared expert's MLP weight (prefix, proj)
+    shared_router: str | None  # its sigmoid gate (prefix)
+    biases: bool  # whether the architecture has the attention biases the input may have
+
+    def expert_name(self, prefix: str, e: int, proj: str) -> str:
+        return self.expert.format(prefix=prefix, e=e, proj=proj, w=_EXPERT_NAMES[proj])
+
+
+_LAYOUTS = {
+    # Mixtral's layout on the Hub (mergekit/moe/mixtral.py), which transformers, vLLM and
+    # llama.cpp read: w1 = gate_proj, w3 = up_proj, w2 = down_proj
+    "Mixtral": _Layout(
+        "Mixtral",
+        router="{prefix}.block_sparse_moe.gate.weight",
+        expert="{prefix}.block_sparse_moe.experts.{e}.{w}.weight",
+        shared=None,
+        shared_router=None,
+        biases=False,
+    ),
+    # Qwen2-MoE (mergekit/moe/qwen.py): the experts keep the dense MLP's names
+    "Qwen2-MoE": _Layout(
+        "Qwen2-MoE",
+        router="{prefix}.mlp.gate.weight",
+        expert="{prefix}.mlp.experts.{e}.{proj}.weight",
+        shared="{prefix}.mlp.shared_expert.{proj}.weight",
+        shared_router="{prefix}.mlp.shared_expert_gate.weight",
+        biases=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class _Planned:
-    """One output tensor and where it comes from (None: the router of ``layer``)."""
+    """One output tensor and where it comes from (no source: a router of ``layer``, its rows
+    ``rows`` of the gate vectors)."""
 
     name: str
     source: _Opened | None
     source_name: str
     layer: int
+    rows: tuple[int, int] = (0, 0)
 
 
-def _plan(base: _Opened, experts: list[_Opened]) -> list[_Planned]:
-    """The output tensors in order: the base's, each layer's MLP replaced by the router and
-    every expert's MLP. Checks every expert's MLP tensor against the base's shape."""
+def _expert_tensor(expert: _Opened, base: _Opened, name: str) -> None:
+    """The expert has the base's MLP tensor ``name`` with the same shape, as a float."""
+    if name not in expert.reader:
+        raise InputError(
+            f"the expert lacks the base's MLP tensor {name!r}; experts must be fine-tunes of "
+            "the base (same architecture)",
+            field=expert.role,
+            model=expert.label,
+            tensor=name,
+        )
+    got, want = expert.reader.info(name).shape, base.reader.info(name).shape
+    if got != want:
+        raise InputError(
+            f"shape {tuple(got)} differs from the base's {tuple(want)}; experts must have the "
+            "base's MLP shapes (the same intermediate_size and hidden_size)",
+            field=expert.role,
+            model=expert.label,
+            tensor=name,
+        )
+    if not expert.reader.info(name).torch_dtype.is_floating_point:
+        raise InputError("not a float tensor", field=expert.role, model=expert.label, tensor=name)
+
+
+def _plan(
+    layout: _Layout, base: _Opened, experts: list[_Opened], shared: list[_Opened]
+) -> list[_Planned]:
+    """The output tensors in order: the base's, each layer's MLP replaced by the router(s)
+    and every expert's MLP. Checks every expert's MLP tensor against the base's shape."""
     plan: list[_Planned] = []
     routed: set[int] = set()
+    n = len(experts)
     for name in base.reader.names:
-        if name.endswith(".bias"):
+        if name.endswith(".bias") and not (layout.biases and ".self_attn." in name):
             raise InputError(
-                "Mixtral has no bias terms; a base with biases (attention_bias or mlp_bias "
-                "set) cannot be assembled into one",
+                f"{layout.architecture} has no bias terms here; a base with such biases "
+                "(attention_bias or mlp_bias set) cannot be assembled into one",
                 field="base_model",
                 model=base.label,
                 tensor=name,
@@ -127,70 +199,55 @@ def _plan(base: _Opened, experts: list[_Opened]) -> list[_Planned]:
         if m is None:
             if ".mlp." in name:
                 raise InputError(
-                    "not a tensor of a Llama/Mistral MLP (gate_proj, up_proj, down_proj)",
+                    "not a tensor of a dense MLP (gate_proj, up_proj, down_proj)",
                     field="base_model",
                     model=base.label,
                     tensor=name,
                 )
             plan.append(_Planned(name, base, name, -1))
             continue
-        proj, layer = m["proj"], int(m["layer"])
+        prefix, proj, layer = m["prefix"], m["proj"], int(m["layer"])
         if proj not in _EXPERT_NAMES or m["kind"] != "weight":
             raise InputError(
-                f"{proj}.{m['kind']} is not a Llama/Mistral MLP weight (gate_proj, up_proj, "
-                "down_proj)",
+                f"{proj}.{m['kind']} is not a dense MLP weight (gate_proj, up_proj, down_proj)",
                 field="base_model",
                 model=base.label,
                 tensor=name,
             )
         if layer not in routed:
             routed.add(layer)
-            plan.append(_Planned(f"{m['prefix']}.block_sparse_moe.gate.weight", None, "", layer))
-        want = base.reader.info(name).shape
+            plan.append(_Planned(layout.router.format(prefix=prefix), None, "", layer, (0, n)))
+            if layout.shared_router is not None:
+                gate = layout.shared_router.format(prefix=prefix)
+                plan.append(_Planned(gate, None, "", layer, (n, n + len(shared))))
         for e, expert in enumerate(experts):
-            if name not in expert.reader:
-                raise InputError(
-                    f"the expert lacks the base's MLP tensor {name!r}; experts must be "
-                    "fine-tunes of the base (same architecture)",
-                    field=expert.role,
-                    model=expert.label,
-                    tensor=name,
-                )
-            got = expert.reader.info(name).shape
-            if got != want:
-                raise InputError(
-                    f"shape {tuple(got)} differs from the base's {tuple(want)}; experts must "
-                    "have the base's MLP shapes (the same intermediate_size and hidden_size)",
-                    field=expert.role,
-                    model=expert.label,
-                    tensor=name,
-                )
-            if not expert.reader.info(name).torch_dtype.is_floating_point:
-                raise InputError("not a float tensor", field=expert.role, tensor=name)
-            out = f"{m['prefix']}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[proj]}.weight"
-            plan.append(_Planned(out, expert, name, layer))
+            _expert_tensor(expert, base, name)
+            plan.append(_Planned(layout.expert_name(prefix, e, proj), expert, name, layer))
+        for s in shared:
+            assert layout.shared is not None  # _check_architectures: no shared experts else
+            _expert_tensor(s, base, name)
+            plan.append(_Planned(layout.shared.format(prefix=prefix, proj=proj), s, name, layer))
     if not routed:
         raise InputError(
             "the base has no MLP tensors 'model.layers.N.mlp.gate_proj/up_proj/down_proj"
-            ".weight': it is not a Llama/Mistral checkpoint",
+            ".weight': it is not a Llama, Mistral or Qwen2 checkpoint",
             field="base_model",
             model=base.label,
         )
     return plan
 
 
-def _check_architectures(base: _Opened, experts: list[_Opened]) -> str:
+def _check_architectures(base: _Opened, experts: list[_Opened], shared: list[_Opened]) -> _Layout:
     model_type = base.config.get("model_type")
     if model_type not in OUTPUT_ARCHITECTURES:
         supported = ", ".join(f"{k} (→ {v})" for k, v in OUTPUT_ARCHITECTURES.items())
-        more = " (Qwen2-MoE output is not built yet)" if model_type == "qwen2" else ""
         raise InputError(
-            f"model_type {model_type!r} cannot be assembled into a MoE{more}; supported: "
-            f"{supported}",
+            f"model_type {model_type!r} cannot be assembled into a MoE; supported: {supported}",
             field="base_model",
             model=base.label,
         )
-    for e in experts:
+    architecture = OUTPUT_ARCHITECTURES[model_type]
+    for e in (*experts, *shared):
         if e.config.get("model_type") != model_type:
             raise InputError(
                 f"model_type {e.config.get('model_type')!r} differs from the base's "
@@ -198,7 +255,20 @@ def _check_architectures(base: _Opened, experts: list[_Opened]) -> str:
                 field=e.role,
                 model=e.label,
             )
-    return OUTPUT_ARCHITECTURES[model_type]
+    want = SHARED_EXPERTS[architecture]
+    if len(shared) != want:
+        need = (
+            "exactly one shared expert (used by every token, gated by its own router): give "
+            "shared_experts: [{source_model, positive_prompts}]"
+            if want
+            else "no shared expert: leave shared_experts out"
+        )
+        raise InputError(
+            f"{model_type} inputs make a {architecture}, which has {need}",
+            field="shared_experts",
+            model=base.label,
+        )
+    return _LAYOUTS[architecture]
 
 
 def _output_dtype(recipe: MoeRecipe, base: _Opened) -> str:
@@ -215,20 +285,36 @@ def _output_dtype(recipe: MoeRecipe, base: _Opened) -> str:
     return "float32"
 
 
-def mixtral_config(base_config: dict[str, Any], recipe: MoeRecipe, dtype: str) -> dict[str, Any]:
-    """config.json of the output: the base's (Llama or Mistral) as a MixtralConfig."""
-    from transformers import MixtralConfig
+def output_config(
+    layout: _Layout, base_config: dict[str, Any], recipe: MoeRecipe, dtype: str
+) -> dict[str, Any]:
+    """config.json of the output: the base's (Llama, Mistral or Qwen2) as a MixtralConfig or
+    a Qwen2MoeConfig, as mergekit-moe writes them."""
+    from transformers import MixtralConfig, Qwen2MoeConfig
 
     src = {k: v for k, v in base_config.items() if k not in ("architectures", "model_type")}
-    cfg = MixtralConfig(**src)
-    cfg.architectures = ["MixtralForCausalLM"]
-    cfg.num_local_experts = len(recipe.experts)
+    if layout.architecture == "Mixtral":
+        cfg: Any = MixtralConfig(**src)
+        cfg.architectures = ["MixtralForCausalLM"]
+        cfg.num_local_experts = len(recipe.experts)
+    else:
+        for key in ("layer_types", "max_window_layers"):  # recomputed: every layer full
+            src.pop(key, None)
+        src["use_sliding_window"] = False
+        cfg = Qwen2MoeConfig(**src)
+        cfg.architectures = ["Qwen2MoeForCausalLM"]
+        cfg.num_experts = len(recipe.experts)
+        cfg.decoder_sparse_step = 1  # every layer a MoE layer
+        cfg.mlp_only_layers = []
+        cfg.norm_topk_prob = True
+        cfg.moe_intermediate_size = cfg.intermediate_size  # the experts are the dense MLPs
+        cfg.shared_expert_intermediate_size = cfg.intermediate_size
     cfg.num_experts_per_tok = recipe.experts_per_token
     cfg.sliding_window = None
     data = cfg.to_dict()
     data["dtype"] = dtype
     data.pop("torch_dtype", None)
-    return data
+    return dict(data)
 
 
 def run_moe(
@@ -270,11 +356,16 @@ def run_moe(
             role = f"experts[{i}].source_model"
             experts.append(_open(role, e.source_model, settings, base_dir, resolved or {}))
             opened.append(experts[-1])
+        shared = []
+        for i, e in enumerate(recipe.shared_experts or []):
+            role = f"shared_experts[{i}].source_model"
+            shared.append(_open(role, e.source_model, settings, base_dir, resolved or {}))
+            opened.append(shared[-1])
         timings = {"resolve_s": time.perf_counter() - t0}
-        architecture = _check_architectures(base, experts)
+        layout = _check_architectures(base, experts, shared)
         dtype_name = _output_dtype(recipe, base)
         dtype = _DTYPES[dtype_name]
-        plan = _plan(base, experts)
+        plan = _plan(layout, base, experts, shared)
         assembly = _Assembly(recipe, base, plan, dtype, report, is_cancelled)
         t1 = time.perf_counter()
         gates = assembly.routers(dev)
@@ -285,7 +376,7 @@ def run_moe(
         timings["assemble_s"] = time.perf_counter() - t2
         report(Progress("publish", *assembly.counts()))
         t3 = time.perf_counter()
-        config = mixtral_config(base.config, recipe, dtype_name)
+        config = output_config(layout, base.config, recipe, dtype_name)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         base_folder = (
             base.resolved.path if base.resolved.path.is_dir() else base.resolved.path.parent
@@ -294,13 +385,14 @@ def run_moe(
         if gen.is_file():
             shutil.copyfile(gen, staging / gen.name)
         tokenizer_files = copy_tokenizer(base.resolved.path, staging)
-        metrics = _metrics(recipe, gates, architecture, dtype_name)
-        (staging / "README.md").write_text(_model_card(recipe, base, experts, metrics))
+        metrics = _metrics(recipe, gates, layout.architecture, dtype_name)
+        (staging / "README.md").write_text(_model_card(recipe, base, experts, shared, metrics))
         timings["publish_s"] = time.perf_counter() - t3
         timings["total_s"] = time.perf_counter() - t0
         manifest = _write_manifest(
-            staging, recipe, base, experts, metrics, timings, tokenizer_files, assembly.digests
-        )
+            staging, recipe, base, experts, shared, metrics, timings, tokenizer_files,
+            assembly.digests,
+        )  # fmt: skip
         if out_dir.exists():
             out_dir.rmdir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -382,12 +474,11 @@ class _Assembly:
         specs = []
         for p in self.plan:
             if p.source is None:
-                specs.append(
-                    TensorSpec(p.name, self.dtype, (len(self.recipe.experts), self.hidden))
-                )
+                rows = p.rows[1] - p.rows[0]
+                specs.append(TensorSpec(p.name, self.dtype, (rows, self.hidden)))
                 continue
             info = p.source.reader.info(p.source_name)
-            # float tensors take the output dtype; others (none in Llama) keep their own
+            # float tensors take the output dtype; others (none in these models) keep theirs
             stored = info.torch_dtype
             specs.append(
                 TensorSpec(p.name, self.dtype if stored.is_floating_point else stored, info.shape)
@@ -397,7 +488,8 @@ class _Assembly:
             for p, spec in zip(self.plan, specs, strict=True):
                 self._check_cancel()
                 if p.source is None:
-                    writer.write(p.name, gates[p.layer].to(spec.dtype).contiguous())
+                    gate = gates[p.layer, p.rows[0] : p.rows[1]]
+                    writer.write(p.name, gate.to(spec.dtype).contiguous())
                 else:
                     t = p.source.reader.read(p.source_name)
                     writer.write(p.name, t.to(spec.dtype).contiguous())
@@ -418,11 +510,12 @@ def _first_mlp(plan: list[_Planned]) -> str:
 def _metrics(
     recipe: MoeRecipe, gates: torch.Tensor, architecture: str, dtype: str
 ) -> dict[str, Any]:
-    cond = router.condition_numbers(gates)
+    cond = router.condition_numbers(gates[:, : len(recipe.experts)])  # the routers' rows
     degenerate = [i for i, c in enumerate(cond) if not c < _DEGENERATE_CONDITION]
     return {
         "architecture": architecture,
         "num_local_experts": len(recipe.experts),
+        "shared_experts": len(recipe.shared_experts or []),
         "num_experts_per_tok": recipe.experts_per_token,
         "gate_mode": recipe.gate_mode,
         "dtype": dtype,
@@ -437,12 +530,16 @@ def _label(r: ResolvedModel) -> str:
 
 
 def _model_card(
-    recipe: MoeRecipe, base: _Opened, experts: list[_Opened], metrics: dict[str, Any]
+    recipe: MoeRecipe,
+    base: _Opened,
+    experts: list[_Opened],
+    shared: list[_Opened],
+    metrics: dict[str, Any],
 ) -> str:
     front = {
         "base_model": _label(base.resolved),
         "library_name": "transformers",
-        "tags": ["moe", "mixtral", "weightsmith"],
+        "tags": ["moe", metrics["architecture"].lower(), "weightsmith"],
     }
     lines = [
         "---",
@@ -457,6 +554,7 @@ def _model_card(
         f"routers from gate_mode `{recipe.gate_mode}`.",
         "",
         *[f"- expert {i}: `{e.label}`" for i, e in enumerate(experts)],
+        *[f"- shared expert: `{e.label}`" for e in shared],
         "",
     ]
     if metrics["degenerate_router_layers"]:
@@ -484,6 +582,7 @@ def _write_manifest(
     recipe: MoeRecipe,
     base: _Opened,
     experts: list[_Opened],
+    shared: list[_Opened],
     metrics: dict[str, Any],
     timings: dict[str, float],
     tokenizer_files: list[str],
@@ -491,7 +590,8 @@ def _write_manifest(
 ) -> dict[str, Any]:
     parents = [_parent("base", base.resolved)]
     parents += [_parent("expert", e.resolved, expert=i) for i, e in enumerate(experts)]
-    for o in (base, *experts):
+    parents += [_parent("shared_expert", e.resolved) for e in shared]
+    for o in (base, *experts, *shared):
         if o.adapter is not None:
             parents.append(_parent("adapter", o.adapter, applied_to=str(o.resolved.reference)))
     manifest = Manifest.model_validate(

@@ -1,12 +1,15 @@
 """The routers' initial weights: one row per expert and layer, from the experts' prompts.
 
-mergekit-moe's three gate modes (mergekit/moe/router.py), each giving a (layers, experts,
-hidden) float32 tensor whose slice ``[l]`` is layer l's ``block_sparse_moe.gate.weight``:
+mergekit-moe's three gate modes (mergekit/moe/router.py), each giving a (layers, experts +
+shared experts, hidden) float32 tensor: slice ``[l, :E]`` is layer l's router (Mixtral's
+``block_sparse_moe.gate.weight``, Qwen2-MoE's ``mlp.gate.weight``), ``[l, E:]`` the shared
+expert's sigmoid gate (Qwen2-MoE's ``mlp.shared_expert_gate.weight``), made the same way:
 
-- ``hidden``: the base model runs on each prompt (BOS + the prompt's tokens, one prompt at a
-  time, so no padding enters a mean). For layer l, h̄_l(p) is the mean over the prompt's
-  tokens of ``hidden_states[l]`` — the residual stream entering layer l (embeddings for
-  l = 0), which is what mergekit takes (``output.hidden_states[:-1]``). The expert's row is
+- ``hidden``: the base model runs on each prompt (BOS when the tokenizer has one + the
+  prompt's tokens, one prompt at a time, so no padding enters a mean). For layer l, h̄_l(p)
+  is the mean over the prompt's tokens of ``hidden_states[l]`` — the residual stream
+  entering layer l (embeddings for l = 0), which is what mergekit takes
+  (``output.hidden_states[:-1]``). The expert's row is
 
       g_l = (mean_p h̄_l(p) over positive prompts − mean_p h̄_l(p) over negative prompts)
             / ‖ · ‖₂
@@ -76,7 +79,8 @@ def _normalised(v: torch.Tensor) -> torch.Tensor:
 
 def random_gates(recipe: MoeRecipe, layers: int, hidden: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(recipe.seed)
-    return torch.randn((layers, len(recipe.experts), hidden), generator=gen, dtype=torch.float32)
+    shape = (layers, len(recipe.gated()), hidden)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
 def cheap_embed_gates(
@@ -108,10 +112,10 @@ def cheap_embed_gates(
         return _normalised(total)
 
     out = []
-    for i, e in enumerate(recipe.experts):
-        v = embedded(e.positive_prompts or [], f"experts[{i}].positive_prompts")
+    for field, e in recipe.gated():
+        v = embedded(e.positive_prompts or [], f"{field}.positive_prompts")
         if e.negative_prompts:
-            v = v - embedded(e.negative_prompts, f"experts[{i}].negative_prompts")
+            v = v - embedded(e.negative_prompts, f"{field}.negative_prompts")
         out.append(_normalised(v))
     return torch.stack(out).float().unsqueeze(0).repeat(layers, 1, 1)
 
@@ -172,19 +176,18 @@ def hidden_gates(
         return total / len(prompts)
 
     out = []
-    for i, e in enumerate(recipe.experts):
-        v = mean_states(e.positive_prompts or [], f"experts[{i}].positive_prompts")
+    for field, e in recipe.gated():
+        v = mean_states(e.positive_prompts or [], f"{field}.positive_prompts")
         if e.negative_prompts:
-            v = v - mean_states(e.negative_prompts, f"experts[{i}].negative_prompts")
+            v = v - mean_states(e.negative_prompts, f"{field}.negative_prompts")
         out.append(_normalised(v))
-    return torch.stack(out, dim=1).float()  # (layers, experts, hidden)
+    return torch.stack(out, dim=1).float()  # (layers, experts + shared, hidden)
 
 
 def prompt_count(recipe: MoeRecipe) -> int:
     """Forward passes of gate_mode hidden (for progress)."""
-    return sum(
-        len(e.positive_prompts or []) + len(e.negative_prompts or []) for e in recipe.experts
-    )
+    lists = [(e.positive_prompts or [], e.negative_prompts or []) for _, e in recipe.gated()]
+    return sum(len(p) + len(n) for p, n in lists)
 
 
 def condition_numbers(gates: torch.Tensor) -> list[float]:
