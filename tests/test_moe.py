@@ -446,3 +446,42 @@ def test_cli_moe_assembles_and_names_a_bad_field(
     )
     assert run.returncode == 2 and "experts_per_token: 5 is more than the 2" in run.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_unusable_prompts_tokenizers_and_biases_are_named(
+    models: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = models
+    blank = moe_recipe(base, experts[:2])
+    blank["experts"][1]["negative_prompts"] = ["   "]
+    with pytest.raises(InputError) as err:
+        assemble(blank, tmp_path / "moe")
+    assert err.value.field == "experts[1].negative_prompts[0]" and "has no tokens" in str(err.value)
+
+    long = moe_recipe(base, experts[:2])
+    long["experts"][0]["positive_prompts"] = ["w5 " * 200]
+    with pytest.raises(InputError) as err:
+        assemble(long, tmp_path / "moe")
+    assert err.value.field == "experts[0].positive_prompts[0]"
+    assert "201 tokens, more than the base's max_position_embeddings (128)" in str(err.value)
+
+    bare = tmp_path / "bare"  # the base without its tokenizer files
+    bare.mkdir()
+    for name in ("config.json", WEIGHTS):
+        (bare / name).write_bytes((base / name).read_bytes())
+    with pytest.raises(InputError) as err:
+        assemble(moe_recipe(bare, experts[:2], gate_mode="cheap_embed"), tmp_path / "moe")
+    assert err.value.field == "base_model" and "tokenizer cannot be loaded" in str(err.value)
+    assemble(moe_recipe(bare, experts[:2], gate_mode="random"), tmp_path / "random")  # no need
+
+    biased = build_llama_variant(tmp_path / "biased", seed=4, attention_bias=True)
+    with pytest.raises(InputError) as err:
+        assemble(moe_recipe(biased, experts[:2], gate_mode="random"), tmp_path / "moe")
+    assert err.value.field == "base_model" and err.value.tensor.endswith("self_attn.k_proj.bias")
+    assert "Mixtral has no bias terms here" in str(err.value)
+
+    adapter_base = moe_recipe(base, experts[:2])
+    adapter_base["base_model"] = f"{base}+{experts[0]}"
+    with pytest.raises(RecipeError, match="base_model: a BASE\\+ADAPTER base cannot make hidden"):
+        parse_moe_recipe(adapter_base)
+    assert not (tmp_path / "moe").exists()
