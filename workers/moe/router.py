@@ -137,7 +137,8 @@ def hidden_gates(
         # the stored dtype on a GPU; float32 on the CPU, whose half-precision matmuls are
         # many times slower (and the means are accumulated in float64 either way)
         dtype = "auto" if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        # safetensors only, as the tensor readers: never a pickle checkpoint next to them
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
         model.to(device)  # type: ignore[arg-type]
     except Exception as err:  # transformers raises many kinds for a model it cannot build
         raise InputError(
