@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MixtralForCausalLM, Qwen2MoeForCausalLM
 
 from schemas.moe_recipe import parse_moe_recipe
@@ -484,4 +484,21 @@ def test_unusable_prompts_tokenizers_and_biases_are_named(
     adapter_base["base_model"] = f"{base}+{experts[0]}"
     with pytest.raises(RecipeError, match="base_model: a BASE\\+ADAPTER base cannot make hidden"):
         parse_moe_recipe(adapter_base)
+    assert not (tmp_path / "moe").exists()
+
+
+def test_a_base_layer_without_one_of_its_mlp_weights_is_named(
+    models: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = models
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_bytes((base / "config.json").read_bytes())
+    weights = load_file(str(base / WEIGHTS))
+    del weights["model.layers.2.mlp.gate_proj.weight"]
+    save_file(weights, str(partial / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(InputError) as err:
+        assemble(moe_recipe(partial, experts[:2], gate_mode="random"), tmp_path / "moe")
+    assert err.value.field == "base_model"
+    assert err.value.tensor == "model.layers.2.mlp.gate_proj.weight"
     assert not (tmp_path / "moe").exists()

@@ -185,6 +185,7 @@ def _plan(
     and every expert's MLP. Checks every expert's MLP tensor against the base's shape."""
     plan: list[_Planned] = []
     routed: set[int] = set()
+    projs: dict[str, set[str]] = {}  # layer prefix → the MLP weights the base has
     n = len(experts)
     for name in base.reader.names:
         if name.endswith(".bias") and not (layout.biases and ".self_attn." in name):
@@ -214,6 +215,7 @@ def _plan(
                 model=base.label,
                 tensor=name,
             )
+        projs.setdefault(prefix, set()).add(proj)
         if layer not in routed:
             routed.add(layer)
             plan.append(_Planned(layout.router.format(prefix=prefix), None, "", layer, (0, n)))
@@ -227,6 +229,15 @@ def _plan(
             assert layout.shared is not None  # _check_architectures: no shared experts else
             _expert_tensor(s, base, name)
             plan.append(_Planned(layout.shared.format(prefix=prefix, proj=proj), s, name, layer))
+    for prefix, have in projs.items():
+        for proj in sorted(set(_EXPERT_NAMES) - have):
+            raise InputError(
+                "the base lacks this MLP weight of a layer it has the others of; every layer "
+                "needs gate_proj, up_proj and down_proj",
+                field="base_model",
+                model=base.label,
+                tensor=f"{prefix}.mlp.{proj}.weight",
+            )
     if not routed:
         raise InputError(
             "the base has no MLP tensors 'model.layers.N.mlp.gate_proj/up_proj/down_proj"
@@ -425,9 +436,9 @@ class _Assembly:
         self.report = report
         self.is_cancelled = is_cancelled
         self.layers = 1 + max(p.layer for p in plan)
-        self.hidden = int(
-            base.config.get("hidden_size") or base.reader.info(_first_mlp(plan)).shape[1]
-        )
+        # the routers' width: the hidden size, the columns of gate_proj (hidden → intermediate)
+        gate_proj = next(n for n in base.reader.names if n.endswith("mlp.gate_proj.weight"))
+        self.hidden = int(base.reader.info(gate_proj).shape[1])
         self.prompts = (
             router.prompt_count(recipe) if recipe.gate_mode == "hidden" else 0
         )  # forward passes, counted as "tensors" of the router phase
@@ -501,10 +512,6 @@ class _Assembly:
             writer.abort()
             raise
         self.digests = writer.digests
-
-
-def _first_mlp(plan: list[_Planned]) -> str:
-    return next(p.source_name for p in plan if p.source is not None and p.layer >= 0)
 
 
 def _metrics(
