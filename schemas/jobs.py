@@ -4,8 +4,8 @@ The REST API, the job store and the worker all speak these models; nothing here 
 
 - ``JobCreate`` — the body of ``POST /v1/jobs``: ``{"kind", "recipe", "artifact_name",
   "callback_url"?}``. The recipe is validated here against the kind's recipe model
-  (:data:`RECIPE_TYPES`: a merge, an edit, a LoRA extraction), so a bad recipe is refused with
-  the location of each problem (``recipe.models[0].model``).
+  (:data:`RECIPE_TYPES`: a merge, an edit, a LoRA extraction, a MoE assembly), so a bad
+  recipe is refused with the location of each problem (``recipe.models[0].model``).
 - ``JobView`` — one job as the API returns it: state, progress, timestamps, attempts, the
   error (what was wrong and where) or the published artifact, and the recipe with every
   reference pinned (hub commit sha, artifact version).
@@ -43,6 +43,7 @@ from schemas.limits import (
     limit_error,
 )
 from schemas.lora_recipe import ExtractLoraRecipe
+from schemas.moe_recipe import MoeRecipe
 from schemas.recipe import MergeRecipe
 from schemas.references import _ARTIFACT_NAME, _REVISION  # the one rule for each
 
@@ -53,18 +54,23 @@ class JobKind(StrEnum):
     MERGE = "merge"
     EDIT = "edit"
     EXTRACT_LORA = "extract_lora"
+    MOE = "moe"
 
 
-Recipe = MergeRecipe | EditRecipe | ExtractLoraRecipe
-RECIPE_TYPES: dict[JobKind, type[MergeRecipe] | type[EditRecipe] | type[ExtractLoraRecipe]] = {
+Recipe = MergeRecipe | EditRecipe | ExtractLoraRecipe | MoeRecipe
+RECIPE_TYPES: dict[
+    JobKind, type[MergeRecipe] | type[EditRecipe] | type[ExtractLoraRecipe] | type[MoeRecipe]
+] = {
     JobKind.MERGE: MergeRecipe,
     JobKind.EDIT: EditRecipe,
     JobKind.EXTRACT_LORA: ExtractLoraRecipe,
+    JobKind.MOE: MoeRecipe,
 }
 _RECIPE_DOCS = {
     JobKind.MERGE: "docs/recipes.md",
     JobKind.EDIT: "docs/editing.md",
     JobKind.EXTRACT_LORA: "docs/extract-lora.md",
+    JobKind.MOE: "docs/moe.md",
 }
 
 
@@ -126,7 +132,7 @@ def _recipe_json_schema(schema: dict[str, Any]) -> None:
 
 def job_create_json_schema() -> dict[str, Any]:
     """The body of ``POST /v1/jobs`` as one self-contained JSON Schema: one variant per job
-    kind (``merge`` with a merge recipe, ``edit``, ``extract_lora``), for the OpenAPI
+    kind (``merge`` with a merge recipe, ``edit``, ``extract_lora``, ``moe``), for the OpenAPI
     document."""
     variants = []
     for kind, recipe in RECIPE_TYPES.items():
@@ -209,8 +215,9 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     recipe: dict[str, Any] = Field(
-        description="a merge recipe (see docs/recipes.md), an edit recipe (docs/editing.md) "
-        "or a LoRA extraction recipe (docs/extract-lora.md), as a JSON object",
+        description="a merge recipe (see docs/recipes.md), an edit recipe (docs/editing.md), "
+        "a LoRA extraction recipe (docs/extract-lora.md) or a MoE recipe (docs/moe.md), as a "
+        "JSON object",
         json_schema_extra=_recipe_json_schema,
     )
     artifact_name: str = Field(

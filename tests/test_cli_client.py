@@ -212,6 +212,25 @@ def test_422_names_the_field_pointers(
     assert "422" in line and "/recipe/models/0/model" in line and "no-such-artifact" in line
 
 
+def test_submit_infers_kind_moe_from_experts_and_waits_for_the_assembly(
+    server: Server, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    experts = [
+        {"source_model": str(llama_family[ft]), "positive_prompts": [words]}
+        for ft, words in (("ft1", "w10 w11"), ("ft2", "w200 w201"))
+    ]
+    moe = {"base_model": str(llama_family["base"]), "gate_mode": "cheap_embed", "experts": experts}
+    submitted = server.cli("submit", str(write_recipe(tmp_path, "two-experts", moe)), "--wait")
+    assert submitted.returncode == 0, submitted.stderr + server.log.read_text()[-3000:]
+    assert "succeeded: published artifact://two-experts@1" in submitted.stdout
+
+    too_many = write_recipe(tmp_path, "too-many", {**moe, "experts_per_token": 3})
+    refused = server.cli("submit", str(too_many))
+    assert refused.returncode == 2
+    line = only_error_line(refused.stderr)
+    assert "422" in line and "experts_per_token: 3 is more than the 2 expert(s)" in line
+
+
 def test_404_for_an_unknown_job_or_artifact(server: Server, tmp_path: Path) -> None:
     job = server.cli("job", "no-such-job")
     assert job.returncode == 2 and "404" in only_error_line(job.stderr)

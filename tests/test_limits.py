@@ -683,7 +683,7 @@ def test_openapi_declares_json_and_yaml_job_bodies_and_every_reference_resolves(
     content = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
     for media in ("application/json", "application/yaml", "text/yaml"):
         kinds = {v["properties"]["kind"]["enum"][0] for v in content[media]["schema"]["oneOf"]}
-        assert kinds == {"merge", "edit", "extract_lora"}
+        assert kinds == {"merge", "edit", "extract_lora", "moe"}
     text = json.dumps(spec)
     for ref in set(re.findall(r'"\$ref": "([^"]+)"', text)):
         node: Any = spec

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from infra.settings import Settings
     from infra.storage.s3 import S3ObjectStore
     from schemas.lora_recipe import ExtractLoraRecipe
+    from schemas.moe_recipe import MoeRecipe
     from schemas.recipe import MergeRecipe
     from workers.sources import ResolvedModel, SourceSettings
     from workers.watch import JobWatch
@@ -59,7 +60,9 @@ def tenant_access(store: JobStore, settings: Settings, tenant_id: int) -> Tenant
     return tenants.access(tenant_id, operator_hub_token=token)
 
 
-def references(recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe) -> list[ModelReference]:
+def references(
+    recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe | MoeRecipe,
+) -> list[ModelReference]:
     """The recipe's model references, each once (in recipe order)."""
     unique: dict[str, ModelReference] = {}
     for _, ref in recipe.references():
@@ -68,7 +71,7 @@ def references(recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe) -> list[Mod
 
 
 def resolve_inputs(
-    recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe,
+    recipe: MergeRecipe | EditRecipe | ExtractLoraRecipe | MoeRecipe,
     sources: SourceSettings,
     settings: Settings,
     object_store: ObjectStore,

@@ -22,6 +22,9 @@ directly. The job store is the source of truth:
 - **LoRA extractions** (``kind: extract_lora``) resolve the base and the fine-tune like a
   merge's inputs and run ``workers.extract`` (one tensor of each at a time, cancel checked
   between tensors); the adapter folder is published the same way.
+- **MoE assemblies** (``kind: moe``) resolve the base and the experts the same way and run
+  ``workers.moe`` (the routers from the prompts, then one tensor at a time, cancel checked
+  between tensors); the Mixtral checkpoint is published the same way.
 - **Outcome.** Only what is known to be transient is retried (``workers.errors.is_transient``:
   an unreachable or failing source, the Hub, the object store, the database, the network, no
   memory or disk left): the job goes back to ``queued`` with the attempt's error and
@@ -62,6 +65,7 @@ from infra.storage import (
 from schemas.edit_recipe import EditRecipe
 from schemas.jobs import RECIPE_TYPES, ArtifactRef, JobError, JobState
 from schemas.lora_recipe import ExtractLoraRecipe
+from schemas.moe_recipe import MoeRecipe
 from schemas.recipe import MergeRecipe
 from schemas.references import ReferenceError_, ReferenceKind, parse_reference
 from schemas.tenants import TenantAccess
@@ -192,6 +196,8 @@ def _run_claimed(
             )
         elif isinstance(recipe, ExtractLoraRecipe):
             result = _extract_lora(recipe, work / "out", sources, resolved, compute, watch)
+        elif isinstance(recipe, MoeRecipe):
+            result = _moe(recipe, work / "out", sources, resolved, compute, watch)
         else:
             result = _merge(recipe, work / "out", sources, resolved, compute, watch)
     except CancelledError:
@@ -337,7 +343,7 @@ def soft_time_limit(settings: Settings) -> float:
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe | ExtractLoraRecipe:
+def _parse_recipe(job: Job) -> MergeRecipe | EditRecipe | ExtractLoraRecipe | MoeRecipe:
     from pydantic import ValidationError
 
     from schemas.recipe import format_validation_error
@@ -396,6 +402,28 @@ def _extract_lora(
     from workers.extract import run_extract_lora
 
     return run_extract_lora(
+        recipe,
+        out_dir,
+        device=device,
+        sources=sources,
+        progress=watch.report,
+        cancelled=watch.should_stop,
+        resolved=resolved,
+        started=watch.started,
+    )
+
+
+def _moe(
+    recipe: MoeRecipe,
+    out_dir: Path,
+    sources: SourceSettings,
+    resolved: dict[str, ResolvedModel],
+    device: str,
+    watch: JobWatch,
+) -> Any:
+    from workers.moe import run_moe
+
+    return run_moe(
         recipe,
         out_dir,
         device=device,

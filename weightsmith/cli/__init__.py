@@ -1,7 +1,7 @@
 """The ``weightsmith`` command line, one module per kind of command:
 
-- :mod:`~weightsmith.cli.local`: ``merge``, ``edit``, ``extract-lora`` — the engine in this
-  process, no service;
+- :mod:`~weightsmith.cli.local`: ``merge``, ``edit``, ``extract-lora``, ``moe`` — the engine
+  in this process, no service;
 - :mod:`~weightsmith.cli.operations`: ``serve``, ``worker``, ``beat``, ``keys`` — running
   the service; :mod:`~weightsmith.cli.tenants`: ``tenants``, ``secrets`` — the operator's
   administration of its database;

@@ -23,7 +23,7 @@ from weightsmith.cli.progress import JobWatch, progress_text
 from weightsmith.cli.remote import Remote
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("merge", "edit", "extract_lora")
+JOB_KINDS = ("merge", "edit", "extract_lora", "moe")
 
 
 def _read_job_recipe(path: Path) -> dict[str, Any] | int:
@@ -41,7 +41,8 @@ def _read_job_recipe(path: Path) -> dict[str, Any] | int:
     if not isinstance(data, dict):
         return fail(
             f"recipe {str(path)!r} must be a mapping with 'merge_method' (a merge), "
-            "'edit_method' (an edit) or 'base' and 'model' (a LoRA extraction)",
+            "'edit_method' (an edit), 'base' and 'model' (a LoRA extraction) or 'base_model' "
+            "and 'experts' (a MoE)",
             EXIT_INPUT,
         )
     return data
@@ -58,9 +59,11 @@ def _job_kind(recipe: dict[str, Any], given: str | None, path: Path) -> str | in
         return "edit"
     if "base" in recipe and "model" in recipe:
         return "extract_lora"
+    if "experts" in recipe:
+        return "moe"
     return fail(
-        f"recipe {str(path)!r} has neither merge_method nor edit_method nor base and model; "
-        "pass --kind merge|edit|extract_lora",
+        f"recipe {str(path)!r} has neither merge_method nor edit_method nor base and model "
+        "nor experts; pass --kind merge|edit|extract_lora|moe",
         EXIT_INPUT,
     )
 
@@ -225,12 +228,12 @@ def _stops_where(kind: str) -> str:
 def add_commands(remote: Remote) -> None:
     """Register ``submit``, ``jobs``, ``job`` and ``cancel``."""
     sm = remote.command("submit", "submit a recipe to the service (--wait to follow it)", _submit)
-    sm.add_argument("recipe", help="merge, edit or LoRA extraction recipe YAML")
+    sm.add_argument("recipe", help="merge, edit, LoRA extraction or MoE recipe YAML")
     sm.add_argument(
         "--kind",
         choices=JOB_KINDS,
-        help="the job's kind (default: from the recipe: merge_method, edit_method, or base "
-        "and model for extract_lora)",
+        help="the job's kind (default: from the recipe: merge_method, edit_method, base "
+        "and model for extract_lora, experts for moe)",
     )
     sm.add_argument("--name", help="artifact name (default: the recipe file's stem)")
     sm.add_argument("--wait", action="store_true", help="follow the job; exit 0 if it succeeds")

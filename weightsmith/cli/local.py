@@ -1,5 +1,5 @@
-"""Local commands: ``merge``, ``edit`` and ``extract-lora`` run the engine in this process, on
-local files or Hub models, with no service. They import torch when they run (never at
+"""Local commands: ``merge``, ``edit``, ``extract-lora`` and ``moe`` run the engine in this
+process, on local files or Hub models, with no service. They import torch when they run (never at
 ``--help``)."""
 
 from __future__ import annotations
@@ -167,6 +167,50 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe(args: argparse.Namespace) -> int:
+    """Assemble a mixture of experts (Mixtral from Llama/Mistral, Qwen2-MoE from Qwen2):
+    attention, norms and embeddings from the base, each expert's MLPs from a fine-tune,
+    routers initialised from the experts' prompts."""
+    from schemas.moe_recipe import parse_moe_recipe
+
+    path = Path(args.recipe)
+    recipe = load_recipe(path, parse_moe_recipe)
+    if isinstance(recipe, int):
+        return recipe
+
+    from workers.errors import InputError, WeightsmithError
+    from workers.moe import run_moe
+    from workers.sources import SourceSettings
+
+    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        result = run_moe(
+            recipe,
+            Path(args.out),
+            device=args.device,
+            sources=SourceSettings(hub_token=None),
+            base_dir=path.resolve().parent,
+            progress=bar,
+        )
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    finally:
+        bar.close()
+    m = result.metrics
+    degenerate = m["degenerate_router_layers"]
+    print(
+        f"assembled a {m['architecture']} MoE into {result.out_dir}: "
+        f"{m['num_local_experts']} experts, {m['num_experts_per_tok']} per token, routers "
+        f"from {m['gate_mode']}"
+        + (f"; layers {degenerate} have nearly parallel router rows" if degenerate else "")
+    )
+    return 0
+
+
 def _revert(edited: Path, out: Path) -> int:
     from workers.edit import revert_edit
     from workers.errors import InputError, WeightsmithError
@@ -182,7 +226,7 @@ def _revert(edited: Path, out: Path) -> int:
 
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
-    """Register ``merge``, ``edit`` and ``extract-lora``."""
+    """Register ``merge``, ``edit``, ``extract-lora`` and ``moe``."""
     m = sub.add_parser(
         "merge",
         help="run a merge recipe locally (no service needed)",
@@ -232,3 +276,17 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     x.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.set_defaults(func=cmd_extract_lora)
+
+    moe = sub.add_parser(
+        "moe",
+        help="assemble a Mixtral / Qwen2-MoE mixture of experts from fine-tunes of one base",
+        description=cmd_moe.__doc__,
+        formatter_class=formatter,
+    )
+    moe.add_argument("recipe", help="MoE recipe YAML (docs/moe.md)")
+    moe.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    moe.add_argument(
+        "--device", default="cpu", help="where to run the base for gate_mode hidden: cpu or cuda"
+    )
+    moe.add_argument("--quiet", action="store_true", help="no progress bar")
+    moe.set_defaults(func=cmd_moe)
