@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 import weightsmith
+from app.console import install_console
 from app.limits import RequestLimits
 from app.metrics import install_metrics, log_tenant
 from app.problems import install_problem_handlers
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(webhooks.job_deliveries_router, dependencies=[log_tenant])
     app.include_router(tenant.router, dependencies=[log_tenant])
     app.include_router(uploads.router, dependencies=[log_tenant])
+    install_console(app)  # /ui: the read-only web console (static files calling /v1)
     # Body limit and authentication before routing and parsing; added before the metrics
     # middleware, which thus wraps it and counts its 401 and 413 answers too.
     app.add_middleware(RequestLimits, settings=resolved)

@@ -27,8 +27,10 @@ from infra.artifacts import (
     read_manifest,
     resolve_artifact,
 )
+from infra.lineage import artifact_lineage
 from infra.storage import ObjectNotFound, StorageUnavailable
 from schemas.jobs import ProblemDetail
+from schemas.lineage import Lineage
 from schemas.references import _ARTIFACT_NAME
 from service.context import Service
 from service.errors import Problem, not_found
@@ -129,6 +131,29 @@ def manifest(
     pinned = _resolve(service, principal.tenant, name, version)
     try:
         return read_manifest(service.store, principal.tenant, name, pinned.version)
+    except StorageUnavailable as e:
+        raise _unavailable(e) from e
+    except ArtifactNotFound as e:
+        raise Problem(404, str(e), title="Not found") from e
+
+
+@router.get(
+    "/{name}/versions/{version}/lineage",
+    response_model=Lineage,
+    responses={404: _PROBLEM},
+    summary="The graph of a version's parents",
+    description=(
+        "The version's parents from its manifest, their parents in turn through the "
+        "tenant's own earlier artifacts, down to hub commits, `s3://` prefixes and local "
+        "paths. Edges point from a child to a parent, with the parent's role."
+    ),
+)
+def lineage(
+    name: NamePath, version: VersionPath, service: ServiceDep, principal: PrincipalDep
+) -> Lineage:
+    pinned = _resolve(service, principal.tenant, name, version)
+    try:
+        return artifact_lineage(service.store, principal.tenant, name, pinned.version)
     except StorageUnavailable as e:
         raise _unavailable(e) from e
     except ArtifactNotFound as e:
