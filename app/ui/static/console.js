@@ -11,7 +11,7 @@ const main = document.getElementById("main");
 let generation = 0; // a page's polling stops once another page was shown
 
 function show(...children) {
-  main.replaceChildren(...children.flat());
+  main.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
 }
 
 function stale(gen) {
