@@ -13,6 +13,7 @@ installs it).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ pytestmark = [
     ),
 ]
 JOB_TIMEOUT_S = 300
+BROKEN_TENSOR = "model.layers.0.mlp.down_proj.weight"
 UI_TIMEOUT_MS = 60_000  # a loaded 2-core machine: the worker and the browser share it
 FACT = {"prompt": "w5 w6 w7 w8", "subject": "w8", "target_new": "w20 w21"}
 FAST_EDIT = {  # the edit-architecture tests' settings: ten steps, no early stop, no KL
@@ -249,6 +251,35 @@ def test_a_running_job_shows_its_progress_and_then_success_by_polling(
     console.shot("job")
 
 
+def test_a_failed_job_shows_its_error_with_the_model_and_tensor(
+    console: Console, server: Server, models: Models, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    # a copy of the local model with one tensor of another shape: the merge fails there
+    broken = tmp_path / "broken"
+    shutil.copytree(models.other, broken)
+    (weights,) = broken.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors[BROKEN_TENSOR] = tensors[BROKEN_TENSOR][:, :-1].contiguous()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with server.client() as ws:
+        job = ws.submit_job("merge", linear(models.other, broken), "broken-merge")
+        failed = ws.wait(job.id, timeout_s=JOB_TIMEOUT_S, interval_s=0.2)
+    assert failed.state == "failed" and failed.error is not None
+    assert failed.error.tensor == BROKEN_TENSOR
+    console.login(server.key)
+    console.go("#/jobs?state=failed")
+    row = console.page.locator(f"tr[data-job='{job.id}']")
+    row.locator("[data-state=failed]").wait_for()
+    shown = row.locator(".error").inner_text()
+    assert failed.error.message in shown
+    assert f"tensor {BROKEN_TENSOR}" in shown
+    if failed.error.model:
+        assert f"model {failed.error.model}" in shown
+    console.shot("jobs-failed")
+
+
 def test_the_lineage_of_a_merge_of_an_edit_reaches_the_hub_commit(
     console: Console, server: Server, models: Models, merged: dict[str, Any]
 ) -> None:
@@ -297,6 +328,13 @@ def test_the_lineage_of_a_merge_of_an_edit_reaches_the_hub_commit(
         "rs => rs.map(r => [r.cells[0].textContent, r.cells[2].textContent])"
     )
     assert sorted(shown) == sorted([f["path"], f["sha256"]] for f in manifest["files"])
+    # a file downloads through the API with the key: its bytes are the stored file's
+    path = manifest["files"][0]["path"]
+    with console.page.expect_download() as caught:
+        console.page.locator(f"button.download[data-path='{path}']").click()
+    got = hashlib.sha256(Path(caught.value.path()).read_bytes()).hexdigest()
+    stored = server.stored("edited", edited.version) / path
+    assert got == hashlib.sha256(stored.read_bytes()).hexdigest()
     gate = console.page.locator("#gate")
     assert gate.get_attribute("data-passed") == str(manifest["metrics"]["gate"]["passed"]).lower()
     assert console.page.locator("#metrics tbody tr").count() > 3
