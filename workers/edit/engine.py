@@ -17,6 +17,7 @@ module has no branch on the method's name.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import torch
 
 from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
+from schemas.manifests import MANIFEST
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
 from workers.edit.causal_trace import (
@@ -44,6 +46,7 @@ from workers.edit.covariance import (
     LocalCovarianceCache,
     covariances,
     default_cache_dir,
+    feeding_hashes,
     recipe_corpus,
 )
 from workers.edit.methods import edit_method
@@ -159,6 +162,7 @@ def run_edit(
             target,
             settings,
             phases,
+            resolved=resolved,
             revision=revision,
             cache=cache,
             base_dir=base_dir,
@@ -247,6 +251,7 @@ def _compute(
     settings: EditSettings,
     phases: _Phases,
     *,
+    resolved: ResolvedModel,
     revision: str,
     cache: CovarianceCache | None,
     base_dir: Path | None,
@@ -254,7 +259,11 @@ def _compute(
     covariance_progress: Callable[[CovarianceProgress], None] | None = None,
 ) -> _Computed:
     """Templates, covariances, the pre-edit probe, then the method's update, applied to
-    ``target`` in place."""
+    ``target`` in place.
+
+    Each C is keyed by the tensors feeding its layer's key (hashed from the stored files);
+    a ``model_samples`` corpus is the one the parent edit used when ``resolved`` is an
+    edited checkpoint whose samples are kept, else the model's own."""
     model, tokenizer = target.model, target.tokenizer
     h = recipe.hyperparameters
     with phases.step("templates"):
@@ -266,7 +275,12 @@ def _compute(
         if needed:
             cov = recipe.covariance
             corpus = recipe_corpus(
-                cov, model, tokenizer, base_dir=base_dir, corpus_files=corpus_files
+                cov,
+                model,
+                tokenizer,
+                base_dir=base_dir,
+                corpus_files=corpus_files,
+                samplers=(*parent_samplers(resolved), revision),
             )
             C, records = covariances(
                 model,
@@ -275,6 +289,7 @@ def _compute(
                 corpus,
                 cov.tokens or 10 * target.key_width(settings.layers[0]),
                 model_revision=revision,
+                feeds=feeding_hashes(resolved.path, target.arch, model.config, settings.layers),
                 cache=cache if cache is not None else LocalCovarianceCache(default_cache_dir()),
                 model_label=str(recipe.model),
                 cancelled=phases.cancelled,
@@ -293,6 +308,23 @@ def _compute(
             cancelled=phases.cancelled,
         )
     return _Computed(context, revision, records, before, updates)
+
+
+def parent_samplers(resolved: ResolvedModel) -> tuple[str, ...]:
+    """The sampler of the ``model_samples`` corpus that produced ``resolved``, when it is an
+    edited checkpoint (its ``manifest.json`` of kind "edit" records it): its edits keep
+    counting the same tokens, so the C of layers the edit did not feed stay cache hits."""
+    try:
+        manifest = json.loads((resolved.path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(manifest, dict) or manifest.get("kind") != "edit":
+        return ()
+    samples = manifest.get("covariance_samples")
+    if not isinstance(samples, dict):
+        return ()
+    sampler = samples.get("sampler")
+    return (sampler,) if isinstance(sampler, str) else ()
 
 
 # ---- measure ---------------------------------------------------------------------------------
@@ -378,6 +410,11 @@ def _edit_record(
         "architecture": target.arch.name,
         "context_templates": computed.context.templates,
         "covariance": computed.covariance_records,
+        # where the model_samples tokens counted into C are kept (the next edit reuses them)
+        "covariance_samples": next(
+            (r["corpus_samples"] for r in computed.covariance_records if r.get("corpus_samples")),
+            None,
+        ),
         "model_revision": computed.revision,
     }
 
