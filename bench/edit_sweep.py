@@ -142,7 +142,7 @@ def main() -> int:
         model, arch, layers,
         sampled_corpus(
             model, tok, seed=cov.seed, max_length=cov.max_length,
-            samplers=[model_revision(resolved)],
+            sampler=model_revision(resolved),
         ),
         cov.tokens or 10 * d_in,
         model_revision=model_revision(resolved),

@@ -32,6 +32,7 @@ from workers.edit.covariance import (
     COMPUTED,
     ObjectStoreCovarianceCache,
     SampleKey,
+    covariances,
     feeding_hashes,
     sample_with_statistics,
     sampled_corpus,
@@ -67,7 +68,7 @@ def _full_pass_C(model: Any, module: str, ids: torch.Tensor, tokens: int) -> tor
 def test_counting_keys_while_sampling_gives_the_C_of_a_full_pass_over_the_samples(family):
     model = family_model(family)
     arch = architecture_for(model.config)
-    corpus = sampled_corpus(model, _tokenizer(), seed=3, max_length=16, samplers=("m",))
+    corpus = sampled_corpus(model, _tokenizer(), seed=3, max_length=16, sampler="m")
     tokens = 5 * 16 + 9  # the last row counts 9 of its 16 tokens
 
     ids, C, n = sample_with_statistics(corpus, arch, [0, 2], tokens, rows_at_once=4)
@@ -83,11 +84,11 @@ def test_counting_keys_while_sampling_gives_the_C_of_a_full_pass_over_the_sample
 def test_sampled_rows_do_not_depend_on_the_batching_and_draw_from_the_top_k():
     model = family_model("llama")
     arch = architecture_for(model.config)
-    corpus = sampled_corpus(model, _tokenizer(), seed=7, max_length=16, samplers=("m",))
+    corpus = sampled_corpus(model, _tokenizer(), seed=7, max_length=16, sampler="m")
 
     one, _, _ = sample_with_statistics(corpus, arch, [1], 6 * 16, rows_at_once=6)
     two, _, _ = sample_with_statistics(corpus, arch, [1], 6 * 16, rows_at_once=4)
-    other_seed = sampled_corpus(model, _tokenizer(), seed=8, max_length=16, samplers=("m",))
+    other_seed = sampled_corpus(model, _tokenizer(), seed=8, max_length=16, sampler="m")
     three, _, _ = sample_with_statistics(other_seed, arch, [1], 6 * 16)
 
     assert torch.equal(one, two) and not torch.equal(one, three)
@@ -249,7 +250,8 @@ def test_sequential_edits_reuse_the_parents_samples_and_every_C_the_edit_did_not
     )
 
     # that C is the edited model's, over the parent's samples (checked independently)
-    kept = cache.get_samples(SampleKey(**first["covariance_samples"]))
+    where = {k: v for k, v in first["covariance_samples"].items() if k != "corpus_hash"}
+    kept = cache.get_samples(SampleKey(**where))
     assert kept is not None
     edited = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "e1")).eval()
     expected = _full_pass_C(edited, "model.layers.2.mlp.down_proj", kept[0], 256)
@@ -281,3 +283,41 @@ def test_kept_samples_round_trip_through_the_object_store_cache(tmp_path):
             next(k for k in stored if k.endswith("provenance.json"))
         )
     )["key"] == {"sampler": key.sampler, "spec": key.spec, "tokens": 48}
+
+
+def test_a_parents_samples_count_only_with_the_content_hash_the_parent_recorded(tmp_path):
+    model = family_model("llama")
+    arch = architecture_for(model.config)
+    cache = LocalCovarianceCache(tmp_path)
+    parent = sampled_corpus(model, _tokenizer(), seed=1, max_length=16, sampler="parent")
+    _, records = covariances(model, arch, [1], parent, 64, model_revision="p", cache=cache)
+    recorded = records[0]["corpus_hash"]
+    samples = COMPUTED["samples"]
+
+    def child(name: str, parents: Any) -> str:
+        corpus = sampled_corpus(
+            model, _tokenizer(), seed=1, max_length=16, sampler=name, parents=parents
+        )
+        _, records = covariances(model, arch, [0], corpus, 64, model_revision=name, cache=cache)
+        return str(records[0]["corpus_hash"])
+
+    # naming the parent's revision without its content hash finds nothing: sampled anew
+    # (by the same weights, so the same text: sampling is deterministic)
+    assert child("child1", [("parent", "0" * 64)]) == recorded
+    assert COMPUTED["samples"] == samples + 1
+    assert child("child2", [("parent", recorded)]) == recorded
+    assert COMPUTED["samples"] == samples + 1
+
+
+def test_hashing_the_feeding_tensors_honours_a_cancel_and_skips_a_pickle_checkpoint(tmp_path):
+    from workers.errors import CancelledError
+
+    model = family_model("llama")
+    arch = architecture_for(model.config)
+    model.save_pretrained(str(tmp_path / "safe"))
+    with pytest.raises(CancelledError):
+        feeding_hashes(tmp_path / "safe", arch, model.config, [2], cancelled=lambda: True)
+
+    (tmp_path / "pickle").mkdir()
+    torch.save(model.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
+    assert feeding_hashes(tmp_path / "pickle", arch, model.config, [2]) is None

@@ -310,15 +310,18 @@ class SampledCorpus:
 
     Row r starts with start word r (cycling) and draws each next token from its own
     generator, seeded by (seed, r): the text does not depend on how rows are batched.
-    ``samplers``: revisions whose kept samples of this spec count as this corpus, tried in
-    order (an edited model lists its parent edit's first, then its own); a fresh sample is
-    drawn by ``model`` and kept under the last."""
+
+    Kept samples of this spec count as this corpus when found under ``parents`` (an edited
+    model's parent edit: (sampler revision, content hash), the hash required to match, so
+    naming a revision alone reveals nothing), then under ``sampler``, the model's own
+    revision, under which fresh samples are kept."""
 
     model: Any
     tokenizer: Any
     seed: int
     max_length: int
-    samplers: tuple[str, ...]
+    sampler: str
+    parents: tuple[tuple[str, str], ...] = ()
 
     @property
     def spec(self) -> str:
@@ -333,13 +336,11 @@ def sampled_corpus(
     *,
     seed: int,
     max_length: int,
-    samplers: Sequence[str],
+    sampler: str,
+    parents: Sequence[tuple[str, str]] = (),
 ) -> SampledCorpus:
-    """The model's own text as a covariance corpus (see :class:`SampledCorpus`);
-    ``samplers`` ends with the model's own revision (its fresh samples are kept under it)."""
-    if not samplers:
-        raise ValueError("a sampled corpus needs the sampling model's revision")
-    return SampledCorpus(model, tokenizer, seed, max_length, tuple(samplers))
+    """The model's own text as a covariance corpus (see :class:`SampledCorpus`)."""
+    return SampledCorpus(model, tokenizer, seed, max_length, sampler, tuple(parents))
 
 
 def samples_hash(spec: str, ids: torch.Tensor) -> str:
@@ -425,16 +426,22 @@ def recipe_corpus(
     *,
     base_dir: Path | None = None,
     corpus_files: Sequence[Path] | None = None,
-    samplers: Sequence[str],
+    sampler: str,
+    parents: Sequence[tuple[str, str]] = (),
 ) -> Corpus | SampledCorpus:
     """The corpus of the recipe's ``covariance`` section: text sampled from the model (kept
-    under ``samplers``, see :class:`SampledCorpus`), the files the service fetched for
-    ``paths`` (``corpus_files``, in order), or else the local files of ``paths`` (relative
-    to ``base_dir``). InputError naming ``covariance.paths[i]`` for a missing file or a
-    reference only the service resolves."""
+    under ``sampler``, or found under ``parents``: :class:`SampledCorpus`), the files the
+    service fetched for ``paths`` (``corpus_files``, in order), or else the local files of
+    ``paths`` (relative to ``base_dir``). InputError naming ``covariance.paths[i]`` for a
+    missing file or a reference only the service resolves."""
     if source.source == "model_samples":
         return sampled_corpus(
-            model, tokenizer, seed=source.seed, max_length=source.max_length, samplers=samplers
+            model,
+            tokenizer,
+            seed=source.seed,
+            max_length=source.max_length,
+            sampler=sampler,
+            parents=parents,
         )
     if corpus_files is not None:  # fetched by the service (s3://, artifact://, local)
         return text_corpus(
@@ -702,10 +709,10 @@ def covariances(
     ``feeds``: per layer, the hash of the tensors feeding its key (:func:`feeding_hashes`);
     default ``model_revision`` for every layer (correct, but any change of the model then
     misses). A :class:`SampledCorpus` is looked up among the kept samples of its
-    ``samplers``; when none is kept it is sampled now with every layer counted on the fly
-    (:func:`sample_with_statistics`) and kept. Returns the matrices and one provenance
-    record per layer (``"cache": "hit"`` or ``"miss"``; a hit carries the provenance of the
-    job that computed it)."""
+    ``parents`` and ``sampler``; when none is kept it is sampled now with every layer
+    counted on the fly (:func:`sample_with_statistics`) and kept. Returns the matrices and
+    one provenance record per layer (``"cache": "hit"`` or ``"miss"``; a hit carries the
+    provenance of the job that computed it)."""
     inputs = {layer: (feeds or {}).get(layer, model_revision) for layer in layers}
     out: dict[int, torch.Tensor] = {}
     records: list[dict[str, Any]] = []
@@ -717,7 +724,7 @@ def covariances(
                 corpus, arch, layers, tokens, cancelled, progress
             )
             COMPUTED["samples"] += 1
-            where = SampleKey(corpus.samplers[-1], corpus.spec, tokens)
+            where = SampleKey(corpus.sampler, corpus.spec, tokens)
             kept = samples_corpus(ids, corpus.spec, corpus.seed, where)
             if cache is not None:
                 cache.put_samples(where, ids, _samples_provenance(kept, where, model_label))
@@ -751,17 +758,18 @@ def covariances(
 def _kept_samples(
     corpus: SampledCorpus, tokens: int, cache: CovarianceCache | None
 ) -> Corpus | None:
-    """The kept sample of ``corpus`` under the first of its samplers that has one."""
+    """The kept samples of ``corpus``: its parents' (when their content hash is the one the
+    parent recorded), else its own sampler's."""
     if cache is None:
         return None
-    for sampler in corpus.samplers:
+    for sampler, expected in (*corpus.parents, (corpus.sampler, None)):
         key = SampleKey(sampler, corpus.spec, tokens)
         hit = cache.get_samples(key)
         if hit is None:
             continue
         kept = samples_corpus(hit[0], corpus.spec, corpus.seed, key)
-        if kept.corpus_hash != hit[1].get("corpus_hash"):  # not what was kept: resample
-            log.warning("covariance cache: kept samples %s do not match their hash", key)
+        if kept.corpus_hash != (expected or hit[1].get("corpus_hash")):
+            log.warning("covariance cache: kept samples %s are not the recorded ones", key)
             continue
         return kept
     return None
@@ -826,13 +834,18 @@ def _store(
 
 
 def feeding_hashes(
-    folder: Path, arch: EditArchitecture, config: Any, layers: Iterable[int]
+    folder: Path,
+    arch: EditArchitecture,
+    config: Any,
+    layers: Iterable[int],
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[int, str] | None:
     """Per layer, sha256 over the model config (``_``-prefixed fields aside) and the name,
     dtype, shape and bytes of every stored tensor that feeds the layer's key
     (:func:`~workers.edit.architectures.feeding_tensors`), streamed from the safetensors
-    files of ``folder`` (each tensor read once, whatever the number of layers). None when
-    the checkpoint is not safetensors (the caller keys by the whole model then)."""
+    files of ``folder`` (each tensor read once, whatever the number of layers; ``cancelled``
+    checked every 8 MiB). None when the checkpoint is not safetensors (the caller keys by
+    the whole model then)."""
     from workers.errors import CheckpointError
     from workers.tensors import CheckpointReader
 
@@ -850,19 +863,20 @@ def feeding_hashes(
             h = hashlib.sha256(head.encode())
             for name in feeding_tensors(arch, config, reader.names, layer):
                 if name not in digests:
-                    digests[name] = _tensor_digest(reader.info(name))
+                    digests[name] = _tensor_digest(reader.info(name), _cancel_check(cancelled))
                 info = reader.info(name)
                 h.update(f"\0{name}\0{info.dtype}\0{list(info.shape)}\0{digests[name]}".encode())
             out[layer] = "feeds:" + h.hexdigest()
     return out
 
 
-def _tensor_digest(info: Any) -> str:
+def _tensor_digest(info: Any, check: Callable[[], None]) -> str:
     h = hashlib.sha256()
     with info.file.open("rb") as f:
         f.seek(info.start)
         left = info.nbytes
         while left > 0:
+            check()
             block = f.read(min(left, 8 << 20))
             if not block:
                 raise ValueError(f"{info.file}: truncated at tensor {info.name}")

@@ -280,7 +280,8 @@ def _compute(
                 tokenizer,
                 base_dir=base_dir,
                 corpus_files=corpus_files,
-                samplers=(*parent_samplers(resolved), revision),
+                sampler=revision,
+                parents=parent_samples(resolved),
             )
             C, records = covariances(
                 model,
@@ -289,7 +290,9 @@ def _compute(
                 corpus,
                 cov.tokens or 10 * target.key_width(settings.layers[0]),
                 model_revision=revision,
-                feeds=feeding_hashes(resolved.path, target.arch, model.config, settings.layers),
+                feeds=feeding_hashes(
+                    resolved.path, target.arch, model.config, settings.layers, phases.cancelled
+                ),
                 cache=cache if cache is not None else LocalCovarianceCache(default_cache_dir()),
                 model_label=str(recipe.model),
                 cancelled=phases.cancelled,
@@ -310,10 +313,11 @@ def _compute(
     return _Computed(context, revision, records, before, updates)
 
 
-def parent_samplers(resolved: ResolvedModel) -> tuple[str, ...]:
-    """The sampler of the ``model_samples`` corpus that produced ``resolved``, when it is an
-    edited checkpoint (its ``manifest.json`` of kind "edit" records it): its edits keep
-    counting the same tokens, so the C of layers the edit did not feed stay cache hits."""
+def parent_samples(resolved: ResolvedModel) -> tuple[tuple[str, str], ...]:
+    """(sampler revision, content hash) of the kept ``model_samples`` corpus whose C made
+    ``resolved``, when it is an edited checkpoint (its ``manifest.json`` of kind "edit"
+    records them): its edits keep counting the same tokens, so the C of layers the edit did
+    not feed stay cache hits."""
     try:
         manifest = json.loads((resolved.path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -323,8 +327,8 @@ def parent_samplers(resolved: ResolvedModel) -> tuple[str, ...]:
     samples = manifest.get("covariance_samples")
     if not isinstance(samples, dict):
         return ()
-    sampler = samples.get("sampler")
-    return (sampler,) if isinstance(sampler, str) else ()
+    sampler, digest = samples.get("sampler"), samples.get("corpus_hash")
+    return ((sampler, digest),) if isinstance(sampler, str) and isinstance(digest, str) else ()
 
 
 # ---- measure ---------------------------------------------------------------------------------
@@ -412,7 +416,11 @@ def _edit_record(
         "covariance": computed.covariance_records,
         # where the model_samples tokens counted into C are kept (the next edit reuses them)
         "covariance_samples": next(
-            (r["corpus_samples"] for r in computed.covariance_records if r.get("corpus_samples")),
+            (
+                {**r["corpus_samples"], "corpus_hash": r["corpus_hash"]}
+                for r in computed.covariance_records
+                if r.get("corpus_samples")
+            ),
             None,
         ),
         "model_revision": computed.revision,
