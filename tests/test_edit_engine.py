@@ -355,7 +355,8 @@ class _CancelAt:
 
 
 @pytest.mark.parametrize(
-    ("source", "step"), [("model_samples", "sampling"), ("text", "statistics")]
+    ("source", "step"),
+    [("model_samples", "sampling"), ("kept model_samples", "statistics"), ("text", "statistics")],
 )
 def test_a_cancel_during_the_covariance_stops_at_the_next_check_and_restores_the_weights(
     checkpoints, corpus, tmp_path, source, step
@@ -363,10 +364,19 @@ def test_a_cancel_during_the_covariance_stops_at_the_next_check_and_restores_the
     resolved = resolve_reference(_recipe(checkpoints["llama"], corpus).model, SourceSettings())
     target = load_model(resolved, "tiny")
     weights = {k: v.clone() for k, v in target.model.state_dict().items()}
-    cov = {"source": source, "tokens": 512, "max_length": 32}
+    cov = {"source": source.removeprefix("kept "), "tokens": 512, "max_length": 32}
     if source == "text":
         cov["paths"] = [str(corpus)]
     recipe = _with_covariance(_recipe(checkpoints["llama"], corpus), cov)
+    if source.startswith("kept"):  # samples kept by an edit of another layer
+        h = recipe.hyperparameters.model_copy(update={"layers": [0]})
+        run_edit(
+            recipe.model_copy(update={"hyperparameters": h}),
+            None,
+            cache=LocalCovarianceCache(tmp_path / "cache"),
+            resolved=resolved,
+            loaded=target,
+        )
     cancel = _CancelAt()
     events: list[str] = []
 
