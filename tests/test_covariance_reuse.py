@@ -321,3 +321,49 @@ def test_hashing_the_feeding_tensors_honours_a_cancel_and_skips_a_pickle_checkpo
     (tmp_path / "pickle").mkdir()
     torch.save(model.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
     assert feeding_hashes(tmp_path / "pickle", arch, model.config, [2]) is None
+
+
+class _Watch:
+    def report_inputs(self, *_: Any) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+
+def test_an_edited_artifact_input_tells_its_edit_which_samples_its_parent_counted(tmp_path):
+    from infra.artifacts import publish_artifact
+    from infra.settings import Settings
+    from schemas.tenants import TenantAccess
+    from workers.edit.engine import parent_samples
+    from workers.inputs import resolve_inputs
+    from workers.sources import SourceSettings
+
+    objects = LocalObjectStore(tmp_path / "artifacts")
+    edited = tmp_path / "edited"
+    tiny_model("llama").save_pretrained(str(edited))
+    save_tokenizer(edited)
+    _edit(edited, 1, LocalCovarianceCache(tmp_path / "cache"), tmp_path / "e1")
+    manifest = json.loads((tmp_path / "e1" / "manifest.json").read_text())
+    publish_artifact(objects, "acme", "edited", tmp_path / "e1", job_id="job-1")
+    recipe = parse_edit_recipe(
+        {
+            "edit_method": "rome",
+            "model": "artifact://edited@1",
+            "requests": [FACT],
+        }
+    )
+
+    resolved = resolve_inputs(
+        recipe,
+        SourceSettings(),
+        Settings(data_dir=tmp_path / "data"),
+        objects,
+        TenantAccess(tenant_id=1, name="acme", disabled=False),
+        tmp_path / "work",
+        _Watch(),  # type: ignore[arg-type]
+    )["artifact://edited@1"]
+
+    assert not (resolved.path / "manifest.json").exists()  # the folder holds the model only
+    samples = manifest["covariance_samples"]
+    assert parent_samples(resolved) == ((samples["sampler"], samples["corpus_hash"]),)

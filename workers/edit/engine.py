@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from infra.artifacts import input_manifest
 from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
 from schemas.manifests import MANIFEST
@@ -317,10 +318,15 @@ def parent_samples(resolved: ResolvedModel) -> tuple[tuple[str, str], ...]:
     """(sampler revision, content hash) of the kept ``model_samples`` corpus whose C made
     ``resolved``, when it is an edited checkpoint (its ``manifest.json`` of kind "edit"
     records them): its edits keep counting the same tokens, so the C of layers the edit did
-    not feed stay cache hits."""
-    try:
-        manifest = json.loads((resolved.path / MANIFEST).read_text())
-    except (OSError, ValueError):
+    not feed stay cache hits. The manifest is in the folder (a local edited checkpoint) or
+    beside it (an ``artifact://`` input the worker downloaded)."""
+    for path in (resolved.path / MANIFEST, input_manifest(resolved.path)):
+        try:
+            manifest = json.loads(path.read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    else:
         return ()
     if not isinstance(manifest, dict) or manifest.get("kind") != "edit":
         return ()
