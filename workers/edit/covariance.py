@@ -672,8 +672,8 @@ def sample_with_statistics(
                 report("sampling", n)
             del cache
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
     return ids.to(torch.int32), moments.means(n), n
 
 
@@ -684,9 +684,10 @@ def _top_k_sample(model: Any, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    top, index = logits.topk(SAMPLING_TOP_K, dim=-1)
+    k = min(SAMPLING_TOP_K, logits.shape[-1])
+    top, index = logits.topk(k, dim=-1)
     cdf = torch.softmax(top, dim=-1).cumsum(-1)
-    pick = torch.searchsorted(cdf, u.unsqueeze(1)).clamp(max=SAMPLING_TOP_K - 1)
+    pick = torch.searchsorted(cdf, u.unsqueeze(1)).clamp(max=k - 1)
     return index.gather(1, pick).squeeze(1)
 
 
