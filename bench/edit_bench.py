@@ -424,7 +424,7 @@ def run(work: Path) -> int:
 
     cov = recipe.covariance
     corpus = (
-        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length)
+        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length, sampler=revision)
         if cov.source == "model_samples"
         else text_corpus(tok, [args.corpus], max_length=cov.max_length)
     )

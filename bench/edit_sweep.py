@@ -140,7 +140,10 @@ def main() -> int:
     t = time.perf_counter()
     C, _ = covariances(
         model, arch, layers,
-        sampled_corpus(model, tok, seed=cov.seed, max_length=cov.max_length),
+        sampled_corpus(
+            model, tok, seed=cov.seed, max_length=cov.max_length,
+            sampler=model_revision(resolved),
+        ),
         cov.tokens or 10 * d_in,
         model_revision=model_revision(resolved),
         cache=LocalCovarianceCache(args.cache_dir),

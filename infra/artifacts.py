@@ -79,6 +79,14 @@ from infra.storage.base import (
 from schemas.manifests import MANIFEST, ArtifactRecord, Manifest, ManifestFile
 
 LATEST = "latest"
+
+
+def input_manifest(folder: Path) -> Path:
+    """Where a worker keeps the manifest of an artifact it downloaded to ``folder`` as a job
+    input: beside the folder, not in it (the folder holds the model files only)."""
+    return folder.with_name(f"{folder.name}.{MANIFEST}")
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")  # as artifact:// names in schemas
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")

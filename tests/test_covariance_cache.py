@@ -92,7 +92,7 @@ def test_another_key_with_the_same_file_stem_is_not_served(tmp_path):
     cache = ObjectStoreCovarianceCache(LocalObjectStore(tmp_path))
     cache.put(KEY, torch.eye(8), PROVENANCE)
     # same 16-hex prefixes, another full corpus hash: as after a prefix collision
-    other = CovarianceKey(KEY.model_revision, KEY.layer, "c" * 63 + "d", KEY.tokens)
+    other = CovarianceKey(KEY.inputs, KEY.layer, "c" * 63 + "d", KEY.tokens)
     assert other.file_stem == KEY.file_stem
     assert cache.get(other) is None
 

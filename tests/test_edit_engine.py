@@ -312,20 +312,27 @@ def test_every_edit_method_of_the_recipe_has_one_engine_method():
 
 
 def test_the_covariance_phase_reports_sampling_then_statistics_in_tokens(checkpoints, tmp_path):
-    # one sampled batch of 16 rows × 16 tokens (a start word + 15 sampled), all counted
+    # 16 rows × 16 tokens, sampled in one batch: each step counts one token of every row
     sampled = {"source": "model_samples", "tokens": 256, "max_length": 16}
     recipe = _with_covariance(_recipe(checkpoints["llama"], tmp_path), sampled)
+    cache = LocalCovarianceCache(tmp_path / "cache")
     events: list[tuple[str, int, int]] = []
 
-    run_edit(
-        recipe,
-        None,
-        cache=LocalCovarianceCache(tmp_path / "cache"),
-        covariance_progress=lambda p: events.append((p.step, p.tokens_done, p.tokens_total)),
-    )
+    def progress(p: Any) -> None:
+        events.append((p.step, p.tokens_done, p.tokens_total))
 
-    sampling = [("sampling", 16 * length, 256) for length in range(2, 17)]
-    assert events == [*sampling, ("statistics", 0, 256), ("statistics", 256, 256)]
+    run_edit(recipe, None, cache=cache, covariance_progress=progress)
+    assert events == [("sampling", 16 * length, 256) for length in range(1, 17)]
+
+    # another layer: the kept samples are counted by a forward pass, nothing is sampled
+    events.clear()
+    samples = COMPUTED["samples"]
+    other = recipe.model_copy(
+        update={"hyperparameters": recipe.hyperparameters.model_copy(update={"layers": [0]})}
+    )
+    run_edit(other, None, cache=cache, covariance_progress=progress)
+    assert events == [("statistics", 0, 256), ("statistics", 256, 256)]
+    assert COMPUTED["samples"] == samples
 
 
 def _with_covariance(recipe: EditRecipe, covariance: dict[str, Any]) -> EditRecipe:
@@ -348,7 +355,8 @@ class _CancelAt:
 
 
 @pytest.mark.parametrize(
-    ("source", "step"), [("model_samples", "sampling"), ("text", "statistics")]
+    ("source", "step"),
+    [("model_samples", "sampling"), ("kept model_samples", "statistics"), ("text", "statistics")],
 )
 def test_a_cancel_during_the_covariance_stops_at_the_next_check_and_restores_the_weights(
     checkpoints, corpus, tmp_path, source, step
@@ -356,10 +364,19 @@ def test_a_cancel_during_the_covariance_stops_at_the_next_check_and_restores_the
     resolved = resolve_reference(_recipe(checkpoints["llama"], corpus).model, SourceSettings())
     target = load_model(resolved, "tiny")
     weights = {k: v.clone() for k, v in target.model.state_dict().items()}
-    cov = {"source": source, "tokens": 512, "max_length": 32}
+    cov = {"source": source.removeprefix("kept "), "tokens": 512, "max_length": 32}
     if source == "text":
         cov["paths"] = [str(corpus)]
     recipe = _with_covariance(_recipe(checkpoints["llama"], corpus), cov)
+    if source.startswith("kept"):  # samples kept by an edit of another layer
+        h = recipe.hyperparameters.model_copy(update={"layers": [0]})
+        run_edit(
+            recipe.model_copy(update={"hyperparameters": h}),
+            None,
+            cache=LocalCovarianceCache(tmp_path / "cache"),
+            resolved=resolved,
+            loaded=target,
+        )
     cancel = _CancelAt()
     events: list[str] = []
 

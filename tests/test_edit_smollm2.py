@@ -215,9 +215,9 @@ def test_first_token_subject_has_a_far_smaller_denominator_with_original_keys(
     # the covariance of LAYER was cached by the rome_edit fixture
     resolved = resolve_reference(_recipe(smollm2, corpus).model, SourceSettings())
     model, tok = smol.model, smol.tokenizer
-    key = next(r["key"] for r in rome_edit.manifest["covariance"] if r["key"]["layer"] == LAYER)
-    hit = cov_cache.get(CovarianceKey(**key))
-    assert hit is not None and key["model_revision"] == model_revision(resolved)
+    record = next(r for r in rome_edit.manifest["covariance"] if r["key"]["layer"] == LAYER)
+    hit = cov_cache.get(CovarianceKey(**record["key"]))
+    assert hit is not None and record["model_revision"] == model_revision(resolved)
     templates = context_templates(model, tok, [(5, 5)], seed=0)
     # "Japan" is one token, at position 0 of the bare prompt
     keys = subject_keys(

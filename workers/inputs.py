@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.artifacts import LATEST, MANIFEST, ArtifactError, download_artifact, resolve_artifact
+from infra.artifacts import (
+    LATEST,
+    MANIFEST,
+    ArtifactError,
+    download_artifact,
+    input_manifest,
+    resolve_artifact,
+)
 from infra.secrets import SecretBox
 from infra.storage import (
     AccessDenied,
@@ -131,7 +138,10 @@ def _resolve_artifact(
         download_artifact(object_store, tenant, ref.location, version.version, dest)
     except ArtifactError as e:
         raise SourceError(str(e), model=str(ref), file=e.file) from None
-    (dest / MANIFEST).unlink(missing_ok=True)  # the artifact's own record, not a model file
+    # the artifact's own record, not a model file: kept beside it (an edit of an edited
+    # artifact reads which covariance samples its edit counted)
+    if (dest / MANIFEST).exists():
+        (dest / MANIFEST).replace(input_manifest(dest))
     pinned = ref.with_revision(str(version.version))
     return _local_checkpoint(ref, pinned, dest, str(version.version))
 

@@ -37,6 +37,15 @@ class EditArchitecture:
     num_layers_key: str  # config attribute with the number of layers
     # the norm applied to the edited module's output before the residual add, if any
     post_mlp_norm: str | None = None
+    # What feeds a layer's key (the edited module's input), for the covariance cache key
+    # (:func:`feeding_tensors`): modules after the last layer (final norm, output head)
+    # never do; in the key's own layer the modules in ``after_key`` run after it; with the
+    # config flag ``parallel_mlp`` set, the MLP reads the layer's input beside attention,
+    # so the layer's ``attention_path`` does not feed it either.
+    head: tuple[str, ...] = ("model.norm", "lm_head")
+    after_key: tuple[str, ...] = ("mlp.down_proj",)
+    parallel_mlp: str | None = None
+    attention_path: tuple[str, ...] = ()
 
     def module_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
@@ -73,6 +82,7 @@ ARCHITECTURES: tuple[EditArchitecture, ...] = (
         transposed=False,
         num_layers_key="num_hidden_layers",
         post_mlp_norm="model.layers.{}.post_feedforward_layernorm",
+        after_key=("mlp.down_proj", "post_feedforward_layernorm"),
     ),
     EditArchitecture(
         name="gpt2",
@@ -81,6 +91,8 @@ ARCHITECTURES: tuple[EditArchitecture, ...] = (
         mlp_out="transformer.h.{}.mlp.c_proj",
         transposed=True,
         num_layers_key="n_layer",
+        head=("transformer.ln_f", "lm_head"),
+        after_key=("mlp.c_proj",),
     ),
     EditArchitecture(
         name="gpt_neox",
@@ -91,6 +103,10 @@ ARCHITECTURES: tuple[EditArchitecture, ...] = (
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         transposed=False,
         num_layers_key="num_hidden_layers",
+        head=("gpt_neox.final_layer_norm", "embed_out"),
+        after_key=("mlp.dense_4h_to_h",),
+        parallel_mlp="use_parallel_residual",
+        attention_path=("input_layernorm", "attention"),
     ),
 )
 
@@ -121,6 +137,35 @@ def architecture_for(config: Any, *, model: str | None = None) -> EditArchitectu
 
 def num_layers(arch: EditArchitecture, config: Any) -> int:
     return int(getattr(config, arch.num_layers_key))
+
+
+def feeding_tensors(
+    arch: EditArchitecture, config: Any, names: Iterable[str], layer: int
+) -> list[str]:
+    """The stored tensors (of ``names``) that the key of ``layer`` is computed from: the
+    embeddings, every earlier layer, and ``layer``'s own tensors that run before its key.
+    A tensor outside the decoder layers counts unless the table says it comes after them
+    (so an unknown one makes the cache miss rather than hit wrongly)."""
+    prefix = arch.blocks + "."
+    own = f"{prefix}{layer}."
+    skipped = arch.after_key
+    if arch.parallel_mlp is not None and getattr(config, arch.parallel_mlp, False):
+        skipped = (*skipped, *arch.attention_path)
+
+    def under(name: str, modules: Iterable[str]) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in modules)
+
+    out = []
+    for name in names:
+        if not name.startswith(prefix):
+            if not under(name, arch.head):
+                out.append(name)
+            continue
+        index = name[len(prefix) :].split(".", 1)[0]
+        earlier = not index.isdigit() or int(index) < layer
+        if earlier or (name.startswith(own) and not under(name[len(own) :], skipped)):
+            out.append(name)
+    return sorted(out)
 
 
 def scaled_layer(layer: int, depth: int) -> int:

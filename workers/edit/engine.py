@@ -17,6 +17,7 @@ module has no branch on the method's name.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,8 +27,10 @@ from typing import Any
 
 import torch
 
+from infra.artifacts import input_manifest
 from infra.storage.base import sha256_file
 from schemas.edit_recipe import EditRecipe
+from schemas.manifests import MANIFEST
 from workers.devices import resolve_device
 from workers.edit.algebra import relative_norm
 from workers.edit.architectures import EditModel, architecture_for
@@ -45,6 +48,7 @@ from workers.edit.covariance import (
     LocalCovarianceCache,
     covariances,
     default_cache_dir,
+    feeding_hashes,
     recipe_corpus,
 )
 from workers.edit.history import EditHistory, read_history
@@ -175,6 +179,7 @@ def run_edit(
             target,
             settings,
             phases,
+            resolved=resolved,
             revision=revision,
             cache=cache,
             base_dir=base_dir,
@@ -300,6 +305,7 @@ def _compute(
     settings: EditSettings,
     phases: _Phases,
     *,
+    resolved: ResolvedModel,
     revision: str,
     cache: CovarianceCache | None,
     base_dir: Path | None,
@@ -308,7 +314,11 @@ def _compute(
     history: EditHistory | None = None,
 ) -> _Computed:
     """Templates, covariances, the pre-edit probe, then the method's update, applied to
-    ``target`` in place. ``history``: the input model's edit history (AlphaEdit's Kₚ)."""
+    ``target`` in place. ``history``: the input model's edit history (AlphaEdit's Kₚ).
+
+    Each C is keyed by the tensors feeding its layer's key (hashed from the stored files);
+    a ``model_samples`` corpus is the one the parent edit used when ``resolved`` is an
+    edited checkpoint whose samples are kept, else the model's own."""
     model, tokenizer = target.model, target.tokenizer
     h = recipe.hyperparameters
     with phases.step("templates"):
@@ -320,7 +330,13 @@ def _compute(
         if needed:
             cov = recipe.covariance
             corpus = recipe_corpus(
-                cov, model, tokenizer, base_dir=base_dir, corpus_files=corpus_files
+                cov,
+                model,
+                tokenizer,
+                base_dir=base_dir,
+                corpus_files=corpus_files,
+                sampler=revision,
+                parents=parent_samples(resolved),
             )
             C, records = covariances(
                 model,
@@ -329,6 +345,9 @@ def _compute(
                 corpus,
                 cov.tokens or 10 * target.key_width(settings.layers[0]),
                 model_revision=revision,
+                feeds=feeding_hashes(
+                    resolved.path, target.arch, model.config, settings.layers, phases.cancelled
+                ),
                 cache=cache if cache is not None else LocalCovarianceCache(default_cache_dir()),
                 model_label=str(recipe.model),
                 cancelled=phases.cancelled,
@@ -352,6 +371,29 @@ def _compute(
             cancelled=phases.cancelled,
         )
     return _Computed(context, revision, records, before, updates)
+
+
+def parent_samples(resolved: ResolvedModel) -> tuple[tuple[str, str], ...]:
+    """(sampler revision, content hash) of the kept ``model_samples`` corpus whose C made
+    ``resolved``, when it is an edited checkpoint (its ``manifest.json`` of kind "edit"
+    records them): its edits keep counting the same tokens, so the C of layers the edit did
+    not feed stay cache hits. The manifest is in the folder (a local edited checkpoint) or
+    beside it (an ``artifact://`` input the worker downloaded)."""
+    for path in (resolved.path / MANIFEST, input_manifest(resolved.path)):
+        try:
+            manifest = json.loads(path.read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    else:
+        return ()
+    if not isinstance(manifest, dict) or manifest.get("kind") != "edit":
+        return ()
+    samples = manifest.get("covariance_samples")
+    if not isinstance(samples, dict):
+        return ()
+    sampler, digest = samples.get("sampler"), samples.get("corpus_hash")
+    return ((sampler, digest),) if isinstance(sampler, str) and isinstance(digest, str) else ()
 
 
 # ---- measure ---------------------------------------------------------------------------------
@@ -439,6 +481,15 @@ def _edit_record(
         "architecture": target.arch.name,
         "context_templates": computed.context.templates,
         "covariance": computed.covariance_records,
+        # where the model_samples tokens counted into C are kept (the next edit reuses them)
+        "covariance_samples": next(
+            (
+                {**r["corpus_samples"], "corpus_hash": r["corpus_hash"]}
+                for r in computed.covariance_records
+                if r.get("corpus_samples")
+            ),
+            None,
+        ),
         "model_revision": computed.revision,
         "compute": {
             "device": str(target.device),

@@ -138,6 +138,14 @@ def _cache_arg() -> str:
 _CACHE_ARG = _cache_arg()
 
 
+def decode_step(model: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """One incremental step of the decoder: ``ids`` [B, n] after the tokens in ``cache``
+    (None at the start, no padding). Returns the last position's final hidden state [B, d]
+    and the grown cache."""
+    out = model.base_model(input_ids=ids, use_cache=True, **{_CACHE_ARG: cache})
+    return out.last_hidden_state[:, -1], getattr(out, _CACHE_ARG)
+
+
 @torch.no_grad()
 def prefix_cache(model: Any, batch: SplitBatch) -> Any:
     """The key/value cache of the split batch's prefixes (None when they are all empty).
