@@ -21,7 +21,8 @@ from schemas.references import Location, ModelReference
 MAX_EXPERT_PROMPTS = 256
 """Prompts per list (``positive_prompts`` or ``negative_prompts``) of one expert."""
 
-GateMode = Literal["hidden", "cheap_embed", "random"]
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random"]
+HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")  # the modes that run the base model
 MoeDtype = Literal["float32", "float16", "bfloat16"]
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 Prompts = Annotated[list[Prompt], Field(max_length=MAX_EXPERT_PROMPTS)]
@@ -72,8 +73,10 @@ class MoeRecipe(BaseModel):
     experts: Annotated[list[MoeExpert], Field(min_length=1, max_length=MAX_MODELS_PER_RECIPE)]
     gate_mode: GateMode = Field(
         default="hidden",
-        description="hidden: each router row is the normalised mean hidden state of the "
-        "expert's prompts at that layer (base model); cheap_embed: from the prompts' token "
+        description="hidden (= hidden_last, mergekit's default): each router row is the "
+        "normalised mean over the expert's prompts of the hidden state of each prompt's last "
+        "token at that layer (base model); hidden_avg: of each prompt's mean over its tokens; "
+        "cheap_embed: from the prompts' token "
         "embeddings, the same for every layer; random: seeded Gaussian",
     )
     experts_per_token: Annotated[
@@ -103,7 +106,7 @@ class MoeRecipe(BaseModel):
                 f"experts_per_token: {self.experts_per_token} is more than the {n} expert(s) "
                 f"given; it must be between 1 and {n}"
             )
-        if self.base_model.adapter is not None and self.gate_mode == "hidden":
+        if self.base_model.adapter is not None and self.gate_mode in HIDDEN_MODES:
             raise ValueError(
                 "base_model: a BASE+ADAPTER base cannot make hidden-state routers (the base "
                 "is run with transformers); merge the adapter first, or use gate_mode "

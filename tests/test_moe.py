@@ -117,7 +117,7 @@ def test_experts_hold_the_source_mlps_and_every_other_tensor_is_the_base(
     assert (out / "tokenizer.json").is_file()
 
 
-def test_hidden_routers_are_the_normalised_mean_hidden_states_of_the_prompts(
+def test_hidden_routers_are_the_normalised_mean_last_token_states_of_the_prompts(
     models: tuple[Path, list[Path]], hidden_moe: tuple[Path, MoeResult]
 ) -> None:
     base, experts = models
@@ -132,6 +132,22 @@ def test_hidden_routers_are_the_normalised_mean_hidden_states_of_the_prompts(
     assert result.manifest["kind"] == "moe"
     roles = [p["role"] for p in result.manifest["parents"]]
     assert roles == ["base", "expert", "expert", "expert"]
+
+
+@pytest.mark.parametrize("mode", ["hidden_avg", "hidden_last"])
+def test_hidden_avg_averages_each_prompt_and_hidden_last_is_hidden(
+    models: tuple[Path, list[Path]], tmp_path: Path, mode: str
+) -> None:
+    base, experts = models
+    recipe = moe_recipe(base, experts[:2], experts_per_token=1, gate_mode=mode)
+    assemble(recipe, tmp_path / "moe")
+    got = load_output(tmp_path / "moe")
+    want = reference_hidden_gates(base, recipe["experts"], average=mode == "hidden_avg")
+    other = reference_hidden_gates(base, recipe["experts"], average=mode != "hidden_avg")
+    for layer in range(LAYERS):
+        gate = got[f"model.layers.{layer}.block_sparse_moe.gate.weight"].double()
+        assert torch.allclose(gate, want[layer], atol=1e-6, rtol=0), layer
+        assert not torch.allclose(gate, other[layer], atol=1e-3, rtol=0), layer  # not the other
 
 
 def test_negative_prompts_are_subtracted_before_normalising(
@@ -331,7 +347,7 @@ def test_bad_recipes_are_refused_naming_the_field(models: tuple[Path, list[Path]
     cases: list[tuple[dict[str, Any], str]] = [
         (moe_recipe(base, experts[:2], experts_per_token=3), "experts_per_token: 3 is more than"),
         (moe_recipe(base, experts, experts_per_token=0), "experts_per_token: Input should be"),
-        (moe_recipe(base, experts, gate_mode="hidden_last"), "gate_mode: Input should be"),
+        (moe_recipe(base, experts, gate_mode="uniform_random"), "gate_mode: Input should be"),
         (
             moe_recipe(base, experts, shared_experts=[{"source_model": str(experts[0])}] * 2),
             "shared_experts: List should have at most 1 item",

@@ -128,10 +128,12 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / max(float(v.norm()), 1e-8)
 
 
-def reference_hidden_gates(base: Path, experts: list[dict[str, Any]]) -> torch.Tensor:
+def reference_hidden_gates(
+    base: Path, experts: list[dict[str, Any]], *, average: bool = False
+) -> torch.Tensor:
     """(layers, experts, hidden) float64: per layer, the unit vector of (mean over positive
-    prompts of the mean over their tokens of the input of that layer) minus the same over the
-    negative prompts."""
+    prompts of the input of that layer at the prompt's last token — or, with ``average``, its
+    mean over the prompt's tokens) minus the same over the negative prompts."""
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64).eval()
     layers = model.config.num_hidden_layers
@@ -143,7 +145,8 @@ def reference_hidden_gates(base: Path, experts: list[dict[str, Any]]) -> torch.T
                 hs = model(torch.tensor([_ids(tokenizer, p)]), output_hidden_states=True)
             for layer in range(layers):
                 # hidden_states[layer] is what enters decoder layer `layer`
-                sums[layer] = sums[layer] + hs.hidden_states[layer][0].mean(dim=0)
+                h = hs.hidden_states[layer][0]
+                sums[layer] = sums[layer] + (h.mean(dim=0) if average else h[-1])
         return [s / len(prompts) for s in sums]
 
     rows = []

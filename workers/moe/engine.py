@@ -46,7 +46,7 @@ import weightsmith
 from infra.artifacts import folder_files
 from infra.artifacts import write_manifest as write_manifest_file
 from schemas.manifests import MANIFEST_FORMAT, Manifest
-from schemas.moe_recipe import OUTPUT_ARCHITECTURES, SHARED_EXPERTS, MoeRecipe
+from schemas.moe_recipe import HIDDEN_MODES, OUTPUT_ARCHITECTURES, SHARED_EXPERTS, MoeRecipe
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
 from workers.merge.inputs import TensorSource, read_config, resolve
@@ -440,7 +440,7 @@ class _Assembly:
         gate_proj = next(n for n in base.reader.names if n.endswith("mlp.gate_proj.weight"))
         self.hidden = int(base.reader.info(gate_proj).shape[1])
         self.prompts = (
-            router.prompt_count(recipe) if recipe.gate_mode == "hidden" else 0
+            router.prompt_count(recipe) if recipe.gate_mode in HIDDEN_MODES else 0
         )  # forward passes, counted as "tensors" of the router phase
         self.total = self.prompts + len(plan)
         self.bytes_total = sum(

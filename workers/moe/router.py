@@ -5,18 +5,21 @@ shared experts, hidden) float32 tensor: slice ``[l, :E]`` is layer l's router (M
 ``block_sparse_moe.gate.weight``, Qwen2-MoE's ``mlp.gate.weight``), ``[l, E:]`` the shared
 expert's sigmoid gate (Qwen2-MoE's ``mlp.shared_expert_gate.weight``), made the same way:
 
-- ``hidden``: the base model runs on each prompt (BOS when the tokenizer has one + the
-  prompt's tokens, one prompt at a time, so no padding enters a mean). For layer l, h̄_l(p)
-  is the mean over the prompt's tokens of ``hidden_states[l]`` — the residual stream
-  entering layer l (embeddings for l = 0), which is what mergekit takes
-  (``output.hidden_states[:-1]``). The expert's row is
+- ``hidden`` (mergekit's default, = ``hidden_last``) and ``hidden_avg``: the base model
+  runs on each prompt (BOS when the tokenizer has one + the prompt's tokens, one prompt at a
+  time, so no padding enters). For layer l, h_l(p) is ``hidden_states[l]`` — the residual
+  stream entering layer l (embeddings for l = 0), which is what mergekit takes
+  (``output.hidden_states[:-1]``) — at the prompt's last token (``hidden``, ``hidden_last``)
+  or its mean over the prompt's tokens (``hidden_avg``). The expert's row is
 
-      g_l = (mean_p h̄_l(p) over positive prompts − mean_p h̄_l(p) over negative prompts)
+      g_l = (mean_p h_l(p) over positive prompts − mean_p h_l(p) over negative prompts)
             / ‖ · ‖₂
 
-  (mergekit's ``hidden_avg``; its ``hidden`` takes each prompt's last token instead, of a
-  right-padded batch — the token mean does not depend on padding). A router logit is then
-  the cosine-like similarity of a token's state with the expert's prompts.
+  mergekit runs the prompts as one padded batch, so its "last token" is a pad for the
+  shorter prompts when the tokenizer pads on the right, and its average counts the pads;
+  here each prompt's own tokens are used (the same result for prompts of equal length, or
+  left padding for ``hidden``). A router logit is then the cosine-like similarity of a
+  token's state with the expert's prompts.
 - ``cheap_embed``: e(P) = Σ of the token embeddings of every token of the prompts P,
   normalised; the row is (e(positive) − e(negative)) / ‖ · ‖₂, the same for every layer.
 - ``random``: standard normal entries from a generator seeded with the recipe's ``seed``.
@@ -150,8 +153,11 @@ def hidden_gates(
     model.eval()
     max_tokens = getattr(model.config, "max_position_embeddings", None)
 
+    last = recipe.gate_mode != "hidden_avg"
+
     def mean_states(prompts: Sequence[str], field: str) -> torch.Tensor:
-        """(layers, hidden) float64: the mean over prompts of each prompt's token mean."""
+        """(layers, hidden) float64: the mean over prompts of each prompt's last token's
+        state (hidden, hidden_last) or of its mean over its tokens (hidden_avg)."""
         total: torch.Tensor | None = None
         for j, p in enumerate(prompts):
             if is_cancelled():
@@ -170,7 +176,13 @@ def hidden_gates(
                     field="base_model",
                     model=label,
                 )
-            means = torch.stack([h[0].to(torch.float64).mean(dim=0) for h in states]).cpu()
+            means = (
+                torch.stack(
+                    [h[0, -1] if last else h[0].to(torch.float64).mean(dim=0) for h in states]
+                )
+                .to(torch.float64)
+                .cpu()
+            )
             total = means if total is None else total + means
             on_prompt()
         assert total is not None  # the recipe requires at least one positive prompt
