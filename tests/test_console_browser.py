@@ -338,7 +338,54 @@ def test_the_lineage_of_a_merge_of_an_edit_reaches_the_hub_commit(
     gate = console.page.locator("#gate")
     assert gate.get_attribute("data-passed") == str(manifest["metrics"]["gate"]["passed"]).lower()
     assert console.page.locator("#metrics tbody tr").count() > 3
+    assert_gate_chart(console, manifest["metrics"]["gate"])
     console.shot("artifact")
+    # the edit's job page: the same gate, charted from the manifest it published
+    console.go(f"#/jobs/{merged['edit'].id}")
+    console.page.wait_for_selector("#inputs")
+    assert_gate_chart(console, manifest["metrics"]["gate"])
+    console.shot("job-edit")
+
+
+def assert_gate_chart(console: Console, gate: dict[str, Any]) -> None:
+    """The gate chart on the open page: one row per check of the manifest's gate, each bar's
+    length the value on a scale of 1.25 × max(value, bound) (recomputed here from the
+    manifest's numbers), the bound's marker line at its place, red exactly where the value
+    breaks the bound, and the numbers as text."""
+    chart = console.page.locator("#metrics svg#gate-chart")
+    chart.wait_for()
+    rows = chart.locator("g.check").evaluate_all(
+        """gs => gs.map(g => {
+            const track = g.querySelector("rect.track"), bar = g.querySelector("rect.bar");
+            const line = g.querySelector("line.threshold");
+            return {
+                metric: g.dataset.metric,
+                x0: +track.getAttribute("x"), track: +track.getAttribute("width"),
+                barX: +bar.getAttribute("x"), bar: +bar.getAttribute("width"),
+                fail: bar.classList.contains("fail"), pass: bar.classList.contains("pass"),
+                line: line && +line.getAttribute("x1"),
+                text: g.querySelector("text.value").textContent,
+            };
+        })"""
+    )
+    checks = gate["checks"]
+    assert len(checks) >= 2  # the perplexity ratio and the edited layer's ‖ΔW‖/‖W‖ at least
+    assert [r["metric"] for r in rows] == [c["metric"] for c in checks]
+    assert chart.locator("rect.bar").count() == len(checks)
+    for row, c in zip(rows, checks, strict=True):
+        value, bound = c["value"], c["bound"]
+        broken = value > bound if c["kind"] == "max" else value < bound
+        assert row["fail"] is broken and row["pass"] is not broken, c
+        scale = 1.25 * max(abs(value), abs(bound))
+        assert row["barX"] == row["x0"] and row["track"] > 0
+        assert row["bar"] == pytest.approx(row["track"] * abs(value) / scale, abs=1e-6)
+        assert row["line"] == pytest.approx(row["x0"] + row["track"] * bound / scale, abs=1e-6)
+        assert row["bar"] <= row["track"] and row["line"] <= row["x0"] + row["track"]
+        assert float(row["text"].split()[0]) == pytest.approx(value, rel=1e-3)
+        assert ("✗" if broken else "✓") in row["text"]
+        assert ("≤" if c["kind"] == "max" else "≥") in row["text"]
+    assert any(r["fail"] for r in rows) is not gate["passed"]
+    console.page.locator("#metrics").evaluate("e => e.scrollIntoView()")  # for the screenshot
 
 
 def test_a_second_tenant_sees_nothing(

@@ -216,6 +216,17 @@ def test_a_gate_failure_raises_with_the_metrics_and_writes_nothing(
     assert failures and all(f in str(e.value) for f in failures)
     assert e.value.metrics["gate"]["passed"] is False
     assert list(tmp_path.iterdir()) == []  # not even a staging folder
+    # every threshold with its bound (the console charts them): the recipe's defaults, by hand
+    m = e.value.metrics
+    expected = [("perplexity_ratio", m["perplexity_ratio"], 1.10, "max")]
+    norm = m["relative_update_norm"][str(LAYER)]
+    expected += [(f"relative_update_norm.{LAYER}", norm, 0.5, "max")]
+    expected += [("relative_denominator.0", abs(m["relative_denominator"][0]), 1e-3, "min")]
+    checks = m["gate"]["checks"]
+    assert [(c["metric"], c["value"], c["bound"], c["kind"]) for c in checks] == expected
+    for c, (_, value, bound, kind) in zip(checks, expected, strict=True):
+        assert c["passed"] is (value <= bound if kind == "max" else value >= bound)
+    assert sum(not c["passed"] for c in checks) == len(failures)
 
 
 @pytest.mark.parametrize(

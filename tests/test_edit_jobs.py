@@ -189,7 +189,9 @@ def test_an_edit_job_publishes_a_model_that_prefers_the_new_target(
     manifest = _download(service, "japan-paris", 1, tmp_path / "edited")
 
     assert manifest["kind"] == "edit" and manifest["flagged"] is False
-    assert manifest["metrics"]["gate"] == {"passed": True, "failures": []}
+    gate = manifest["metrics"]["gate"]
+    assert gate["passed"] is True and gate["failures"] == []
+    assert gate["checks"] and all(c["value"] <= c["bound"] for c in gate["checks"])
     assert manifest["metrics"]["efficacy"] == 1.0
     assert manifest["artifact"]["job_id"] == edit_job["id"]
     assert [c["cache"] for c in manifest["covariance"]] == ["miss"]

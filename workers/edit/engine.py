@@ -426,28 +426,49 @@ def _measure(
 # ---- gate ------------------------------------------------------------------------------------
 
 
-def gate_failures(recipe: EditRecipe, metrics: dict[str, Any]) -> list[str]:
-    """The thresholds the edit breaks, each as 'metric value > bound'."""
+def gate_checks(recipe: EditRecipe, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every threshold of the gate against its value: ``{metric, value, bound, kind, passed}``
+    with ``kind`` "max" (the value may not exceed the bound) or "min" (it may not fall below).
+    The perplexity ratio, ‖ΔW‖/‖W‖ of each edited layer, and ROME's |uᵀk|/‖k‖ per request."""
     g = recipe.gate
-    failures = []
-    ratio = metrics["perplexity_ratio"]
-    if not ratio <= g.max_perplexity_ratio:
-        failures.append(f"perplexity ratio {ratio:.4f} > {g.max_perplexity_ratio}")
+    checks: list[dict[str, Any]] = []
+
+    def check(metric: str, value: float, bound: float, kind: str) -> None:
+        ok = value <= bound if kind == "max" else value >= bound  # NaN fails either way
+        checks.append(
+            {"metric": metric, "value": value, "bound": bound, "kind": kind, "passed": ok}
+        )
+
+    check("perplexity_ratio", metrics["perplexity_ratio"], g.max_perplexity_ratio, "max")
     bound = recipe.max_relative_update
     for layer, r in metrics["relative_update_norm"].items():
-        if not r <= bound:
-            failures.append(f"layer {layer}: ‖ΔW‖/‖W‖ {r:.4f} > {bound}")
-    for d in metrics.get("relative_denominator", []):
-        if not abs(d) >= g.min_denominator:
-            failures.append(f"|uᵀk|/‖k‖ {abs(d):.2e} < {g.min_denominator}")
-    return failures
+        check(f"relative_update_norm.{layer}", r, bound, "max")
+    for i, d in enumerate(metrics.get("relative_denominator", [])):
+        check(f"relative_denominator.{i}", abs(d), g.min_denominator, "min")
+    return checks
+
+
+def _failure_text(c: dict[str, Any]) -> str:
+    metric, value, bound = c["metric"], c["value"], c["bound"]
+    if metric == "perplexity_ratio":
+        return f"perplexity ratio {value:.4f} > {bound}"
+    if metric.startswith("relative_update_norm."):
+        return f"layer {metric.split('.', 1)[1]}: ‖ΔW‖/‖W‖ {value:.4f} > {bound}"
+    return f"|uᵀk|/‖k‖ {value:.2e} < {bound}"
+
+
+def gate_failures(recipe: EditRecipe, metrics: dict[str, Any]) -> list[str]:
+    """The thresholds the edit breaks, each as 'metric value > bound'."""
+    return [_failure_text(c) for c in gate_checks(recipe, metrics) if not c["passed"]]
 
 
 def _gate(recipe: EditRecipe, metrics: dict[str, Any]) -> list[str]:
-    """The gate's failures, recorded in ``metrics["gate"]``; EditGateError when they stop
-    the edit (``on_gate_failure: fail``)."""
-    failures = gate_failures(recipe, metrics)
-    metrics["gate"] = {"passed": not failures, "failures": failures}
+    """The gate's result, recorded in ``metrics["gate"]`` (passed, the failures as text, and
+    every check with its bound, which the console charts); EditGateError when the failures
+    stop the edit (``on_gate_failure: fail``)."""
+    checks = gate_checks(recipe, metrics)
+    failures = [_failure_text(c) for c in checks if not c["passed"]]
+    metrics["gate"] = {"passed": not failures, "failures": failures, "checks": checks}
     if failures and recipe.on_gate_failure == "fail":
         raise EditGateError(
             "the edit failed the safety gate (nothing was written): " + "; ".join(failures),

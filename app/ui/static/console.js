@@ -3,6 +3,7 @@
 import { apiKey, saveKey, forgetKey, getJson, download, ApiError } from "./api.js";
 import { h, table, facts, when, seconds, bytes } from "./dom.js";
 import { lineageSvg } from "./lineage.js";
+import { gateChart } from "./chart.js";
 
 const POLL_MS = 1000;
 const STATES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
@@ -189,6 +190,7 @@ function metricsTable(metrics) {
     { id: "metrics" },
     h("h2", {}, "Edit metrics"),
     gate ? h("p", { id: "gate", "data-passed": String(gate.passed) }, "Gate: ", h("strong", { class: gate.passed ? "state-succeeded" : "state-failed" }, gate.passed ? "passed" : "failed"), gate.failures && gate.failures.length ? ` — ${gate.failures.join("; ")}` : "") : null,
+    gate && Array.isArray(gate.checks) && gate.checks.length ? h("div", { class: "chart" }, gateChart(gate.checks)) : null,
     table(["metric", "value"], rows),
   );
 }

@@ -1,18 +1,12 @@
 // The lineage graph as SVG: a layered layout with the version on top and its parents below,
 // each node on the layer of its longest path from the root (so an edge always points down).
-const SVG = "http://www.w3.org/2000/svg";
+import { svg } from "./dom.js";
+
 const W = 220;
 const H = 46;
 const GAP_X = 28;
 const GAP_Y = 64;
 const PAD = 16;
-
-function svg(tag, attrs = {}, text) {
-  const el = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) if (v !== undefined && v !== null) el.setAttribute(k, String(v));
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
 
 export function layers(graph) {
   // longest distance from the root along child → parent edges (the graph is acyclic; the
