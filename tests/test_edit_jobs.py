@@ -191,7 +191,10 @@ def test_an_edit_job_publishes_a_model_that_prefers_the_new_target(
     assert manifest["kind"] == "edit" and manifest["flagged"] is False
     gate = manifest["metrics"]["gate"]
     assert gate["passed"] is True and gate["failures"] == []
-    assert gate["checks"] and all(c["value"] <= c["bound"] for c in gate["checks"])
+    assert gate["checks"] and all(
+        c["value"] <= c["bound"] if c["kind"] == "max" else c["value"] >= c["bound"]
+        for c in gate["checks"]
+    )
     assert manifest["metrics"]["efficacy"] == 1.0
     assert manifest["artifact"]["job_id"] == edit_job["id"]
     assert [c["cache"] for c in manifest["covariance"]] == ["miss"]
