@@ -8,6 +8,8 @@ Run it with the project's virtualenv (it needs torch and safetensors to build th
     python bench/merge_bench.py --size-gb 0.05      # quick
     python bench/merge_bench.py --methods ties --skip-mergekit
     python bench/merge_bench.py --size-gb 0.05 --compat     # only the compatibility check
+    python bench/merge_bench.py --preset 3b --finetunes 2 --methods task_arithmetic,ties \
+        --skip-floor --skip-compat                # Llama-3.2-3B shapes, base + 2 fine-tunes
 
 What it does, in order:
 
@@ -20,7 +22,8 @@ What it does, in order:
 4. runs the I/O floor: a child that reads every input tensor of every model, one tensor at a time,
    with plain file reads into one buffer, and writes the base's tensors back out once, fsynced;
 5. for each method runs ``weightsmith merge RECIPE --out DIR`` and ``mergekit-yaml RECIPE DIR``
-   and measures each child's wall time, input throughput and peak RSS (``os.wait4``);
+   and measures each child's wall time, input throughput, peak RSS (``os.wait4``) and bytes read
+   and written (its ``/proc/<pid>/io``, read after it exits and before it is reaped);
 6. compares our output tensors with mergekit's (max |diff|, one tensor at a time);
 7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``;
 8. unless ``--skip-compat``: the compatibility check, on the small (0.05 GB) family: each method
