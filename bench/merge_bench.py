@@ -1640,6 +1640,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
     ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
+    ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="with --preset: keep the generated models (by default deleted after the run)",
+    )
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="default bench/.data")
     ap.add_argument("--seed", type=int, default=0, help="synthetic model seed (default 0)")
     ap.add_argument(
@@ -1956,6 +1961,9 @@ def main(argv: list[str]) -> int:
     }
     result_path.write_text(json.dumps(doc, indent=2) + "\n")
     say(f"\nwrote {result_path}")
+    if args.preset and not args.keep_models:  # tens of GB: not cached unless asked for
+        shutil.rmtree(base.parent, ignore_errors=True)
+        say(f"deleted the generated models in {base.parent} (--keep-models keeps them)")
     status = 0
     if ours_failed:
         say("some weightsmith runs FAILED")
