@@ -8,6 +8,8 @@ Run it with the project's virtualenv (it needs torch and safetensors to build th
     python bench/merge_bench.py --size-gb 0.05      # quick
     python bench/merge_bench.py --methods ties --skip-mergekit
     python bench/merge_bench.py --size-gb 0.05 --compat     # only the compatibility check
+    python bench/merge_bench.py --preset 3b --finetunes 2 --methods task_arithmetic,ties \
+        --skip-floor --skip-compat                # Llama-3.2-3B shapes, base + 2 fine-tunes
 
 What it does, in order:
 
@@ -20,7 +22,8 @@ What it does, in order:
 4. runs the I/O floor: a child that reads every input tensor of every model, one tensor at a time,
    with plain file reads into one buffer, and writes the base's tensors back out once, fsynced;
 5. for each method runs ``weightsmith merge RECIPE --out DIR`` and ``mergekit-yaml RECIPE DIR``
-   and measures each child's wall time, input throughput and peak RSS (``os.wait4``);
+   and measures each child's wall time, input throughput, peak RSS (``os.wait4``) and bytes read
+   and written (its ``/proc/<pid>/io``, read after it exits and before it is reaped);
 6. compares our output tensors with mergekit's (max |diff|, one tensor at a time);
 7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``;
 8. unless ``--skip-compat``: the compatibility check, on the small (0.05 GB) family: each method
@@ -75,7 +78,7 @@ GB = 1_000_000_000
 MIB = 1024 * 1024
 SHARD_BYTES = 2 * GB  # input shards, like HF's "2GB"
 MERGEKIT_OUT_SHARD = "1B"  # parameters per output shard: 2 GB of fp16, like the inputs
-N_FINETUNES = 3
+N_FINETUNES = 3  # default of --finetunes; the compatibility check always uses 3
 GEN_VERSION = 1  # bump when the generator changes, so cached models are rebuilt
 
 CHILD_ENV = {
@@ -247,10 +250,30 @@ class Shape:
     kv_heads: int
     vocab: int
     layers: int
+    tied_embeddings: bool = False  # no lm_head tensor: the head is the embedding
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+
+# Shapes of real checkpoints (--preset): all tensor shapes as in the model's config.json.
+# "3b": meta-llama/Llama-3.2-3B (config.json on the Hugging Face Hub: hidden_size 3072,
+# intermediate_size 8192, num_hidden_layers 28, num_attention_heads 24, num_key_value_heads 8,
+# head_dim 128, vocab_size 128256, tie_word_embeddings true): 3,212,749,824 parameters
+# (the model card's "3.21B"), 6.43 GB in fp16.
+PRESETS: dict[str, Shape] = {
+    "3b": Shape(3072, 8192, 24, 8, 128256, 28, tied_embeddings=True),
+}
+
+
+def shape_key(shape: Shape) -> dict[str, Any]:
+    """The shape in a cached model's key (untied shapes as before the field existed, so
+    that their caches stay valid)."""
+    key = asdict(shape)
+    if not shape.tied_embeddings:
+        del key["tied_embeddings"]
+    return key
 
 
 def choose_shape(size_gb: float, width_of_gb: float | None = None) -> Shape:
@@ -291,7 +314,9 @@ def tensor_specs(shape: Shape) -> list[tuple[str, tuple[int, ...], str]]:
             (p + "input_layernorm.weight", (h,), "norm"),
             (p + "post_attention_layernorm.weight", (h,), "norm"),
         ]
-    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (shape.vocab, h), "embed")]
+    specs.append(("model.norm.weight", (h,), "norm"))
+    if not shape.tied_embeddings:
+        specs.append(("lm_head.weight", (shape.vocab, h), "embed"))
     return specs
 
 
@@ -319,7 +344,7 @@ def llama_config(shape: Shape) -> dict[str, Any]:
         "mlp_bias": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": shape.tied_embeddings,
         "torch_dtype": "float16",
         "use_cache": True,
     }
@@ -902,6 +927,26 @@ class RunResult:
     stdout: str
     stderr_tail: str
     timed_out: bool = False
+    io: dict[str, int] = field(default_factory=dict)  # the child's /proc/<pid>/io at its exit
+
+
+IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
+
+
+def read_proc_io(pid: int) -> dict[str, int]:
+    """/proc/<pid>/io of a process (also of an exited, not yet reaped one): its own threads'
+    counts plus those of the children it reaped. rchar/wchar: bytes passed through read- and
+    write-type system calls (page-cache hits included, mmap'd file access not);
+    read_bytes/write_bytes: bytes the process made the block layer fetch from / send to
+    storage (page faults of mmap'd files included, page-cache hits not; writes counted when
+    pages are dirtied); {} when it can't be read."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/io") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in IO_FIELDS:
+                out[key] = int(value)
+    return out
 
 
 class RssSampler(threading.Thread):
@@ -993,6 +1038,9 @@ def run_measured(
         sampler = RssSampler(proc.pid)
         sampler.start()
         try:
+            # wait for the exit without reaping, so that /proc/<pid>/io is still there
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            io = read_proc_io(proc.pid)
             _pid, status, rusage = os.wait4(proc.pid, 0)
         except BaseException:  # e.g. Ctrl-C: the child is in its own session, take it down
             kill()
@@ -1022,6 +1070,7 @@ def run_measured(
         stdout=stdout,
         stderr_tail=tail(stderr) if stderr.strip() else tail(stdout),
         timed_out=timed_out.is_set(),
+        io=io,
     )
 
 
@@ -1053,16 +1102,27 @@ def warn_block(title: str, body: str) -> None:
 
 
 def ensure_models(
-    data_dir: Path, size_gb: float, seed: int, width_of_gb: float | None = None
+    data_dir: Path,
+    size_gb: float,
+    seed: int,
+    width_of_gb: float | None = None,
+    n_finetunes: int = N_FINETUNES,
+    preset: str | None = None,
 ) -> tuple[Shape, list[Path]]:
-    shape = choose_shape(size_gb, width_of_gb)
-    width = f"-w{width_of_gb:g}" if width_of_gb else ""
-    root = data_dir / "models" / f"llama-{size_gb:g}gb{width}-seed{seed}"
-    dirs = [root / "base"] + [root / f"ft{k}" for k in range(1, N_FINETUNES + 1)]
+    """The base and fine-tunes ft1..ftN (each cached on its own: a run with fewer fine-tunes
+    reuses those of a run with more); ``preset`` (a PRESETS key) replaces the size."""
+    if preset is not None:
+        shape = PRESETS[preset]
+        root = data_dir / "models" / f"llama-{preset}-seed{seed}"
+    else:
+        shape = choose_shape(size_gb, width_of_gb)
+        width = f"-w{width_of_gb:g}" if width_of_gb else ""
+        root = data_dir / "models" / f"llama-{size_gb:g}gb{width}-seed{seed}"
+    dirs = [root / "base"] + [root / f"ft{k}" for k in range(1, n_finetunes + 1)]
     for index, d in enumerate(dirs):
         key = {
             "version": GEN_VERSION,
-            "shape": asdict(shape),
+            "shape": shape_key(shape),
             "seed": seed,
             "index": index,
             "delta_rel": DELTA_REL,
@@ -1256,12 +1316,18 @@ class Row:
     vs_mergekit: float | None = None  # mergekit wall / this wall (ours only)
     vs_floor: float | None = None  # this wall / floor wall
     max_abs_diff: float | None = None  # ours vs mergekit
+    io: dict[str, int] = field(default_factory=dict)  # /proc/<pid>/io of the child at exit
     note: str = ""
     compare: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def io_pair(io: dict[str, int], syscall: str, storage: str) -> str:
+    """The pair "syscall/storage" in MiB, "-" for a missing figure."""
+    return "/".join("-" if k not in io else f"{io[k] / MIB:.0f}" for k in (syscall, storage))
 
 
 def print_table(rows: list[Row]) -> None:
@@ -1274,6 +1340,8 @@ def print_table(rows: list[Row]) -> None:
         "anon MiB",
         "x mergekit",
         "x floor",
+        "read MiB (rchar/disk)",
+        "written MiB (wchar/disk)",
         "max|diff| vs mk",
         "status",
     ]
@@ -1292,6 +1360,8 @@ def print_table(rows: list[Row]) -> None:
                 fmt(r.peak_anon_mib, ".0f"),
                 fmt(r.vs_mergekit, ".2f"),
                 fmt(r.vs_floor, ".2f"),
+                io_pair(r.io, "rchar", "read_bytes"),
+                io_pair(r.io, "wchar", "write_bytes"),
                 diff,
                 "ok" if r.ok else ("FAILED " + r.note).strip(),
             ]
@@ -1533,6 +1603,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="model size (fp16), default 1.0 (with --compat: --compat-size-gb)",
     )
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the tensor shapes of a real model instead of --size-gb "
+        "(3b: Llama-3.2-3B, 6.43 GB fp16 per model)",
+    )
+    ap.add_argument(
+        "--finetunes",
+        type=int,
+        default=N_FINETUNES,
+        help=f"number of fine-tunes merged into the base (default {N_FINETUNES})",
+    )
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
@@ -1557,6 +1640,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
     ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
+    ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="with --preset: keep the generated models (by default deleted after the run)",
+    )
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="default bench/.data")
     ap.add_argument("--seed", type=int, default=0, help="synthetic model seed (default 0)")
     ap.add_argument(
@@ -1576,6 +1664,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [m for m in compat_methods if m not in COMPAT_RECIPES]
     if unknown or not compat_methods:
         ap.error(f"unknown compat method(s) {unknown}; known: {', '.join(COMPAT_RECIPES)}")
+    if args.preset is not None:
+        if args.size_gb is not None or args.width_of_gb is not None or args.compat:
+            ap.error("--preset replaces --size-gb and --width-of-gb; not with --compat")
+        shape = PRESETS[args.preset]
+        args.size_gb = sum(_numel(d) for _n, d, _k in tensor_specs(shape)) * 2 / GB
+    if not 1 <= args.finetunes <= 16:
+        ap.error(f"--finetunes must be between 1 and 16, got {args.finetunes}")
     if args.size_gb is None:
         args.size_gb = args.compat_size_gb if args.compat else 1.0
     if args.size_gb <= 0 or args.compat_size_gb <= 0:
@@ -1634,12 +1729,14 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
 
-    say(
-        f"== weightsmith merge bench: {args.size_gb:g} GB fp16 Llama, "
-        f"base + {N_FINETUNES} fine-tunes"
-    )
+    what = f"{args.size_gb:g} GB"
+    if args.preset:
+        what = f"{args.preset} preset ({args.size_gb:.2f} GB)"
+    say(f"== weightsmith merge bench: {what} fp16 Llama, base + {args.finetunes} fine-tunes")
     say("-- models")
-    shape, dirs = ensure_models(data_dir, args.size_gb, args.seed, args.width_of_gb)
+    shape, dirs = ensure_models(
+        data_dir, args.size_gb, args.seed, args.width_of_gb, args.finetunes, args.preset
+    )
     base, finetunes = dirs[0], dirs[1:]
     input_bytes = sum(dir_bytes(d) for d in dirs)
     specs = tensor_specs(shape)
@@ -1687,11 +1784,14 @@ def main(argv: list[str]) -> int:
             row.peak_rss_mib = res.maxrss_mib
             row.peak_anon_mib = res.sampled["RssAnon"]
             row.peak_file_mib = res.sampled["RssFile"]
+            row.io = res.io
             say(
                 f"   {res.wall_s:.2f} s (child {res.child_wall_s:.2f} + sync {res.sync_s:.2f}), "
                 f"peak RSS {res.maxrss_mib:.0f} MiB (sampled: anon {res.sampled['RssAnon']:.0f}, "
                 f"file {res.sampled['RssFile']:.0f} MiB)"
             )
+            if res.io:
+                say("   I/O: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in res.io.items()))
         else:
             row.note = "timeout" if res.timed_out else f"rc={res.rc}"
             warn_block(f"{method}/{tool} failed ({row.note}); stderr tail:", res.stderr_tail)
@@ -1783,6 +1883,10 @@ def main(argv: list[str]) -> int:
     )
     say("  - anon MiB = peak RssAnon of the child's process tree, sampled every 20 ms: memory")
     say("    it owns, without the page-cache pages of mmap'd inputs that ru_maxrss also counts")
+    say("  - read/written MiB: the child's /proc/<pid>/io when it exited (its children included):")
+    say("    rchar/wchar = bytes through read/write system calls (page-cache hits included;")
+    say("    reads of mmap'd files, as mergekit's, NOT counted); disk = read_bytes/write_bytes,")
+    say("    what reached storage (mmap faults included; inputs already cached NOT counted)")
     say("targets (information, not asserted):")
     by = {(r.method, r.tool): r for r in rows}
     ours_rows = [r for r in rows if r.tool == "weightsmith"]
@@ -1827,6 +1931,8 @@ def main(argv: list[str]) -> int:
     result_path = data_dir / "results-merge.json"
     doc = {
         "size_gb": args.size_gb,
+        "preset": args.preset,
+        "n_finetunes": args.finetunes,
         "shape": asdict(shape),
         "n_params": n_params,
         "n_tensors": len(specs),
@@ -1855,6 +1961,9 @@ def main(argv: list[str]) -> int:
     }
     result_path.write_text(json.dumps(doc, indent=2) + "\n")
     say(f"\nwrote {result_path}")
+    if args.preset and not args.keep_models:  # tens of GB: not cached unless asked for
+        shutil.rmtree(base.parent, ignore_errors=True)
+        say(f"deleted the generated models in {base.parent} (--keep-models keeps them)")
     status = 0
     if ours_failed:
         say("some weightsmith runs FAILED")
