@@ -1718,6 +1718,11 @@ def main_compat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_bytes() -> int:
+    """Physical memory (the page cache cannot hold inputs much larger than half of it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.compat:
@@ -1866,7 +1871,13 @@ def main(argv: list[str]) -> int:
     print_table(rows)
     say()
     say("notes:")
-    say("  - inputs are in the page cache for every run (warm-up read first); wall = child wall")
+    if input_bytes < 0.5 * _memory_bytes():
+        say(
+            "  - inputs are in the page cache for every run (warm-up read first); wall = child wall"
+        )
+    else:
+        say("  - inputs are larger than half the RAM: runs re-read them from disk (see the")
+        say("    read_bytes column), so walls include disk reads; wall = child wall")
     say("    + os.sync() right after it (outputs on disk); in MiB/s = all input bytes / wall")
     say(
         "  - x mergekit = mergekit wall / ours (>1: we are faster); x floor = wall / I/O floor wall"
