@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,19 +216,16 @@ def run_extract_lora(
     empty); on any failure nothing is left there. ``resolved``: references already fetched
     (the service's worker); ``started``: ``time.perf_counter()`` when the work began."""
     from workers.devices import resolve_device
+    from workers.publish.output import StagedOutput
 
     t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(
-            f"output directory {str(out_dir)!r} already exists and is not empty", field="out"
-        )
+    output = StagedOutput(out_dir)
+    staging = output.path
     dev = resolve_device(device)
     settings = sources or SourceSettings()
     report = progress or (lambda _p: None)
     is_cancelled = cancelled or (lambda: False)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     opened: list[_Opened] = []
     try:
         report(Progress("resolve", 0, 0, 0, 0))
@@ -252,13 +247,10 @@ def run_extract_lora(
         timings["publish_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
         manifest = _write_manifest(staging, recipe, base, model, extraction.metrics(), timings)
-        if out_dir.exists():
-            out_dir.rmdir()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out_dir)
+        output.publish()
         return ExtractResult(out_dir, recipe.seed, manifest, manifest["metrics"])
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        output.discard()
         raise
     finally:
         for o in opened:

@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,15 +79,13 @@ def run_merge(
     (``resolve_s`` is then resolving and fetching the inputs, ``total_s`` everything up to the
     manifest); default now. On any failure nothing is left at ``out_dir``.
     """
-    from workers.publish.output import finalize_output
+    from workers.publish.output import StagedOutput, finalize_output
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(
-            f"output directory {str(out_dir)!r} already exists and is not empty", field="out"
-        )
+    output = StagedOutput(out_dir)
+    staging = output.path
     run_seed = seed if seed is not None else recipe.seed
     if run_seed is None:
         run_seed = random.SystemRandom().randrange(2**63)
@@ -97,10 +94,6 @@ def run_merge(
     report = progress or (lambda _p: None)
     is_cancelled = cancelled or (lambda: False)
 
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    # parent directories this run creates (innermost first): removed again if it fails
-    new_parents = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
-    shutil.rmtree(staging, ignore_errors=True)
     inputs = []
     exit_stack = contextlib.ExitStack()
     try:
@@ -183,19 +176,12 @@ def run_merge(
                 }.values()
             ),
         )
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        output.publish()
         return MergeResult(
             out_dir=out_dir, seed=run_seed, manifest=manifest, files=sorted(out_dir.iterdir())
         )
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for d in new_parents:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        output.discard()
         raise
     finally:
         exit_stack.close()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -344,19 +343,16 @@ def run_moe(
     on any failure nothing is left there. ``resolved``: references already fetched (the
     service's worker); ``started``: ``time.perf_counter()`` when the work began."""
     from workers.devices import resolve_device
+    from workers.publish.output import StagedOutput
 
     t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(
-            f"output directory {str(out_dir)!r} already exists and is not empty", field="out"
-        )
+    output = StagedOutput(out_dir)
+    staging = output.path
     dev = resolve_device(device)
     settings = sources or SourceSettings()
     report = progress or (lambda _p: None)
     is_cancelled = cancelled or (lambda: False)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     opened: list[_Opened] = []
     try:
         report(Progress("resolve", 0, 0, 0, 0))
@@ -404,13 +400,10 @@ def run_moe(
             staging, recipe, base, experts, shared, metrics, timings, tokenizer_files,
             assembly.digests,
         )  # fmt: skip
-        if out_dir.exists():
-            out_dir.rmdir()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out_dir)
+        output.publish()
         return MoeResult(out_dir, recipe.seed, manifest, manifest["metrics"])
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        output.discard()
         raise
     finally:
         for o in opened:

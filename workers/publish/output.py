@@ -8,6 +8,7 @@ sha256, so its presence marks a complete artifact.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,39 @@ from workers.sources import ResolvedModel
 from workers.sources.selection import TOKENIZER_FILES, TOKENIZER_PATTERNS
 
 INDEX = "model.safetensors.index.json"
+
+
+class StagedOutput:
+    """Where a job's output is built before it is published all at once: ``.NAME.partial-PID``
+    beside ``out_dir``. ``out_dir`` must not exist or be an empty folder (``InputError``
+    naming ``out`` otherwise, before any work). :meth:`publish` renames the staging folder to
+    ``out_dir``; :meth:`discard` (on any failure) removes it and the parent folders this run
+    would have created, so nothing is left behind."""
+
+    def __init__(self, out_dir: Path) -> None:
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise InputError(
+                f"output directory {str(out_dir)!r} already exists and is not empty", field="out"
+            )
+        self.out_dir = out_dir
+        self.path = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+        # parent folders that do not exist yet (innermost first): removed again on failure
+        self._new_parents = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def publish(self) -> None:
+        if self.out_dir.exists():
+            self.out_dir.rmdir()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path.rename(self.out_dir)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        for d in self._new_parents:
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def _has_lm_head(staging: Path) -> bool:
