@@ -47,12 +47,12 @@ from schemas.manifests import MANIFEST_FORMAT, Manifest
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
 from workers.extract.svd import low_rank_factors, relative_error, tensor_seed
-from workers.merge.inputs import TensorSource, read_config, resolve
+from workers.merge.inputs import TensorSource, open_reference, read_config
 from workers.merge.plan import layer_of
 from workers.merge.progress import Progress, ProgressCallback
+from workers.publish.output import manifest_parent
 from workers.sources import ResolvedModel, SourceSettings
-from workers.tensors.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, LoraCheckpointReader
-from workers.tensors.reader import CheckpointReader
+from workers.tensors.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
 from workers.tensors.safetensors_format import encode_header
 
 __all__ = ["ExtractResult", "run_extract_lora"]
@@ -87,17 +87,8 @@ def _open(
     base_dir: Path | None,
     resolved: dict[str, ResolvedModel],
 ) -> _Opened:
-    r = resolve(ref.base, settings, base_dir, resolved)
-    reader = CheckpointReader(r.path, label=str(r.reference))
-    if ref.adapter is None:
-        return _Opened(r, reader, None, str(ref))
-    try:
-        adapter = resolve(ref.adapter, settings, base_dir, resolved)
-        lora = LoraCheckpointReader(reader, adapter.path, label=str(ref))
-    except BaseException:
-        reader.close()
-        raise
-    return _Opened(r, lora, adapter, str(ref))
+    r, reader, adapter = open_reference(ref, settings, base_dir, resolved, label=str(ref))
+    return _Opened(r, reader, adapter, str(ref))
 
 
 def _module(name: str) -> str:
@@ -530,16 +521,6 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _parent(role: str, r: ResolvedModel, **extra: Any) -> dict[str, Any]:
-    return {
-        "role": role,
-        "reference": str(r.reference),
-        "pinned": str(r.pinned),
-        "revision": r.revision,
-        **extra,
-    }
-
-
 def _write_manifest(
     staging: Path,
     recipe: ExtractLoraRecipe,
@@ -548,10 +529,12 @@ def _write_manifest(
     metrics: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    parents = [_parent("base", base.resolved), _parent("model", model.resolved)]
+    parents = [manifest_parent("base", base.resolved), manifest_parent("model", model.resolved)]
     for o in (base, model):
         if o.adapter is not None:
-            parents.append(_parent("adapter", o.adapter, applied_to=str(o.resolved.reference)))
+            parents.append(
+                manifest_parent("adapter", o.adapter, applied_to=str(o.resolved.reference))
+            )
     manifest = Manifest.model_validate(
         {
             "format": MANIFEST_FORMAT,

@@ -75,6 +75,34 @@ def resolve(
     return resolve_reference(ref, settings, base_dir=base_dir)
 
 
+def open_reference(
+    ref: ModelReference,
+    settings: SourceSettings,
+    base_dir: Path | None,
+    resolved: dict[str, ResolvedModel],
+    *,
+    label: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[ResolvedModel, TensorSource, ResolvedModel | None]:
+    """The checkpoint of ``ref`` opened for reading; for BASE+ADAPTER the adapter's ΔW is
+    added as each tensor is read. Returns (the base's resolution, the reader, the adapter's
+    resolution or None). ``label``: how the reader names the input in errors (default
+    ``BASE+ADAPTER`` as resolved)."""
+    r = resolve(ref.base, settings, base_dir, resolved)
+    reader = CheckpointReader(r.path, label=str(r.reference), allow_pickle=allow_pickle)
+    if ref.adapter is None:
+        return r, reader, None
+    try:
+        adapter = resolve(ref.adapter, settings, base_dir, resolved)
+        lora = LoraCheckpointReader(
+            reader, adapter.path, label=label or f"{r.reference}+{ref.adapter}"
+        )
+    except BaseException:
+        reader.close()
+        raise
+    return r, lora, adapter
+
+
 def open_inputs(
     recipe: MergeRecipe,
     settings: SourceSettings,
@@ -203,21 +231,10 @@ def _open_input(
     resolved: dict[str, ResolvedModel],
 ) -> InputModel:
     """One input: its checkpoint opened, with its LoRA adapter applied for BASE+ADAPTER."""
-    r = resolve(ref.base, settings, base_dir, resolved)
-    reader = _open_reader(r, recipe)
-    if ref.adapter is None:
-        return InputModel(role, params, r, reader, index)
-    try:
-        adapter = resolve(ref.adapter, settings, base_dir, resolved)
-        lora = LoraCheckpointReader(reader, adapter.path, label=f"{r.reference}+{ref.adapter}")
-    except BaseException:
-        reader.close()
-        raise
-    return InputModel(role, params, r, lora, index, adapter)
-
-
-def _open_reader(r: ResolvedModel, recipe: MergeRecipe) -> CheckpointReader:
-    return CheckpointReader(r.path, label=str(r.reference), allow_pickle=recipe.allow_pickle)
+    r, reader, adapter = open_reference(
+        ref, settings, base_dir, resolved, allow_pickle=recipe.allow_pickle
+    )
+    return InputModel(role, params, r, reader, index, adapter)
 
 
 def tokenizer_source(

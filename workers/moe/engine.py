@@ -48,13 +48,11 @@ from schemas.manifests import MANIFEST_FORMAT, Manifest
 from schemas.moe_recipe import HIDDEN_MODES, OUTPUT_ARCHITECTURES, SHARED_EXPERTS, MoeRecipe
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
-from workers.merge.inputs import TensorSource, read_config, resolve
+from workers.merge.inputs import TensorSource, open_reference, read_config
 from workers.merge.progress import Progress, ProgressCallback
 from workers.moe import router
-from workers.publish.output import copy_tokenizer
+from workers.publish.output import copy_tokenizer, manifest_parent
 from workers.sources import ResolvedModel, SourceSettings
-from workers.tensors.lora import LoraCheckpointReader
-from workers.tensors.reader import CheckpointReader
 from workers.tensors.writer import ShardedWriter, TensorSpec
 
 __all__ = ["MoeResult", "run_moe"]
@@ -90,18 +88,13 @@ def _open(
     base_dir: Path | None,
     resolved: dict[str, ResolvedModel],
 ) -> _Opened:
-    r = resolve(ref.base, settings, base_dir, resolved)
-    reader = CheckpointReader(r.path, label=str(r.reference))
-    adapter = None
-    if ref.adapter is not None:
-        try:
-            adapter = resolve(ref.adapter, settings, base_dir, resolved)
-            lora = LoraCheckpointReader(reader, adapter.path, label=str(ref))
-        except BaseException:
-            reader.close()
-            raise
-        return _Opened(role, r, lora, adapter, str(ref), read_config(r.path))
-    return _Opened(role, r, reader, None, str(ref), read_config(r.path))
+    r, reader, adapter = open_reference(ref, settings, base_dir, resolved, label=str(ref))
+    try:
+        config = read_config(r.path)
+    except BaseException:
+        reader.close()
+        raise
+    return _Opened(role, r, reader, adapter, str(ref), config)
 
 
 @dataclass(frozen=True)
@@ -567,16 +560,6 @@ def _model_card(
     return "\n".join(lines)
 
 
-def _parent(role: str, r: ResolvedModel, **extra: Any) -> dict[str, Any]:
-    return {
-        "role": role,
-        "reference": str(r.reference),
-        "pinned": str(r.pinned),
-        "revision": r.revision,
-        **extra,
-    }
-
-
 def _write_manifest(
     staging: Path,
     recipe: MoeRecipe,
@@ -588,12 +571,14 @@ def _write_manifest(
     tokenizer_files: list[str],
     digests: dict[str, tuple[int, str]],
 ) -> dict[str, Any]:
-    parents = [_parent("base", base.resolved)]
-    parents += [_parent("expert", e.resolved, expert=i) for i, e in enumerate(experts)]
-    parents += [_parent("shared_expert", e.resolved) for e in shared]
+    parents = [manifest_parent("base", base.resolved)]
+    parents += [manifest_parent("expert", e.resolved, expert=i) for i, e in enumerate(experts)]
+    parents += [manifest_parent("shared_expert", e.resolved) for e in shared]
     for o in (base, *experts, *shared):
         if o.adapter is not None:
-            parents.append(_parent("adapter", o.adapter, applied_to=str(o.resolved.reference)))
+            parents.append(
+                manifest_parent("adapter", o.adapter, applied_to=str(o.resolved.reference))
+            )
     manifest = Manifest.model_validate(
         {
             "format": MANIFEST_FORMAT,

@@ -29,6 +29,18 @@ from workers.sources.selection import TOKENIZER_FILES, TOKENIZER_PATTERNS
 INDEX = "model.safetensors.index.json"
 
 
+def manifest_parent(role: str, r: ResolvedModel, **extra: Any) -> dict[str, Any]:
+    """A manifest's ``parents`` entry for an input: its role, the reference as written, as
+    pinned, and its revision (plus ``extra`` fields such as ``expert`` or ``applied_to``)."""
+    return {
+        "role": role,
+        "reference": str(r.reference),
+        "pinned": str(r.pinned),
+        "revision": r.revision,
+        **extra,
+    }
+
+
 class StagedOutput:
     """Where a job's output is built before it is published all at once: ``.NAME.partial-PID``
     beside ``out_dir``. ``out_dir`` must not exist or be an empty folder (``InputError``
