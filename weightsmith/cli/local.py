@@ -30,6 +30,25 @@ def load_recipe(path: Path, parse: Callable[[str], _R]) -> _R | int:
         return fail(f"recipe {str(path)!r}: {e}", EXIT_INPUT)
 
 
+def run_engine(args: argparse.Namespace, run: Callable[[ProgressBar], _R]) -> _R | int:
+    """``run(bar)`` with a progress bar on stderr (off with --quiet or when stderr is not a
+    terminal): its result, or the exit code after a one-line error (bad input, another
+    failure, or Ctrl-C: the engines write nothing then)."""
+    from workers.errors import InputError, WeightsmithError
+
+    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        return run(bar)
+    except InputError as e:
+        return fail(str(e), EXIT_INPUT)
+    except WeightsmithError as e:
+        return fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    finally:
+        bar.close()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge the models of a recipe into a new checkpoint folder."""
     from schemas.recipe import parse_recipe
@@ -39,14 +58,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if isinstance(recipe, int):
         return recipe
 
-    from workers.errors import InputError, WeightsmithError
     from workers.merge.engine import run_merge
     from workers.sources import SourceSettings
 
-    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
     settings = SourceSettings(allow_pickle=recipe.allow_pickle, hub_token=None)
-    try:
-        result = run_merge(
+    result = run_engine(
+        args,
+        lambda bar: run_merge(
             recipe,
             Path(args.out),
             seed=args.seed,
@@ -54,15 +72,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
             sources=settings,
             base_dir=path.resolve().parent,
             progress=bar,
-        )
-    except InputError as e:
-        return fail(str(e), EXIT_INPUT)
-    except WeightsmithError as e:
-        return fail(str(e), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
-    finally:
-        bar.close()
+        ),
+    )
+    if isinstance(result, int):
+        return result
     total = result.manifest["timings"].get("total_s", 0.0)
     print(
         f"merged {recipe.merge_method} into {result.out_dir} (seed {result.seed}, "
@@ -135,28 +148,22 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     if isinstance(recipe, int):
         return recipe
 
-    from workers.errors import InputError, WeightsmithError
     from workers.extract import run_extract_lora
     from workers.sources import SourceSettings
 
-    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
-    try:
-        result = run_extract_lora(
+    result = run_engine(
+        args,
+        lambda bar: run_extract_lora(
             recipe,
             Path(args.out),
             device=args.device,
             sources=SourceSettings(hub_token=None),
             base_dir=path.resolve().parent,
             progress=bar,
-        )
-    except InputError as e:
-        return fail(str(e), EXIT_INPUT)
-    except WeightsmithError as e:
-        return fail(str(e), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
-    finally:
-        bar.close()
+        ),
+    )
+    if isinstance(result, int):
+        return result
     s = result.metrics["summary"]
     print(
         f"extracted a LoRA adapter into {result.out_dir}: {s['decomposed_modules']} modules, "
@@ -178,28 +185,22 @@ def cmd_moe(args: argparse.Namespace) -> int:
     if isinstance(recipe, int):
         return recipe
 
-    from workers.errors import InputError, WeightsmithError
     from workers.moe import run_moe
     from workers.sources import SourceSettings
 
-    bar = ProgressBar(enabled=sys.stderr.isatty() and not args.quiet)
-    try:
-        result = run_moe(
+    result = run_engine(
+        args,
+        lambda bar: run_moe(
             recipe,
             Path(args.out),
             device=args.device,
             sources=SourceSettings(hub_token=None),
             base_dir=path.resolve().parent,
             progress=bar,
-        )
-    except InputError as e:
-        return fail(str(e), EXIT_INPUT)
-    except WeightsmithError as e:
-        return fail(str(e), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
-    finally:
-        bar.close()
+        ),
+    )
+    if isinstance(result, int):
+        return result
     m = result.metrics
     degenerate = m["degenerate_router_layers"]
     print(
