@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,12 +195,8 @@ def _run_claimed(
             result: Any = _edit(
                 recipe, work, settings, object_store, access, resolved, watch, compute
             )
-        elif isinstance(recipe, ExtractLoraRecipe):
-            result = _extract_lora(recipe, work / "out", sources, resolved, compute, watch)
-        elif isinstance(recipe, MoeRecipe):
-            result = _moe(recipe, work / "out", sources, resolved, compute, watch)
         else:
-            result = _merge(recipe, work / "out", sources, resolved, compute, watch)
+            result = _build(recipe, work / "out", sources, resolved, compute, watch)
     except CancelledError:
         if watch.lost:
             raise _LostJob from None
@@ -369,61 +366,24 @@ def _reusable_hash(job: Job, parents: list[str]) -> str | None:
     return reusable_recipe_hash(job.kind, job.recipe, pinned)
 
 
-def _merge(
-    recipe: MergeRecipe,
+def _build(
+    recipe: MergeRecipe | ExtractLoraRecipe | MoeRecipe,
     out_dir: Path,
     sources: SourceSettings,
     resolved: dict[str, ResolvedModel],
     device: str,
     watch: JobWatch,
 ) -> Any:
-    from workers.merge.engine import run_merge
-
-    return run_merge(
-        recipe,
-        out_dir,
-        device=device,
-        sources=sources,
-        progress=watch.report,
-        cancelled=watch.should_stop,
-        resolved=resolved,
-        started=watch.started,
-    )
-
-
-def _extract_lora(
-    recipe: ExtractLoraRecipe,
-    out_dir: Path,
-    sources: SourceSettings,
-    resolved: dict[str, ResolvedModel],
-    device: str,
-    watch: JobWatch,
-) -> Any:
-    from workers.extract import run_extract_lora
-
-    return run_extract_lora(
-        recipe,
-        out_dir,
-        device=device,
-        sources=sources,
-        progress=watch.report,
-        cancelled=watch.should_stop,
-        resolved=resolved,
-        started=watch.started,
-    )
-
-
-def _moe(
-    recipe: MoeRecipe,
-    out_dir: Path,
-    sources: SourceSettings,
-    resolved: dict[str, ResolvedModel],
-    device: str,
-    watch: JobWatch,
-) -> Any:
-    from workers.moe import run_moe
-
-    return run_moe(
+    """A merge, extract_lora or moe job's engine, run on the fetched inputs into ``out_dir``
+    (each engine stages its output and publishes it to ``out_dir`` only when complete)."""
+    run: Callable[..., Any]
+    if isinstance(recipe, ExtractLoraRecipe):
+        from workers.extract import run_extract_lora as run
+    elif isinstance(recipe, MoeRecipe):
+        from workers.moe import run_moe as run
+    else:
+        from workers.merge.engine import run_merge as run
+    return run(
         recipe,
         out_dir,
         device=device,
