@@ -40,17 +40,14 @@ import torch
 import yaml
 
 import weightsmith
-from infra.artifacts import folder_files
-from infra.artifacts import write_manifest as write_manifest_file
 from schemas.lora_recipe import ExtractLoraRecipe
-from schemas.manifests import MANIFEST_FORMAT, Manifest
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
 from workers.extract.svd import low_rank_factors, relative_error, tensor_seed
 from workers.merge.inputs import TensorSource, open_reference, read_config
 from workers.merge.plan import layer_of
 from workers.merge.progress import Progress, ProgressCallback
-from workers.publish.output import manifest_parent
+from workers.publish.output import adapter_parents, manifest_parent, write_output_manifest
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
 from workers.tensors.safetensors_format import encode_header
@@ -530,24 +527,14 @@ def _write_manifest(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     parents = [manifest_parent("base", base.resolved), manifest_parent("model", model.resolved)]
-    for o in (base, model):
-        if o.adapter is not None:
-            parents.append(
-                manifest_parent("adapter", o.adapter, applied_to=str(o.resolved.reference))
-            )
-    manifest = Manifest.model_validate(
-        {
-            "format": MANIFEST_FORMAT,
-            "kind": "extract_lora",
-            "name": recipe.output.name or f"LoRA of {recipe.model} over {recipe.base}",
-            "seed": recipe.seed,
-            "code_version": weightsmith.__version__,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "parents": parents,
-            "recipe": recipe.model_dump(mode="json", exclude_none=True),
-            "metrics": metrics,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "files": [f.model_dump() for f in folder_files(staging)],
-        }
+    parents += adapter_parents((o.resolved, o.adapter) for o in (base, model))
+    return write_output_manifest(
+        staging,
+        kind="extract_lora",
+        name=recipe.output.name or f"LoRA of {recipe.model} over {recipe.base}",
+        recipe=recipe,
+        seed=recipe.seed,
+        parents=parents,
+        metrics=metrics,
+        timings=timings,
     )
-    return write_manifest_file(staging, manifest)

@@ -42,16 +42,18 @@ import torch
 import yaml
 
 import weightsmith
-from infra.artifacts import folder_files
-from infra.artifacts import write_manifest as write_manifest_file
-from schemas.manifests import MANIFEST_FORMAT, Manifest
 from schemas.moe_recipe import HIDDEN_MODES, OUTPUT_ARCHITECTURES, SHARED_EXPERTS, MoeRecipe
 from schemas.references import ModelReference, ReferenceKind
 from workers.errors import CancelledError, InputError
 from workers.merge.inputs import TensorSource, open_reference, read_config
 from workers.merge.progress import Progress, ProgressCallback
 from workers.moe import router
-from workers.publish.output import copy_tokenizer, manifest_parent
+from workers.publish.output import (
+    adapter_parents,
+    copy_tokenizer,
+    manifest_parent,
+    write_output_manifest,
+)
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.writer import ShardedWriter, TensorSpec
 
@@ -574,25 +576,16 @@ def _write_manifest(
     parents = [manifest_parent("base", base.resolved)]
     parents += [manifest_parent("expert", e.resolved, expert=i) for i, e in enumerate(experts)]
     parents += [manifest_parent("shared_expert", e.resolved) for e in shared]
-    for o in (base, *experts, *shared):
-        if o.adapter is not None:
-            parents.append(
-                manifest_parent("adapter", o.adapter, applied_to=str(o.resolved.reference))
-            )
-    manifest = Manifest.model_validate(
-        {
-            "format": MANIFEST_FORMAT,
-            "kind": "moe",
-            "name": recipe.output.name or f"MoE of {len(experts)} experts over {base.label}",
-            "seed": recipe.seed,
-            "code_version": weightsmith.__version__,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "parents": parents,
-            "recipe": recipe.model_dump(mode="json", exclude_none=True),
-            "tokenizer_files": tokenizer_files,
-            "metrics": metrics,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "files": [f.model_dump() for f in folder_files(staging, known=digests)],
-        }
+    parents += adapter_parents((o.resolved, o.adapter) for o in (base, *experts, *shared))
+    return write_output_manifest(
+        staging,
+        kind="moe",
+        name=recipe.output.name or f"MoE of {len(experts)} experts over {base.label}",
+        recipe=recipe,
+        seed=recipe.seed,
+        parents=parents,
+        metrics=metrics,
+        timings=timings,
+        known=digests,
+        tokenizer_files=tokenizer_files,
     )
-    return write_manifest_file(staging, manifest)

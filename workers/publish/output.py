@@ -41,6 +41,52 @@ def manifest_parent(role: str, r: ResolvedModel, **extra: Any) -> dict[str, Any]
     }
 
 
+def adapter_parents(
+    inputs: Iterable[tuple[ResolvedModel, ResolvedModel | None]],
+) -> list[dict[str, Any]]:
+    """The ``adapter`` parents of BASE+ADAPTER inputs, given as (base, adapter or None)."""
+    return [
+        manifest_parent("adapter", adapter, applied_to=str(base.reference))
+        for base, adapter in inputs
+        if adapter is not None
+    ]
+
+
+def write_output_manifest(
+    staging: Path,
+    *,
+    kind: str,
+    name: str,
+    recipe: Any,
+    seed: int | None,
+    parents: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+    known: dict[str, tuple[int, str]] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The ``manifest.json`` of a job's output built in ``staging`` (written last: it lists
+    every other file there with size and sha256, ``known`` digests reused), validated
+    against the manifest schema. ``fields``: kind-specific entries (``tokenizer_files``)."""
+    manifest = Manifest.model_validate(
+        {
+            "format": MANIFEST_FORMAT,
+            "kind": kind,
+            "name": name,
+            "seed": seed,
+            "code_version": weightsmith.__version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "parents": parents,
+            "recipe": recipe.model_dump(mode="json", exclude_none=True),
+            **fields,
+            "metrics": metrics,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "files": [f.model_dump() for f in folder_files(staging, known=known)],
+        }
+    )
+    return write_manifest(staging, manifest)
+
+
 class StagedOutput:
     """Where a job's output is built before it is published all at once: ``.NAME.partial-PID``
     beside ``out_dir``. ``out_dir`` must not exist or be an empty folder (``InputError``
