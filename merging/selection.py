@@ -104,6 +104,28 @@ class RadixSelect:
         self.count += keys.numel()
         self._high += _high_histogram(keys, self.nonnegative)
 
+    def high_partial(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The first pass's counts so far (to combine with other processes' over other data:
+        ``statistics.combine_partials``)."""
+        return {
+            f"{prefix}/count": torch.tensor([self.count], dtype=torch.int64),
+            f"{prefix}/high": self._high,
+        }
+
+    def set_high_partial(self, prefix: str, combined: dict[str, torch.Tensor]) -> None:
+        """Take the first pass's counts over all the data (before ``end_high``)."""
+        self.count = int(combined[f"{prefix}/count"].item())
+        self._high = combined[f"{prefix}/high"]
+
+    def low_partial(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The second pass's counts so far, per selected high bucket."""
+        return {f"{prefix}/low/{b}": hist for b, hist in self._low.items()}
+
+    def set_low_partial(self, prefix: str, combined: dict[str, torch.Tensor]) -> None:
+        """Take the second pass's counts over all the data (before ``end_low``)."""
+        for b in self._low:
+            self._low[b] = combined[f"{prefix}/low/{b}"]
+
     def end_high(self) -> None:
         for k in self.ranks:
             if not 1 <= k <= self.count:

@@ -6,6 +6,12 @@ its view of the merge, and hands the result to every tensor's merge as ``TensorI
 Each pass reads every float tensor once, one tensor at a time and block by block; exact order
 statistics come from radix select (two passes: high then low 16 bits), so memory is
 O(65,536) counters per model whatever the model size.
+
+Every pass ends with :meth:`WholeModel.reduce` of what it gathered: integer counts (summed)
+and maxima (keys starting ``max/``). In one process that is the pass's own result; a merge
+split into parts (workers/merge/parts.py) has each part read its own tensors and the
+partials combined exactly (integer sums, maxima), so the statistic is bit-identical
+whatever the split.
 """
 
 from __future__ import annotations
@@ -14,11 +20,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from merging.lazy_torch import torch
 from merging.selection import RadixSelect
 
 if TYPE_CHECKING:
     from merging.inputs import Block, TensorInputs
-    from merging.lazy_torch import torch
 
 
 class WholeModel(Protocol):
@@ -42,6 +48,12 @@ class WholeModel(Protocol):
         ``phase`` is what the job's progress shows meanwhile."""
         ...
 
+    def reduce(self, partial: Partial) -> Partial:
+        """At the end of each pass, exactly once: what the pass gathered over the tensors
+        this process read (int64 counts, summed; float maxima under keys starting ``max/``)
+        → the same over every tensor of the model. In one process it is ``partial``."""
+        ...
+
 
 class WholeModelStatistic(ABC):
     passes: int  # reads of every float tensor it makes (for the progress totals)
@@ -51,30 +63,67 @@ class WholeModelStatistic(ABC):
         """The statistics, handed to each tensor's merge as ``TensorInputs.stats``."""
 
 
+# the result of one pass over some tensors: name -> int64 counts, or a maximum (``max/…``)
+Partial = dict[str, "torch.Tensor"]
+
+
+def combine_partials(partials: Iterable[Partial]) -> Partial:
+    """The partials of one pass over disjoint sets of tensors, combined exactly: counts are
+    added (int64), maxima taken; a key missing from a partial counts as 0 (or −inf)."""
+    combined: Partial = {}
+    for partial in partials:
+        for key, value in partial.items():
+            if key not in combined:
+                combined[key] = value.clone()
+            elif key.startswith("max/"):
+                combined[key] = torch.maximum(combined[key], value)
+            else:
+                combined[key] = combined[key] + value
+    return combined
+
+
 # values(x, block) -> (model index, values of that model in this block) for each model
 BlockValues = Callable[["TensorInputs", "Block"], Iterable[tuple[int, "torch.Tensor"]]]
 
 
 def select_per_model(
-    model: WholeModel, ranks: dict[int, list[int]], values: BlockValues, phase: str
+    model: WholeModel,
+    ranks: dict[int, list[int]],
+    values: BlockValues,
+    phase: str,
+    maxima: dict[int, float] | None = None,
 ) -> dict[int, list[float]]:
     """Exact k-th smallest values (1-based ``ranks`` per model index) of ``values`` over
-    the whole model, in two streaming passes (the inputs are never held whole)."""
+    the whole model, in two streaming passes (the inputs are never held whole).
+
+    ``maxima``: per-model maxima that ``values`` updates as it goes (PCB's max of B); they
+    are reduced with the second pass, so they hold the whole model's maxima on return."""
     sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
     for x in model.tensors(f"{phase} (1/2)"):
         for b in x.blocks():
             for i, v in values(x, b):
                 if i in sel:
                     sel[i].observe_high(v)
-    for s in sel.values():
+    high = model.reduce({k: v for i, s in sel.items() for k, v in s.high_partial(f"{i}").items()})
+    for i, s in sel.items():
+        s.set_high_partial(f"{i}", high)
         s.end_high()
     for x in model.tensors(f"{phase} (2/2)"):
         for b in x.blocks(check=False):
             for i, v in values(x, b):
                 if i in sel:
                     sel[i].observe_low(v)
-    for s in sel.values():
+    partial = {k: v for i, s in sel.items() for k, v in s.low_partial(f"{i}").items()}
+    for i, m in (maxima or {}).items():
+        partial[f"max/{i}"] = torch.tensor([m], dtype=torch.float64)
+    low = model.reduce(partial)
+    for i, s in sel.items():
+        s.set_low_partial(f"{i}", low)
         s.end_low()
+    if maxima is not None:
+        for i in maxima:
+            if f"max/{i}" in low:
+                maxima[i] = float(low[f"max/{i}"].item())
     return {i: s.values for i, s in sel.items()}
 
 

@@ -233,3 +233,35 @@ class Job(Base):
             publish=PublishView.model_validate(self.publish) if self.publish else None,
             schedule_id=self.schedule_id,
         )
+
+
+class JobPart(Base):
+    """One part of a merge split across workers, for one step (a statistics pass or the
+    merge of its tensor range): a unit of work with its own claim, fencing token
+    (``worker_id``), heartbeat, attempts and outcome (infra.db.parts). ``job_attempt``
+    fences a whole attempt of the job: a new attempt of the job replaces its parts."""
+
+    __tablename__ = "job_parts"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state"),
+    )
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    # what the part does: its shard range, the seed, where its results go (JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    tensors_done: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    # a finished part's output: its files with (size, sha256, object key), notes, partials
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -108,7 +108,9 @@ class PcbGlobal(WholeModelStatistic):
                 yield i, b
 
         q_ranks = {i: [pcb_quantile_rank(n, density)] for i, n in sizes.items() if n > 0}
-        quant = select_per_model(model, q_ranks, balance, "statistics: balance quantile")
+        quant = select_per_model(
+            model, q_ranks, balance, "statistics: balance quantile", maxima=top
+        )
         bounds_of: dict[int, Bounds] = {i: (lo[i], hi[i], quant[i][0], top[i]) for i in quant}
         return {"pcb_bounds": bounds_of}
 

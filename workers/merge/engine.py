@@ -35,7 +35,7 @@ from workers.devices import resolve_device
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
 from workers.merge.inputs import open_merge_inputs, resolve, tokenizer_source
 from workers.merge.parameters import ParameterResolver
-from workers.merge.passes import ModelPasses
+from workers.merge.passes import ModelPasses, PassRead, PassSchedule
 from workers.merge.plan import PlannedTensor, num_layers, plan_tensors
 from workers.merge.progress import Progress, ProgressCallback, ProgressTracker
 from workers.merge.reading import InputReader
@@ -43,7 +43,16 @@ from workers.merge.vocabulary import build_vocabulary, mergekit_order, vocab_siz
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.writer import ShardedWriter, TensorSpec
 
-__all__ = ["MergeResult", "Progress", "ProgressCallback", "overflow_limit", "run_merge"]
+__all__ = [
+    "MergeResult",
+    "MergeSession",
+    "PassRead",
+    "PassSchedule",
+    "Progress",
+    "ProgressCallback",
+    "overflow_limit",
+    "run_merge",
+]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -79,94 +88,188 @@ def run_merge(
     (``resolve_s`` is then resolving and fetching the inputs, ``total_s`` everything up to the
     manifest); default now. On any failure nothing is left at ``out_dir``.
     """
-    from workers.publish.output import StagedOutput, finalize_output
+    from workers.publish.output import StagedOutput
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     output = StagedOutput(out_dir)
-    staging = output.path
-    run_seed = seed if seed is not None else recipe.seed
-    if run_seed is None:
-        run_seed = random.SystemRandom().randrange(2**63)
-    dev = resolve_device(device)
-    settings = sources or SourceSettings(allow_pickle=recipe.allow_pickle)
-    report = progress or (lambda _p: None)
-    is_cancelled = cancelled or (lambda: False)
-
-    inputs = []
-    exit_stack = contextlib.ExitStack()
     try:
-        report(Progress("resolve", 0, 0, 0, 0))
-        opened = open_merge_inputs(recipe, settings, base_dir, resolved or {})
-        inputs = opened.inputs
-        timings["resolve_s"] = time.perf_counter() - t0
-        base = next((i for i in inputs if i.role == "base"), None)
-        models = [i for i in inputs if i.role != "base"]
-        tokenizer_src = tokenizer_source(recipe, inputs, settings, base_dir, resolved or {})
-        vocabulary = None
-        config_updates = dict(opened.layout.config_updates) if opened.layout else {}
-        if recipe.vocabulary is not None:
-            vocabulary = build_vocabulary(
-                recipe,
-                {
-                    str(ref): resolve(ref.base, settings, base_dir, resolved or {}).path
-                    for ref in recipe.input_references()
-                },
-                str(recipe.base_model) if recipe.base_model is not None else None,
-                tokenizer_src,
+        with MergeSession(
+            recipe,
+            seed=seed,
+            device=device,
+            sources=sources,
+            base_dir=base_dir,
+            progress=progress,
+            cancelled=cancelled,
+            resolved=resolved,
+            started=started,
+        ) as session:
+            t1 = time.perf_counter()
+            stats = session.statistics()
+            session.timings["statistics_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            digests = session.write(output.path, stats)
+            session.timings["merge_s"] = time.perf_counter() - t2
+            manifest = session.finalize(output.path, digests, session.merge.notes)
+        output.publish()
+        return MergeResult(
+            out_dir=out_dir, seed=session.seed, manifest=manifest, files=sorted(out_dir.iterdir())
+        )
+    except BaseException:
+        output.discard()
+        raise
+
+
+class MergeSession:
+    """One merge's inputs opened, its output planned and checked against the headers, and
+    the steps of the merge over them: :meth:`statistics`, :meth:`write` (all the shards, or
+    a range of them: one part of a merge split across workers) and :meth:`finalize` (the
+    index, config, tokenizer, model card and manifest). A context manager: the inputs are
+    closed on exit. Every process of a split merge builds the same session from the same
+    recipe, inputs and seed, so the plan and shard layout agree everywhere."""
+
+    def __init__(
+        self,
+        recipe: MergeRecipe,
+        *,
+        seed: int | None = None,
+        device: str = "cpu",
+        sources: SourceSettings | None = None,
+        base_dir: Path | None = None,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        resolved: dict[str, ResolvedModel] | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter() if started is None else started
+        run_seed = seed if seed is not None else recipe.seed
+        if run_seed is None:
+            run_seed = random.SystemRandom().randrange(2**63)
+        self.seed: int = run_seed
+        dev = resolve_device(device)
+        settings = sources or SourceSettings(allow_pickle=recipe.allow_pickle)
+        report = progress or (lambda _p: None)
+        is_cancelled = cancelled or (lambda: False)
+        self.inputs: list[Any] = []
+        self._exit = contextlib.ExitStack()
+        try:
+            report(Progress("resolve", 0, 0, 0, 0))
+            opened = open_merge_inputs(recipe, settings, base_dir, resolved or {})
+            self.opened = opened
+            self.inputs = inputs = opened.inputs
+            self.timings["resolve_s"] = time.perf_counter() - self.t0
+            self.base = base = next((i for i in inputs if i.role == "base"), None)
+            models = [i for i in inputs if i.role != "base"]
+            self.tokenizer_src = tokenizer_source(
+                recipe, inputs, settings, base_dir, resolved or {}
             )
-            config_updates[vocab_size_key(opened.config_source.path)] = vocabulary.rows
-        plan = plan_tensors(recipe, base, models, vocabulary.rows if vocabulary else None)
-        params = ParameterResolver(
-            recipe, num_layers(base or models[0], plan), layout=opened.layout
-        )
-        out_dtype = _DTYPES[recipe.output_dtype] if recipe.output_dtype else None
-        specs = [TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()]
-        reader = InputReader(
-            base, models, plan, dev, vocabulary=vocabulary, input_order=mergekit_order(recipe)
-        )
-        merge = _Merge(recipe, reader, params, run_seed, report, is_cancelled)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(_compute_threads(threads))
-        exit_stack.callback(torch.set_num_threads, threads)
-        t1 = time.perf_counter()
-        stats = merge.statistics()
-        timings["statistics_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        staging.mkdir(parents=True)
-        writer = ShardedWriter(staging, specs, max_shard_bytes=recipe.output.shard_size)
+            self.vocabulary = vocabulary = None
+            self.config_updates = dict(opened.layout.config_updates) if opened.layout else {}
+            if recipe.vocabulary is not None:
+                self.vocabulary = vocabulary = build_vocabulary(
+                    recipe,
+                    {
+                        str(ref): resolve(ref.base, settings, base_dir, resolved or {}).path
+                        for ref in recipe.input_references()
+                    },
+                    str(recipe.base_model) if recipe.base_model is not None else None,
+                    self.tokenizer_src,
+                )
+                self.config_updates[vocab_size_key(opened.config_source.path)] = vocabulary.rows
+            plan = plan_tensors(recipe, base, models, vocabulary.rows if vocabulary else None)
+            params = ParameterResolver(
+                recipe, num_layers(base or models[0], plan), layout=opened.layout
+            )
+            out_dtype = _DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+            self.specs = [
+                TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()
+            ]
+            reader = InputReader(
+                base, models, plan, dev, vocabulary=vocabulary, input_order=mergekit_order(recipe)
+            )
+            self.merge = _Merge(recipe, reader, params, run_seed, report, is_cancelled)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(_compute_threads(threads))
+            self._exit.callback(torch.set_num_threads, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> MergeSession:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._exit.close()
+        for i in self.inputs:
+            i.reader.close()
+        self.inputs = []
+
+    @property
+    def shard_size(self) -> int:
+        return self.recipe.output.shard_size
+
+    def statistics(self, schedule: PassSchedule | None = None) -> dict[str, Any]:
+        """The method's whole-model statistics ({} when it needs none). ``schedule``: for a
+        part of a split merge, which pass to read over which tensors (it raises
+        :class:`PassRead` with the partial), or the combined passes to rebuild them from."""
+        self.merge.passes.schedule = schedule
+        return self.merge.statistics()
+
+    def write(
+        self, staging: Path, stats: dict[str, Any], shards: tuple[int, int] | None = None
+    ) -> dict[str, tuple[int, str]]:
+        """Merge every tensor (or those of the shards [first, end)) into ``staging``; returns
+        the (size, sha256) of each file written (the shards, and the index for a whole run)."""
+        merge = self.merge
+        staging.mkdir(parents=True, exist_ok=shards is not None)
+        writer = ShardedWriter(staging, self.specs, max_shard_bytes=self.shard_size, shards=shards)
+        dtypes = {s.name: s.dtype for s in self.specs}
         try:
             # whole-tensor read-ahead for the tensors that are not streamed in blocks
-            whole = [s.name for s in specs if not merge.streamed(s.name)]
+            names = writer.names
+            whole = [n for n in names if not merge.streamed(n)]
             with merge.reader.reading(whole):
-                for spec in specs:
+                for name in names:
                     merge.check_cancel()
-                    merge.write_tensor(spec.name, stats, writer, spec.dtype)
-            shards = writer.close()
+                    merge.write_tensor(name, stats, writer, dtypes[name])
+            writer.close()
         except BaseException:
             writer.abort()
             raise
-        timings["merge_s"] = time.perf_counter() - t2
-        merge.progress.publishing()
-        t3 = time.perf_counter()
-        manifest = finalize_output(
+        return writer.digests
+
+    def finalize(
+        self, staging: Path, digests: dict[str, tuple[int, str]], notes: list[str]
+    ) -> dict[str, Any]:
+        """Config, tokenizer, model card and (last) the manifest, beside the shards and the
+        index in ``staging`` (``digests``: theirs); returns the manifest."""
+        from workers.publish.output import finalize_output
+
+        self.merge.progress.publishing()
+        inputs = self.inputs
+        base = self.base
+        return finalize_output(
             staging,
-            recipe=recipe,
-            seed=run_seed,
+            recipe=self.recipe,
+            seed=self.seed,
             base=base.resolved if base else None,
-            models=[r for r in opened.parents if base is None or r is not base.resolved],
-            config_source=opened.config_source.path,
-            config_updates=config_updates or None,
-            tokenizer_source=tokenizer_src,
-            tokenizer=vocabulary.tokenizer if vocabulary else None,
-            written=shards,
-            writer_digests=writer.digests,
-            out_dtype=recipe.output_dtype,
-            notes=merge.notes,
-            timings=timings,
-            started=t0,
-            publish_started=t3,
+            models=[r for r in self.opened.parents if base is None or r is not base.resolved],
+            config_source=self.opened.config_source.path,
+            config_updates=self.config_updates or None,
+            tokenizer_source=self.tokenizer_src,
+            tokenizer=self.vocabulary.tokenizer if self.vocabulary else None,
+            written=[],
+            writer_digests=digests,
+            out_dtype=self.recipe.output_dtype,
+            notes=notes,
+            timings=self.timings,
+            started=self.t0,
+            publish_started=time.perf_counter(),
             # one entry per (checkpoint, adapter): a slice's sources repeat them
             adapters=list(
                 {
@@ -176,17 +279,6 @@ def run_merge(
                 }.values()
             ),
         )
-        output.publish()
-        return MergeResult(
-            out_dir=out_dir, seed=run_seed, manifest=manifest, files=sorted(out_dir.iterdir())
-        )
-    except BaseException:
-        output.discard()
-        raise
-    finally:
-        exit_stack.close()
-        for i in inputs:
-            i.reader.close()
 
 
 def _compute_threads(current: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -69,6 +70,58 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
+def shard_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def split_shards(shards: Sequence[Sequence[TensorSpec]], parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` contiguous ranges [first, end) of shard indices, of about equal
+    bytes, each with at least one shard: the parts of a merge split across workers (each
+    writes whole shard files, the same as a single run's)."""
+    sizes = [sum(s.nbytes for s in shard) for shard in shards]
+    n = max(1, min(parts, len(sizes)))
+    total = sum(sizes)
+    bounds = [0]
+    done = 0
+    for i, size in enumerate(sizes):
+        k = len(bounds)  # the next cut to make
+        if k >= n:
+            break
+        done += size
+        left = len(sizes) - (i + 1)  # shards after this one
+        # cut once this part has its share, or when the remaining parts need every shard left
+        if (done * n >= total * k or left == n - k) and left >= n - k:
+            bounds.append(i + 1)
+    bounds.append(len(sizes))
+    return list(itertools.pairwise(bounds))
+
+
+def index_document(specs: Sequence[TensorSpec], max_shard_bytes: int) -> bytes:
+    """The bytes of ``model.safetensors.index.json`` for the output plan ``specs``: the
+    same whichever process (a single run, or the last step of a split one) writes it."""
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map = {spec.name: names[i] for i, shard in enumerate(shards) for spec in shard}
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in specs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+
+def write_index(
+    out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int
+) -> tuple[Path, tuple[int, str]]:
+    """Write (and fsync) the index of the plan in ``out_dir``; its path and (size, sha256)."""
+    text = index_document(specs, max_shard_bytes)
+    index_path = Path(out_dir) / INDEX_NAME
+    with index_path.open("wb") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return index_path, (len(text), hashlib.sha256(text).hexdigest())
+
+
 def _names(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
@@ -83,6 +136,10 @@ class ShardedWriter:
 
     Files are written in place under ``out_dir`` (existing files of the same names are
     overwritten); ``close`` adds ``model.safetensors.index.json``, ``abort`` deletes them all.
+
+    ``shards``: write only the shards [first, end) of the layout (one part of a merge split
+    across workers): the tensors of those shards, in plan order, and no index (the split
+    merge's last step writes it: :func:`write_index`).
     """
 
     def __init__(
@@ -92,6 +149,7 @@ class ShardedWriter:
         *,
         max_shard_bytes: int = 5 * 10**9,
         metadata: dict[str, str] | None = None,
+        shards: tuple[int, int] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self._specs = list(specs)
@@ -111,19 +169,27 @@ class ShardedWriter:
             raise ValueError(f"metadata values must be strings; not so for {_names(bad)}")
         meta["format"] = "pt"
 
-        shards = plan_shards(self._specs, max_shard_bytes)
-        n = len(shards)
-        self._paths = [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        layout = plan_shards(self._specs, max_shard_bytes)
+        n = len(layout)
+        self._max_shard_bytes = max_shard_bytes
+        self._paths = [self.out_dir / name for name in shard_names(n)]
         self._headers: list[bytes] = []
         self._shard_sizes: list[int] = []
         self._shard_of: list[int] = []
-        for i, shard in enumerate(shards):
+        for i, shard in enumerate(layout):
             header = encode_header([(s.name, s.dtype, s.shape) for s in shard], meta)
             self._headers.append(header)
             self._shard_sizes.append(len(header) + sum(s.nbytes for s in shard))
             self._shard_of.extend([i] * len(shard))
+        first, end = shards if shards is not None else (0, n)
+        if not 0 <= first < end <= n:
+            raise ValueError(f"shards [{first}, {end}) are not a range of the {n} shards")
+        self._whole = shards is None
+        self._first_shard, self._end_shard = first, end
+        self._start = sum(len(s) for s in layout[:first])  # the range's first tensor
+        self._stop = self._start + sum(len(s) for s in layout[first:end])
 
-        self._next = 0
+        self._next = self._start
         self._bytes_written = 0
         self._current = -1
         self._fh: BinaryIO | None = None
@@ -152,8 +218,14 @@ class ShardedWriter:
 
     @property
     def total_bytes(self) -> int:
-        """Tensor data bytes of the whole plan: bytes_written reaches it when done."""
-        return sum(s.nbytes for s in self._specs)
+        """Tensor data bytes of the whole plan (of the shards written): bytes_written
+        reaches it when done."""
+        return sum(s.nbytes for s in self._specs[self._start : self._stop])
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors this writer writes, in order (all, or those of its shards)."""
+        return [s.name for s in self._specs[self._start : self._stop]]
 
     @property
     def digests(self) -> dict[str, tuple[int, str]]:
@@ -212,10 +284,10 @@ class ShardedWriter:
         self._check_open()
         if self._partial is not None:
             raise ValueError(f"tensor {self._partial[0].name!r} was begun but not ended")
-        if self._next >= len(self._specs):
+        if self._next >= self._stop:
             raise ValueError(
-                f"unexpected tensor {name!r}: all {len(self._specs)} planned tensors were "
-                "already written"
+                f"unexpected tensor {name!r}: all {self._stop - self._start} planned tensors "
+                "were already written"
             )
         spec = self._specs[self._next]
         if name != spec.name:
@@ -297,8 +369,8 @@ class ShardedWriter:
         if self._state == "closed":
             return list(self._result)
         self._check_open()
-        if self._next < len(self._specs):
-            missing = [s.name for s in self._specs[self._next :]]
+        if self._next < self._stop:
+            missing = [s.name for s in self._specs[self._next : self._stop]]
             raise ValueError(f"{len(missing)} planned tensors were not written: {_names(missing)}")
         self._stop_thread()
         self._raise_background_error()
@@ -306,25 +378,15 @@ class ShardedWriter:
         self._join_syncs()
         if self._sync_error is not None:
             raise self._sync_error
-        weight_map = {
-            spec.name: self._paths[shard].name
-            for spec, shard in zip(self._specs, self._shard_of, strict=True)
-        }
-        index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        index_path = self.out_dir / INDEX_NAME
-        self._created.append(index_path)
-        text = (json.dumps(index, indent=2) + "\n").encode("utf-8")
-        with index_path.open("wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        self._digests[index_path.name] = (len(text), hashlib.sha256(text).hexdigest())
+        written = self._paths[self._first_shard : self._end_shard]
+        if self._whole:
+            self._created.append(self.out_dir / INDEX_NAME)
+            index_path, digest = write_index(self.out_dir, self._specs, self._max_shard_bytes)
+            self._digests[index_path.name] = digest
+            written = [*written, index_path]
         _fsync_dir(self.out_dir)
         self._state = "closed"
-        self._result = [*self._paths, index_path]
+        self._result = written
         return list(self._result)
 
     def abort(self) -> None:
