@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("weightsmith.queue")
 
 RUN_JOB_TASK = "weightsmith.run_job"
+# one part of a merge split across workers (workers.split_merge), sent by the job's worker
+RUN_PART_TASK = "weightsmith.run_merge_part"
 DEFAULT_QUEUE = "default"
 GPU_QUEUE = "gpu"
 

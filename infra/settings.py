@@ -116,6 +116,14 @@ artifact directory (the "embedded default"); production sets the URLs.
     Most bytes one file of an upload may have. Default 50000000000 (50 GB).
 ``WEIGHTSMITH_MAX_UPLOAD_FILES``
     Most files one upload may declare. Default 1000 (at most 10000).
+``WEIGHTSMITH_MERGE_MAX_PARALLELISM``
+    Most parts a merge may be split into (a recipe's ``parallelism`` above it is refused,
+    422 naming the field; at most 64). Default 8.
+``WEIGHTSMITH_MERGE_PARALLEL_ABOVE``
+    Bytes of output above which a merge whose recipe gives no ``parallelism`` is split
+    anyway, into about one part per this many bytes (at most the maximum above); each part
+    is a range of whole output shards, run by any worker (docs/recipes.md, "parallelism").
+    Unset (the default): only recipes that ask are split.
 ``WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES``
     Most bytes one ``PUT /v1/uploads/{id}/files/{path}`` may carry; the route streams the
     body to a temporary file and stops reading past this. Default 67108864 (64 MiB). The
@@ -138,6 +146,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.devices import check_device_name
+from schemas.limits import MAX_MERGE_PARALLELISM
 
 ENV_PREFIX = "WEIGHTSMITH_"
 
@@ -220,6 +229,8 @@ class Settings(BaseSettings):
     max_upload_chunk_bytes: int = Field(default=64 * 2**20, ge=1, le=5 * 2**30)
     upload_expiry: int = Field(default=24 * 3600, ge=1)
     max_open_uploads: int = Field(default=16, ge=1)
+    merge_max_parallelism: int = Field(default=8, ge=1, le=MAX_MERGE_PARALLELISM)
+    merge_parallel_above: int | None = Field(default=None, ge=1)
 
     @field_validator("log_format", mode="before")
     @classmethod

@@ -97,6 +97,9 @@ MAX_COVARIANCE_TOKENS = 10**9
 """``covariance.tokens``: the ROME paper's statistics take about 5·10⁷."""
 MAX_SHARD_BYTES = 2**40
 """``output.shard_size``: 1 TiB."""
+MAX_MERGE_PARALLELISM = 64
+"""A merge recipe's ``parallelism`` (the operator may allow fewer:
+``WEIGHTSMITH_MERGE_MAX_PARALLELISM``)."""
 MAX_WEBHOOK_EVENTS = 16
 """Entries of a subscription's ``events`` (repeats collapse)."""
 MAX_IDEMPOTENCY_KEY_CHARS = 255

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     Tag,
     ValidationError,
     field_validator,
@@ -36,6 +37,7 @@ from schemas.limits import (
     MAX_CHAT_TEMPLATE_CHARS,
     MAX_FILTER_CHARS,
     MAX_LAYER_INDEX,
+    MAX_MERGE_PARALLELISM,
     MAX_MODELS_PER_RECIPE,
     MAX_NAME_CHARS,
     MAX_SETTING_ITEMS,
@@ -304,6 +306,16 @@ class MergeRecipe(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     allow_pickle: bool = False
     output: OutputOptions = Field(default_factory=OutputOptions)
+    # How the merge runs, not what it makes: left out of every dump (manifest, model card,
+    # reuse), so the artifact is the same whatever the split (docs/recipes.md, "parallelism").
+    parallelism: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_MERGE_PARALLELISM,
+        exclude=True,
+        description="split the merge into this many parts (ranges of output shards) run by "
+        "any workers at once; 1: one worker",
+    )
 
     _norm_dtypes = field_validator("dtype", "out_dtype", mode="before")(_dtype)
 

@@ -27,14 +27,17 @@ def reusable_recipe_hash(
     ``recipe`` is the pinned recipe as stored with the job and ``references`` every model
     reference in it. Reusable means: a merge, every reference immutable (a hub commit sha or
     an artifact version: the pinned recipe then identifies the inputs' bytes) and a seed
-    (without one the worker draws a random seed). An ``s3://`` prefix or a local path can
+    (without one the worker draws a random seed); ``parallelism`` is left out (how the
+    merge runs, not what it makes). An ``s3://`` prefix or a local path can
     change under the same name, so such a job always runs.
     """
     if kind != JobKind.MERGE.value or not isinstance(recipe.get("seed"), int):
         return None
     if not all(ref.is_immutable for ref in references):
         return None
-    return compute_recipe_hash(kind=kind, recipe=recipe, parents=[], seed=recipe["seed"])
+    # how many parts the merge runs in does not change its result (docs/recipes.md)
+    what = {k: v for k, v in recipe.items() if k != "parallelism"}
+    return compute_recipe_hash(kind=kind, recipe=what, parents=[], seed=recipe["seed"])
 
 
 def may_reuse(request: JobCreate) -> bool:

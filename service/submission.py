@@ -94,6 +94,7 @@ def submit_job(
     service: Service, principal: Principal, request: JobCreate, idempotency_key: str | None
 ) -> Submitted:
     check_publish(service, principal, request)
+    check_parallelism(service, request)
     if request.callback_url is not None:  # no private addresses (SSRF): see service.webhooks
         refuse_unsafe_url(service.settings, str(request.callback_url), "/callback_url")
     jobs = service.jobs
@@ -156,6 +157,26 @@ def submit_job(
     return Submitted(
         _enqueue(service, job, reuse=may_reuse(request), tenant=principal.tenant), replayed=False
     )
+
+
+def check_parallelism(service: Service, request: JobCreate) -> None:
+    """A merge's ``parallelism`` within the operator's maximum (the schema caps it at
+    MAX_MERGE_PARALLELISM; the operator may allow fewer): 422 naming the field."""
+    if request.kind != JobKind.MERGE or not isinstance(request.recipe, dict):
+        return
+    wanted = request.recipe.get("parallelism")
+    most = service.settings.merge_max_parallelism
+    if isinstance(wanted, int) and wanted > most:
+        message = (
+            f"parallelism {wanted} is more parts than this service splits a merge into "
+            f"(at most {most}, WEIGHTSMITH_MERGE_MAX_PARALLELISM): use 1 to {most}"
+        )
+        raise Problem(
+            422,
+            f"/recipe/parallelism: {message}",
+            title="Invalid recipe",
+            errors=[ProblemItem(detail=message, pointer="/recipe/parallelism")],
+        )
 
 
 def check_publish(service: Service, principal: Principal, request: JobCreate) -> None:

@@ -8,7 +8,7 @@ at submission (a grant may have been revoked since, or the job recorded some oth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from infra.artifacts import (
     LATEST,
@@ -41,6 +41,14 @@ if TYPE_CHECKING:
     from schemas.recipe import MergeRecipe
     from workers.sources import ResolvedModel, SourceSettings
     from workers.watch import JobWatch
+
+
+class FetchWatch(Protocol):
+    """What fetching a job's inputs reports to and asks (a job's watch, or a part's)."""
+
+    def report_inputs(self, fetched: int, total: int, nbytes: int) -> None: ...
+
+    def check(self) -> None: ...
 
 
 def source_settings(
@@ -84,7 +92,7 @@ def resolve_inputs(
     object_store: ObjectStore,
     access: TenantAccess,
     work: Path,
-    watch: JobWatch,
+    watch: FetchWatch,
 ) -> dict[str, ResolvedModel]:
     """Every reference of the recipe as local files: hub downloads, artifacts, s3, paths,
     each checked again against what the tenant may read (service.tenancy)."""

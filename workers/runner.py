@@ -76,11 +76,14 @@ from workers.watch import JobWatch
 
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
+    from infra.db.parts import PartKey
     from infra.settings import Settings
     from workers.edit.engine import EditGateError
     from workers.sources import ResolvedModel, SourceSettings
 
 log = logging.getLogger("weightsmith.runner")
+
+SendPart = Callable[["PartKey"], None]
 
 # where a worker's device comes from (the embedded worker; a Celery worker's gpu queue)
 DEVICE_SETTING = "WEIGHTSMITH_WORKER_DEVICE"
@@ -109,8 +112,12 @@ def run_job(
     worker_id: str,
     device: str = "cpu",
     work_root: Path | None = None,
+    send_part: SendPart | None = None,
 ) -> None:
     """Run job ``job_id`` to its end, or do nothing if it is not this call's to run.
+
+    ``send_part``: how a merge split into parts (workers.split_merge) asks other workers for
+    its parts (the Celery task sends them to its own queue); None: this worker runs them all.
 
     ``device``: where the job computes (``WEIGHTSMITH_WORKER_DEVICE`` for the embedded
     worker and a Celery worker's gpu queue; ``workers.devices``); a device this machine does
@@ -148,6 +155,7 @@ def run_job(
                 watch=watch,
                 work=work,
                 device=device,
+                send_part=send_part,
             )
         except _LostJob:
             log.warning("job %s: taken over by another worker; this attempt stops", job_id)
@@ -173,6 +181,7 @@ def _run_claimed(
     watch: JobWatch,
     work: Path,
     device: str,
+    send_part: SendPart | None = None,
 ) -> None:
     from workers.devices import resolve_device
     from workers.edit.engine import EditGateError
@@ -194,6 +203,23 @@ def _run_claimed(
         if isinstance(recipe, EditRecipe):
             result: Any = _edit(
                 recipe, work, settings, object_store, access, resolved, watch, compute
+            )
+        elif isinstance(recipe, MergeRecipe):
+            from workers.split_merge import run_merge_job
+
+            # in one piece, or split into parts run by many workers (docs/recipes.md)
+            result = run_merge_job(
+                job,
+                recipe,
+                work / "out",
+                sources=sources,
+                resolved=resolved,
+                device=compute,
+                watch=watch,
+                store=store,
+                settings=settings,
+                object_store=object_store,
+                send_part=send_part,
             )
         else:
             result = _build(recipe, work / "out", sources, resolved, compute, watch)

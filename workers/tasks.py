@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from infra.queue import RUN_PART_TASK
 from service.webhooks import DELIVER_WEBHOOKS_TASK
 from workers.celery_app import DEFAULT_QUEUE, GPU_QUEUE, RUN_JOB_TASK, app
 
 if TYPE_CHECKING:
     from infra.db import JobStore
+    from infra.db.parts import PartKey
     from infra.settings import Settings
     from infra.storage import ObjectStore
     from service.webhooks import DispatcherLoop, WebhookDispatcher
@@ -72,6 +74,10 @@ def run_job(self: Any, job_id: str) -> None:
     # the gpu queue's jobs compute where WEIGHTSMITH_WORKER_DEVICE says (default auto)
     device = ctx.settings.worker_device if queue == GPU_QUEUE else "cpu"
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+
+    def send_part(key: PartKey) -> None:  # a split merge's parts go to this job's queue
+        app.send_task(RUN_PART_TASK, args=key.args(), queue=queue)
+
     try:
         run(
             str(job_id),
@@ -80,6 +86,7 @@ def run_job(self: Any, job_id: str) -> None:
             object_store=ctx.object_store,
             worker_id=worker_id,
             device=device,
+            send_part=send_part,
         )
     except RetryLater as e:
         log.info("%s", e)
@@ -89,6 +96,40 @@ def run_job(self: Any, job_id: str) -> None:
             raise
         delay = float(ctx.settings.worker_heartbeat_interval)
         log.warning("job %s: %s: %s; message retried in %.0f s", job_id, type(e).__name__, e, delay)
+        raise self.retry(countdown=delay) from None
+
+
+@app.task(name=RUN_PART_TASK, bind=True, max_retries=None, ignore_result=True)
+def run_merge_part(self: Any, job_id: str, job_attempt: int, step: int, part: int) -> None:
+    """Run one part of a merge split across workers (see workers.split_merge). Retried while
+    another worker holds the part, after a transient failure, and while the job store
+    cannot be reached."""
+    from infra.db.parts import PartKey
+    from workers.errors import is_transient
+    from workers.split_merge import PartRetryLater, run_part
+
+    ctx = _context()
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    device = ctx.settings.worker_device if queue == GPU_QUEUE else "cpu"
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    key = PartKey(str(job_id), int(job_attempt), int(step), int(part))
+    try:
+        run_part(
+            key,
+            store=ctx.store,
+            settings=ctx.settings,
+            object_store=ctx.object_store,
+            worker_id=worker_id,
+            device=device,
+        )
+    except PartRetryLater as e:
+        log.info("%s", e)
+        raise self.retry(countdown=e.delay_s + RETRY_MARGIN_S) from None
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        delay = float(ctx.settings.worker_heartbeat_interval)
+        log.warning("job %s part %s: %s; message retried in %.0f s", job_id, part, e, delay)
         raise self.retry(countdown=delay) from None
 
 

@@ -246,9 +246,7 @@ class JobPart(Base):
         CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state"),
     )
 
-    job_id: Mapped[str] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     part: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_attempt: Mapped[int] = mapped_column(Integer)

@@ -26,7 +26,7 @@ Nothing here needs the broker; the rules are tested directly (tests/test_split_m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,7 +81,7 @@ class PartStore:
         job_id: str,
         job_attempt: int,
         step: int,
-        specs: list[Mapping[str, Any]],
+        specs: Sequence[Mapping[str, Any]],
         max_attempts: int,
     ) -> list[PartKey]:
         """Record the parts of ``step`` (one per spec), queued. Step 0 first deletes every
@@ -91,9 +91,7 @@ class PartStore:
             if step == 0:
                 s.execute(delete(JobPart).where(JobPart.job_id == job_id))
             else:
-                s.execute(
-                    delete(JobPart).where(JobPart.job_id == job_id, JobPart.step == step)
-                )
+                s.execute(delete(JobPart).where(JobPart.job_id == job_id, JobPart.step == step))
             for i, spec in enumerate(specs):
                 s.add(
                     JobPart(
@@ -120,9 +118,24 @@ class PartStore:
         with self._sessions() as s:
             return list(s.scalars(query.order_by(JobPart.step, JobPart.part)))
 
-    def delete_parts(self, job_id: str) -> None:
-        with self._sessions.begin() as s:
-            s.execute(delete(JobPart).where(JobPart.job_id == job_id))
+    def part_should_stop(self, key: PartKey) -> bool:
+        """Whether a running part should stop at its next tensor: the job was cancelled,
+        or is no longer running this attempt (it failed, finished, or was taken over)."""
+        with self._sessions() as s:
+            row = s.execute(
+                select(Job.state, Job.attempts, Job.cancel_requested).where(Job.id == key.job_id)
+            ).one_or_none()
+        return (
+            row is None
+            or row.cancel_requested
+            or row.state != JobState.RUNNING.value
+            or row.attempts != key.job_attempt
+        )
+
+    def job(self, job_id: str) -> Job | None:
+        """The job a part belongs to (its recipe and tenant), read only."""
+        with self._sessions() as s:
+            return s.get(Job, job_id)
 
     # ---- a part's worker -----------------------------------------------------------------
 
@@ -206,14 +219,27 @@ class PartStore:
             part = s.scalar(self._transition(key, *self._owned_by(worker_id)).values(**values))
         return part is not None
 
-    def finish_part(self, key: PartKey, worker_id: str, result: Mapping[str, Any]) -> bool:
-        """running → done with the part's ``result``, for its owner only. False: not its own
-        any more (its output is discarded)."""
+    def finish_part(
+        self,
+        key: PartKey,
+        worker_id: str,
+        result: Mapping[str, Any],
+        *,
+        tensors_done: int = 0,
+        bytes_done: int = 0,
+    ) -> bool:
+        """running → done with the part's ``result`` and final progress, for its owner only.
+        False: not its own any more (its output is discarded)."""
         now = self._clock()
         with self._sessions.begin() as s:
             part = s.scalar(
                 self._transition(key, *self._owned_by(worker_id)).values(
-                    state=DONE, result=dict(result), error=None, updated_at=now
+                    state=DONE,
+                    result=dict(result),
+                    error=None,
+                    tensors_done=tensors_done,
+                    bytes_done=bytes_done,
+                    updated_at=now,
                 )
             )
         return part is not None

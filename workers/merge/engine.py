@@ -50,6 +50,7 @@ __all__ = [
     "PassSchedule",
     "Progress",
     "ProgressCallback",
+    "merge_in_session",
     "overflow_limit",
     "run_merge",
 ]
@@ -90,27 +91,35 @@ def run_merge(
     """
     from workers.publish.output import StagedOutput
 
-    out_dir = Path(out_dir)
+    StagedOutput(Path(out_dir))  # the output folder is checked before any work
+    with MergeSession(
+        recipe,
+        seed=seed,
+        device=device,
+        sources=sources,
+        base_dir=base_dir,
+        progress=progress,
+        cancelled=cancelled,
+        resolved=resolved,
+        started=started,
+    ) as session:
+        return merge_in_session(session, Path(out_dir))
+
+
+def merge_in_session(session: MergeSession, out_dir: Path) -> MergeResult:
+    """The whole merge of an open session in this process: statistics, every shard, the
+    rest of the folder, published at ``out_dir`` at once (nothing there on failure)."""
+    from workers.publish.output import StagedOutput
+
     output = StagedOutput(out_dir)
     try:
-        with MergeSession(
-            recipe,
-            seed=seed,
-            device=device,
-            sources=sources,
-            base_dir=base_dir,
-            progress=progress,
-            cancelled=cancelled,
-            resolved=resolved,
-            started=started,
-        ) as session:
-            t1 = time.perf_counter()
-            stats = session.statistics()
-            session.timings["statistics_s"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            digests = session.write(output.path, stats)
-            session.timings["merge_s"] = time.perf_counter() - t2
-            manifest = session.finalize(output.path, digests, session.merge.notes)
+        t1 = time.perf_counter()
+        stats = session.statistics()
+        session.timings["statistics_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        digests = session.write(output.path, stats)
+        session.timings["merge_s"] = time.perf_counter() - t2
+        manifest = session.finalize(output.path, digests, session.merge.notes)
         output.publish()
         return MergeResult(
             out_dir=out_dir, seed=session.seed, manifest=manifest, files=sorted(out_dir.iterdir())
