@@ -16,8 +16,9 @@ the merge in steps, one per statistics pass of the method and then the merge its
 3. the coordinator waits for every part of the step (the job store is the barrier),
    running queued parts itself meanwhile, so a job never waits for a free worker (the
    embedded worker, which has no broker, runs all the parts this way, one after the other);
-   a part whose worker was lost (killed) is taken over once its heartbeat is stale, by the
-   redelivered message or by the coordinator, as a new attempt of the part;
+   a part whose worker was lost (killed) is taken over once its heartbeat is stale by its
+   redelivered message (``acks_late``, ``reject_on_worker_lost``), or by the coordinator
+   when no message did within another ``worker_lost_after``, as a new attempt of the part;
 4. after a statistics step it combines the parts' partials exactly (integer sums, maxima)
    and stores them for the next step; after the merge step it fetches every part's shards
    (sha256 checked), writes the index, config, tokenizer, model card and manifest, and the
@@ -39,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +62,9 @@ log = logging.getLogger("weightsmith.split_merge")
 
 WORK_PREFIX = "_parts"  # never a tenant's (tenant names start with a letter or digit)
 POLL_S = 0.1  # how often the coordinator looks at its parts
+# A queued part the other workers have not taken within this time is run by the coordinator
+# (at once when there are no other workers: the embedded worker).
+STEAL_AFTER_S = 2.0
 PROGRESS_INTERVAL_S = 1.0
 
 SendPart = Callable[[PartKey], None]
@@ -259,9 +264,11 @@ class _Coordinator:
         keys = self.parts.start_step(
             self.job.id, self.job.attempts, step, specs, self.settings.max_attempts
         )
+        steal_at = time.monotonic()
         if self.send_part is not None:
             for key in keys:
                 self.send_part(key)
+            steal_at += STEAL_AFTER_S
         last_report = 0.0
         while True:
             if self.watch.should_stop():
@@ -280,8 +287,18 @@ class _Coordinator:
             if now - last_report >= PROGRESS_INTERVAL_S:
                 last_report = now
                 self._report(phase, tensors, nbytes)
-            # A part nobody runs (all workers busy, or none but this one): run it here.
-            waiting = [k for k, r in zip(keys, rows, strict=True) if r.state in (QUEUED, RUNNING)]
+            # A part nobody runs (all workers busy, or none but this one): run it here. A
+            # part whose worker was lost is left to its redelivered message for another
+            # lost-after period (a backstop for a message that is gone too).
+            lost = datetime.now(UTC) - self.parts.worker_lost_after * (
+                1 if self.send_part is None else 2
+            )
+            waiting = [
+                k
+                for k, r in zip(keys, rows, strict=True)
+                if (r.state == QUEUED and now >= steal_at)
+                or (r.state == RUNNING and (r.heartbeat_at is None or r.heartbeat_at < lost))
+            ]
             ran = False
             for key in waiting:
                 if self.parts.retry_part_after(key) == 0.0:

@@ -1,0 +1,283 @@
+"""A merge split across three Celery workers for real: three ``weightsmith worker``
+processes on one queue of a loopback Redis, PostgreSQL as the job store, a local object
+store. The artifact equals a single-worker run's, byte for byte; a part whose worker is
+killed (SIGKILL) mid-part is redelivered and finishes once, and the job publishes once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from infra.artifacts import download_artifact, list_versions
+from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
+from infra.db.parts import PartStore
+from infra.queue import RUN_JOB_TASK
+from infra.storage import LocalObjectStore
+from schemas.jobs import JobCreate, JobKind, JobState
+from schemas.recipe import MergeRecipe
+from testbed.postgres import fresh_database
+from tests.support.checkpoints import build_many_tensor_family, ties
+from workers.merge.engine import run_merge
+
+pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ROOT = Path(__file__).resolve().parent.parent
+LOST_AFTER_S = 3
+HEARTBEAT_S = 1
+WORKERS = 3
+
+
+@dataclass
+class Workers:
+    store: JobStore
+    parts: PartStore
+    objects: LocalObjectStore
+    tenant: str
+    tenant_id: int
+    send: Callable[[str], None]
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    def submit(self, recipe: dict[str, Any], name: str) -> str:
+        request = JobCreate(kind=JobKind.MERGE, recipe=recipe, artifact_name=name)
+        job_id = self.store.create_job(self.tenant_id, request).job.id
+        self.send(job_id)
+        return job_id
+
+    def job(self, job_id: str) -> Any:
+        job = self.store.get(self.tenant_id, job_id)
+        assert job is not None
+        return job
+
+    def wait_for(self, job_id: str, done: Callable[[Any], bool], timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while not done(job := self.job(job_id)):
+            for p in self.processes:
+                if p.poll() is not None:
+                    pytest.fail(f"a worker exited ({p.returncode}):\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"job {job_id} stuck in {job.state}:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return job
+
+    def log_tail(self) -> str:
+        return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.logs)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _check_redis() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({e})", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    from celery import Celery
+
+    _check_redis()
+    root = tmp_path_factory.mktemp("split_merge_workers")
+    queue = f"weightsmith-split-{secrets.token_hex(4)}"
+    with fresh_database("weightsmith_split") as pg_url:
+        upgrade_database(pg_url)
+        engine: Engine = make_engine(pg_url)
+        tenant = f"split-{secrets.token_hex(3)}"
+        tenant_id = ApiKeys(engine).ensure_tenant(tenant).id
+        lost_after = timedelta(seconds=LOST_AFTER_S)
+        store = JobStore(engine, max_attempts=3, worker_lost_after=lost_after)
+        env = {
+            **os.environ,
+            "WEIGHTSMITH_DATA_DIR": str(root / "data"),
+            "WEIGHTSMITH_BROKER_URL": REDIS_URL,
+            "WEIGHTSMITH_DATABASE_URL": pg_url,
+            "WEIGHTSMITH_OBJECT_STORE_URL": f"file://{root}/artifacts",
+            "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
+            "WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
+            "WEIGHTSMITH_WORKER_LOST_AFTER": str(LOST_AFTER_S),
+            "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "300",
+            "WEIGHTSMITH_VISIBILITY_TIMEOUT": "330",
+            "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+            "PYTHONPATH": str(ROOT),
+        }
+        processes, logs = [], []
+        for i in range(WORKERS):
+            log = root / f"worker-{i}.log"
+            with log.open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "weightsmith",
+                            "worker",
+                            "--queues",
+                            queue,
+                            "--hostname",
+                            f"{queue}-{i}@%h",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            logs.append(log)
+        producer = Celery("weightsmith-test-producer", broker=REDIS_URL)
+
+        def send(job_id: str) -> None:
+            producer.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+        try:
+            yield Workers(
+                store,
+                PartStore(engine, worker_lost_after=lost_after),
+                LocalObjectStore(root / "artifacts"),
+                tenant,
+                tenant_id,
+                send,
+                processes,
+                logs,
+            )
+        finally:
+            for p in processes:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            producer.close()
+            engine.dispose()
+
+
+def finished(job: Any) -> bool:
+    return JobState(job.state).is_terminal
+
+
+def same_files(a: Path, b: Path) -> None:
+    """Every file byte for byte; the manifest but for its timings, time of creation and
+    the published version's own block."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        del m["timings"], m["created_at"]
+        m.pop("artifact", None)
+    assert ma == mb
+
+
+def statistics_recipe(family: dict[str, Path]) -> dict[str, Any]:
+    """Global TIES (two statistics passes before the merge) in ~16 shards."""
+    return {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 0.6}} for k in ("ft1", "ft2", "ft3")
+        ],
+        "parameters": {"density": 0.3, "scope": "global"},
+        "seed": 5,
+        "output": {"shard_size": 40_000},
+    }
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_global"])
+def test_a_merge_split_across_three_workers_equals_a_single_worker_run(
+    workers: Workers, llama_family: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    recipe = statistics_recipe(llama_family)
+    if method == "task_arithmetic":
+        recipe = {**recipe, "merge_method": "task_arithmetic", "parameters": {}}
+    one = workers.submit(recipe, f"one-{method.replace('_', '-')}")
+    split = workers.submit({**recipe, "parallelism": 3}, f"three-{method.replace('_', '-')}")
+
+    for job_id in (one, split):
+        job = workers.wait_for(job_id, finished)
+        assert job.state == JobState.SUCCEEDED, (job.error, workers.log_tail())
+    a = download_artifact(
+        workers.objects, workers.tenant, f"one-{method.replace('_', '-')}", 1, tmp_path / "a"
+    )
+    b = download_artifact(
+        workers.objects, workers.tenant, f"three-{method.replace('_', '-')}", 1, tmp_path / "b"
+    )
+    same_files(a, b)
+    rows = workers.parts.parts(split)
+    steps = 3 if method == "ties_global" else 1
+    assert [(p.step, p.part) for p in rows] == [(s, i) for s in range(steps) for i in range(3)]
+    assert all(p.state == "done" for p in rows)
+    # the part messages went to the workers (not only to the job's own worker)
+    assert any(not p.worker_id.endswith(":coordinator") for p in rows), workers.log_tail()
+
+
+def test_a_part_whose_worker_is_killed_mid_part_is_redelivered_and_finishes_once(
+    workers: Workers, tmp_path: Path
+) -> None:
+    family = build_many_tensor_family(tmp_path / "many", layers=64)
+    recipe = {**ties(family), "parallelism": 3, "output": {"shard_size": 4_000_000}}
+    name = "killed-part"
+    job_id = workers.submit(recipe, name)
+
+    def victim() -> Any:  # a part mid-way on a worker other than the job's own
+        for p in workers.parts.parts(job_id):
+            running = p.state == "running" and p.tensors_done > 0 and p.worker_id
+            if running and not p.worker_id.endswith(":coordinator"):
+                return p
+        return None
+
+    deadline = time.monotonic() + 120
+    while (part := victim()) is None:
+        job = workers.job(job_id)
+        assert not finished(job), f"no part was caught running: {job.state}, {job.error}"
+        assert time.monotonic() < deadline, workers.log_tail()
+        time.sleep(0.01)
+    pid = int(part.worker_id.split(":")[1])
+    assert pid not in {p.pid for p in workers.processes}  # a prefork child running the part
+    os.kill(pid, signal.SIGKILL)
+
+    job = workers.wait_for(job_id, finished)
+    assert job.state == JobState.SUCCEEDED, (job.error, workers.log_tail())
+    assert job.attempts == 1  # the job's own worker was not touched
+    rows = {p.part: p for p in workers.parts.parts(job_id)}
+    assert rows[part.part].attempts == 2  # the killed attempt, and the one that finished
+    assert rows[part.part].worker_id != part.worker_id
+    assert all(p.attempts == 1 for i, p in rows.items() if i != part.part)
+    assert [v.version for v in list_versions(workers.objects, workers.tenant, name)] == [1]
+    claims = [i.key for i in workers.objects.list(f"{workers.tenant}/{name}/versions/")]
+    assert claims == [f"{workers.tenant}/{name}/versions/v1.claim"]  # one publish, ever
+    assert not list(workers.objects.list("_parts/"))
+    # the same message (task id) again, on another worker process: redelivered by Celery
+    assert rows[part.part].worker_id.split(":")[2] == part.worker_id.split(":")[2]
+
+    single = run_merge(
+        MergeRecipe.model_validate({**recipe, "parallelism": None}), tmp_path / "single"
+    )
+    out = download_artifact(workers.objects, workers.tenant, name, 1, tmp_path / "published")
+    same_files(single.out_dir, out)
