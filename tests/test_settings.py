@@ -74,6 +74,8 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_UPLOAD_EXPIRY": "600",
         "WEIGHTSMITH_MAX_OPEN_UPLOADS": "3",
         "WEIGHTSMITH_MAX_BODY_BYTES": "2097152",
+        "WEIGHTSMITH_MERGE_MAX_PARALLELISM": "4",
+        "WEIGHTSMITH_MERGE_PARALLEL_ABOVE": "1000000000",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -109,6 +111,7 @@ def test_every_variable_is_read_from_the_environment(
     )
     assert (s.max_upload_chunk_bytes, s.upload_expiry, s.max_open_uploads) == (4096, 600, 3)
     assert s.max_body_bytes == 2 * 1024 * 1024
+    assert (s.merge_max_parallelism, s.merge_parallel_above) == (4, 10**9)
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

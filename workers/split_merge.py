@@ -6,15 +6,17 @@ shards (workers/merge/parts.py). The worker that claimed the job is its *coordin
 keeps the job's claim, heartbeat, cancel check and publish exactly as for any job, and runs
 the merge in steps, one per statistics pass of the method and then the merge itself:
 
-1. it records the step's parts (``job_parts``, infra/db/parts.py) and sends one message per
-   part (``weightsmith.run_merge_part``) to its own queue;
+1. it records the step's parts (``job_parts``, infra/db/parts.py), sends one message per
+   part (``weightsmith.run_merge_part``) to its own queue but the first, and runs the first
+   part itself;
 2. any worker takes a part's message and runs it (:func:`run_part`): claims the part (its
    own fencing token and attempt count), fetches the inputs for the tenant, reads its pass
    or merges its shards, and stores what it made under the job's work prefix in the object
    store (``_parts/{job}/a{attempt}/``: a pass's partial histograms, or its shard files,
    each attempt under keys of its own) before it marks the part done;
 3. the coordinator waits for every part of the step (the job store is the barrier),
-   running queued parts itself meanwhile, so a job never waits for a free worker (the
+   running parts that no other worker took within ``STEAL_AFTER_S`` itself, so a job never
+   waits for a free worker (the
    embedded worker, which has no broker, runs all the parts this way, one after the other);
    a part whose worker was lost (killed) is taken over once its heartbeat is stale by its
    redelivered message (``acks_late``, ``reject_on_worker_lost``), or by the coordinator
@@ -266,9 +268,13 @@ class _Coordinator:
         )
         steal_at = time.monotonic()
         if self.send_part is not None:
-            for key in keys:
+            for key in keys[1:]:  # the first part is this worker's own: it is here anyway
                 self.send_part(key)
             steal_at += STEAL_AFTER_S
+        try:
+            self.run_here(keys[0])
+        except PartRetryLater as e:  # a transient failure gave it back: the loop retries it
+            log.info("%s", e)
         last_report = 0.0
         while True:
             if self.watch.should_stop():

@@ -120,16 +120,27 @@ class PartStore:
 
     def part_should_stop(self, key: PartKey) -> bool:
         """Whether a running part should stop at its next tensor: the job was cancelled,
-        or is no longer running this attempt (it failed, finished, or was taken over)."""
+        is no longer running this attempt (it failed, finished, or was taken over), or
+        another part of this attempt failed (which fails the job)."""
         with self._sessions() as s:
             row = s.execute(
                 select(Job.state, Job.attempts, Job.cancel_requested).where(Job.id == key.job_id)
             ).one_or_none()
+            failed = s.scalar(
+                select(JobPart.part)
+                .where(
+                    JobPart.job_id == key.job_id,
+                    JobPart.job_attempt == key.job_attempt,
+                    JobPart.state == FAILED,
+                )
+                .limit(1)
+            )
         return (
             row is None
             or row.cancel_requested
             or row.state != JobState.RUNNING.value
             or row.attempts != key.job_attempt
+            or failed is not None
         )
 
     def job(self, job_id: str) -> Job | None:

@@ -16,9 +16,9 @@ The steps, each run by every part and then combined:
 3. **Finish**: the index (the same bytes as a single run's), config, tokenizer, model card
    and manifest beside all the shards (:func:`finish_parts`).
 
-:func:`run_merge_in_parts` runs the steps in one process, part after part (the CLI's
-``--parallelism`` and the tests' reference); workers/split_merge.py runs them as job parts
-on any workers, with the job store as the barrier between steps.
+:func:`run_merge_in_parts` runs the steps in one process, part after part, each in a
+session of its own (the tests' check of the split against one run); workers/split_merge.py
+runs them as job parts on any workers, with the job store as the barrier between steps.
 """
 
 from __future__ import annotations
