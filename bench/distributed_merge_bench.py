@@ -18,9 +18,12 @@ What it does:
    waits for it to succeed; ``--repeats`` times (the first run also warms each worker
    process: its first task imports torch);
 3. prints, per run: the wall time from submission to the job's success (the artifact
-   published), the manifest's timings (statistics, merge, publish as the job's worker saw
-   them), how many parts each worker process ran, the peak RSS of each worker's process tree
-   (sampled every 50 ms), the ratio to the N = 1 run of the same repeat, and the load average.
+   published), the manifest's timings as the job's worker saw them (resolve, statistics,
+   merge; "gather+finish": the rest up to the manifest, i.e. fetching the parts' shards from
+   the artifact store and writing index, config and manifest; "queue+upload": the rest of
+   the wall time, i.e. the message reaching a worker and publishing the version), how many
+   parts each worker process ran, the peak RSS of each worker's process tree (sampled every
+   50 ms), the ratio to the N = 1 run of the same repeat, and the load average.
 
 Output shards are ``--shard-mb`` (default 64) so the output has enough shards for 3 parts.
 The table is also written to ``bench/.data/results-distributed.json``. Nothing is asserted.
@@ -225,11 +228,15 @@ def main(argv: list[str]) -> int:
                         }
                         results.append(row)
                         t = manifest["timings"]
+                        steps = sum(t.get(k, 0.0) for k in ("resolve_s", "statistics_s", "merge_s"))
+                        gather = t["total_s"] - steps  # the parts' shards fetched, the rest written
+                        rest = wall - t["total_s"]  # the message's way to a worker, the upload
                         print(
                             f"{method:16s} N={n} run {repeat}: wall {wall:6.1f} s "
                             f"(x{ratio:.2f} of N={counts[0]}), {in_mib / wall:6.1f} MiB/s in; "
-                            f"statistics {t.get('statistics_s', 0):.1f} s, merge "
-                            f"{t.get('merge_s', 0):.1f} s, publish {t.get('publish_s', 0):.1f} s; "
+                            f"resolve {t.get('resolve_s', 0):.1f} s, statistics "
+                            f"{t.get('statistics_s', 0):.1f} s, merge {t.get('merge_s', 0):.1f} s, "
+                            f"gather+finish {gather:.1f} s, queue+upload {rest:.1f} s; "
                             f"parts per process {per_worker or '-'}; worker RSS peaks "
                             f"{[round(r) for r in rss]} MiB; {load()}",
                             flush=True,
