@@ -281,3 +281,39 @@ def test_a_part_whose_worker_is_killed_mid_part_is_redelivered_and_finishes_once
     )
     out = download_artifact(workers.objects, workers.tenant, name, 1, tmp_path / "published")
     same_files(single.out_dir, out)
+
+
+def test_cancelling_a_split_merge_stops_the_parts_on_every_worker(
+    workers: Workers, tmp_path: Path
+) -> None:
+    family = build_many_tensor_family(tmp_path / "many", layers=64)
+    recipe = {**ties(family), "parallelism": 3, "output": {"shard_size": 4_000_000}}
+    name = "cancelled-split"
+    job_id = workers.submit(recipe, name)
+
+    def others_running() -> int:  # parts mid-way on workers other than the job's own
+        return sum(
+            1
+            for p in workers.parts.parts(job_id)
+            if p.state == "running"
+            and p.tensors_done > 0
+            and not (p.worker_id or "").endswith(":coordinator")
+        )
+
+    deadline = time.monotonic() + 120
+    while others_running() == 0:
+        assert not finished(workers.job(job_id)), "no part was caught running"
+        assert time.monotonic() < deadline, workers.log_tail()
+        time.sleep(0.01)
+    assert workers.store.request_cancel(workers.tenant_id, job_id) is not None
+
+    job = workers.wait_for(job_id, finished)
+    assert job.state == JobState.CANCELLED, (job.error, workers.log_tail())
+    # the parts stop at their next tensor: none finishes after the cancel
+    time.sleep(2 * HEARTBEAT_S + 1)
+    rows = workers.parts.parts(job_id)
+    assert not all(p.state == "done" for p in rows)
+    before = [(p.part, p.state, p.tensors_done) for p in rows]
+    time.sleep(2 * HEARTBEAT_S + 1)
+    assert [(p.part, p.state, p.tensors_done) for p in workers.parts.parts(job_id)] == before
+    assert list_versions(workers.objects, workers.tenant, name) == []
