@@ -10,9 +10,7 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,13 +29,19 @@ from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
 from schemas.recipe import MergeRecipe
 from testbed.postgres import fresh_database
+from tests.support.celery_workers import (
+    REDIS_URL,
+    ROOT,
+    check_redis,
+    closed_port,
+    start_worker,
+    stop_worker,
+)
 from tests.support.checkpoints import build_many_tensor_family, ties
 from workers.merge.engine import run_merge
 
 pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ROOT = Path(__file__).resolve().parent.parent
 LOST_AFTER_S = 3
 HEARTBEAT_S = 1
 WORKERS = 3
@@ -80,27 +84,11 @@ class Workers:
         return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.logs)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _check_redis() -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as e:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({e})", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     from celery import Celery
 
-    _check_redis()
+    check_redis()
     root = tmp_path_factory.mktemp("split_merge_workers")
     queue = f"weightsmith-split-{secrets.token_hex(4)}"
     with fresh_database("weightsmith_split") as pg_url:
@@ -121,33 +109,11 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             "WEIGHTSMITH_WORKER_LOST_AFTER": str(LOST_AFTER_S),
             "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "300",
             "WEIGHTSMITH_VISIBILITY_TIMEOUT": "330",
-            "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+            "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
             "PYTHONPATH": str(ROOT),
         }
-        processes, logs = [], []
-        for i in range(WORKERS):
-            log = root / f"worker-{i}.log"
-            with log.open("wb") as out:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "weightsmith",
-                            "worker",
-                            "--queues",
-                            queue,
-                            "--hostname",
-                            f"{queue}-{i}@%h",
-                        ],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-            logs.append(log)
+        logs = [root / f"worker-{i}.log" for i in range(WORKERS)]
+        processes = [start_worker(queue, f"{queue}-{i}@%h", env, log) for i, log in enumerate(logs)]
         producer = Celery("weightsmith-test-producer", broker=REDIS_URL)
 
         def send(job_id: str) -> None:
@@ -166,12 +132,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             )
         finally:
             for p in processes:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(timeout=10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+                stop_worker(p)
             producer.close()
             engine.dispose()
 

@@ -9,9 +9,7 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,12 +26,18 @@ from infra.queue import RUN_JOB_TASK
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
 from testbed.postgres import fresh_database
+from tests.support.celery_workers import (
+    REDIS_URL,
+    ROOT,
+    check_redis,
+    closed_port,
+    start_worker,
+    stop_worker,
+)
 from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, ties
 
 pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ROOT = Path(__file__).resolve().parent.parent
 LOST_AFTER_S = 3
 HEARTBEAT_S = 1
 
@@ -76,26 +80,6 @@ class WorkerStack:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _check_redis() -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as e:
-        pytest.fail(
-            f"Redis is not reachable at {REDIS_URL} ({e}). Start it: redis-server --daemonize "
-            'yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
-            pytrace=False,
-        )
-
-
 @pytest.fixture(scope="module")
 def worker_db_url() -> Iterator[str]:
     """A PostgreSQL database of this module's own: the worker's lost-job sweeper must not
@@ -108,7 +92,7 @@ def worker_db_url() -> Iterator[str]:
 def stack(worker_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerStack]:
     from celery import Celery
 
-    _check_redis()
+    check_redis()
     pg_url = worker_db_url
     root = tmp_path_factory.mktemp("celery_worker")
     queue = f"weightsmith-test-{secrets.token_hex(4)}"
@@ -132,28 +116,11 @@ def stack(worker_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "WEIGHTSMITH_WORKER_LOST_AFTER": str(LOST_AFTER_S),
         "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "120",
         "WEIGHTSMITH_VISIBILITY_TIMEOUT": "150",
-        "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",  # refuses connections
+        "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",  # refuses connections
         "PYTHONPATH": str(ROOT),
     }
     log = root / "worker.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weightsmith",
-                "worker",
-                "--queues",
-                queue,
-                "--hostname",
-                f"{queue}@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_worker(queue, f"{queue}@%h", env, log)
     producer = Celery("weightsmith-test-producer", broker=REDIS_URL)
 
     def send(job_id: str) -> None:
@@ -171,12 +138,7 @@ def stack(worker_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             log,
         )
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_worker(process)
         producer.close()
         engine.dispose()
 
