@@ -13,7 +13,8 @@ the merge in steps, one per statistics pass of the method and then the merge its
    own fencing token and attempt count), fetches the inputs for the tenant, reads its pass
    or merges its shards, and stores what it made under the job's work prefix in the object
    store (``_parts/{job}/a{attempt}/``: a pass's partial histograms, or its shard files,
-   each attempt under keys of its own) before it marks the part done;
+   each attempt under keys of its own; the coordinator's own merge parts write straight into
+   its output folder) before it marks the part done;
 3. the coordinator waits for every part of the step (the job store is the barrier),
    running parts that no other worker took within ``STEAL_AFTER_S`` itself, so a job never
    waits for a free worker (the
@@ -152,8 +153,9 @@ def run_merge_job(
             object_store=object_store,
             watch=watch,
             send_part=send_part,
-            run_here=lambda key: run_part(
+            run_here=lambda key, here: run_part(
                 key,
+                deliver_to=here,
                 store=store,
                 settings=settings,
                 object_store=object_store,
@@ -179,7 +181,7 @@ class _Coordinator:
         object_store: ObjectStore,
         watch: JobWatch,
         send_part: SendPart | None,
-        run_here: Callable[[PartKey], None],
+        run_here: Callable[[PartKey, Path | None], None],
     ) -> None:
         self.job = job
         self.session = session
@@ -218,16 +220,18 @@ class _Coordinator:
                 combined.append(key)
             self.session.timings["statistics_s"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            rows = self._step(passes, passes, combined, "merge")
-            self.session.timings["merge_s"] = time.perf_counter() - t2
             staging = output.path
             staging.mkdir(parents=True)
+            # the parts this worker runs write their shards straight into the output
+            rows = self._step(passes, passes, combined, "merge", here=staging)
+            self.session.timings["merge_s"] = time.perf_counter() - t2
             digests: dict[str, tuple[int, str]] = {}
             notes: list[str] = []
             for row in rows:  # in part order: the notes as a single run would have them
                 assert row.result is not None
                 for name, (size, sha, key) in sorted(row.result["files"].items()):
-                    self.objects.download_file(key, staging / name, sha256=sha)
+                    if key is not None:  # None: written here, by this worker
+                        self.objects.download_file(key, staging / name, sha256=sha)
                     digests[name] = (int(size), str(sha))
                 notes.extend(row.result["notes"])
             self.watch.check()
@@ -251,8 +255,11 @@ class _Coordinator:
             except Exception:  # leftovers under _parts/ are harmless; the log says so
                 log.warning("job %s: could not delete %s/", self.job.id, self.prefix)
 
-    def _step(self, step: int, passes: int, combined: list[str], phase: str) -> list[JobPart]:
-        """Run one step across the parts; its rows once every part is done."""
+    def _step(
+        self, step: int, passes: int, combined: list[str], phase: str, here: Path | None = None
+    ) -> list[JobPart]:
+        """Run one step across the parts; its rows once every part is done. ``here``: where
+        the merge step's parts run by this worker write their shards."""
         specs: list[dict[str, Any]] = [
             {
                 "shards": list(r),
@@ -272,7 +279,7 @@ class _Coordinator:
                 self.send_part(key)
             steal_at += STEAL_AFTER_S
         try:
-            self.run_here(keys[0])
+            self.run_here(keys[0], here)
         except PartRetryLater as e:  # a transient failure gave it back: the loop retries it
             log.info("%s", e)
         last_report = 0.0
@@ -309,7 +316,7 @@ class _Coordinator:
             for key in waiting:
                 if self.parts.retry_part_after(key) == 0.0:
                     try:
-                        self.run_here(key)
+                        self.run_here(key, here)
                         ran = True
                     except PartRetryLater as e:
                         log.info("%s", e)
@@ -416,13 +423,16 @@ def run_part(
     work_root: Path | None = None,
     resolved: dict[str, ResolvedModel] | None = None,
     sources: SourceSettings | None = None,
+    deliver_to: Path | None = None,
 ) -> None:
     """Run one part of a split merge, or do nothing if it is not this call's to run.
 
     Raises :class:`PartRetryLater` when the message should be handled again later (the part
     runs under a worker not yet presumed lost, or a transient failure gave it back); every
     other outcome is recorded in the part's row. ``resolved``/``sources``: the job's inputs
-    already fetched (the coordinator running a part itself); else they are fetched here."""
+    already fetched (the coordinator running a part itself); else they are fetched here.
+    ``deliver_to``: the coordinator's output folder, where a merge part it runs itself writes
+    its shards (nothing to upload); else they go to the artifact store's work prefix."""
     from workers.errors import failure_details, is_transient
 
     parts = part_store(store)
@@ -446,7 +456,17 @@ def run_part(
     watch.start()
     try:
         result = _run_claimed_part(
-            key, row, store, settings, object_store, watch, work, device, resolved, sources
+            key,
+            row,
+            store,
+            settings,
+            object_store,
+            watch,
+            work,
+            device,
+            resolved,
+            sources,
+            deliver_to,
         )
         watch.stop()
         done = {"tensors_done": watch.tensors_done, "bytes_done": watch.bytes_done}
@@ -486,6 +506,7 @@ def _run_claimed_part(
     device: str,
     resolved: dict[str, ResolvedModel] | None,
     sources: SourceSettings | None,
+    deliver_to: Path | None = None,
 ) -> dict[str, Any]:
     from workers.merge.engine import MergeSession
     from workers.merge.parts import (
@@ -517,8 +538,13 @@ def _run_claimed_part(
             object_store.put_bytes(where, encode_partial(partial))  # the same bytes each time
             return {"partial": where}
         stats = statistics_from(session, combined)
-        out = work / "out"
+        out = deliver_to if deliver_to is not None else work / "out"
         digests, notes = write_part(session, out, stats, shards)
+    if deliver_to is not None:
+        return {
+            "files": {n: [size, sha, None] for n, (size, sha) in digests.items()},
+            "notes": notes,
+        }
     # each attempt its own keys: a stale attempt still uploading never mixes with this one
     token = f"{spec['prefix']}/parts/{key.part}/a{row.attempts}-{uuid.uuid4().hex[:8]}"
     files = {}
