@@ -79,12 +79,12 @@ class TransferSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.made: list[DeviceTransfer] = []
         self.uploads = self.downloads = 0
-        made = DeviceTransfer.for_device.__func__  # type: ignore[attr-defined]
-        upload, download = DeviceTransfer.upload, DeviceTransfer.upload_from
-        to_host = DeviceTransfer.download
+        make = DeviceTransfer.for_device.__func__  # type: ignore[attr-defined]
+        upload, upload_from = DeviceTransfer.upload, DeviceTransfer.upload_from
+        download = DeviceTransfer.download
 
         def for_device(cls: type[DeviceTransfer], device: torch.device) -> DeviceTransfer:
-            t = made(cls, device)
+            t = make(cls, device)
             self.made.append(t)
             return t
 
@@ -94,11 +94,11 @@ class TransferSpy:
 
         def counted_upload_from(t: DeviceTransfer, *args: Any) -> Any:
             self.uploads += 1
-            return download(t, *args)
+            return upload_from(t, *args)
 
         def counted_download(t: DeviceTransfer, *args: Any) -> Any:
             self.downloads += 1
-            return to_host(t, *args)
+            return download(t, *args)
 
         monkeypatch.setattr(DeviceTransfer, "for_device", classmethod(for_device))
         monkeypatch.setattr(DeviceTransfer, "upload", counted_upload)
