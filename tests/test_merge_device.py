@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 from schemas.recipe import parse_recipe
 from tests.support.merge_cases import (
     ATOL,
+    BF16_CASES,
     LLAMA_CASES,
     RTOL,
     SEED,
+    SMALL_CASES,
     assert_matches_reference,
     engine,
     load_output,
@@ -138,6 +140,49 @@ def test_the_staged_pipeline_writes_the_plain_paths_bytes(
     for name in plain:
         assert torch.equal(staged[name], plain[name]), name
     assert_matches_reference(staged, reference_merge(r, SEED), out_dir=tmp_path / "staged")
+
+
+def _vocabulary_recipe(f: dict[str, Path]) -> dict[str, Any]:
+    """task_arithmetic onto the union of two vocabularies: the embedding and head rows are
+    aligned to it on the host, then staged like any tensor."""
+    return recipe(
+        "task_arithmetic",
+        f,
+        models(f, "ft1", "alt", params=[{"weight": 0.5}, {"weight": 0.3}]),
+        tokenizer_source="union",
+    )
+
+
+OTHER_LAYOUTS = [
+    # 2-byte inputs through byte buffers, float32 out; ties and PCB streamed in blocks
+    *[("bf16_llama_family", BF16_CASES[c]) for c in ("ties", "ties_global", "dare_ties", "pcb")],
+    # inputs in several shards of different sizes
+    *[("sharded_llama_family", SMALL_CASES[c]) for c in ("ties", "slerp", "task_arithmetic")],
+    ("vocabulary_family", _vocabulary_recipe),
+]
+
+
+@pytest.fixture
+def vocabulary_family(llama_family, llama_alt_tokenizer):
+    return {**llama_family, "alt": llama_alt_tokenizer}
+
+
+@pytest.mark.parametrize(
+    ("family", "make"),
+    OTHER_LAYOUTS,
+    ids=["bf16-ties", "bf16-ties_global", "bf16-dare_ties", "bf16-pcb", "sharded-ties",
+         "sharded-slerp", "sharded-task_arithmetic", "vocabulary-union"],
+)  # fmt: skip
+def test_the_staged_pipeline_writes_the_plain_paths_bytes_for_other_inputs(
+    family, make, small_blocks, request, monkeypatch, tmp_path
+):
+    r = make(request.getfixturevalue(family))
+    _, plain = engine(r, tmp_path / "plain", seed=SEED)
+    spy = TransferSpy(monkeypatch)
+    monkeypatch.setattr(transfer, "CPU_STAGING", ring_of_two(1))
+    engine(r, tmp_path / "staged", seed=SEED)
+    assert spy.uploads > len(plain) and spy.downloads >= len(plain)
+    assert file_digests(tmp_path / "staged") == file_digests(tmp_path / "plain")
 
 
 @pytest.mark.parametrize("case", ["slerp", "dare_ties", "model_stock"])
