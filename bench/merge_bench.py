@@ -10,6 +10,7 @@ Run it with the project's virtualenv (it needs torch and safetensors to build th
     python bench/merge_bench.py --size-gb 0.05 --compat     # only the compatibility check
     python bench/merge_bench.py --preset 3b --finetunes 2 --methods task_arithmetic,ties \
         --skip-floor --skip-compat                # Llama-3.2-3B shapes, base + 2 fine-tunes
+    python bench/merge_bench.py --device cuda --methods linear,ties,dare_ties,pcb  # on a GPU
 
 What it does, in order:
 
@@ -35,6 +36,13 @@ What it does, in order:
    rounding; at them each tool's value must be the merge for some keep/drop choice of the tied
    entries (re-computed in float64). Own table; in the JSON under "compat". ``--compat`` runs
    only this check (results in ``bench/.data/results-compat.json``; exit 1 on a mismatch).
+
+With ``--device cuda`` (or ``cuda:N``; it needs a CUDA build of torch in the project's
+virtualenv) our merges run with ``--device`` on that GPU through a child that reports the
+peak GPU memory (``torch.cuda.max_memory_allocated``), a second floor runs beside the I/O
+floor (the same reads through pinned buffers onto the GPU and the base's tensors back, so
+the transfers are in it) and each method is compared with both; mergekit and the
+compatibility check (CPU-only here) are skipped.
 
 Every measured wall time includes an ``os.sync()`` right after the child exits (the page cache is
 flushed before each child starts), so each figure is "until the output is on disk", the same
@@ -224,6 +232,7 @@ DEFAULT_COMPAT_METHODS = ",".join(COMPAT_RECIPES)
 # Targets from the issue, printed as information (never asserted).
 SPEED_TARGETS = {"ties": 1.5, "breadcrumbs": 1.5, "task_arithmetic": 1.0}  # x mergekit's speed
 FLOOR_TARGETS = {"task_arithmetic": 1.5}  # ours / I/O floor
+DEVICE_FLOOR_TARGET = 1.5  # on a GPU: every method's wall / that machine's I/O floor
 RSS_BUDGET_MIB = 1024  # + a few (we allow 4) of the largest input tensor
 
 
@@ -534,6 +543,124 @@ def child_io_floor(out_dir: str, base: str, *others: str) -> int:
     }
     print(json.dumps(stats))
     return 0
+
+
+def child_device_floor(device: str, out_dir: str, base: str, *others: str) -> int:
+    """The I/O floor with the GPU's transfers: every tensor of every model read (plain
+    ``pread``s, tensor by tensor, others first, then the base) into one of two pinned
+    buffers and copied to ``device`` on a stream of its own while the next is read; the
+    base's tensors copied back into a pinned buffer and written out; fsync. What a merge on
+    that GPU cannot beat: reading, both copies and writing, without any math."""
+    import torch
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    locs: list[dict[str, tuple[int, int, int]]] = []
+    fds: list[int] = []
+    max_len = 0
+    for model in others:
+        loc: dict[str, tuple[int, int, int]] = {}
+        for path in st_files(Path(model)):
+            start, header = read_st_header(path)
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    a, b = info["data_offsets"]
+                    loc[name] = (fd, start + a, b - a)
+                    max_len = max(max_len, b - a)
+        locs.append(loc)
+    base_files = st_files(Path(base))
+    for path in base_files:
+        _s, header = read_st_header(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                max_len = max(max_len, b - a)
+    pinned = [torch.empty(max_len, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    views = [memoryview(p.numpy()) for p in pinned]
+    sent: list[Any] = [None, None]  # the event of the copy out of each pinned buffer
+    back = torch.empty(max_len, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.empty(max_len, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(device=dev)
+    turn = 0
+    read_bytes = written = 0
+
+    def send(fd: int, offset: int, length: int) -> None:
+        nonlocal turn, read_bytes
+        if sent[turn] is not None:
+            sent[turn].synchronize()  # its last copy has left the buffer
+        view = views[turn]
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:length]], offset + got)
+            if n <= 0:
+                raise OSError(f"short read at {offset + got}")
+            got += n
+        with torch.cuda.stream(stream):
+            on_device[:length].copy_(pinned[turn][:length], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        sent[turn] = event
+        turn ^= 1
+        read_bytes += length
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in base_files:
+        start, header = read_st_header(path)
+        entries = sorted(
+            (info["data_offsets"], name) for name, info in header.items() if name != "__metadata__"
+        )
+        in_fd = os.open(path, os.O_RDONLY)
+        out_fd = os.open(out / path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            head = os.pread(in_fd, start, 0)
+            os.write(out_fd, head)
+            written += len(head)
+            for (a, b), name in entries:
+                for loc in locs:
+                    send(*loc[name])
+                send(in_fd, start + a, b - a)  # the base last: on_device holds it now
+                with torch.cuda.stream(stream):
+                    back[: b - a].copy_(on_device[: b - a], non_blocking=True)
+                stream.synchronize()
+                done = 0
+                view = memoryview(back.numpy())
+                while done < b - a:
+                    done += os.write(out_fd, view[done : b - a])
+                written += b - a
+            os.fsync(out_fd)
+        finally:
+            os.close(in_fd)
+            os.close(out_fd)
+    for fd in fds:
+        os.close(fd)
+    dfd = os.open(out, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    stats = {
+        "read_bytes": read_bytes,
+        "written_bytes": written,
+        "buffer_bytes": max_len,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(stats))
+    return 0
+
+
+def child_ours_on_device(device: str, recipe: str, out: str) -> int:
+    """``weightsmith merge RECIPE --out OUT --device DEVICE`` in this process, then the peak
+    GPU memory it allocated (a JSON line on stdout)."""
+    import torch
+
+    from weightsmith.cli import main as cli
+
+    code = cli(["merge", recipe, "--out", out, "--device", device])
+    peak = torch.cuda.max_memory_allocated(torch.device(device))
+    print(json.dumps({"gpu_peak_bytes": peak}))
+    return code
 
 
 # --------------------------------------------------------------------------------------------
@@ -1201,6 +1328,22 @@ def mergekit_cmd(exe: Path, recipe: Path, out: Path) -> list[str]:
     ]
 
 
+def probe_device(device: str) -> str | None:
+    """The name of the CUDA GPU ``device`` names, as torch sees it in a child (None: none)."""
+    code = (
+        "import sys, torch\n"
+        f"d = torch.device({device!r})\n"
+        "ok = torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()\n"
+        "print(torch.cuda.get_device_name(d) if ok else '')\n"
+    )
+    try:
+        proc = run_plain([sys.executable, "-c", code], timeout=300)
+    except subprocess.TimeoutExpired:
+        return None
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name else None
+
+
 def probe_weightsmith(exe: Path) -> tuple[bool, str]:
     """(usable, note)."""
     if not exe.exists():
@@ -1315,6 +1458,8 @@ class Row:
     peak_file_mib: float | None = None  # sampled RssFile (mmap'd files, shared libraries)
     vs_mergekit: float | None = None  # mergekit wall / this wall (ours only)
     vs_floor: float | None = None  # this wall / floor wall
+    vs_device_floor: float | None = None  # --device: this wall / the floor with transfers
+    gpu_peak_mib: float | None = None  # --device: torch.cuda.max_memory_allocated
     max_abs_diff: float | None = None  # ours vs mergekit
     io: dict[str, int] = field(default_factory=dict)  # /proc/<pid>/io of the child at exit
     note: str = ""
@@ -1330,7 +1475,7 @@ def io_pair(io: dict[str, int], syscall: str, storage: str) -> str:
     return "/".join("-" if k not in io else f"{io[k] / MIB:.0f}" for k in (syscall, storage))
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], on_device: bool = False) -> None:
     head = [
         "method",
         "tool",
@@ -1340,6 +1485,7 @@ def print_table(rows: list[Row]) -> None:
         "anon MiB",
         "x mergekit",
         "x floor",
+        *(["x dev floor", "GPU peak MiB"] if on_device else []),
         "read MiB (rchar/disk)",
         "written MiB (wchar/disk)",
         "max|diff| vs mk",
@@ -1360,6 +1506,7 @@ def print_table(rows: list[Row]) -> None:
                 fmt(r.peak_anon_mib, ".0f"),
                 fmt(r.vs_mergekit, ".2f"),
                 fmt(r.vs_floor, ".2f"),
+                *([fmt(r.vs_device_floor, ".2f"), fmt(r.gpu_peak_mib, ".0f")] if on_device else []),
                 io_pair(r.io, "rchar", "read_bytes"),
                 io_pair(r.io, "wchar", "write_bytes"),
                 diff,
@@ -1637,6 +1784,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_COMPAT_METHODS,
         help=f"default {DEFAULT_COMPAT_METHODS}",
     )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where our merges compute: cpu (default), cuda or cuda:N (then also a floor "
+        "with the GPU's transfers, the peak GPU memory, and no mergekit or compat runs)",
+    )
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
     ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
@@ -1677,6 +1830,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--size-gb and --compat-size-gb must be positive")
     if args.compat and args.skip_mergekit:
         ap.error("--compat needs mergekit")
+    device = args.device.strip().lower()
+    if device != "cpu" and not (
+        device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        ap.error(f"--device must be cpu, cuda or cuda:N, not {args.device!r}")
+    if device != "cpu" and args.compat:
+        ap.error("--compat compares CPU outputs with mergekit's; not with --device")
+    args.device = device
     args.methods = methods
     args.compat_methods = compat_methods
     return args
@@ -1727,6 +1888,12 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.compat:
         return main_compat(args)
+    found: str | None = None
+    if args.device != "cpu":  # before anything is built: never a figure for a missing GPU
+        found = probe_device(args.device)
+        if found is None:
+            say(f"!! --device {args.device}: torch sees no such CUDA GPU here; no GPU figure")
+            return 2
     data_dir: Path = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_dir = data_dir / "runs"
@@ -1763,7 +1930,11 @@ def main(argv: list[str]) -> int:
     else:
         warn_block("weightsmith CLI not available: skipping our rows", ours_note)
     mk_exe: Path | None = None
-    if not args.skip_mergekit:
+    on_device = args.device != "cpu"
+    if on_device:
+        say(f"   device: {args.device}, {found}")
+        say("   (mergekit and the compatibility check run on the CPU: skipped)")
+    elif not args.skip_mergekit:
         mk_exe = ensure_mergekit(args.mergekit_venv.resolve())
         say(f"   mergekit: {mk_exe}" if mk_exe else "   mergekit: unavailable, skipping its rows")
 
@@ -1797,6 +1968,11 @@ def main(argv: list[str]) -> int:
             )
             if res.io:
                 say("   I/O: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in res.io.items()))
+            if on_device:
+                with contextlib.suppress(ValueError, IndexError, KeyError):
+                    stats = json.loads(res.stdout.strip().splitlines()[-1])
+                    row.gpu_peak_mib = stats["gpu_peak_bytes"] / MIB
+                    say(f"   peak GPU memory allocated {row.gpu_peak_mib:.0f} MiB")
         else:
             row.note = "timeout" if res.timed_out else f"rc={res.rc}"
             warn_block(f"{method}/{tool} failed ({row.note}); stderr tail:", res.stderr_tail)
@@ -1819,6 +1995,14 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(out, ignore_errors=True)
         if not floor_row.ok:
             floor_row = None
+    device_floor_row: Row | None = None
+    if on_device and not args.skip_floor:
+        out = run_dir / "out-device-floor"
+        cmd = [sys.executable, str(THIS), "_device_floor", args.device, str(out), *map(str, dirs)]
+        device_floor_row, _res = measured("device-floor", "floor", cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        if not device_floor_row.ok:
+            device_floor_row = None
 
     ours_failed = False
     for method in args.methods:
@@ -1827,6 +2011,8 @@ def main(argv: list[str]) -> int:
         out_ours, out_mk = run_dir / f"out-{method}-weightsmith", run_dir / f"out-{method}-mergekit"
         if ours_ok:
             cmd = [str(ours_exe), "merge", str(recipe), "--out", str(out_ours)]
+            if on_device:
+                cmd = [sys.executable, str(THIS), "_ours", args.device, str(recipe), str(out_ours)]
             ours_row, _ = measured(method, "weightsmith", cmd)
             ours_failed |= not ours_row.ok
         if mk_exe is not None and RECIPES[method]["mergekit"]:
@@ -1836,6 +2022,8 @@ def main(argv: list[str]) -> int:
         for r in (ours_row, mk_row):
             if r is not None and r.ok and floor_row is not None and floor_row.wall_s:
                 r.vs_floor = r.wall_s / floor_row.wall_s
+            if r is not None and r.ok and device_floor_row and device_floor_row.wall_s:
+                r.vs_device_floor = r.wall_s / device_floor_row.wall_s
         if ours_row and mk_row and ours_row.ok and mk_row.ok:
             assert ours_row.wall_s and mk_row.wall_s
             ours_row.vs_mergekit = mk_row.wall_s / ours_row.wall_s
@@ -1866,9 +2054,9 @@ def main(argv: list[str]) -> int:
     say()
     say(
         f"== results: {args.size_gb:g} GB model, {input_bytes / MIB:.0f} MiB of inputs "
-        f"({len(dirs)} models), {os.cpu_count()} CPUs"
+        f"({len(dirs)} models), {os.cpu_count()} CPUs, merges on {args.device}"
     )
-    print_table(rows)
+    print_table(rows, on_device)
     say()
     say("notes:")
     if input_bytes < 0.5 * _memory_bytes():
@@ -1882,6 +2070,10 @@ def main(argv: list[str]) -> int:
     say(
         "  - x mergekit = mergekit wall / ours (>1: we are faster); x floor = wall / I/O floor wall"
     )
+    if on_device:
+        say("  - x dev floor = wall / the floor with the GPU's transfers (device-floor row: the")
+        say("    I/O floor's reads into pinned buffers, copied to the GPU and the base back);")
+        say("    GPU peak MiB = torch.cuda.max_memory_allocated of the child")
     say("  - max|diff| vs mk: max |ours - mergekit| over all tensors; (%) = relative L2 error of")
     say("    the merged task vector, ||ours - mk|| / ||mk - base||. ties/breadcrumbs keep the")
     say("    top-k |delta|; fp16 deltas tie a lot at the cut-off, so which tied entries survive")
@@ -1920,11 +2112,23 @@ def main(argv: list[str]) -> int:
         if r is not None and r.vs_floor is not None:
             mark = "met" if r.vs_floor <= target else "MISSED"
             say(f"  - {method}: {r.vs_floor:.2f}x the I/O floor, target <= {target}x: {mark}")
+    if on_device:
+        for r in ours_rows:
+            if r.ok and r.vs_floor is not None:
+                mark = "met" if r.vs_floor <= DEVICE_FLOOR_TARGET else "MISSED"
+                say(
+                    f"  - {r.method} on {args.device}: {r.vs_floor:.2f}x this machine's I/O "
+                    f"floor, target <= {DEVICE_FLOOR_TARGET}x: {mark}"
+                )
     say("  - RSS independent of model size: compare peak RSS across --size-gb runs")
 
     compat: dict[str, Any] | None = None
     if args.skip_compat:
         say("\n-- compatibility check skipped (--skip-compat)")
+    elif on_device:
+        say(
+            f"\n-- compatibility check skipped: it runs on the CPU, not with --device {args.device}"
+        )
     elif not ours_ok or mk_exe is None:
         say("\n-- compatibility check skipped: it needs both weightsmith and mergekit")
     else:
@@ -1944,6 +2148,8 @@ def main(argv: list[str]) -> int:
         "size_gb": args.size_gb,
         "preset": args.preset,
         "n_finetunes": args.finetunes,
+        "device": args.device,
+        "gpu": found,
         "shape": asdict(shape),
         "n_params": n_params,
         "n_tensors": len(specs),
@@ -1958,6 +2164,7 @@ def main(argv: list[str]) -> int:
             "speed_vs_mergekit": SPEED_TARGETS,
             "wall_vs_floor": FLOOR_TARGETS,
             "rss_budget_mib": rss_budget,
+            **({"device_wall_vs_floor": DEVICE_FLOOR_TARGET} if on_device else {}),
         },
         "host": {
             "cpus": os.cpu_count(),
@@ -1990,6 +2197,10 @@ if __name__ == "__main__":
         sys.exit(child_generate(sys.argv[2]))
     if len(sys.argv) > 1 and sys.argv[1] == "_floor":
         sys.exit(child_io_floor(*sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_device_floor":
+        sys.exit(child_device_floor(*sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_ours":
+        sys.exit(child_ours_on_device(*sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_compare":
         sys.exit(child_compare(sys.argv[2], sys.argv[3], sys.argv[4]))
     if len(sys.argv) > 1 and sys.argv[1] == "_compat":

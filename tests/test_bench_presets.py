@@ -15,6 +15,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
 
 
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 @pytest.fixture(scope="module")
 def mb() -> Iterator[ModuleType]:
     spec = importlib.util.spec_from_file_location("merge_bench_under_test", BENCH)
@@ -71,6 +77,8 @@ def test_preset_sets_the_size_and_finetunes_is_checked(mb: ModuleType) -> None:
         (["--preset", "3b", "--size-gb", "1"], "--preset replaces --size-gb"),
         (["--preset", "7b"], "invalid choice: '7b'"),
         (["--finetunes", "0"], "--finetunes must be between 1 and 16, got 0"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, not 'tpu'"),
+        (["--device", "cuda", "--compat"], "--compat compares CPU outputs"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(
@@ -80,6 +88,15 @@ def test_bad_options_are_refused_naming_the_option(
         mb.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch_sees_a_gpu(), reason="this machine has a CUDA GPU")
+def test_a_gpu_run_without_a_gpu_stops_before_building_anything(
+    mb: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert mb.main(["--device", "cuda", "--data-dir", str(tmp_path)]) == 2
+    assert "torch sees no such CUDA GPU here; no GPU figure" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # no models, no results file
 
 
 def test_proc_io_of_an_exited_unreaped_child_counts_its_writes(

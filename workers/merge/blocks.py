@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import torch
 
@@ -21,10 +22,23 @@ BLOCK_ELEMENTS = 1 << 18
 # blocks read ahead on a thread (0: read in the consumer's thread)
 READ_AHEAD_BLOCKS = 0
 
+# what a block reader hands back for its buffer: the view itself, or (on a GPU) the view's
+# copy on its way to the device (workers/merge/transfer.py)
+V = TypeVar("V")
+
 # reads elements [start, start + out.numel()) of one input's flattened tensor into ``out``
-ReadInto = Callable[[int, torch.Tensor], torch.Tensor]
+ReadInto = Callable[[int, torch.Tensor], V]
 # elements [start, stop) of every input (the base first, if any), as views of reused buffers
-Stretch = tuple[int, int, list[torch.Tensor]]
+Stretch = tuple[int, int, list[V]]
+
+
+class _Ready(Generic[V]):
+    """A block read by the thread: its buffers, what the readers made of them, or the error."""
+
+    def __init__(
+        self, bufs: list[torch.Tensor], views: list[V], error: BaseException | None
+    ) -> None:
+        self.bufs, self.views, self.error = bufs, views, error
 
 
 def block_ranges(numel: int, block: int | None = None) -> list[tuple[int, int]]:
@@ -35,23 +49,27 @@ def block_ranges(numel: int, block: int | None = None) -> list[tuple[int, int]]:
 def stream_blocks(
     numel: int,
     dtype: torch.dtype,
-    base: ReadInto | None,
-    models: list[ReadInto],
+    base: ReadInto[V] | None,
+    models: list[ReadInto[V]],
     *,
     depth: int | None = None,
-) -> Iterator[Stretch]:
+    block: int | None = None,
+    empty: Callable[[int, torch.dtype], torch.Tensor] | None = None,
+) -> Iterator[Stretch[V]]:
     """Blocks of every input's flattened tensor, in order, read ``depth`` blocks ahead.
 
-    Each input has ``depth + 1`` reused buffers of one block, so memory is a few blocks per
-    input: a block's views are valid until the next one is asked for. A tensor of a single
-    block is read synchronously (no thread).
+    Each input has ``depth + 1`` reused buffers of one block (``block`` elements, default
+    ``BLOCK_ELEMENTS``; made by ``empty``, default ``torch.empty``: pinned ones for a GPU),
+    so memory is a few blocks per input: a block's views are valid until the next one is
+    asked for. A tensor of a single block is read synchronously (no thread).
     """
     sources = ([base] if base is not None else []) + models
-    ranges = block_ranges(numel)
+    ranges = block_ranges(numel, block)
     depth = READ_AHEAD_BLOCKS if depth is None else depth
+    new = empty or (lambda n, dt: torch.empty(n, dtype=dt))
     if len(ranges) == 1 or depth == 0:
         size = ranges[0][1] - ranges[0][0]
-        bufs = [torch.empty(size, dtype=dtype) for _ in sources]
+        bufs = [new(size, dtype) for _ in sources]
         for start, end in ranges:
             views = [read(start, b[: end - start]) for read, b in zip(sources, bufs, strict=True)]
             yield start, end, views
@@ -59,11 +77,8 @@ def stream_blocks(
     size = ranges[0][1] - ranges[0][0]
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
     for _ in range(depth + 1):
-        free.put([torch.empty(size, dtype=dtype) for _ in sources])
-    # (buffers, their views holding the block, error)
-    ready: queue.Queue[tuple[list[torch.Tensor], list[torch.Tensor], BaseException | None]] = (
-        queue.Queue()
-    )
+        free.put([new(size, dtype) for _ in sources])
+    ready: queue.Queue[_Ready[V]] = queue.Queue()
     stop = threading.Event()
 
     def run() -> None:
@@ -75,21 +90,22 @@ def stream_blocks(
                 views = [
                     read(start, b[: end - start]) for read, b in zip(sources, bufs, strict=True)
                 ]
-                ready.put((bufs, views, None))
+                ready.put(_Ready(bufs, views, None))
             except BaseException as e:  # raised by the consumer, in context
-                ready.put(([], [], e))
+                ready.put(_Ready([], [], e))
                 return
 
     thread = threading.Thread(target=run, name="block-read", daemon=True)
     thread.start()
     try:
         for r in ranges:
-            bufs, views, error = ready.get()
-            if error is not None:
-                raise error
-            yield r[0], r[1], views
-            # the consumer is done with this block: its buffers can take a later one
-            free.put(bufs)
+            got = ready.get()
+            if got.error is not None:
+                raise got.error
+            yield r[0], r[1], got.views
+            # the consumer is done with this block: its buffers can take a later one (a copy
+            # still reading them is waited for by the reader before it refills them)
+            free.put(got.bufs)
     finally:
         stop.set()
         free.put([])  # wake the reader if it waits for a buffer

@@ -39,6 +39,7 @@ from workers.merge.passes import ModelPasses, PassRead, PassSchedule
 from workers.merge.plan import PlannedTensor, num_layers, plan_tensors
 from workers.merge.progress import Progress, ProgressCallback, ProgressTracker
 from workers.merge.reading import InputReader
+from workers.merge.transfer import DeviceTransfer
 from workers.merge.vocabulary import build_vocabulary, mergekit_order, vocab_size_key
 from workers.sources import ResolvedModel, SourceSettings
 from workers.tensors.writer import ShardedWriter, TensorSpec
@@ -195,8 +196,16 @@ class MergeSession:
             self.specs = [
                 TensorSpec(name, _output_dtype(p, out_dtype), p.shape) for name, p in plan.items()
             ]
+            transfer = DeviceTransfer.for_device(dev)
+            self._exit.callback(transfer.close)
             reader = InputReader(
-                base, models, plan, dev, vocabulary=vocabulary, input_order=mergekit_order(recipe)
+                base,
+                models,
+                plan,
+                dev,
+                vocabulary=vocabulary,
+                input_order=mergekit_order(recipe),
+                transfer=transfer,
             )
             self.merge = _Merge(recipe, reader, params, run_seed, report, is_cancelled)
             threads = torch.get_num_threads()
@@ -416,17 +425,28 @@ class _Merge:
                 x = self.tensor_inputs(name, stats, whole=not streamed)
                 if self.reader.base is None and x.count == 0:
                     raise InputError("no input has this tensor", tensor=name)
+                transfer = self.reader.transfer
                 if streamed:
                     writer.begin(name)
                     for block in self.method.merge(x):
                         self._check_output(x, block, dtype)
-                        # a copy: the method may reuse the block's buffer for the next one
-                        writer.append(block.to("cpu", dtype, copy=True))
+                        if transfer.staged:  # copied back while the next block computes
+                            for part in transfer.download(block, dtype):
+                                writer.append(part)
+                        else:
+                            # a copy: the method may reuse the block's buffer for the next one
+                            writer.append(block.to("cpu", dtype, copy=True))
                     writer.end()
                 else:
                     (out,) = self.method.merge(x)
                     self._check_output(x, out, dtype)
-                    writer.write(name, out.cpu().to(dtype))
+                    if transfer.staged:  # through the output ring, written while the next computes
+                        writer.begin(name)
+                        for part in transfer.download(out, dtype):
+                            writer.append(part)
+                        writer.end()
+                    else:
+                        writer.write(name, out.cpu().to(dtype))
         except MergeInputError as e:
             raise InputError(e.message, tensor=name, field=e.field) from None
         except WeightsmithError as e:

@@ -3,7 +3,9 @@
 :class:`InputReader` hands a method one tensor of every input: whole (each input read when
 the method first asks for it, from a read-ahead thread that follows the order of the pass)
 or streamed in blocks into reused buffers (workers/merge/blocks.py). Either way every input
-is checked for NaN/Inf once, and a damaged checkpoint is named.
+is checked for NaN/Inf once, and a damaged checkpoint is named. On a GPU the reads go into
+pinned buffers and on to the device asynchronously (workers/merge/transfer.py): the
+read-ahead threads issue the copies, the merge waits only for the copies of what it uses.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from workers.merge import blocks as streaming
 from workers.merge.inputs import InputModel
 from workers.merge.plan import PlannedTensor
 from workers.merge.readahead import ReadAhead
+from workers.merge.transfer import DeviceTransfer, Uploaded
 from workers.merge.vocabulary import OutputVocabulary, is_vocabulary_tensor
 
 
@@ -63,11 +66,15 @@ class InputReader:
         device: torch.device,
         vocabulary: OutputVocabulary | None = None,
         input_order: list[str] | None = None,
+        transfer: DeviceTransfer | None = None,
     ) -> None:
         self.base = base
         self.models = models
         self.plan = plan
         self.device = device
+        # how inputs reach the device: staged through pinned buffers on a GPU, as read on
+        # the CPU
+        self.transfer = transfer or DeviceTransfer.for_device(device)
         self.readahead: ReadAhead | None = None
         # a tokenizer plan: the tensors with a vocabulary axis are read aligned to it
         self.vocabulary = vocabulary
@@ -117,8 +124,9 @@ class InputReader:
     # -- whole tensors -----------------------------------------------------------------------
 
     def reading(self, names: list[str]) -> ReadAhead:
-        """Start reading whole tensors ahead for a pass over ``names`` (a context manager)."""
-        self.readahead = ReadAhead(self._read_order(names), self._read_input)
+        """Start reading whole tensors ahead for a pass over ``names`` (a context manager);
+        on a GPU the float ones are sent on to the device as soon as they are read."""
+        self.readahead = ReadAhead(self._read_order(names), self._fetch)
         return self.readahead
 
     def _read_order(self, names: list[str]) -> list[tuple[int, str]]:
@@ -142,14 +150,41 @@ class InputReader:
         assert inp is not None
         return inp.reader.read(name)
 
+    def _fetch(self, key: tuple[int, str]) -> torch.Tensor | Uploaded:
+        """Input ``key``'s tensor as stored: on the CPU, or (staged) on its way to the
+        device through the pinned ring, read straight from the file into it."""
+        i, name = key
+        p = self.plan[name]
+        if not self.transfer.staged or not p.is_float:
+            return self._read_input(key)
+        if self.aligns(name):
+            host = self.aligned(i, name).reshape(-1)
+
+            def fill(start: int, out: torch.Tensor) -> object:
+                return out.copy_(host[start : start + out.numel()])
+        else:
+            inp = self.base if i < 0 else self.models[i]
+            assert inp is not None
+            reader = inp.reader
+
+            def fill(start: int, out: torch.Tensor) -> object:
+                return reader.read_into(name, start, out)
+
+        return self.transfer.upload_from(p.numel, p.dtype, p.shape, fill)
+
+    def _next(self, inp: InputModel, name: str) -> torch.Tensor | Uploaded:
+        key = (-1 if inp.index is None else inp.index, name)
+        return self.readahead.get(key) if self.readahead else self._fetch(key)
+
     def read(self, inp: InputModel, name: str) -> torch.Tensor:
         """The stored tensor on the CPU: from the read-ahead when it is next in the order."""
-        key = (-1 if inp.index is None else inp.index, name)
-        return self.readahead.get(key) if self.readahead else self._read_input(key)
+        got = self._next(inp, name)
+        return got.cpu() if isinstance(got, torch.Tensor) else self.transfer.take(got).cpu()
 
     def _load(self, inp: InputModel, name: str, check: bool) -> torch.Tensor:
         """The stored tensor on the compute device, checked for NaN/Inf when asked."""
-        t = self.read(inp, name).to(self.device)
+        got = self._next(inp, name)
+        t = got.to(self.device) if isinstance(got, torch.Tensor) else self.transfer.take(got)
         if check and t.is_floating_point() and not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise InputError(
@@ -183,12 +218,7 @@ class InputReader:
         def streamed(check: bool = True) -> Iterator[Block]:
             check, passes_checked[0] = check and not passes_checked[0], passes_checked[0] or check
             inputs = ([base] if base is not None else []) + holders
-            for start, stop, views in streaming.stream_blocks(
-                p.numel,
-                p.dtype,
-                self._block_reader(base, name) if base is not None else None,
-                [self._block_reader(m, name) for m in holders],
-            ):
+            for start, stop, views in self._stream(name, base, holders):
                 if check:
                     for inp, raw in zip(inputs, views, strict=True):
                         if not all_finite(raw):
@@ -197,9 +227,50 @@ class InputReader:
 
         return whole_tensor if whole else streamed
 
+    def _stream(
+        self, name: str, base: InputModel | None, holders: list[InputModel]
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """The blocks of every input of tensor ``name``, on the compute device. Staged (a
+        GPU): each block is read into a pinned buffer and sent while the one before is
+        computed, and the computation waits for exactly that block's copies."""
+        p = self.plan[name]
+        transfer = self.transfer
+        if not transfer.staged:
+            yield from streaming.stream_blocks(
+                p.numel,
+                p.dtype,
+                self._block_reader(base, name) if base is not None else None,
+                [self._block_reader(m, name) for m in holders],
+            )
+            return
+        assert transfer.staging is not None
+
+        def sending(inp: InputModel) -> Callable[[int, torch.Tensor], Uploaded]:
+            fill = self._block_reader(inp, name, on_host=True)
+
+            def send(start: int, out: torch.Tensor) -> Uploaded:
+                transfer.before_fill(out)  # the copy out of this buffer has finished
+                return transfer.upload(fill(start, out))
+
+            return send
+
+        for start, stop, sent in streaming.stream_blocks(
+            p.numel,
+            p.dtype,
+            sending(base) if base is not None else None,
+            [sending(m) for m in holders],
+            depth=transfer.staging.read_ahead_blocks,
+            block=transfer.staging.block_elements,
+            empty=transfer.host_empty,
+        ):
+            yield start, stop, [transfer.take(u) for u in sent]
+
     def _block_reader(
-        self, inp: InputModel, name: str
+        self, inp: InputModel, name: str, *, on_host: bool = False
     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Reads a block of input ``inp``'s tensor ``name`` into a buffer, and hands it on
+        the compute device (``on_host``: the buffer itself)."""
+        to = torch.device("cpu") if on_host else self.device
         if self.aligns(name):
             whole: list[torch.Tensor] = []
 
@@ -208,12 +279,12 @@ class InputReader:
                     key = -1 if inp.index is None else inp.index
                     whole.append(self.aligned(key, name).reshape(-1))
                 out.copy_(whole[0][start : start + out.numel()])
-                return out.to(self.device)
+                return out.to(to)
 
             return read_aligned
 
         def read(start: int, out: torch.Tensor) -> torch.Tensor:
-            return inp.reader.read_into(name, start, out).to(self.device)
+            return inp.reader.read_into(name, start, out).to(to)
 
         return read
 

@@ -16,7 +16,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +46,21 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PendingHost:
+    """Host memory that is still being filled (a copy back from a GPU in flight), to be
+    written once ``wait()`` returns; ``release()`` is called when the writer is done with
+    it (written, or dropped after an error), so that its buffer can take the next part."""
+
+    tensor: torch.Tensor
+    wait: Callable[[], None]
+    release: Callable[[], None]
+
+
+# a tensor or part handed to the writer: ready now, or once its copy has landed
+Part = torch.Tensor | PendingHost
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -202,7 +217,7 @@ class ShardedWriter:
         # File writes and hashing run on a background thread (both release the GIL), so they
         # overlap with computing the next tensor. The queue holds at most _QUEUE_BYTES (or one
         # tensor or part, whatever its size) besides the one being written.
-        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, PendingHost] | None] = queue.Queue()
         self._room = threading.Condition()
         self._queued_bytes = 0
         self._error: BaseException | None = None
@@ -233,15 +248,16 @@ class ShardedWriter:
         so that a manifest needs no second pass over the output."""
         return dict(self._digests)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, part: Part) -> None:
         """Append the next planned tensor; it must match its spec's name, dtype and shape."""
+        tensor = part.tensor if isinstance(part, PendingHost) else part
         spec = self._spec_for(name, tensor.dtype)
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(
                 f"tensor {name!r}: shape {tuple(tensor.shape)} differs from the planned "
                 f"{spec.shape}"
             )
-        self._enqueue(tensor)
+        self._enqueue(part)
         self._next += 1
         self._bytes_written += spec.nbytes
 
@@ -250,16 +266,17 @@ class ShardedWriter:
         elements in order, then ``end``. Only the queued parts are held, never the tensor."""
         self._partial = (self._spec_for(name, None), 0)
 
-    def append(self, part: torch.Tensor) -> None:
+    def append(self, part: Part) -> None:
         """The next elements (any shape, flattened) of the tensor started with ``begin``."""
         if self._partial is None:
             raise ValueError("append() without begin()")
         spec, done = self._partial
-        if part.dtype != spec.dtype:
+        tensor = part.tensor if isinstance(part, PendingHost) else part
+        if tensor.dtype != spec.dtype:
             raise ValueError(
-                f"tensor {spec.name!r}: dtype {part.dtype} differs from the planned {spec.dtype}"
+                f"tensor {spec.name!r}: dtype {tensor.dtype} differs from the planned {spec.dtype}"
             )
-        done += part.numel()
+        done += tensor.numel()
         if done > math.prod(spec.shape):
             raise ValueError(f"tensor {spec.name!r}: more elements than its shape {spec.shape}")
         self._partial = (spec, done)
@@ -309,9 +326,18 @@ class ShardedWriter:
             )
         return spec
 
-    def _enqueue(self, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        self._raise_background_error()
+    def _enqueue(self, part: Part) -> None:
+        if isinstance(part, PendingHost):
+            item: PendingHost = part  # host memory already, contiguous, still being filled
+        else:
+            data = part.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+            item = PendingHost(data, _ready, _ready)
+        data = item.tensor
+        try:
+            self._raise_background_error()
+        except BaseException:
+            item.release()
+            raise
         if self._thread is None:
             self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
             self._thread.start()
@@ -320,16 +346,22 @@ class ShardedWriter:
             while self._queued_bytes and self._queued_bytes + nbytes > _QUEUE_BYTES:
                 self._room.wait()
             self._queued_bytes += nbytes
-        self._queue.put((self._shard_of[self._next], data))
+        self._queue.put((self._shard_of[self._next], item))
 
     def _drain(self) -> None:
         """Background thread: append queued tensors to their shards, hashing as it goes."""
         while (item := self._queue.get()) is not None:
+            shard, part = item
+            data = part.tensor
             if self._error is not None:
+                part.release()
+                with self._room:
+                    self._queued_bytes -= data.numel() * data.element_size()
+                    self._room.notify_all()
                 self._queue.task_done()
                 continue  # keep draining so that put() never blocks forever
-            shard, data = item
             try:
+                part.wait()
                 if shard != self._current:
                     self._finish_shard()
                     self._start_shard(shard)
@@ -340,6 +372,8 @@ class ShardedWriter:
                     self._sha.update(raw)
             except BaseException as e:
                 self._error = e
+            finally:
+                part.release()
             with self._room:
                 self._queued_bytes -= data.numel() * data.element_size()
                 self._room.notify_all()
@@ -466,6 +500,10 @@ class ShardedWriter:
         for t in self._syncing:
             t.join()
         self._syncing = []
+
+
+def _ready() -> None:
+    """The wait and release of a part that is plain host memory: nothing to do."""
 
 
 def _fsync_dir(path: Path) -> None:
