@@ -105,19 +105,28 @@ class Fact:
     others: tuple[tuple[str, str], ...]
 
 
-def candidate_facts() -> list[Fact]:
-    """Every candidate fact of the relations, as an edit (see :func:`facts_as_edits`)."""
+def candidate_facts(more: bool = True) -> list[Fact]:
+    """The candidate facts, as edits (see :func:`facts_as_edits`), in the benches' order: the
+    100 facts of ``relations`` round-robin, then (``more``) those of ``more_relations``
+    (appended for the 200 sequential edits) round-robin, so the first 100 stay the ones
+    earlier figures used."""
     doc = json.loads(FACTS.read_text())
-    return facts_as_edits(doc, doc["relations"])
+    first = round_robin(facts_as_edits(doc, doc["relations"]))
+    if not more:
+        return first
+    return first + round_robin(facts_as_edits(doc, doc.get("more_relations", [])))
 
 
 def facts_as_edits(doc: dict[str, Any], relations: list[dict[str, Any]]) -> list[Fact]:
     """The facts of ``relations`` with a counterfactual target (the true object of the next
     subject of the same relation whose object differs) and a neighborhood: up to NEIGHBORS
     prompts, from any relation or the neighbour pool of ``doc``, of other subjects with the
-    same true object."""
+    same true object (the neighbours of ``more_relations`` before their facts; their objects
+    are not those of ``relations``, so they change no neighborhood of the first 100)."""
+    more = doc.get("more_relations", [])
+    more_neighbours = [{"prompt": r["prompt"], "facts": r.get("neighbours", [])} for r in more]
     by_object: dict[str, list[tuple[str, str]]] = {}
-    for rel in doc["relations"] + doc["neighbours"]:
+    for rel in doc["relations"] + doc["neighbours"] + more_neighbours + more:
         for subject, obj in rel["facts"]:
             by_object.setdefault(obj, []).append((subject, rel["prompt"].format(subject)))
     out = []
@@ -312,7 +321,7 @@ def run(work: Path) -> int:
     if args.bf16_checkpoint:
         ckpt = bf16_copy(ckpt, work / "smollm2-bf16")
     results["checkpoint_dtype"] = "bfloat16" if args.bf16_checkpoint else "float32"
-    candidates = round_robin(candidate_facts())
+    candidates = candidate_facts(more=False)  # the 100 its figures have always used
     print(f"SmolLM2-135M at {ckpt}; torch threads {torch.get_num_threads()}; {device}", flush=True)
 
     # -- one ROME edit through run_edit: cold, then warm covariance cache ------------------

@@ -1,14 +1,16 @@
 """Sequential (lifelong) editing on SmolLM2-135M-Instruct (CPU): AlphaEdit against MEMIT.
 
     python bench/edit_sequential.py --quick               # 40 edits in batches of 10
-    python bench/edit_sequential.py --edits 100 --batch 10
+    python bench/edit_sequential.py --quick --edits 200 --batch 10 --threads 1
 
-N requests from ``bench/edit_facts.json`` (the facts the model knows first, round-robin over
-the relations; the file has 100 candidates, so at most 100 edits) are edited in batches of
-B, one batch after the other on the same model, with MEMIT and with AlphaEdit under the same
-protocol: the same requests in the same order, the same layers (the MEMIT band scaled to
-the depth), templates, covariances and v* settings. AlphaEdit's Kₚ is the edit history of
-the batches before (``workers.edit.history``, as an edited artifact carries it).
+N requests from ``bench/edit_facts.json`` (the facts the model knows first, in the order of
+``candidate_facts``: the first 100 candidates round-robin over their 5 relations, then the
+176 appended ones round-robin over theirs; SmolLM2 knows 236 of the 276) are edited in
+batches of B, one batch after the other on the same model, with MEMIT and with AlphaEdit
+under the same protocol: the same requests in the same order, the same layers (the MEMIT
+band scaled to the depth), templates, covariances and v* settings. AlphaEdit's Kₚ is the
+edit history of the batches before (``workers.edit.history``, as an edited artifact carries
+it).
 
 After each batch the metrics are taken over every request edited so far, against the
 clean model's probe: efficacy, paraphrase, neighborhood (share of other subjects' prompts
@@ -40,7 +42,6 @@ from bench.edit_bench import (  # noqa: E402
     candidate_facts,
     known,
     pre_edit_probe,
-    round_robin,
     without_edited_neighbors,
 )
 from schemas.edit_recipe import EditRequest, parse_edit_recipe  # noqa: E402
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     if args.quick:
         data["hyperparameters"] = {"context_template_counts": [[2, 5]], "v_num_grad_steps": 10}
         data["covariance"] = {"source": "text", "paths": [str(corpus_file)], "tokens": 2048}
-    candidates = round_robin(candidate_facts())
+    candidates = candidate_facts()
     data["requests"] = [candidates[0].request.model_dump(exclude_none=True)]
     recipe = parse_edit_recipe(data)
     resolved = resolve_reference(recipe.model, SourceSettings())
