@@ -56,11 +56,18 @@ BlockValues = Callable[["TensorInputs", "Block"], Iterable[tuple[int, "torch.Ten
 
 
 def select_per_model(
-    model: WholeModel, ranks: dict[int, list[int]], values: BlockValues, phase: str
+    model: WholeModel,
+    ranks: dict[int, list[int]],
+    values: BlockValues,
+    phase: str,
+    *,
+    nonnegative: bool = False,
 ) -> dict[int, list[float]]:
     """Exact k-th smallest values (1-based ``ranks`` per model index) of ``values`` over
-    the whole model, in two streaming passes (the inputs are never held whole)."""
-    sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
+    the whole model, in two streaming passes (the inputs are never held whole).
+    ``nonnegative``: the values are never negative (nor −0.0), so their bit patterns are
+    their order keys as they are."""
+    sel = {i: RadixSelect(ranks=r, nonnegative=nonnegative) for i, r in ranks.items()}
     for x in model.tensors(f"{phase} (1/2)"):
         for b in x.blocks():
             for i, v in values(x, b):

@@ -238,7 +238,9 @@ class TiesGlobal(WholeModelStatistic):
             else:
                 ranks[i] = [n - max(1, int(p["density"] * n)) + 1]
         if ranks:
-            selected = select_per_model(model, ranks, task_vector_magnitudes, "statistics")
+            selected = select_per_model(
+                model, ranks, task_vector_magnitudes, "statistics", nonnegative=True
+            )
             thresholds.update({i: v for i, (v,) in selected.items()})
         return {"ties_threshold": thresholds}
 
