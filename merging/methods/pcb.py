@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from merging.inputs import WORK_CHUNK, Block, TensorInputs
+from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
@@ -200,6 +200,6 @@ class Pcb(MergeMethod):
                 clipped = torch.sign(t).mul_(a)
                 score = pcb_score(pcb_balance(t, total[chunk], x.count, lo, hi, a), threshold, top)
                 # add_ on the views: `num[chunk] += …` would copy the sum back once more
-                num[chunk].add_(clipped.mul_(score).mul_(weight))
+                num[chunk].add_(scale_(clipped.mul_(score), weight))
                 den[chunk].add_(score)
         return num.div_(den.clamp_(min=1e-12)).reshape(b.shape).add_(b.base32())

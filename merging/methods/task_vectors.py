@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from merging.inputs import WORK_CHUNK, Block, TensorInputs
+from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import torch
 from merging.method import (
     MergeInputError,
@@ -526,9 +526,9 @@ def sign_consensus(
 
 def nonzero_divisor(divisor: torch.Tensor) -> torch.Tensor:
     """``divisor`` with its zeros (no model agreed, or weights that cancel) replaced by 1, in
-    place: + (1 − sign|divisor|), which adds exactly 0 elsewhere (faster than a bool mask)."""
-    ones = torch.abs(divisor).sign_().neg_().add_(1)
-    return divisor.add_(ones)
+    place: + [divisor = 0] as a float 0/1 (faster than a bool mask), which adds exactly 0
+    elsewhere (NaN stays NaN)."""
+    return divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
 
 
 # ---- the family --------------------------------------------------------------------------------
@@ -583,7 +583,9 @@ class TaskVectorMethod(MergeMethod):
         weights = [p["weight"] for p in x.params]
         divisor: torch.Tensor | float
         if self.consensus:
-            deltas = [self.sparse_tau(x, b, j, states[j]).mul_(weights[j]) for j in range(x.count)]
+            deltas = [
+                scale_(self.sparse_tau(x, b, j, states[j]), weights[j]) for j in range(x.count)
+            ]
             mixed, div = sign_consensus(deltas, weights, divisor=x.shared["normalize"])
             del deltas
             divisor = 1.0 if div is None else nonzero_divisor(div)
@@ -594,7 +596,7 @@ class TaskVectorMethod(MergeMethod):
             divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
         if x.shared["normalize"]:
             mixed /= divisor
-        return mixed.mul_(x.shared["lambda"]).add_(b.base32())
+        return scale_(mixed, x.shared["lambda"]).add_(b.base32())
 
     def sparse_tau(self, x: TensorInputs, b: Block, j: int, state: Any) -> torch.Tensor:
         """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj."""
