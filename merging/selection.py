@@ -68,20 +68,38 @@ def _high_histogram(keys: torch.Tensor, nonnegative: bool) -> torch.Tensor:
     return hist
 
 
-def _bucket_members(keys: torch.Tensor, b: int) -> torch.Tensor:
-    """The low 16 bits (int32, 0 … 65535) of the keys in bucket b, i.e. of the keys in
-    [first, first + 65536) with first = (b − 32768) << 16.
+def _bucket_members(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    """For each bucket b, the low 16 bits (int32, 0 … 65535) of the keys in it, i.e. of the
+    keys in [first, first + 65536) with first = (b − 32768) << 16.
 
     On the CPU through numpy: k − first wraps around in int32, so as uint32 it is below
     65536 exactly for the members, and it is their low half; a numpy compare and boolean
     index cost about half of torch's (bool results and masked selects are slow in torch
-    on the CPU)."""
-    first = (b - _HALF) << 16
-    if keys.device.type == "cpu" and keys.is_contiguous():
-        offsets = keys.numpy() - first  # int32, modulo 2**32
-        return torch.from_numpy(offsets[offsets.view("uint32") < _BUCKETS])
+    on the CPU). Several buckets share one boolean index of the whole block (the members
+    of any of them), then split that short list."""
+    if keys.device.type == "cpu":
+        return _members_numpy(keys.contiguous(), buckets)
+    return _members_torch(keys, buckets)
+
+
+def _members_numpy(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    k = keys.numpy()
+    firsts = [(b - _HALF) << 16 for b in buckets]
+    if len(firsts) > 1:  # int32 arithmetic, modulo 2**32
+        hits = [(k - first).view("uint32") < _BUCKETS for first in firsts]
+        for hit in hits[1:]:
+            hits[0] |= hit
+        k = k[hits[0]]
+    members = []
+    for first in firsts:
+        offsets = k - first
+        members.append(torch.from_numpy(offsets[offsets.view("uint32") < _BUCKETS]))
+    return members
+
+
+def _members_torch(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
     high, low = _halves(keys)
-    return low[high == b - _HALF].to(torch.int32) & 0xFFFF
+    return [low[high == b - _HALF].to(torch.int32) & 0xFFFF for b in buckets]
 
 
 @dataclass(frozen=True)
@@ -140,8 +158,8 @@ class RadixSelect:
 
     def observe_low(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
-        for b, hist in self._low.items():
-            members = _bucket_members(keys, b)
+        hists = list(self._low.values())
+        for hist, members in zip(hists, _bucket_members(keys, list(self._low)), strict=True):
             if members.numel():
                 hist += torch.bincount(members, minlength=_BUCKETS).cpu()
 

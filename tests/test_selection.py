@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.selection import RadixSelect, RankRangeStream
+from merging import selection
+from merging.methods import task_vectors
+from merging.selection import RadixSelect, RankRangeStream, order_keys
 
 
 def _by_sort(x: torch.Tensor, k: int) -> tuple[float, int, int]:
@@ -79,3 +81,37 @@ def test_rank_window_to_either_end_selects_one_boundary(descending):
         want = torch.zeros(n)
         want[order[lo:hi]] = 1.0
         assert torch.equal(got, want), (lo, hi)
+
+
+def test_bucket_members_numpy_and_torch_paths_agree():
+    """The low-half pass picks a bucket's members with numpy on the CPU and with torch on
+    other devices: both give the members' low halves, one bucket or several at once."""
+    gen = torch.Generator().manual_seed(5)
+    keys = order_keys(torch.randn(50_000, generator=gen) * 3)
+    high = (keys >> 16) + 32768
+    buckets = [int(high[0]), int(high[1]), int(high.max())]
+    for chosen in ([buckets[0]], buckets):
+        by_numpy = selection._members_numpy(keys, chosen)
+        by_torch = selection._members_torch(keys, chosen)
+        for b, n, t in zip(chosen, by_numpy, by_torch, strict=True):
+            want = (keys[high == b] & 0xFFFF).to(torch.int32)
+            assert want.numel() > 0
+            assert torch.equal(n, want) and torch.equal(t, want)
+
+
+def _stable_row_order(rows: torch.Tensor) -> torch.Tensor:
+    return torch.sort(rows.abs(), dim=1, stable=True).indices
+
+
+@pytest.mark.parametrize("path", [task_vectors._row_order_numpy, task_vectors._row_order_torch])
+def test_della_row_order_is_the_stable_sort_order(path):
+    """DELLA's ranks: one sort of unique (|τ| bits, column) keys orders each row as a stable
+    sort of |τ| does, equal magnitudes (ties, −0.0 and +0.0, x and −x) by column."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(1, 1), (5, 1), (3, 7), (40, 1000), (7, 4097)]:
+        rows = (torch.randint(-8, 9, shape, generator=gen) * 0.5).to(torch.float32)
+        rows[:, ::5] = -0.0
+        shift = max(1, (shape[1] - 1).bit_length())
+        got = path(rows.abs().view(torch.int32), shift)
+        assert torch.equal(got, _stable_row_order(rows)), shape
+        assert torch.equal(task_vectors.row_order(rows), _stable_row_order(rows)), shape

@@ -403,15 +403,25 @@ def row_order(rows: torch.Tensor) -> torch.Tensor:
     cols = rows.shape[1]
     shift = max(1, (cols - 1).bit_length())
     bits = rows.abs().view(torch.int32)
-    columns = torch.arange(cols, device=rows.device)
-    if rows.device.type == "cpu":  # numpy's int64 element-wise ops are faster here too
-        keys = bits.numpy().astype("int64")
-        keys <<= shift
-        keys |= columns.numpy()
-        keys.sort(axis=1)  # in place; unique keys: the kind of sort does not matter
-        keys &= (1 << shift) - 1
-        return torch.from_numpy(keys)
-    keys = bits.to(torch.int64).bitwise_left_shift_(shift).bitwise_or_(columns)
+    if rows.device.type == "cpu":
+        return _row_order_numpy(bits, shift)
+    return _row_order_torch(bits, shift)
+
+
+def _row_order_numpy(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    """``row_order`` by numpy (its int64 element-wise ops are faster here too)."""
+    packed = bits.numpy().astype("int64")
+    packed <<= shift
+    packed |= torch.arange(bits.shape[1]).numpy()
+    packed.sort(axis=1)  # in place; unique keys: the kind of sort does not matter
+    packed &= (1 << shift) - 1
+    return torch.from_numpy(packed)
+
+
+def _row_order_torch(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    """``row_order`` by torch, on any device."""
+    keys = bits.to(torch.int64).bitwise_left_shift_(shift)
+    keys.bitwise_or_(torch.arange(bits.shape[1], device=bits.device))
     return torch.sort(keys, dim=1).values.bitwise_and_((1 << shift) - 1)
 
 
