@@ -52,20 +52,34 @@ def _halves(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (keys >> 16).to(torch.int16), (keys & 0xFFFF).to(torch.int16)
 
 
-def _high_histogram(keys: torch.Tensor, nonnegative: bool) -> torch.Tensor:
-    """Counts per bucket b = (key >> 16) + 32768, as 65,536 int64 counters.
+def _add_high_histogram(hist: torch.Tensor, keys: torch.Tensor, nonnegative: bool) -> None:
+    """Adds the counts per bucket b = (key >> 16) + 32768 to ``hist`` (65,536 int64 counters).
 
     The high halves are shifted into a contiguous int32 tensor first: torch's bincount
     over it is faster than over the strided int16 view of the halves, even with the
-    shift."""
+    shift. bincount's counts reach only the largest bucket present, and are added in
+    place (no 65,536-counter temporary per block)."""
     high = torch.bitwise_right_shift(keys, 16)  # arithmetic: −32768 … 32767
-    hist = torch.zeros(_BUCKETS, dtype=torch.int64)
     if nonnegative:  # high half in [0, 32767]: count it as it is
         counts = torch.bincount(high).cpu()
         hist[_HALF : _HALF + counts.numel()] += counts
     else:
-        hist += torch.bincount(high.add_(_HALF), minlength=_BUCKETS).cpu()
-    return hist
+        counts = torch.bincount(high.add_(_HALF)).cpu()
+        hist[: counts.numel()] += counts
+
+
+# below this many members a scatter-add beats bincount's 65,536 counters per block
+_FEW_MEMBERS = 1 << 15
+
+
+def _add_low_counts(hist: torch.Tensor, members: torch.Tensor) -> None:
+    """Adds the counts of ``members`` (low halves, 0 … 65535) to ``hist``, in place."""
+    if members.numel() < _FEW_MEMBERS:
+        index = members.to(device=hist.device, dtype=torch.int64)
+        hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64).expand(index.numel()))
+    else:
+        counts = torch.bincount(members).cpu()
+        hist[: counts.numel()] += counts
 
 
 def _bucket_members(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
@@ -140,7 +154,7 @@ class RadixSelect:
     def observe_high(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
         self.count += keys.numel()
-        self._high += _high_histogram(keys, self.nonnegative)
+        _add_high_histogram(self._high, keys, self.nonnegative)
 
     def end_high(self) -> None:
         for k in self.ranks:
@@ -161,7 +175,7 @@ class RadixSelect:
         hists = list(self._low.values())
         for hist, members in zip(hists, _bucket_members(keys, list(self._low)), strict=True):
             if members.numel():
-                hist += torch.bincount(members, minlength=_BUCKETS).cpu()
+                _add_low_counts(hist, members)
 
     def end_low(self) -> None:
         self.selected = []

@@ -33,8 +33,11 @@ def _values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
     return (ft.float() - base.float()).abs_()
 
 
+@pytest.mark.parametrize("few", [0, 1 << 15], ids=["bincount", "scatter-add"])
 @pytest.mark.parametrize("kind", ["signed", "wide", "magnitudes"])
-def test_radix_select_over_blocks_equals_the_sort(kind):
+def test_radix_select_over_blocks_equals_the_sort(kind, few, monkeypatch):
+    """Both ways of counting a bucket's members (bincount, scatter-add below a count)."""
+    monkeypatch.setattr(selection, "_FEW_MEMBERS", few)
     gen = torch.Generator().manual_seed(4)
     n = 70_001
     x = _values(kind, n, gen)
