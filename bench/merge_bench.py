@@ -233,6 +233,17 @@ DEFAULT_COMPAT_METHODS = ",".join(COMPAT_RECIPES)
 SPEED_TARGETS = {"ties": 1.5, "breadcrumbs": 1.5, "task_arithmetic": 1.0}  # x mergekit's speed
 FLOOR_TARGETS = {"task_arithmetic": 1.5}  # ours / I/O floor
 DEVICE_FLOOR_TARGET = 1.5  # on a GPU: every method's wall / that machine's I/O floor
+# issue 18 item 1: ours / linear's wall in the same run (``--methods`` must include linear)
+LINEAR_TARGETS = {
+    "ties": 2.0,
+    "ties_global": 2.0,
+    "breadcrumbs": 2.0,
+    "breadcrumbs_ties": 2.0,
+    "dare_ties": 2.0,
+    "dare_linear": 2.0,
+    "della": 2.0,
+    "pcb": 4.0,
+}
 RSS_BUDGET_MIB = 1024  # + a few (we allow 4) of the largest input tensor
 
 
@@ -1051,6 +1062,7 @@ class RunResult:
     sync_s: float
     maxrss_mib: float
     sampled: dict[str, float]  # peaks of /proc/*/status fields over the child's process tree
+    cpu_s: float  # the child's user + system CPU time (its reaped children included)
     stdout: str
     stderr_tail: str
     timed_out: bool = False
@@ -1193,6 +1205,7 @@ def run_measured(
         child_wall_s=child_wall,
         sync_s=sync_s,
         maxrss_mib=rusage.ru_maxrss / 1024.0,  # Linux: KiB
+        cpu_s=rusage.ru_utime + rusage.ru_stime,
         sampled=sampler.peaks_mib(),
         stdout=stdout,
         stderr_tail=tail(stderr) if stderr.strip() else tail(stdout),
@@ -1454,6 +1467,7 @@ class Row:
     sync_s: float | None = None
     input_mib_s: float | None = None
     peak_rss_mib: float | None = None  # ru_maxrss
+    cpu_s: float | None = None  # user + system CPU seconds (os.wait4)
     peak_anon_mib: float | None = None  # sampled RssAnon over the process tree
     peak_file_mib: float | None = None  # sampled RssFile (mmap'd files, shared libraries)
     vs_mergekit: float | None = None  # mergekit wall / this wall (ours only)
@@ -1958,12 +1972,14 @@ def main(argv: list[str]) -> int:
             row.wall_s, row.child_wall_s, row.sync_s = res.wall_s, res.child_wall_s, res.sync_s
             row.input_mib_s = input_bytes / MIB / res.wall_s
             row.peak_rss_mib = res.maxrss_mib
+            row.cpu_s = res.cpu_s
             row.peak_anon_mib = res.sampled["RssAnon"]
             row.peak_file_mib = res.sampled["RssFile"]
             row.io = res.io
             say(
-                f"   {res.wall_s:.2f} s (child {res.child_wall_s:.2f} + sync {res.sync_s:.2f}), "
-                f"peak RSS {res.maxrss_mib:.0f} MiB (sampled: anon {res.sampled['RssAnon']:.0f}, "
+                f"   {res.wall_s:.2f} s (child {res.child_wall_s:.2f} + sync {res.sync_s:.2f}; "
+                f"CPU {res.cpu_s:.2f} s), peak RSS {res.maxrss_mib:.0f} MiB "
+                f"(sampled: anon {res.sampled['RssAnon']:.0f}, "
                 f"file {res.sampled['RssFile']:.0f} MiB)"
             )
             if res.io:
@@ -2120,6 +2136,18 @@ def main(argv: list[str]) -> int:
                     f"  - {r.method} on {args.device}: {r.vs_floor:.2f}x this machine's I/O "
                     f"floor, target <= {DEVICE_FLOOR_TARGET}x: {mark}"
                 )
+    linear = by.get(("linear", "weightsmith"))
+    for method, target in LINEAR_TARGETS.items():
+        r = by.get((method, "weightsmith"))
+        if linear is None or not linear.ok or r is None or not r.ok:
+            continue
+        assert r.wall_s and linear.wall_s and r.cpu_s is not None and linear.cpu_s
+        ratio = r.wall_s / linear.wall_s
+        mark = "met" if ratio <= target else "MISSED"
+        say(
+            f"  - {method}: {ratio:.2f}x linear's wall in this run "
+            f"(CPU {r.cpu_s / linear.cpu_s:.2f}x), target <= {target}x: {mark}"
+        )
     say("  - RSS independent of model size: compare peak RSS across --size-gb runs")
 
     compat: dict[str, Any] | None = None
@@ -2163,6 +2191,7 @@ def main(argv: list[str]) -> int:
         "targets": {
             "speed_vs_mergekit": SPEED_TARGETS,
             "wall_vs_floor": FLOOR_TARGETS,
+            "wall_vs_linear": LINEAR_TARGETS,
             "rss_budget_mib": rss_budget,
             **({"device_wall_vs_floor": DEVICE_FLOOR_TARGET} if on_device else {}),
         },

@@ -120,3 +120,9 @@ class Float32Scratch:
         if self._buf is None or self._buf.numel() < raw.numel():
             self._buf = torch.empty(raw.numel(), dtype=torch.float32, device=raw.device)
         return self._buf[: raw.numel()].view(raw.shape).copy_(raw)
+
+
+def scale_(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x·factor in place, skipped for a factor of 1 (x·1 is x exactly, −0.0, ±inf and NaN
+    included): a recipe's weights and λ are often 1."""
+    return x if factor == 1 else x.mul_(factor)

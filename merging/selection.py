@@ -52,16 +52,68 @@ def _halves(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (keys >> 16).to(torch.int16), (keys & 0xFFFF).to(torch.int16)
 
 
-def _high_histogram(keys: torch.Tensor, nonnegative: bool) -> torch.Tensor:
-    """Counts per bucket b = (key >> 16) + 32768, as 65,536 int64 counters."""
-    high, _ = _halves(keys)
-    hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+def _add_high_histogram(hist: torch.Tensor, keys: torch.Tensor, nonnegative: bool) -> None:
+    """Adds the counts per bucket b = (key >> 16) + 32768 to ``hist`` (65,536 int64 counters).
+
+    The high halves are shifted into a contiguous int32 tensor first: torch's bincount
+    over it is faster than over the strided int16 view of the halves, even with the
+    shift. bincount's counts reach only the largest bucket present, and are added in
+    place (no 65,536-counter temporary per block)."""
+    high = torch.bitwise_right_shift(keys, 16)  # arithmetic: −32768 … 32767
     if nonnegative:  # high half in [0, 32767]: count it as it is
         counts = torch.bincount(high).cpu()
         hist[_HALF : _HALF + counts.numel()] += counts
     else:
-        hist += torch.bincount(high.to(torch.int32) + _HALF, minlength=_BUCKETS).cpu()
-    return hist
+        counts = torch.bincount(high.add_(_HALF)).cpu()
+        hist[: counts.numel()] += counts
+
+
+# below this many members a scatter-add beats bincount's 65,536 counters per block
+_FEW_MEMBERS = 1 << 15
+
+
+def _add_low_counts(hist: torch.Tensor, members: torch.Tensor) -> None:
+    """Adds the counts of ``members`` (low halves, 0 … 65535) to ``hist``, in place."""
+    if members.numel() < _FEW_MEMBERS:
+        index = members.to(device=hist.device, dtype=torch.int64)
+        hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64).expand(index.numel()))
+    else:
+        counts = torch.bincount(members).cpu()
+        hist[: counts.numel()] += counts
+
+
+def _bucket_members(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    """For each bucket b, the low 16 bits (int32, 0 … 65535) of the keys in it, i.e. of the
+    keys in [first, first + 65536) with first = (b − 32768) << 16.
+
+    On the CPU through numpy: k − first wraps around in int32, so as uint32 it is below
+    65536 exactly for the members, and it is their low half; a numpy compare and boolean
+    index cost about half of torch's (bool results and masked selects are slow in torch
+    on the CPU). Several buckets share one boolean index of the whole block (the members
+    of any of them), then split that short list."""
+    if keys.device.type == "cpu":
+        return _members_numpy(keys.contiguous(), buckets)
+    return _members_torch(keys, buckets)
+
+
+def _members_numpy(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    k = keys.numpy()
+    firsts = [(b - _HALF) << 16 for b in buckets]
+    if len(firsts) > 1:  # int32 arithmetic, modulo 2**32
+        hits = [(k - first).view("uint32") < _BUCKETS for first in firsts]
+        for hit in hits[1:]:
+            hits[0] |= hit
+        k = k[hits[0]]
+    members = []
+    for first in firsts:
+        offsets = k - first
+        members.append(torch.from_numpy(offsets[offsets.view("uint32") < _BUCKETS]))
+    return members
+
+
+def _members_torch(keys: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    high, low = _halves(keys)
+    return [low[high == b - _HALF].to(torch.int32) & 0xFFFF for b in buckets]
 
 
 @dataclass(frozen=True)
@@ -102,7 +154,7 @@ class RadixSelect:
     def observe_high(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
         self.count += keys.numel()
-        self._high += _high_histogram(keys, self.nonnegative)
+        _add_high_histogram(self._high, keys, self.nonnegative)
 
     def high_partial(self, prefix: str) -> dict[str, torch.Tensor]:
         """The first pass's counts so far (to combine with other processes' over other data:
@@ -142,11 +194,10 @@ class RadixSelect:
 
     def observe_low(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         keys = self.keys(x) if keys is None else keys
-        high, low = _halves(keys)
-        for b, hist in self._low.items():
-            members = low[high == b - _HALF].to(torch.int32) & 0xFFFF
+        hists = list(self._low.values())
+        for hist, members in zip(hists, _bucket_members(keys, list(self._low)), strict=True):
             if members.numel():
-                hist += torch.bincount(members, minlength=_BUCKETS).cpu()
+                _add_low_counts(hist, members)
 
     def end_low(self) -> None:
         self.selected = []
@@ -265,7 +316,12 @@ class RankRangeStream:
             self._all = True
         a_lo, a_hi = (n - self.hi, n - self.lo) if descending else (self.lo, self.hi)
         self._a_lo, self._a_hi = a_lo, a_hi
-        self._select = RadixSelect(ranks=[a_lo + 1, a_hi], nonnegative=True)
+        # a window that runs to either end needs only its other boundary: with the maximum
+        # (minimum) as its upper (lower) boundary, "above first" ("below last") already
+        # covers a group equal to both, so that boundary's low-half histogram is spared
+        self._to_top, self._from_bottom = a_hi == n, a_lo == 0 and a_hi != n
+        ranks = [a_hi] if self._from_bottom else [a_lo + 1] if self._to_top else [a_lo + 1, a_hi]
+        self._select = RadixSelect(ranks=ranks, nonnegative=True)
         # [value, first position in the group to keep, one past the last, seen so far, size]
         self._groups: list[list[float | int]] = []
         self._first = self._last = 0.0
@@ -286,16 +342,20 @@ class RankRangeStream:
 
     def end_low(self) -> None:
         self._select.end_low()
-        first, last = self._select.selected
-        self._first, self._last = first.value, last.value
-        if first.value == last.value:
-            groups = [first]
-        elif self._a_hi == self.n:  # everything above `first` is in range
-            groups, self._above_first = [first], True
-        elif self._a_lo == 0:  # everything below `last`
-            groups, self._below_last = [last], True
+        selected = self._select.selected
+        if self._to_top:  # everything above `first` is in range
+            groups, self._above_first = selected, True
+            self._first = selected[0].value
+        elif self._from_bottom:  # everything below `last`
+            groups, self._below_last = selected, True
+            self._last = selected[0].value
         else:
-            groups, self._above_first, self._below_last = [first, last], True, True
+            first, last = selected
+            self._first, self._last = first.value, last.value
+            if first.value == last.value:
+                groups = [first]
+            else:
+                groups, self._above_first, self._below_last = [first, last], True, True
         for g in groups:
             start = self.n - g.less - g.equal if self.descending else g.less
             p0, p1 = max(0, self.lo - start), min(g.equal, self.hi - start)

@@ -92,13 +92,17 @@ def select_per_model(
     values: BlockValues,
     phase: str,
     maxima: dict[int, float] | None = None,
+    *,
+    nonnegative: bool = False,
 ) -> dict[int, list[float]]:
     """Exact k-th smallest values (1-based ``ranks`` per model index) of ``values`` over
     the whole model, in two streaming passes (the inputs are never held whole).
 
     ``maxima``: per-model maxima that ``values`` updates as it goes (PCB's max of B); they
-    are reduced with the second pass, so they hold the whole model's maxima on return."""
-    sel = {i: RadixSelect(ranks=r) for i, r in ranks.items()}
+    are reduced with the second pass, so they hold the whole model's maxima on return.
+    ``nonnegative``: the values are never negative (nor −0.0), so their bit patterns are
+    their order keys as they are."""
+    sel = {i: RadixSelect(ranks=r, nonnegative=nonnegative) for i, r in ranks.items()}
     for x in model.tensors(f"{phase} (1/2)"):
         for b in x.blocks():
             for i, v in values(x, b):

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from merging.inputs import WORK_CHUNK, Block, TensorInputs
+from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
@@ -32,14 +32,20 @@ def _normalize_(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def pcb_balance(
-    tau: torch.Tensor, total: torch.Tensor, n: int, lo: float, hi: float
+    tau: torch.Tensor,
+    total: torch.Tensor,
+    n: int,
+    lo: float,
+    hi: float,
+    clamped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """B_i = intra_i ⊙ inter_i for one model (steps 1–4).
 
     intra_i = exp(n·norm(A_i)²), computed as exp(n·(norm(A_i)² − 1)) (the constant factor
     cancels in the final ratio), A_i = clamp(|τ_i|, lo_i, hi_i); inter_i = tanh(τ_i ⊙ Σj τj).
+    ``clamped``: A_i already made, consumed (B is computed in its buffer).
     """
-    a = tau.abs().clamp_(lo, hi)
+    a = tau.abs().clamp_(lo, hi) if clamped is None else clamped
     intra = _normalize_(a, lo, hi).square_().sub_(1).mul_(n).exp_()
     return intra.mul_(torch.mul(tau, total).tanh_())
 
@@ -87,7 +93,7 @@ class PcbGlobal(WholeModelStatistic):
         density, clip = shared["density"], shared["clip_ratio"]
         clip_ranks = {i: list(pcb_clip_ranks(n, clip)) for i, n in sizes.items() if n > 0}
         bounds = select_per_model(
-            model, clip_ranks, task_vector_magnitudes, "statistics: clip bounds"
+            model, clip_ranks, task_vector_magnitudes, "statistics: clip bounds", nonnegative=True
         )
         lo = {i: v[0] for i, v in bounds.items()}
         hi = {i: v[1] for i, v in bounds.items()}
@@ -192,9 +198,10 @@ class Pcb(MergeMethod):
             for start in range(0, tau.numel(), WORK_CHUNK):
                 chunk = slice(start, start + WORK_CHUNK)
                 t = tau[chunk]
-                score = pcb_score(pcb_balance(t, total[chunk], x.count, lo, hi), threshold, top)
-                clipped = torch.sign(t).mul_(t.abs().clamp_(lo, hi))
+                a = t.abs().clamp_(lo, hi)  # A: Tc's magnitude, then B's intra term
+                clipped = torch.sign(t).mul_(a)
+                score = pcb_score(pcb_balance(t, total[chunk], x.count, lo, hi, a), threshold, top)
                 # add_ on the views: `num[chunk] += …` would copy the sum back once more
-                num[chunk].add_(clipped.mul_(score).mul_(weight))
+                num[chunk].add_(scale_(clipped.mul_(score), weight))
                 den[chunk].add_(score)
         return num.div_(den.clamp_(min=1e-12)).reshape(b.shape).add_(b.base32())

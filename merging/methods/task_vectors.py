@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from merging.inputs import WORK_CHUNK, Block, TensorInputs
+from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import torch
 from merging.method import (
     MergeInputError,
@@ -41,7 +41,7 @@ from merging.parameters import (
     rescale,
     weight,
 )
-from merging.randomness import uniform, uniform_chunks
+from merging.randomness import generator, uniform, uniform_chunks
 from merging.selection import RankRangeStream, rank_range_mask
 from merging.statistics import (
     WholeModel,
@@ -238,7 +238,9 @@ class TiesGlobal(WholeModelStatistic):
             else:
                 ranks[i] = [n - max(1, int(p["density"] * n)) + 1]
         if ranks:
-            selected = select_per_model(model, ranks, task_vector_magnitudes, "statistics")
+            selected = select_per_model(
+                model, ranks, task_vector_magnitudes, "statistics", nonnegative=True
+            )
             thresholds.update({i: v for i, (v,) in selected.items()})
         return {"ties_threshold": thresholds}
 
@@ -339,12 +341,29 @@ class RankedRandomDrop(Sparsification):
             )
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
-        return _random_keep(x, j, tau, self._probability(x, j, tau))
+        return _random_keep(x, j, tau, della_keep_probability(tau, *self._settings(x, j)))
 
     def sparsify_(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
-        return _drop_at_random_(x, j, tau, self._probability(x, j, tau))
+        """τ ⊙ Bernoulli(p) in place, a block of whole rows at a time: each block's ranks,
+        probabilities and draws (the generator's stream in order, as ``uniform`` draws it)
+        are made and used before the next, so no tensor-sized temporary is made."""
+        density, epsilon = self._settings(x, j)
+        rows = _rows(tau)
+        by_rank = della_rank_probabilities(rows.shape[1], density, epsilon, tau.device)
+        g = generator(x.seed, x.model_indices[j], x.name)
+        step = max(1, WORK_CHUNK // rows.shape[1]) if rows.shape[1] else 1
+        draws = torch.empty(min(step * rows.shape[1], rows.numel()), dtype=torch.float32)
+        for r0 in range(0, rows.shape[0], step):
+            block = rows[r0 : r0 + step]
+            p = _by_rank(block, by_rank)
+            d = torch.rand(
+                block.numel(), generator=g, dtype=torch.float32, out=draws[: block.numel()]
+            )
+            keep = torch.lt(d.to(tau.device).view(block.shape), p, out=p)  # 1.0 where draw < p
+            block.mul_(keep)
+        return tau
 
-    def _probability(self, x: TensorInputs, j: int, tau: torch.Tensor) -> torch.Tensor:
+    def _settings(self, x: TensorInputs, j: int) -> tuple[float, float]:
         d, eps = x.params[j]["density"], x.params[j]["epsilon"]
         if not (d - eps > 0 and d + eps <= 1):
             raise MergeInputError(
@@ -352,18 +371,72 @@ class RankedRandomDrop(Sparsification):
                 f"{d:g}, epsilon {eps:g}",
                 field="parameters.epsilon",
             )
-        return della_keep_probability(tau, d, eps)
+        return d, eps
+
+
+def _rows(tau: torch.Tensor) -> torch.Tensor:
+    """The rows DELLA ranks in: along the last dimension (a 1-D tensor is one row)."""
+    return tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
+
+
+def della_rank_probabilities(
+    cols: int, density: float, epsilon: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """p by rank r = 0 … cols − 1: (density − ε) + 2ε·rn, rn = r / (cols − 1) (0 for one
+    column), in float32 with the same operations an element of that rank would get."""
+    ranks = torch.arange(cols, device=device)
+    rn = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.zeros(cols, device=device)
+    return (density - epsilon) + 2 * epsilon * rn
+
+
+def row_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the columns in the order of a stable ascending sort of |τ| (equal values by
+    column, lower first): int64, the shape of ``rows``.
+
+    One unstable sort of unique int64 keys instead of a stable sort with its indices: the
+    bit pattern of |τ| (a non-negative float32 compares like its int32 bits) in the high
+    bits and the column in the low bits, so no two keys of a row are equal and any sort
+    orders them as the stable sort orders the values; the sorted keys' low bits are the
+    columns. On the CPU the sort is numpy's (vectorised for int64: several times faster
+    than torch.sort here), elsewhere torch's.
+    """
+    cols = rows.shape[1]
+    shift = max(1, (cols - 1).bit_length())
+    bits = rows.abs().view(torch.int32)
+    if rows.device.type == "cpu":
+        return _row_order_numpy(bits, shift)
+    return _row_order_torch(bits, shift)
+
+
+def _row_order_numpy(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    """``row_order`` by numpy (its int64 element-wise ops are faster here too)."""
+    packed = bits.numpy().astype("int64")
+    packed <<= shift
+    packed |= torch.arange(bits.shape[1]).numpy()
+    packed.sort(axis=1)  # in place; unique keys: the kind of sort does not matter
+    packed &= (1 << shift) - 1
+    return torch.from_numpy(packed)
+
+
+def _row_order_torch(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    """``row_order`` by torch, on any device."""
+    keys = bits.to(torch.int64).bitwise_left_shift_(shift)
+    keys.bitwise_or_(torch.arange(bits.shape[1], device=bits.device))
+    return torch.sort(keys, dim=1).values.bitwise_and_((1 << shift) - 1)
+
+
+def _by_rank(rows: torch.Tensor, by_rank: torch.Tensor) -> torch.Tensor:
+    """Each entry's value of ``by_rank`` at its rank of |τ| in its row (a float32 tensor)."""
+    order = row_order(rows)
+    out = torch.empty(rows.shape, dtype=by_rank.dtype, device=rows.device)
+    return out.scatter_(1, order, by_rank.expand_as(out))
 
 
 def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = (density − ε) + 2ε·rn, rn the normalised rank of |τ| in its row (stable sort)."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
-    cols = rows.shape[1]
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
-    rn = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.zeros_like(rows)
-    return ((density - epsilon) + 2 * epsilon * rn).reshape(tau.shape)
+    rows = _rows(tau)
+    by_rank = della_rank_probabilities(rows.shape[1], density, epsilon, tau.device)
+    return _by_rank(rows, by_rank).reshape(tau.shape)
 
 
 # ---- rescaling and sign consensus --------------------------------------------------------------
@@ -463,9 +536,9 @@ def sign_consensus(
 
 def nonzero_divisor(divisor: torch.Tensor) -> torch.Tensor:
     """``divisor`` with its zeros (no model agreed, or weights that cancel) replaced by 1, in
-    place: + (1 − sign|divisor|), which adds exactly 0 elsewhere (faster than a bool mask)."""
-    ones = torch.abs(divisor).sign_().neg_().add_(1)
-    return divisor.add_(ones)
+    place: + [divisor = 0] as a float 0/1 (faster than a bool mask), which adds exactly 0
+    elsewhere (NaN stays NaN)."""
+    return divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
 
 
 # ---- the family --------------------------------------------------------------------------------
@@ -520,7 +593,9 @@ class TaskVectorMethod(MergeMethod):
         weights = [p["weight"] for p in x.params]
         divisor: torch.Tensor | float
         if self.consensus:
-            deltas = [self.sparse_tau(x, b, j, states[j]).mul_(weights[j]) for j in range(x.count)]
+            deltas = [
+                scale_(self.sparse_tau(x, b, j, states[j]), weights[j]) for j in range(x.count)
+            ]
             mixed, div = sign_consensus(deltas, weights, divisor=x.shared["normalize"])
             del deltas
             divisor = 1.0 if div is None else nonzero_divisor(div)
@@ -531,7 +606,7 @@ class TaskVectorMethod(MergeMethod):
             divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
         if x.shared["normalize"]:
             mixed /= divisor
-        return mixed.mul_(x.shared["lambda"]).add_(b.base32())
+        return scale_(mixed, x.shared["lambda"]).add_(b.base32())
 
     def sparse_tau(self, x: TensorInputs, b: Block, j: int, state: Any) -> torch.Tensor:
         """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj."""

@@ -1,0 +1,120 @@
+"""Radix select (merging/selection.py) against a plain sort, over blocks.
+
+The expectations come from ``torch.sort`` of the whole tensor: the k-th smallest value and
+the number of entries below and equal to it are read off the sorted values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging import selection
+from merging.methods import task_vectors
+from merging.selection import RadixSelect, RankRangeStream, order_keys
+
+
+def _by_sort(x: torch.Tensor, k: int) -> tuple[float, int, int]:
+    values = torch.sort(x).values
+    v = values[k - 1]
+    return float(v), int((x < v).sum()), int((x == v).sum())
+
+
+def _values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "signed":  # both signs, many equal values, a few zeros of either sign
+        x = torch.randint(-60, 60, (n,), generator=gen).to(torch.float32) * 0.125
+        x[::97] = -0.0
+        return x
+    if kind == "wide":  # magnitudes across many exponents: keys in many buckets
+        return torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,)).float())
+    # like |τ| of fp16 checkpoints: close non-negative values, many ties
+    base = torch.randn(n, generator=gen).half()
+    ft = (base.float() + torch.randn(n, generator=gen) * 0.01).half()
+    return (ft.float() - base.float()).abs_()
+
+
+@pytest.mark.parametrize("few", [0, 1 << 15], ids=["bincount", "scatter-add"])
+@pytest.mark.parametrize("kind", ["signed", "wide", "magnitudes"])
+def test_radix_select_over_blocks_equals_the_sort(kind, few, monkeypatch):
+    """Both ways of counting a bucket's members (bincount, scatter-add below a count)."""
+    monkeypatch.setattr(selection, "_FEW_MEMBERS", few)
+    gen = torch.Generator().manual_seed(4)
+    n = 70_001
+    x = _values(kind, n, gen)
+    ranks = [1, 2, n // 3, n // 2 + 1, n - 1, n]
+    nonnegative = kind == "magnitudes"
+    sel = RadixSelect(ranks=list(ranks), nonnegative=nonnegative)
+    blocks = [x[s : s + 4099] for s in range(0, n, 4099)]
+    for b in blocks:
+        sel.observe_high(b)
+    sel.end_high()
+    for b in blocks:
+        sel.observe_low(b)
+    sel.end_low()
+    for k, s in zip(ranks, sel.selected, strict=True):
+        value, less, equal = _by_sort(x, k)
+        if value == 0.0 and not nonnegative:
+            # −0.0 and +0.0 have two keys but one value: compare the value, and the counts
+            # of the two keys together
+            assert s.value == 0.0
+            continue
+        assert (s.value, s.less, s.equal) == (value, less, equal), k
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_rank_window_to_either_end_selects_one_boundary(descending):
+    """A window that reaches the top or the bottom of the order is found from its other
+    boundary alone; the mask is that of a stable sort, also where the boundary's group of
+    equal values is the maximum (or minimum) itself."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 6, (30_000,), generator=gen).to(torch.float32)  # 6 values: big groups
+    n = x.numel()
+    order = torch.sort(x, stable=True, descending=descending).indices
+    for lo, hi in [(0, 100), (0, 29_000), (100, n), (25_000, n), (0, 1), (n - 1, n)]:
+        window = RankRangeStream(n, lo, hi, descending=descending)
+        assert len(window._select.ranks) == 1
+        parts = [x[s : s + 1013] for s in range(0, n, 1013)]
+        for p in parts:
+            window.observe_high(p)
+        window.end_high()
+        for p in parts:
+            window.observe_low(p)
+        window.end_low()
+        got = torch.cat([window.mask(p, dtype=torch.float32) for p in parts])
+        want = torch.zeros(n)
+        want[order[lo:hi]] = 1.0
+        assert torch.equal(got, want), (lo, hi)
+
+
+def test_bucket_members_numpy_and_torch_paths_agree():
+    """The low-half pass picks a bucket's members with numpy on the CPU and with torch on
+    other devices: both give the members' low halves, one bucket or several at once."""
+    gen = torch.Generator().manual_seed(5)
+    keys = order_keys(torch.randn(50_000, generator=gen) * 3)
+    high = (keys >> 16) + 32768
+    buckets = [int(high[0]), int(high[1]), int(high.max())]
+    for chosen in ([buckets[0]], buckets):
+        by_numpy = selection._members_numpy(keys, chosen)
+        by_torch = selection._members_torch(keys, chosen)
+        for b, n, t in zip(chosen, by_numpy, by_torch, strict=True):
+            want = (keys[high == b] & 0xFFFF).to(torch.int32)
+            assert want.numel() > 0
+            assert torch.equal(n, want) and torch.equal(t, want)
+
+
+def _stable_row_order(rows: torch.Tensor) -> torch.Tensor:
+    return torch.sort(rows.abs(), dim=1, stable=True).indices
+
+
+@pytest.mark.parametrize("path", [task_vectors._row_order_numpy, task_vectors._row_order_torch])
+def test_della_row_order_is_the_stable_sort_order(path):
+    """DELLA's ranks: one sort of unique (|τ| bits, column) keys orders each row as a stable
+    sort of |τ| does, equal magnitudes (ties, −0.0 and +0.0, x and −x) by column."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(1, 1), (5, 1), (3, 7), (40, 1000), (7, 4097)]:
+        rows = (torch.randint(-8, 9, shape, generator=gen) * 0.5).to(torch.float32)
+        rows[:, ::5] = -0.0
+        shift = max(1, (shape[1] - 1).bit_length())
+        got = path(rows.abs().view(torch.int32), shift)
+        assert torch.equal(got, _stable_row_order(rows)), shape
+        assert torch.equal(task_vectors.row_order(rows), _stable_row_order(rows)), shape
