@@ -132,10 +132,9 @@ class EditHyperparameters(BaseModel):
             "chosen by a causal trace of the requests' prompts (the MLP output at the "
             "subject's last token with the largest indirect effect among layers 1 … ⌊depth/2⌋; "
             "MEMIT: a band starting there, as wide as the null default). A list: those "
-            "layers (ROME exactly one). null: the published layers scaled to the model's "
-            "depth (ROME layer 5 of 32, MEMIT layers 4–8 of 32); auto is not the default "
-            "because on SmolLM2 it edited less specifically than the scaled default "
-            "(docs/editing.md)",
+            "layers (ROME exactly one). null: ROME layer 1; MEMIT and AlphaEdit the published "
+            "band scaled to the model's depth (layers 4–8 of 32); auto is not the default "
+            "because on SmolLM2 it edited less specifically than layer 1 (docs/editing.md)",
         ),
     ] = None
     trace_samples: Annotated[

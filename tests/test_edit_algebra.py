@@ -87,13 +87,15 @@ def test_relative_norm_and_clamp():
     assert torch.equal(clamp_norm(d, 10.0), d)
 
 
-def test_default_layers_scale_the_published_settings_by_depth():
+def test_default_layers_rome_layer_1_memit_the_published_band_scaled_by_depth():
     rome, memit = edit_method("rome"), edit_method("memit")
-    assert rome.default_layers(32) == [5]
+    assert rome.default_layers(32) == [1]
     assert memit.default_layers(32) == [4, 5, 6, 7, 8]
-    assert rome.default_layers(30) == [5]
+    assert rome.default_layers(30) == [1]
     assert memit.default_layers(30) == [4, 5, 6, 7, 8]
-    assert rome.default_layers(12) == [2]
+    assert rome.default_layers(12) == [1]
+    assert rome.default_layers(2) == [1]
+    assert rome.default_layers(1) == [0]  # a one-layer model has only layer 0
     # the band 4–8 of 32 at depth 12: 4·12/32 = 1.5 rounds to 2 (half to even), 8·12/32 = 3
     assert memit.default_layers(12) == [2, 3]
 

@@ -305,9 +305,9 @@ def test_run_edit_with_auto_layers_edits_where_the_trace_peaks_and_records_it(
 
 
 @pytest.mark.parametrize(
-    ("layers", "expected", "choice"), [([2], [2], "fixed"), (None, [1], "scaled_default")]
+    ("layers", "expected", "choice"), [([2], [2], "fixed"), (None, [1], "default")]
 )
-def test_fixed_and_scaled_default_layers_run_no_trace(
+def test_fixed_and_default_layers_run_no_trace(
     checkpoint, corpus, tmp_path, layers, expected, choice
 ):
     recipe = _recipe(checkpoint, corpus, "rome", layers=layers, mom2_adjustment=False)
@@ -318,7 +318,7 @@ def test_fixed_and_scaled_default_layers_run_no_trace(
 
     assert "trace" not in seen and "trace_s" not in result.manifest["timings"]
     assert TRACED["prompts"] == traced
-    assert result.manifest["layers"] == expected  # null: layer 5 of 32 scaled to 6 → 1
+    assert result.manifest["layers"] == expected  # null: ROME layer 1
     assert result.manifest["layer_choice"] == choice
     assert result.metrics["causal_trace"] is None
     assert {u.layer for u in result.updates} == set(expected)

@@ -268,9 +268,10 @@ def _default_trace_cache() -> TraceCache:
 
 def _layer_choice(recipe: EditRecipe) -> str:
     """How the edited layers were set: "auto" (causal trace), "fixed" (a list), or
-    "scaled_default" (null: the published layers scaled to the depth)."""
+    "default" (null: the method's default layers, ROME layer 1, MEMIT and AlphaEdit the
+    published band scaled to the depth)."""
     layers = recipe.hyperparameters.layers
-    return "auto" if layers == "auto" else "scaled_default" if layers is None else "fixed"
+    return "auto" if layers == "auto" else "default" if layers is None else "fixed"
 
 
 def model_revision(resolved: ResolvedModel) -> str:
