@@ -39,7 +39,6 @@ import logging
 import math
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from infra.db.parts import DONE, FAILED, QUEUED, RUNNING, PartKey, PartStore
 from schemas.jobs import JobError
 from schemas.recipe import MergeRecipe
 from workers.errors import CancelledError, WeightsmithError
+from workers.watch import Beating
 
 if TYPE_CHECKING:
     from infra.db import Job, JobStore
@@ -341,7 +341,7 @@ class _Coordinator:
 # ---- a part, on any worker -------------------------------------------------------------------
 
 
-class PartWatch:
+class PartWatch(Beating):
     """A running part's heartbeat (with its progress), and its stop signal: the part taken
     over or gone, the job cancelled, or no longer running this attempt."""
 
@@ -359,16 +359,7 @@ class PartWatch:
         self.bytes_done = 0
         self._last_write = 0.0
         self._last_cancel_check = 0.0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="part-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._beating("part-heartbeat")
 
     def _write(self) -> None:
         try:

@@ -19,7 +19,27 @@ PROGRESS_INTERVAL_S = 1.0  # progress rows written at most this often (phase cha
 CANCEL_POLL_INTERVAL_S = 0.25  # the cancel flag is read from the store at most this often
 
 
-class JobWatch:
+class Beating:
+    """A daemon thread that runs ``_beat`` (a loop that waits on ``_stopped``) from
+    :meth:`start` until :meth:`stop`: the heartbeat of a job's attempt or of a part."""
+
+    def _beating(self, name: str) -> None:
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _beat(self) -> None:
+        raise NotImplementedError
+
+
+class JobWatch(Beating):
     """Heartbeats, throttled progress and the stop signal of one running attempt."""
 
     def __init__(
@@ -45,16 +65,7 @@ class JobWatch:
         self._last_progress = 0.0
         self._last_phase: str | None = None
         self._last_cancel_check = 0.0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._beating(f"heartbeat-{job_id}")
 
     def _beat(self) -> None:
         while not self._stopped.wait(self.heartbeat_interval):
