@@ -26,8 +26,9 @@ stored), so on the GPU it computes in bf16 (docs/editing.md, "On a GPU"). The qu
 figures then come from the GPU's edits.
 
 ``--compare-layers`` runs the ROME quality loop three times on the same facts: ``layers:
-auto`` (each fact's own causal trace, ``workers.edit.causal_trace``), fixed layer 1, and the
-depth-scaled default (layer 5 of 32 → 5 of SmolLM2's 30), and prints them side by side.
+auto`` (each fact's own causal trace, ``workers.edit.causal_trace``), the default (layer 1),
+and the published layer scaled to the depth (Llama-2-7B's 5 of 32 → 5 of SmolLM2's 30, the
+default before 2026-12-07), and prints them side by side.
 
 Targets are printed, not asserted. Hyperparameters are the recipe defaults (``--rome-layer``,
 ``--edit-margin`` and ``--sufficient-loss`` change the layer and the scaling of the update
@@ -60,7 +61,7 @@ from testbed.smollm2 import smollm2_checkpoint, write_text_corpus  # noqa: E402
 from workers.devices import resolve_device  # noqa: E402
 from workers.edit import LocalCovarianceCache, run_edit  # noqa: E402
 from workers.edit.algebra import delta_from_factors, relative_norm  # noqa: E402
-from workers.edit.architectures import default_mom2_update_weight  # noqa: E402
+from workers.edit.architectures import default_mom2_update_weight, scaled_layer  # noqa: E402
 from workers.edit.causal_trace import LocalTraceCache, TraceSettings, choose_layers  # noqa: E402
 from workers.edit.covariance import covariances, sampled_corpus, text_corpus  # noqa: E402
 from workers.edit.engine import load_model, model_revision  # noqa: E402
@@ -83,6 +84,7 @@ from workers.errors import InputError  # noqa: E402
 from workers.sources import SourceSettings, resolve_reference  # noqa: E402
 
 FACTS = Path(__file__).with_name("edit_facts.json")
+PUBLISHED_ROME_LAYER = 5  # ROME on Llama-2-7B (EasyEdit): layer 5 of 32
 DATA = Path(__file__).with_name(".data")
 TARGETS = {
     "warm ROME edit (s)": 20.0,
@@ -248,13 +250,14 @@ def run(work: Path) -> int:
     p.add_argument(
         "--rome-layer",
         default=None,
-        help="layer of the ROME quality sweep: an index, 'auto' (each fact's causal trace) "
-        "or 'default' (5 of 32 scaled to the depth; the default)",
+        help="layer of the ROME quality sweep: an index, 'auto' (each fact's causal trace), "
+        "'published' (5 of 32 scaled to the depth) or 'default' (the recipe default, layer 1)",
     )
     p.add_argument(
         "--compare-layers",
         action="store_true",
-        help="the ROME quality sweep with layers auto, 1 and the scaled default, side by side",
+        help="the ROME quality sweep with layers auto, the default (1) and the published "
+        "layer scaled to the depth (5), side by side",
     )
     p.add_argument(
         "--edit-margin",
@@ -372,11 +375,15 @@ def run(work: Path) -> int:
     settings = EditSettings.from_recipe(recipe, target, rome, [default_rome_layer])
     h = recipe.hyperparameters
     templates = context_templates(model, tok, h.context_template_counts, recipe.seed)
-    modes = ["auto", "1", "default"] if args.compare_layers else [args.rome_layer or "default"]
+    modes = (
+        ["auto", "default", "published"] if args.compare_layers else [args.rome_layer or "default"]
+    )
     for mode in modes:
-        if mode not in ("auto", "default") and not mode.isdigit():
-            p.error(f"--rome-layer: {mode!r} is not a layer index, 'auto' or 'default'")
-    rome_layer: int | str = mode_layer(modes[0], default_rome_layer)
+        if mode not in ("auto", "default", "published") and not mode.isdigit():
+            p.error(
+                f"--rome-layer: {mode!r} is not a layer index, 'auto', 'default' or 'published'"
+            )
+    rome_layer: int | str = mode_layer(modes[0], default_rome_layer, depth)
     results["rome_layer"] = rome_layer
     results["rome_layer_modes"] = modes
     sufficient = h.sufficient_loss
@@ -428,7 +435,7 @@ def run(work: Path) -> int:
             print(f"trace {fact.request.prompt!r}: layer {choice.peak} {choice.cache}", flush=True)
         results["trace_s"] = time.perf_counter() - t
         results["auto_layers"] = chosen
-    fixed = {int(mode_layer(m, default_rome_layer)) for m in modes if m != "auto"}
+    fixed = {int(mode_layer(m, default_rome_layer, depth)) for m in modes if m != "auto"}
     rome_layers = sorted({default_rome_layer, *fixed, *chosen.values()})
 
     cov = recipe.covariance
@@ -466,7 +473,7 @@ def run(work: Path) -> int:
         layer_of = {
             f.request.prompt: chosen[f.request.prompt]
             if mode == "auto"
-            else int(mode_layer(mode, default_rome_layer))
+            else int(mode_layer(mode, default_rome_layer, depth))
             for f in facts[:n_facts]
         }
         print(f"ROME quality, layers {mode}", flush=True)
@@ -531,8 +538,11 @@ def bf16_copy(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def mode_layer(mode: str, default: int) -> int | str:
-    """The layer of a --rome-layer mode: an index, the default's, or "auto"."""
+def mode_layer(mode: str, default: int, depth: int) -> int | str:
+    """The layer of a --rome-layer mode: an index, the default's, the published one scaled
+    to the depth, or "auto"."""
+    if mode == "published":
+        return scaled_layer(PUBLISHED_ROME_LAYER, depth)
     return default if mode == "default" else mode if mode == "auto" else int(mode)
 
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("auto", "1", "default")
+# runs of --compare-layers: "auto", "default" (layer 1) and "published" (5 of 32 scaled); files
+# written before 2026-12-07 have "auto", "1" and "default" (then layer 5)
+MODES = ("auto", "1", "default", "published")
 
 
 @dataclass(frozen=True)
