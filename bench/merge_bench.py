@@ -469,11 +469,11 @@ def st_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def child_io_floor(out_dir: str, base: str, *others: str) -> int:
-    """Read every tensor of every model once, tensor by tensor (others first, then the base),
-    into one reusable buffer, and write the base's tensors out as safetensors files; fsync."""
-    t0 = time.perf_counter()
-    # name -> (fd, absolute offset, length) for each non-base model
+def floor_layout(
+    base: str, others: tuple[str, ...]
+) -> tuple[list[int], list[dict[str, tuple[int, int, int]]], list[Path], int]:
+    """What the I/O floors read: the non-base models' files opened, each model's tensors as
+    name -> (fd, absolute offset, length), the base's files, and the largest tensor's bytes."""
     fds: list[int] = []
     locs: list[dict[str, tuple[int, int, int]]] = []
     max_len = 0
@@ -484,11 +484,10 @@ def child_io_floor(out_dir: str, base: str, *others: str) -> int:
             fd = os.open(path, os.O_RDONLY)
             fds.append(fd)
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                a, b = info["data_offsets"]
-                loc[name] = (fd, start + a, b - a)
-                max_len = max(max_len, b - a)
+                if name != "__metadata__":
+                    a, b = info["data_offsets"]
+                    loc[name] = (fd, start + a, b - a)
+                    max_len = max(max_len, b - a)
         locs.append(loc)
     base_files = st_files(Path(base))
     for path in base_files:
@@ -497,16 +496,37 @@ def child_io_floor(out_dir: str, base: str, *others: str) -> int:
             if name != "__metadata__":
                 a, b = info["data_offsets"]
                 max_len = max(max_len, b - a)
-    buf = bytearray(max_len)
-    view = memoryview(buf)
+    return fds, locs, base_files, max_len
 
-    def pread_into(fd: int, offset: int, length: int) -> None:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:length]], offset + got)
-            if n <= 0:
-                raise OSError(f"short read at {offset + got}")
-            got += n
+
+def pread_full(fd: int, view: memoryview, offset: int, length: int) -> None:
+    """``length`` bytes of ``fd`` at ``offset`` into the start of ``view``."""
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:length]], offset + got)
+        if n <= 0:
+            raise OSError(f"short read at {offset + got}")
+        got += n
+
+
+def write_full(fd: int, view: memoryview, length: int) -> None:
+    done = 0
+    while done < length:
+        done += os.write(fd, view[done:length])
+
+
+def fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+
+
+def child_io_floor(out_dir: str, base: str, *others: str) -> int:
+    """Read every tensor of every model once, tensor by tensor (others first, then the base),
+    into one reusable buffer, and write the base's tensors out as safetensors files; fsync."""
+    t0 = time.perf_counter()
+    fds, locs, base_files, max_len = floor_layout(base, others)
+    view = memoryview(bytearray(max_len))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -529,13 +549,11 @@ def child_io_floor(out_dir: str, base: str, *others: str) -> int:
             for (a, b), name in entries:
                 for loc in locs:
                     fd, off, length = loc[name]
-                    pread_into(fd, off, length)
+                    pread_full(fd, view, off, length)
                     read_bytes += length
-                pread_into(in_fd, start + a, b - a)
+                pread_full(in_fd, view, start + a, b - a)
                 read_bytes += b - a
-                done = 0
-                while done < b - a:
-                    done += os.write(out_fd, view[done : b - a])
+                write_full(out_fd, view, b - a)
                 written += b - a
             os.fsync(out_fd)
         finally:
@@ -543,9 +561,7 @@ def child_io_floor(out_dir: str, base: str, *others: str) -> int:
             os.close(out_fd)
     for fd in fds:
         os.close(fd)
-    dfd = os.open(out, os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    fsync_dir(out)
     stats = {
         "read_bytes": read_bytes,
         "written_bytes": written,
@@ -566,28 +582,7 @@ def child_device_floor(device: str, out_dir: str, base: str, *others: str) -> in
 
     t0 = time.perf_counter()
     dev = torch.device(device)
-    locs: list[dict[str, tuple[int, int, int]]] = []
-    fds: list[int] = []
-    max_len = 0
-    for model in others:
-        loc: dict[str, tuple[int, int, int]] = {}
-        for path in st_files(Path(model)):
-            start, header = read_st_header(path)
-            fd = os.open(path, os.O_RDONLY)
-            fds.append(fd)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    a, b = info["data_offsets"]
-                    loc[name] = (fd, start + a, b - a)
-                    max_len = max(max_len, b - a)
-        locs.append(loc)
-    base_files = st_files(Path(base))
-    for path in base_files:
-        _s, header = read_st_header(path)
-        for name, info in header.items():
-            if name != "__metadata__":
-                a, b = info["data_offsets"]
-                max_len = max(max_len, b - a)
+    fds, locs, base_files, max_len = floor_layout(base, others)
     pinned = [torch.empty(max_len, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     views = [memoryview(p.numpy()) for p in pinned]
     sent: list[Any] = [None, None]  # the event of the copy out of each pinned buffer
@@ -601,13 +596,7 @@ def child_device_floor(device: str, out_dir: str, base: str, *others: str) -> in
         nonlocal turn, read_bytes
         if sent[turn] is not None:
             sent[turn].synchronize()  # its last copy has left the buffer
-        view = views[turn]
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:length]], offset + got)
-            if n <= 0:
-                raise OSError(f"short read at {offset + got}")
-            got += n
+        pread_full(fd, views[turn], offset, length)
         with torch.cuda.stream(stream):
             on_device[:length].copy_(pinned[turn][:length], non_blocking=True)
             event = torch.cuda.Event()
@@ -636,10 +625,7 @@ def child_device_floor(device: str, out_dir: str, base: str, *others: str) -> in
                 with torch.cuda.stream(stream):
                     back[: b - a].copy_(on_device[: b - a], non_blocking=True)
                 stream.synchronize()
-                done = 0
-                view = memoryview(back.numpy())
-                while done < b - a:
-                    done += os.write(out_fd, view[done : b - a])
+                write_full(out_fd, memoryview(back.numpy()), b - a)
                 written += b - a
             os.fsync(out_fd)
         finally:
@@ -647,9 +633,7 @@ def child_device_floor(device: str, out_dir: str, base: str, *others: str) -> in
             os.close(out_fd)
     for fd in fds:
         os.close(fd)
-    dfd = os.open(out, os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    fsync_dir(out)
     stats = {
         "read_bytes": read_bytes,
         "written_bytes": written,
