@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -115,23 +116,44 @@ class CovarianceCache(Protocol):
     ) -> None: ...
 
 
-class LocalCovarianceCache:
-    """One safetensors file per key under ``root``; the provenance is in its metadata."""
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root).expanduser()
+class _KeyedFiles(ABC):
+    """A :class:`CovarianceCache` over one tensor file per key: a covariance is tensor "C"
+    (float32), a sampled corpus tensor "ids"; the key (as a dict) is stored with the
+    provenance and compared on read, so a hash-prefix collision is a miss."""
 
     def get(self, key: CovarianceKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
         return self._get(key.file_stem, asdict(key), "C")
 
     def put(self, key: CovarianceKey, C: torch.Tensor, provenance: dict[str, Any]) -> None:
-        self._put(key.file_stem, asdict(key), "C", C, provenance)
+        self._put(key.file_stem, asdict(key), "C", C.detach().float(), provenance)
 
     def get_samples(self, key: SampleKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
         return self._get(key.file_stem, asdict(key), "ids")
 
     def put_samples(self, key: SampleKey, ids: torch.Tensor, provenance: dict[str, Any]) -> None:
         self._put(key.file_stem, asdict(key), "ids", ids, provenance)
+
+    @abstractmethod
+    def _get(
+        self, stem: str, key: dict[str, Any], tensor: str
+    ) -> tuple[torch.Tensor, dict[str, Any]] | None: ...
+
+    @abstractmethod
+    def _put(
+        self,
+        stem: str,
+        key: dict[str, Any],
+        tensor: str,
+        value: torch.Tensor,
+        provenance: dict[str, Any],
+    ) -> None: ...
+
+
+class LocalCovarianceCache(_KeyedFiles):
+    """One safetensors file per key under ``root``; the provenance is in its metadata."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
 
     def _get(
         self, stem: str, key: dict[str, Any], tensor: str
@@ -167,7 +189,7 @@ class LocalCovarianceCache:
         os.replace(tmp, self.root / f"{stem}.safetensors")
 
 
-class ObjectStoreCovarianceCache:
+class ObjectStoreCovarianceCache(_KeyedFiles):
     """Covariances in an object store (local directory, S3, SeaweedFS), one folder per key::
 
         {prefix}/{stem}/C-{writer}.safetensors   the float32 statistic (tensor "C")
@@ -190,18 +212,6 @@ class ObjectStoreCovarianceCache:
     def __init__(self, store: ObjectStore, prefix: str = "_cache/covariance") -> None:
         self.store = store
         self.prefix = prefix.strip("/")
-
-    def get(self, key: CovarianceKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        return self._get(key.file_stem, asdict(key), "C")
-
-    def put(self, key: CovarianceKey, C: torch.Tensor, provenance: dict[str, Any]) -> None:
-        self._put(key.file_stem, asdict(key), "C", C.detach().float(), provenance)
-
-    def get_samples(self, key: SampleKey) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        return self._get(key.file_stem, asdict(key), "ids")
-
-    def put_samples(self, key: SampleKey, ids: torch.Tensor, provenance: dict[str, Any]) -> None:
-        self._put(key.file_stem, asdict(key), "ids", ids, provenance)
 
     def _get(
         self, stem: str, key: dict[str, Any], tensor: str
