@@ -3,7 +3,6 @@ run by hand, not in CI; these check what it would generate without generating it
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from collections.abc import Iterator
@@ -11,6 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.support.scripts import loaded_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
 
@@ -23,15 +24,8 @@ def torch_sees_a_gpu() -> bool:
 
 @pytest.fixture(scope="module")
 def mb() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("merge_bench_under_test", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(BENCH, "merge_bench_under_test") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_3b_preset_has_llama_3_2_3b_tensor_shapes_and_parameter_count(mb: ModuleType) -> None:

@@ -4,9 +4,7 @@ invariants the benches rely on. The benches themselves run by hand, not in CI.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.support.scripts import loaded_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -26,15 +26,8 @@ def doc() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def eb() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("edit_bench_under_test", BENCH / "edit_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(BENCH / "edit_bench.py", "edit_bench_under_test") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_first_relations_still_hold_the_100_facts_of_the_earlier_figures(

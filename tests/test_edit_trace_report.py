@@ -4,29 +4,22 @@ traces."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.support.scripts import loaded_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "edit_trace_report.py"
 
 
 @pytest.fixture(scope="module")
 def tr() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("edit_trace_report_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(SCRIPT, "edit_trace_report_under_test") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_ranks_share_ties(tr: ModuleType) -> None:
