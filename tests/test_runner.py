@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,67 +18,17 @@ import pytest
 import torch
 
 from infra.artifacts import download_artifact, list_versions
-from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
-from infra.settings import Settings
-from infra.storage import LocalObjectStore
-from schemas.jobs import JobCreate, JobKind, JobState
+from schemas.jobs import JobState
 from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, tensors, ties
-from workers.runner import RetryLater, run_job
+from tests.support.jobs import TENANT, InProcessJobs, in_process_jobs
+from workers.runner import RetryLater
 
-TENANT = "acme"
-
-
-@dataclass
-class Service:
-    settings: Settings
-    store: JobStore
-    objects: LocalObjectStore
-    tenant_id: int
-    work_root: Path
-
-    def submit(self, recipe: dict[str, Any], name: str = "soup") -> str:
-        request = JobCreate(kind=JobKind.MERGE, recipe=recipe, artifact_name=name)
-        return self.store.create_job(self.tenant_id, request).job.id
-
-    def run(self, job_id: str, worker_id: str = "w1") -> None:
-        run_job(
-            job_id,
-            store=self.store,
-            settings=self.settings,
-            object_store=self.objects,
-            worker_id=worker_id,
-            work_root=self.work_root,
-        )
-
-    def job(self, job_id: str) -> Any:
-        job = self.store.get(self.tenant_id, job_id)
-        assert job is not None
-        return job
+Service = InProcessJobs
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path}/data/jobs.db",
-        object_store_url=f"file://{tmp_path}/artifacts",
-        allow_local_paths=True,
-        worker_heartbeat_interval=1,
-        worker_lost_after=3,
-    )
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    tenant_id = ApiKeys(engine).ensure_tenant(TENANT).id
-    work_root = tmp_path / "work"
-    work_root.mkdir()
-    yield Service(
-        settings,
-        JobStore.from_settings(settings, engine),
-        LocalObjectStore(tmp_path / "artifacts"),
-        tenant_id,
-        work_root,
-    )
-    engine.dispose()
+    yield from in_process_jobs(tmp_path)
 
 
 def sha256(path: Path) -> str:

@@ -11,7 +11,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,15 @@ import pytest
 import torch
 
 from infra.artifacts import download_artifact, list_versions
-from infra.db import ApiKeys, JobStore, make_engine, upgrade_database
 from infra.db.parts import PartStore
 from infra.settings import Settings
-from infra.storage import LocalObjectStore
 from merging.statistics import combine_partials
-from schemas.jobs import JobCreate, JobError, JobKind, JobState
+from schemas.jobs import JobError, JobState
 from schemas.recipe import MergeRecipe
 from testbed.api import MERGE_RECIPE, merge_job
 from tests.support.api import assert_problem
 from tests.support.checkpoints import build_many_tensor_family, huge_finetune, tensors, ties
+from tests.support.jobs import TENANT, InProcessJobs, in_process_jobs
 from workers.merge.engine import MergeSession, run_merge
 from workers.merge.parts import (
     pass_count,
@@ -38,11 +36,9 @@ from workers.merge.parts import (
     run_merge_in_parts,
     statistics_from,
 )
-from workers.runner import run_job
 from workers.split_merge import parallelism_for
 from workers.tensors.writer import TensorSpec, split_shards
 
-TENANT = "acme"
 SHARD = 40_000  # bytes per output shard: the tiny Llama's output gets ~16 shards
 
 
@@ -188,58 +184,12 @@ def test_parallelism_comes_from_the_recipe_or_the_operators_size_threshold() -> 
 # ---- the job: parts in the job store ----------------------------------------------------------
 
 
-@dataclass
-class Service:
-    settings: Settings
-    store: JobStore
-    parts: PartStore
-    objects: LocalObjectStore
-    tenant_id: int
-    work_root: Path
-
-    def submit(self, recipe: dict[str, Any], name: str) -> str:
-        request = JobCreate(kind=JobKind.MERGE, recipe=recipe, artifact_name=name)
-        return self.store.create_job(self.tenant_id, request).job.id
-
-    def run(self, job_id: str, worker_id: str = "w1") -> Any:
-        run_job(
-            job_id,
-            store=self.store,
-            settings=self.settings,
-            object_store=self.objects,
-            worker_id=worker_id,
-            work_root=self.work_root,
-        )
-        job = self.store.get(self.tenant_id, job_id)
-        assert job is not None
-        return job
+Service = InProcessJobs
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path}/data/jobs.db",
-        object_store_url=f"file://{tmp_path}/artifacts",
-        allow_local_paths=True,
-        worker_heartbeat_interval=1,
-        worker_lost_after=3,
-    )
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    tenant_id = ApiKeys(engine).ensure_tenant(TENANT).id
-    work_root = tmp_path / "work"
-    work_root.mkdir()
-    store = JobStore.from_settings(settings, engine)
-    yield Service(
-        settings,
-        store,
-        PartStore(engine, worker_lost_after=timedelta(seconds=3)),
-        LocalObjectStore(tmp_path / "artifacts"),
-        tenant_id,
-        work_root,
-    )
-    engine.dispose()
+    yield from in_process_jobs(tmp_path)
 
 
 def test_a_split_job_publishes_the_same_artifact_as_a_single_worker_job(
