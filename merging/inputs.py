@@ -79,6 +79,31 @@ class Block:
         return self.theta(j).sub_(base)
 
 
+class Scratch:
+    """Work buffers reused from one tensor to the next of a merge, one per ``slot``: a fresh
+    tensor-sized allocation is page-faulted in on its first touch, which costs about as much
+    as the work done in it. A buffer is replaced by a larger one when a tensor needs more."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, slot: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements (contents undefined), valid until the next
+        ``get`` of the same slot."""
+        buf = self._buffers.get(slot)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != dtype
+            or buf.device != torch.device(device)
+        ):
+            self._buffers.pop(slot, None)  # (freed before the larger one is made)
+            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
 @dataclass
 class TensorInputs:
     """One tensor's merge: its inputs, as blocks, and the parameters resolved for it."""
@@ -100,6 +125,7 @@ class TensorInputs:
     # whole-model statistics from the extra streaming passes (MergeMethod.whole_model_statistic)
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings for the manifest
+    scratch: Scratch = field(default_factory=Scratch)  # the merge's reused work buffers
 
     @property
     def numel(self) -> int:

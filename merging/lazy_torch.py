@@ -26,6 +26,10 @@ class _ImportedOnFirstUse(types.ModuleType):
 
 
 if TYPE_CHECKING:
+    import numpy as numpy
     import torch as torch
 else:
     torch = _ImportedOnFirstUse("torch")
+    # numpy comes with torch in the workers; the math uses a few of its vectorised routines
+    # (partition, count_nonzero) on torch tensors' memory, loaded the same way
+    numpy = _ImportedOnFirstUse("numpy")

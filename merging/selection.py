@@ -7,7 +7,10 @@ histogram of the low 16 bits of the members of that bucket gives the exact value
 histograms can be accumulated chunk by chunk, so the k-th value of a whole model is found
 in two streaming passes with O(65,536) memory (docs/merge-methods.md, "Whole-model
 statistics in bounded memory").
-The same two steps on one tensor are several times faster than a sort or torch.kthvalue.
+The same two steps on one tensor are several times faster than a sort or torch.kthvalue;
+on the CPU a tensor's keys held whole are selected faster still by numpy's vectorised
+partition (``select_keys``), which a streamed tensor uses too while every model's keys fit a
+memory budget (``IN_MEMORY_KEYS_BYTES``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from merging.lazy_torch import torch
+from merging.lazy_torch import numpy, torch
 
 _BUCKETS = 1 << 16
 _SMALL = 1 << 18  # below this many elements, sorting beats the histograms
@@ -210,6 +213,45 @@ class RadixSelect:
             self.selected.append(Selected(key_to_value(key), less, int(hist[low].item())))
 
 
+# a tensor's selection keys are held whole (every model's, together) up to this many bytes;
+# above it a streamed tensor is ranked by the two radix passes (RadixSelect)
+IN_MEMORY_KEYS_BYTES = 256 << 20
+
+
+def select_keys(
+    keys: torch.Tensor, ranks: list[int], work: torch.Tensor | None = None
+) -> list[Selected]:
+    """Exact k-th smallest (1-based ``ranks``) of order keys held whole (``order_keys``'
+    int32 keys of one flattened tensor), with the number of keys below and equal to each.
+
+    On the CPU by numpy's partition (introselect, vectorised: several times faster than the
+    two radix histograms or torch.kthvalue) of one copy of the keys, made in ``work`` (int32,
+    as many elements) when given; elsewhere by torch.kthvalue. The counts are two compares
+    over the keys."""
+    for rank in ranks:
+        if not 1 <= rank <= keys.numel():
+            raise ValueError(f"rank {rank} is outside 1..{keys.numel()}")
+    if keys.device.type == "cpu":
+        k = keys.numpy()
+        if work is None:
+            part = k.copy()
+        else:
+            part = work.numpy()
+            part[:] = k
+        done = 0  # part[:done] holds the smallest `done` keys (numpy is fastest at one kth)
+        for kth in sorted({r - 1 for r in ranks}):
+            part[done:].partition(kth - done)
+            done = kth + 1
+        picked = [int(part[r - 1]) for r in ranks]
+        del part
+        count = numpy.count_nonzero
+        counts = {v: (int(count(k < v)), int(count(k == v))) for v in picked}
+    else:
+        picked = [int(torch.kthvalue(keys, r).values.item()) for r in ranks]
+        counts = {v: (int((keys < v).sum()), int((keys == v).sum())) for v in picked}
+    return [Selected(key_to_value(v), *counts[v]) for v in picked]
+
+
 def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[Selected]:
     """Exact k-th smallest values (1-based ranks) of a tensor with their less/equal counts."""
     flat = x.reshape(-1)
@@ -224,12 +266,16 @@ def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> l
         return out
     sel = RadixSelect(ranks=list(ranks), nonnegative=nonnegative)
     keys = sel.keys(flat)
-    sel.observe_high(flat, keys)
-    sel.end_high()
-    sel.observe_low(flat, keys)
-    sel.end_low()
+    if keys.device.type == "cpu":  # numpy's partition beats the two histograms there
+        selected = select_keys(keys, list(ranks))
+    else:
+        sel.observe_high(flat, keys)
+        sel.end_high()
+        sel.observe_low(flat, keys)
+        sel.end_low()
+        selected = sel.selected
     picked = []
-    for s in sel.selected:
+    for s in selected:
         if s.value == 0.0 and not nonnegative:  # −0.0 and +0.0 have two keys but one value
             s = Selected(0.0, int((flat < 0).sum()), int((flat == 0).sum()))
         picked.append(s)
@@ -237,7 +283,7 @@ def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> l
 
 
 def kth_smallest(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[float]:
-    """Exact k-th smallest values (1-based) of a tensor, by two radix histogram passes."""
+    """Exact k-th smallest values (1-based) of a tensor held whole (``select``)."""
     return [s.value for s in select(x, ranks, nonnegative=nonnegative)]
 
 
@@ -326,6 +372,10 @@ class RankRangeStream:
         self._groups: list[list[float | int]] = []
         self._first = self._last = 0.0
         self._below_last = self._above_first = False
+        # (value, start, stop): the entries equal to value at flat positions [start, stop)
+        # are kept (select_whole); ``_offset``: the flat position of the next block
+        self._spans: list[tuple[float, int, int]] = []
+        self._offset = 0
 
     @property
     def needs_selection(self) -> bool:
@@ -342,7 +392,29 @@ class RankRangeStream:
 
     def end_low(self) -> None:
         self._select.end_low()
-        selected = self._select.selected
+        self._take(self._select.selected)
+
+    def select_whole(self, keys: torch.Tensor, work: torch.Tensor | None = None) -> None:
+        """Instead of the two radix passes: the boundaries from the whole tensor's keys (the
+        int32 bit patterns of its non-negative values, flattened, in order), and where each
+        partly kept group of equal values starts and stops being kept, by position: the mask
+        then needs no counting of equal values block by block. ``work``: as for
+        ``select_keys``."""
+        self._take(select_keys(keys, self._select.ranks, work))
+        whole_groups = []
+        for g in self._groups:
+            value, p0, p1, _, size = g
+            if p0 == 0 and p1 == size:
+                whole_groups.append(g)  # the whole group is kept: no positions needed
+                continue
+            key = int(order_keys(torch.tensor([float(value)]), nonnegative=True).item())
+            where = _positions(keys, key)
+            # the kept members are those at positions where[p0] … where[p1 - 1]
+            self._spans.append((float(value), int(where[int(p0)]), int(where[int(p1) - 1]) + 1))
+        self._groups = whole_groups
+
+    def _take(self, selected: list[Selected]) -> None:
+        """The boundaries and boundary groups from the selected order statistics."""
         if self._to_top:  # everything above `first` is in range
             groups, self._above_first = selected, True
             self._first = selected[0].value
@@ -367,6 +439,7 @@ class RankRangeStream:
         ``dtype``: bool, or 0/1 in a float dtype (to multiply by: the comparisons then write
         floats, several times faster than bool results on the CPU)."""
         flat = x.reshape(-1)
+        offset, self._offset = self._offset, self._offset + flat.numel()
         dtype = torch.bool if dtype is None else dtype  # (not a default: torch loads lazily)
         if self._all is not None:
             return torch.full_like(flat, self._all, dtype=dtype)
@@ -379,6 +452,10 @@ class RankRangeStream:
             torch.lt(flat, self._last, out=mask)
         else:
             mask.zero_()
+        for value, start, stop in self._spans:
+            a, b = max(0, start - offset), min(flat.numel(), stop - offset)
+            if a < b:
+                _include(mask[a:b], torch.eq(flat[a:b], value, out=torch.empty_like(mask[a:b])))
         for g in self._groups:
             value = g[0]
             p0, p1, seen, size = (int(v) for v in g[1:])
@@ -401,6 +478,15 @@ class RankRangeStream:
                 idx = torch.nonzero(eq).squeeze(1)
                 mask[idx[a - seen : b - seen]] = 1
         return mask
+
+
+def _positions(keys: torch.Tensor, key: int) -> torch.Tensor:
+    """The flat positions of ``key`` in ``keys``, ascending (numpy's nonzero on the CPU:
+    several times faster than torch's)."""
+    if keys.device.type == "cpu":
+        k = keys.numpy()
+        return torch.from_numpy((k == key).nonzero()[0])
+    return (keys == key).nonzero().reshape(-1)
 
 
 def _include(mask: torch.Tensor, members: torch.Tensor) -> None:

@@ -3,8 +3,9 @@
 The test models are tiny, so with the default block size every tensor is a single block.
 Here the block size is made small and odd (tensors span many blocks, which end at arbitrary
 positions inside rows) so that the streamed methods' cross-block logic is exercised: the
-exact per-tensor rank windows of TIES and Breadcrumbs found by radix select over the blocks,
-with ties broken by position across block boundaries, and PCB's global statistics.
+exact per-tensor rank windows of TIES and Breadcrumbs found from the keys held whole or by
+radix select over the blocks, with ties broken by position across block boundaries, and
+PCB's global statistics.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def small_blocks(monkeypatch):
     ],
 )
 def test_streamed_merge_matches_reference(family, case, small_blocks, request, tmp_path):
+    f = request.getfixturevalue(family)
+    r = (LLAMA_CASES if family == "llama_family" else BF16_CASES)[case](f)
+    _, out = engine(r, tmp_path / "out", seed=SEED)
+    assert_matches_reference(out, reference_merge(r, SEED), out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("family", "case"),
+    [
+        *[pytest.param("llama_family", c, id=f"llama-{c}") for c in ("ties", "breadcrumbs")],
+        *[pytest.param("bf16_llama_family", c, id=f"bf16-{c}") for c in ("ties", "breadcrumbs")],
+    ],
+)
+def test_streamed_rank_windows_by_radix_match_reference(
+    family, case, small_blocks, request, monkeypatch, tmp_path
+):
+    """Above the memory budget for keys held whole, a tensor's rank windows come from the
+    two radix passes over its blocks instead: the same reference results."""
+    monkeypatch.setattr(task_vectors, "IN_MEMORY_KEYS_BYTES", 0)
     f = request.getfixturevalue(family)
     r = (LLAMA_CASES if family == "llama_family" else BF16_CASES)[case](f)
     _, out = engine(r, tmp_path / "out", seed=SEED)

@@ -86,6 +86,52 @@ def test_rank_window_to_either_end_selects_one_boundary(descending):
         assert torch.equal(got, want), (lo, hi)
 
 
+@pytest.mark.parametrize("kind", ["signed", "wide", "magnitudes"])
+def test_select_keys_held_whole_equals_the_sort(kind):
+    """The in-memory selection (numpy's partition, one kth at a time) gives the sort's k-th
+    value and counts, several ranks at once, duplicates and both ends included."""
+    gen = torch.Generator().manual_seed(11)
+    n = 70_001
+    x = _values(kind, n, gen)
+    nonnegative = kind == "magnitudes"
+    ranks = [n, 1, n // 2 + 1, n // 3, n // 3, n - 1, 2]
+    keys = order_keys(x, nonnegative=nonnegative)
+    before = keys.clone()
+    got = selection.select_keys(keys, ranks, work=torch.empty(n, dtype=torch.int32))
+    assert torch.equal(keys, before)  # the keys are left as they were
+    for k, s in zip(ranks, got, strict=True):
+        value, less, equal = _by_sort(x, k)
+        if value == 0.0 and not nonnegative:
+            assert s.value == 0.0  # −0.0 and +0.0: one value, two keys (as above)
+            continue
+        assert (s.value, s.less, s.equal) == (value, less, equal), k
+    with pytest.raises(ValueError, match="outside"):
+        selection.select_keys(keys, [n + 1])
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending):
+    """``select_whole`` (the boundaries and the kept span of each cut group of equal values
+    from the whole tensor's keys) masks the same entries as a stable sort, block by block,
+    for windows that cut groups of equal values at one end, at both, or inside one group."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randint(0, 7, (40_000,), generator=gen).to(torch.float32) * 0.5
+    n = x.numel()
+    order = torch.sort(x, stable=True, descending=descending).indices
+    group = int((x == 0).sum())  # the windows below cut inside groups, not at their edges
+    windows = [(0, 100), (0, 20_001), (3, n), (17_000, n), (5_000, 31_003), (10, 20), (0, n)]
+    windows += [(group // 3, group // 2), (n - 1, n), (0, 1)]
+    for lo, hi in windows:
+        window = RankRangeStream(n, lo, hi, descending=descending)
+        if window.needs_selection:
+            window.select_whole(x.view(torch.int32))
+        parts = [x[s : s + 997] for s in range(0, n, 997)]
+        got = torch.cat([window.mask(p, dtype=torch.float32) for p in parts])
+        want = torch.zeros(n)
+        want[order[lo:hi]] = 1.0
+        assert torch.equal(got, want), (lo, hi)
+
+
 def test_bucket_members_numpy_and_torch_paths_agree():
     """The low-half pass picks a bucket's members with numpy on the CPU and with torch on
     other devices: both give the members' low halves, one bucket or several at once."""

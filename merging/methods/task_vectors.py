@@ -42,7 +42,7 @@ from merging.parameters import (
     weight,
 )
 from merging.randomness import generator, uniform, uniform_chunks
-from merging.selection import RankRangeStream, rank_range_mask
+from merging.selection import IN_MEMORY_KEYS_BYTES, RankRangeStream, rank_range_mask
 from merging.statistics import (
     WholeModel,
     WholeModelStatistic,
@@ -142,6 +142,9 @@ class RankWindow(Sparsification):
         }
         if not selecting:
             return windows, False
+        if x.numel * len(selecting) * 4 <= IN_MEMORY_KEYS_BYTES:
+            _select_in_memory(x, selecting)
+            return windows, True
         for b in x.blocks():  # the exact boundaries of every model's window: two radix passes
             for j, w in selecting.items():
                 w.observe_high(b.tau(j).abs_())
@@ -160,6 +163,22 @@ class RankWindow(Sparsification):
         lo, hi, descending = state
         mask = rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
         return mask.to(tau.dtype)
+
+
+def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> None:
+    """Every window's boundaries from one pass that gathers each model's |τ| whole (as
+    float32; its bit patterns are the keys): one read of the inputs instead of two, and a
+    partition instead of two histograms."""
+    magnitudes: dict[int, torch.Tensor] = {}
+    for b in x.blocks():
+        for j in windows:
+            tau = b.tau(j)
+            if j not in magnitudes:
+                magnitudes[j] = x.scratch.get(f"magnitudes/{j}", x.numel, torch.float32, tau.device)
+            torch.abs(tau, out=magnitudes[j][b.start : b.stop])
+    for j, w in windows.items():
+        keys = magnitudes[j].view(torch.int32)
+        w.select_whole(keys, x.scratch.get("partition", x.numel, torch.int32, keys.device))
 
 
 _TIES_SCOPE = ParameterSpec(

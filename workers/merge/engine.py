@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from merging.inputs import TensorInputs
+from merging.inputs import Scratch, TensorInputs
 from merging.method import MergeInputError
 from schemas.recipe import MergeRecipe
 from workers.devices import resolve_device
@@ -355,6 +355,7 @@ class _Merge:
         self.seed = seed
         self.cancelled = cancelled
         self.notes: list[str] = []
+        self.scratch = Scratch()  # work buffers reused from tensor to tensor
         first = next(iter(self.plan))
         self.statistic = self.method.whole_model_statistic(params.shared(first))
         passes = self.statistic.passes if self.statistic else 0
@@ -386,6 +387,7 @@ class _Merge:
             blocks=self.reader.blocks(name, whole=whole),
             stats=stats,
             notes=self.notes,
+            scratch=self.scratch,
         )
 
     def _pass_inputs(self, name: str) -> TensorInputs:
