@@ -218,38 +218,36 @@ class RadixSelect:
 IN_MEMORY_KEYS_BYTES = 256 << 20
 
 
-def select_keys(
-    keys: torch.Tensor, ranks: list[int], work: torch.Tensor | None = None
-) -> list[Selected]:
+def select_keys(keys: torch.Tensor, ranks: list[int], *, consume: bool = False) -> list[Selected]:
     """Exact k-th smallest (1-based ``ranks``) of order keys held whole (``order_keys``'
     int32 keys of one flattened tensor), with the number of keys below and equal to each.
 
     On the CPU by numpy's partition (introselect, vectorised: several times faster than the
-    two radix histograms or torch.kthvalue) of one copy of the keys, made in ``work`` (int32,
-    as many elements) when given; elsewhere by torch.kthvalue. The counts are two compares
-    over the keys."""
+    two radix histograms or torch.kthvalue), one kth at a time (numpy is fastest so), of a
+    copy of the keys or, with ``consume``, of the keys themselves (their order is lost);
+    elsewhere by torch.kthvalue. The counts are compares over the partitioned keys: the
+    ones below the k-th are all in front of it."""
     for rank in ranks:
         if not 1 <= rank <= keys.numel():
             raise ValueError(f"rank {rank} is outside 1..{keys.numel()}")
-    if keys.device.type == "cpu":
-        k = keys.numpy()
-        if work is None:
-            part = k.copy()
-        else:
-            part = work.numpy()
-            part[:] = k
-        done = 0  # part[:done] holds the smallest `done` keys (numpy is fastest at one kth)
-        for kth in sorted({r - 1 for r in ranks}):
-            part[done:].partition(kth - done)
-            done = kth + 1
-        picked = [int(part[r - 1]) for r in ranks]
-        del part
-        count = numpy.count_nonzero
-        counts = {v: (int(count(k < v)), int(count(k == v))) for v in picked}
-    else:
+    if keys.device.type != "cpu":
         picked = [int(torch.kthvalue(keys, r).values.item()) for r in ranks]
-        counts = {v: (int((keys < v).sum()), int((keys == v).sum())) for v in picked}
-    return [Selected(key_to_value(v), *counts[v]) for v in picked]
+        return [
+            Selected(key_to_value(v), int((keys < v).sum()), int((keys == v).sum())) for v in picked
+        ]
+    part = keys.numpy() if consume else keys.numpy().copy()
+    done = 0  # part[:done] holds the smallest `done` keys
+    for kth in sorted({r - 1 for r in ranks}):
+        part[done:].partition(kth - done)
+        done = kth + 1
+    count = numpy.count_nonzero
+    out = []
+    for r in ranks:
+        v = part[r - 1]
+        out.append(
+            Selected(key_to_value(int(v)), int(count(part[: r - 1] < v)), int(count(part == v)))
+        )
+    return out
 
 
 def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[Selected]:
@@ -372,10 +370,6 @@ class RankRangeStream:
         self._groups: list[list[float | int]] = []
         self._first = self._last = 0.0
         self._below_last = self._above_first = False
-        # (value, start, stop): the entries equal to value at flat positions [start, stop)
-        # are kept (select_whole); ``_offset``: the flat position of the next block
-        self._spans: list[tuple[float, int, int]] = []
-        self._offset = 0
 
     @property
     def needs_selection(self) -> bool:
@@ -394,24 +388,11 @@ class RankRangeStream:
         self._select.end_low()
         self._take(self._select.selected)
 
-    def select_whole(self, keys: torch.Tensor, work: torch.Tensor | None = None) -> None:
+    def select_whole(self, keys: torch.Tensor) -> None:
         """Instead of the two radix passes: the boundaries from the whole tensor's keys (the
-        int32 bit patterns of its non-negative values, flattened, in order), and where each
-        partly kept group of equal values starts and stops being kept, by position: the mask
-        then needs no counting of equal values block by block. ``work``: as for
-        ``select_keys``."""
-        self._take(select_keys(keys, self._select.ranks, work))
-        whole_groups = []
-        for g in self._groups:
-            value, p0, p1, _, size = g
-            if p0 == 0 and p1 == size:
-                whole_groups.append(g)  # the whole group is kept: no positions needed
-                continue
-            key = int(order_keys(torch.tensor([float(value)]), nonnegative=True).item())
-            where = _positions(keys, key)
-            # the kept members are those at positions where[p0] … where[p1 - 1]
-            self._spans.append((float(value), int(where[int(p0)]), int(where[int(p1) - 1]) + 1))
-        self._groups = whole_groups
+        int32 bit patterns of its non-negative values, flattened), which are consumed (see
+        ``select_keys``)."""
+        self._take(select_keys(keys, self._select.ranks, consume=True))
 
     def _take(self, selected: list[Selected]) -> None:
         """The boundaries and boundary groups from the selected order statistics."""
@@ -439,7 +420,6 @@ class RankRangeStream:
         ``dtype``: bool, or 0/1 in a float dtype (to multiply by: the comparisons then write
         floats, several times faster than bool results on the CPU)."""
         flat = x.reshape(-1)
-        offset, self._offset = self._offset, self._offset + flat.numel()
         dtype = torch.bool if dtype is None else dtype  # (not a default: torch loads lazily)
         if self._all is not None:
             return torch.full_like(flat, self._all, dtype=dtype)
@@ -452,10 +432,6 @@ class RankRangeStream:
             torch.lt(flat, self._last, out=mask)
         else:
             mask.zero_()
-        for value, start, stop in self._spans:
-            a, b = max(0, start - offset), min(flat.numel(), stop - offset)
-            if a < b:
-                _include(mask[a:b], torch.eq(flat[a:b], value, out=torch.empty_like(mask[a:b])))
         for g in self._groups:
             value = g[0]
             p0, p1, seen, size = (int(v) for v in g[1:])
@@ -478,15 +454,6 @@ class RankRangeStream:
                 idx = torch.nonzero(eq).squeeze(1)
                 mask[idx[a - seen : b - seen]] = 1
         return mask
-
-
-def _positions(keys: torch.Tensor, key: int) -> torch.Tensor:
-    """The flat positions of ``key`` in ``keys``, ascending (numpy's nonzero on the CPU:
-    several times faster than torch's)."""
-    if keys.device.type == "cpu":
-        k = keys.numpy()
-        return torch.from_numpy((k == key).nonzero()[0])
-    return (keys == key).nonzero().reshape(-1)
 
 
 def _include(mask: torch.Tensor, members: torch.Tensor) -> None:

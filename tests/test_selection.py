@@ -97,8 +97,9 @@ def test_select_keys_held_whole_equals_the_sort(kind):
     ranks = [n, 1, n // 2 + 1, n // 3, n // 3, n - 1, 2]
     keys = order_keys(x, nonnegative=nonnegative)
     before = keys.clone()
-    got = selection.select_keys(keys, ranks, work=torch.empty(n, dtype=torch.int32))
+    got = selection.select_keys(keys, ranks)
     assert torch.equal(keys, before)  # the keys are left as they were
+    assert selection.select_keys(keys.clone(), ranks, consume=True) == got
     for k, s in zip(ranks, got, strict=True):
         value, less, equal = _by_sort(x, k)
         if value == 0.0 and not nonnegative:
@@ -111,8 +112,8 @@ def test_select_keys_held_whole_equals_the_sort(kind):
 
 @pytest.mark.parametrize("descending", [False, True])
 def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending):
-    """``select_whole`` (the boundaries and the kept span of each cut group of equal values
-    from the whole tensor's keys) masks the same entries as a stable sort, block by block,
+    """``select_whole`` (the boundaries from the whole tensor's keys, which it consumes) masks
+    the same entries as a stable sort, block by block,
     for windows that cut groups of equal values at one end, at both, or inside one group."""
     gen = torch.Generator().manual_seed(13)
     x = torch.randint(0, 7, (40_000,), generator=gen).to(torch.float32) * 0.5
@@ -124,7 +125,7 @@ def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending):
     for lo, hi in windows:
         window = RankRangeStream(n, lo, hi, descending=descending)
         if window.needs_selection:
-            window.select_whole(x.view(torch.int32))
+            window.select_whole(x.clone().view(torch.int32))
         parts = [x[s : s + 997] for s in range(0, n, 997)]
         got = torch.cat([window.mask(p, dtype=torch.float32) for p in parts])
         want = torch.zeros(n)

@@ -177,8 +177,7 @@ def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> N
                 magnitudes[j] = x.scratch.get(f"magnitudes/{j}", x.numel, torch.float32, tau.device)
             torch.abs(tau, out=magnitudes[j][b.start : b.stop])
     for j, w in windows.items():
-        keys = magnitudes[j].view(torch.int32)
-        w.select_whole(keys, x.scratch.get("partition", x.numel, torch.int32, keys.device))
+        w.select_whole(magnitudes[j].view(torch.int32))
 
 
 _TIES_SCOPE = ParameterSpec(
