@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
-from merging.lazy_torch import torch
+from merging.lazy_torch import numpy, torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
 from merging.selection import kth_smallest
@@ -47,7 +47,19 @@ def pcb_balance(
     """
     a = tau.abs().clamp_(lo, hi) if clamped is None else clamped
     intra = _normalize_(a, lo, hi).square_().sub_(1).mul_(n).exp_()
-    return intra.mul_(torch.mul(tau, total).tanh_())
+    return intra.mul_(tanh_(torch.mul(tau, total)))
+
+
+def tanh_(x: torch.Tensor) -> torch.Tensor:
+    """tanh in place. On the CPU by numpy's vectorised tanh: torch's CPU tanh is about 13×
+    slower here (2.2 ns per float32 against 0.16) and was most of PCB's time. numpy's is
+    within 1.5 units in the last place of the exact value, torch's within 0.52; they differ
+    by at most one (tests/test_pcb_tanh.py)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        values = x.numpy()
+        numpy.tanh(values, out=values)
+        return x
+    return x.tanh_()
 
 
 def pcb_score(balance: torch.Tensor, threshold: float, top: float) -> torch.Tensor:
