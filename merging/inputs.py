@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from merging.lazy_torch import torch
+from merging.randomness import DrawsAhead, DrawStream, draw_stream
 
 # Elements per chunk of element-wise work inside a block: the chunk's float32 temporaries
 # stay in the CPU cache.
@@ -126,6 +127,11 @@ class TensorInputs:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings for the manifest
     scratch: Scratch = field(default_factory=Scratch)  # the merge's reused work buffers
+    draws_ahead: DrawsAhead | None = None  # random draws made ahead on a thread, if any
+
+    def draws(self, j: int) -> DrawStream:
+        """Model j's random draws for this tensor, in order (merging/randomness.py)."""
+        return draw_stream(self.seed, self.model_indices[j], self.name, self.draws_ahead)
 
     @property
     def numel(self) -> int:

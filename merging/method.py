@@ -108,6 +108,7 @@ class MergeMethod:
     # a base the recipe may give or not (mergekit's BasePolicy.OPTIONAL: nuslerp, multislerp
     # work on task vectors with one, on the models without); needs_base is False then
     optional_base: bool = False
+    draws_random: bool = False  # merge() draws at random (the engine makes the draws ahead)
     min_models: int = 1  # fine-tuned (non-base) inputs
     max_models: int | None = None
     parameters: tuple[ParameterSpec, ...] = ()

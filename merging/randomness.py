@@ -9,7 +9,8 @@ workers or the device: draws are made on the CPU and then moved.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections import deque
 
 from merging.lazy_torch import torch
 
@@ -32,15 +33,150 @@ def uniform(seed: int, model_index: int, tensor_name: str, shape: torch.Size) ->
     return torch.rand(shape, generator=g, dtype=torch.float32)
 
 
-def uniform_chunks(
-    seed: int, model_index: int, tensor_name: str, numel: int, chunk: int
-) -> Iterator[torch.Tensor]:
-    """The same draws as ``uniform`` over the flattened shape, ``chunk`` at a time into one
-    reused buffer (each chunk valid until the next is asked for): the generator hands out
-    its stream in order, so consecutive draws of n1 then n2 values are the draws of n1 + n2
-    (tests/test_merge_streaming.py checks it)."""
-    g = generator(seed, model_index, tensor_name)
-    buf = torch.empty(min(numel, chunk), dtype=torch.float32)
-    for start in range(0, numel, chunk):
-        out = buf[: min(chunk, numel - start)]
-        yield torch.rand(out.numel(), generator=g, dtype=torch.float32, out=out)
+def draw_stream(
+    seed: int, model_index: int, tensor_name: str, ahead: DrawsAhead | None = None
+) -> DrawStream:
+    """The draws of one (recipe seed, model index, tensor name): from ``ahead`` when it
+    makes them, else by the generator here."""
+    if ahead is not None and ahead.seed == seed:
+        return ahead.stream(model_index, tensor_name)
+    return DrawStream(seed, model_index, tensor_name, None)
+
+
+class DrawStream:
+    """One (recipe seed, model index, tensor name)'s draws in order, ``take(n)`` at a time:
+    consecutive takes of n1 then n2 values are the draws of n1 + n2: the generator hands
+    out its stream in order (tests/test_randomness.py checks it).
+    Made by the generator here, or handed over by :class:`DrawsAhead`'s thread."""
+
+    def __init__(self, seed: int, model_index: int, tensor_name: str, ahead: DrawsAhead | None):
+        self._key = (model_index, tensor_name)
+        self._ahead = ahead
+        self._g: torch.Generator | None = None
+        if ahead is None:
+            self._g = generator(seed, model_index, tensor_name)
+        self._left: torch.Tensor | None = None  # the rest of the last chunk handed over
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` draws (float32, U[0, 1)), a tensor of their own."""
+        if self._g is not None:
+            return torch.rand(n, generator=self._g, dtype=torch.float32)
+        assert self._ahead is not None
+        parts: list[torch.Tensor] = []
+        need = n
+        while need > 0:
+            if self._left is None or self._left.numel() == 0:
+                self._left = self._ahead.next_chunk(self._key)
+            part, self._left = self._left[:need], self._left[need:]
+            parts.append(part)
+            need -= part.numel()
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+
+
+class DrawsAhead:
+    """Every draw a merge will make, made ahead on a background thread in the order the
+    merge asks for them: (model index, tensor name, element count) in ``order``, each from
+    its own generator, ``chunk`` draws at a time, at most ``ahead_bytes`` of them waiting.
+
+    Draws are the merge's largest single cost for DARE and DELLA on the CPU (mt19937 makes
+    about one float32 per 2 ns) and need nothing from the merge but the order, so a second
+    core makes them while the first computes; the values are those of ``generator``'s stream
+    whatever the chunking. A stream asked for out of order, or after ``close``, is drawn by
+    its caller instead (``stream``); chunks of streams the merge skips are dropped."""
+
+    def __init__(
+        self,
+        seed: int,
+        order: list[tuple[int, str, int]],
+        *,
+        chunk: int = 1 << 20,
+        ahead_bytes: int = 64 << 20,
+    ) -> None:
+        self.seed = seed
+        self._order = list(order)
+        self._position = {(m, n): i for i, (m, n, _) in enumerate(self._order)}
+        self._chunk = chunk
+        self._ahead_elements = max(chunk, ahead_bytes // 4)
+        self._ready: deque[tuple[tuple[int, str], torch.Tensor | None]] = deque()
+        self._waiting = 0  # elements in _ready
+        self._current = 0  # the position in ``order`` of the stream being consumed
+        self._handed = -1  # the last position handed out (each stream is handed out once)
+        self._cond = threading.Condition()
+        self._closed = self._done = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="draws-ahead", daemon=True)
+        self._thread.start()
+
+    def stream(self, model_index: int, tensor_name: str) -> DrawStream:
+        key = (model_index, tensor_name)
+        with self._cond:
+            at = self._position.get(key)
+            ours = not self._closed and at is not None and at > self._handed
+            if ours:
+                assert at is not None
+                # the streams before it are skipped: their chunks are dropped
+                self._current = self._handed = at
+                self._cond.notify_all()
+        return DrawStream(self.seed, model_index, tensor_name, self if ours else None)
+
+    def next_chunk(self, key: tuple[int, str]) -> torch.Tensor:
+        """The next chunk of ``key``'s draws (dropping the chunks of skipped streams)."""
+        with self._cond:
+            while True:
+                while not self._ready and self._error is None and not self._done:
+                    self._cond.wait()
+                if self._error is not None:
+                    raise self._error
+                if not self._ready:  # (the stream was handed out, so it is made: never)
+                    raise RuntimeError(f"no draws of {key} were made")
+                got, chunk = self._ready.popleft()
+                if chunk is not None:
+                    self._waiting -= chunk.numel()
+                self._cond.notify_all()
+                if got == key and chunk is not None:
+                    return chunk
+                if got == key:  # the end marker: the stream was asked for more than it has
+                    raise ValueError(f"draws of {key} asked for beyond their count")
+
+    def _run(self) -> None:
+        try:
+            for i, (model_index, name, numel) in enumerate(self._order):
+                g = generator(self.seed, model_index, name)
+                for start in range(0, numel, self._chunk):
+                    n = min(self._chunk, numel - start)
+                    with self._cond:
+                        while (
+                            not self._closed
+                            and self._waiting + n > self._ahead_elements
+                            and self._waiting > 0
+                        ):
+                            self._cond.wait()
+                        if self._closed:
+                            return
+                        skipped = i < self._current
+                    if skipped:
+                        break  # the merge went past this stream: draw none of the rest
+                    chunk = torch.rand(n, generator=g, dtype=torch.float32)
+                    with self._cond:
+                        self._ready.append(((model_index, name), chunk))
+                        self._waiting += n
+                        self._cond.notify_all()
+                with self._cond:
+                    self._ready.append(((model_index, name), None))
+                    self._cond.notify_all()
+        except BaseException as e:  # handed to the merge by next_chunk
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()

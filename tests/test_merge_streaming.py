@@ -15,7 +15,6 @@ import torch
 
 from merging import inputs as merging_inputs
 from merging.methods import task_vectors
-from merging.randomness import uniform, uniform_chunks
 from merging.selection import RankRangeStream, rank_range_mask
 from tests.support.merge_cases import (
     BF16_CASES,
@@ -116,16 +115,6 @@ def test_merge_in_small_chunks_matches_reference(case, llama_family, small_chunk
     r = LLAMA_CASES[case](llama_family)
     _, out = engine(r, tmp_path / "out", seed=SEED)
     assert_matches_reference(out, reference_merge(r, SEED), out_dir=tmp_path / "out")
-
-
-@pytest.mark.parametrize(("numel", "chunk"), [(10_000, 7), (10_000, 4096), (4096, 4096), (5, 9)])
-def test_draws_in_chunks_are_the_draws_of_the_whole_tensor(numel, chunk):
-    whole = uniform(11, 2, "model.layers.0.mlp.up_proj.weight", torch.Size([numel]))
-    parts = [
-        c.clone() for c in uniform_chunks(11, 2, "model.layers.0.mlp.up_proj.weight", numel, chunk)
-    ]
-    assert [p.numel() for p in parts[:-1]] == [chunk] * (len(parts) - 1)
-    assert torch.equal(torch.cat(parts), whole)
 
 
 def _plain_sign_consensus(deltas, weights):

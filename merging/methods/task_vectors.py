@@ -41,7 +41,6 @@ from merging.parameters import (
     rescale,
     weight,
 )
-from merging.randomness import generator, uniform, uniform_chunks
 from merging.selection import IN_MEMORY_KEYS_BYTES, RankRangeStream, rank_range_mask
 from merging.statistics import (
     WholeModel,
@@ -60,6 +59,7 @@ class Sparsification(ABC):
     """
 
     parameters: tuple[ParameterSpec, ...] = ()  # what it adds to the family's parameters
+    draws_random = False  # keep() draws at random (x.draws)
 
     def check_recipe(self, recipe: RecipeSettings) -> None:  # noqa: B027 (optional hook)
         """Rules of its own over a recipe (RecipeRuleError at the field to change)."""
@@ -91,7 +91,7 @@ def _random_keep(
     x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
 ) -> torch.Tensor:
     """Bernoulli(p) keep mask from the seeded per-(model, tensor) draws (merging/randomness.py)."""
-    draws = uniform(x.seed, x.model_indices[j], x.name, tau.shape).to(tau.device)
+    draws = x.draws(j).take(tau.numel()).view(tau.shape).to(tau.device)
     return torch.lt(draws, p, out=draws)  # 1.0 where draw < p, in the draws' buffer
 
 
@@ -102,8 +102,9 @@ def _drop_at_random_(
     generator, drawn in order), without a float32 copy of the tensor's draws or mask."""
     flat = tau.reshape(-1)
     probability = p.reshape(-1) if isinstance(p, torch.Tensor) else p
-    chunks = uniform_chunks(x.seed, x.model_indices[j], x.name, flat.numel(), WORK_CHUNK)
-    for start, draws in zip(range(0, flat.numel(), WORK_CHUNK), chunks, strict=True):
+    stream = x.draws(j)
+    for start in range(0, flat.numel(), WORK_CHUNK):
+        draws = stream.take(min(WORK_CHUNK, flat.numel() - start))
         stop = start + draws.numel()
         if isinstance(probability, torch.Tensor):
             keep = torch.lt(draws.to(tau.device), probability[start:stop])
@@ -316,6 +317,8 @@ class RankBand(RankWindow):
 class RandomDrop(Sparsification):
     """DARE: keep each entry with probability ``density`` (seeded draws of the tensor's shape)."""
 
+    draws_random = True
+
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         return _random_keep(x, j, tau, x.params[j]["density"])
 
@@ -326,6 +329,8 @@ class RandomDrop(Sparsification):
 class RankedRandomDrop(Sparsification):
     """DELLA MagPrune: keep with probability p = (density − ε) + 2ε·rn, rn the normalised rank
     of |τ| in its row; needs 0 < density − ε and density + ε ≤ 1."""
+
+    draws_random = True
 
     parameters = (
         ParameterSpec(
@@ -368,15 +373,12 @@ class RankedRandomDrop(Sparsification):
         density, epsilon = self._settings(x, j)
         rows = _rows(tau)
         by_rank = della_rank_probabilities(rows.shape[1], density, epsilon, tau.device)
-        g = generator(x.seed, x.model_indices[j], x.name)
+        stream = x.draws(j)
         step = max(1, WORK_CHUNK // rows.shape[1]) if rows.shape[1] else 1
-        draws = torch.empty(min(step * rows.shape[1], rows.numel()), dtype=torch.float32)
         for r0 in range(0, rows.shape[0], step):
             block = rows[r0 : r0 + step]
             p = _by_rank(block, by_rank)
-            d = torch.rand(
-                block.numel(), generator=g, dtype=torch.float32, out=draws[: block.numel()]
-            )
+            d = stream.take(block.numel())
             keep = torch.lt(d.to(tau.device).view(block.shape), p, out=p)  # 1.0 where draw < p
             block.mul_(keep)
         return tau
@@ -578,6 +580,7 @@ class TaskVectorMethod(MergeMethod):
     ) -> None:
         self.name, self.title, self.reference = name, title, reference
         self.sparsify, self.consensus, self.rescaling = sparsify, consensus, rescaling
+        self.draws_random = sparsify.draws_random
         self.parameters = (
             weight(),
             density(),

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from merging.inputs import Scratch, TensorInputs
+from merging.inputs import WORK_CHUNK, Scratch, TensorInputs
 from merging.method import MergeInputError
+from merging.randomness import DrawsAhead
 from schemas.recipe import MergeRecipe
 from workers.devices import resolve_device
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
@@ -251,6 +252,7 @@ class MergeSession:
             # whole-tensor read-ahead for the tensors that are not streamed in blocks
             names = writer.names
             whole = [n for n in names if not merge.streamed(n)]
+            merge.draws_ahead = merge.draws_in_order(names)
             with merge.reader.reading(whole):
                 for name in names:
                     merge.check_cancel()
@@ -259,6 +261,10 @@ class MergeSession:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if merge.draws_ahead is not None:
+                merge.draws_ahead.close()
+                merge.draws_ahead = None
         return writer.digests
 
     def finalize(
@@ -356,6 +362,7 @@ class _Merge:
         self.cancelled = cancelled
         self.notes: list[str] = []
         self.scratch = Scratch()  # work buffers reused from tensor to tensor
+        self.draws_ahead: DrawsAhead | None = None  # while write() runs a drawing method
         first = next(iter(self.plan))
         self.statistic = self.method.whole_model_statistic(params.shared(first))
         passes = self.statistic.passes if self.statistic else 0
@@ -388,7 +395,23 @@ class _Merge:
             stats=stats,
             notes=self.notes,
             scratch=self.scratch,
+            draws_ahead=self.draws_ahead,
         )
+
+    def draws_in_order(self, names: list[str]) -> DrawsAhead | None:
+        """For a method that draws at random: its draws over ``names``, made ahead on a
+        thread in the order the merge asks for them (each fine-tuned model of each float
+        tensor in turn). Draws are made on the CPU whatever the device (randomness.py)."""
+        if not self.method.draws_random:
+            return None
+        order = [
+            (m.index, name, self.plan[name].numel)
+            for name in names
+            if self.plan[name].is_float
+            for m in self.reader.holders(name)
+            if m.index is not None
+        ]
+        return DrawsAhead(self.seed, order, chunk=WORK_CHUNK)
 
     def _pass_inputs(self, name: str) -> TensorInputs:
         return self.tensor_inputs(name, {}, whole=False)
