@@ -55,24 +55,40 @@ class DrawStream:
         self._g: torch.Generator | None = None
         if ahead is None:
             self._g = generator(seed, model_index, tensor_name)
-        self._left: torch.Tensor | None = None  # the rest of the last chunk handed over
+        self._chunk: torch.Tensor | None = None  # the chunk handed over last …
+        self._used = 0  # … and how many of its draws were taken
+        self._spill: torch.Tensor | None = None  # for takes across chunks
 
     def take(self, n: int) -> torch.Tensor:
-        """The next ``n`` draws (float32, U[0, 1)), a tensor of their own."""
+        """The next ``n`` draws (float32, U[0, 1)), valid until this stream's next take
+        (the buffers are reused)."""
         if self._g is not None:
             return torch.rand(n, generator=self._g, dtype=torch.float32)
+        if n == 0:
+            return torch.empty(0, dtype=torch.float32)
+        if self._chunk is None or self._used == self._chunk.numel():
+            self._next_chunk()
+        assert self._chunk is not None
+        if self._chunk.numel() - self._used >= n:
+            self._used += n  # within the current chunk: a view of it
+            return self._chunk[self._used - n : self._used]
+        if self._spill is None or self._spill.numel() < n:
+            self._spill = torch.empty(n, dtype=torch.float32)
+        out, filled = self._spill[:n], 0
+        while filled < n:
+            if self._chunk is None or self._used == self._chunk.numel():
+                self._next_chunk()
+            assert self._chunk is not None
+            got = min(n - filled, self._chunk.numel() - self._used)
+            out[filled : filled + got] = self._chunk[self._used : self._used + got]
+            filled, self._used = filled + got, self._used + got
+        return out
+
+    def _next_chunk(self) -> None:
         assert self._ahead is not None
-        parts: list[torch.Tensor] = []
-        need = n
-        while need > 0:
-            if self._left is None or self._left.numel() == 0:
-                self._left = self._ahead.next_chunk(self._key)
-            part, self._left = self._left[:need], self._left[need:]
-            parts.append(part)
-            need -= part.numel()
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+        if self._chunk is not None:
+            self._ahead.give_back(self._chunk)
+        self._chunk, self._used = self._ahead.next_chunk(self._key), 0
 
 
 class DrawsAhead:
@@ -105,6 +121,7 @@ class DrawsAhead:
         self._handed = -1  # the last position handed out (each stream is handed out once)
         self._cond = threading.Condition()
         self._closed = self._done = False
+        self._free: list[torch.Tensor] = []  # buffers of used chunks
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="draws-ahead", daemon=True)
         self._thread.start()
@@ -140,6 +157,21 @@ class DrawsAhead:
                 if got == key:  # the end marker: the stream was asked for more than it has
                     raise ValueError(f"draws of {key} asked for beyond their count")
 
+    def give_back(self, chunk: torch.Tensor) -> None:
+        """A chunk whose draws are all used: its buffer makes a later chunk (a fresh
+        allocation is page-faulted in, which costs about as much as the draws)."""
+        with self._cond:
+            if len(self._free) < 4:
+                self._free.append(chunk)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        with self._cond:
+            while self._free:
+                buf = self._free.pop()
+                if buf.numel() >= n:
+                    return buf[:n]
+        return torch.empty(n, dtype=torch.float32)
+
     def _run(self) -> None:
         try:
             for i, (model_index, name, numel) in enumerate(self._order):
@@ -158,7 +190,7 @@ class DrawsAhead:
                         skipped = i < self._current
                     if skipped:
                         break  # the merge went past this stream: draw none of the rest
-                    chunk = torch.rand(n, generator=g, dtype=torch.float32)
+                    chunk = torch.rand(n, generator=g, dtype=torch.float32, out=self._buffer(n))
                     with self._cond:
                         self._ready.append(((model_index, name), chunk))
                         self._waiting += n
