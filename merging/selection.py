@@ -15,8 +15,11 @@ memory budget (``IN_MEMORY_KEYS_BYTES``).
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from merging.lazy_torch import numpy, torch
 
@@ -462,3 +465,155 @@ def _include(mask: torch.Tensor, members: torch.Tensor) -> None:
         mask.logical_or_(members)
     else:
         mask.add_(members)
+
+
+def _host(values: torch.Tensor) -> Any:
+    """A float32 CPU tensor's values as a numpy array (no copy), else None."""
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        return values.detach().reshape(-1).numpy()
+    return None
+
+
+class _Kept:
+    """Values kept from block to block, in one growing float32 buffer: many small arrays
+    that outlive the blocks they come from would fragment the heap (each block's buffers
+    could no longer be reused, and memory grows by a block per block)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.values = torch.empty(max(1, capacity), dtype=torch.float32).numpy()
+        self.size = 0
+
+    def add(self, got: Any) -> None:
+        if self.size + got.size > self.values.size:
+            grown = torch.empty(2 * (self.size + got.size), dtype=torch.float32).numpy()
+            grown[: self.size] = self.values[: self.size]
+            self.values = grown
+        self.values[self.size : self.size + got.size] = got
+        self.size += got.size
+
+    def kept(self) -> Any:
+        return self.values[: self.size]
+
+
+def _where(values: torch.Tensor, keep: Callable[[Any], Any]) -> Any:
+    """The values for which ``keep`` (a compare, written for numpy arrays and tensors
+    alike) holds, flattened, as a numpy array (numpy's compare and index on the CPU:
+    torch's bool masks are several times slower there)."""
+    host = _host(values)
+    if host is not None:
+        return host[keep(host)]
+    flat = values.detach().reshape(-1)
+    return flat[keep(flat)].float().cpu().numpy()
+
+
+def _below(bound: float) -> Callable[[Any], Any]:
+    return lambda v: v < bound
+
+
+def _above(bound: float) -> Callable[[Any], Any]:
+    return lambda v: v > bound
+
+
+class ExtremeSelect:
+    """Exact k-th smallest values for ranks near either end of ``n`` values (within
+    ``limit`` of it), in one streaming pass: the m smallest (largest) values seen so far
+    are kept, m the deepest rank asked from that end, and a block adds only its values
+    below (above) the m-th kept one, which later values cannot displace otherwise.
+    Memory: a few times m values per end, whatever n.
+
+    ``observe`` every block, then ``values``. ``feasible`` says whether ranks are close
+    enough to the ends for the limit (else use RadixSelect's two passes)."""
+
+    def __init__(self, n: int, ranks: list[int], limit: int = 1 << 20) -> None:
+        self.n, self.ranks = n, list(ranks)
+        self._m = {
+            True: max([r for r in ranks if r <= n - r + 1] or [0]),  # from the bottom
+            False: max([n - r + 1 for r in ranks if r > n - r + 1] or [0]),  # from the top
+        }
+        self.feasible = max(self._m.values()) <= limit and all(1 <= r <= n for r in ranks)
+        self._kept: dict[bool, _Kept] = {}
+        # the m-th smallest (largest) kept: values at or beyond it cannot be among them
+        self._bound = {True: math.inf, False: -math.inf}
+        self.count = 0
+
+    def observe(self, values: torch.Tensor) -> None:
+        self.count += values.numel()
+        for low in (True, False):
+            m = self._m[low]
+            if not m:
+                continue
+            bound = self._bound[low]
+            got = _where(values, _below(bound) if low else _above(bound))
+            if not got.size:
+                continue
+            if low not in self._kept:
+                self._kept[low] = _Kept(4 * m + (1 << 16) + values.numel())
+            kept = self._kept[low]
+            kept.add(got)
+            if kept.size > 4 * m + (1 << 16):
+                self._bound[low] = self._compact(kept, m, low)
+
+    @staticmethod
+    def _compact(kept: _Kept, m: int, low: bool) -> float:
+        """Keep only the m smallest (largest) values; returns the m-th of them."""
+        values = kept.kept()
+        if low:
+            values.partition(m - 1)
+        else:
+            values.partition(values.size - m)
+            values[:m] = values[values.size - m :].copy()
+        kept.size = m
+        part = kept.kept()
+        return float(part.max() if low else part.min())
+
+    def values(self) -> list[float]:
+        """The k-th smallest of all observed values, for each rank (after every block)."""
+        if self.count != self.n:
+            raise ValueError(f"observed {self.count} values, expected {self.n}")
+        out = []
+        for r in self.ranks:
+            low = r <= self.n - r + 1
+            values = self._kept[low].kept()
+            at = r - 1 if low else values.size - (self.n - r + 1)  # the (n − r + 1)-th largest
+            out.append(float(numpy.partition(values, at)[at]))
+        return out
+
+
+class WindowSelect:
+    """The exact k-th smallest of ``n`` values in one streaming pass when it lies in a
+    window [lo, hi] guessed beforehand (from a sample): the values below the window are
+    counted, those in it kept. ``value()`` is the k-th smallest, or None when the window
+    missed it (then two radix passes find it). Tracks the maximum as well."""
+
+    def __init__(self, n: int, rank: int, lo: float, hi: float) -> None:
+        self.n, self.rank, self.lo, self.hi = n, rank, lo, hi
+        self.below = self.count = 0
+        self.maximum = -math.inf
+        self._inside = _Kept(1 << 16)
+
+    def observe(self, values: torch.Tensor) -> None:
+        if not values.numel():
+            return
+        self.count += values.numel()
+        lo, hi = self.lo, self.hi
+        host = _host(values)
+        if host is not None:
+            self.maximum = max(self.maximum, float(host.max()))
+            at_least = host >= lo
+            self.below += host.size - int(numpy.count_nonzero(at_least))
+            at_least &= host <= hi
+            self._inside.add(host[at_least])
+        else:
+            flat = values.detach().reshape(-1)
+            self.maximum = max(self.maximum, float(flat.max()))
+            self.below += int((flat < lo).sum())
+            self._inside.add(flat[(flat >= lo) & (flat <= hi)].float().cpu().numpy())
+
+    def value(self) -> float | None:
+        if self.count != self.n:
+            raise ValueError(f"observed {self.count} values, expected {self.n}")
+        inside = self._inside.kept()
+        at = self.rank - 1 - self.below
+        if not 0 <= at < inside.size:
+            return None
+        return float(numpy.partition(inside, at)[at])

@@ -48,6 +48,18 @@ class WholeModel(Protocol):
         ``phase`` is what the job's progress shows meanwhile."""
         ...
 
+    @property
+    def in_parts(self) -> bool:
+        """Whether the passes run split across processes (each pass then reads part of the
+        tensors and ``reduce`` combines the partials): a statistic's single-process
+        shortcuts (fewer passes than ``passes``) are for when it is False."""
+        ...
+
+    def skip_pass(self, phase: str) -> None:
+        """A pass counted in ``passes`` that a shortcut made unnecessary: the progress moves
+        past it as if it were read."""
+        ...
+
     def reduce(self, partial: Partial) -> Partial:
         """At the end of each pass, exactly once: what the pass gathered over the tensors
         this process read (int64 counts, summed; float maxima under keys starting ``max/``)

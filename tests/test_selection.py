@@ -165,3 +165,45 @@ def test_della_row_order_is_the_stable_sort_order(path):
         got = path(rows.abs().view(torch.int32), shift)
         assert torch.equal(got, _stable_row_order(rows)), shape
         assert torch.equal(task_vectors.row_order(rows), _stable_row_order(rows)), shape
+
+
+@pytest.mark.parametrize("block", [997, 50_000])
+@pytest.mark.parametrize("kind", ["signed", "wide", "magnitudes"])
+def test_extreme_select_in_one_pass_equals_the_sort(kind, block):
+    """Ranks within a few thousand of either end, found by keeping the extreme values seen
+    so far (several compactions at this size), equal the sort's k-th values."""
+    gen = torch.Generator().manual_seed(17)
+    n = 200_003
+    x = _values(kind, n, gen)
+    ranks = [1, 2, 700, 2_000, n - 1_999, n - 3, n]
+    extremes = selection.ExtremeSelect(n, ranks, limit=5_000)
+    assert extremes.feasible
+    for s in range(0, n, block):
+        extremes.observe(x[s : s + block])
+    want = [_by_sort(x, k)[0] for k in ranks]
+    assert extremes.values() == want
+    assert not selection.ExtremeSelect(n, [n // 2], limit=5_000).feasible
+    with pytest.raises(ValueError, match="observed"):
+        selection.ExtremeSelect(n, ranks).values()
+
+
+def test_window_select_counts_below_and_keeps_the_window():
+    """The k-th value when the window holds it (also at its edges), None when it does not;
+    the maximum either way."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randint(-50, 50, (60_000,), generator=gen).to(torch.float32) * 0.25
+    n = x.numel()
+    blocks = [x[s : s + 4_001] for s in range(0, n, 4_001)]
+    for k in (1, 12_345, 30_000, n):
+        value = _by_sort(x, k)[0]
+        for lo, hi, hit in [
+            (value - 1.0, value + 1.0, True),
+            (value, value, True),  # the window is exactly the value's group
+            (value + 0.25, value + 3.0, False),  # entirely above the k-th value
+            (value - 3.0, value - 0.25, False),  # entirely below it
+        ]:
+            window = selection.WindowSelect(n, k, lo, hi)
+            for b in blocks:
+                window.observe(b)
+            assert window.value() == (value if hit else None), (k, lo, hi)
+            assert window.maximum == float(x.max())

@@ -361,3 +361,38 @@ def test_a_parallelism_above_the_operators_maximum_is_a_422_saying_what_is_allow
     assert [e["pointer"] for e in body["errors"]] == ["/recipe/parallelism"]
     assert "at most 4" in body["detail"]
     assert api.enqueued == []
+
+
+def test_pcb_statistics_when_the_sampled_window_misses_fall_back_to_radix_passes(
+    llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process takes PCB's two-pass shortcut (clip bounds from the extremes, the
+    quantile from a window guessed from a sample); a window that misses falls back to the
+    radix passes. Both give what the parts' four radix passes give, bit for bit."""
+    from merging.methods import pcb
+
+    r = MergeRecipe.model_validate(recipe(llama_family, "pcb", density=0.2))
+    split = _split_statistics(r, 2)
+    took: list[str] = []
+    shortcut = pcb.PcbGlobal._in_two_passes
+    radix = pcb.PcbGlobal._quantiles
+
+    def spy_shortcut(self, *a, **k):  # type: ignore[no-untyped-def]
+        took.append("shortcut")
+        return shortcut(self, *a, **k)
+
+    def spy_radix(self, *a, **k):  # type: ignore[no-untyped-def]
+        took.append("radix")
+        return radix(self, *a, **k)
+
+    monkeypatch.setattr(pcb.PcbGlobal, "_in_two_passes", spy_shortcut)
+    monkeypatch.setattr(pcb.PcbGlobal, "_quantiles", spy_radix)
+    with MergeSession(r) as whole:
+        hit = whole.statistics()
+    assert took == ["shortcut"] and hit["pcb_bounds"] == split["pcb_bounds"]
+
+    took.clear()  # a window far above every B: nothing below k is in it
+    monkeypatch.setattr(pcb, "_window", lambda sample, q, spread: (1e30, 2e30))
+    with MergeSession(r) as whole:
+        missed = whole.statistics()
+    assert took == ["shortcut", "radix"] and missed["pcb_bounds"] == split["pcb_bounds"]

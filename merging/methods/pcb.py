@@ -17,7 +17,7 @@ from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import numpy, torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
-from merging.selection import kth_smallest
+from merging.selection import ExtremeSelect, WindowSelect, kth_smallest
 from merging.statistics import (
     WholeModel,
     WholeModelStatistic,
@@ -95,42 +95,177 @@ def tensor_bounds(
 
 class PcbGlobal(WholeModelStatistic):
     """PCB's per-model statistics over all parameters: the clip bounds lo/hi of |τ|, then
-    the (1 − r) quantile and the maximum of the balance matrix B."""
+    the (1 − r) quantile and the maximum of the balance matrix B.
+
+    Four passes by radix select (two for the bounds, two for the quantile), bit-identical
+    when split across processes. In one process a shortcut makes two: the bounds are ranks
+    within ``clip_ratio`` of either end, found in one pass by keeping the extreme values
+    (ExtremeSelect), which also samples τ; B of the sample then guesses a narrow window
+    around the quantile, and one pass over B counts what lies below it and keeps what lies
+    in it (WindowSelect). Both give the exact values; should the window miss (a sample
+    unlike the model), the two radix passes over B are made after all."""
 
     passes = 4
+    SAMPLE = 1 << 20  # elements of each model sampled for the window
+    SPREAD = 8.0  # the window: the sample's quantile ± this many standard errors of it
 
     def compute(self, model: WholeModel) -> dict[str, Any]:
         sizes = model.float_sizes()
         shared = model.shared_parameters()
         density, clip = shared["density"], shared["clip_ratio"]
         clip_ranks = {i: list(pcb_clip_ranks(n, clip)) for i, n in sizes.items() if n > 0}
+        q_ranks = {i: [pcb_quantile_rank(n, density)] for i, n in sizes.items() if n > 0}
+        extremes = {i: ExtremeSelect(sizes[i], r) for i, r in clip_ranks.items()}
+        if not model.in_parts and all(e.feasible for e in extremes.values()):
+            return self._in_two_passes(model, sizes, extremes, q_ranks)
         bounds = select_per_model(
             model, clip_ranks, task_vector_magnitudes, "statistics: clip bounds", nonnegative=True
         )
         lo = {i: v[0] for i, v in bounds.items()}
         hi = {i: v[1] for i, v in bounds.items()}
-        top: dict[int, float] = {i: -math.inf for i in bounds}
+        return self._quantiles(model, lo, hi, q_ranks)
+
+    def _quantiles(
+        self,
+        model: WholeModel,
+        lo: dict[int, float],
+        hi: dict[int, float],
+        q_ranks: dict[int, list[int]],
+    ) -> dict[str, Any]:
+        """The quantile and maximum of B by two radix passes, given the clip bounds."""
+        top: dict[int, float] = {i: -math.inf for i in lo}
 
         def balance(x: TensorInputs, blk: Block) -> Iterator[tuple[int, torch.Tensor]]:
-            if x.count == 0:
-                return
-            taus = [blk.tau(j) for j in range(x.count)]
-            total = taus[0].clone()  # Σj τj, summed in the order of the merge
-            for t in taus[1:]:
-                total += t
-            for j, tau in enumerate(taus):
-                i = x.model_indices[j]
-                b = pcb_balance(tau, total, x.count, lo[i], hi[i])
+            for i, b in _balances(x, blk, lo, hi):
                 if b.numel():
                     top[i] = max(top[i], float(b.max()))
                 yield i, b
 
-        q_ranks = {i: [pcb_quantile_rank(n, density)] for i, n in sizes.items() if n > 0}
         quant = select_per_model(
             model, q_ranks, balance, "statistics: balance quantile", maxima=top
         )
         bounds_of: dict[int, Bounds] = {i: (lo[i], hi[i], quant[i][0], top[i]) for i in quant}
         return {"pcb_bounds": bounds_of}
+
+    def _in_two_passes(
+        self,
+        model: WholeModel,
+        sizes: dict[int, int],
+        extremes: dict[int, ExtremeSelect],
+        q_ranks: dict[int, list[int]],
+    ) -> dict[str, Any]:
+        # pass 1: the clip bounds, and every `stride`-th element of each τ and of Σj τj
+        stride = {i: max(1, n // self.SAMPLE) for i, n in sizes.items()}
+        samples = {i: _Sample(sizes[i] // stride[i] + 1024) for i in extremes}
+        for x in model.tensors("statistics: clip bounds"):
+            for blk in x.blocks():
+                if x.count == 0:
+                    continue
+                taus = [blk.tau(j) for j in range(x.count)]
+                total = _sum(taus)
+                for j, tau in enumerate(taus):
+                    i = x.model_indices[j]
+                    if i not in extremes:
+                        continue
+                    first = (-blk.start) % stride[i]  # the same elements whatever the blocks
+                    step = slice(first, None, stride[i])
+                    samples[i].add(tau.reshape(-1)[step], total.reshape(-1)[step], x.count)
+                    extremes[i].observe(tau.abs_())
+        model.skip_pass("statistics: clip bounds")
+        lo, hi = {}, {}
+        for i, e in extremes.items():
+            lo[i], hi[i] = e.values()
+        # the window around each quantile, from B of the sample
+        windows = {}
+        for i, sample in samples.items():
+            b = torch.cat(
+                [pcb_balance(t, s, n, lo[i], hi[i]) for t, s, n in sample.parts()]
+                + [torch.empty(0)]
+            )
+            (k,) = q_ranks[i]
+            windows[i] = WindowSelect(sizes[i], k, *_window(b, k / sizes[i], self.SPREAD))
+        del samples
+        # pass 2: B, counted below each window and kept inside it
+        for x in model.tensors("statistics: balance quantile"):
+            for blk in x.blocks(check=False):
+                for i, b in _balances(x, blk, lo, hi):
+                    if i in windows:
+                        windows[i].observe(b)
+        quantiles = {i: w.value() for i, w in windows.items()}
+        if any(q is None for q in quantiles.values()):  # a window missed: radix passes
+            return self._quantiles(model, lo, hi, q_ranks)
+        model.skip_pass("statistics: balance quantile")
+        bounds_of: dict[int, Bounds] = {
+            i: (lo[i], hi[i], float(quantiles[i]), windows[i].maximum)  # type: ignore[arg-type]
+            for i in windows
+        }
+        return {"pcb_bounds": bounds_of}
+
+
+class _Sample:
+    """Sampled τ of one model and Σj τj at the same elements, with the number of models
+    n of each stretch, in two buffers (kept small arrays would fragment the heap)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.tau = torch.empty(capacity, dtype=torch.float32)
+        self.total = torch.empty(capacity, dtype=torch.float32)
+        self.size = 0
+        self.stretches: list[tuple[int, int]] = []  # (end, n)
+
+    def add(self, tau: torch.Tensor, total: torch.Tensor, n: int) -> None:
+        end = self.size + tau.numel()
+        if end > self.tau.numel():  # (a stretch per tensor can round up: rarely)
+            self.tau = torch.cat([self.tau[: self.size], torch.empty(end)])
+            self.total = torch.cat([self.total[: self.size], torch.empty(end)])
+        self.tau[self.size : end] = tau
+        self.total[self.size : end] = total
+        if self.stretches and self.stretches[-1][1] == n:
+            self.stretches[-1] = (end, n)
+        else:
+            self.stretches.append((end, n))
+        self.size = end
+
+    def parts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        start = 0
+        for end, n in self.stretches:
+            yield self.tau[start:end].clone(), self.total[start:end], n
+            start = end
+
+
+def _sum(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Σj τj, summed in the order of the merge."""
+    total = taus[0].clone()
+    for t in taus[1:]:
+        total += t
+    return total
+
+
+def _balances(
+    x: TensorInputs, blk: Block, lo: dict[int, float], hi: dict[int, float]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """B of every model on this block (with each model's clip bounds)."""
+    if x.count == 0:
+        return
+    taus = [blk.tau(j) for j in range(x.count)]
+    total = _sum(taus)
+    for j, tau in enumerate(taus):
+        i = x.model_indices[j]
+        yield i, pcb_balance(tau, total, x.count, lo[i], hi[i])
+
+
+def _window(sample: torch.Tensor, q: float, spread: float) -> tuple[float, float]:
+    """[lo, hi] around the q-quantile of the population a sample is drawn from: the
+    sample's values at q ± ``spread`` standard errors of a sample quantile's rank."""
+    s = sample.numel()
+    if s == 0:
+        return -math.inf, math.inf
+    half = spread * math.sqrt(max(q * (1 - q), 1 / s) / s) + 2 / s
+    ordered = torch.sort(sample.reshape(-1)).values
+    at_lo = max(0, math.floor((q - half) * s))
+    at_hi = min(s - 1, math.ceil((q + half) * s))
+    lo = float(ordered[at_lo]) if q - half > 0 else -math.inf
+    hi = float(ordered[at_hi]) if q + half < 1 else math.inf
+    return lo, hi
 
 
 @register

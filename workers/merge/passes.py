@@ -102,6 +102,15 @@ class ModelPasses:
             yield self.tensor_inputs(name)
             self.progress.advance(phase, self.reader.input_bytes(name))
 
+    @property
+    def in_parts(self) -> bool:
+        return self.schedule is not None
+
+    def skip_pass(self, phase: str) -> None:
+        self._pass += 1
+        names = [n for n, p in self.reader.plan.items() if p.is_float]
+        self.progress.advance_many(phase, len(names), sum(map(self.reader.input_bytes, names)))
+
     def reduce(self, partial: Partial) -> Partial:
         if self.schedule is None:
             return partial

@@ -38,6 +38,11 @@ class ProgressTracker:
             )
         )
 
+    def advance_many(self, phase: str, tensors: int, nbytes: int) -> None:
+        """Several tensors at once (a pass that was not needed), one report."""
+        self.tensors_done += tensors - 1
+        self.advance(phase, nbytes)
+
     def publishing(self) -> None:
         """The tensors are all through; the folder's last files are being written. The
         counters stay where every pass left them (they never go back)."""
