@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +52,7 @@ WORKERS = 3
 class Workers:
     store: JobStore
     parts: PartStore
-    objects: LocalObjectStore
+    objects: Any  # the artifact store the workers use
     tenant: str
     tenant_id: int
     send: Callable[[str], None]
@@ -84,13 +85,20 @@ class Workers:
         return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.logs)
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+@contextmanager
+def worker_pool(
+    root: Path, count: int, *, object_store_url: str | None = None, objects: Any = None
+) -> Iterator[Workers]:
+    """``count`` worker processes (one task at a time each) on a queue of their own, a fresh
+    PostgreSQL database, the artifact store at ``object_store_url`` (``objects``: the same
+    store for the test; default a local one under ``root``)."""
     from celery import Celery
 
     check_redis()
-    root = tmp_path_factory.mktemp("split_merge_workers")
     queue = f"weightsmith-split-{secrets.token_hex(4)}"
+    if object_store_url is None:
+        object_store_url = f"file://{root}/artifacts"
+        objects = LocalObjectStore(root / "artifacts")
     with fresh_database("weightsmith_split") as pg_url:
         upgrade_database(pg_url)
         engine: Engine = make_engine(pg_url)
@@ -103,16 +111,17 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             "WEIGHTSMITH_DATA_DIR": str(root / "data"),
             "WEIGHTSMITH_BROKER_URL": REDIS_URL,
             "WEIGHTSMITH_DATABASE_URL": pg_url,
-            "WEIGHTSMITH_OBJECT_STORE_URL": f"file://{root}/artifacts",
+            "WEIGHTSMITH_OBJECT_STORE_URL": object_store_url,
             "WEIGHTSMITH_ALLOW_LOCAL_PATHS": "true",
             "WEIGHTSMITH_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
             "WEIGHTSMITH_WORKER_LOST_AFTER": str(LOST_AFTER_S),
             "WEIGHTSMITH_JOB_HARD_TIME_LIMIT": "300",
             "WEIGHTSMITH_VISIBILITY_TIMEOUT": "330",
+            "WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER": "0",
             "WEIGHTSMITH_HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
             "PYTHONPATH": str(ROOT),
         }
-        logs = [root / f"worker-{i}.log" for i in range(WORKERS)]
+        logs = [root / f"worker-{i}.log" for i in range(count)]
         processes = [start_worker(queue, f"{queue}-{i}@%h", env, log) for i, log in enumerate(logs)]
         producer = Celery("weightsmith-test-producer", broker=REDIS_URL)
 
@@ -123,7 +132,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             yield Workers(
                 store,
                 PartStore(engine, worker_lost_after=lost_after),
-                LocalObjectStore(root / "artifacts"),
+                objects,
                 tenant,
                 tenant_id,
                 send,
@@ -135,6 +144,12 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
                 stop_worker(p)
             producer.close()
             engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    with worker_pool(tmp_path_factory.mktemp("split_merge_workers"), WORKERS) as pool:
+        yield pool
 
 
 def finished(job: Any) -> bool:
@@ -279,3 +294,16 @@ def test_cancelling_a_split_merge_stops_the_parts_on_every_worker(
     time.sleep(2 * HEARTBEAT_S + 1)
     assert [(p.part, p.state, p.tensors_done) for p in workers.parts.parts(job_id)] == before
     assert list_versions(workers.objects, workers.tenant, name) == []
+
+
+def test_the_workers_sweep_deletes_work_files_that_a_crashed_coordinator_left(
+    workers: Workers,
+) -> None:
+    # a job the store does not know (its coordinator crashed long ago, its record is gone);
+    # the workers sweep every LOST_AFTER_S, WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER=0 here
+    unknown = f"_parts/{secrets.token_hex(4)}-0000-4000-8000-000000000000/a1/step0/part1"
+    workers.objects.put_bytes(unknown + ".safetensors", b"left over")
+    deadline = time.monotonic() + 3 * LOST_AFTER_S + 10
+    while list(workers.objects.list("_parts/")):
+        assert time.monotonic() < deadline, workers.log_tail()
+        time.sleep(0.2)
