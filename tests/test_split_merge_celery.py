@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
 from schemas.recipe import MergeRecipe
 from testbed.postgres import fresh_database
+from testbed.s3 import S3Server
 from tests.support.celery_workers import (
     REDIS_URL,
     ROOT,
@@ -39,6 +41,7 @@ from tests.support.celery_workers import (
     stop_worker,
 )
 from tests.support.checkpoints import build_many_tensor_family, ties
+from tests.support.faulty_proxy import FaultyProxy
 from workers.merge.engine import run_merge
 
 pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
@@ -169,6 +172,12 @@ def same_files(a: Path, b: Path) -> None:
         del m["timings"], m["created_at"]
         m.pop("artifact", None)
     assert ma == mb
+
+
+def one_run(job: Any, out: Path) -> Any:
+    """The job's recipe merged in one piece here. As the job store holds it: PostgreSQL's
+    JSONB keeps an object's keys in an order of its own, which the model card follows."""
+    return run_merge(MergeRecipe.model_validate({**job.recipe, "parallelism": None}), out)
 
 
 def statistics_recipe(family: dict[str, Path]) -> dict[str, Any]:
@@ -307,3 +316,94 @@ def test_the_workers_sweep_deletes_work_files_that_a_crashed_coordinator_left(
     while list(workers.objects.list("_parts/")):
         assert time.monotonic() < deadline, workers.log_tail()
         time.sleep(0.2)
+
+
+# ---- a part retried after a transient fault; every part taken over by the coordinator -------
+
+# The first attempt of every part's upload of its shards (``_parts/{job}/a{n}/parts/{part}/
+# a1-…``, workers.split_merge): refused by the network, however often the client retries.
+FIRST_UPLOAD = re.compile(r"^PUT /\S*/_parts/[^/]+/a\d+/parts/\d+/a1-")
+
+
+@pytest.fixture(scope="module")
+def s3_workers(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server
+) -> Iterator[tuple[Workers, FaultyProxy]]:
+    """Three workers whose artifact store is the S3 server behind a :class:`FaultyProxy`."""
+    prefix = f"split-{secrets.token_hex(4)}"
+    proxy = FaultyProxy(s3_server.endpoint, FIRST_UPLOAD).start()
+    through_proxy = replace(s3_server, endpoint=proxy.url).url(prefix, create_bucket="true")
+    objects = s3_server.store(prefix)  # the same objects, for the test, without the proxy
+    root = tmp_path_factory.mktemp("split_merge_s3_workers")
+    try:
+        with worker_pool(root, WORKERS, object_store_url=through_proxy, objects=objects) as pool:
+            yield pool, proxy
+    finally:
+        proxy.stop()
+
+
+def test_a_part_whose_upload_fails_transiently_is_retried_and_the_bytes_equal_one_run(
+    s3_workers: tuple[Workers, FaultyProxy], llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    workers, proxy = s3_workers
+    recipe = {**statistics_recipe(llama_family), "parallelism": 3}
+    job_id = workers.submit(recipe, "transient")
+
+    job = workers.wait_for(job_id, finished)
+
+    assert job.state == JobState.SUCCEEDED, (job.error, workers.log_tail())
+    assert job.attempts == 1  # the job itself was not retried: only its parts
+    refused = {int(m.group(1)) for m in map(PART_OF.search, proxy.refused_lines()) if m}
+    # the parts other workers ran (not the coordinator's own) had their uploads refused
+    assert refused, workers.log_tail()
+    rows = workers.parts.parts(job_id)
+    merge_step = {p.part: p for p in rows if p.step == 2}
+    assert all(p.state == "done" for p in rows)
+    for part in refused:
+        assert merge_step[part].attempts == 2  # the refused attempt, and its retry
+    assert all(p.attempts == 1 for p in rows if p.step < 2 or p.part not in refused)
+    assert not list(workers.objects.list("_parts/"))
+
+    single = one_run(job, tmp_path / "single")
+    out = download_artifact(workers.objects, workers.tenant, "transient", 1, tmp_path / "out")
+    same_files(single.out_dir, out)
+
+
+PART_OF = re.compile(r"/_parts/[^/]+/a\d+/parts/(\d+)/")
+
+
+@pytest.fixture(scope="module")
+def lone_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    """One worker process running one task at a time: a split job's coordinator, with nobody
+    to take its parts' messages."""
+    with worker_pool(tmp_path_factory.mktemp("split_merge_lone_worker"), 1) as pool:
+        yield pool
+
+
+def test_parts_nobody_takes_are_run_by_the_coordinator_and_the_bytes_equal_one_run(
+    lone_worker: Workers, llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = {**statistics_recipe(llama_family), "parallelism": 3}
+    job_id = lone_worker.submit(recipe, "lone")
+
+    job = lone_worker.wait_for(job_id, finished)
+
+    assert job.state == JobState.SUCCEEDED, (job.error, lone_worker.log_tail())
+    rows = lone_worker.parts.parts(job_id)
+    assert [(p.step, p.part) for p in rows] == [(s, i) for s in range(3) for i in range(3)]
+    # every part of every step taken over by the job's own worker, once
+    assert {(p.state, p.attempts) for p in rows} == {("done", 1)}
+    assert all((p.worker_id or "").endswith(":coordinator") for p in rows)
+    assert len({p.worker_id for p in rows}) == 1
+
+    single = one_run(job, tmp_path / "single")
+    out = download_artifact(lone_worker.objects, lone_worker.tenant, "lone", 1, tmp_path / "out")
+    same_files(single.out_dir, out)
+    # the parts' messages, run once the worker is free, find their parts done: no change
+    time.sleep(2 * HEARTBEAT_S + 1)
+    after = lone_worker.parts.parts(job_id)
+    assert [(p.state, p.attempts, p.worker_id) for p in after] == [
+        (p.state, p.attempts, p.worker_id) for p in rows
+    ]
+    versions = list_versions(lone_worker.objects, lone_worker.tenant, "lone")
+    assert [v.version for v in versions] == [1]
