@@ -1,7 +1,9 @@
 """A merge split across three Celery workers for real: three ``weightsmith worker``
 processes on one queue of a loopback Redis, PostgreSQL as the job store, a local object
 store. The artifact equals a single-worker run's, byte for byte; a part whose worker is
-killed (SIGKILL) mid-part is redelivered and finishes once, and the job publishes once.
+killed (SIGKILL) mid-part is redelivered and finishes once, and the job publishes once; a
+part whose upload the network refuses (a proxy in front of the S3 server) is retried; with a
+single worker, the job's own worker runs every part; the workers sweep leftover work files.
 """
 
 from __future__ import annotations
