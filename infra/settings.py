@@ -124,6 +124,12 @@ artifact directory (the "embedded default"); production sets the URLs.
     anyway, into about one part per this many bytes (at most the maximum above); each part
     is a range of whole output shards, run by any worker (docs/recipes.md, "parallelism").
     Unset (the default): only recipes that ask are split.
+``WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER``
+    Seconds after its last write at which a split merge's work files (``_parts/{job}/`` in
+    the artifact store) are swept when their job has ended or is unknown: the leftovers of a
+    crashed coordinator or of a part still uploading when its job ended. A job that ends
+    removes its own at once; every worker's housekeeping (the lost-job sweep) removes the
+    rest. Default 3600 (1 hour); 0 sweeps them as soon as their job has ended.
 ``WEIGHTSMITH_MAX_UPLOAD_CHUNK_BYTES``
     Most bytes one ``PUT /v1/uploads/{id}/files/{path}`` may carry; the route streams the
     body to a temporary file and stops reading past this. Default 67108864 (64 MiB). The
@@ -231,6 +237,7 @@ class Settings(BaseSettings):
     max_open_uploads: int = Field(default=16, ge=1)
     merge_max_parallelism: int = Field(default=8, ge=1, le=MAX_MERGE_PARALLELISM)
     merge_parallel_above: int | None = Field(default=None, ge=1)
+    merge_parts_sweep_after: int = Field(default=3600, ge=0)
 
     @field_validator("log_format", mode="before")
     @classmethod

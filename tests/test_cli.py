@@ -2,7 +2,9 @@
 
 Happy path: the output directory holds shards, index, config, tokenizer, model card and a
 manifest whose file list matches the disk (sizes and sha256 recomputed here with hashlib);
-``--seed`` overrides the recipe's seed; the progress bar shows on a terminal only. Bad input:
+``--seed`` overrides the recipe's seed; the progress bar shows on a terminal only;
+``parallelism`` (or ``--parallelism``) runs the parts in worker processes with the same
+bytes as one process, and a bad value exits 2 naming it. Bad input:
 exit 2 with one ``weightsmith: error:`` line and nothing left on disk (the full matrix of bad
 inputs is in test_bad_input.py, through the same ``main``; here a few go through a process).
 """
@@ -378,3 +380,138 @@ def test_help_does_not_import_torch() -> None:
     assert run.returncode == 0, run.stderr
     assert "--seed" in run.stdout
     assert run.stdout.strip().endswith("False")
+
+
+# -- parallelism: the parts in local worker processes ----------------------------------------
+
+
+def llama_recipe(family: dict[str, Path], method: str, **parameters: Any) -> dict[str, Any]:
+    """The tiny Llama family in ~16 shards of 40 KB (so 3 processes own several each)."""
+    return {
+        "merge_method": method,
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": w}}
+            for k, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
+        ],
+        "parameters": parameters,
+        "seed": 11,
+        "output": {"shard_size": 40_000},
+    }
+
+
+def same_output(a: Path, b: Path) -> None:
+    """Every file byte for byte, the manifest but for its timings and creation time."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        del m["timings"], m["created_at"]
+    assert ma == mb
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "global"})],
+    ids=["task_arithmetic", "ties_global"],
+)
+def test_parallelism_runs_the_parts_in_worker_processes_with_the_same_bytes(
+    llama_family: dict[str, Path], tmp_path: Path, method: str, parameters: dict[str, Any]
+) -> None:
+    recipe = llama_recipe(llama_family, method, **parameters)
+    one = write_recipe(tmp_path, recipe, "one.yaml")
+    three = write_recipe(tmp_path, {**recipe, "parallelism": 3}, "three.yaml")
+
+    single = weightsmith("merge", str(one), "--out", str(tmp_path / "one"))
+    split = weightsmith("merge", str(three), "--out", str(tmp_path / "three"))
+
+    assert single.returncode == 0, single.stderr
+    assert split.returncode == 0, split.stderr
+    assert ", 3 processes)" in split.stdout and "processes" not in single.stdout
+    shards = [p for p in (tmp_path / "three").iterdir() if p.name.startswith("model-")]
+    assert len(shards) > 3
+    same_output(tmp_path / "one", tmp_path / "three")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one", "one.yaml", "three", "three.yaml"
+    ]  # fmt: skip
+
+
+def test_the_parallelism_option_overrides_the_recipe_and_gives_the_same_bytes(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = llama_recipe(llama_family, "ties", density=0.3, scope="global")
+    path = write_recipe(tmp_path, {**recipe, "parallelism": 3})
+    run = weightsmith("merge", str(path), "--out", str(tmp_path / "two"), "--parallelism", "2")
+    assert run.returncode == 0, run.stderr
+    assert ", 2 processes)" in run.stdout
+
+    from schemas.recipe import MergeRecipe
+    from workers.merge.engine import run_merge
+
+    single = run_merge(MergeRecipe.model_validate(recipe), tmp_path / "single")
+    same_output(single.out_dir, tmp_path / "two")
+
+
+@pytest.mark.parametrize(
+    ("args", "recipe_value", "expect"),
+    [
+        (["--parallelism", "0"], None, "0 is not a positive number"),
+        (["--parallelism", "two"], None, "'two' is not a whole number"),
+        (["--parallelism", "65"], None, "--parallelism 65: at most 64"),
+        ([], 0, "parallelism"),
+        ([], 65, "parallelism"),
+        ([], "three", "parallelism"),
+    ],
+)
+def test_a_bad_parallelism_exits_2_naming_it_and_leaves_nothing(
+    workdir: Path, args: list[str], recipe_value: Any, expect: str
+) -> None:
+    recipe = yaml.safe_load((workdir / "recipe.yaml").read_text())
+    if recipe_value is not None:
+        write_recipe(workdir, {**recipe, "parallelism": recipe_value})
+    before = tree(workdir)
+    run = weightsmith("merge", str(workdir / "recipe.yaml"), "--out", str(workdir / "x"), *args)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert expect in run.stderr, run.stderr
+    assert tree(workdir) == before
+
+
+def test_a_failing_part_stops_the_merge_and_leaves_nothing(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.support.checkpoints import huge_finetune
+
+    huge = huge_finetune(llama_family["ft2"], tmp_path / "huge")
+    recipe = llama_recipe(llama_family, "task_arithmetic")
+    recipe["models"][1]["model"] = str(huge)
+    recipe["output"]["dtype"] = "float16"  # the huge values overflow it: the part fails
+    path = write_recipe(tmp_path, {**recipe, "parallelism": 3})
+    before = tree(tmp_path)
+
+    run = weightsmith("merge", str(path), "--out", str(tmp_path / "out" / "merged"))
+
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("weightsmith: error:"), run.stderr
+    assert "field 'output.dtype', tensor '" in lines[0]  # names the setting and the tensor
+    assert tree(tmp_path) == before  # no output, no staging folder, no parent made
+
+
+def test_run_merge_in_processes_reports_the_progress_summed_over_the_parts(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from schemas.recipe import MergeRecipe
+    from workers.merge.parts import run_merge_in_processes
+
+    seen: list[Any] = []
+    recipe = MergeRecipe.model_validate(llama_recipe(llama_family, "task_arithmetic"))
+    run_merge_in_processes(recipe, tmp_path / "out", 2, progress=seen.append)
+
+    merge = [p for p in seen if p.phase == "merge"]
+    assert merge and merge[-1].tensors_done == merge[-1].tensors_total > 0
+    assert merge[-1].bytes_done == merge[-1].bytes_total
+    done = [p.tensors_done for p in merge]
+    assert done == sorted(done)  # never goes back

@@ -76,6 +76,7 @@ def test_every_variable_is_read_from_the_environment(
         "WEIGHTSMITH_MAX_BODY_BYTES": "2097152",
         "WEIGHTSMITH_MERGE_MAX_PARALLELISM": "4",
         "WEIGHTSMITH_MERGE_PARALLEL_ABOVE": "1000000000",
+        "WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER": "120",
     }
     # Every documented WEIGHTSMITH_ variable is exercised here.
     assert {n for n in env_var_names() if n.startswith("WEIGHTSMITH_")} == set(env)
@@ -112,6 +113,7 @@ def test_every_variable_is_read_from_the_environment(
     assert (s.max_upload_chunk_bytes, s.upload_expiry, s.max_open_uploads) == (4096, 600, 3)
     assert s.max_body_bytes == 2 * 1024 * 1024
     assert (s.merge_max_parallelism, s.merge_parallel_above) == (4, 10**9)
+    assert s.merge_parts_sweep_after == 120
 
 
 def test_defaults_follow_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -259,6 +259,99 @@ def test_cancelling_a_split_job_stops_its_parts_and_publishes_nothing(
     assert list(service.work_root.iterdir()) == []
 
 
+# ---- the work files' sweep --------------------------------------------------------------------
+
+
+def test_a_split_job_that_ends_deletes_the_work_files_of_its_earlier_attempts(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    job_id = service.submit({**recipe(llama_family, "task_arithmetic"), "parallelism": 3}, "x")
+    # attempt 1's coordinator failed (transiently) before it could delete its work files
+    assert service.store.claim(job_id, "crashed") is not None
+    leftover = f"_parts/{job_id}/a1/parts/1/a1-0123abcd/model-00002-of-00016.safetensors"
+    service.objects.put_bytes(leftover, b"half a shard")
+    service.store.release_for_retry(job_id, "crashed", JobError(message="storage hiccup"))
+
+    job = service.run(job_id)  # attempt 2
+
+    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 2), job.error
+    assert not list(service.objects.list("_parts/"))
+
+
+def test_a_plain_merge_leaves_other_jobs_work_files_alone(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    other = f"_parts/{'f' * 8}-0000-4000-8000-{'0' * 12}/a1/step0/part0.safetensors"
+    service.objects.put_bytes(other, b"someone else's")
+    job = service.run(service.submit(recipe(llama_family, "task_arithmetic"), "plain"))
+
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert [i.key for i in service.objects.list("_parts/")] == [other]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_the_sweep_deletes_the_work_files_of_ended_or_unknown_jobs_once_old_enough(
+    service: Service,
+    llama_family: dict[str, Path],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    from tests.support.stores import make_store
+    from workers.split_merge import sweep_part_leftovers
+
+    objects = make_store(kind, request, tmp_path)
+    store = service.store
+    r = recipe(llama_family, "task_arithmetic")
+    queued = service.submit(r, "q")
+    running = service.submit(r, "r")
+    assert store.claim(running, "w") is not None
+    failed = service.submit(r, "f")
+    assert store.claim(failed, "w") is not None
+    store.finish_failed(failed, JobError(message="broken"), worker_id="w")
+    cancelled = service.submit(r, "c")
+    store.request_cancel(service.tenant_id, cancelled)
+    unknown = "0badc0de-0000-4000-8000-000000000000"
+    for job_id in (queued, running, failed, cancelled, unknown):
+        for key in ("a1/step0/part0.safetensors", "a2/parts/1/a1-00ff00ff/model.safetensors"):
+            objects.put_bytes(f"_parts/{job_id}/{key}", job_id.encode())
+    objects.put_bytes("acme/keep/versions/v1.claim", b"{}")  # not a work file
+
+    def left() -> set[str]:
+        return {i.key.split("/")[1] for i in objects.list("_parts/")}
+
+    everything = {queued, running, failed, cancelled, unknown}
+    # written just now: a part of an ended job may still be uploading
+    assert sweep_part_leftovers(store, objects, older_than_s=3600) == []
+    assert left() == everything
+
+    later = datetime.now(UTC) + timedelta(hours=2)
+    swept = sweep_part_leftovers(store, objects, older_than_s=3600, now=later)
+
+    assert sorted(swept) == sorted([failed, cancelled, unknown])
+    assert left() == {queued, running}  # a job that may still run keeps its files
+    assert objects.exists("acme/keep/versions/v1.claim")
+    assert sweep_part_leftovers(store, objects, older_than_s=3600, now=later) == []
+
+
+def test_the_embedded_workers_housekeeping_sweeps_the_work_files(
+    service: Service, llama_family: dict[str, Path]
+) -> None:
+    from workers.embedded import EmbeddedWorker
+
+    settings = service.settings.model_copy(update={"merge_parts_sweep_after": 0})
+    failed = service.submit(recipe(llama_family, "task_arithmetic"), "f")
+    assert service.store.claim(failed, "w") is not None
+    service.store.finish_failed(failed, JobError(message="broken"), worker_id="w")
+    service.objects.put_bytes(f"_parts/{failed}/a1/step0/part2.safetensors", b"left over")
+
+    worker = EmbeddedWorker(settings, store=service.store, object_store=service.objects)
+    worker.start()  # its first housekeeping runs before it returns
+    worker.stop(timeout=10)
+
+    assert not list(service.objects.list("_parts/"))
+
+
 # ---- the part rows' rules ---------------------------------------------------------------------
 
 

@@ -3,8 +3,9 @@
 Jobs run one at a time in a background thread, through the same :func:`workers.runner.run_job`
 as on Celery. The API hands it job ids (``InProcessQueue(worker.submit)``); nothing is lost
 when the process stops, because the job store is the queue's memory: at start the worker
-requeues jobs whose worker was lost and picks up every queued job, and while it runs it
-does that housekeeping again now and then, which also picks up a queued job that is in none
+requeues jobs whose worker was lost and picks up every queued job (and deletes the work
+files split merges left behind: workers.split_merge.sweep_part_leftovers), and while it
+runs it does that housekeeping again now and then, which also picks up a queued job that is in none
 of its hands (its id was dropped, e.g. when the database failed as the job was claimed)
 once it has waited ``worker_lost_after``. A transient failure outside the job's own run (the
 database unreachable when claiming) is retried after the heartbeat interval.
@@ -137,10 +138,16 @@ class EmbeddedWorker:
 
     def _housekeeping(self, *, first: bool = False) -> None:
         from infra.queue import resend_unsent_jobs
+        from workers.split_merge import sweep_part_leftovers
 
         recovered = self.store.recover_lost_jobs()
         if recovered:
             log.warning("requeued %d job(s) whose worker was lost", len(recovered))
+        try:  # split merges' work files whose job ended or is gone (workers.split_merge)
+            after = self.settings.merge_parts_sweep_after
+            sweep_part_leftovers(self.store, self.object_store, older_than_s=after)
+        except Exception:
+            log.warning("sweeping split merges' work files failed", exc_info=True)
         if first:
             for job_id in self.store.queued_job_ids():
                 self._put(job_id)

@@ -64,7 +64,7 @@ from infra.storage import (
     ObjectStore,
 )
 from schemas.edit_recipe import EditRecipe
-from schemas.jobs import RECIPE_TYPES, ArtifactRef, JobError, JobState
+from schemas.jobs import RECIPE_TYPES, ArtifactRef, JobError, JobKind, JobState
 from schemas.lora_recipe import ExtractLoraRecipe
 from schemas.moe_recipe import MoeRecipe
 from schemas.recipe import MergeRecipe
@@ -170,6 +170,11 @@ def run_job(
         finally:
             watch.stop()
             shutil.rmtree(work, ignore_errors=True)
+            if job.kind == JobKind.MERGE.value:
+                from workers.split_merge import remove_ended_job_work
+
+                # a split merge that ended: its parts' work files go, every attempt's
+                remove_ended_job_work(store, object_store, job_id)
 
 
 def _run_claimed(

@@ -338,6 +338,85 @@ class _Coordinator:
         )
 
 
+# ---- the work files' sweep --------------------------------------------------------------------
+
+
+def job_work_prefix(job_id: str) -> str:
+    """Where a split merge job keeps its work files in the artifact store, every attempt."""
+    return f"{WORK_PREFIX}/{job_id}/"
+
+
+def remove_job_work(object_store: ObjectStore, job_id: str) -> int:
+    """Delete the job's work files (best effort: a failure is logged, the sweep retries);
+    how many were deleted."""
+    try:
+        removed = object_store.delete_prefix(job_work_prefix(job_id))
+    except Exception:
+        log.warning("job %s: could not delete %s", job_id, job_work_prefix(job_id), exc_info=True)
+        return 0
+    if removed:
+        log.info("job %s: deleted %d work file(s) of its parts", job_id, removed)
+    return removed
+
+
+def remove_ended_job_work(store: JobStore, object_store: ObjectStore, job_id: str) -> int:
+    """After an attempt of a merge job: if the job has ended (succeeded, failed, cancelled)
+    and was split into parts, delete its work files, every attempt's (a part still
+    uploading after this is left to :func:`sweep_part_leftovers`). Best effort."""
+    from schemas.jobs import JobState
+
+    try:
+        state = store.states([job_id]).get(job_id)
+        if state is None or not JobState(state).is_terminal or not part_store(store).parts(job_id):
+            return 0
+    except Exception:
+        log.warning("job %s: could not look up its parts", job_id, exc_info=True)
+        return 0
+    return remove_job_work(object_store, job_id)
+
+
+def sweep_part_leftovers(
+    store: JobStore,
+    object_store: ObjectStore,
+    *,
+    older_than_s: float,
+    now: datetime | None = None,
+) -> list[str]:
+    """Delete the work files (``_parts/{job}/``) of split merge jobs that have ended or that
+    the job store does not know, once nothing under them was written for ``older_than_s``
+    (WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER): what a crashed coordinator, or a part still
+    uploading after its job ended, left behind. A running or queued job's files are never
+    touched. Returns the ids of the jobs whose files were deleted."""
+    from schemas.jobs import JobState
+
+    base = WORK_PREFIX + "/"
+    ids = sorted({p[len(base) :].split("/", 1)[0] for p in object_store.list_prefixes(base)} - {""})
+    if not ids:
+        return []
+    states = store.states(ids)
+    cutoff = (now or datetime.now(UTC)).timestamp() - older_than_s
+    swept: list[str] = []
+    for job_id in ids:
+        state = states.get(job_id)
+        if state is not None and not JobState(state).is_terminal:
+            continue
+        newest = max(
+            (
+                i.last_modified.timestamp()
+                for i in object_store.list(job_work_prefix(job_id))
+                if i.last_modified is not None
+            ),
+            default=None,
+        )
+        if newest is not None and newest > cutoff:
+            continue  # written lately: a part of it may still be uploading
+        if remove_job_work(object_store, job_id):
+            swept.append(job_id)
+    if swept:
+        log.warning("swept the leftover work files of %d split merge job(s)", len(swept))
+    return swept
+
+
 # ---- a part, on any worker -------------------------------------------------------------------
 
 
@@ -578,7 +657,11 @@ __all__ = [
     "PartFailedError",
     "PartRetryLater",
     "PartWatch",
+    "job_work_prefix",
     "parallelism_for",
+    "remove_ended_job_work",
+    "remove_job_work",
     "run_merge_job",
     "run_part",
+    "sweep_part_leftovers",
 ]

@@ -1,6 +1,7 @@
 """The Celery task: a thin adapter from a queue message (a job id) to workers.runner.run_job;
-the sweeper that requeues jobs whose worker was lost without a message to redeliver and sends
-again queued jobs whose message is gone from the broker; and
+the sweeper that requeues jobs whose worker was lost without a message to redeliver, sends
+again queued jobs whose message is gone from the broker and deletes the work files a split
+merge left behind; and
 webhook delivery (a dispatcher thread in each worker's main process, and the task
 ``weightsmith.deliver_webhooks`` for a round on demand).
 
@@ -156,7 +157,9 @@ def deliver_webhooks() -> int:
 # therefore sweeps every ``worker_lost_after`` seconds: it requeues running jobs whose
 # heartbeat went stale, and sends again the queued jobs whose message is gone from the broker
 # (infra.queue.resend_unsent_jobs). Several workers sweeping at once is safe: each job is
-# taken by one of them (a guarded UPDATE), and a duplicate message finds it claimed.
+# taken by one of them (a guarded UPDATE), and a duplicate message finds it claimed. The same
+# round deletes the work files (``_parts/{job}/``) of split merges that ended or are unknown
+# and were not written for WEIGHTSMITH_MERGE_PARTS_SWEEP_AFTER (workers.split_merge).
 
 
 def sweep_queue(queues: list[str], gpu_kinds: frozenset[str], kind: str) -> str:
@@ -197,8 +200,9 @@ class _LostJobSweeper:
             return None  # cannot tell: every long-queued job is sent again
         return broker_job_ids(url, sorted({DEFAULT_QUEUE, GPU_QUEUE, *self.queues}))
 
-    def sweep(self, store: JobStore) -> None:
+    def sweep(self, store: JobStore, object_store: ObjectStore | None = None) -> None:
         from infra.queue import resend_unsent_jobs
+        from workers.split_merge import sweep_part_leftovers
 
         recovered = store.recover_lost_jobs()
         kinds = store.kinds(recovered)
@@ -207,18 +211,25 @@ class _LostJobSweeper:
             self._send(job_id, kinds.get(job_id, ""))
         for job_id in resend_unsent_jobs(store, self._send, present=self._present):
             log.warning("job %s: queued without a message in the broker; sent again", job_id)
+        if object_store is not None:  # split merges' work files whose job ended or is gone
+            after = self.settings.merge_parts_sweep_after
+            sweep_part_leftovers(store, object_store, older_than_s=after)
 
     def _run(self) -> None:
         from sqlalchemy.pool import NullPool
 
         from infra.db import JobStore, make_engine
+        from infra.storage import open_store
 
         # NullPool: no connection stays open in the parent, which forks new pool processes.
         engine = make_engine(self.settings.database_url, poolclass=NullPool)
         store = JobStore.from_settings(self.settings, engine)
+        object_store: ObjectStore | None = None
         while not self._stopped.wait(self.interval_s):
             try:
-                self.sweep(store)
+                if object_store is None:
+                    object_store = open_store(self.settings.object_store_url)
+                self.sweep(store, object_store)
             except Exception:
                 log.exception("lost-job sweep failed; trying again later")
         engine.dispose()

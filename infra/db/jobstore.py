@@ -683,6 +683,15 @@ class JobStore:
             rows = s.execute(select(Job.id, Job.kind).where(Job.id.in_(job_ids))).all()
         return {row.id: row.kind for row in rows}
 
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        """Job id → state, for the ids that name a job (the sweep of a split merge's work
+        files: an id missing from the answer names no job)."""
+        if not job_ids:
+            return {}
+        with self._sessions() as s:
+            rows = s.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).all()
+        return {row.id: row.state for row in rows}
+
     def queued_job_ids(self) -> list[str]:
         """Ids of queued jobs, oldest first (the embedded worker's queue after a restart)."""
         with self._sessions() as s:

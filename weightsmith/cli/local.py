@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from weightsmith.cli.common import EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, fail
+from weightsmith.cli.common import EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, fail, positive_int
 from weightsmith.cli.progress import ProgressBar
 
 _R = TypeVar("_R")
@@ -58,15 +58,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if isinstance(recipe, int):
         return recipe
 
-    from workers.merge.engine import run_merge
+    from schemas.limits import MAX_MERGE_PARALLELISM
+
+    # --parallelism, else the recipe's (validated with it), else one process
+    parallelism = args.parallelism or recipe.parallelism or 1
+    if parallelism > MAX_MERGE_PARALLELISM:
+        return fail(
+            f"--parallelism {parallelism}: at most {MAX_MERGE_PARALLELISM} worker processes",
+            EXIT_INPUT,
+        )
+
+    from workers.merge.parts import run_merge_in_processes
     from workers.sources import SourceSettings
 
     settings = SourceSettings(allow_pickle=recipe.allow_pickle, hub_token=None)
     result = run_engine(
         args,
-        lambda bar: run_merge(
+        lambda bar: run_merge_in_processes(
             recipe,
             Path(args.out),
+            parallelism,
             seed=args.seed,
             device=args.device,
             sources=settings,
@@ -77,9 +88,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if isinstance(result, int):
         return result
     total = result.manifest["timings"].get("total_s", 0.0)
+    processes = f", {parallelism} processes" if parallelism > 1 else ""
     print(
         f"merged {recipe.merge_method} into {result.out_dir} (seed {result.seed}, "
-        f"{len(result.manifest['files'])} files, {total:.1f} s)"
+        f"{len(result.manifest['files'])} files, {total:.1f} s{processes})"
     )
     return 0
 
@@ -238,6 +250,14 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     m.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     m.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
     m.add_argument("--device", default="cpu", help="where to compute: cpu, cuda or cuda:N, or auto")
+    m.add_argument(
+        "--parallelism",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run the merge in N worker processes at once, each a range of the output's shards "
+        "(overrides the recipe's parallelism; the output is the same)",
+    )
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_merge)
 
