@@ -48,6 +48,11 @@ class WholeModel(Protocol):
         ``phase`` is what the job's progress shows meanwhile."""
         ...
 
+    def sample(self, elements: int) -> Iterator[tuple[TensorInputs, Block]]:
+        """Blocks of about ``elements`` elements of each input, spread over every float
+        tensor (for guesses: no progress, no pass; non-finite values are not checked)."""
+        ...
+
     @property
     def in_parts(self) -> bool:
         """Whether the passes run split across processes (each pass then reads part of the

@@ -489,3 +489,33 @@ def test_pcb_statistics_when_the_sampled_window_misses_fall_back_to_radix_passes
     with MergeSession(r) as whole:
         missed = whole.statistics()
     assert took == ["shortcut", "radix"] and missed["pcb_bounds"] == split["pcb_bounds"]
+
+
+def test_global_ties_threshold_when_the_sampled_window_misses_falls_back_to_radix(
+    llama_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process finds global TIES' thresholds in one pass (a window guessed from a
+    sample of stretches spread over the model); a window that misses falls back to the
+    two radix passes. Both equal the parts' radix passes, bit for bit."""
+    from merging.methods import task_vectors
+
+    r = MergeRecipe.model_validate(recipe(llama_family, "ties", density=0.3, scope="global"))
+    split = _split_statistics(r, 2)
+    took: list[object] = []
+    one_pass = task_vectors.TiesGlobal._in_one_pass
+
+    def spy(self, *a, **k):  # type: ignore[no-untyped-def]
+        found = one_pass(self, *a, **k)
+        took.append(found is not None)
+        return found
+
+    monkeypatch.setattr(task_vectors.TiesGlobal, "_in_one_pass", spy)
+    with MergeSession(r) as whole:
+        hit = whole.statistics()
+    assert took == [True] and hit == split
+
+    took.clear()  # a window below every |τ|: the rank is above it
+    monkeypatch.setattr(task_vectors, "quantile_window", lambda sample, q, spread: (-2.0, -1.0))
+    with MergeSession(r) as whole:
+        missed = whole.statistics()
+    assert took == [False] and missed == split

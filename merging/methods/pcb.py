@@ -18,6 +18,7 @@ from merging.lazy_torch import numpy, torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
 from merging.selection import ExtremeSelect, WindowSelect, kth_smallest
+from merging.selection import quantile_window as _window
 from merging.statistics import (
     WholeModel,
     WholeModelStatistic,
@@ -251,21 +252,6 @@ def _balances(
     for j, tau in enumerate(taus):
         i = x.model_indices[j]
         yield i, pcb_balance(tau, total, x.count, lo[i], hi[i])
-
-
-def _window(sample: torch.Tensor, q: float, spread: float) -> tuple[float, float]:
-    """[lo, hi] around the q-quantile of the population a sample is drawn from: the
-    sample's values at q ± ``spread`` standard errors of a sample quantile's rank."""
-    s = sample.numel()
-    if s == 0:
-        return -math.inf, math.inf
-    half = spread * math.sqrt(max(q * (1 - q), 1 / s) / s) + 2 / s
-    ordered = torch.sort(sample.reshape(-1)).values
-    at_lo = max(0, math.floor((q - half) * s))
-    at_hi = min(s - 1, math.ceil((q + half) * s))
-    lo = float(ordered[at_lo]) if q - half > 0 else -math.inf
-    hi = float(ordered[at_hi]) if q + half < 1 else math.inf
-    return lo, hi
 
 
 @register

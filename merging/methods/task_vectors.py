@@ -41,7 +41,13 @@ from merging.parameters import (
     rescale,
     weight,
 )
-from merging.selection import IN_MEMORY_KEYS_BYTES, RankRangeStream, rank_range_mask
+from merging.selection import (
+    IN_MEMORY_KEYS_BYTES,
+    RankRangeStream,
+    WindowSelect,
+    quantile_window,
+    rank_range_mask,
+)
 from merging.statistics import (
     WholeModel,
     WholeModelStatistic,
@@ -256,12 +262,49 @@ class TiesGlobal(WholeModelStatistic):
                 thresholds[i] = float("inf")
             else:
                 ranks[i] = [n - max(1, int(p["density"] * n)) + 1]
+        if ranks and not model.in_parts:
+            found = self._in_one_pass(model, sizes, ranks)
+            if found is not None:
+                thresholds.update(found)
+                return {"ties_threshold": thresholds}
         if ranks:
             selected = select_per_model(
                 model, ranks, task_vector_magnitudes, "statistics", nonnegative=True
             )
             thresholds.update({i: v for i, (v,) in selected.items()})
         return {"ties_threshold": thresholds}
+
+    SAMPLE = 1 << 20  # elements of each model sampled for the window
+    SPREAD = 8.0  # the window: the sample's quantile ± this many standard errors of it
+
+    def _in_one_pass(
+        self, model: WholeModel, sizes: dict[int, int], ranks: dict[int, list[int]]
+    ) -> dict[int, float] | None:
+        """The thresholds in one pass instead of two, in one process: |τ| of a sample
+        spread over the model (stretches read directly) guesses a window around each
+        model's rank; one pass counts the values below it and keeps those in it
+        (WindowSelect). None when a window missed (the radix passes then find them)."""
+        sampled: dict[int, list[torch.Tensor]] = {i: [] for i in ranks}
+        for x, b in model.sample(self.SAMPLE):
+            for i, v in task_vector_magnitudes(x, b):
+                if i in sampled:
+                    sampled[i].append(v.clone())
+        windows = {}
+        for i, (k,) in ranks.items():
+            sample = torch.cat([*sampled.pop(i), torch.empty(0)])
+            windows[i] = WindowSelect(
+                sizes[i], k, *quantile_window(sample, k / sizes[i], self.SPREAD)
+            )
+        for x in model.tensors("statistics (1/2)"):
+            for b in x.blocks():
+                for i, v in task_vector_magnitudes(x, b):
+                    if i in windows:
+                        windows[i].observe(v)
+        values = {i: w.value() for i, w in windows.items()}
+        if any(v is None for v in values.values()):
+            return None
+        model.skip_pass("statistics (2/2)")
+        return {i: float(v) for i, v in values.items() if v is not None}
 
 
 class RankBand(RankWindow):

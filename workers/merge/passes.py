@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from merging.inputs import TensorInputs
+from merging.inputs import Block, TensorInputs
 from merging.statistics import Partial
 from workers.merge.parameters import ParameterResolver
 from workers.merge.progress import ProgressTracker
@@ -101,6 +101,20 @@ class ModelPasses:
             self.current_tensor = name
             yield self.tensor_inputs(name)
             self.progress.advance(phase, self.reader.input_bytes(name))
+
+    def sample(self, elements: int, stretch: int = 512) -> Iterator[tuple[TensorInputs, Block]]:
+        """About ``elements`` elements of each input, in stretches of ``stretch`` spread
+        evenly over every float tensor in proportion to its size (tensors read aligned
+        to an output vocabulary are left out). Read directly: no progress, no pass."""
+        names = [n for n, p in self.reader.plan.items() if p.is_float and not self.reader.aligns(n)]
+        total = sum(self.reader.plan[n].numel for n in names) or 1
+        for name in names:
+            numel = self.reader.plan[name].numel
+            count = min(max(1, round(elements * numel / total / stretch)), -(-numel // stretch))
+            x = self.tensor_inputs(name)
+            for s in range(count):
+                start = (s * numel // count) // stretch * stretch
+                yield x, self.reader.block_at(name, start, min(start + stretch, numel))
 
     @property
     def in_parts(self) -> bool:

@@ -288,6 +288,17 @@ class InputReader:
 
         return read
 
+    def block_at(self, name: str, start: int, stop: int) -> Block:
+        """Elements [start, stop) of every input of float tensor ``name`` (the base's
+        first), read into buffers of their own, as a streamed block (for samples)."""
+        p = self.plan[name]
+        inputs = self.inputs_of(name)
+        views = [
+            self._block_reader(inp, name)(start, torch.empty(stop - start, dtype=p.dtype))
+            for inp in inputs
+        ]
+        return _stretch_block(start, stop, views, has_base=self.base is not None)
+
     # -- naming a damaged input --------------------------------------------------------------
 
     def raise_not_finite(self, inp: InputModel, name: str) -> None:
