@@ -24,7 +24,10 @@ What it does, in order:
    with plain file reads into one buffer, and writes the base's tensors back out once, fsynced;
 5. for each method runs ``weightsmith merge RECIPE --out DIR`` and ``mergekit-yaml RECIPE DIR``
    and measures each child's wall time, input throughput, peak RSS (``os.wait4``) and bytes read
-   and written (its ``/proc/<pid>/io``, read after it exits and before it is reaped);
+   and written (its ``/proc/<pid>/io``, read after it exits and before it is reaped); with
+   ``--repeats N`` ours runs N times in a row and the run of the median wall is kept (the
+   ratios to linear's wall then compare medians: linear's own wall varies by a third from
+   run to run on a small shared machine);
 6. compares our output tensors with mergekit's (max |diff|, one tensor at a time);
 7. prints a table and writes it as JSON to ``bench/.data/results-merge.json``;
 8. unless ``--skip-compat``: the compatibility check, on the small (0.05 GB) family: each method
@@ -1458,6 +1461,7 @@ class Row:
     vs_floor: float | None = None  # this wall / floor wall
     vs_device_floor: float | None = None  # --device: this wall / the floor with transfers
     gpu_peak_mib: float | None = None  # --device: torch.cuda.max_memory_allocated
+    walls_s: list[float] | None = None  # --repeats: every run's wall (this row: the median's)
     max_abs_diff: float | None = None  # ours vs mergekit
     io: dict[str, int] = field(default_factory=dict)  # /proc/<pid>/io of the child at exit
     note: str = ""
@@ -1788,6 +1792,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="where our merges compute: cpu (default), cuda or cuda:N (then also a floor "
         "with the GPU's transfers, the peak GPU memory, and no mergekit or compat runs)",
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each of our merges, one after the other; the figures are the run of "
+        "the median wall (ratios to linear then compare medians). Default 1",
+    )
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit runs (nor diffs)")
     ap.add_argument("--skip-floor", action="store_true", help="no I/O floor run")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs")
@@ -1807,6 +1818,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per child, seconds")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in RECIPES]
     if unknown or not methods:
@@ -2013,7 +2026,19 @@ def main(argv: list[str]) -> int:
             cmd = [str(ours_exe), "merge", str(recipe), "--out", str(out_ours)]
             if on_device:
                 cmd = [sys.executable, str(THIS), "_ours", args.device, str(recipe), str(out_ours)]
-            ours_row, _ = measured(method, "weightsmith", cmd)
+            runs = []
+            for _ in range(args.repeats):
+                shutil.rmtree(out_ours, ignore_errors=True)
+                run, _ = measured(method, "weightsmith", cmd)
+                runs.append(run)
+                if not run.ok:
+                    break
+            ours_row = runs[-1]
+            if len(runs) > 1 and all(r.ok for r in runs):  # the run of the median wall
+                ours_row = sorted(runs, key=lambda r: r.wall_s or 0.0)[len(runs) // 2]
+                ours_row.walls_s = [r.wall_s or 0.0 for r in runs]
+                rows[:] = [r for r in rows if r is ours_row or all(r is not o for o in runs)]
+                say(f"   median of {len(runs)}: {ours_row.wall_s:.2f} s")
             ours_failed |= not ours_row.ok
         if mk_exe is not None and RECIPES[method]["mergekit"]:
             mk_row, _ = measured(method, "mergekit", mergekit_cmd(mk_exe, recipe, out_mk))
@@ -2128,8 +2153,9 @@ def main(argv: list[str]) -> int:
         assert r.wall_s and linear.wall_s and r.cpu_s is not None and linear.cpu_s
         ratio = r.wall_s / linear.wall_s
         mark = "met" if ratio <= target else "MISSED"
+        median = " (medians)" if r.walls_s and linear.walls_s else ""
         say(
-            f"  - {method}: {ratio:.2f}x linear's wall in this run "
+            f"  - {method}: {ratio:.2f}x linear's wall in this run{median} "
             f"(CPU {r.cpu_s / linear.cpu_s:.2f}x), target <= {target}x: {mark}"
         )
     say("  - RSS independent of model size: compare peak RSS across --size-gb runs")
