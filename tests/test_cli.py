@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.support.handmade import CONFIG, SHAPES, base_tensors, shifted, tree, write_model
+from tests.support.split_outputs import family_recipe, same_output
 
 pytestmark = pytest.mark.slow  # subprocesses
 
@@ -385,34 +386,6 @@ def test_help_does_not_import_torch() -> None:
 # -- parallelism: the parts in local worker processes ----------------------------------------
 
 
-def llama_recipe(family: dict[str, Path], method: str, **parameters: Any) -> dict[str, Any]:
-    """The tiny Llama family in ~16 shards of 40 KB (so 3 processes own several each)."""
-    return {
-        "merge_method": method,
-        "base_model": str(family["base"]),
-        "models": [
-            {"model": str(family[k]), "parameters": {"weight": w}}
-            for k, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
-        ],
-        "parameters": parameters,
-        "seed": 11,
-        "output": {"shard_size": 40_000},
-    }
-
-
-def same_output(a: Path, b: Path) -> None:
-    """Every file byte for byte, the manifest but for its timings and creation time."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "manifest.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
-    for m in (ma, mb):
-        del m["timings"], m["created_at"]
-    assert ma == mb
-
-
 @pytest.mark.parametrize(
     ("method", "parameters"),
     [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "global"})],
@@ -421,7 +394,7 @@ def same_output(a: Path, b: Path) -> None:
 def test_parallelism_runs_the_parts_in_worker_processes_with_the_same_bytes(
     llama_family: dict[str, Path], tmp_path: Path, method: str, parameters: dict[str, Any]
 ) -> None:
-    recipe = llama_recipe(llama_family, method, **parameters)
+    recipe = family_recipe(llama_family, method, **parameters)
     one = write_recipe(tmp_path, recipe, "one.yaml")
     three = write_recipe(tmp_path, {**recipe, "parallelism": 3}, "three.yaml")
 
@@ -442,7 +415,7 @@ def test_parallelism_runs_the_parts_in_worker_processes_with_the_same_bytes(
 def test_the_parallelism_option_overrides_the_recipe_and_gives_the_same_bytes(
     llama_family: dict[str, Path], tmp_path: Path
 ) -> None:
-    recipe = llama_recipe(llama_family, "ties", density=0.3, scope="global")
+    recipe = family_recipe(llama_family, "ties", density=0.3, scope="global")
     path = write_recipe(tmp_path, {**recipe, "parallelism": 3})
     run = weightsmith("merge", str(path), "--out", str(tmp_path / "two"), "--parallelism", "2")
     assert run.returncode == 0, run.stderr
@@ -485,7 +458,7 @@ def test_a_failing_part_stops_the_merge_and_leaves_nothing(
     from tests.support.checkpoints import huge_finetune
 
     huge = huge_finetune(llama_family["ft2"], tmp_path / "huge")
-    recipe = llama_recipe(llama_family, "task_arithmetic")
+    recipe = family_recipe(llama_family, "task_arithmetic")
     recipe["models"][1]["model"] = str(huge)
     recipe["output"]["dtype"] = "float16"  # the huge values overflow it: the part fails
     path = write_recipe(tmp_path, {**recipe, "parallelism": 3})
@@ -507,7 +480,7 @@ def test_run_merge_in_processes_reports_the_progress_summed_over_the_parts(
     from workers.merge.parts import run_merge_in_processes
 
     seen: list[Any] = []
-    recipe = MergeRecipe.model_validate(llama_recipe(llama_family, "task_arithmetic"))
+    recipe = MergeRecipe.model_validate(family_recipe(llama_family, "task_arithmetic"))
     run_merge_in_processes(recipe, tmp_path / "out", 2, progress=seen.append)
 
     merge = [p for p in seen if p.phase == "merge"]

@@ -6,7 +6,6 @@ embedded worker's way); tests/test_split_merge_celery.py runs them on three Cele
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -28,6 +27,7 @@ from testbed.api import MERGE_RECIPE, merge_job
 from tests.support.api import assert_problem
 from tests.support.checkpoints import build_many_tensor_family, huge_finetune, tensors, ties
 from tests.support.jobs import TENANT, InProcessJobs, in_process_jobs
+from tests.support.split_outputs import family_recipe, same_output
 from workers.merge.engine import MergeSession, run_merge
 from workers.merge.parts import (
     pass_count,
@@ -38,37 +38,6 @@ from workers.merge.parts import (
 )
 from workers.split_merge import parallelism_for
 from workers.tensors.writer import TensorSpec, split_shards
-
-SHARD = 40_000  # bytes per output shard: the tiny Llama's output gets ~16 shards
-
-
-def recipe(family: dict[str, Path], method: str, **parameters: Any) -> dict[str, Any]:
-    return {
-        "merge_method": method,
-        "base_model": str(family["base"]),
-        "models": [
-            {"model": str(family[k]), "parameters": {"weight": w}}
-            for k, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
-        ],
-        "parameters": parameters,
-        "seed": 11,
-        "output": {"shard_size": SHARD},
-    }
-
-
-def same_output(a: Path, b: Path) -> None:
-    """Every file byte for byte, the manifest but for its timings and creation time."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "manifest.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
-    for m in (ma, mb):
-        del m["timings"], m["created_at"]
-        m.pop("artifact", None)  # a published version's own block (version, job id, time)
-    assert ma == mb
-
 
 # ---- the engine: parts in one process ---------------------------------------------------------
 
@@ -86,7 +55,7 @@ METHODS = [
 def test_a_merge_in_parts_writes_the_same_files_as_one_run(
     llama_family: dict[str, Path], tmp_path: Path, method: str, parameters: dict[str, Any]
 ) -> None:
-    r = MergeRecipe.model_validate(recipe(llama_family, method, **parameters))
+    r = MergeRecipe.model_validate(family_recipe(llama_family, method, **parameters))
     one = run_merge(r, tmp_path / "one")
     split = run_merge_in_parts(r, tmp_path / "three", 3)
 
@@ -136,7 +105,9 @@ def test_global_ties_threshold_from_parts_is_the_exact_kth_magnitude(
     llama_family: dict[str, Path],
 ) -> None:
     density = 0.3
-    r = MergeRecipe.model_validate(recipe(llama_family, "ties", density=density, scope="global"))
+    r = MergeRecipe.model_validate(
+        family_recipe(llama_family, "ties", density=density, scope="global")
+    )
     split = _split_statistics(r, 4)
     with MergeSession(r) as whole:
         single = whole.statistics()
@@ -157,7 +128,7 @@ def test_global_ties_threshold_from_parts_is_the_exact_kth_magnitude(
 def test_pcb_statistics_from_parts_are_bit_identical_to_one_process(
     llama_family: dict[str, Path],
 ) -> None:
-    r = MergeRecipe.model_validate(recipe(llama_family, "pcb", density=0.2))
+    r = MergeRecipe.model_validate(family_recipe(llama_family, "pcb", density=0.2))
     split = _split_statistics(r, 3)
     with MergeSession(r) as whole:
         single = whole.statistics()
@@ -195,7 +166,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
 def test_a_split_job_publishes_the_same_artifact_as_a_single_worker_job(
     service: Service, llama_family: dict[str, Path], tmp_path: Path
 ) -> None:
-    r = recipe(llama_family, "ties", density=0.4, scope="global")
+    r = family_recipe(llama_family, "ties", density=0.4, scope="global")
     single = service.run(service.submit(r, "one"))
     split = service.run(service.submit({**r, "parallelism": 3}, "three"))
 
@@ -217,7 +188,7 @@ def test_a_failing_part_fails_the_job_naming_the_tensor_and_publishes_nothing(
     service: Service, llama_family: dict[str, Path], tmp_path: Path
 ) -> None:
     huge = huge_finetune(llama_family["ft2"], tmp_path / "huge")
-    r = recipe(llama_family, "task_arithmetic")
+    r = family_recipe(llama_family, "task_arithmetic")
     r["models"][1]["model"] = str(huge)
     r["output"]["dtype"] = "float16"
     job = service.run(service.submit({**r, "parallelism": 3}, "broken"))
@@ -265,7 +236,9 @@ def test_cancelling_a_split_job_stops_its_parts_and_publishes_nothing(
 def test_a_split_job_that_ends_deletes_the_work_files_of_its_earlier_attempts(
     service: Service, llama_family: dict[str, Path]
 ) -> None:
-    job_id = service.submit({**recipe(llama_family, "task_arithmetic"), "parallelism": 3}, "x")
+    job_id = service.submit(
+        {**family_recipe(llama_family, "task_arithmetic"), "parallelism": 3}, "x"
+    )
     # attempt 1's coordinator failed (transiently) before it could delete its work files
     assert service.store.claim(job_id, "crashed") is not None
     leftover = f"_parts/{job_id}/a1/parts/1/a1-0123abcd/model-00002-of-00016.safetensors"
@@ -283,7 +256,7 @@ def test_a_plain_merge_leaves_other_jobs_work_files_alone(
 ) -> None:
     other = f"_parts/{'f' * 8}-0000-4000-8000-{'0' * 12}/a1/step0/part0.safetensors"
     service.objects.put_bytes(other, b"someone else's")
-    job = service.run(service.submit(recipe(llama_family, "task_arithmetic"), "plain"))
+    job = service.run(service.submit(family_recipe(llama_family, "task_arithmetic"), "plain"))
 
     assert job.state == JobState.SUCCEEDED, job.error
     assert [i.key for i in service.objects.list("_parts/")] == [other]
@@ -302,7 +275,7 @@ def test_the_sweep_deletes_the_work_files_of_ended_or_unknown_jobs_once_old_enou
 
     objects = make_store(kind, request, tmp_path)
     store = service.store
-    r = recipe(llama_family, "task_arithmetic")
+    r = family_recipe(llama_family, "task_arithmetic")
     queued = service.submit(r, "q")
     running = service.submit(r, "r")
     assert store.claim(running, "w") is not None
@@ -340,7 +313,7 @@ def test_the_embedded_workers_housekeeping_sweeps_the_work_files(
     from workers.embedded import EmbeddedWorker
 
     settings = service.settings.model_copy(update={"merge_parts_sweep_after": 0})
-    failed = service.submit(recipe(llama_family, "task_arithmetic"), "f")
+    failed = service.submit(family_recipe(llama_family, "task_arithmetic"), "f")
     assert service.store.claim(failed, "w") is not None
     service.store.finish_failed(failed, JobError(message="broken"), worker_id="w")
     service.objects.put_bytes(f"_parts/{failed}/a1/step0/part2.safetensors", b"left over")
@@ -368,7 +341,7 @@ def test_a_part_is_claimed_once_taken_over_when_its_worker_is_lost_and_fenced(
 ) -> None:
     clock = Clock()
     parts = PartStore(service.store.engine, worker_lost_after=timedelta(seconds=3), clock=clock)
-    job_id = service.submit(recipe(llama_family, "task_arithmetic"), "rules")
+    job_id = service.submit(family_recipe(llama_family, "task_arithmetic"), "rules")
     job = service.store.claim(job_id, "coordinator")
     assert job is not None
     (key,) = parts.start_step(job_id, job.attempts, 0, [{"shards": [0, 1]}], max_attempts=2)
@@ -400,7 +373,7 @@ def test_a_part_whose_workers_keep_dying_fails_after_its_attempts(
 ) -> None:
     clock = Clock()
     parts = PartStore(service.store.engine, worker_lost_after=timedelta(seconds=3), clock=clock)
-    job_id = service.submit(recipe(llama_family, "task_arithmetic"), "dying")
+    job_id = service.submit(family_recipe(llama_family, "task_arithmetic"), "dying")
     job = service.store.claim(job_id, "coordinator")
     assert job is not None
     (key,) = parts.start_step(job_id, job.attempts, 0, [{}], max_attempts=2)
@@ -417,7 +390,7 @@ def test_a_new_attempt_of_the_job_fences_off_the_parts_of_the_old_one(
     service: Service, llama_family: dict[str, Path]
 ) -> None:
     parts = service.parts
-    job_id = service.submit(recipe(llama_family, "task_arithmetic"), "fenced")
+    job_id = service.submit(family_recipe(llama_family, "task_arithmetic"), "fenced")
     job = service.store.claim(job_id, "coordinator-1")
     assert job is not None
     (old,) = parts.start_step(job_id, job.attempts, 0, [{}], max_attempts=3)
@@ -464,7 +437,7 @@ def test_pcb_statistics_when_the_sampled_window_misses_fall_back_to_radix_passes
     radix passes. Both give what the parts' four radix passes give, bit for bit."""
     from merging.methods import pcb
 
-    r = MergeRecipe.model_validate(recipe(llama_family, "pcb", density=0.2))
+    r = MergeRecipe.model_validate(family_recipe(llama_family, "pcb", density=0.2))
     split = _split_statistics(r, 2)
     took: list[str] = []
     shortcut = pcb.PcbGlobal._in_two_passes
@@ -499,7 +472,7 @@ def test_global_ties_threshold_when_the_sampled_window_misses_falls_back_to_radi
     two radix passes. Both equal the parts' radix passes, bit for bit."""
     from merging.methods import task_vectors
 
-    r = MergeRecipe.model_validate(recipe(llama_family, "ties", density=0.3, scope="global"))
+    r = MergeRecipe.model_validate(family_recipe(llama_family, "ties", density=0.3, scope="global"))
     split = _split_statistics(r, 2)
     took: list[object] = []
     one_pass = task_vectors.TiesGlobal._in_one_pass

@@ -8,7 +8,6 @@ single worker, the job's own worker runs every part; the workers sweep leftover 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -44,6 +43,7 @@ from tests.support.celery_workers import (
 )
 from tests.support.checkpoints import build_many_tensor_family, ties
 from tests.support.faulty_proxy import FaultyProxy
+from tests.support.split_outputs import same_output
 from workers.merge.engine import run_merge
 
 pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
@@ -161,21 +161,6 @@ def finished(job: Any) -> bool:
     return JobState(job.state).is_terminal
 
 
-def same_files(a: Path, b: Path) -> None:
-    """Every file byte for byte; the manifest but for its timings, time of creation and
-    the published version's own block."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "manifest.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
-    for m in (ma, mb):
-        del m["timings"], m["created_at"]
-        m.pop("artifact", None)
-    assert ma == mb
-
-
 def one_run(job: Any, out: Path) -> Any:
     """The job's recipe merged in one piece here. As the job store holds it: PostgreSQL's
     JSONB keeps an object's keys in an order of its own, which the model card follows."""
@@ -215,7 +200,7 @@ def test_a_merge_split_across_three_workers_equals_a_single_worker_run(
     b = download_artifact(
         workers.objects, workers.tenant, f"three-{method.replace('_', '-')}", 1, tmp_path / "b"
     )
-    same_files(a, b)
+    same_output(a, b)
     rows = workers.parts.parts(split)
     steps = 3 if method == "ties_global" else 1
     assert [(p.step, p.part) for p in rows] == [(s, i) for s in range(steps) for i in range(3)]
@@ -270,7 +255,7 @@ def test_a_part_whose_worker_is_killed_mid_part_is_redelivered_and_finishes_once
         MergeRecipe.model_validate({**recipe, "parallelism": None}), tmp_path / "single"
     )
     out = download_artifact(workers.objects, workers.tenant, name, 1, tmp_path / "published")
-    same_files(single.out_dir, out)
+    same_output(single.out_dir, out)
 
 
 def test_cancelling_a_split_merge_stops_the_parts_on_every_worker(
@@ -368,7 +353,7 @@ def test_a_part_whose_upload_fails_transiently_is_retried_and_the_bytes_equal_on
 
     single = one_run(job, tmp_path / "single")
     out = download_artifact(workers.objects, workers.tenant, "transient", 1, tmp_path / "out")
-    same_files(single.out_dir, out)
+    same_output(single.out_dir, out)
 
 
 PART_OF = re.compile(r"/_parts/[^/]+/a\d+/parts/(\d+)/")
@@ -400,7 +385,7 @@ def test_parts_nobody_takes_are_run_by_the_coordinator_and_the_bytes_equal_one_r
 
     single = one_run(job, tmp_path / "single")
     out = download_artifact(lone_worker.objects, lone_worker.tenant, "lone", 1, tmp_path / "out")
-    same_files(single.out_dir, out)
+    same_output(single.out_dir, out)
     # the parts' messages, run once the worker is free, find their parts done: no change
     time.sleep(2 * HEARTBEAT_S + 1)
     after = lone_worker.parts.parts(job_id)
