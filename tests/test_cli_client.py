@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.checkpoints import build_many_tensor_family, linear, tensors, ties
+from tests.support.checkpoints import build_many_tensor_family, linear, slow, tensors
 from tests.support.serve import HOLD_LIMIT_S, HeldHub, Server, free_port, write_recipe
 
 pytestmark = pytest.mark.slow  # a server and CLI subprocesses
@@ -341,8 +341,8 @@ def test_submit_wait_on_a_terminal_shows_a_progress_bar(
     import struct
     import termios
 
-    # TIES makes several passes over the tensors: it runs for seconds, several polls
-    recipe = write_recipe(tmp_path, "on-a-tty", {**ties(many_family), "seed": 9})
+    # a merge that runs for seconds whatever the machine's speed: several polls
+    recipe = write_recipe(tmp_path, "on-a-tty", {**slow(many_family, 200), "seed": 9})
     master, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     process = subprocess.Popen(

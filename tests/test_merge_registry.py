@@ -116,12 +116,14 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 def test_the_merging_package_imports_only_itself_and_the_standard_library():
     # It is the bottom layer: schemas, the service and the engine import it, never the other
-    # way round; torch comes only through merging.lazy_torch, on first use.
+    # way round; torch (and numpy, which comes with it) only through merging.lazy_torch,
+    # on first use.
     for path in sorted(PACKAGE.rglob("*.py")):
         for module, typing_only in _imports(path):
             if module in ("merging", "__future__") or module in sys.stdlib_module_names:
                 continue
-            allowed = module == "torch" and (typing_only or path.name == "lazy_torch.py")
+            lazy = typing_only or path.name == "lazy_torch.py"
+            allowed = module in ("torch", "numpy") and lazy
             assert allowed, f"{path.relative_to(ROOT)} imports {module}"
 
 

@@ -34,7 +34,7 @@ from tests.support.celery_workers import (
     start_worker,
     stop_worker,
 )
-from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, ties
+from tests.support.checkpoints import build_many_tensor_family, huge_finetune, linear, slow
 
 pytestmark = pytest.mark.slow  # Celery worker processes, Redis, PostgreSQL
 
@@ -195,7 +195,7 @@ def test_a_worker_killed_mid_job_is_redelivered_and_completes_exactly_once(
 ) -> None:
     family = build_many_tensor_family(tmp_path / "many", layers=32)
     name = "celery-killed"
-    job_id = stack.submit(ties(family), name)
+    job_id = stack.submit(slow(family, 200), name)  # runs for seconds
 
     running = stack.wait_for(
         job_id, lambda j: j.state == JobState.RUNNING and j.phase == "merge" and j.tensors_done > 0

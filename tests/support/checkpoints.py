@@ -65,6 +65,19 @@ def ties(family: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+def slow(family: dict[str, Path], iterations: int) -> dict[str, Any]:
+    """A merge that runs for seconds by its settings, not by the machine's speed (which
+    tests that act mid-merge need): the Karcher mean of ft1 and ft2, ``iterations``
+    iterations for every tensor (a tolerance it never reaches). On this machine: 128 layers
+    × 60 iterations ≈ 5 s, 32 × 200 ≈ 4 s."""
+    return {
+        "merge_method": "karcher",
+        "models": [{"model": str(family[k])} for k in ("ft1", "ft2")],
+        "parameters": {"max_iter": iterations, "tol": 1e-30},
+        "seed": 3,
+    }
+
+
 def huge_finetune(source: Path, dest: Path, peak: float = 1e38) -> Path:
     """``source`` with every tensor scaled so its largest magnitude is ``peak`` (float32
     still holds it): a merge with ordinary weights then overflows in the data, which no

@@ -219,8 +219,11 @@ def _start_process(queue: Any, stop: Any, threads: int) -> None:
 def _run_part_task(task: _PartTask) -> Any:
     """In a worker process: one step of one part, in a session of its own (as a worker of a
     split job would). A statistics pass returns its partial (encoded), the merge step the
-    digests of the shards it wrote into the shared staging folder, and its notes. Stops at
-    the next tensor once the parent sets the stop event (another part failed, Ctrl-C)."""
+    digests of the shards it wrote into the shared staging folder, and its notes; either
+    with the part's final progress counts (tensors, bytes), which the parent takes from the
+    result rather than from the queue (whose last message may arrive after the result).
+    Stops at the next tensor once the parent sets the stop event (another part failed,
+    Ctrl-C)."""
     assert _channel is not None, "run by the pool of run_merge_in_processes only"
     queue, stop = _channel
     last = 0.0
@@ -242,8 +245,7 @@ def _run_part_task(task: _PartTask) -> Any:
             stats = statistics_from(session, combined)
             result = write_part(session, task.staging, stats, task.shards)
         tracker = session.merge.progress  # the part's last count, whatever the throttle skipped
-        queue.put((task.step, task.part, tracker.tensors_done, tracker.bytes_done))
-    return result
+        return result, tracker.tensors_done, tracker.bytes_done
 
 
 class _Steps:
@@ -288,10 +290,13 @@ class _Steps:
             for f in futures:
                 if f.done() and f.exception() is not None:
                     f.result()  # raises the part's error
-        results = [f.result() for f in futures]
+        finished = [f.result() for f in futures]
         self._drain(step)
+        for part, (_, tensors, nbytes) in enumerate(finished):
+            self.counts[part] = (tensors, nbytes)  # each part's final count, exactly
+        self._report(phase)
         self.before = self._sums()
-        return results
+        return [result for result, _, _ in finished]
 
     def _drain(self, step: int) -> bool:
         import queue as queue_module
