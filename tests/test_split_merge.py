@@ -25,7 +25,12 @@ from schemas.jobs import JobError, JobState
 from schemas.recipe import MergeRecipe
 from testbed.api import MERGE_RECIPE, merge_job
 from tests.support.api import assert_problem
-from tests.support.checkpoints import build_many_tensor_family, huge_finetune, tensors, ties
+from tests.support.checkpoints import (
+    build_many_tensor_family,
+    huge_finetune,
+    slow,
+    tensors,
+)
 from tests.support.jobs import TENANT, InProcessJobs, in_process_jobs
 from tests.support.split_outputs import family_recipe, same_output
 from workers.merge.engine import MergeSession, run_merge
@@ -206,8 +211,8 @@ def test_cancelling_a_split_job_stops_its_parts_and_publishes_nothing(
     service: Service, tmp_path: Path
 ) -> None:
     family = build_many_tensor_family(tmp_path / "many", layers=32)
-    r = {**ties(family), "parallelism": 3, "output": {"shard_size": 2_000_000}}
-    job_id = service.submit(r, "gone")
+    r = {**slow(family, 100), "parallelism": 3, "output": {"shard_size": 2_000_000}}
+    job_id = service.submit(r, "gone")  # parts that run for seconds
 
     def cancel_mid_part() -> None:  # once the first part runs
         deadline = time.monotonic() + 60
