@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merging.lazy_torch import torch
-from merging.selection import RadixSelect
+from merging.selection import RadixSelect, WindowSelect, quantile_window
 
 if TYPE_CHECKING:
     from merging.inputs import Block, TensorInputs
@@ -146,6 +146,46 @@ def select_per_model(
             if f"max/{i}" in low:
                 maxima[i] = float(low[f"max/{i}"].item())
     return {i: s.values for i, s in sel.items()}
+
+
+# a window around a rank is guessed from about this many sampled values of each model, and
+# spans the sample's quantile ± this many standard errors of a sample quantile's rank
+WINDOW_SAMPLE = 1 << 20
+WINDOW_SPREAD = 8.0
+
+
+def select_in_window(
+    model: WholeModel,
+    ranks: dict[int, int],
+    samples: dict[int, torch.Tensor],
+    values: BlockValues,
+    phase: str,
+    *,
+    check: bool = True,
+) -> dict[int, tuple[float, float]] | None:
+    """Exact k-th smallest values (1-based ``ranks`` per model index) of ``values`` over
+    the whole model in one streaming pass instead of radix select's two, in one process:
+    a window around each rank is guessed from the model's ``samples`` of the same values,
+    and the pass counts what lies below it and keeps what lies in it (WindowSelect).
+
+    Returns (k-th value, maximum) per model, and moves the progress past the pass it saved;
+    None when a window missed the rank (then find it by ``select_per_model``). ``check``:
+    whether this pass checks the inputs for NaN/Inf (the first pass over them does)."""
+    sizes = model.float_sizes()
+    windows = {
+        i: WindowSelect(sizes[i], k, *quantile_window(samples[i], k / sizes[i], WINDOW_SPREAD))
+        for i, k in ranks.items()
+    }
+    for x in model.tensors(phase):
+        for b in x.blocks(check=check):
+            for i, v in values(x, b):
+                if i in windows:
+                    windows[i].observe(v)
+    found = {i: w.value() for i, w in windows.items()}
+    if any(v is None for v in found.values()):
+        return None
+    model.skip_pass(phase)
+    return {i: (float(v), windows[i].maximum) for i, v in found.items() if v is not None}
 
 
 def task_vector_magnitudes(x: TensorInputs, b: Block) -> Iterator[tuple[int, torch.Tensor]]:

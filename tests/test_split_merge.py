@@ -20,6 +20,7 @@ import torch
 from infra.artifacts import download_artifact, list_versions
 from infra.db.parts import PartStore
 from infra.settings import Settings
+from merging import statistics
 from merging.statistics import combine_partials
 from schemas.jobs import JobError, JobState
 from schemas.recipe import MergeRecipe
@@ -463,7 +464,7 @@ def test_pcb_statistics_when_the_sampled_window_misses_fall_back_to_radix_passes
     assert took == ["shortcut"] and hit["pcb_bounds"] == split["pcb_bounds"]
 
     took.clear()  # a window far above every B: nothing below k is in it
-    monkeypatch.setattr(pcb, "_window", lambda sample, q, spread: (1e30, 2e30))
+    monkeypatch.setattr(statistics, "quantile_window", lambda sample, q, spread: (1e30, 2e30))
     with MergeSession(r) as whole:
         missed = whole.statistics()
     assert took == ["shortcut", "radix"] and missed["pcb_bounds"] == split["pcb_bounds"]
@@ -493,7 +494,7 @@ def test_global_ties_threshold_when_the_sampled_window_misses_falls_back_to_radi
     assert took == [True] and hit == split
 
     took.clear()  # a window below every |τ|: the rank is above it
-    monkeypatch.setattr(task_vectors, "quantile_window", lambda sample, q, spread: (-2.0, -1.0))
+    monkeypatch.setattr(statistics, "quantile_window", lambda sample, q, spread: (-2.0, -1.0))
     with MergeSession(r) as whole:
         missed = whole.statistics()
     assert took == [False] and missed == split

@@ -17,11 +17,12 @@ from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
 from merging.lazy_torch import numpy, torch
 from merging.method import MergeMethod, register
 from merging.parameters import ParameterSpec, ParamScope, weight
-from merging.selection import ExtremeSelect, WindowSelect, kth_smallest
-from merging.selection import quantile_window as _window
+from merging.selection import ExtremeSelect, kth_smallest
 from merging.statistics import (
+    WINDOW_SAMPLE,
     WholeModel,
     WholeModelStatistic,
+    select_in_window,
     select_per_model,
     task_vector_magnitudes,
 )
@@ -107,8 +108,6 @@ class PcbGlobal(WholeModelStatistic):
     unlike the model), the two radix passes over B are made after all."""
 
     passes = 4
-    SAMPLE = 1 << 20  # elements of each model sampled for the window
-    SPREAD = 8.0  # the window: the sample's quantile ± this many standard errors of it
 
     def compute(self, model: WholeModel) -> dict[str, Any]:
         sizes = model.float_sizes()
@@ -156,7 +155,7 @@ class PcbGlobal(WholeModelStatistic):
         q_ranks: dict[int, list[int]],
     ) -> dict[str, Any]:
         # pass 1: the clip bounds, and every `stride`-th element of each τ and of Σj τj
-        stride = {i: max(1, n // self.SAMPLE) for i, n in sizes.items()}
+        stride = {i: max(1, n // WINDOW_SAMPLE) for i, n in sizes.items()}
         samples = {i: _Sample(sizes[i] // stride[i] + 1024) for i in extremes}
         for x in model.tensors("statistics: clip bounds"):
             for blk in x.blocks():
@@ -176,29 +175,27 @@ class PcbGlobal(WholeModelStatistic):
         lo, hi = {}, {}
         for i, e in extremes.items():
             lo[i], hi[i] = e.values()
-        # the window around each quantile, from B of the sample
-        windows = {}
-        for i, sample in samples.items():
-            b = torch.cat(
+        # B of the sample guesses a window around each quantile; one pass over B
+        balance = {
+            i: torch.cat(
                 [pcb_balance(t, s, n, lo[i], hi[i]) for t, s, n in sample.parts()]
                 + [torch.empty(0)]
             )
-            (k,) = q_ranks[i]
-            windows[i] = WindowSelect(sizes[i], k, *_window(b, k / sizes[i], self.SPREAD))
+            for i, sample in samples.items()
+        }
         del samples
-        # pass 2: B, counted below each window and kept inside it
-        for x in model.tensors("statistics: balance quantile"):
-            for blk in x.blocks(check=False):
-                for i, b in _balances(x, blk, lo, hi):
-                    if i in windows:
-                        windows[i].observe(b)
-        quantiles = {i: w.value() for i, w in windows.items()}
-        if any(q is None for q in quantiles.values()):  # a window missed: radix passes
+        found = select_in_window(
+            model,
+            {i: k for i, (k,) in q_ranks.items() if i in balance},
+            balance,
+            lambda x, blk: _balances(x, blk, lo, hi),
+            "statistics: balance quantile",
+            check=False,
+        )
+        if found is None:  # a window missed: the radix passes
             return self._quantiles(model, lo, hi, q_ranks)
-        model.skip_pass("statistics: balance quantile")
         bounds_of: dict[int, Bounds] = {
-            i: (lo[i], hi[i], float(quantiles[i]), windows[i].maximum)  # type: ignore[arg-type]
-            for i in windows
+            i: (lo[i], hi[i], value, top) for i, (value, top) in found.items()
         }
         return {"pcb_bounds": bounds_of}
 

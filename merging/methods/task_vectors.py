@@ -41,16 +41,12 @@ from merging.parameters import (
     rescale,
     weight,
 )
-from merging.selection import (
-    IN_MEMORY_KEYS_BYTES,
-    RankRangeStream,
-    WindowSelect,
-    quantile_window,
-    rank_range_mask,
-)
+from merging.selection import IN_MEMORY_KEYS_BYTES, RankRangeStream, rank_range_mask
 from merging.statistics import (
+    WINDOW_SAMPLE,
     WholeModel,
     WholeModelStatistic,
+    select_in_window,
     select_per_model,
     task_vector_magnitudes,
 )
@@ -263,7 +259,7 @@ class TiesGlobal(WholeModelStatistic):
             else:
                 ranks[i] = [n - max(1, int(p["density"] * n)) + 1]
         if ranks and not model.in_parts:
-            found = self._in_one_pass(model, sizes, ranks)
+            found = self._in_one_pass(model, ranks)
             if found is not None:
                 thresholds.update(found)
                 return {"ties_threshold": thresholds}
@@ -274,37 +270,26 @@ class TiesGlobal(WholeModelStatistic):
             thresholds.update({i: v for i, (v,) in selected.items()})
         return {"ties_threshold": thresholds}
 
-    SAMPLE = 1 << 20  # elements of each model sampled for the window
-    SPREAD = 8.0  # the window: the sample's quantile ± this many standard errors of it
-
     def _in_one_pass(
-        self, model: WholeModel, sizes: dict[int, int], ranks: dict[int, list[int]]
+        self, model: WholeModel, ranks: dict[int, list[int]]
     ) -> dict[int, float] | None:
-        """The thresholds in one pass instead of two, in one process: |τ| of a sample
-        spread over the model (stretches read directly) guesses a window around each
-        model's rank; one pass counts the values below it and keeps those in it
-        (WindowSelect). None when a window missed (the radix passes then find them)."""
+        """The thresholds in one pass instead of two, in one process: |τ| of stretches
+        sampled over the model (read directly) guesses the windows (select_in_window).
+        None when a window missed (the radix passes then find them)."""
         sampled: dict[int, list[torch.Tensor]] = {i: [] for i in ranks}
-        for x, b in model.sample(self.SAMPLE):
+        for x, b in model.sample(WINDOW_SAMPLE):
             for i, v in task_vector_magnitudes(x, b):
                 if i in sampled:
                     sampled[i].append(v.clone())
-        windows = {}
-        for i, (k,) in ranks.items():
-            sample = torch.cat([*sampled.pop(i), torch.empty(0)])
-            windows[i] = WindowSelect(
-                sizes[i], k, *quantile_window(sample, k / sizes[i], self.SPREAD)
-            )
-        for x in model.tensors("statistics (1/2)"):
-            for b in x.blocks():
-                for i, v in task_vector_magnitudes(x, b):
-                    if i in windows:
-                        windows[i].observe(v)
-        values = {i: w.value() for i, w in windows.items()}
-        if any(v is None for v in values.values()):
-            return None
-        model.skip_pass("statistics (2/2)")
-        return {i: float(v) for i, v in values.items() if v is not None}
+        samples = {i: torch.cat([*parts, torch.empty(0)]) for i, parts in sampled.items()}
+        found = select_in_window(
+            model,
+            {i: k for i, (k,) in ranks.items()},
+            samples,
+            task_vector_magnitudes,
+            "statistics",
+        )
+        return None if found is None else {i: value for i, (value, _) in found.items()}
 
 
 class RankBand(RankWindow):
