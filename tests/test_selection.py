@@ -6,6 +6,7 @@ the number of entries below and equal to it are read off the sorted values.
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
@@ -86,16 +87,26 @@ def test_rank_window_to_either_end_selects_one_boundary(descending):
         assert torch.equal(got, want), (lo, hi)
 
 
+@pytest.mark.parametrize("way", ["partition", "window", "window-missed"])
 @pytest.mark.parametrize("kind", ["signed", "wide", "magnitudes"])
-def test_select_keys_held_whole_equals_the_sort(kind):
-    """The in-memory selection (numpy's partition, one kth at a time) gives the sort's k-th
-    value and counts, several ranks at once, duplicates and both ends included."""
+def test_select_keys_held_whole_equals_the_sort(kind, way, monkeypatch):
+    """The in-memory selection gives the sort's k-th value and counts, several ranks at
+    once, duplicates and both ends included: by numpy's partition of all the keys, by
+    windows placed from a sample (kept and sorted), and by the partition again when the
+    sample places every window wrong."""
     gen = torch.Generator().manual_seed(11)
     n = 70_001
     x = _values(kind, n, gen)
     nonnegative = kind == "magnitudes"
     ranks = [n, 1, n // 2 + 1, n // 3, n // 3, n - 1, 2]
     keys = order_keys(x, nonnegative=nonnegative)
+    monkeypatch.setattr(selection, "_KEY_WINDOW_FROM", n + 1 if way == "partition" else n)
+    if way == "window-missed":  # a sample of one key repeated: every window is that key
+        smallest = int(torch.argmin(keys))
+        monkeypatch.setattr(selection, "_sample_positions", lambda n: numpy.full(1 << 10, smallest))
+    if way != "partition":
+        found = selection._in_window(keys.numpy(), ranks)
+        assert (found is None) == (way == "window-missed")
     before = keys.clone()
     got = selection.select_keys(keys, ranks)
     assert torch.equal(keys, before)  # the keys are left as they were
