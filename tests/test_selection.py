@@ -164,16 +164,38 @@ def _stable_row_order(rows: torch.Tensor) -> torch.Tensor:
     return torch.sort(rows.abs(), dim=1, stable=True).indices
 
 
-@pytest.mark.parametrize("path", [task_vectors._row_order_numpy, task_vectors._row_order_torch])
-def test_della_row_order_is_the_stable_sort_order(path):
-    """DELLA's ranks: one sort of unique (|τ| bits, column) keys orders each row as a stable
-    sort of |τ| does, equal magnitudes (ties, −0.0 and +0.0, x and −x) by column."""
-    gen = torch.Generator().manual_seed(6)
-    for shape in [(1, 1), (5, 1), (3, 7), (40, 1000), (7, 4097)]:
+def _della_rows(kind: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    if kind == "halves":  # few values: ties, −0.0 and +0.0, x and −x
         rows = (torch.randint(-8, 9, shape, generator=gen) * 0.5).to(torch.float32)
         rows[:, ::5] = -0.0
+        return rows
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "fp16":  # τ of fp16 checkpoints: many low zero bits, exact zeros
+        base = torch.randn(shape, generator=gen).half()
+        ft = (base.float() + torch.randn(shape, generator=gen) * 0.01).half()
+        return ft.float() - base.float()
+    # float32 values over many exponents: no low zero bits, too wide for 32-bit keys
+    return torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-60, 60, shape).float())
+
+
+@pytest.mark.parametrize("kind", ["halves", "zeros", "fp16", "float32"])
+@pytest.mark.parametrize("path", [task_vectors._row_order_numpy, task_vectors._row_order_torch])
+def test_della_row_order_is_the_stable_sort_order(path, kind):
+    """DELLA's ranks: one sort of unique (|τ| bits, column) keys orders each row as a stable
+    sort of |τ| does, equal magnitudes (ties, −0.0 and +0.0, x and −x) by column; in 32-bit
+    keys where the values allow it (fp16 τ), in 64-bit ones where not (wide float32)."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(1, 1), (5, 1), (3, 7), (40, 1000), (7, 4097)]:
+        rows = _della_rows(kind, shape, gen)
         shift = max(1, (shape[1] - 1).bit_length())
-        got = path(rows.abs().view(torch.int32), shift)
+        bits = rows.abs().view(torch.int32)
+        packs = task_vectors._packed_keys32(bits.numpy(), shift) is not None
+        if kind == "float32" and shape[1] > 1:
+            assert not packs, shape
+        elif shape[1] <= 1000:  # (fp16 τ of 4,097 columns need 33 bits here)
+            assert packs, (kind, shape)
+        got = path(bits, shift)
         assert torch.equal(got, _stable_row_order(rows)), shape
         assert torch.equal(task_vectors.row_order(rows), _stable_row_order(rows)), shape
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
-from merging.lazy_torch import torch
+from merging.lazy_torch import numpy, torch
 from merging.method import (
     MergeInputError,
     MergeMethod,
@@ -457,13 +457,46 @@ def row_order(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _row_order_numpy(bits: torch.Tensor, shift: int) -> torch.Tensor:
-    """``row_order`` by numpy (its int64 element-wise ops are faster here too)."""
-    packed = bits.numpy().astype("int64")
-    packed <<= shift
-    packed |= torch.arange(bits.shape[1]).numpy()
-    packed.sort(axis=1)  # in place; unique keys: the kind of sort does not matter
-    packed &= (1 << shift) - 1
-    return torch.from_numpy(packed)
+    """``row_order`` by numpy (its int64 element-wise ops are faster here too), with 32-bit
+    keys where they fit (``_packed_keys32``: numpy sorts them twice as fast)."""
+    packed = _packed_keys32(bits.numpy(), shift)
+    if packed is None:
+        packed = bits.numpy().astype("int64")
+        packed <<= shift
+        packed |= torch.arange(bits.shape[1]).numpy()
+        packed.sort(axis=1)  # in place; unique keys: the kind of sort does not matter
+        packed &= (1 << shift) - 1
+        return torch.from_numpy(packed)
+    packed.sort(axis=1)
+    order = numpy.empty(packed.shape, dtype=numpy.int64)  # the index dtype scatter takes
+    numpy.bitwise_and(packed, (1 << shift) - 1, out=order)
+    return torch.from_numpy(order)
+
+
+def _packed_keys32(bits: Any, shift: int) -> Any:
+    """``row_order``'s keys in 32 bits (as int32 that sort like them), or None where they
+    need more. Lossless, so they order exactly as the 64-bit keys: the magnitudes of τ made
+    from fp16/bf16 checkpoints share many low zero bits, which are dropped, and where the
+    rest is still too wide they are counted up from the smallest non-zero one (a zero is
+    below it), leaving about 20 bits for the value beside the column's ``shift`` bits."""
+    top = int(bits.max())
+    common = int(numpy.bitwise_or.reduce(bits, axis=None))
+    zeros = (common & -common).bit_length() - 1 if common else 0  # low bits 0 in every value
+    if (top >> zeros).bit_length() + shift <= 32:
+        keys = bits >> zeros
+    else:
+        least = int((bits.view(numpy.uint32) - numpy.uint32(1)).min()) + 1  # smallest > 0
+        if (((top - least) >> zeros) + 1).bit_length() + shift > 32:
+            return None
+        keys = bits - numpy.int32(least)  # non-negative int32 values: no overflow
+        keys >>= zeros
+        numpy.maximum(keys, -1, out=keys)  # zeros (all below `least`) to -1 ...
+        keys += 1  # ... then 0, the others 1 + their steps above `least`
+    unsigned = keys.view(numpy.uint32)
+    unsigned <<= numpy.uint32(shift)
+    unsigned |= numpy.arange(bits.shape[1], dtype=numpy.uint32)
+    unsigned ^= numpy.uint32(1 << 31)  # unsigned order as int32 order
+    return keys
 
 
 def _row_order_torch(bits: torch.Tensor, shift: int) -> torch.Tensor:
