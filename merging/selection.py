@@ -439,6 +439,11 @@ class RankRangeStream:
         self._select = RadixSelect(ranks=ranks, nonnegative=True)
         # [value, first position in the group to keep, one past the last, seen so far, size]
         self._groups: list[list[float | int]] = []
+        # where the tensor's keys were held whole: per group, the flat positions of its first
+        # and last kept member; the mask then needs no counting (``_mask_by_spans``)
+        self._spans: list[tuple[float, int, int]] | None = None
+        self._offset = 0  # flat position of the next block
+        self._held: torch.Tensor | None = None  # the values, where held whole and intact
         self._first = self._last = 0.0
         self._below_last = self._above_first = False
 
@@ -461,9 +466,21 @@ class RankRangeStream:
 
     def select_whole(self, keys: torch.Tensor) -> None:
         """Instead of the two radix passes: the boundaries from the whole tensor's keys (the
-        int32 bit patterns of its non-negative values, flattened), which are consumed (see
-        ``select_keys``)."""
-        self._take(select_keys(keys, self._select.ranks, consume=True))
+        int32 bit patterns of its non-negative values, flattened), which may be consumed
+        (see ``select_keys``). Where they are not (the windows found the boundaries), the
+        kept members of each boundary group are located in them too."""
+        ranks = self._select.ranks
+        held = keys.device.type == "cpu" and keys.numel() >= _KEY_WINDOW_FROM
+        found = _in_window(keys.numpy(), ranks) if held else None
+        if found is None:
+            self._take(select_keys(keys, ranks, consume=True))
+            return
+        self._take(found)
+        self._held = keys.view(torch.float32)
+        self._spans = [
+            (float(g[0]), *_member_positions(keys.numpy(), float(g[0]), int(g[1]), int(g[2])))
+            for g in self._groups
+        ]
 
     def _take(self, selected: list[Selected]) -> None:
         """The boundaries and boundary groups from the selected order statistics."""
@@ -486,14 +503,26 @@ class RankRangeStream:
             if p0 < p1:
                 self._groups.append([g.value, p0, p1, 0, g.equal])
 
+    def held(self, numel: int) -> torch.Tensor | None:
+        """The next block's values (``numel`` of them) where ``select_whole`` left the
+        tensor's keys intact and holds them (the caller's buffer must outlive the masks),
+        else None."""
+        if self._held is None:
+            return None
+        return self._held[self._offset : self._offset + numel]
+
     def mask(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The in-range mask of the next block (blocks must come in order, each once), as
         ``dtype``: bool, or 0/1 in a float dtype (to multiply by: the comparisons then write
         floats, several times faster than bool results on the CPU)."""
         flat = x.reshape(-1)
         dtype = torch.bool if dtype is None else dtype  # (not a default: torch loads lazily)
+        start = self._offset
+        self._offset += flat.numel()
         if self._all is not None:
             return torch.full_like(flat, self._all, dtype=dtype)
+        if self._spans is not None:
+            return self._mask_by_spans(flat, start, dtype)
         mask = torch.empty_like(flat, dtype=dtype)
         if self._above_first:
             torch.gt(flat, self._first, out=mask)
@@ -525,6 +554,58 @@ class RankRangeStream:
                 idx = torch.nonzero(eq).squeeze(1)
                 mask[idx[a - seen : b - seen]] = 1
         return mask
+
+    def _mask_by_spans(self, flat: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+        """``mask`` where each boundary group's kept members are known to be those at flat
+        positions [first, last]: a block inside that span includes the whole group here by
+        its comparison (≥ instead of >), one outside it excludes it, and only a block the
+        span's ends fall in compares the group's value on the part inside."""
+        end = start + flat.numel()
+        partial = []
+        inclusive = set()
+        for value, first, last in self._spans or []:
+            if last < start or first >= end:
+                continue  # none of this group's kept members is here
+            if first <= start and end - 1 <= last:
+                inclusive.add(value)  # all of this group's members here are kept
+            else:
+                partial.append((value, max(first, start) - start, min(last, end - 1) - start + 1))
+        mask = torch.empty_like(flat, dtype=dtype)
+        if self._above_first:
+            cmp = torch.ge if self._first in inclusive else torch.gt
+            cmp(flat, self._first, out=mask)
+            if self._below_last:
+                cmp = torch.le if self._last in inclusive else torch.lt
+                mask.mul_(cmp(flat, self._last, out=torch.empty_like(mask)))
+        elif self._below_last:
+            cmp = torch.le if self._last in inclusive else torch.lt
+            cmp(flat, self._last, out=mask)
+        elif inclusive:  # one group, both boundaries, kept whole here
+            torch.eq(flat, self._first, out=mask)
+        else:
+            mask.zero_()
+        for value, a, b in partial:
+            _include(mask[a:b], torch.eq(flat[a:b], value, out=torch.empty_like(mask[a:b])))
+        return mask
+
+
+def _member_positions(keys: Any, value: float, p0: int, p1: int) -> tuple[int, int]:
+    """Flat positions of the p0-th and the (p1 − 1)-th (0-based, by position) of the keys
+    (int32 bit patterns of non-negative floats) equal to ``value``'s: a chunked count that
+    stops at the last one."""
+    key = numpy.float32(value).view(numpy.int32)
+    wanted, found, seen = [p0, p1 - 1], [], 0
+    flags = numpy.empty(min(keys.size, _KEY_CHUNK), dtype=bool)
+    for start in range(0, keys.size, _KEY_CHUNK):
+        chunk = keys[start : start + _KEY_CHUNK]
+        eq = numpy.equal(chunk, key, out=flags[: chunk.size])
+        here = int(numpy.count_nonzero(eq))
+        while wanted and wanted[0] < seen + here:
+            found.append(start + int(numpy.flatnonzero(eq)[wanted.pop(0) - seen]))
+        if not wanted:
+            return found[0], found[1]
+        seen += here
+    raise ValueError(f"fewer than {p1} keys equal {value!r}")
 
 
 def _include(mask: torch.Tensor, members: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from merging import inputs as merging_inputs
+from merging import selection
 from merging.methods import task_vectors
 from merging.selection import RankRangeStream, rank_range_mask
 from tests.support.merge_cases import (
@@ -76,6 +77,35 @@ def test_streamed_rank_windows_by_radix_match_reference(
     r = (LLAMA_CASES if family == "llama_family" else BF16_CASES)[case](f)
     _, out = engine(r, tmp_path / "out", seed=SEED)
     assert_matches_reference(out, reference_merge(r, SEED), out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("family", "case"),
+    [
+        *[pytest.param("llama_family", c, id=f"llama-{c}") for c in ("ties", "breadcrumbs")],
+        *[pytest.param("bf16_llama_family", c, id=f"bf16-{c}") for c in ("ties", "breadcrumbs")],
+    ],
+)
+def test_streamed_rank_windows_by_sampled_windows_match_reference(
+    family, case, small_blocks, request, monkeypatch, tmp_path
+):
+    """Keys held whole from any size on: the boundaries come from windows placed by a
+    sample, and the masks from the located boundary groups (compares, no counting): the
+    same reference results."""
+    monkeypatch.setattr(selection, "_KEY_WINDOW_FROM", 1)
+    spans = []
+    take = RankRangeStream._take
+
+    def counting(self, selected):
+        take(self, selected)
+        spans.append(self)
+
+    monkeypatch.setattr(RankRangeStream, "_take", counting)
+    f = request.getfixturevalue(family)
+    r = (LLAMA_CASES if family == "llama_family" else BF16_CASES)[case](f)
+    _, out = engine(r, tmp_path / "out", seed=SEED)
+    assert_matches_reference(out, reference_merge(r, SEED), out_dir=tmp_path / "out")
+    assert spans and all(w._spans is not None for w in spans)
 
 
 @pytest.mark.parametrize("descending", [False, True])

@@ -121,14 +121,20 @@ def test_select_keys_held_whole_equals_the_sort(kind, way, monkeypatch):
         selection.select_keys(keys, [n + 1])
 
 
+@pytest.mark.parametrize("way", ["partition", "window", "window-missed"])
 @pytest.mark.parametrize("descending", [False, True])
-def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending):
-    """``select_whole`` (the boundaries from the whole tensor's keys, which it consumes) masks
-    the same entries as a stable sort, block by block,
-    for windows that cut groups of equal values at one end, at both, or inside one group."""
+def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending, way, monkeypatch):
+    """``select_whole`` (the boundaries from the whole tensor's keys) masks the same entries
+    as a stable sort, block by block, for windows that cut groups of equal values at one
+    end, at both, or inside one group: with the boundaries by partition (the mask counts
+    the groups' members block by block), by windows (the kept members' positions are
+    located: the mask compares), and by partition after the windows missed."""
+    n = 40_000
+    monkeypatch.setattr(selection, "_KEY_WINDOW_FROM", n + 1 if way == "partition" else n)
+    if way == "window-missed":  # (how a window can miss: test_select_keys_held_whole...)
+        monkeypatch.setattr(selection, "_in_window", lambda keys, ranks: None)
     gen = torch.Generator().manual_seed(13)
-    x = torch.randint(0, 7, (40_000,), generator=gen).to(torch.float32) * 0.5
-    n = x.numel()
+    x = torch.randint(0, 7, (n,), generator=gen).to(torch.float32) * 0.5
     order = torch.sort(x, stable=True, descending=descending).indices
     group = int((x == 0).sum())  # the windows below cut inside groups, not at their edges
     windows = [(0, 100), (0, 20_001), (3, n), (17_000, n), (5_000, 31_003), (10, 20), (0, n)]
@@ -137,6 +143,7 @@ def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending):
         window = RankRangeStream(n, lo, hi, descending=descending)
         if window.needs_selection:
             window.select_whole(x.clone().view(torch.int32))
+            assert (window._spans is not None) == (way == "window"), (lo, hi)
         parts = [x[s : s + 997] for s in range(0, n, 997)]
         got = torch.cat([window.mask(p, dtype=torch.float32) for p in parts])
         want = torch.zeros(n)

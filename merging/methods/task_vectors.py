@@ -162,7 +162,8 @@ class RankWindow(Sparsification):
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         if isinstance(state, RankRangeStream):
-            return state.mask(tau.abs(), dtype=tau.dtype)
+            magnitudes = state.held(tau.numel())  # |τ| of the selection pass, if held
+            return state.mask(tau.abs() if magnitudes is None else magnitudes, dtype=tau.dtype)
         lo, hi, descending = state
         mask = rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
         return mask.to(tau.dtype)
