@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from merging.inputs import WORK_CHUNK, Block, TensorInputs, scale_
+from merging.inputs import WORK_CHUNK, Block, Scratch, TensorInputs, scale_
 from merging.lazy_torch import numpy, torch
 from merging.method import (
     MergeInputError,
@@ -573,7 +573,11 @@ def l1_rescale(before: float, kept: torch.Tensor, eps: float = 1e-7) -> torch.Te
 
 
 def sign_consensus(
-    deltas: list[torch.Tensor], weights: list[float], *, divisor: bool = True
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    divisor: bool = True,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES elect + disjoint merge: s = sign(Σ Di) (0 counts as +), mi = [sign(Di) = s];
     returns (Σ mi·Di, Σ mi·wi), the second only when ``divisor`` (else None). Works in
@@ -583,13 +587,20 @@ def sign_consensus(
     bool tensor: bool results, ``where`` and bool masks are many times slower on the CPU):
     with s = ±1, mi·Di = s·max(s·Di, 0), and a sum of values that all have the sign s is s
     times the sum of their magnitudes, rounding included, so Σ mi·Di is the same float32
-    value as the plain masked sum in the same order.
+    value as the plain masked sum in the same order. The divisor is made in a buffer of
+    ``scratch`` where one is given.
     """
     shape = deltas[0].shape
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()
     mixed = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
-    div = torch.empty_like(mixed) if divisor else None
+    div = None
+    if divisor:
+        div = (
+            scratch.get("divisor", n, mixed.dtype, mixed.device)
+            if scratch is not None
+            else torch.empty_like(mixed)
+        )
     sign = torch.empty(min(n, WORK_CHUNK), dtype=mixed.dtype, device=mixed.device)
     for start in range(0, n, WORK_CHUNK):
         blk = [d[start : start + WORK_CHUNK] for d in flat]
@@ -679,7 +690,9 @@ class TaskVectorMethod(MergeMethod):
             deltas = [
                 scale_(self.sparse_tau(x, b, j, states[j]), weights[j]) for j in range(x.count)
             ]
-            mixed, div = sign_consensus(deltas, weights, divisor=x.shared["normalize"])
+            mixed, div = sign_consensus(
+                deltas, weights, divisor=x.shared["normalize"], scratch=x.scratch
+            )
             del deltas
             divisor = 1.0 if div is None else nonzero_divisor(div)
         else:
@@ -692,8 +705,14 @@ class TaskVectorMethod(MergeMethod):
         return scale_(mixed, x.shared["lambda"]).add_(b.base32())
 
     def sparse_tau(self, x: TensorInputs, b: Block, j: int, state: Any) -> torch.Tensor:
-        """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj."""
-        tau = b.tau(j)
+        """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj (a
+        whole tensor's in a buffer reused from tensor to tensor: a fresh tensor-sized one
+        would be page-faulted in every time, about as long as the work done in it)."""
+        if x.whole:
+            tau = x.scratch.get(f"tau/{j}", b.numel, torch.float32, b.base32().device)
+            tau = tau.view(b.shape).copy_(b.raw(j)).sub_(b.base32())
+        else:
+            tau = b.tau(j)
         p = x.params[j]
         if p["density"] >= 1:
             return tau
