@@ -279,46 +279,82 @@ def _sample_positions(n: int) -> Any:
 
 def _in_window(keys: Any, ranks: list[int]) -> list[Selected] | None:
     """``select_keys`` of int32 ``keys`` (a numpy array, left as it is) by windows: each
-    rank's window [lo, hi] is the sampled keys' quantile ± ``_KEY_SPREAD`` standard errors;
-    one chunked pass counts the keys below each window and keeps those inside it, and the
-    k-th key is then the right one of the kept, sorted. None when a window misses its rank (the
-    sample was unlucky: the caller selects over all the keys)."""
+    rank's window [lo, hi] is the sampled keys' quantile ± ``_KEY_SPREAD`` standard errors.
+    One chunked pass counts the keys below each window and those equal to its ends, and
+    keeps those strictly inside it (the ends are often large groups of equal keys, which
+    need no keeping); the k-th key is then an end or the right one of the kept, sorted.
+    None when a window misses its rank (the sample was unlucky: the caller selects over
+    all the keys)."""
     n = keys.size
     sample = keys[_sample_positions(n)]
     places = {r: window_positions(sample.size, (r - 0.5) / n, _KEY_SPREAD) for r in set(ranks)}
     sample.partition(sorted({p for pair in places.values() for p in pair if p is not None}))
-    bounds = {}
+    windows = {}
     for r, (lo_at, hi_at) in sorted(places.items()):
         lo = int(sample[lo_at]) if lo_at is not None else -(1 << 31)
         hi = int(sample[hi_at]) if hi_at is not None else (1 << 31) - 1
-        bounds[r] = (lo, hi)
+        windows[r] = _Window(lo, hi)
     unsigned = keys.view(numpy.uint32)
-    below = dict.fromkeys(bounds, 0)
-    kept: dict[int, list[Any]] = {r: [] for r in bounds}
     shifted = numpy.empty(min(n, _KEY_CHUNK), dtype=numpy.uint32)
     flags = numpy.empty(min(n, _KEY_CHUNK), dtype=bool)
+    count = numpy.count_nonzero
     for start in range(0, n, _KEY_CHUNK):
         chunk, bits = keys[start : start + _KEY_CHUNK], unsigned[start : start + _KEY_CHUNK]
         m = chunk.size
-        for r, (lo, hi) in bounds.items():
-            below[r] += int(numpy.count_nonzero(numpy.less(chunk, lo, out=flags[:m])))
-            # lo ≤ key ≤ hi as one unsigned compare: key − lo wraps past hi − lo below lo
-            numpy.subtract(bits, numpy.uint32(lo & 0xFFFFFFFF), out=shifted[:m])
-            inside = numpy.less_equal(shifted[:m], numpy.uint32(hi - lo), out=flags[:m])
-            kept[r].append(chunk[inside])
+        for w in windows.values():
+            w.below += int(count(numpy.less(chunk, w.lo, out=flags[:m])))
+            w.at_lo += int(count(numpy.equal(chunk, w.lo, out=flags[:m])))
+            if w.hi == w.lo:
+                continue
+            w.at_hi += int(count(numpy.equal(chunk, w.hi, out=flags[:m])))
+            if w.hi - w.lo < 2:
+                continue  # nothing strictly inside
+            # lo < key < hi as one unsigned compare: key − lo − 1 wraps past hi − lo − 2
+            # for key ≤ lo
+            numpy.subtract(bits, numpy.uint32((w.lo + 1) & 0xFFFFFFFF), out=shifted[:m])
+            inside = numpy.less_equal(shifted[:m], numpy.uint32(w.hi - w.lo - 2), out=flags[:m])
+            w.kept.append(chunk[inside])
     out = []
     for r in ranks:
-        window = numpy.concatenate(kept[r])
-        at_window = r - 1 - below[r]
-        if not 0 <= at_window < window.size:
+        found = windows[r].select(r)
+        if found is None:
             return None
-        # sorted, not partitioned: numpy's partition slows down by 20-30x on some orders of
-        # many equal keys (as fp16 task vectors give), its sort does not
-        window.sort()
-        v = window[at_window]
-        first, end = numpy.searchsorted(window, v, "left"), numpy.searchsorted(window, v, "right")
-        out.append(Selected(key_to_value(int(v)), below[r] + int(first), int(end - first)))
+        out.append(found)
     return out
+
+
+@dataclass
+class _Window:
+    """A window [lo, hi] of keys in ``_in_window``'s pass: the counts below it and equal to
+    its ends, and the keys strictly inside it, chunk by chunk."""
+
+    lo: int
+    hi: int
+    below: int = 0
+    at_lo: int = 0
+    at_hi: int = 0
+    kept: list[Any] = field(default_factory=list)
+
+    def select(self, rank: int) -> Selected | None:
+        at = rank - 1 - self.below  # the k-th key's place among the window's, ascending
+        if at < 0:
+            return None
+        if at < self.at_lo:
+            return Selected(key_to_value(self.lo), self.below, self.at_lo)
+        at -= self.at_lo
+        inside = numpy.concatenate(self.kept) if self.kept else numpy.empty(0, numpy.int32)
+        if at < inside.size:
+            # sorted, not partitioned: numpy's partition slows down by 20-30x on some
+            # orders of many equal keys (as fp16 task vectors give), its sort does not
+            inside.sort()
+            v = inside[at]
+            first = int(numpy.searchsorted(inside, v, "left"))
+            last = int(numpy.searchsorted(inside, v, "right"))
+            return Selected(key_to_value(int(v)), self.below + self.at_lo + first, last - first)
+        if at - inside.size < self.at_hi:
+            less = self.below + self.at_lo + inside.size
+            return Selected(key_to_value(self.hi), less, self.at_hi)
+        return None
 
 
 def select(x: torch.Tensor, ranks: list[int], *, nonnegative: bool = False) -> list[Selected]:

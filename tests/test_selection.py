@@ -121,6 +121,26 @@ def test_select_keys_held_whole_equals_the_sort(kind, way, monkeypatch):
         selection.select_keys(keys, [n + 1])
 
 
+def test_key_window_gives_its_ends_groups_and_refuses_a_rank_outside(monkeypatch):
+    """A window's ends are whole groups of equal keys, counted, not kept: a rank in the
+    group at either end, or strictly inside, is found with its counts; a rank beyond a
+    window of one key is a miss (None), never that key."""
+    keys = torch.tensor([0] * 100 + [1] * 100 + [2] * 50 + [3] * 50, dtype=torch.int32)
+    keys = keys[torch.randperm(300, generator=torch.Generator().manual_seed(3))].contiguous()
+    ones = int(torch.nonzero(keys == 1)[0])
+    monkeypatch.setattr(selection, "_sample_positions", lambda n: numpy.full(1 << 16, ones))
+    found = selection._in_window(keys.numpy(), [150])  # a window of the key 1 alone
+    assert found is not None and (found[0].less, found[0].equal) == (100, 100)
+    assert selection._in_window(keys.numpy(), [250]) is None  # 2: beyond that window
+    assert selection._in_window(keys.numpy(), [50]) is None  # 0: below it
+    spread = [int(torch.nonzero(keys == v)[0]) for v in (0, 3)] * (1 << 15)
+    monkeypatch.setattr(selection, "_sample_positions", lambda n: numpy.array(spread))
+    for rank, want in [(1, (0, 0, 100)), (150, (1, 100, 100)), (260, (3, 250, 50))]:
+        (got,) = selection._in_window(keys.numpy(), [rank])  # the window [0, 3]
+        key, less, equal = want
+        assert (got.value, got.less, got.equal) == (selection.key_to_value(key), less, equal)
+
+
 @pytest.mark.parametrize("way", ["partition", "window", "window-missed"])
 @pytest.mark.parametrize("descending", [False, True])
 def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending, way, monkeypatch):
