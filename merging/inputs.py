@@ -121,7 +121,8 @@ class TensorInputs:
     whole: bool
     # one pass over the inputs; ``check=False`` skips the NaN/Inf check of the inputs, for
     # passes whose output is non-finite wherever an input is (the engine checks the output).
-    # The inputs are checked on the first pass that asks for it.
+    # The inputs are checked on the first pass that asks for it. ``models=False`` (streamed
+    # tensors): the base alone, for a method that holds the models' τ from a pass before.
     blocks: Callable[..., Iterator[Block]]
     # whole-model statistics from the extra streaming passes (MergeMethod.whole_model_statistic)
     stats: dict[str, Any] = field(default_factory=dict)

@@ -277,16 +277,23 @@ def _sample_positions(n: int) -> Any:
     return numpy.sort(numpy.random.default_rng(n).integers(0, n, _KEY_SAMPLE))
 
 
-def _in_window(keys: Any, ranks: list[int]) -> list[Selected] | None:
+# the bits of a float32's magnitude (all but the sign)
+_MAGNITUDE = 0x7FFFFFFF
+
+
+def _in_window(keys: Any, ranks: list[int], *, magnitudes: bool = False) -> list[Selected] | None:
     """``select_keys`` of int32 ``keys`` (a numpy array, left as it is) by windows: each
     rank's window [lo, hi] is the sampled keys' quantile ± ``_KEY_SPREAD`` standard errors.
     One chunked pass counts the keys below each window and those equal to its ends, and
     keeps those strictly inside it (the ends are often large groups of equal keys, which
     need no keeping); the k-th key is then an end or the right one of the kept, sorted.
     None when a window misses its rank (the sample was unlucky: the caller selects over
-    all the keys)."""
+    all the keys). ``magnitudes``: the keys are a float32's bits and are ranked by the
+    magnitude's (their sign bit cleared, chunk by chunk)."""
     n = keys.size
     sample = keys[_sample_positions(n)]
+    if magnitudes:
+        sample &= _MAGNITUDE
     places = {r: window_positions(sample.size, (r - 0.5) / n, _KEY_SPREAD) for r in set(ranks)}
     sample.partition(sorted({p for pair in places.values() for p in pair if p is not None}))
     windows = {}
@@ -294,13 +301,16 @@ def _in_window(keys: Any, ranks: list[int]) -> list[Selected] | None:
         lo = int(sample[lo_at]) if lo_at is not None else -(1 << 31)
         hi = int(sample[hi_at]) if hi_at is not None else (1 << 31) - 1
         windows[r] = _Window(lo, hi)
-    unsigned = keys.view(numpy.uint32)
     shifted = numpy.empty(min(n, _KEY_CHUNK), dtype=numpy.uint32)
+    cleared = numpy.empty(min(n, _KEY_CHUNK), dtype=numpy.int32) if magnitudes else None
     flags = numpy.empty(min(n, _KEY_CHUNK), dtype=bool)
     count = numpy.count_nonzero
     for start in range(0, n, _KEY_CHUNK):
-        chunk, bits = keys[start : start + _KEY_CHUNK], unsigned[start : start + _KEY_CHUNK]
+        chunk = keys[start : start + _KEY_CHUNK]
         m = chunk.size
+        if cleared is not None:
+            chunk = numpy.bitwise_and(chunk, _MAGNITUDE, out=cleared[:m])
+        bits = chunk.view(numpy.uint32)
         for w in windows.values():
             w.below += int(count(numpy.less(chunk, w.lo, out=flags[:m])))
             w.at_lo += int(count(numpy.equal(chunk, w.lo, out=flags[:m])))
@@ -313,7 +323,7 @@ def _in_window(keys: Any, ranks: list[int]) -> list[Selected] | None:
             # for key ≤ lo
             numpy.subtract(bits, numpy.uint32((w.lo + 1) & 0xFFFFFFFF), out=shifted[:m])
             inside = numpy.less_equal(shifted[:m], numpy.uint32(w.hi - w.lo - 2), out=flags[:m])
-            w.kept.append(chunk[inside])
+            w.kept.append(chunk[inside])  # (a copy: ``cleared`` is reused)
     out = []
     for r in ranks:
         found = windows[r].select(r)
@@ -500,19 +510,21 @@ class RankRangeStream:
         self._select.end_low()
         self._take(self._select.selected)
 
-    def select_whole(self, keys: torch.Tensor) -> None:
-        """Instead of the two radix passes: the boundaries from the whole tensor's keys (the
-        int32 bit patterns of its non-negative values, flattened), which may be consumed
-        (see ``select_keys``). Where they are not (the windows found the boundaries), the
-        kept members of each boundary group are located in them too."""
+    def select_whole(self, values: torch.Tensor) -> None:
+        """Instead of the two radix passes: the boundaries from the whole tensor's values
+        (float32, flattened), ranked by magnitude. Where the sampled windows find them
+        (``_in_window``), the values are left intact and held (``held``), and the kept
+        members of each boundary group are located in them; otherwise a copy of their
+        magnitudes' keys is partitioned (``select_keys``)."""
         ranks = self._select.ranks
+        keys = values.view(torch.int32)
         held = keys.device.type == "cpu" and keys.numel() >= _KEY_WINDOW_FROM
-        found = _in_window(keys.numpy(), ranks) if held else None
+        found = _in_window(keys.numpy(), ranks, magnitudes=True) if held else None
         if found is None:
-            self._take(select_keys(keys, ranks, consume=True))
+            self._take(select_keys(keys.bitwise_and(_MAGNITUDE), ranks, consume=True))
             return
         self._take(found)
-        self._held = keys.view(torch.float32)
+        self._held = values
         self._spans = [
             (float(g[0]), *_member_positions(keys.numpy(), float(g[0]), int(g[1]), int(g[2])))
             for g in self._groups
@@ -540,9 +552,8 @@ class RankRangeStream:
                 self._groups.append([g.value, p0, p1, 0, g.equal])
 
     def held(self, numel: int) -> torch.Tensor | None:
-        """The next block's values (``numel`` of them) where ``select_whole`` left the
-        tensor's keys intact and holds them (the caller's buffer must outlive the masks),
-        else None."""
+        """The next block's values (``numel`` of them, signed) where ``select_whole`` holds
+        the tensor's (the caller's buffer must outlive the masks), else None."""
         if self._held is None:
             return None
         return self._held[self._offset : self._offset + numel]
@@ -627,14 +638,16 @@ class RankRangeStream:
 
 def _member_positions(keys: Any, value: float, p0: int, p1: int) -> tuple[int, int]:
     """Flat positions of the p0-th and the (p1 − 1)-th (0-based, by position) of the keys
-    (int32 bit patterns of non-negative floats) equal to ``value``'s: a chunked count that
-    stops at the last one."""
+    (int32 bit patterns of floats) whose magnitude is ``value``: a chunked count that stops
+    at the last one."""
     key = numpy.float32(value).view(numpy.int32)
     wanted, found, seen = [p0, p1 - 1], [], 0
     flags = numpy.empty(min(keys.size, _KEY_CHUNK), dtype=bool)
+    cleared = numpy.empty(min(keys.size, _KEY_CHUNK), dtype=numpy.int32)
     for start in range(0, keys.size, _KEY_CHUNK):
         chunk = keys[start : start + _KEY_CHUNK]
-        eq = numpy.equal(chunk, key, out=flags[: chunk.size])
+        magnitude = numpy.bitwise_and(chunk, _MAGNITUDE, out=cleared[: chunk.size])
+        eq = numpy.equal(magnitude, key, out=flags[: chunk.size])
         here = int(numpy.count_nonzero(eq))
         while wanted and wanted[0] < seen + here:
             found.append(start + int(numpy.flatnonzero(eq)[wanted.pop(0) - seen]))

@@ -144,17 +144,20 @@ def test_key_window_gives_its_ends_groups_and_refuses_a_rank_outside(monkeypatch
 @pytest.mark.parametrize("way", ["partition", "window", "window-missed"])
 @pytest.mark.parametrize("descending", [False, True])
 def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending, way, monkeypatch):
-    """``select_whole`` (the boundaries from the whole tensor's keys) masks the same entries
-    as a stable sort, block by block, for windows that cut groups of equal values at one
-    end, at both, or inside one group: with the boundaries by partition (the mask counts
-    the groups' members block by block), by windows (the kept members' positions are
-    located: the mask compares), and by partition after the windows missed."""
+    """``select_whole`` (the boundaries from the whole tensor's signed values, ranked by
+    magnitude) masks the same entries as a stable sort of the magnitudes, block by block,
+    for windows that cut groups of equal values at one end, at both, or inside one group:
+    with the boundaries by partition (the mask counts the groups' members block by block),
+    by windows (the kept members' positions are located: the mask compares; the values
+    are held, intact), and by partition after the windows missed."""
     n = 40_000
     monkeypatch.setattr(selection, "_KEY_WINDOW_FROM", n + 1 if way == "partition" else n)
     if way == "window-missed":  # (how a window can miss: test_select_keys_held_whole...)
-        monkeypatch.setattr(selection, "_in_window", lambda keys, ranks: None)
+        monkeypatch.setattr(selection, "_in_window", lambda keys, ranks, **_: None)
     gen = torch.Generator().manual_seed(13)
     x = torch.randint(0, 7, (n,), generator=gen).to(torch.float32) * 0.5
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
+    signed = x * signs  # (−0.0 among them)
     order = torch.sort(x, stable=True, descending=descending).indices
     group = int((x == 0).sum())  # the windows below cut inside groups, not at their edges
     windows = [(0, 100), (0, 20_001), (3, n), (17_000, n), (5_000, 31_003), (10, 20), (0, n)]
@@ -162,8 +165,12 @@ def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending, 
     for lo, hi in windows:
         window = RankRangeStream(n, lo, hi, descending=descending)
         if window.needs_selection:
-            window.select_whole(x.clone().view(torch.int32))
+            values = signed.clone()
+            window.select_whole(values)
             assert (window._spans is not None) == (way == "window"), (lo, hi)
+            assert torch.equal(values.view(torch.int32), signed.view(torch.int32))
+            if way == "window":
+                assert torch.equal(window.held(n), signed)
         parts = [x[s : s + 997] for s in range(0, n, 997)]
         got = torch.cat([window.mask(p, dtype=torch.float32) for p in parts])
         want = torch.zeros(n)

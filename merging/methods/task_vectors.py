@@ -88,6 +88,11 @@ class Sparsification(ABC):
         """τ with the dropped entries zeroed, in place."""
         return tau.mul_(self.keep(x, j, state, tau))
 
+    def held_tau(self, state: Any, numel: int) -> torch.Tensor | None:
+        """The next block's τ (``numel`` entries) where ``prepare`` made and holds the
+        tensor's, to be used (and overwritten) instead of making it again; else None."""
+        return None
+
 
 def _random_keep(
     x: TensorInputs, j: int, tau: torch.Tensor, p: torch.Tensor | float
@@ -160,28 +165,31 @@ class RankWindow(Sparsification):
             w.end_low()
         return windows, True
 
+    def held_tau(self, state: Any, numel: int) -> torch.Tensor | None:
+        return state.held(numel) if isinstance(state, RankRangeStream) else None
+
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
         if isinstance(state, RankRangeStream):
-            magnitudes = state.held(tau.numel())  # |τ| of the selection pass, if held
-            return state.mask(tau.abs() if magnitudes is None else magnitudes, dtype=tau.dtype)
+            return state.mask(tau.abs(), dtype=tau.dtype)
         lo, hi, descending = state
         mask = rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
         return mask.to(tau.dtype)
 
 
 def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> None:
-    """Every window's boundaries from one pass that gathers each model's |τ| whole (as
-    float32; its bit patterns are the keys): one read of the inputs instead of two, and a
-    partition instead of two histograms."""
-    magnitudes: dict[int, torch.Tensor] = {}
+    """Every window's boundaries from one pass that gathers each model's τ whole (float32;
+    the bit patterns of its magnitudes are the keys): one read of the inputs instead of
+    two, and no histograms. Where a window holds its τ after (``RankRangeStream.held``),
+    the merge takes τ from it instead of reading and making it again."""
+    taus: dict[int, torch.Tensor] = {}
     for b in x.blocks():
         for j in windows:
-            tau = b.tau(j)
-            if j not in magnitudes:
-                magnitudes[j] = x.scratch.get(f"magnitudes/{j}", x.numel, torch.float32, tau.device)
-            torch.abs(tau, out=magnitudes[j][b.start : b.stop])
+            if j not in taus:
+                taus[j] = x.scratch.get(f"held/{j}", x.numel, torch.float32, b.base32().device)
+            part = taus[j][b.start : b.stop]
+            torch.sub(b.raw(j), b.base32(), out=part)
     for j, w in windows.items():
-        w.select_whole(magnitudes[j].view(torch.int32))
+        w.select_whole(taus[j])
 
 
 _TIES_SCOPE = ParameterSpec(
@@ -678,7 +686,12 @@ class TaskVectorMethod(MergeMethod):
 
     def merge(self, x: TensorInputs) -> Iterator[torch.Tensor]:
         states, checked = self.sparsify.prepare(x)
-        for b in x.blocks(check=not checked):
+        # where prepare holds every model's τ, the merge reads only the base
+        held = all(
+            p["density"] < 1 and self.sparsify.held_tau(s, 0) is not None
+            for p, s in zip(x.params, states, strict=True)
+        )
+        for b in x.blocks(check=not checked, models=not held or x.count == 0):
             yield self.merge_block_with(x, b, states)
 
     def merge_block_with(self, x: TensorInputs, b: Block, states: list[Any]) -> torch.Tensor:
@@ -708,12 +721,15 @@ class TaskVectorMethod(MergeMethod):
         """τj' = rescale(τj ⊙ keep) on this block, computed in place on a fresh τj (a
         whole tensor's in a buffer reused from tensor to tensor: a fresh tensor-sized one
         would be page-faulted in every time, about as long as the work done in it)."""
-        if x.whole:
+        p = x.params[j]
+        held = self.sparsify.held_tau(state, b.numel) if p["density"] < 1 else None
+        if held is not None:
+            tau = held.view(b.shape)
+        elif x.whole:
             tau = x.scratch.get(f"tau/{j}", b.numel, torch.float32, b.base32().device)
             tau = tau.view(b.shape).copy_(b.raw(j)).sub_(b.base32())
         else:
             tau = b.tau(j)
-        p = x.params[j]
         if p["density"] >= 1:
             return tau
         mode = self._rescale(x.shared)

@@ -205,7 +205,7 @@ class InputReader:
         checked: set[int] = set()  # whole: the inputs already checked (-1: the base)
         passes_checked = [False]  # streamed: whether a checking pass has run
 
-        def whole_tensor(check: bool = True) -> Iterator[Block]:
+        def whole_tensor(check: bool = True, models: bool = True) -> Iterator[Block]:
             def load(i: int, inp: InputModel) -> torch.Tensor:
                 t = self._load(inp, name, check=check and i not in checked)
                 if check:
@@ -215,10 +215,13 @@ class InputReader:
             read_base = (lambda: load(-1, base)) if base is not None else None
             yield Block(0, p.numel, p.shape, read_base, lambda j: load(j, holders[j]), reused=False)
 
-        def streamed(check: bool = True) -> Iterator[Block]:
-            check, passes_checked[0] = check and not passes_checked[0], passes_checked[0] or check
-            inputs = ([base] if base is not None else []) + holders
-            for start, stop, views in self._stream(name, base, holders):
+        def streamed(check: bool = True, models: bool = True) -> Iterator[Block]:
+            # models=False: the base alone (a method that holds the models' τ already)
+            read = holders if models or base is None else []
+            check = check and not passes_checked[0]
+            passes_checked[0] = passes_checked[0] or (check and read is holders)
+            inputs = ([base] if base is not None else []) + read
+            for start, stop, views in self._stream(name, base, read):
                 if check:
                     for inp, raw in zip(inputs, views, strict=True):
                         if not all_finite(raw):
