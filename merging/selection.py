@@ -558,10 +558,19 @@ class RankRangeStream:
             return None
         return self._held[self._offset : self._offset + numel]
 
-    def mask(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def mask(
+        self,
+        x: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        work: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The in-range mask of the next block (blocks must come in order, each once), as
         ``dtype``: bool, or 0/1 in a float dtype (to multiply by: the comparisons then write
-        floats, several times faster than bool results on the CPU)."""
+        floats, several times faster than bool results on the CPU). ``out`` and ``work``:
+        flat buffers of the block's size and ``dtype`` to use instead of new ones (the
+        mask is made in ``out``)."""
         flat = x.reshape(-1)
         dtype = torch.bool if dtype is None else dtype  # (not a default: torch loads lazily)
         start = self._offset
@@ -569,7 +578,7 @@ class RankRangeStream:
         if self._all is not None:
             return torch.full_like(flat, self._all, dtype=dtype)
         if self._spans is not None:
-            return self._mask_by_spans(flat, start, dtype)
+            return self._mask_by_spans(flat, start, dtype, out, work)
         mask = torch.empty_like(flat, dtype=dtype)
         if self._above_first:
             torch.gt(flat, self._first, out=mask)
@@ -602,7 +611,14 @@ class RankRangeStream:
                 mask[idx[a - seen : b - seen]] = 1
         return mask
 
-    def _mask_by_spans(self, flat: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+    def _mask_by_spans(
+        self,
+        flat: torch.Tensor,
+        start: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        work: torch.Tensor | None,
+    ) -> torch.Tensor:
         """``mask`` where each boundary group's kept members are known to be those at flat
         positions [first, last]: a block inside that span includes the whole group here by
         its comparison (≥ instead of >), one outside it excludes it, and only a block the
@@ -617,13 +633,14 @@ class RankRangeStream:
                 inclusive.add(value)  # all of this group's members here are kept
             else:
                 partial.append((value, max(first, start) - start, min(last, end - 1) - start + 1))
-        mask = torch.empty_like(flat, dtype=dtype)
+        mask = torch.empty_like(flat, dtype=dtype) if out is None else out
         if self._above_first:
             cmp = torch.ge if self._first in inclusive else torch.gt
             cmp(flat, self._first, out=mask)
             if self._below_last:
                 cmp = torch.le if self._last in inclusive else torch.lt
-                mask.mul_(cmp(flat, self._last, out=torch.empty_like(mask)))
+                below = torch.empty_like(mask) if work is None else work
+                mask.mul_(cmp(flat, self._last, out=below))
         elif self._below_last:
             cmp = torch.le if self._last in inclusive else torch.lt
             cmp(flat, self._last, out=mask)

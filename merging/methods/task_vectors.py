@@ -169,8 +169,12 @@ class RankWindow(Sparsification):
         return state.held(numel) if isinstance(state, RankRangeStream) else None
 
     def keep(self, x: TensorInputs, j: int, state: Any, tau: torch.Tensor) -> torch.Tensor:
-        if isinstance(state, RankRangeStream):
-            return state.mask(tau.abs(), dtype=tau.dtype)
+        if isinstance(state, RankRangeStream):  # per block, in buffers reused block to block
+            n = tau.numel()
+            magnitude = torch.abs(tau, out=x.scratch.get("magnitude", n, tau.dtype, tau.device))
+            out = x.scratch.get("mask", n, tau.dtype, tau.device)
+            work = x.scratch.get("mask-work", n, tau.dtype, tau.device)
+            return state.mask(magnitude, dtype=tau.dtype, out=out, work=work).view(tau.shape)
         lo, hi, descending = state
         mask = rank_range_mask(tau.abs(), lo, hi, descending=descending, nonnegative=True)
         return mask.to(tau.dtype)
@@ -609,7 +613,12 @@ def sign_consensus(
             if scratch is not None
             else torch.empty_like(mixed)
         )
-    sign = torch.empty(min(n, WORK_CHUNK), dtype=mixed.dtype, device=mixed.device)
+    chunk = min(n, WORK_CHUNK)
+    sign = (
+        scratch.get("sign", chunk, mixed.dtype, mixed.device)
+        if scratch is not None
+        else torch.empty(chunk, dtype=mixed.dtype, device=mixed.device)
+    )
     for start in range(0, n, WORK_CHUNK):
         blk = [d[start : start + WORK_CHUNK] for d in flat]
         m = mixed[start : start + WORK_CHUNK]

@@ -34,6 +34,7 @@ from merging.randomness import DrawsAhead
 from schemas.recipe import MergeRecipe
 from workers.devices import resolve_device
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
+from workers.merge.allocator import fix_malloc_thresholds
 from workers.merge.inputs import open_merge_inputs, resolve, tokenizer_source
 from workers.merge.parameters import ParameterResolver
 from workers.merge.passes import ModelPasses, PassRead, PassSchedule
@@ -152,6 +153,7 @@ class MergeSession:
         resolved: dict[str, ResolvedModel] | None = None,
         started: float | None = None,
     ) -> None:
+        fix_malloc_thresholds()  # the merge's buffers reused, not page-faulted in again
         self.recipe = recipe
         self.timings: dict[str, float] = {}
         self.t0 = time.perf_counter() if started is None else started
