@@ -74,9 +74,12 @@ class Block:
         """θj in float32, a tensor of its own."""
         return self.raw(j).to(torch.float32, copy=self._reused)
 
-    def tau(self, j: int) -> torch.Tensor:
-        """τj = θj − θ0 in float32, a tensor of its own."""
+    def tau(self, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """τj = θj − θ0 in float32, a tensor of its own, or made in ``out`` (float32, the
+        block's size: a buffer the caller reuses)."""
         base = self.base32()  # first: the engine reads ahead in the order θ0, θ1, θ2, ...
+        if out is not None:
+            return torch.sub(self.raw(j), base, out=out.view(base.shape))
         return self.theta(j).sub_(base)
 
 

@@ -8,9 +8,9 @@ histograms can be accumulated chunk by chunk, so the k-th value of a whole model
 in two streaming passes with O(65,536) memory (docs/merge-methods.md, "Whole-model
 statistics in bounded memory").
 The same two steps on one tensor are several times faster than a sort or torch.kthvalue;
-on the CPU a tensor's keys held whole are selected faster still by numpy's vectorised
-partition (``select_keys``), which a streamed tensor uses too while every model's keys fit a
-memory budget (``IN_MEMORY_KEYS_BYTES``).
+on the CPU a tensor's keys held whole are selected faster still (``select_keys``: windows
+placed from a sample, numpy's vectorised partition for few keys), which a streamed tensor
+uses too while every model's keys fit a memory budget (``IN_MEMORY_KEYS_BYTES``).
 """
 
 from __future__ import annotations
@@ -235,14 +235,13 @@ def select_keys(keys: torch.Tensor, ranks: list[int], *, consume: bool = False) 
     """Exact k-th smallest (1-based ``ranks``) of order keys held whole (``order_keys``'
     int32 keys of one flattened tensor), with the number of keys below and equal to each.
 
-    On the CPU: for many keys, a window around each rank guessed from a sample of them is
-    counted and kept in one chunked pass, and only the window is partitioned
-    (``_in_window``); when a window misses its rank, and for fewer keys, by numpy's
-    partition (introselect, vectorised: several times faster than the two radix histograms
-    or torch.kthvalue), one kth at a time (numpy is fastest so), of a copy of the keys or,
-    with ``consume``, of the keys themselves (their order is lost). Elsewhere by
-    torch.kthvalue. The counts are compares over the partitioned keys: the ones below the
-    k-th are all in front of it."""
+    On the CPU: for many keys, by a window around each rank placed from a sample of them,
+    counted and kept in one chunked pass (``_in_window``); when a window misses its rank,
+    and for fewer keys, by numpy's partition (introselect, vectorised: several times
+    faster than the two radix histograms or torch.kthvalue), one kth at a time (numpy is
+    fastest so), of a copy of the keys or, with ``consume``, of the keys themselves (their
+    order is lost). Elsewhere by torch.kthvalue. The counts are compares over the
+    partitioned keys: the ones below the k-th are all in front of it."""
     for rank in ranks:
         if not 1 <= rank <= keys.numel():
             raise ValueError(f"rank {rank} is outside 1..{keys.numel()}")
@@ -579,11 +578,12 @@ class RankRangeStream:
             return torch.full_like(flat, self._all, dtype=dtype)
         if self._spans is not None:
             return self._mask_by_spans(flat, start, dtype, out, work)
-        mask = torch.empty_like(flat, dtype=dtype)
+        mask = torch.empty_like(flat, dtype=dtype) if out is None else out
         if self._above_first:
             torch.gt(flat, self._first, out=mask)
             if self._below_last:
-                mask.mul_(torch.lt(flat, self._last, out=torch.empty_like(mask)))
+                below = torch.empty_like(mask) if work is None else work
+                mask.mul_(torch.lt(flat, self._last, out=below))
         elif self._below_last:
             torch.lt(flat, self._last, out=mask)
         else:

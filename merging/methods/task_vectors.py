@@ -190,8 +190,7 @@ def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> N
         for j in windows:
             if j not in taus:
                 taus[j] = x.scratch.get(f"held/{j}", x.numel, torch.float32, b.base32().device)
-            part = taus[j][b.start : b.stop]
-            torch.sub(b.raw(j), b.base32(), out=part)
+            b.tau(j, out=taus[j][b.start : b.stop])
     for j, w in windows.items():
         w.select_whole(taus[j])
 
@@ -599,26 +598,21 @@ def sign_consensus(
     bool tensor: bool results, ``where`` and bool masks are many times slower on the CPU):
     with s = ±1, mi·Di = s·max(s·Di, 0), and a sum of values that all have the sign s is s
     times the sum of their magnitudes, rounding included, so Σ mi·Di is the same float32
-    value as the plain masked sum in the same order. The divisor is made in a buffer of
-    ``scratch`` where one is given.
+    value as the plain masked sum in the same order. The divisor and the sign are made in
+    buffers of ``scratch`` where one is given.
     """
     shape = deltas[0].shape
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()
     mixed = torch.empty(n, dtype=flat[0].dtype, device=flat[0].device)
-    div = None
-    if divisor:
-        div = (
-            scratch.get("divisor", n, mixed.dtype, mixed.device)
-            if scratch is not None
-            else torch.empty_like(mixed)
-        )
-    chunk = min(n, WORK_CHUNK)
-    sign = (
-        scratch.get("sign", chunk, mixed.dtype, mixed.device)
-        if scratch is not None
-        else torch.empty(chunk, dtype=mixed.dtype, device=mixed.device)
-    )
+
+    def buffer(slot: str, size: int) -> torch.Tensor:
+        if scratch is not None:
+            return scratch.get(slot, size, mixed.dtype, mixed.device)
+        return torch.empty(size, dtype=mixed.dtype, device=mixed.device)
+
+    div = buffer("divisor", n) if divisor else None
+    sign = buffer("sign", min(n, WORK_CHUNK))
     for start in range(0, n, WORK_CHUNK):
         blk = [d[start : start + WORK_CHUNK] for d in flat]
         m = mixed[start : start + WORK_CHUNK]
@@ -735,8 +729,8 @@ class TaskVectorMethod(MergeMethod):
         if held is not None:
             tau = held.view(b.shape)
         elif x.whole:
-            tau = x.scratch.get(f"tau/{j}", b.numel, torch.float32, b.base32().device)
-            tau = tau.view(b.shape).copy_(b.raw(j)).sub_(b.base32())
+            buffer = x.scratch.get(f"tau/{j}", b.numel, torch.float32, b.base32().device)
+            tau = b.tau(j, out=buffer)
         else:
             tau = b.tau(j)
         if p["density"] >= 1:
