@@ -253,7 +253,7 @@ def select_keys(keys: torch.Tensor, ranks: list[int], *, consume: bool = False) 
     if keys.numel() >= _KEY_WINDOW_FROM:
         found = _in_window(keys.numpy(), ranks)
         if found is not None:
-            return found
+            return found.selected
     part = keys.numpy() if consume else keys.numpy().copy()
     done = 0  # part[:done] holds the smallest `done` keys
     for kth in sorted({r - 1 for r in ranks}):
@@ -280,7 +280,7 @@ def _sample_positions(n: int) -> Any:
 _MAGNITUDE = 0x7FFFFFFF
 
 
-def _in_window(keys: Any, ranks: list[int], *, magnitudes: bool = False) -> list[Selected] | None:
+def _in_window(keys: Any, ranks: list[int], *, magnitudes: bool = False) -> _Windows | None:
     """``select_keys`` of int32 ``keys`` (a numpy array, left as it is) by windows: each
     rank's window [lo, hi] is the sampled keys' quantile ± ``_KEY_SPREAD`` standard errors.
     One chunked pass counts the keys below each window and those equal to its ends, and
@@ -288,7 +288,9 @@ def _in_window(keys: Any, ranks: list[int], *, magnitudes: bool = False) -> list
     need no keeping); the k-th key is then an end or the right one of the kept, sorted.
     None when a window misses its rank (the sample was unlucky: the caller selects over
     all the keys). ``magnitudes``: the keys are a float32's bits and are ranked by the
-    magnitude's (their sign bit cleared, chunk by chunk)."""
+    magnitude's (their sign bit cleared, chunk by chunk). The pass's counts per chunk are
+    kept (``_Windows.per_chunk``): where the members of a selected group of equal keys lie
+    is then found without another pass over all the keys."""
     n = keys.size
     sample = keys[_sample_positions(n)]
     if magnitudes:
@@ -312,24 +314,45 @@ def _in_window(keys: Any, ranks: list[int], *, magnitudes: bool = False) -> list
         bits = chunk.view(numpy.uint32)
         for w in windows.values():
             w.below += int(count(numpy.less(chunk, w.lo, out=flags[:m])))
-            w.at_lo += int(count(numpy.equal(chunk, w.lo, out=flags[:m])))
+            w.lo_chunks.append(int(count(numpy.equal(chunk, w.lo, out=flags[:m]))))
             if w.hi == w.lo:
                 continue
-            w.at_hi += int(count(numpy.equal(chunk, w.hi, out=flags[:m])))
+            w.hi_chunks.append(int(count(numpy.equal(chunk, w.hi, out=flags[:m]))))
             if w.hi - w.lo < 2:
                 continue  # nothing strictly inside
             # lo < key < hi as one unsigned compare: key − lo − 1 wraps past hi − lo − 2
             # for key ≤ lo
             numpy.subtract(bits, numpy.uint32((w.lo + 1) & 0xFFFFFFFF), out=shifted[:m])
             inside = numpy.less_equal(shifted[:m], numpy.uint32(w.hi - w.lo - 2), out=flags[:m])
-            w.kept.append(chunk[inside])  # (a copy: ``cleared`` is reused)
+            w.kept.append(numpy.compress(inside, chunk))  # (a copy: ``cleared`` is reused)
     out = []
     for r in ranks:
         found = windows[r].select(r)
         if found is None:
             return None
         out.append(found)
-    return out
+    return _Windows(out, list(windows.values()))
+
+
+@dataclass
+class _Windows:
+    """What ``_in_window`` found: the selected order statistics (one per rank asked), and
+    the windows' counts chunk by chunk."""
+
+    selected: list[Selected]
+    windows: list[_Window]
+
+    def per_chunk(self, key: int) -> list[int] | None:
+        """How many keys equal ``key`` in each ``_KEY_CHUNK`` of the keys, where a window
+        counted or kept them (a window's end, or a key strictly inside it), else None."""
+        for w in self.windows:
+            if key == w.lo:
+                return w.lo_chunks
+            if key == w.hi:
+                return w.hi_chunks
+            if w.lo < key < w.hi:
+                return [int(numpy.count_nonzero(kept == key)) for kept in w.kept]
+        return None
 
 
 @dataclass
@@ -340,9 +363,17 @@ class _Window:
     lo: int
     hi: int
     below: int = 0
-    at_lo: int = 0
-    at_hi: int = 0
-    kept: list[Any] = field(default_factory=list)
+    lo_chunks: list[int] = field(default_factory=list)  # keys equal to lo, chunk by chunk
+    hi_chunks: list[int] = field(default_factory=list)  # (empty where hi is lo)
+    kept: list[Any] = field(default_factory=list)  # one array per chunk, where lo < hi − 1
+
+    @property
+    def at_lo(self) -> int:
+        return sum(self.lo_chunks)
+
+    @property
+    def at_hi(self) -> int:
+        return sum(self.hi_chunks)
 
     def select(self, rank: int) -> Selected | None:
         at = rank - 1 - self.below  # the k-th key's place among the window's, ascending
@@ -522,12 +553,13 @@ class RankRangeStream:
         if found is None:
             self._take(select_keys(keys.bitwise_and(_MAGNITUDE), ranks, consume=True))
             return
-        self._take(found)
+        self._take(found.selected)
         self._held = values
-        self._spans = [
-            (float(g[0]), *_member_positions(keys.numpy(), float(g[0]), int(g[1]), int(g[2])))
-            for g in self._groups
-        ]
+        self._spans = []
+        for g in self._groups:
+            value, p0, p1 = float(g[0]), int(g[1]), int(g[2])
+            per_chunk = found.per_chunk(int(numpy.float32(value).view(numpy.int32)))
+            self._spans.append((value, *_member_positions(keys.numpy(), value, p0, p1, per_chunk)))
 
     def _take(self, selected: list[Selected]) -> None:
         """The boundaries and boundary groups from the selected order statistics."""
@@ -653,15 +685,21 @@ class RankRangeStream:
         return mask
 
 
-def _member_positions(keys: Any, value: float, p0: int, p1: int) -> tuple[int, int]:
+def _member_positions(
+    keys: Any, value: float, p0: int, p1: int, per_chunk: list[int] | None = None
+) -> tuple[int, int]:
     """Flat positions of the p0-th and the (p1 − 1)-th (0-based, by position) of the keys
     (int32 bit patterns of floats) whose magnitude is ``value``: a chunked count that stops
-    at the last one."""
+    at the last one. ``per_chunk``: how many there are in each ``_KEY_CHUNK`` of the keys,
+    where known (``_Windows.per_chunk``): only the chunks holding the two are looked at."""
     key = numpy.float32(value).view(numpy.int32)
     wanted, found, seen = [p0, p1 - 1], [], 0
     flags = numpy.empty(min(keys.size, _KEY_CHUNK), dtype=bool)
     cleared = numpy.empty(min(keys.size, _KEY_CHUNK), dtype=numpy.int32)
-    for start in range(0, keys.size, _KEY_CHUNK):
+    for i, start in enumerate(range(0, keys.size, _KEY_CHUNK)):
+        if per_chunk is not None and wanted[0] >= seen + per_chunk[i]:
+            seen += per_chunk[i]  # neither is in this chunk
+            continue
         chunk = keys[start : start + _KEY_CHUNK]
         magnitude = numpy.bitwise_and(chunk, _MAGNITUDE, out=cleared[: chunk.size])
         eq = numpy.equal(magnitude, key, out=flags[: chunk.size])

@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from merging import selection
+from merging import selection, threads
 from merging.methods import task_vectors
 from merging.selection import RadixSelect, RankRangeStream, order_keys
 
@@ -130,32 +130,41 @@ def test_key_window_gives_its_ends_groups_and_refuses_a_rank_outside(monkeypatch
     ones = int(torch.nonzero(keys == 1)[0])
     monkeypatch.setattr(selection, "_sample_positions", lambda n: numpy.full(1 << 16, ones))
     found = selection._in_window(keys.numpy(), [150])  # a window of the key 1 alone
-    assert found is not None and (found[0].less, found[0].equal) == (100, 100)
+    assert found is not None and (found.selected[0].less, found.selected[0].equal) == (100, 100)
     assert selection._in_window(keys.numpy(), [250]) is None  # 2: beyond that window
     assert selection._in_window(keys.numpy(), [50]) is None  # 0: below it
     spread = [int(torch.nonzero(keys == v)[0]) for v in (0, 3)] * (1 << 15)
     monkeypatch.setattr(selection, "_sample_positions", lambda n: numpy.array(spread))
     for rank, want in [(1, (0, 0, 100)), (150, (1, 100, 100)), (260, (3, 250, 50))]:
-        (got,) = selection._in_window(keys.numpy(), [rank])  # the window [0, 3]
+        (got,) = selection._in_window(keys.numpy(), [rank]).selected  # the window [0, 3]
         key, less, equal = want
         assert (got.value, got.less, got.equal) == (selection.key_to_value(key), less, equal)
 
 
-@pytest.mark.parametrize("way", ["partition", "window", "window-missed"])
+@pytest.mark.parametrize("levels", [7, 2000])
+@pytest.mark.parametrize("way", ["partition", "window", "window-missed", "window-chunked"])
 @pytest.mark.parametrize("descending", [False, True])
-def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(descending, way, monkeypatch):
+def test_rank_window_from_keys_held_whole_is_the_stable_sort_window(
+    descending, way, levels, monkeypatch
+):
     """``select_whole`` (the boundaries from the whole tensor's signed values, ranked by
     magnitude) masks the same entries as a stable sort of the magnitudes, block by block,
     for windows that cut groups of equal values at one end, at both, or inside one group:
     with the boundaries by partition (the mask counts the groups' members block by block),
     by windows (the kept members' positions are located: the mask compares; the values
-    are held, intact), and by partition after the windows missed."""
+    are held, intact), and by partition after the windows missed. "window-chunked": the
+    keys are passed in many chunks, so the members are located from the window pass's
+    counts per chunk, only in the chunks that hold them. With few levels of |τ| the
+    boundary groups are mostly a window's ends; with many, mostly inside it."""
     n = 40_000
+    if way == "window-chunked":
+        monkeypatch.setattr(selection, "_KEY_CHUNK", 3001)
+        way = "window"
     monkeypatch.setattr(selection, "_KEY_WINDOW_FROM", n + 1 if way == "partition" else n)
     if way == "window-missed":  # (how a window can miss: test_select_keys_held_whole...)
         monkeypatch.setattr(selection, "_in_window", lambda keys, ranks, **_: None)
     gen = torch.Generator().manual_seed(13)
-    x = torch.randint(0, 7, (n,), generator=gen).to(torch.float32) * 0.5
+    x = torch.randint(0, levels, (n,), generator=gen).to(torch.float32) * 0.5
     signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
     signed = x * signs  # (−0.0 among them)
     order = torch.sort(x, stable=True, descending=descending).indices
@@ -232,6 +241,28 @@ def test_della_row_order_is_the_stable_sort_order(path, kind):
         got = path(bits, shift)
         assert torch.equal(got, _stable_row_order(rows)), shape
         assert torch.equal(task_vectors.row_order(rows), _stable_row_order(rows)), shape
+
+
+@pytest.mark.parametrize("together", [None, 3000])
+@pytest.mark.parametrize("kind", ["halves", "fp16", "float32"])
+def test_della_keep_probability_by_stable_rank_in_groups_of_rows(kind, together, monkeypatch):
+    """p = (density − ε) + 2ε·r/(cols − 1) at each entry's rank r in a stable sort of its
+    row's |τ|, computed here from torch's stable sort: the same whether the rows are
+    ranked at once or in groups of rows on several threads (``together``: entries per
+    group; a group boundary falls inside the tensor, not on a multiple of anything)."""
+    if together is not None:
+        monkeypatch.setattr(task_vectors, "_RANKED_TOGETHER", together)
+        monkeypatch.setattr(threads, "cores", lambda: 3)
+    gen = torch.Generator().manual_seed(8)
+    for shape in [(1, 1), (13, 1), (101, 97), (9, 1500)]:
+        rows = _della_rows(kind, shape, gen)
+        cols = shape[1]
+        ranks = torch.empty(shape, dtype=torch.int64)
+        ranks.scatter_(1, _stable_row_order(rows), torch.arange(cols).expand(shape))
+        rn = ranks.float() / (cols - 1) if cols > 1 else torch.zeros(shape)
+        want = (0.5 - 0.2) + 2 * 0.2 * rn
+        got = task_vectors.della_keep_probability(rows, 0.5, 0.2)
+        assert torch.equal(got, want), shape
 
 
 @pytest.mark.parametrize("block", [997, 50_000])

@@ -50,6 +50,7 @@ from merging.statistics import (
     select_per_model,
     task_vector_magnitudes,
 )
+from merging.threads import each, spans
 
 # ---- sparsifications ---------------------------------------------------------------------------
 
@@ -191,8 +192,7 @@ def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> N
             if j not in taus:
                 taus[j] = x.scratch.get(f"held/{j}", x.numel, torch.float32, b.base32().device)
             b.tau(j, out=taus[j][b.start : b.stop])
-    for j, w in windows.items():
-        w.select_whole(taus[j])
+    each(lambda jw: jw[1].select_whole(taus[jw[0]]), windows.items())  # on the cores
 
 
 _TIES_SCOPE = ParameterSpec(
@@ -519,10 +519,23 @@ def _row_order_torch(bits: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def _by_rank(rows: torch.Tensor, by_rank: torch.Tensor) -> torch.Tensor:
-    """Each entry's value of ``by_rank`` at its rank of |τ| in its row (a float32 tensor)."""
-    order = row_order(rows)
+    """Each entry's value of ``by_rank`` at its rank of |τ| in its row (a float32 tensor).
+    Rows are ranked on their own: on the CPU, groups of rows are ranked on the cores at
+    once (the sort runs on the calling thread only)."""
     out = torch.empty(rows.shape, dtype=by_rank.dtype, device=rows.device)
-    return out.scatter_(1, order, by_rank.expand_as(out))
+
+    def fill(span: tuple[int, int]) -> None:
+        part = out[span[0] : span[1]]
+        part.scatter_(1, row_order(rows[span[0] : span[1]]), by_rank.expand_as(part))
+
+    cols = max(1, rows.shape[1])
+    groups = spans(rows.shape[0], least=max(1, _RANKED_TOGETHER // cols))
+    each(fill, groups if rows.device.type == "cpu" else [(0, rows.shape[0])])
+    return out
+
+
+# entries of a group of rows ranked on one thread: fewer are ranked on the calling thread
+_RANKED_TOGETHER = 1 << 16
 
 
 def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Independent pieces of a tensor's math on the machine's cores at once.
+
+torch's own threads are set by the engine (one core is left to the read-ahead and writer
+threads); numpy's vectorised routines (compares, counts, partition, sort) run on the
+calling thread only, but release the GIL while they run. Where a method has one such job
+per model (each model's rank windows, for example), ``each`` runs them on a small shared
+pool, as many at once as the process may use cores. Each job must touch only its own
+state: the results are the same in any order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def each(job: Callable[[T], object], items: Iterable[T]) -> None:
+    """``job(item)`` for every item, on up to ``cores()`` threads; the first error is
+    raised after every job has ended (none is left running)."""
+    todo = list(items)
+    if len(todo) < 2 or cores() < 2:
+        for item in todo:
+            job(item)
+        return
+    futures = [_shared_pool().submit(job, item) for item in todo]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def spans(n: int, *, least: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting ``n`` items into up to ``cores()`` parts of at least
+    ``least`` items each (one range where there is one core or too little to split)."""
+    parts = max(1, min(cores(), n // max(1, least)))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if a < b] or [(0, n)]
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(cores(), thread_name_prefix="merge-math")
+        return _pool

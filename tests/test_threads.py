@@ -1,0 +1,54 @@
+"""merging.threads: independent jobs on the cores, and row ranges split between them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from merging import threads
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4])
+def test_spans_cover_every_item_once_in_order(cores, monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: cores)
+    for n, least in [(0, 1), (1, 1), (7, 1), (10, 3), (10, 20), (1001, 100)]:
+        got = threads.spans(n, least=least)
+        assert [i for a, b in got for i in range(a, b)] == list(range(n)), (n, least)
+        assert len(got) <= max(1, cores)
+        if len(got) > 1:
+            assert min(b - a for a, b in got) >= least
+    assert len(threads.spans(1001, least=100)) == min(cores, 10)
+
+
+def test_each_runs_jobs_at_once_and_raises_the_first_error_after_all_ended(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    started: list[str] = []
+    both = threading.Barrier(2, timeout=10)  # only passes if two jobs run at the same time
+
+    def job(i: int) -> None:
+        started.append(threading.current_thread().name)
+        both.wait()
+
+    threads.each(job, [0, 1])
+    assert all(name.startswith("merge-math") for name in started)
+
+    ended: list[int] = []
+
+    def failing(i: int) -> None:
+        if i == 0:
+            raise ValueError("job 0 failed")
+        time.sleep(0.2)
+        ended.append(i)
+
+    with pytest.raises(ValueError, match="job 0 failed"):
+        threads.each(failing, [0, 1, 2])
+    assert sorted(ended) == [1, 2]  # the others had ended when the error was raised
+
+
+def test_each_runs_inline_on_one_core(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 1)
+    names: list[str] = []
+    threads.each(lambda i: names.append(threading.current_thread().name), range(3))
+    assert names == [threading.current_thread().name] * 3
