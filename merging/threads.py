@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_inside = threading.local()  # .job: this thread runs a job of ``each``
 
 
 def cores() -> int:
@@ -35,11 +36,21 @@ def each(job: Callable[[T], object], items: Iterable[T]) -> None:
     """``job(item)`` for every item, on up to ``cores()`` threads; the first error is
     raised after every job has ended (none is left running)."""
     todo = list(items)
-    if len(todo) < 2 or cores() < 2:
+    if len(todo) < 2 or cores() < 2 or getattr(_inside, "job", False):
+        # (a job's own jobs run in it: the pool's threads waiting on the pool could all
+        # be waiting)
         for item in todo:
             job(item)
         return
-    futures = [_shared_pool().submit(job, item) for item in todo]
+
+    def run(item: T) -> None:
+        _inside.job = True
+        try:
+            job(item)
+        finally:
+            _inside.job = False
+
+    futures = [_shared_pool().submit(run, item) for item in todo]
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     if errors:
         raise errors[0]

@@ -52,3 +52,18 @@ def test_each_runs_inline_on_one_core(monkeypatch):
     names: list[str] = []
     threads.each(lambda i: names.append(threading.current_thread().name), range(3))
     assert names == [threading.current_thread().name] * 3
+
+
+@pytest.mark.timeout(60)
+def test_each_inside_a_job_runs_inline(monkeypatch):
+    """A job that calls ``each`` runs its own jobs itself: with every pool thread in a job
+    waiting on the pool, nothing would run them (this would hang, not fail)."""
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    inner: list[tuple[str, str]] = []
+
+    def outer(i: int) -> None:
+        me = threading.current_thread().name
+        threads.each(lambda k: inner.append((me, threading.current_thread().name)), range(3))
+
+    threads.each(outer, range(4))
+    assert len(inner) == 12 and all(a == b for a, b in inner)
