@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -63,9 +64,20 @@ _DTYPE_ALIASES = {
 
 # For the OpenAPI document (and the fuzzer generating from it): the names a recipe may use.
 _PARAMETER_NAMES = sorted({p.name for m in METHODS.values() for p in m.parameters})
+
+
+def _in_name_order(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ``parameters`` map with its names in sorted order: what it means does not depend
+    on the order they were written in, and neither do the recipe's dumps (model card,
+    manifest), whether it was read from a file or came back from the job store (PostgreSQL
+    keeps JSON objects in an order of its own)."""
+    return None if params is None else dict(sorted(params.items()))
+
+
 Parameters = Annotated[
     dict[str, "ParameterSetting"] | None,
     Field(json_schema_extra={"propertyNames": {"enum": _PARAMETER_NAMES}}),
+    AfterValidator(_in_name_order),
 ]
 
 
