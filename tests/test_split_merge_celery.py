@@ -30,7 +30,7 @@ from infra.db.parts import PartStore
 from infra.queue import RUN_JOB_TASK
 from infra.storage import LocalObjectStore
 from schemas.jobs import JobCreate, JobKind, JobState
-from schemas.recipe import MergeRecipe
+from schemas.recipe import MergeRecipe, parse_recipe
 from testbed.postgres import fresh_database
 from testbed.s3 import S3Server
 from tests.support.celery_workers import (
@@ -162,8 +162,7 @@ def finished(job: Any) -> bool:
 
 
 def one_run(job: Any, out: Path) -> Any:
-    """The job's recipe merged in one piece here. As the job store holds it: PostgreSQL's
-    JSONB keeps an object's keys in an order of its own, which the model card follows."""
+    """The job's recipe, as the job store holds it, merged in one piece here."""
     return run_merge(MergeRecipe.model_validate({**job.recipe, "parallelism": None}), out)
 
 
@@ -201,6 +200,10 @@ def test_a_merge_split_across_three_workers_equals_a_single_worker_run(
         workers.objects, workers.tenant, f"three-{method.replace('_', '-')}", 1, tmp_path / "b"
     )
     same_output(a, b)
+    # the recipe as written (PostgreSQL's JSONB gave the job's its keys in an order of its
+    # own: "scope" before "density") makes the same model card here
+    written = run_merge(parse_recipe(recipe), tmp_path / "written")
+    assert (written.out_dir / "README.md").read_bytes() == (a / "README.md").read_bytes()
     rows = workers.parts.parts(split)
     steps = 3 if method == "ties_global" else 1
     assert [(p.step, p.part) for p in rows] == [(s, i) for s in range(steps) for i in range(3)]
