@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # the process that made ``_pool``
 _inside = threading.local()  # .job: this thread runs a job of ``each``
 
 
@@ -65,8 +66,11 @@ def spans(n: int, *, least: int = 1) -> list[tuple[int, int]]:
 
 
 def _shared_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The pool, made on first use in this process: a process forked from one that had it
+    (a prefork worker's child) gets its own, as the threads did not come along."""
+    global _pool, _pool_pid
     with _lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(cores(), thread_name_prefix="merge-math")
+            _pool_pid = os.getpid()
         return _pool

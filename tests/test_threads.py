@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,31 @@ def test_each_inside_a_job_runs_inline(monkeypatch):
 
     threads.each(outer, range(4))
     assert len(inner) == 12 and all(a == b for a, b in inner)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch):
+    """A prefork worker's child forked after its parent made the pool: the parent's threads
+    did not come along, so jobs handed to the inherited pool would never run (a hang)."""
+    import multiprocessing
+
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    threads.each(lambda i: None, range(2))  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    done = context.Queue()
+    child = context.Process(target=_jobs_in_child, args=(done,), daemon=True)
+    child.start()
+    child.join(20)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and done.get(timeout=1) == [0, 1, 4, 9]
+
+
+def _jobs_in_child(done: Any) -> None:
+    got = [0] * 4
+
+    def square(i: int) -> None:
+        got[i] = i * i
+
+    threads.each(square, range(4))
+    done.put(got)
