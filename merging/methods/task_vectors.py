@@ -192,7 +192,12 @@ def _select_in_memory(x: TensorInputs, windows: dict[int, RankRangeStream]) -> N
             if j not in taus:
                 taus[j] = x.scratch.get(f"held/{j}", x.numel, torch.float32, b.base32().device)
             b.tau(j, out=taus[j][b.start : b.stop])
-    each(lambda jw: jw[1].select_whole(taus[jw[0]]), windows.items())  # on the cores
+    jobs = list(windows.items())
+    if any(t.device.type != "cpu" for t in taus.values()):  # (numpy's work is the CPU's)
+        for j, w in jobs:
+            w.select_whole(taus[j])
+    else:
+        each(lambda jw: jw[1].select_whole(taus[jw[0]]), jobs)  # on the cores at once
 
 
 _TIES_SCOPE = ParameterSpec(
