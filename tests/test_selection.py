@@ -6,6 +6,8 @@ the number of entries below and equal to it are read off the sorted values.
 
 from __future__ import annotations
 
+import math
+
 import numpy
 import pytest
 import torch
@@ -305,3 +307,18 @@ def test_window_select_counts_below_and_keeps_the_window():
                 window.observe(b)
             assert window.value() == (value if hit else None), (k, lo, hi)
             assert window.maximum == float(x.max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantile_window_is_the_sorted_samples_values_at_the_window_positions(dtype):
+    """The window's ends are the sample's values at ``window_positions`` of its ascending
+    order (here from a Python sort of the values), open (±inf) where they run off it."""
+    gen = torch.Generator().manual_seed(21)
+    sample = (torch.randn(5000, generator=gen) * torch.rand(5000, generator=gen)).to(dtype)
+    by_python = sorted(float(v) for v in sample.to(torch.float32))
+    for q in (0.0001, 0.1, 0.5, 0.97, 0.9999):
+        at_lo, at_hi = selection.window_positions(sample.numel(), q, 8.0)
+        want_lo = by_python[at_lo] if at_lo is not None else -math.inf
+        want_hi = by_python[at_hi] if at_hi is not None else math.inf
+        assert selection.quantile_window(sample, q, 8.0) == (want_lo, want_hi), q
+    assert selection.quantile_window(torch.empty(0), 0.5, 8.0) == (-math.inf, math.inf)
