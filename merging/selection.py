@@ -855,7 +855,7 @@ class WindowSelect:
             at_least = host >= lo
             self.below += host.size - int(numpy.count_nonzero(at_least))
             at_least &= host <= hi
-            self._inside.add(host[at_least])
+            self._inside.add(numpy.compress(at_least, host))  # (faster than host[mask])
         else:
             flat = values.detach().reshape(-1)
             self.maximum = max(self.maximum, float(flat.max()))
