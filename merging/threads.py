@@ -22,15 +22,26 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # the process that made ``_pool``
+_limit: int | None = None  # ``limit``
 _inside = threading.local()  # .job: this thread runs a job of ``each``
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on (at most its ``limit``)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    return min(n, _limit) if _limit is not None else n
+
+
+def limit(n: int | None) -> None:
+    """Run at most ``n`` jobs at once in this process (one: each job on the caller's
+    thread): for a process given a share of the machine's cores, such as one of a local
+    merge's worker processes; None: as many as it may use cores. Set before the first
+    ``each``."""
+    global _limit
+    _limit = None if n is None else max(1, n)
 
 
 def each(job: Callable[[T], object], items: Iterable[T]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -96,3 +97,25 @@ def _jobs_in_child(done: Any) -> None:
 
     threads.each(square, range(4))
     done.put(got)
+
+
+def test_a_limit_of_one_runs_jobs_on_the_callers_thread(monkeypatch):
+    """A local merge's worker process gets a share of the cores (``_start_process``): with
+    one, its jobs run on its own thread, not on a pool that would oversubscribe them."""
+    import torch
+
+    import workers.merge.parts as parts
+
+    monkeypatch.setattr(threads, "_limit", None)
+    monkeypatch.setattr(parts, "_channel", None)
+    before = torch.get_num_threads()
+    try:
+        parts._start_process(None, None, 1)
+        assert threads.cores() == 1
+        names: list[str] = []
+        threads.each(lambda i: names.append(threading.current_thread().name), range(3))
+        assert names == [threading.current_thread().name] * 3
+        threads.limit(None)
+        assert threads.cores() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

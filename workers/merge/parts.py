@@ -211,9 +211,12 @@ def _start_process(queue: Any, stop: Any, threads: int) -> None:
     """A worker process's initializer: its channel to the parent, its share of the cores."""
     import torch
 
+    from merging import threads as merge_threads
+
     global _channel
     _channel = (queue, stop)
     torch.set_num_threads(threads)
+    merge_threads.limit(threads)  # numpy's work on the pool too
 
 
 def _run_part_task(task: _PartTask) -> Any:
