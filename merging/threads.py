@@ -26,12 +26,17 @@ _limit: int | None = None  # ``limit``
 _inside = threading.local()  # .job: this thread runs a job of ``each``
 
 
-def cores() -> int:
-    """The cores this process may run on (at most its ``limit``)."""
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def cores() -> int:
+    """The jobs ``each`` runs at once: ``machine_cores``, at most this process's ``limit``."""
+    n = machine_cores()
     return min(n, _limit) if _limit is not None else n
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 from merging.inputs import WORK_CHUNK, Scratch, TensorInputs
 from merging.method import MergeInputError
 from merging.randomness import DrawsAhead
+from merging.threads import machine_cores
 from schemas.recipe import MergeRecipe
 from workers.devices import resolve_device
 from workers.errors import CancelledError, InputError, WeightsmithError, locate
@@ -312,11 +312,7 @@ def _compute_threads(current: int) -> int:
     threads (file copies and sha256). The math runs on cache-sized blocks, where an extra
     thread gains little and, on a busy machine, a thread pool waiting for a descheduled
     member loses a lot."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(current, cores - 1))
+    return max(1, min(current, machine_cores() - 1))
 
 
 def is_overflow(e: BaseException) -> bool:

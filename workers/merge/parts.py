@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from merging import threads as merge_threads
 from merging.statistics import Partial, combine_partials
 from schemas.recipe import MergeRecipe
 from workers.merge.engine import MergeResult, MergeSession, PassRead, PassSchedule
@@ -211,8 +212,6 @@ def _start_process(queue: Any, stop: Any, threads: int) -> None:
     """A worker process's initializer: its channel to the parent, its share of the cores."""
     import torch
 
-    from merging import threads as merge_threads
-
     global _channel
     _channel = (queue, stop)
     torch.set_num_threads(threads)
@@ -347,7 +346,6 @@ def run_merge_in_processes(
     cores. On a failure or Ctrl-C the other parts stop at their next tensor and nothing is
     left at ``out_dir``."""
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     from workers.merge.engine import merge_in_session
@@ -386,10 +384,7 @@ def run_merge_in_processes(
             staging=output.path,
         )
         tracker = coordinator.merge.progress
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
+        cores = merge_threads.machine_cores()
         context = multiprocessing.get_context("spawn")  # no forked torch or reader threads
         queue, stop = context.Queue(), context.Event()
         pool = ProcessPoolExecutor(
